@@ -1,0 +1,137 @@
+"""The one tensor codec: 1-D tensors <-> raw little-endian bytes, in chunks.
+
+Every byte of tensor data that crosses the wire goes through here. Senders slice a flat
+tensor into chunks of at most `chunk_bytes` (no gRPC message limit is ever reached);
+receivers decode each chunk straight into place in a preallocated flat tensor.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+from shardps.proto import common_pb2
+
+DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024  # 2 MiB: well under gRPC's 4 MiB default
+MIN_CHUNK_BYTES = 4 * 1024
+MAX_CHUNK_BYTES = 16 * 1024 * 1024
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("shardps's wire format is little-endian; this host is big-endian")
+
+# decode() views immutable bytes; callers only ever copy out of the view, never write to it.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+# Wire dtype enum <-> torch dtype, and the spec's names for them.
+TORCH_DTYPES: dict[int, torch.dtype] = {
+    common_pb2.DTYPE_FLOAT32: torch.float32,
+    common_pb2.DTYPE_BFLOAT16: torch.bfloat16,
+    common_pb2.DTYPE_FLOAT16: torch.float16,
+}
+DTYPE_NAMES: dict[str, int] = {
+    "float32": common_pb2.DTYPE_FLOAT32,
+    "bfloat16": common_pb2.DTYPE_BFLOAT16,
+    "float16": common_pb2.DTYPE_FLOAT16,
+}
+
+
+class CodecError(ValueError):
+    """Bytes that cannot be decoded into the destination (bad dtype, size or offset)."""
+
+
+def torch_dtype(wire_dtype: int) -> torch.dtype:
+    """Maps a wire DType enum value to a torch dtype; raises CodecError if unknown."""
+    try:
+        return TORCH_DTYPES[wire_dtype]
+    except KeyError:
+        raise CodecError(f"unknown wire dtype {wire_dtype}") from None
+
+
+def element_size(wire_dtype: int) -> int:
+    return torch.empty((), dtype=torch_dtype(wire_dtype)).element_size()
+
+
+def encode(flat: torch.Tensor, wire_dtype: int) -> bytes:
+    """Returns the bytes of a 1-D tensor in the wire dtype (one copy, plus a cast if needed)."""
+    src = flat.detach()
+    if src.device.type != "cpu":
+        src = src.to("cpu", non_blocking=False)
+    dtype = torch_dtype(wire_dtype)
+    if src.dtype != dtype:
+        src = src.to(dtype)
+    return src.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def decode(data: bytes, wire_dtype: int) -> torch.Tensor:
+    """Returns a read-only view of `data` as a 1-D tensor of the wire dtype (no copy)."""
+    size = element_size(wire_dtype)
+    if len(data) % size:
+        raise CodecError(f"{len(data)} bytes is not a whole number of {size}-byte elements")
+    if not data:
+        return torch.empty(0, dtype=torch_dtype(wire_dtype))
+    return torch.frombuffer(data, dtype=torch_dtype(wire_dtype))
+
+
+def iter_chunks(
+    flat: torch.Tensor, wire_dtype: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[common_pb2.TensorChunk]:
+    """Yields TensorChunk messages covering a 1-D tensor, offsets relative to its start."""
+    if flat.dim() != 1:
+        raise CodecError(f"expected a 1-D tensor, got shape {tuple(flat.shape)}")
+    step = chunk_elements(wire_dtype, chunk_bytes)
+    n = flat.numel()
+    for start in range(0, n, step):
+        piece = flat[start : start + step]
+        yield common_pb2.TensorChunk(offset=start, data=encode(piece, wire_dtype))
+
+
+def chunk_elements(wire_dtype: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Elements per chunk for a requested chunk size, clamped to the allowed range."""
+    chunk_bytes = min(max(int(chunk_bytes or DEFAULT_CHUNK_BYTES), MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
+    return max(1, chunk_bytes // element_size(wire_dtype))
+
+
+def write_chunk(dest: torch.Tensor, chunk: common_pb2.TensorChunk, wire_dtype: int) -> int:
+    """Decodes a chunk into dest[offset:offset+n] (casting to dest's dtype); returns n.
+
+    Raises CodecError, leaving dest untouched, if the chunk does not fit inside dest.
+    """
+    values = decode(chunk.data, wire_dtype)
+    n = values.numel()
+    if chunk.offset < 0 or chunk.offset + n > dest.numel():
+        raise CodecError(
+            f"chunk [{chunk.offset}, {chunk.offset + n}) is outside a tensor of {dest.numel()} elements"
+        )
+    dest[chunk.offset : chunk.offset + n].copy_(values)
+    return n
+
+
+class ChunkAssembler:
+    """Receives chunks in offset order into a preallocated flat tensor and checks coverage.
+
+    Not thread-safe: one assembler per stream.
+    """
+
+    def __init__(self, dest: torch.Tensor, wire_dtype: int):
+        torch_dtype(wire_dtype)  # validates
+        self.dest = dest
+        self.wire_dtype = wire_dtype
+        self.received = 0
+
+    def add(self, chunk: common_pb2.TensorChunk) -> None:
+        if chunk.offset != self.received:
+            raise CodecError(f"chunk at offset {chunk.offset}, expected {self.received}")
+        self.received += write_chunk(self.dest, chunk, self.wire_dtype)
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.dest.numel()
+
+    def finish(self) -> torch.Tensor:
+        """Returns dest, or raises CodecError if the chunks did not cover it exactly."""
+        if not self.complete:
+            raise CodecError(f"received {self.received} of {self.dest.numel()} elements")
+        return self.dest

@@ -1,0 +1,191 @@
+from shardps.proto import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PushStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PUSH_STATUS_UNSPECIFIED: _ClassVar[PushStatus]
+    PUSH_STATUS_APPLIED: _ClassVar[PushStatus]
+    PUSH_STATUS_ACCEPTED: _ClassVar[PushStatus]
+    PUSH_STATUS_DUPLICATE: _ClassVar[PushStatus]
+    PUSH_STATUS_STALE: _ClassVar[PushStatus]
+    PUSH_STATUS_JOB_DONE: _ClassVar[PushStatus]
+PUSH_STATUS_UNSPECIFIED: PushStatus
+PUSH_STATUS_APPLIED: PushStatus
+PUSH_STATUS_ACCEPTED: PushStatus
+PUSH_STATUS_DUPLICATE: PushStatus
+PUSH_STATUS_STALE: PushStatus
+PUSH_STATUS_JOB_DONE: PushStatus
+
+class ShardConfig(_message.Message):
+    __slots__ = ("job_id", "shard_index", "offset", "length", "total", "optimizer", "mode", "staleness", "workers", "epoch", "layout_fingerprint")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_index: int
+    offset: int
+    length: int
+    total: int
+    optimizer: _common_pb2.OptimizerConfig
+    mode: _common_pb2.ConsistencyMode
+    staleness: int
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    epoch: int
+    layout_fingerprint: str
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., total: _Optional[int] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., staleness: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ...) -> None: ...
+
+class InitShardRequest(_message.Message):
+    __slots__ = ("config", "dtype", "chunk")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    config: ShardConfig
+    dtype: _common_pb2.DType
+    chunk: _common_pb2.TensorChunk
+    def __init__(self, config: _Optional[_Union[ShardConfig, _Mapping]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., chunk: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class InitShardResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class PushHeader(_message.Message):
+    __slots__ = ("job_id", "shard_index", "worker_id", "incarnation", "step", "base_version", "dtype", "batch_size", "length")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_index: int
+    worker_id: str
+    incarnation: int
+    step: int
+    base_version: int
+    dtype: _common_pb2.DType
+    batch_size: int
+    length: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., worker_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., batch_size: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    chunk: _common_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("status", "version")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    status: PushStatus
+    version: int
+    def __init__(self, status: _Optional[_Union[PushStatus, str]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("job_id", "shard_index", "dtype", "min_version", "timeout_ms", "worker_id", "clock", "chunk_bytes")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_index: int
+    dtype: _common_pb2.DType
+    min_version: int
+    timeout_ms: int
+    worker_id: str
+    clock: int
+    chunk_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., min_version: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class PullResponse(_message.Message):
+    __slots__ = ("ready", "version", "length", "job_done", "chunk")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    JOB_DONE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    version: int
+    length: int
+    job_done: bool
+    chunk: _common_pb2.TensorChunk
+    def __init__(self, ready: _Optional[bool] = ..., version: _Optional[int] = ..., length: _Optional[int] = ..., job_done: _Optional[bool] = ..., chunk: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class GetShardInfoRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("job_id", "shard_index", "offset", "length", "version", "adam_step", "state", "pushes_applied", "worker_clocks")
+    class WorkerClocksEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADAM_STEP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    WORKER_CLOCKS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_index: int
+    offset: int
+    length: int
+    version: int
+    adam_step: int
+    state: _common_pb2.JobState
+    pushes_applied: int
+    worker_clocks: _containers.ScalarMap[str, int]
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., version: _Optional[int] = ..., adam_step: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., pushes_applied: _Optional[int] = ..., worker_clocks: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class GetShardInfoResponse(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ...) -> None: ...
+
+class DropJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DropJobResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: int
+    def __init__(self, dropped: _Optional[int] = ...) -> None: ...
