@@ -1,0 +1,125 @@
+"""The Python client: submit and follow jobs, list nodes, export weights.
+
+`CoordinatorClient` wraps the coordinator's RPCs with deadlines and turns gRPC failures into
+`ClientError` with the server's message. It is what the `shardps` CLI is built on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import grpc
+import torch
+from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, layout, psclient, rpc
+
+FINAL_STATES = frozenset({
+    common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_CONVERGED,
+    common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED,
+})
+SUCCESS_STATES = frozenset({common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_CONVERGED})
+
+
+def state_name(state: int) -> str:
+    """JOB_STATE_RUNNING -> "RUNNING"."""
+    return common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+class ClientError(RuntimeError):
+    """An RPC failed (the message is the server's, e.g. the spec key at fault), or the
+    caller's input was unusable (`usage=True`)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, usage: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.usage = usage
+
+    @property
+    def unreachable(self) -> bool:
+        return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class CoordinatorClient:
+    """Talks to one coordinator. Thread-safe (gRPC stubs are)."""
+
+    def __init__(self, address: str, deadline_s: float = rpc.CONTROL_DEADLINE_S):
+        self.address = address
+        self.deadline_s = deadline_s
+        self._channel = rpc.make_channel(address)
+        self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.deadline_s)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise ClientError(f"coordinator {self.address} is not reachable "
+                                  f"({code.name.lower()})", code) from None
+            raise ClientError(exc.details() or code.name, code) from None
+
+    def submit(self, spec_yaml: str) -> str:
+        """Submits a job spec (YAML text); returns the job id. Bad specs raise ClientError."""
+        return self._call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec_yaml=spec_yaml)).job_id
+
+    def job(self, job_id: str, history: bool = False) -> coordinator_pb2.JobInfo:
+        reply = self._call("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id, include_history=history))
+        return reply.job
+
+    def jobs(self) -> list[coordinator_pb2.JobInfo]:
+        return list(self._call("ListJobs", coordinator_pb2.ListJobsRequest()).jobs)
+
+    def cancel(self, job_id: str) -> int:
+        """Cancels a job; returns its state afterwards (a final job keeps its state)."""
+        return self._call("CancelJob", coordinator_pb2.CancelJobRequest(job_id=job_id)).state
+
+    def nodes(self) -> list[coordinator_pb2.NodeInfo]:
+        return list(self._call("ListNodes", coordinator_pb2.ListNodesRequest()).nodes)
+
+    def wait(self, job_id: str, timeout_s: float | None = None, interval_s: float = 0.5,
+             on_update: Callable[[coordinator_pb2.JobInfo], None] | None = None
+             ) -> coordinator_pb2.JobInfo:
+        """Polls until the job is final and returns it.
+
+        Raises TimeoutError after timeout_s (None: no limit, but every poll has a deadline and
+        a coordinator that stays unreachable raises ClientError).
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            info = self.job(job_id)
+            if on_update:
+                on_update(info)
+            if info.state in FINAL_STATES:
+                return info
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {state_name(info.state)} after {timeout_s:g}s")
+            time.sleep(interval_s)
+
+    def export(self, job_id: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Pulls a job's current fp32 weights from its servers as a state_dict.
+
+        Returns (state_dict, per-shard versions). Raises ClientError if the job has no
+        weights yet or a server does not answer.
+        """
+        info = self.job(job_id)
+        if not info.layout.total or not info.shard_map.shards:
+            raise ClientError(f"job {job_id} has no weights yet (state {state_name(info.state)})")
+        flat = torch.empty(info.layout.total, dtype=torch.float32)
+        try:
+            with psclient.PSClient(job_id, info.shard_map) as ps:
+                result = ps.pull(flat, min_version=0, timeout_s=rpc.CONTROL_DEADLINE_S)
+        except grpc.RpcError as exc:
+            raise ClientError(f"pulling weights of {job_id} failed: {exc.details() or exc.code().name}",
+                              exc.code()) from None
+        if not result.ready:
+            raise ClientError(f"servers of {job_id} did not serve its weights in time")
+        return layout.unflatten(flat, info.layout), result.versions

@@ -1,0 +1,221 @@
+"""`shardps`: the command line client (submit, status, watch, cancel, nodes, export, local)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from google.protobuf import json_format
+from shardps.client import progress
+from shardps.client.api import FINAL_STATES, SUCCESS_STATES, ClientError, CoordinatorClient, state_name
+from shardps.proto import exitcodes, rpc, spec
+
+
+def to_json(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _emit(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+class Live:
+    """Prints progress lines: rewritten in place on a terminal, one per change otherwise."""
+
+    def __init__(self, stream=sys.stdout, min_interval_s: float = 1.0):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.min_interval_s = min_interval_s
+        self._last = ""
+        self._last_time = 0.0
+
+    def update(self, job) -> None:
+        line = progress.progress_line(job)
+        now = time.monotonic()
+        final = job.state in FINAL_STATES
+        if line == self._last or (not final and not self.tty and now - self._last_time < self.min_interval_s):
+            return
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self._last, self._last_time = line, now
+
+
+def read_spec(path: str) -> str:
+    """Reads a spec file and validates it locally, so mistakes are reported before any RPC."""
+    try:
+        text = Path(path).read_text() if path != "-" else sys.stdin.read()
+    except OSError as exc:
+        raise ClientError(f"cannot read spec {path}: {exc.strerror}", usage=True) from None
+    try:
+        spec.parse_spec(text)
+    except spec.SpecError as exc:
+        raise ClientError(f"invalid spec {path}: {exc}", usage=True) from None
+    return text
+
+
+def follow(client: CoordinatorClient, job_id: str, args) -> int:
+    """Shows live progress until the job ends; returns the exit code for its verdict."""
+    live = None if args.output == "json" else Live(min_interval_s=args.interval)
+    try:
+        info = client.wait(job_id, timeout_s=args.timeout or None, interval_s=min(args.interval, 0.5),
+                           on_update=live.update if live else None)
+    except TimeoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exitcodes.TIMEOUT
+    if args.output == "json":
+        _emit(to_json(client.job(job_id, history=True)))
+    else:
+        print(f"{job_id} {state_name(info.state)}" + (f": {info.reason}" if info.reason else ""))
+    return exitcodes.OK if info.state in SUCCESS_STATES else exitcodes.FAILURE
+
+
+def cmd_submit(args) -> int:
+    text = read_spec(args.spec)
+    with CoordinatorClient(args.coordinator) as client:
+        job_id = client.submit(text)
+        if args.output == "json" and not args.wait:
+            _emit({"job_id": job_id})
+        elif args.output != "json":
+            print(job_id if not args.wait else f"submitted {job_id}")
+        if args.wait:
+            return follow(client, job_id, args)
+    return exitcodes.OK
+
+
+def cmd_status(args) -> int:
+    with CoordinatorClient(args.coordinator) as client:
+        if args.job:
+            info = client.job(args.job, history=True)
+            if args.output == "json":
+                _emit(to_json(info))
+            else:
+                print(progress.job_detail(info))
+        else:
+            jobs = client.jobs()
+            if args.output == "json":
+                _emit([to_json(j) for j in jobs])
+            else:
+                print(progress.jobs_table(jobs) if jobs else "no jobs")
+    return exitcodes.OK
+
+
+def cmd_watch(args) -> int:
+    with CoordinatorClient(args.coordinator) as client:
+        client.job(args.job)  # unknown job: fail before drawing anything
+        return follow(client, args.job, args)
+
+
+def cmd_cancel(args) -> int:
+    with CoordinatorClient(args.coordinator) as client:
+        state = client.cancel(args.job)
+    if args.output == "json":
+        _emit({"job_id": args.job, "state": state_name(state)})
+    else:
+        print(f"{args.job} {state_name(state)}")
+    return exitcodes.OK
+
+
+def cmd_nodes(args) -> int:
+    with CoordinatorClient(args.coordinator) as client:
+        nodes = client.nodes()
+    if args.output == "json":
+        _emit([to_json(n) for n in nodes])
+    else:
+        print(progress.nodes_table(nodes) if nodes else "no nodes")
+    return exitcodes.OK
+
+
+def cmd_export(args) -> int:
+    with CoordinatorClient(args.coordinator) as client:
+        state_dict, versions = client.export(args.job)
+    out = Path(args.output_path)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(state_dict, tmp)
+    tmp.replace(out)
+    count = sum(t.numel() for t in state_dict.values())
+    if args.output == "json":
+        _emit({"job_id": args.job, "path": str(out), "parameters": count, "versions": versions})
+    else:
+        print(f"wrote {out}: {len(state_dict)} tensors, {count} parameters, version {max(versions)}")
+    return exitcodes.OK
+
+
+def cmd_local(args) -> int:
+    from shardps.client import local  # starts subprocesses; imported only when used
+
+    return local.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--coordinator", default=rpc.default_coordinator(),
+                        help=f"coordinator host:port (default ${rpc.COORDINATOR_ENV} or {rpc.DEFAULT_COORDINATOR})")
+    common.add_argument("--output", choices=["text", "json"], default="text", help="output format")
+    follow_opts = argparse.ArgumentParser(add_help=False)
+    follow_opts.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0: never)")
+    follow_opts.add_argument("--interval", type=float, default=1.0, help="seconds between progress lines")
+
+    parser = argparse.ArgumentParser(prog="shardps", description="shardps client: run and inspect training jobs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("submit", parents=[common, follow_opts], help="submit a job spec (YAML)")
+    p.add_argument("spec", help="path to the job spec, or - for stdin")
+    p.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", parents=[common], help="list jobs, or show one job in detail")
+    p.add_argument("job", nargs="?", help="job id")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("watch", parents=[common, follow_opts], help="follow a job's progress until it ends")
+    p.add_argument("job", help="job id")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("cancel", parents=[common], help="cancel a job")
+    p.add_argument("job", help="job id")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("nodes", parents=[common], help="list servers and workers")
+    p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("export", parents=[common], help="save a job's weights as a state_dict")
+    p.add_argument("job", help="job id")
+    p.add_argument("-o", dest="output_path", required=True, metavar="PATH", help="where to write model.pt")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("local", parents=[follow_opts],
+                       help="start a local cluster, run a job on it, stop everything")
+    p.add_argument("spec", nargs="?", help="job spec (default: the built-in digits MLP example)")
+    p.add_argument("--servers", type=int, default=None, help="parameter servers (default: the spec's cluster.servers)")
+    p.add_argument("--workers", type=int, default=None, help="workers (default: the spec's cluster.workers)")
+    p.add_argument("--export", metavar="PATH", help="also save the trained weights here")
+    p.add_argument("--log-dir", help="keep the daemons' logs here (default: a temp dir, removed on success)")
+    p.add_argument("--lease-ms", type=int, default=5000, help="coordinator lease (default 5000)")
+    p.add_argument("--output", choices=["text", "json"], default="text", help="output format")
+    p.set_defaults(func=cmd_local)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.usage:
+            return exitcodes.USAGE
+        return exitcodes.UNREACHABLE if exc.unreachable else exitcodes.FAILURE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return exitcodes.INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

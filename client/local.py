@@ -1,0 +1,221 @@
+"""`shardps local`: a coordinator, N servers and M workers as subprocesses on loopback.
+
+Starts the daemons (their own console-script entry points, never imported here), runs one
+job with live progress, prints the verdict and stops everything it started — also on Ctrl-C,
+on failure and when a daemon dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+import yaml
+from shardps.client import cli
+from shardps.client.api import SUCCESS_STATES, ClientError, CoordinatorClient, state_name
+from shardps.proto import exitcodes
+
+# Entry points of the daemons, run as `python -c` so no console script must be on PATH.
+ENTRY_POINTS = {
+    "coordinator": "shardps.server.coordinator.daemon",
+    "server": "shardps.server.ps.daemon",
+    "worker": "shardps.worker.daemon",
+}
+LISTENING = re.compile(r"^listening on (\S+:\d+)$")
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 15.0
+
+
+def default_spec_text() -> str:
+    """The built-in example job (identical to examples/digits.yaml)."""
+    return resources.files("shardps.client").joinpath("default_job.yaml").read_text()
+
+
+class Child:
+    """One daemon subprocess; its output goes to a log file, its address is read from it."""
+
+    def __init__(self, name: str, kind: str, args: list[str], log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.address = ""
+        self._ready = threading.Event()
+        code = f"import sys; from {ENTRY_POINTS[kind]} import main; sys.exit(main())"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True)  # Ctrl-C goes to us; we stop children in order
+        self._reader = threading.Thread(target=self._read, daemon=True, name=f"log-{name}")
+        self._reader.start()
+
+    def _read(self) -> None:
+        with open(self.log_path, "w") as log:
+            for line in self.proc.stdout:  # type: ignore[union-attr]
+                log.write(line)
+                log.flush()
+                if not self.address and (m := LISTENING.match(line.strip())):
+                    self.address = m.group(1)
+                    self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, deadline: float) -> str:
+        self._ready.wait(max(0.0, deadline - time.monotonic()))
+        if not self.address:
+            raise ClientError(f"{self.name} did not start (exit code {self.proc.poll()}); "
+                              f"see {self.log_path}")
+        return self.address
+
+    @property
+    def exited(self) -> int | None:
+        return self.proc.poll()
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def reap(self, deadline: float) -> None:
+        try:
+            self.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._reader.join(5)
+
+
+class LocalCluster:
+    """Starts and stops the daemons of one local cluster. Not thread-safe."""
+
+    def __init__(self, servers: int, workers: int, log_dir: Path, lease_ms: int):
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+        self.coordinator = ""
+        self._servers, self._workers, self._lease_ms = servers, workers, lease_ms
+
+    def start(self) -> str:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        coord = self._spawn("coordinator", "coordinator",
+                            ["--port", "0", "--lease-ms", str(self._lease_ms)])
+        self.coordinator = coord.wait_ready(deadline)
+        threads = max(1, (os.cpu_count() or 1) // max(1, self._workers))
+        for i in range(self._servers):
+            self._spawn(f"server-{i}", "server", ["--port", "0", "--coordinator", self.coordinator])
+        for i in range(self._workers):
+            self._spawn(f"worker-{i}", "worker", ["--port", "0", "--coordinator", self.coordinator,
+                                                  "--threads", str(threads)])
+        for child in self.children:
+            child.wait_ready(deadline)
+        return self.coordinator
+
+    def _spawn(self, name: str, kind: str, args: list[str]) -> Child:
+        child = Child(name, kind, args, self.log_dir)
+        self.children.append(child)
+        return child
+
+    def dead_children(self) -> list[Child]:
+        return [c for c in self.children if c.exited is not None]
+
+    def stop(self) -> None:
+        """SIGTERM workers, then servers, then the coordinator; SIGKILL what outlives the deadline."""
+        for child in reversed(self.children):
+            child.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in reversed(self.children):
+            child.reap(deadline)
+
+
+def _job_text(args) -> str:
+    text = cli.read_spec(args.spec) if args.spec else default_spec_text()
+    raw = yaml.safe_load(text)
+    cluster = raw.setdefault("cluster", {}) or {}
+    raw["cluster"] = cluster
+    if args.servers is not None:
+        cluster["servers"] = args.servers
+    if args.workers is not None:
+        cluster["workers"] = args.workers
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def run(args) -> int:
+    text = _job_text(args)
+    raw = yaml.safe_load(text)
+    servers, workers = raw["cluster"].get("servers", 1), raw["cluster"].get("workers", 1)
+    if servers < 1 or workers < 1:
+        raise ClientError("--servers and --workers must be at least 1", usage=True)
+    keep_logs = bool(args.log_dir)
+    log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="shardps-local-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    text_out = args.output != "json"
+    cluster = LocalCluster(servers, workers, log_dir, args.lease_ms)
+    code = exitcodes.FAILURE
+    job_id = ""
+    try:
+        if text_out:
+            print(f"starting a coordinator, {servers} server(s) and {workers} worker(s) "
+                  f"(logs in {log_dir})", flush=True)
+        coordinator = cluster.start()
+        with CoordinatorClient(coordinator) as client:
+            job_id = client.submit(text)
+            if text_out:
+                print(f"coordinator at {coordinator}; submitted {job_id}", flush=True)
+            code = _follow(client, cluster, job_id, args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the local cluster", file=sys.stderr, flush=True)
+        code = exitcodes.INTERRUPTED
+        keep_logs = True
+    except ClientError:
+        keep_logs = True
+        raise
+    finally:
+        cluster.stop()
+        if code != exitcodes.OK:
+            keep_logs = True
+        if keep_logs:
+            if text_out:
+                print(f"logs kept in {log_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    return code
+
+
+def _follow(client: CoordinatorClient, cluster: LocalCluster, job_id: str, args) -> int:
+    live = cli.Live(min_interval_s=args.interval) if args.output != "json" else None
+    started = time.monotonic()
+
+    def on_update(info) -> None:
+        dead = [c for c in cluster.dead_children() if c.name == "coordinator"]
+        if dead:
+            raise ClientError(f"the coordinator exited (code {dead[0].exited}); see {dead[0].log_path}")
+        if live:
+            live.update(info)
+
+    try:
+        info = client.wait(job_id, timeout_s=args.timeout or None, interval_s=0.5, on_update=on_update)
+    except TimeoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exitcodes.TIMEOUT
+    elapsed = time.monotonic() - started
+    if args.export and info.state in SUCCESS_STATES:
+        state_dict, _ = client.export(job_id)
+        torch.save(state_dict, args.export)
+    if args.output == "json":
+        print(json.dumps({**cli.to_json(info), "elapsed_s": round(elapsed, 3)}, indent=2))
+    else:
+        result = f"{job_id} {state_name(info.state)} after {info.step} steps in {elapsed:.1f}s"
+        if info.has_eval:
+            result += f": {info.metric} {info.metric_value:.4f} (best {info.best_metric:.4f})"
+        if info.reason:
+            result += f" - {info.reason}"
+        print(result)
+        if args.export and info.state in SUCCESS_STATES:
+            print(f"wrote {args.export}")
+    return exitcodes.OK if info.state in SUCCESS_STATES else exitcodes.FAILURE

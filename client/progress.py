@@ -1,0 +1,92 @@
+"""Renders jobs and nodes as text for the CLI (one-line progress, tables, job detail)."""
+
+from __future__ import annotations
+
+from shardps.client.api import state_name
+from shardps.proto import common_pb2, coordinator_pb2
+
+_BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def progress_line(job: coordinator_pb2.JobInfo) -> str:
+    """`job-id RUNNING step 420/3000 loss 0.1234 accuracy 0.9611 (best 0.9611 @400) 35.2 steps/s`."""
+    parts = [job.job_id, state_name(job.state)]
+    parts.append(f"step {job.step}/{job.max_steps}" if job.max_steps else f"step {job.step}")
+    if job.step or job.loss:
+        parts.append(f"loss {job.loss:.4f}")
+    if job.has_eval:
+        parts.append(f"{job.metric} {job.metric_value:.4f} (best {job.best_metric:.4f} @{job.best_step})")
+    if job.steps_per_s:
+        parts.append(f"{job.steps_per_s:.1f} steps/s")
+    if job.reason and job.state != common_pb2.JOB_STATE_RUNNING:
+        parts.append(f"- {job.reason}")
+    return "  ".join(parts)
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """A one-line chart of values (downsampled to width)."""
+    if not values:
+        return ""
+    if len(values) > width:
+        step = len(values) / width
+        values = [values[int(i * step)] for i in range(width)]
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(_BLOCKS[min(len(_BLOCKS) - 1, int((v - lo) / span * len(_BLOCKS)))] for v in values)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def jobs_table(jobs: list[coordinator_pb2.JobInfo]) -> str:
+    rows = []
+    for j in jobs:
+        metric = f"{j.metric} {j.metric_value:.4f}" if j.has_eval else "-"
+        rows.append([j.job_id, state_name(j.state), f"{j.step}", f"{j.loss:.4f}" if j.step else "-",
+                     metric, j.reason or ""])
+    return table(["JOB", "STATE", "STEP", "LOSS", "METRIC", "REASON"], rows)
+
+
+def job_detail(job: coordinator_pb2.JobInfo) -> str:
+    lines = [
+        f"job        {job.job_id} ({job.name})",
+        f"state      {state_name(job.state)}" + (f": {job.reason}" if job.reason else ""),
+        f"step       {job.step}" + (f" / {job.max_steps}" if job.max_steps else ""),
+        f"loss       {job.loss:.4f}" if job.step else "loss       -",
+    ]
+    if job.has_eval:
+        lines.append(f"{job.metric:<10} {job.metric_value:.4f} (best {job.best_metric:.4f} at step {job.best_step})")
+    lines.append(f"rate       {job.steps_per_s:.1f} steps/s, {job.samples} samples")
+    if job.losses:
+        curve = [p.loss for p in job.losses]
+        lines.append(f"loss curve {sparkline(curve)}  {curve[0]:.3f} -> {curve[-1]:.3f}")
+    if job.evals:
+        primary = [e.value for e in job.evals if e.metric == job.metric]
+        if primary:
+            lines.append(f"{job.metric[:10]:<10} {sparkline(primary)}  {primary[0]:.3f} -> {primary[-1]:.3f}")
+    if job.workers:
+        lines.append("")
+        lines.append(table(["WORKER", "RANK", "STEP", "LOSS", "STEPS/S", "ALIVE"], [
+            [w.node_id, str(w.rank), str(w.step), f"{w.loss:.4f}", f"{w.steps_per_s:.1f}",
+             "yes" if w.alive else "no"] for w in job.workers]))
+    if job.shard_map.shards:
+        lines.append("")
+        lines.append(table(["SHARD", "SERVER", "ADDRESS", "OFFSET", "LENGTH"], [
+            [str(s.index), s.server_id, s.address, str(s.offset), str(s.length)]
+            for s in job.shard_map.shards]))
+    return "\n".join(lines)
+
+
+def nodes_table(nodes: list[coordinator_pb2.NodeInfo]) -> str:
+    rows = []
+    for n in sorted(nodes, key=lambda n: (n.role, n.node_id)):
+        role = common_pb2.Role.Name(n.role).removeprefix("ROLE_").lower()
+        state = coordinator_pb2.NodeState.Name(n.state).removeprefix("NODE_STATE_").lower()
+        work = n.job_id if n.role == common_pb2.ROLE_WORKER else ",".join(n.jobs)
+        rows.append([n.node_id, role, state, n.address, n.device or "-", work or "-",
+                     f"{n.last_seen_ms_ago / 1000:.1f}s"])
+    return table(["NODE", "ROLE", "STATE", "ADDRESS", "DEVICE", "JOBS", "SEEN"], rows)
