@@ -10,7 +10,6 @@ import hashlib
 from collections.abc import Iterable
 
 import torch
-
 from shardps.proto import common_pb2
 
 

@@ -1,0 +1,389 @@
+"""The job table and its state machine: submit, schedule, layout, activate, report, end.
+
+Pure core: no gRPC and no clock of its own (`now` is monotonic seconds). The rules are those
+of docs/architecture.md, "Job life cycle".
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardps.proto import common_pb2
+from shardps.proto.layout import check_layout
+from shardps.proto.spec import METRICS, dump_spec, parse_spec
+
+from .convergence import ConvergenceTracker, Verdict, non_finite_loss
+from .history import MAX_POINTS, Evaluation, JobHistory, StepReport
+from .membership import Membership, Node
+from .shardmap import build_shard_map
+
+log = logging.getLogger(__name__)
+
+INIT_TIMEOUT_S = 120.0  # a job assigned but not activated for this long is FAILED
+
+PENDING = common_pb2.JOB_STATE_PENDING
+RUNNING = common_pb2.JOB_STATE_RUNNING
+COMPLETED = common_pb2.JOB_STATE_COMPLETED
+CONVERGED = common_pb2.JOB_STATE_CONVERGED
+FAILED = common_pb2.JOB_STATE_FAILED
+CANCELLED = common_pb2.JOB_STATE_CANCELLED
+FINAL_STATES = frozenset({COMPLETED, CONVERGED, FAILED, CANCELLED})
+
+
+def state_name(state: int) -> str:
+    """"RUNNING" for JOB_STATE_RUNNING, and so on."""
+    return common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+class UnknownJobError(LookupError):
+    """A job id the coordinator does not know (servicer: NOT_FOUND)."""
+
+
+class JobStateError(Exception):
+    """A call the job's state or the caller's place in the job does not allow: an illegal
+    transition, or a node that is not the job's (rank-0) worker (servicer: FAILED_PRECONDITION)."""
+
+
+@dataclass
+class Job:
+    """One job. Owned by its JobTable; callers read it, only the table changes it."""
+
+    job_id: str
+    spec: dict[str, Any]  # normalised (shardps.proto.spec.parse_spec)
+    created: float
+    state: int = PENDING
+    reason: str = ""
+    ended: float | None = None
+    servers: list[str] = field(default_factory=list)  # node ids in shard order
+    workers: list[str] = field(default_factory=list)  # live workers in rank order
+    assigned_workers: list[str] = field(default_factory=list)  # every worker it ever had
+    epoch: int = 0  # membership epoch: 1 at assignment, +1 whenever a worker is lost
+    assigned_at: float | None = None
+    layout: common_pb2.Layout | None = None
+    shard_map: common_pb2.ShardMap | None = None
+    history: JobHistory = field(default_factory=JobHistory)
+    tracker: ConvergenceTracker = field(init=False)
+    spec_yaml: str = field(init=False)  # the normalised spec as canonical YAML
+
+    def __post_init__(self) -> None:
+        self.tracker = ConvergenceTracker(self.spec["stop"])
+        self.spec_yaml = dump_spec(self.spec)
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def initialising(self) -> bool:
+        """Assigned to nodes, not yet activated."""
+        return self.state == PENDING and bool(self.servers)
+
+    def rank(self, node_id: str) -> int:
+        """The node's rank among the live workers, -1 if it is not one."""
+        return self.workers.index(node_id) if node_id in self.workers else -1
+
+
+class JobTable:
+    """Every job the coordinator knows, and the transitions between their states.
+
+    Not thread-safe: the owner (the servicer) calls it under the same lock as its
+    Membership, which most calls take as an argument.
+
+    Args:
+        init_timeout_s: how long an assigned job may take to be activated.
+        max_points: loss points and evaluations kept per job.
+    """
+
+    def __init__(self, init_timeout_s: float = INIT_TIMEOUT_S, max_points: int = MAX_POINTS):
+        self.init_timeout_s = init_timeout_s
+        self.max_points = max_points
+        self._jobs: dict[str, Job] = {}  # in submit order
+        self._active: dict[str, Job] = {}  # the non-final ones
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        """Raises UnknownJobError for an id never submitted."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise UnknownJobError(f"unknown job {job_id!r}")
+        return job
+
+    def jobs(self) -> list[Job]:
+        """Every job, newest first."""
+        return list(reversed(self._jobs.values()))
+
+    def assignment(self, node_id: str) -> Job | None:
+        """The non-final job a worker is a live member of, if any."""
+        return next((j for j in self._active.values() if node_id in j.workers), None)
+
+    def server_jobs(self, node_id: str) -> list[Job]:
+        """Jobs whose shard map names this server, final ones included (so it can freeze)."""
+        return [j for j in self._jobs.values() if j.shard_map is not None and node_id in j.servers]
+
+    def hosted(self, node_id: str) -> int:
+        """How many non-final jobs this server is assigned to (its load for scheduling)."""
+        return sum(node_id in j.servers for j in self._active.values())
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def submit(self, spec_yaml: str, membership: Membership, now: float) -> Job:
+        """Validates and queues a job, then schedules.
+
+        Raises:
+            SpecError: the spec is invalid (nothing is stored).
+        """
+        spec = parse_spec(spec_yaml)
+        job_id = f"{spec['name']}-{secrets.token_hex(3)}"
+        while job_id in self._jobs:
+            job_id = f"{spec['name']}-{secrets.token_hex(3)}"
+        job = Job(job_id, spec, now, history=JobHistory(self.max_points))
+        self._jobs[job_id] = self._active[job_id] = job
+        log.info("job %s submitted (needs %d servers, %d workers)", job_id,
+                 spec["cluster"]["servers"], spec["cluster"]["workers"])
+        self.schedule(membership, now)
+        return job
+
+    def schedule(self, membership: Membership, now: float) -> list[Job]:
+        """Gives nodes to PENDING jobs that have none, oldest first; returns those assigned.
+
+        A job gets `cluster.servers` alive servers (fewest hosted jobs first, then by id) and
+        `cluster.workers` idle alive workers (by id; ranks follow). A job that cannot be
+        served waits without holding nodes, so a later smaller job may start before it.
+        """
+        waiting = [j for j in self._active.values() if j.state == PENDING and not j.servers]
+        if not waiting:
+            return []
+        servers = membership.alive(common_pb2.ROLE_SERVER)
+        load = {s.node_id: self.hosted(s.node_id) for s in servers}
+        busy = {w for j in self._active.values() for w in j.workers}
+        idle = [w.node_id for w in membership.alive(common_pb2.ROLE_WORKER)
+                if w.node_id not in busy]
+        assigned = []
+        for job in waiting:
+            need_servers = job.spec["cluster"]["servers"]
+            need_workers = job.spec["cluster"]["workers"]
+            if len(servers) < need_servers or len(idle) < need_workers:
+                job.reason = (f"waiting for {need_servers} servers and {need_workers} workers "
+                              f"(have {len(servers)}, {len(idle)})")
+                continue
+            chosen = sorted(load, key=lambda s: (load[s], s))[:need_servers]
+            for server_id in chosen:
+                load[server_id] += 1
+            job.servers = chosen
+            job.workers, idle = idle[:need_workers], idle[need_workers:]
+            job.assigned_workers = list(job.workers)
+            job.epoch = 1
+            job.assigned_at = now
+            job.reason = "initialising"
+            assigned.append(job)
+            log.info("job %s assigned: servers %s, workers %s", job.job_id,
+                     ",".join(job.servers), ",".join(job.workers))
+        return assigned
+
+    def set_layout(self, job_id: str, node_id: str, incarnation: int,
+                   layout: common_pb2.Layout, membership: Membership,
+                   now: float) -> common_pb2.ShardMap:
+        """Stores the model layout from the job's rank-0 worker and returns the shard map.
+
+        Sending the same layout again returns the same map.
+
+        Raises:
+            UnknownJobError, UnknownNodeError: unknown ids.
+            StaleNodeError, JobStateError: wrong caller, final job, or a different layout.
+            ValueError: an inconsistent layout, or fewer elements than servers.
+        """
+        job = self.get(job_id)
+        self._require_rank0(job, node_id, incarnation, membership, "set the layout of")
+        check_layout(layout)
+        if job.layout is not None:
+            if layout == job.layout:
+                assert job.shard_map is not None
+                return job.shard_map
+            raise JobStateError(f"job {job_id} already has layout {job.layout.fingerprint} "
+                                f"({job.layout.total} elements); got {layout.fingerprint} "
+                                f"({layout.total} elements)")
+        shard_map = build_shard_map(
+            layout.total, [(s, membership.get(s).address) for s in job.servers])
+        job.layout = common_pb2.Layout()
+        job.layout.CopyFrom(layout)
+        job.shard_map = shard_map
+        log.info("job %s layout %s: %d elements over %d servers", job_id, layout.fingerprint,
+                 layout.total, len(job.servers))
+        return shard_map
+
+    def activate(self, job_id: str, node_id: str, incarnation: int, membership: Membership,
+                 now: float) -> int:
+        """The rank-0 worker has initialised every shard: the job is RUNNING (a repeat is
+        harmless). Returns the state.
+
+        Raises:
+            UnknownJobError, UnknownNodeError: unknown ids.
+            StaleNodeError, JobStateError: wrong caller, final job, or no layout yet.
+        """
+        job = self.get(job_id)
+        self._require_rank0(job, node_id, incarnation, membership, "activate")
+        if job.state == RUNNING:
+            return job.state
+        if job.layout is None:
+            raise JobStateError(f"job {job_id} has no layout yet; call SetLayout first")
+        job.state, job.reason = RUNNING, "training"
+        log.info("job %s running (epoch %d, %d workers)", job_id, job.epoch, len(job.workers))
+        return job.state
+
+    def report_progress(self, job_id: str, node_id: str, incarnation: int,
+                        membership: Membership, now: float,
+                        steps: Sequence[StepReport] = (), evals: Sequence[Evaluation] = (),
+                        finished: bool = False, failure: str = "") -> int:
+        """Records a worker's steps and evaluations and decides the job's fate.
+
+        Order: steps (a non-finite loss fails the job), the worker's failure, evaluations
+        (target or patience may end the job), then `finished` from the rank-0 worker, which
+        completes it. A final job answers its state and records nothing. Before ActivateJob
+        only a failure is accepted (it fails the job). Returns the state.
+
+        Raises:
+            UnknownJobError, UnknownNodeError: unknown ids.
+            StaleNodeError, JobStateError: not a live worker of the job, or a progress
+                report before the job runs.
+            ValueError: a negative step or sample count, or an unknown metric (nothing
+                recorded).
+        """
+        job = self.get(job_id)
+        if job.final:
+            return job.state
+        membership.require(node_id, incarnation)
+        if node_id not in job.workers:
+            raise JobStateError(f"node {node_id} is not a live worker of job {job_id}")
+        if job.state != RUNNING:
+            # A worker that cannot even set up (model, dataset, layout) fails the job at once
+            # rather than leaving it to the initialisation timeout.
+            if failure:
+                return self._end(job, Verdict(FAILED, f"worker {node_id} failed: {failure}"),
+                                 now)
+            raise JobStateError(f"job {job_id} is not running yet ({job.reason}); "
+                                "report progress after ActivateJob")
+        for s in steps:
+            if s.step < 0 or s.samples < 0:
+                raise ValueError(f"steps: step {s.step} with {s.samples} samples; "
+                                 "neither may be negative")
+        for e in evals:
+            if e.step < 0 or e.metric not in METRICS:
+                raise ValueError(f"evals: step {e.step}, metric {e.metric!r}; the step may "
+                                 f"not be negative and the metric is one of {', '.join(METRICS)}")
+        finite, reason = [], None
+        for s in steps:
+            if reason := non_finite_loss(s.step, s.loss, node_id):
+                break
+            finite.append(s)
+        job.history.record_steps(node_id, finite, now)
+        job.history.settle(job.workers)
+        if reason:
+            return self._end(job, Verdict(FAILED, reason), now)
+        if failure:
+            return self._end(job, Verdict(FAILED, f"worker {node_id} failed: {failure}"), now)
+        for e in evals:
+            job.history.record_eval(e)
+            if verdict := job.tracker.observe(e.step, e.metric, e.value):
+                return self._end(job, verdict, now)
+        if finished:
+            if job.rank(node_id) == 0:
+                return self._end(job, Verdict(COMPLETED, _finished_reason(job.spec)), now)
+            job.history.worker(node_id).finished = True
+        return job.state
+
+    def cancel(self, job_id: str, now: float) -> int:
+        """Cancels a job; a final job keeps its state. Returns the state after the call."""
+        job = self.get(job_id)
+        if job.final:
+            return job.state
+        return self._end(job, Verdict(CANCELLED, "cancelled by a client"), now)
+
+    # -- membership changes ----------------------------------------------------------------
+
+    def sweep(self, membership: Membership, now: float) -> list[Node]:
+        """Expires leases (dropping dead workers from their jobs) and fails jobs that took
+        too long to initialise. Returns the nodes that just died."""
+        dead = membership.expire(now)
+        for node in dead:
+            self.node_lost(node.node_id, now, "lease expired")
+        for job in list(self._active.values()):
+            if job.initialising and now - (job.assigned_at or now) > self.init_timeout_s:
+                self._end(job, Verdict(FAILED, "initialisation timed out"), now)
+        return dead
+
+    def node_registered(self, node: Node, now: float) -> None:
+        """Applies a re-registration: the previous incarnation of a worker has left its job,
+        and a server that moved gets its new address into its jobs' shard maps."""
+        if node.incarnation == 1:
+            return
+        if node.role == common_pb2.ROLE_WORKER:
+            self.node_lost(node.node_id, now, "re-registered")
+            return
+        for job in self._active.values():
+            if job.shard_map is None:
+                continue
+            moved = [s for s in job.shard_map.shards
+                     if s.server_id == node.node_id and s.address != node.address]
+            for shard in moved:
+                shard.address = node.address
+            if moved:
+                job.shard_map.version += 1
+                log.info("job %s: server %s moved to %s (shard map version %d)", job.job_id,
+                         node.node_id, node.address, job.shard_map.version)
+
+    def node_lost(self, node_id: str, now: float, why: str) -> None:
+        """A worker is gone: every non-final job it worked on drops it, bumps its epoch and
+        re-ranks the rest in their order; a job left without workers FAILS."""
+        for job in list(self._active.values()):
+            if node_id not in job.workers:
+                continue
+            job.workers.remove(node_id)
+            job.epoch += 1
+            log.info("job %s lost worker %s (%s): %d left, epoch %d", job.job_id, node_id, why,
+                     len(job.workers), job.epoch)
+            if not job.workers:
+                self._end(job, Verdict(FAILED, "all workers lost"), now)
+            else:
+                job.history.settle(job.workers)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _require_rank0(self, job: Job, node_id: str, incarnation: int,
+                       membership: Membership, action: str) -> None:
+        membership.require(node_id, incarnation)
+        if job.final:
+            raise JobStateError(f"job {job.job_id} has ended ({state_name(job.state)}: "
+                                f"{job.reason})")
+        if not job.servers:
+            raise JobStateError(f"job {job.job_id} has no nodes yet ({job.reason})")
+        if job.rank(node_id) != 0:
+            raise JobStateError(f"only the rank-0 worker of job {job.job_id} "
+                                f"({job.workers[0]}) may {action} it, not {node_id}")
+
+    def _end(self, job: Job, verdict: Verdict, now: float) -> int:
+        # Final states never change: the first verdict wins.
+        if job.final:
+            return job.state
+        job.state, job.reason, job.ended = verdict.state, verdict.reason, now
+        job.history.flush()
+        del self._active[job.job_id]
+        log.info("job %s ended %s: %s", job.job_id, state_name(job.state), job.reason)
+        return job.state
+
+
+def _finished_reason(spec: dict[str, Any]) -> str:
+    stop = spec["stop"]
+    if stop["max_steps"]:
+        return f"reached max_steps ({stop['max_steps']})"
+    if stop["max_epochs"]:
+        return f"reached max_epochs ({stop['max_epochs']:g})"
+    return "finished"

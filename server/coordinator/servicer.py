@@ -1,0 +1,233 @@
+"""The coordinator's gRPC servicer: translates proto <-> core calls under one lock and maps
+the core's exceptions to status codes."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+from prometheus_client import CollectorRegistry
+from shardps.proto import common_pb2, coordinator_pb2_grpc
+from shardps.proto import coordinator_pb2 as pb
+from shardps.proto.spec import SpecError
+
+from .history import Evaluation, StepReport
+from .jobs import FINAL_STATES, INIT_TIMEOUT_S, Job, JobStateError, JobTable, UnknownJobError
+from .membership import Membership, StaleNodeError, UnknownNodeError
+from .metrics import CoordinatorMetrics, Snapshot, take_snapshot
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    """Implements shardps.v1.Coordinator over a Membership and a JobTable.
+
+    Owns both. Every RPC (on gRPC's pool threads), `sweep()` (the daemon's sweeper thread)
+    and metrics scrapes take one lock, so the core never sees two callers at once. Every RPC
+    first expires leases by the monotonic clock.
+
+    Status codes: INVALID_ARGUMENT for a bad spec (the message names the key) or bad input,
+    NOT_FOUND for an unknown job or node, FAILED_PRECONDITION for a call the job's state or
+    the caller's role does not allow. A refused call changes nothing.
+
+    Args:
+        lease_ms: the lease handed to every node.
+        registry: where the metrics go (a private registry if None).
+        init_timeout_s: how long a job may take from assignment to ActivateJob.
+    """
+
+    def __init__(self, lease_ms: int = 5000, registry: CollectorRegistry | None = None,
+                 init_timeout_s: float = INIT_TIMEOUT_S):
+        self._lock = threading.Lock()
+        self._membership = Membership(lease_ms)
+        self._jobs = JobTable(init_timeout_s)
+        self.metrics = CoordinatorMetrics(registry or CollectorRegistry(), self._snapshot)
+
+    @property
+    def lease_ms(self) -> int:
+        return self._membership.lease_ms
+
+    def sweep(self) -> None:
+        """Expires leases and initialisation timeouts now (the daemon calls it on a timer)."""
+        with self._lock:
+            self._sweep(time.monotonic())
+
+    # -- membership ------------------------------------------------------------------------
+
+    def RegisterNode(self, request: pb.RegisterNodeRequest,
+                     context: grpc.ServicerContext) -> pb.RegisterNodeResponse:
+        with self._serving(context) as now:
+            node = self._membership.register(
+                request.role, request.address, now, node_id=request.node_id,
+                metrics_address=request.metrics_address, device=request.device,
+                hostname=request.hostname)
+            self._jobs.node_registered(node, now)
+            return pb.RegisterNodeResponse(node_id=node.node_id, incarnation=node.incarnation,
+                                           lease_ms=self.lease_ms)
+
+    def Heartbeat(self, request: pb.HeartbeatRequest,
+                  context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        with self._serving(context) as now:
+            reply = pb.HeartbeatResponse(lease_ms=self.lease_ms)
+            node_id = request.node_id
+            if not self._membership.heartbeat(node_id, request.incarnation, now,
+                                              request.shutting_down):
+                reply.unknown_node = True
+                return reply
+            if request.shutting_down:
+                self._jobs.node_lost(node_id, now, "shut down")
+                return reply
+            self._jobs.schedule(self._membership, now)
+            if self._membership.get(node_id).role == common_pb2.ROLE_WORKER:
+                job = self._jobs.assignment(node_id)
+                if job is not None:
+                    reply.assignment.CopyFrom(pb.WorkerAssignment(
+                        job_id=job.job_id, rank=job.rank(node_id),
+                        world_size=len(job.workers), epoch=job.epoch))
+            else:
+                for job in self._jobs.server_jobs(node_id):
+                    reply.jobs.add(job_id=job.job_id, state=job.state, epoch=job.epoch,
+                                   live_workers=job.workers)
+            return reply
+
+    def ListNodes(self, request: pb.ListNodesRequest,
+                  context: grpc.ServicerContext) -> pb.ListNodesResponse:
+        with self._serving(context) as now:
+            reply = pb.ListNodesResponse()
+            for node in self._membership.nodes():
+                info = reply.nodes.add(
+                    node_id=node.node_id, role=node.role, address=node.address,
+                    state=pb.NODE_STATE_ALIVE if node.alive else pb.NODE_STATE_DEAD,
+                    incarnation=node.incarnation,
+                    last_seen_ms_ago=int((now - node.last_seen) * 1000),
+                    metrics_address=node.metrics_address, device=node.device,
+                    hostname=node.hostname)
+                if node.role == common_pb2.ROLE_WORKER:
+                    job = self._jobs.assignment(node.node_id)
+                    info.job_id = job.job_id if job else ""
+                else:
+                    info.jobs.extend(j.job_id for j in self._jobs.server_jobs(node.node_id))
+            return reply
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def SubmitJob(self, request: pb.SubmitJobRequest,
+                  context: grpc.ServicerContext) -> pb.SubmitJobResponse:
+        with self._serving(context) as now:
+            job = self._jobs.submit(request.spec_yaml, self._membership, now)
+            self.metrics.jobs_submitted.inc()
+            return pb.SubmitJobResponse(job_id=job.job_id)
+
+    def GetJob(self, request: pb.GetJobRequest,
+               context: grpc.ServicerContext) -> pb.GetJobResponse:
+        with self._serving(context) as now:
+            job = self._jobs.get(_required(request.job_id, "job_id"))
+            return pb.GetJobResponse(job=self._job_info(job, now, request.include_history))
+
+    def ListJobs(self, request: pb.ListJobsRequest,
+                 context: grpc.ServicerContext) -> pb.ListJobsResponse:
+        with self._serving(context) as now:
+            return pb.ListJobsResponse(jobs=[self._job_info(j, now) for j in self._jobs.jobs()])
+
+    def CancelJob(self, request: pb.CancelJobRequest,
+                  context: grpc.ServicerContext) -> pb.CancelJobResponse:
+        with self._serving(context) as now:
+            state = self._jobs.cancel(_required(request.job_id, "job_id"), now)
+            return pb.CancelJobResponse(state=state)
+
+    def SetLayout(self, request: pb.SetLayoutRequest,
+                  context: grpc.ServicerContext) -> pb.SetLayoutResponse:
+        with self._serving(context) as now:
+            shard_map = self._jobs.set_layout(
+                _required(request.job_id, "job_id"), _required(request.node_id, "node_id"),
+                request.incarnation, request.layout, self._membership, now)
+            return pb.SetLayoutResponse(shard_map=shard_map)
+
+    def ActivateJob(self, request: pb.ActivateJobRequest,
+                    context: grpc.ServicerContext) -> pb.ActivateJobResponse:
+        with self._serving(context) as now:
+            state = self._jobs.activate(
+                _required(request.job_id, "job_id"), _required(request.node_id, "node_id"),
+                request.incarnation, self._membership, now)
+            return pb.ActivateJobResponse(state=state)
+
+    def ReportProgress(self, request: pb.ReportProgressRequest,
+                       context: grpc.ServicerContext) -> pb.ReportProgressResponse:
+        with self._serving(context) as now:
+            state = self._jobs.report_progress(
+                _required(request.job_id, "job_id"), _required(request.node_id, "node_id"),
+                request.incarnation, self._membership, now,
+                steps=[StepReport(s.step, s.loss, s.samples, s.duration_ms)
+                       for s in request.steps],
+                evals=[Evaluation(e.step, e.metric, e.value, e.loss) for e in request.evals],
+                finished=request.finished, failure=request.failure)
+            action = pb.WORKER_ACTION_STOP if state in FINAL_STATES else pb.WORKER_ACTION_CONTINUE
+            return pb.ReportProgressResponse(action=action, state=state)
+
+    # -- internals -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _serving(self, context: grpc.ServicerContext) -> Iterator[float]:
+        """Holds the lock, sweeps, yields `now`, and turns core exceptions into aborts."""
+        with self._lock:
+            now = time.monotonic()
+            self._sweep(now)
+            try:
+                yield now
+            except SpecError as exc:
+                self.metrics.rejected_specs.inc()
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except ValueError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except (UnknownJobError, UnknownNodeError) as exc:
+                context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+            except (JobStateError, StaleNodeError) as exc:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
+    def _sweep(self, now: float) -> None:
+        for node in self._jobs.sweep(self._membership, now):
+            self.metrics.lease_expiries.labels(node.role_name).inc()
+
+    def _snapshot(self) -> Snapshot:
+        with self._lock:
+            return take_snapshot(self._membership, self._jobs, time.monotonic())
+
+    def _job_info(self, job: Job, now: float, include_history: bool = False) -> pb.JobInfo:
+        history, tracker = job.history, job.tracker
+        info = pb.JobInfo(
+            job_id=job.job_id, name=job.name, state=job.state, reason=job.reason,
+            spec_yaml=job.spec_yaml, created_ms=_unix_ms(job.created, now),
+            ended_ms=_unix_ms(job.ended, now) if job.ended is not None else 0,
+            step=history.step, max_steps=job.spec["stop"]["max_steps"],
+            loss=history.latest_loss(job.workers), metric=tracker.metric,
+            has_eval=tracker.has_eval, metric_value=tracker.latest or 0.0,
+            best_metric=tracker.best or 0.0, best_step=tracker.best_step,
+            steps_per_s=history.steps_per_s(now), samples=history.samples,
+            servers=job.servers, epoch=job.epoch)
+        for node_id in job.assigned_workers:
+            stats = history.workers.get(node_id)
+            info.workers.add(
+                node_id=node_id, rank=job.rank(node_id), alive=node_id in job.workers,
+                step=max(stats.step, 0) if stats else 0, loss=stats.loss if stats else 0.0,
+                steps_per_s=stats.meter.rate(now) if stats else 0.0)
+        if job.shard_map is not None:
+            info.shard_map.CopyFrom(job.shard_map)
+        if job.layout is not None:
+            info.layout.CopyFrom(job.layout)
+        if include_history:
+            info.losses.extend(pb.LossPoint(step=s, loss=v) for s, v in history.losses)
+            info.evals.extend(pb.EvalPoint(step=e.step, metric=e.metric, value=e.value,
+                                           loss=e.loss) for e in history.evals)
+        return info
+
+
+def _required(value: str, name: str) -> str:
+    if not value:
+        raise ValueError(f"{name} is required")
+    return value
+
+
+def _unix_ms(t: float, now: float) -> int:
+    """Unix milliseconds of monotonic time t, given that monotonic `now` is this instant."""
+    return int((time.time() - (now - t)) * 1000)
