@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import grpc
 import torch
+
 from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, layout, psclient, rpc
 
 FINAL_STATES = frozenset({

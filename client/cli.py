@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from google.protobuf import json_format
+
 from shardps.client import progress
 from shardps.client.api import FINAL_STATES, SUCCESS_STATES, ClientError, CoordinatorClient, state_name
 from shardps.proto import exitcodes, rpc, spec

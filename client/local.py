@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
+
 from shardps.client import cli
 from shardps.client.api import SUCCESS_STATES, ClientError, CoordinatorClient, state_name
 from shardps.proto import exitcodes

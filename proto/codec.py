@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+
 from shardps.proto import common_pb2
 
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024  # 2 MiB: well under gRPC's 4 MiB default

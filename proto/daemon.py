@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
+
 from shardps.proto import rpc
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

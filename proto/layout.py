@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import Iterable
 
 import torch
+
 from shardps.proto import common_pb2
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+
 from shardps.proto import codec, common_pb2, ps_pb2, ps_pb2_grpc, rpc
 
 

@@ -8,6 +8,7 @@ import os
 import threading
 
 import grpc
+
 from shardps.proto import coordinator_pb2_grpc, daemon, exitcodes, rpc
 
 from .servicer import CoordinatorServicer

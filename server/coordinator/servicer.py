@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry
+
 from shardps.proto import common_pb2, coordinator_pb2_grpc
 from shardps.proto import coordinator_pb2 as pb
 from shardps.proto.spec import SpecError

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
-from shardps.proto import spec as specs
 
+from shardps.proto import spec as specs
 from tests import harness
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,8 +3,8 @@
 import re
 
 import torch
-from shardps.proto import spec
 
+from shardps.proto import spec
 from tests import harness
 
 

@@ -6,10 +6,10 @@ import urllib.request
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, exitcodes, rpc
 from shardps.proto.layout import make_layout
 from shardps.server.coordinator.daemon import CoordinatorDaemon, main
-
 from tests.harness import poll
 
 pb = coordinator_pb2

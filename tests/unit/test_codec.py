@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from shardps.proto import codec, common_pb2
 
 DTYPES = [common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16, common_pb2.DTYPE_FLOAT16]

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from shardps.proto import common_pb2
 from shardps.server.coordinator.convergence import ConvergenceTracker, non_finite_loss
 

@@ -4,6 +4,7 @@ all with an injected clock."""
 import math
 
 import pytest
+
 from shardps.proto import common_pb2
 from shardps.proto.layout import make_layout
 from shardps.proto.spec import SpecError

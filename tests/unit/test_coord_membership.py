@@ -3,6 +3,7 @@
 import re
 
 import pytest
+
 from shardps.proto import common_pb2
 from shardps.server.coordinator.membership import Membership, StaleNodeError, UnknownNodeError
 

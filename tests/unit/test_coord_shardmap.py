@@ -1,6 +1,7 @@
 """Shard maps: contiguous, byte-balanced ranges over a job's servers."""
 
 import pytest
+
 from shardps.server.coordinator.shardmap import build_shard_map, split_ranges
 
 

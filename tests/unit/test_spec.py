@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from shardps.proto import spec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,169 @@
+"""The `shardps-server` daemon: gRPC server, health, metrics and the coordinator link."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import threading
+
+import torch
+
+from shardps.proto import daemon, exitcodes, ps_pb2_grpc, rpc
+
+from .heartbeat import CoordinatorLink
+from .metrics import PSMetrics
+from .registry import ShardRegistry
+from .servicer import SERVICE_NAME, ParameterServerServicer
+
+log = logging.getLogger("shardps.ps")
+
+GRPC_WORKERS = 64  # waiting pulls hold a thread each (up to 60 s), so leave room for pushes
+_WILDCARDS = ("0.0.0.0", "::", "[::]", "")
+
+
+class ParameterServerDaemon:
+    """One parameter server process: serves ParameterServer on host:port.
+
+    Lifecycle: `start()` binds and serves (raises OSError if an address cannot be bound),
+    `stop(grace)` shuts down, `wait(timeout)` reports whether it has stopped. With
+    `coordinator=None` it runs standalone (no registration; job states only from InitShard).
+    Thread-safety: start/stop from one thread; everything else runs on gRPC and
+    heartbeat threads.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, coordinator: str | None = None,
+                 metrics_port: int = -1, advertise: str | None = None,
+                 threads: int | None = None, grpc_workers: int = GRPC_WORKERS):
+        """
+        Args:
+            host, port: address to bind; port 0 picks a free one.
+            coordinator: host:port of the coordinator, or None to run standalone.
+            metrics_port: Prometheus port; 0 picks one, negative disables.
+            advertise: host:port to register (default: the bound address).
+            threads: torch intra-op threads for Adam (process-wide); None leaves torch's.
+            grpc_workers: size of the gRPC handler thread pool.
+        """
+        self.host = host
+        self.port = port
+        self.coordinator = coordinator
+        self.metrics_port = metrics_port
+        self.advertise = advertise
+        self.threads = threads
+        self.metrics_registry = daemon.new_registry()
+        self.shards = ShardRegistry()
+        self.metrics = PSMetrics(self.metrics_registry, self.shards)
+        self.servicer = ParameterServerServicer(self.shards, self.metrics)
+        self.metrics_endpoint: daemon.MetricsEndpoint | None = None
+        self.link: CoordinatorLink | None = None
+        self._server = rpc.make_server(grpc_workers)
+        ps_pb2_grpc.add_ParameterServerServicer_to_server(self.servicer, self._server)
+        self._health = rpc.add_health(self._server, SERVICE_NAME)
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._started = False
+
+    @property
+    def address(self) -> str:
+        """host:port actually bound (valid after start)."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        return self.metrics_endpoint.address if self.metrics_endpoint else ""
+
+    def start(self) -> ParameterServerDaemon:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            self.port = rpc.bind(self._server, self.host, self.port)
+            self.metrics_endpoint = daemon.start_metrics(self.metrics_registry, self.host,
+                                                         self.metrics_port)
+        except OSError:
+            self._server.stop(None)
+            raise
+        self._server.start()
+        self._started = True
+        log.info("parameter server serving on %s", self.address)
+        if self.coordinator:
+            advertised = self.advertise or self._default_advertise()
+            metrics = ""
+            if self.metrics_endpoint:
+                metrics = f"{advertised.rsplit(':', 1)[0]}:{self.metrics_endpoint.port}"
+            self.link = CoordinatorLink(self.coordinator, advertised, metrics,
+                                        self.shards.apply_views).start()
+        return self
+
+    def _default_advertise(self) -> str:
+        if self.host in _WILDCARDS:
+            return f"{socket.getfqdn()}:{self.port}"
+        return self.address
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stops serving (in-flight RPCs get `grace` seconds), then leaves the coordinator."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._health.enter_graceful_shutdown()
+            self.servicer.shutdown()
+            if self._started:
+                self._server.stop(grace).wait(grace + 5)
+            self.shards.close()
+            if self.link:
+                self.link.stop()
+            if self.metrics_endpoint:
+                self.metrics_endpoint.shutdown()
+            log.info("parameter server stopped")
+            self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Waits up to `timeout` s; True once the daemon has stopped."""
+        return self._stopped.wait(timeout)
+
+
+def _hostport(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="shardps-server",
+        description="shardps parameter server: holds fp32 weight shards and applies Adam.",
+        epilog="--coordinator '' runs standalone (no registration, no heartbeats).")
+    daemon.add_common_args(parser, default_port=0)
+    daemon.add_coordinator_arg(parser)
+    parser.add_argument("--advertise", type=_hostport, metavar="HOST:PORT",
+                        help="address to register with the coordinator (default: the bound "
+                             "host:port)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="state directory for checkpoints (accepted; checkpoints are not "
+                             "written yet)")
+    parser.add_argument("--threads", type=_positive, default=1,
+                        help="torch intra-op threads for Adam (default 1)")
+    args = parser.parse_args(argv)
+    daemon.setup_logging(args.log_level)
+    if args.data_dir:
+        log.info("--data-dir %s accepted; checkpoints are not implemented yet", args.data_dir)
+    server = ParameterServerDaemon(args.host, args.port, args.coordinator or None,
+                                   args.metrics_port, advertise=args.advertise,
+                                   threads=args.threads)
+    try:
+        server.start()
+    except OSError as exc:
+        rpc.fail(str(exc), exitcodes.BIND_FAILED)
+    rpc.announce(args.host, server.port)
+    daemon.run_until_signal(server.stop, server.wait)
+    return exitcodes.OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

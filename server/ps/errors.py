@@ -1,0 +1,51 @@
+"""Failures of the parameter-server core; the servicer maps each to one gRPC status code.
+
+Expected outcomes (duplicate, stale, job done) are `ps_pb2.PushStatus` values, not errors.
+Every error is raised before any shard state changes.
+"""
+
+from __future__ import annotations
+
+
+class ShardError(Exception):
+    """Base class; `reason` labels the rejection counter (low cardinality)."""
+
+    reason = "invalid"
+
+
+class UnknownShardError(ShardError):
+    """No shard of that job and index lives on this server."""
+
+    reason = "unknown_shard"
+
+
+class ShardClosedError(ShardError):
+    """The shard was dropped or replaced while the call was using it."""
+
+    reason = "shard_closed"
+
+
+class UnknownWorkerError(ShardError):
+    """The pushing worker is not among the job's live workers."""
+
+    reason = "unknown_worker"
+
+
+class StepAheadError(ShardError):
+    """sync: a push for a step whose round has not opened yet (the worker skipped a pull)."""
+
+    reason = "step_ahead"
+
+
+class InvalidPushError(ShardError):
+    """A malformed push: bad length, batch size, step or non-finite values."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class InvalidConfigError(ShardError):
+    """An InitShard config or initial weights that cannot make a shard."""
+
+    reason = "bad_config"

@@ -1,0 +1,77 @@
+"""Prometheus metrics of the parameter server (labels: job, status, reason, shard only)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .registry import ShardRegistry
+
+# Wire transfers of up to a few hundred MB; Adam of up to ~1 GB shards.
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_STALENESS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class PSMetrics:
+    """The server's counters and histograms, registered on one daemon's registry.
+
+    Thread-safe (prometheus_client metrics are). Versions and shard sizes are read from the
+    ShardRegistry at scrape time, so dropped shards disappear from /metrics by themselves.
+    """
+
+    def __init__(self, registry: CollectorRegistry, shards: ShardRegistry):
+        self.pushes = Counter("shardps_ps_pushes_total", "Pushes handled, by outcome",
+                              ["job", "status"], registry=registry)
+        self.pulls = Counter("shardps_ps_pulls_total", "Pulls answered", ["job"],
+                             registry=registry)
+        self.push_bytes = Counter("shardps_ps_push_bytes_total",
+                                  "Gradient bytes received in pushes", ["job"], registry=registry)
+        self.pull_bytes = Counter("shardps_ps_pull_bytes_total", "Weight bytes sent in pulls",
+                                  ["job"], registry=registry)
+        self.push_seconds = Histogram("shardps_ps_push_seconds",
+                                      "Push handling time, first message to reply",
+                                      buckets=_SECONDS, registry=registry)
+        self.pull_seconds = Histogram("shardps_ps_pull_seconds",
+                                      "Pull streaming time after the wait (snapshot and send)",
+                                      buckets=_SECONDS, registry=registry)
+        self.apply_seconds = Histogram("shardps_ps_apply_seconds",
+                                       "Time of one Adam step (with the sync mean)",
+                                       buckets=_SECONDS, registry=registry)
+        self.staleness = Histogram("shardps_ps_staleness",
+                                   "async/ssp: shard version minus the push's base version",
+                                   ["job"], buckets=_STALENESS, registry=registry)
+        self.rejected = Counter("shardps_ps_rejected_pushes_total",
+                                "Pushes refused with an error status, by reason", ["reason"],
+                                registry=registry)
+        registry.register(_ShardCollector(shards))
+
+
+class _ShardCollector(Collector):
+    """Reports each shard's version, resident bytes and waiting pulls at scrape time."""
+
+    def __init__(self, shards: ShardRegistry):
+        self._shards = shards
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        version = GaugeMetricFamily("shardps_ps_version", "Shard version (Adam steps applied)",
+                                    labels=["job", "shard"])
+        size = GaugeMetricFamily("shardps_ps_shard_bytes",
+                                 "Resident bytes of a shard: fp32 weights plus Adam m and v",
+                                 labels=["job", "shard"])
+        waiting = GaugeMetricFamily("shardps_ps_waiting_pulls",
+                                    "Pulls blocked on a version or ssp clock right now",
+                                    labels=["job", "shard"])
+        for shard in self._shards.shards():
+            labels = [shard.job_id, str(shard.index)]
+            version.add_metric(labels, shard.version)
+            size.add_metric(labels, shard.resident_bytes())
+            waiting.add_metric(labels, shard.waiting_pulls)
+        yield version
+        yield size
+        yield waiting
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())

@@ -1,0 +1,89 @@
+"""The shards this server holds, by (job id, shard index), and the coordinator's job views."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+
+from shardps.proto import coordinator_pb2
+
+from .errors import UnknownShardError
+from .shard import MODES, Shard
+
+log = logging.getLogger("shardps.ps")
+
+
+class ShardRegistry:
+    """Maps (job_id, shard_index) to live Shards.
+
+    Thread-safe: a lock guards the map only; each Shard has its own lock. A replaced or
+    dropped shard is closed, so calls still holding it fail or wake up instead of hanging.
+    """
+
+    def __init__(self) -> None:
+        self._shards: dict[tuple[str, int], Shard] = {}
+        self._lock = threading.Lock()
+
+    def put(self, shard: Shard) -> bool:
+        """Adds a shard, replacing (and closing) any shard of the same job and index.
+
+        Returns True if one was replaced.
+        """
+        key = (shard.job_id, shard.index)
+        with self._lock:
+            old = self._shards.get(key)
+            self._shards[key] = shard
+        if old is not None:
+            old.close()
+        log.info("job %s shard %d %s: %d elements at offset %d, %s, workers %s", shard.job_id,
+                 shard.index, "replaced" if old else "created", shard.length,
+                 shard.config.offset, MODES[shard.mode], ",".join(shard.workers) or "-")
+        return old is not None
+
+    def get(self, job_id: str, index: int) -> Shard:
+        """Raises UnknownShardError if this server holds no such shard."""
+        with self._lock:
+            shard = self._shards.get((job_id, index))
+        if shard is None:
+            raise UnknownShardError("unknown job or shard")
+        return shard
+
+    def shards(self, job_id: str = "") -> list[Shard]:
+        """The shards of one job ("" = every job), sorted by job and index."""
+        with self._lock:
+            items = sorted(self._shards.items())
+        return [s for (job, _), s in items if not job_id or job == job_id]
+
+    def drop(self, job_id: str) -> int:
+        """Frees every shard of a job; returns how many."""
+        with self._lock:
+            keys = [k for k in self._shards if k[0] == job_id]
+            dropped = [self._shards.pop(k) for k in keys]
+        for shard in dropped:
+            shard.close()
+        if dropped:
+            log.info("job %s: dropped %d shard(s)", job_id, len(dropped))
+        return len(dropped)
+
+    def apply_views(self, views: Iterable[coordinator_pb2.ServerJobView]) -> None:
+        """Applies the coordinator's job states and live worker sets to the matching shards."""
+        for view in views:
+            if not view.job_id:
+                continue
+            for shard in self.shards(view.job_id):
+                # State first: a final job must not complete a round on its way out.
+                shard.set_job_state(view.state)
+                shard.update_workers(list(view.live_workers), view.epoch)
+
+    def wake_all(self) -> None:
+        """Makes every waiting pull re-check whether it was cancelled (shutdown)."""
+        for shard in self.shards():
+            shard.wake()
+
+    def close(self) -> None:
+        """Closes every shard (shutdown): waiting pulls return at once."""
+        with self._lock:
+            shards = list(self._shards.values())
+        for shard in shards:
+            shard.close()

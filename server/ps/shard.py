@@ -1,0 +1,522 @@
+"""One job's shard: fp32 weights, torch Adam over them, and the consistency gate.
+
+Pure core: no gRPC. The servicer decodes bytes into a staging tensor from `staging()`, then
+calls `push`; pulls wait with `wait_for_pull` and read a consistent `snapshot`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from shardps.proto import common_pb2, ps_pb2
+
+from . import schedule
+from .buffers import BufferPool
+from .errors import (
+    InvalidConfigError,
+    InvalidPushError,
+    ShardClosedError,
+    StepAheadError,
+    UnknownWorkerError,
+)
+
+log = logging.getLogger("shardps.ps")
+
+FINAL_STATES = frozenset({
+    common_pb2.JOB_STATE_COMPLETED,
+    common_pb2.JOB_STATE_CONVERGED,
+    common_pb2.JOB_STATE_FAILED,
+    common_pb2.JOB_STATE_CANCELLED,
+})
+MODES = {
+    common_pb2.CONSISTENCY_SYNC: "sync",
+    common_pb2.CONSISTENCY_SSP: "ssp",
+    common_pb2.CONSISTENCY_ASYNC: "async",
+}
+
+
+@functools.cache
+def fused_adam_available() -> bool:
+    """Whether this torch runs `torch.optim.Adam(fused=True)` on CPU tensors (torch >= 2.4)."""
+    param = torch.zeros(1)
+    param.grad = torch.zeros(1)
+    try:
+        torch.optim.Adam([param], fused=True).step()
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What one push did.
+
+    Attributes:
+        status: the expected outcome, a `ps_pb2.PushStatus` value.
+        version: the shard's version after handling the push.
+        staleness: async/ssp pushes that were applied: version - base_version on arrival.
+        apply_seconds: time spent in Adam (and the sync mean) if this push ran a step.
+    """
+
+    status: int
+    version: int
+    staleness: int | None = None
+    apply_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A consistent copy of the weights in a wire dtype; hand it back with `Shard.release`."""
+
+    tensor: torch.Tensor
+    version: int
+    job_done: bool
+    _entry: _CachedCopy
+
+
+class _CachedCopy:
+    """The latest weights copy of one dtype, shared by every pull of the same version."""
+
+    def __init__(self, tensor: torch.Tensor, version: int):
+        self.tensor = tensor
+        self.version = version
+        self.refs = 0
+
+
+@dataclass
+class _Contribution:
+    batch_size: int
+    grad: torch.Tensor
+
+
+class Shard:
+    """A contiguous range [offset, offset + length) of one job's flat fp32 vector.
+
+    Thread-safety: every method may be called from any thread. One condition variable (and its
+    lock) guards all state; Adam runs under it, so a snapshot never sees half an update.
+    Waits always take a timeout. Ownership: the shard owns its weights and optimizer state;
+    a gradient passed to `push` becomes the shard's (it may be buffered or reused).
+    """
+
+    def __init__(self, config: ps_pb2.ShardConfig, weights: torch.Tensor):
+        """Creates version 0 from the initial weights (taken over, not copied).
+
+        Raises:
+            InvalidConfigError: bad config, or weights not a finite fp32 vector of `length`.
+        """
+        validate_config(config)
+        if weights.dtype != torch.float32 or weights.dim() != 1 or weights.numel() != config.length:
+            raise InvalidConfigError(
+                f"initial weights must be fp32[{config.length}], got {weights.dtype} "
+                f"{tuple(weights.shape)}")
+        if not all_finite(weights):
+            raise InvalidConfigError("initial weights have non-finite values")
+        self.config = ps_pb2.ShardConfig()
+        self.config.CopyFrom(config)
+        self.job_id = config.job_id
+        self.index = config.shard_index
+        self.length = config.length
+        self.mode = config.mode
+        self.staleness = config.staleness
+        self.fused = fused_adam_available()
+
+        self._weights = weights.contiguous()
+        opt = config.optimizer
+        adam = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+        self._optimizer = adam([self._weights], lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                               eps=opt.eps, weight_decay=opt.weight_decay, fused=self.fused)
+        self._group = self._optimizer.param_groups[0]
+
+        self._cond = threading.Condition(threading.Lock())
+        self.version = 0
+        self.adam_step = 0
+        self.pushes_applied = 0
+        self.job_state = common_pb2.JOB_STATE_RUNNING
+        self.epoch = config.epoch
+        self._workers: list[str] = list(config.workers)
+        self._clocks: dict[str, int] = {}                # worker id -> steps pushed
+        self._highest: dict[tuple[str, int], int] = {}   # (worker, incarnation) -> highest step
+        self._round: dict[str, _Contribution] = {}       # sync: open round (step == version)
+        self._closed = False
+        self._waiting = 0                                # pulls blocked in wait_for_pull
+        self._staging = BufferPool(self.length, keep=max(2, len(self._workers)))
+        self._copies: dict[torch.dtype, _CachedCopy] = {}
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def frozen(self) -> bool:
+        """The job has reached a final state: pushes answer JOB_DONE, weights never change."""
+        return self.job_state in FINAL_STATES
+
+    @property
+    def closed(self) -> bool:
+        """Dropped or replaced: no call on it will succeed any more."""
+        return self._closed
+
+    @property
+    def waiting_pulls(self) -> int:
+        """Pulls blocked waiting for a version or clock right now."""
+        return self._waiting
+
+    @property
+    def workers(self) -> list[str]:
+        with self._cond:
+            return list(self._workers)
+
+    def weights(self) -> torch.Tensor:
+        """A copy of the fp32 weights (for tests and checkpoints)."""
+        with self._cond:
+            return self._weights.clone()
+
+    def optimizer_state(self) -> dict:
+        """A copy of torch's optimizer state dict (for tests and checkpoints)."""
+        with self._cond:
+            return _deep_clone(self._optimizer.state_dict())
+
+    def info(self) -> ps_pb2.ShardInfo:
+        with self._cond:
+            return ps_pb2.ShardInfo(
+                job_id=self.job_id, shard_index=self.index, offset=self.config.offset,
+                length=self.length, version=self.version, adam_step=self.adam_step,
+                state=self.job_state, pushes_applied=self.pushes_applied,
+                worker_clocks=dict(self._clocks))
+
+    def resident_bytes(self) -> int:
+        """Bytes of fp32 weights plus Adam's m and v (once the first step created them)."""
+        state = self._optimizer.state.get(self._weights, {})
+        extra = sum(t.numel() * t.element_size() for k, t in state.items()
+                    if k in ("exp_avg", "exp_avg_sq"))
+        return self.length * 4 + extra
+
+    def set_job_state(self, state: int) -> bool:
+        """Records the coordinator's view of the job; returns True if this call froze the shard.
+
+        A final state is sticky: later states are ignored. Freezing drops an open sync round
+        and wakes every waiting pull (they answer job_done).
+        """
+        with self._cond:
+            if self.frozen or state == common_pb2.JOB_STATE_UNSPECIFIED:
+                return False
+            self.job_state = state
+            if not self.frozen:
+                return False
+            self._drop_round()
+            self._cond.notify_all()
+        log.info("job %s shard %d frozen at version %d (%s)", self.job_id, self.index,
+                 self.version, common_pb2.JobState.Name(state))
+        return True
+
+    def update_workers(self, workers: list[str], epoch: int) -> bool:
+        """Adopts the job's live workers (rank order) of membership `epoch`.
+
+        Views older than the current epoch are ignored. If the live set shrank so that an open
+        sync round now has every remaining contribution, the round completes here. Returns
+        True if it did.
+        """
+        with self._cond:
+            if epoch < self.epoch or self._closed:
+                return False
+            changed = workers != self._workers
+            self.epoch = epoch
+            if not changed:
+                return False
+            self._workers = list(workers)
+            self._staging.keep = max(2, len(workers))
+            completed = False
+            if self.mode == common_pb2.CONSISTENCY_SYNC and not self.frozen:
+                completed = self._round_complete() and self._close_round() is not None
+            self._cond.notify_all()  # ssp: the slowest worker may have left
+            version = self.version
+        log.info("job %s shard %d: workers %s (epoch %d)%s", self.job_id, self.index,
+                 ",".join(workers) or "-", epoch,
+                 f"; round completed with the remaining workers, version {version}"
+                 if completed else "")
+        return completed
+
+    def close(self) -> None:
+        """Marks the shard dropped (or replaced): waits end, later calls raise ShardClosedError."""
+        with self._cond:
+            self._closed = True
+            self._drop_round()
+            self._copies.clear()
+            self._staging.clear()
+            self._cond.notify_all()
+
+    # -- push ---------------------------------------------------------------------------
+
+    def staging(self) -> torch.Tensor:
+        """An fp32 buffer of `length` elements to decode a push into (contents undefined).
+
+        The caller passes it to `push` (which takes it over) or hands it back with
+        `release_staging` if the push fails before that.
+        """
+        return self._staging.acquire(torch.float32)
+
+    def release_staging(self, grad: torch.Tensor) -> None:
+        self._staging.release(grad)
+
+    def check_push(self, *, worker_id: str, incarnation: int = 0, step: int, length: int,
+                   batch_size: int = 1) -> int | None:
+        """Checks a push header before its chunks are read.
+
+        Returns the outcome if it is already decided (JOB_DONE, DUPLICATE, STALE; none of
+        these can change back), else None. Raises the same errors as `push`.
+        """
+        with self._cond:
+            return self._check(worker_id, incarnation, step, length, batch_size)
+
+    def push(self, grad: torch.Tensor, *, worker_id: str, incarnation: int = 0, step: int,
+             base_version: int = 0, batch_size: int = 1) -> PushResult:
+        """Handles one worker's gradient for one step; takes over `grad`.
+
+        async/ssp: one Adam step on arrival. sync: buffered in the round of `step`; the last
+        live worker's push runs one Adam step on the batch-size-weighted mean.
+
+        Raises:
+            InvalidPushError: wrong length, bad batch size or step, non-finite values.
+            UnknownWorkerError: worker not among the live workers.
+            StepAheadError: sync, `step` is beyond the open round.
+            ShardClosedError: the shard was dropped or replaced.
+        Nothing changes when it raises.
+        """
+        if grad.dtype != torch.float32 or grad.dim() != 1 or grad.numel() != self.length:
+            raise InvalidPushError(
+                f"gradient must be fp32[{self.length}], got {grad.dtype} {tuple(grad.shape)}",
+                "bad_length")
+        # Outside the lock: the check reads the whole gradient.
+        if not all_finite(grad):
+            self._staging.release(grad)
+            raise InvalidPushError("gradient has non-finite values", "non_finite")
+        keep = False
+        try:
+            with self._cond:
+                early = self._check(worker_id, incarnation, step, grad.numel(), batch_size)
+                if early is not None:
+                    return PushResult(early, self.version)
+                self._highest[(worker_id, incarnation)] = step
+                self._clocks[worker_id] = max(self._clocks.get(worker_id, 0), step + 1)
+                if self.mode == common_pb2.CONSISTENCY_SYNC:
+                    self._round[worker_id] = _Contribution(batch_size, grad)
+                    keep = True
+                    if not self._round_complete():
+                        self._cond.notify_all()  # clocks moved
+                        return PushResult(ps_pb2.PUSH_STATUS_ACCEPTED, self.version)
+                    seconds = self._close_round()
+                    return PushResult(ps_pb2.PUSH_STATUS_APPLIED, self.version,
+                                      apply_seconds=seconds)
+                staleness = max(0, self.version - base_version)
+                seconds = self._step(grad)
+                self.pushes_applied += 1
+                self._cond.notify_all()
+                return PushResult(ps_pb2.PUSH_STATUS_APPLIED, self.version, staleness, seconds)
+        finally:
+            if not keep:
+                self._staging.release(grad)
+
+    def _check(self, worker_id: str, incarnation: int, step: int, length: int,
+               batch_size: int) -> int | None:
+        if self._closed:
+            raise ShardClosedError("shard was dropped or replaced")
+        if length != self.length:
+            raise InvalidPushError(f"push length {length} != shard length {self.length}",
+                                   "bad_length")
+        if step < 0:
+            raise InvalidPushError(f"step must be >= 0, got {step}", "bad_step")
+        if batch_size < 0:
+            raise InvalidPushError(f"batch_size must be >= 0, got {batch_size}", "bad_batch_size")
+        if self.frozen:
+            return ps_pb2.PUSH_STATUS_JOB_DONE
+        if worker_id not in self._workers:
+            raise UnknownWorkerError("worker is not a live worker of this job")
+        if step <= self._highest.get((worker_id, incarnation), -1):
+            return ps_pb2.PUSH_STATUS_DUPLICATE
+        if self.mode == common_pb2.CONSISTENCY_SYNC:
+            if step < self.version:
+                return ps_pb2.PUSH_STATUS_STALE
+            if step > self.version:
+                raise StepAheadError(f"step {step} is ahead of the open round {self.version}")
+            if worker_id in self._round:  # a new incarnation re-pushing the same step
+                return ps_pb2.PUSH_STATUS_DUPLICATE
+        return None
+
+    # -- sync rounds (caller holds the lock) ----------------------------------------------
+
+    def _round_complete(self) -> bool:
+        return bool(self._round) and all(w in self._round for w in self._workers)
+
+    def _close_round(self) -> float | None:
+        """Runs the open round's Adam step with the live workers' contributions.
+
+        Contributions of workers that are no longer live are dropped. Returns the seconds
+        spent, or None if no live contribution was left (the round stays open).
+        """
+        parts = [self._round.pop(w) for w in self._workers if w in self._round]
+        self._drop_round()
+        if not parts:
+            return None
+        start = time.perf_counter()
+        # Workers with no samples this step push weight 0; leave them out of the sum. If
+        # nobody had samples, the round still closes (plain mean) so the barrier moves on.
+        weighted = [p for p in parts if p.batch_size > 0] or parts
+        if len(weighted) == 1:
+            grad = weighted[0].grad  # used as is, so one worker matches torch bitwise
+        else:
+            total = sum(p.batch_size for p in weighted)
+            share = [p.batch_size / total if total else 1 / len(weighted) for p in weighted]
+            grad = weighted[0].grad.mul_(share[0])
+            for part, weight in zip(weighted[1:], share[1:], strict=True):
+                grad.add_(part.grad, alpha=weight)
+        self._step(grad)
+        self.pushes_applied += len(parts)
+        for part in parts:
+            self._staging.release(part.grad)
+        self._cond.notify_all()
+        return time.perf_counter() - start
+
+    def _drop_round(self) -> None:
+        for part in self._round.values():
+            self._staging.release(part.grad)
+        self._round.clear()
+
+    def _step(self, grad: torch.Tensor) -> float:
+        """One Adam step with the scheduled lr; version += 1. Caller holds the lock."""
+        start = time.perf_counter()
+        self._group["lr"] = schedule.learning_rate(self.config.optimizer, self.adam_step)
+        self._weights.grad = grad
+        try:
+            self._optimizer.step()
+        finally:
+            self._weights.grad = None
+        self.adam_step += 1
+        self.version += 1
+        return time.perf_counter() - start
+
+    # -- pull ---------------------------------------------------------------------------
+
+    def _min_clock(self) -> int | None:
+        return min((self._clocks.get(w, 0) for w in self._workers), default=None)
+
+    def _clock_ok(self, clock: float) -> bool:
+        if self.mode != common_pb2.CONSISTENCY_SSP:
+            return True
+        lowest = self._min_clock()
+        return lowest is None or lowest >= clock - self.staleness
+
+    def wait_for_pull(self, min_version: int, clock: float, timeout: float,
+                      cancelled: Callable[[], bool] | None = None) -> bool:
+        """Waits up to `timeout` s until version >= min_version and (ssp) the clock gate opens.
+
+        Returns whether both hold. Returns early (False unless they hold) when the job is
+        frozen or the shard closed, since nothing will change any more, or when `cancelled()`
+        turns true after a `wake()`.
+        """
+        def reached() -> bool:
+            return self.version >= min_version and self._clock_ok(clock)
+
+        def done() -> bool:
+            return (reached() or self.frozen or self._closed
+                    or (cancelled is not None and cancelled()))
+
+        with self._cond:
+            self._waiting += 1
+            try:
+                self._cond.wait_for(done, max(0.0, timeout))
+            finally:
+                self._waiting -= 1
+            return reached()
+
+    def wake(self) -> None:
+        """Makes waiting pulls re-check their `cancelled` callbacks."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for_version(self, min_version: int, timeout: float) -> bool:
+        """Waits up to `timeout` s for version >= min_version; returns whether reached."""
+        return self.wait_for_pull(min_version, -math.inf, timeout)
+
+    def wait_for_clock(self, clock: int, timeout: float) -> bool:
+        """ssp: waits up to `timeout` s until every live worker's clock >= clock - staleness."""
+        return self.wait_for_pull(0, clock, timeout)
+
+    def snapshot(self, dtype: torch.dtype = torch.float32) -> Snapshot:
+        """A consistent copy of the weights in `dtype`; give it back with `release`.
+
+        Pulls of the same version and dtype share one copy, which is never written while
+        anyone holds it.
+        """
+        with self._cond:
+            if self._closed:
+                raise ShardClosedError("shard was dropped or replaced")
+            entry = self._copies.get(dtype)
+            if entry is None or entry.version != self.version:
+                if entry is not None and entry.refs == 0:
+                    tensor = entry.tensor  # nobody reads the old copy: overwrite it in place
+                else:
+                    tensor = self._staging.acquire(dtype)
+                tensor.copy_(self._weights)
+                entry = _CachedCopy(tensor, self.version)
+                self._copies[dtype] = entry
+            entry.refs += 1
+            return Snapshot(entry.tensor, entry.version, self.frozen, entry)
+
+    def release(self, snapshot: Snapshot) -> None:
+        """Hands back a snapshot; its tensor must not be used afterwards."""
+        with self._cond:
+            entry = snapshot._entry
+            entry.refs -= 1
+            if entry.refs == 0 and self._copies.get(entry.tensor.dtype) is not entry:
+                self._staging.release(entry.tensor)
+
+
+def validate_config(config: ps_pb2.ShardConfig) -> None:
+    """Raises InvalidConfigError unless the config describes a shard this server can run."""
+    if not config.job_id:
+        raise InvalidConfigError("config.job_id is empty")
+    if config.shard_index < 0 or config.offset < 0 or config.length <= 0:
+        raise InvalidConfigError(
+            f"bad range: index {config.shard_index}, offset {config.offset}, "
+            f"length {config.length}")
+    if config.total < config.offset + config.length:
+        raise InvalidConfigError(
+            f"range [{config.offset}, {config.offset + config.length}) exceeds total "
+            f"{config.total}")
+    if config.mode not in MODES:
+        raise InvalidConfigError(f"unknown consistency mode {config.mode}")
+    if config.staleness < 0:
+        raise InvalidConfigError(f"staleness must be >= 0, got {config.staleness}")
+    if len(set(config.workers)) != len(config.workers):
+        raise InvalidConfigError("worker ids are not unique")
+    schedule.validate(config.optimizer)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite.
+
+    A sum is finite only if every term is (NaN and inf propagate), and costs a read of the
+    tensor without allocating; the elementwise check runs only when the sum is not finite,
+    to tell real non-finite values from an overflowing sum.
+    """
+    if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _deep_clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _deep_clone(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_clone(v) for v in value]
+    return value

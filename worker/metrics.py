@@ -1,0 +1,35 @@
+"""The worker's Prometheus metrics, registered on the daemon's own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Phases of a training step timed by shardps_worker_step_seconds:
+PHASES = (
+    "wait",     # pull slices that came back not ready: waiting for other workers / the barrier
+    "pull",     # the pull that delivered weights, plus the upload to the device
+    "compute",  # forward, backward, clipping and the copy of the gradient to the host
+    "push",     # sending the gradient to every shard
+)
+
+
+class WorkerMetrics:
+    """Metric families of one worker daemon. Prometheus metrics are thread-safe."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        registry = registry if registry is not None else CollectorRegistry()
+        self.steps = Counter("shardps_worker_steps", "Training steps pushed, per job",
+                             ["job"], registry=registry)
+        self.samples = Counter("shardps_worker_samples", "Training samples processed, per job",
+                               ["job"], registry=registry)
+        self.loss = Gauge("shardps_worker_loss", "Latest training loss of this worker's slice",
+                          ["job"], registry=registry)
+        self.step_seconds = Histogram(
+            "shardps_worker_step_seconds", "Seconds per phase of a training step", ["phase"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                     10, 30),
+            registry=registry)
+        self.info = Gauge("shardps_worker_info", "Constant 1, labelled with the worker's device",
+                          ["device"], registry=registry)
+        for phase in PHASES:  # export every phase from the start, even before a job runs
+            self.step_seconds.labels(phase=phase)
