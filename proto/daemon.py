@@ -7,8 +7,16 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from shardps.proto import rpc
 
@@ -45,13 +53,44 @@ def new_registry() -> CollectorRegistry:
     return registry
 
 
-class MetricsEndpoint:
-    """Serves a registry at http://host:port/metrics from a daemon thread."""
+Route = Callable[[], tuple[str, bytes]]  # () -> (content type, body)
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int):
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+
+class MetricsEndpoint:
+    """Serves a registry at http://host:port/metrics (plus extra GET routes) from daemon threads.
+
+    `routes` maps a path to a function returning (content type, body); the coordinator serves
+    its Prometheus service-discovery list this way. Thread-safe: each request runs on its own
+    thread, so routes must do their own locking.
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int,
+                 routes: dict[str, Route] | None = None):
+        handlers: dict[str, Route] = {"/metrics": lambda: (CONTENT_TYPE_LATEST, generate_latest(registry))}
+        handlers.update(routes or {})
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                route = handlers.get(self.path.split("?", 1)[0])
+                if route is None:
+                    self.send_error(404, "not found: try /metrics")
+                    return
+                content_type, body = route()
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args) -> None:  # scrapes are not events
+                pass
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
         self.host = host
-        self.port = self._httpd.server_port
+        self.port = self._httpd.server_address[1]
 
     @property
     def address(self) -> str:
@@ -62,11 +101,15 @@ class MetricsEndpoint:
         self._httpd.server_close()
 
 
-def start_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint | None:
-    """Starts the endpoint unless port is negative; prints `metrics on HOST:PORT`."""
+def start_metrics(registry: CollectorRegistry, host: str, port: int,
+                  routes: dict[str, Route] | None = None) -> MetricsEndpoint | None:
+    """Starts the endpoint unless port is negative; prints `metrics on HOST:PORT`.
+
+    Raises OSError if the port cannot be bound.
+    """
     if port < 0:
         return None
-    endpoint = MetricsEndpoint(registry, host, port)
+    endpoint = MetricsEndpoint(registry, host, port, routes)
     print(f"metrics on {endpoint.address}", flush=True)
     return endpoint
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import threading
@@ -56,13 +57,18 @@ class CoordinatorDaemon:
         """host:port of the metrics endpoint, "" when disabled."""
         return self.metrics.address if self.metrics else ""
 
+    def _scrape_targets(self) -> tuple[str, bytes]:
+        """GET /sd on the metrics port: the node list for Prometheus's http_sd_configs."""
+        return "application/json", json.dumps(self.servicer.scrape_targets()).encode()
+
     def start(self) -> CoordinatorDaemon:
         """Starts metrics (if enabled), binds and starts the gRPC server and the sweeper.
 
         Raises:
             OSError: the gRPC or metrics address cannot be bound (nothing is left running).
         """
-        self.metrics = daemon.start_metrics(self.registry, self.host, self._metrics_port)
+        self.metrics = daemon.start_metrics(self.registry, self.host, self._metrics_port,
+                                            routes={"/sd": self._scrape_targets})
         server = rpc.make_server()
         try:
             self.port = rpc.bind(server, self.host, self.port)

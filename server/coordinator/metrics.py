@@ -31,6 +31,7 @@ class JobSample:
     loss: float
     best_metric: float | None  # None before the first evaluation
     steps_per_s: float
+    workers: list[tuple[str, int, float]] = field(default_factory=list)  # live (node, step, steps/s)
 
 
 @dataclass
@@ -53,9 +54,15 @@ def take_snapshot(membership: Membership, jobs: JobTable, now: float) -> Snapsho
         if job.state in FINAL_STATES and now - (job.ended or now) > ENDED_JOB_SERIES_S:
             continue
         tracker = job.tracker
+        workers = []
+        if job.state not in FINAL_STATES:
+            for node_id in job.workers:
+                stats = job.history.workers.get(node_id)
+                if stats is not None:
+                    workers.append((node_id, stats.step, stats.meter.rate(now)))
         snap.job_samples.append(JobSample(
             job.job_id, job.history.step, job.history.latest_loss(job.workers),
-            tracker.best if tracker.has_eval else None, job.history.steps_per_s(now)))
+            tracker.best if tracker.has_eval else None, job.history.steps_per_s(now), workers))
     return snap
 
 
@@ -90,7 +97,7 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
-        nodes, jobs, step, loss, best, rate = _families()
+        nodes, jobs, step, loss, best, rate, worker_step, worker_rate, straggler = _families()
         for (role, state), count in snap.nodes.items():
             nodes.add_metric([role, state], count)
         for state, count in snap.jobs.items():
@@ -101,7 +108,14 @@ class _StateCollector(Collector):
             rate.add_metric([s.job_id], s.steps_per_s)
             if s.best_metric is not None:
                 best.add_metric([s.job_id], s.best_metric)
-        yield from (nodes, jobs, step, loss, best, rate)
+            for node_id, node_step, node_rate in s.workers:
+                worker_step.add_metric([s.job_id, node_id], node_step)
+                worker_rate.add_metric([s.job_id, node_id], node_rate)
+            if len(s.workers) > 1:
+                slowest = min(s.workers, key=lambda w: w[1])
+                lead = max(w[1] for w in s.workers)
+                straggler.add_metric([s.job_id, slowest[0]], lead - slowest[1])
+        yield from (nodes, jobs, step, loss, best, rate, worker_step, worker_rate, straggler)
 
 
 def _families() -> tuple[GaugeMetricFamily, ...]:
@@ -115,4 +129,9 @@ def _families() -> tuple[GaugeMetricFamily, ...]:
         gauge("job_loss", "Latest training loss of a job (mean over its live workers)", ["job"]),
         gauge("job_best_metric", "Best evaluation of a job's stop metric so far", ["job"]),
         gauge("job_steps_per_second", "Recent training rate of a job", ["job"]),
+        gauge("worker_step", "Highest step a live worker of a running job reported", ["job", "worker"]),
+        gauge("worker_steps_per_second", "Recent training rate of a live worker", ["job", "worker"]),
+        gauge("job_straggler_lag_steps",
+              "The slowest live worker of a running job (label) and how many steps it trails the fastest",
+              ["job", "worker"]),
     )

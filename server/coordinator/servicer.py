@@ -190,6 +190,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         for node in self._jobs.sweep(self._membership, now):
             self.metrics.lease_expiries.labels(node.role_name).inc()
 
+    def scrape_targets(self) -> list[dict]:
+        """Prometheus HTTP service discovery: every alive node that serves metrics.
+
+        Thread-safe (takes the state lock); served by the metrics endpoint at /sd.
+        """
+        with self._lock:
+            return [{"targets": [node.metrics_address],
+                     "labels": {"role": node.role_name, "node": node.node_id}}
+                    for node in self._membership.alive() if node.metrics_address]
+
     def _snapshot(self) -> Snapshot:
         with self._lock:
             return take_snapshot(self._membership, self._jobs, time.monotonic())

@@ -49,3 +49,9 @@ class InvalidConfigError(ShardError):
     """An InitShard config or initial weights that cannot make a shard."""
 
     reason = "bad_config"
+
+
+# Every `reason` label of shardps_ps_rejected_pushes_total (metrics export each at 0).
+REJECT_REASONS = ("invalid", "bad_header", "bad_dtype", "bad_chunks", "bad_length", "non_finite",
+                  "bad_step", "bad_batch_size", "unknown_shard", "shard_closed", "unknown_worker",
+                  "step_ahead", "bad_config")

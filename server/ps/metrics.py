@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .errors import REJECT_REASONS
 from .registry import ShardRegistry
 
 # Wire transfers of up to a few hundred MB; Adam of up to ~1 GB shards.
@@ -46,6 +47,8 @@ class PSMetrics:
         self.rejected = Counter("shardps_ps_rejected_pushes_total",
                                 "Pushes refused with an error status, by reason", ["reason"],
                                 registry=registry)
+        for reason in REJECT_REASONS:  # export every reason at 0, so rates exist before the first rejection
+            self.rejected.labels(reason)
         registry.register(_ShardCollector(shards))
 
 
