@@ -110,7 +110,16 @@ def cmd_status(args) -> int:
 def cmd_watch(args) -> int:
     with CoordinatorClient(args.coordinator) as client:
         client.job(args.job)  # unknown job: fail before drawing anything
-        return follow(client, args.job, args)
+        if args.output == "json" or not sys.stdout.isatty():
+            return follow(client, args.job, args)
+        from shardps.client import watch
+
+        try:
+            info = watch.watch_screen(client, args.job, args.interval, args.timeout or None)
+        except TimeoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exitcodes.TIMEOUT
+        return exitcodes.OK if info.state in SUCCESS_STATES else exitcodes.FAILURE
 
 
 def cmd_cancel(args) -> int:
@@ -145,6 +154,19 @@ def cmd_export(args) -> int:
         _emit({"job_id": args.job, "path": str(out), "parameters": count, "versions": versions})
     else:
         print(f"wrote {out}: {len(state_dict)} tensors, {count} parameters, version {max(versions)}")
+    return exitcodes.OK
+
+
+def cmd_plot(args) -> int:
+    from shardps.client.plot import plot_job  # matplotlib loads only for this command
+
+    with CoordinatorClient(args.coordinator) as client:
+        info = client.job(args.job, history=True)
+    plot_job(info, Path(args.output_path))
+    if args.output == "json":
+        _emit({"job_id": args.job, "path": args.output_path})
+    else:
+        print(f"wrote {args.output_path}: {len(info.losses)} loss points, {len(info.evals)} evaluations")
     return exitcodes.OK
 
 
@@ -190,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="job id")
     p.add_argument("-o", dest="output_path", required=True, metavar="PATH", help="where to write model.pt")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plot", parents=[common], help="write a job's loss and metric curves as a PNG")
+    p.add_argument("job", help="job id")
+    p.add_argument("-o", dest="output_path", required=True, metavar="PATH", help="where to write the PNG")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("local", parents=[follow_opts],
                        help="start a local cluster, run a job on it, stop everything")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
@@ -20,7 +22,12 @@ from prometheus_client import (
 
 from shardps.proto import rpc
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(node)s%(job_suffix)s %(name)s: %(message)s"
+
+# Who is logging: the process's role and node id (set once registered), and per thread the
+# job it works on, so that every line, text or JSON, says which node and job it is about.
+_log_context = {"role": "", "node": ""}
+_thread_context = threading.local()
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -32,6 +39,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_port: int) -> None:
                         help="Prometheus /metrics port; 0 picks a free one; -1 (default) disables")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="text lines, or one JSON object per line (default text)")
 
 
 def add_coordinator_arg(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +49,54 @@ def add_coordinator_arg(parser: argparse.ArgumentParser) -> None:
                              f"or {rpc.DEFAULT_COORDINATOR})")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), format=LOG_FORMAT)
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.role = _log_context["role"]
+        record.node = _log_context["node"] or _log_context["role"]
+        if not getattr(record, "job", ""):
+            record.job = getattr(_thread_context, "job", "")
+        record.job_suffix = f" [{record.job}]" if record.job else ""
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, role, node, job, logger, msg (and exc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname, "role": getattr(record, "role", ""),
+            "node": getattr(record, "node", ""), "job": getattr(record, "job", ""),
+            "logger": record.name, "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def setup_logging(level: str, fmt: str = "text", role: str = "") -> None:
+    """Logs to stderr in the chosen format, each line tagged with role, node and job."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_ContextFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
+    _log_context["role"] = role
+
+
+def set_log_node(node_id: str) -> None:
+    """Tags every later log line of this process with its node id."""
+    _log_context["node"] = node_id
+
+
+@contextmanager
+def job_log_context(job_id: str) -> Iterator[None]:
+    """Tags the calling thread's log lines with a job id while the block runs."""
+    previous = getattr(_thread_context, "job", "")
+    _thread_context.job = job_id
+    try:
+        yield
+    finally:
+        _thread_context.job = previous
 
 
 def new_registry() -> CollectorRegistry:

@@ -104,6 +104,48 @@ def test_submit_watch_status_export(cluster, tmp_path):
     accuracy = accuracy_of_exported(out, info["spec_yaml"])
     assert accuracy == pytest.approx(info["metric_value"], abs=1e-9)
 
+    png = tmp_path / "curve.png"
+    plotted = cli(cluster, "plot", job_id, "-o", str(png))
+    assert plotted.returncode == 0, plotted.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_watch_on_a_terminal_draws_the_live_view(cluster, tmp_path):
+    short = tmp_path / "short.yaml"
+    short.write_text(DIGITS.read_text().replace(
+        "stop: {max_steps: 3000, target: {metric: accuracy, value: 0.97}, patience: 10, eval_every: 100}",
+        "stop: {max_steps: 400, eval_every: 100}"))
+    job_id = cli(cluster, "submit", str(short)).stdout.strip()
+    screen = run_in_terminal([*harness.script("shardps"), "watch", job_id, "--interval", "0.3",
+                              "--coordinator", cluster.address], timeout=300)
+    assert "█" in screen and "400/400 steps" in screen
+    assert "workers" in screen and "servers" in screen and "pushes/s" in screen
+    assert "accuracy" in screen and "COMPLETED" in screen
+
+
+def run_in_terminal(command, timeout):
+    """Runs a command with a pseudo-terminal as stdout and returns everything it drew."""
+    import os
+    import pty
+    import subprocess
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(command, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the command exited
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(30) == 0
+    return b"".join(chunks).decode(errors="replace")
+
 
 def accuracy_of_exported(path, spec_yaml):
     """Loads model.pt in a plain process, as a user would, into the built-in model."""
