@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from google.protobuf import json_format
 
 from shardps.client import progress
 from shardps.client.api import FINAL_STATES, SUCCESS_STATES, ClientError, CoordinatorClient, state_name
-from shardps.proto import exitcodes, rpc, spec
+from shardps.proto import daemon, exitcodes, rpc, spec
 
 
 def to_json(message) -> dict:
@@ -170,6 +171,22 @@ def cmd_plot(args) -> int:
     return exitcodes.OK
 
 
+def cmd_certs(args) -> int:
+    from shardps.proto import tls
+
+    paths = tls.write_dev_certs(Path(args.directory), args.host)
+    token = Path(args.directory) / "token"
+    if not token.exists():
+        token.touch(0o600)
+        token.write_text(secrets.token_urlsafe(32) + "\n")
+    print(f"wrote {', '.join(p.name for p in paths)} and token to {args.directory}")
+    print(f"daemons: --tls-cert {args.directory}/node.pem --tls-key {args.directory}/node-key.pem "
+          f"--tls-ca {args.directory}/ca.pem --token-file {args.directory}/token")
+    print(f"clients: --tls-cert {args.directory}/client.pem --tls-key {args.directory}/client-key.pem "
+          f"--tls-ca {args.directory}/ca.pem --token-file {args.directory}/token")
+    return exitcodes.OK
+
+
 def cmd_local(args) -> int:
     from shardps.client import local  # starts subprocesses; imported only when used
 
@@ -181,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--coordinator", default=rpc.default_coordinator(),
                         help=f"coordinator host:port (default ${rpc.COORDINATOR_ENV} or {rpc.DEFAULT_COORDINATOR})")
     common.add_argument("--output", choices=["text", "json"], default="text", help="output format")
+    daemon.add_security_args(common)
     follow_opts = argparse.ArgumentParser(add_help=False)
     follow_opts.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0: never)")
     follow_opts.add_argument("--interval", type=float, default=1.0, help="seconds between progress lines")
@@ -218,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="output_path", required=True, metavar="PATH", help="where to write the PNG")
     p.set_defaults(func=cmd_plot)
 
+    p = sub.add_parser("certs", help="write a development CA, node and client certificates and a token")
+    p.add_argument("directory", help="where to write them (created if missing)")
+    p.add_argument("--host", action="append", default=[], metavar="NAME",
+                   help="another host name or IP the node certificate is valid for (repeatable)")
+    p.set_defaults(func=cmd_certs)
+
     p = sub.add_parser("local", parents=[follow_opts],
                        help="start a local cluster, run a job on it, stop everything")
     p.add_argument("spec", nargs="?", help="job spec (default: the built-in digits MLP example)")
@@ -226,13 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", metavar="PATH", help="also save the trained weights here")
     p.add_argument("--log-dir", help="keep the daemons' logs here (default: a temp dir, removed on success)")
     p.add_argument("--lease-ms", type=int, default=5000, help="coordinator lease (default 5000)")
+    p.add_argument("--secure", action="store_true",
+                   help="run the cluster with mutual TLS and a token (fresh development certificates)")
     p.add_argument("--output", choices=["text", "json"], default="text", help="output format")
     p.set_defaults(func=cmd_local)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "tls_cert"):
+        try:
+            daemon.configure_security(args)
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         return args.func(args)
     except ClientError as exc:

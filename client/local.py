@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -96,11 +97,13 @@ class Child:
 class LocalCluster:
     """Starts and stops the daemons of one local cluster. Not thread-safe."""
 
-    def __init__(self, servers: int, workers: int, log_dir: Path, lease_ms: int):
+    def __init__(self, servers: int, workers: int, log_dir: Path, lease_ms: int,
+                 security_args: list[str] | None = None):
         self.log_dir = log_dir
         self.children: list[Child] = []
         self.coordinator = ""
         self._servers, self._workers, self._lease_ms = servers, workers, lease_ms
+        self._security_args = security_args or []
 
     def start(self) -> str:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -118,7 +121,7 @@ class LocalCluster:
         return self.coordinator
 
     def _spawn(self, name: str, kind: str, args: list[str]) -> Child:
-        child = Child(name, kind, args, self.log_dir)
+        child = Child(name, kind, [*args, *self._security_args], self.log_dir)
         self.children.append(child)
         return child
 
@@ -146,6 +149,23 @@ def _job_text(args) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
+def _secure(directory: Path) -> list[str]:
+    """Writes development certificates and a token; configures this client to use them and
+    returns the flags that make the daemons require them (mutual TLS + token)."""
+    from shardps.proto import rpc, tls
+
+    tls.write_dev_certs(directory)
+    token = secrets.token_urlsafe(32)
+    token_file = directory / "token"
+    token_file.touch(0o600)
+    token_file.write_text(token + "\n")
+    rpc.configure(rpc.Security(cert=(directory / "client.pem").read_bytes(),
+                               key=(directory / "client-key.pem").read_bytes(),
+                               ca=(directory / "ca.pem").read_bytes(), token=token))
+    return ["--tls-cert", str(directory / "node.pem"), "--tls-key", str(directory / "node-key.pem"),
+            "--tls-ca", str(directory / "ca.pem"), "--token-file", str(token_file)]
+
+
 def run(args) -> int:
     text = _job_text(args)
     raw = yaml.safe_load(text)
@@ -156,7 +176,8 @@ def run(args) -> int:
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="shardps-local-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     text_out = args.output != "json"
-    cluster = LocalCluster(servers, workers, log_dir, args.lease_ms)
+    cluster = LocalCluster(servers, workers, log_dir, args.lease_ms,
+                           _secure(log_dir / "certs") if args.secure else None)
     code = exitcodes.FAILURE
     job_id = ""
     try:

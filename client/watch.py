@@ -7,6 +7,7 @@ the servers themselves). Off a terminal, `watch` prints one progress line per ch
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from shardps.client.api import FINAL_STATES, CoordinatorClient, state_name
 from shardps.proto import coordinator_pb2, ps_pb2, ps_pb2_grpc, rpc
 
 BAR_WIDTH = 40
+REPORT_NOISE_S = 1.0
 
 
 @dataclass
@@ -75,9 +77,11 @@ def render(job: coordinator_pb2.JobInfo, loads: list[ServerLoad], width: int = 1
     if live:
         lead = max(w.step for w in live)
         slowest = min(live, key=lambda w: (w.step, w.steps_per_s)) if len(live) > 1 else None
+        # Workers report every ~0.5 s, so a lag under a second's worth of steps is just timing.
+        noise = max(1.0, job.steps_per_s * REPORT_NOISE_S)
         for i, w in enumerate(sorted(live, key=lambda w: w.rank)):
             mark = ""
-            if slowest is not None and w.node_id == slowest.node_id and lead > w.step:
+            if slowest is not None and w.node_id == slowest.node_id and lead - w.step > noise:
                 mark = f"  <- straggler ({lead - w.step} behind)"
             lines.append(f"{'workers' if i == 0 else '':<9} {w.node_id:<16} rank {w.rank:<3} step {w.step:<7} "
                          f"{w.steps_per_s:6.1f} steps/s  loss {w.loss:.4f}{mark}")
@@ -138,7 +142,7 @@ def watch_screen(client: CoordinatorClient, job_id: str, interval_s: float, time
     try:
         while True:
             job = client.job(job_id, history=True)
-            lines = render(job, probe.loads(job))
+            lines = render(job, probe.loads(job), shutil.get_terminal_size().columns)
             if drawn:
                 stream.write(f"\033[{drawn}F")  # back to the first line of the last frame
             stream.write("".join(f"\033[K{line}\n" for line in lines) + "\033[J")

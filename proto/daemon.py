@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,6 +43,52 @@ def add_common_args(parser: argparse.ArgumentParser, default_port: int) -> None:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="text lines, or one JSON object per line (default text)")
+    add_security_args(parser)
+
+
+TOKEN_ENV = "SHARDPS_TOKEN"  # the shared token itself (for containers); prefer --token-file
+
+
+def add_security_args(parser: argparse.ArgumentParser) -> None:
+    """Adds --tls-cert, --tls-key, --tls-ca and --token-file (each also from an env var)."""
+    env = os.environ.get
+    parser.add_argument("--tls-cert", default=env("SHARDPS_TLS_CERT"), metavar="PEM",
+                        help="this process's certificate (serve TLS; present it to peers); $SHARDPS_TLS_CERT")
+    parser.add_argument("--tls-key", default=env("SHARDPS_TLS_KEY"), metavar="PEM",
+                        help="its private key; $SHARDPS_TLS_KEY")
+    parser.add_argument("--tls-ca", default=env("SHARDPS_TLS_CA"), metavar="PEM",
+                        help="CA that peers' certificates must be signed by (with --tls-cert on a "
+                             "daemon: mutual TLS); $SHARDPS_TLS_CA")
+    parser.add_argument("--token-file", default=env("SHARDPS_TOKEN_FILE"), metavar="PATH",
+                        help=f"file holding the shared token required on every RPC; "
+                             f"$SHARDPS_TOKEN_FILE, or the token itself in ${TOKEN_ENV}")
+
+
+def configure_security(args: argparse.Namespace) -> rpc.Security:
+    """Reads the files named by the security flags and configures every later channel/server.
+
+    Raises ValueError naming the flag when a file cannot be read or the set is incomplete.
+    """
+    def read(flag: str, path: str | None) -> bytes | None:
+        if not path:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+
+    token = os.environ.get(TOKEN_ENV) or None
+    if args.token_file:
+        raw = read("--token-file", args.token_file)
+        token = raw.decode().strip() if raw else None
+        if not token:
+            raise ValueError(f"--token-file: {args.token_file} is empty")
+    security = rpc.Security(cert=read("--tls-cert", args.tls_cert), key=read("--tls-key", args.tls_key),
+                            ca=read("--tls-ca", args.tls_ca), token=token)
+    if bool(security.cert) != bool(security.key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    rpc.configure(security)
+    return security
 
 
 def add_coordinator_arg(parser: argparse.ArgumentParser) -> None:

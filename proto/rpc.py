@@ -1,14 +1,18 @@
-"""gRPC channel and server factories, health service and deadlines, in one place.
+"""gRPC channel and server factories, TLS, tokens, health service and deadlines, in one place.
 
-Every daemon and client builds its channels and servers here, so message limits, keepalive
-and (later) TLS settings are the same everywhere.
+Every daemon and client builds its channels and servers here, so message limits, keepalive,
+TLS and the shared-token check are the same everywhere. A process sets its security once at
+start (`configure`); every channel and server it makes afterwards uses it.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 import sys
+from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -44,18 +48,133 @@ def default_coordinator() -> str:
     return os.environ.get(COORDINATOR_ENV) or DEFAULT_COORDINATOR
 
 
+@dataclass(frozen=True)
+class Security:
+    """TLS material (PEM bytes) and the shared token of this process; all optional.
+
+    A server with cert + key serves TLS, and with a CA too it requires client certificates
+    signed by it (mutual TLS). A client with a CA verifies servers against it, and with cert +
+    key presents its own certificate. A token is sent with, and required on, every RPC but
+    the health checks.
+    """
+
+    cert: bytes | None = None
+    key: bytes | None = None
+    ca: bytes | None = None
+    token: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca or (self.cert and self.key))
+
+
+_security = Security()
+
+AUTH_HEADER = "authorization"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+UNAUTHENTICATED_MESSAGE = "missing or wrong shardps token"
+
+
+def configure(security: Security) -> None:
+    """Sets the security every later channel and server of this process uses."""
+    global _security
+    if bool(security.cert) != bool(security.key):
+        raise ValueError("a TLS certificate needs its key and a key its certificate")
+    _security = security
+
+
+def current_security() -> Security:
+    return _security
+
+
 def make_channel(address: str) -> grpc.Channel:
-    """An insecure channel with shardps's message limits and keepalive."""
-    return grpc.insecure_channel(address, options=_OPTIONS)
+    """A channel with shardps's message limits, keepalive, and the process's TLS and token."""
+    sec = _security
+    if sec.tls:
+        creds = grpc.ssl_channel_credentials(root_certificates=sec.ca, private_key=sec.key,
+                                             certificate_chain=sec.cert)
+        channel = grpc.secure_channel(address, creds, options=_OPTIONS)
+    else:
+        channel = grpc.insecure_channel(address, options=_OPTIONS)
+    if sec.token:
+        channel = grpc.intercept_channel(channel, _TokenSender(sec.token))
+    return channel
 
 
 def make_server(max_workers: int = 16) -> grpc.Server:
-    """A thread-pool gRPC server with shardps's message limits (not yet bound or started)."""
+    """A thread-pool gRPC server with shardps's message limits and, when the process has a
+    token, the token check on every RPC but health (not yet bound or started)."""
+    interceptors = [_TokenCheck(_security.token)] if _security.token else []
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=_SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_workers * 4,
+        interceptors=interceptors,
     )
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, details: grpc.ClientCallDetails, metadata: list[tuple[str, str]]):
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = details.wait_for_ready
+        self.compression = details.compression
+
+
+class _TokenSender(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer TOKEN` to every call of a channel."""
+
+    def __init__(self, token: str):
+        self._header = (AUTH_HEADER, f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details, [*(details.metadata or ()), self._header])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _TokenCheck(grpc.ServerInterceptor):
+    """Refuses (UNAUTHENTICATED) every RPC but health checks without the shared token.
+
+    The refusal happens before the handler runs, so a refused call changes no state.
+    """
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
+        if details.method.startswith(HEALTH_PREFIX):
+            return continuation(details)
+        sent = dict(details.invocation_metadata or ()).get(AUTH_HEADER, "")
+        if hmac.compare_digest(sent.encode(), self._expected):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
 
 
 def bind(server: grpc.Server, host: str, port: int) -> int:
@@ -63,8 +182,15 @@ def bind(server: grpc.Server, host: str, port: int) -> int:
 
     Raises OSError when the address cannot be bound.
     """
+    address = f"{_bracket(host)}:{port}"
+    sec = _security
     try:
-        bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
+        if sec.cert and sec.key:
+            creds = grpc.ssl_server_credentials([(sec.key, sec.cert)], root_certificates=sec.ca,
+                                                require_client_auth=sec.ca is not None)
+            bound = server.add_secure_port(address, creds)
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"cannot bind {host}:{port}: {exc}") from None
     if bound == 0:
