@@ -1,0 +1,319 @@
+"""Hostile input: thousands of malformed and random requests to live daemons.
+
+Every request gets an answer (a status, never a hang), no handler crashes (no UNKNOWN), the
+daemons stay up and healthy, and neither the job table nor a shard's weights change.
+"""
+
+import math
+import random
+import struct
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shardps.proto import common_pb2, coordinator_pb2, ps_pb2, rpc, spec
+from shardps.proto.psclient import PSClient
+from tests import harness
+
+SEED = 20261128
+REQUESTS_PER_DAEMON = 1500
+BUDGET_S = 120.0  # the loops stop by themselves after this, whatever the count reached
+DEADLINE_S = 5.0
+# An answer with one of these is a handled outcome; UNKNOWN means a handler crashed, and
+# UNAVAILABLE / DEADLINE_EXCEEDED that the daemon died or hung.
+HANDLED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
+           grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.CANCELLED}
+# Bytes the server cannot even parse are refused by gRPC itself, before our code runs.
+UNPARSABLE = {grpc.StatusCode.INTERNAL}
+
+TOTAL = 4096
+JOB = "fuzzed"
+WORKER = "worker-real"
+
+
+def random_message(cls, rng: random.Random, depth: int = 0):
+    """A message of type cls with random values in random fields (nested up to depth 3)."""
+    msg = cls()
+    for field in cls.DESCRIPTOR.fields:
+        if rng.random() < 0.4:
+            continue
+        count = rng.randint(0, 3) if field.is_repeated else 1
+        for _ in range(count):
+            value = _random_value(field, rng, depth)
+            if value is None:
+                continue
+            if field.is_repeated:
+                if field.message_type is not None and not field.message_type.GetOptions().map_entry:
+                    getattr(msg, field.name).add().CopyFrom(value)
+                elif field.message_type is None:
+                    getattr(msg, field.name).append(value)
+            elif field.message_type is not None:
+                getattr(msg, field.name).CopyFrom(value)
+            else:
+                setattr(msg, field.name, value)
+    return msg
+
+
+def _random_value(field, rng, depth):
+    t = field.type
+    if field.message_type is not None:
+        if depth >= 3 or field.message_type.GetOptions().map_entry:
+            return None
+        from google.protobuf import message_factory
+        return random_message(message_factory.GetMessageClass(field.message_type), rng, depth + 1)
+    if t in (field.TYPE_INT64, field.TYPE_INT32, field.TYPE_SINT64, field.TYPE_SINT32):
+        bits = 31 if t in (field.TYPE_INT32, field.TYPE_SINT32) else 63
+        return rng.choice([0, 1, -1, 2**bits - 1, -(2**bits), rng.randint(-(2**bits), 2**bits - 1)])
+    if t in (field.TYPE_DOUBLE, field.TYPE_FLOAT):
+        return rng.choice([0.0, -1.0, math.inf, -math.inf, math.nan, 1e308, rng.uniform(-1e6, 1e6)])
+    if t == field.TYPE_BOOL:
+        return rng.random() < 0.5
+    if t == field.TYPE_ENUM:
+        return rng.choice([v.number for v in field.enum_type.values] + [99, -5])
+    if t == field.TYPE_STRING:
+        return rng.choice(["", JOB, WORKER, "x" * rng.randint(1, 5000),
+                           "".join(chr(rng.randint(32, 0x2FFF)) for _ in range(rng.randint(1, 40)))])
+    if t == field.TYPE_BYTES:
+        return rng.randbytes(rng.choice([0, 1, 3, 4, 7, 64, 4096]))
+    return None
+
+
+def call(channel, method: str, request, request_stream=False, response_stream=False):
+    """Sends one request (serialised message or raw bytes); returns the status code."""
+    serialize = (lambda b: b) if isinstance(request, bytes) or (request_stream and isinstance(request[0], bytes)) \
+        else (lambda m: m.SerializeToString())
+    kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
+            (True, False): channel.stream_unary, (True, True): channel.stream_stream}
+    rpc_call = kind[(request_stream, response_stream)](method, request_serializer=serialize,
+                                                       response_deserializer=lambda b: b)
+    try:
+        result = rpc_call(iter(request) if request_stream else request, timeout=DEADLINE_S)
+        if response_stream:
+            for _ in result:
+                pass
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+def assert_healthy(address):
+    with rpc.make_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def check(codes: dict, method: str, code: grpc.StatusCode, raw: bool) -> None:
+    allowed = HANDLED | (UNPARSABLE if raw else set())
+    assert code in allowed, f"{method}: {code} (raw={raw})"
+    codes[code] = codes.get(code, 0) + 1
+
+
+@pytest.fixture
+def server():
+    return harness.start("shardps-server", "--port", "0", "--coordinator", "")
+
+
+def weights(server) -> tuple[torch.Tensor, list[int]]:
+    shard_map = common_pb2.ShardMap(version=1, shards=[common_pb2.ShardRange(
+        index=0, server_id="s", address=server.address, offset=0, length=TOTAL)])
+    flat = torch.empty(TOTAL)
+    with PSClient(JOB, shard_map) as ps:
+        result = ps.pull(flat, timeout_s=10)
+    return flat, result.versions
+
+
+def test_parameter_server_survives_hostile_input_with_weights_unchanged(server):
+    shard_map = common_pb2.ShardMap(version=1, shards=[common_pb2.ShardRange(
+        index=0, server_id="s", address=server.address, offset=0, length=TOTAL)])
+    config = ps_pb2.ShardConfig(optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9,
+                                beta2=0.999, eps=1e-8), mode=common_pb2.CONSISTENCY_ASYNC,
+                                workers=[WORKER], epoch=1)
+    with PSClient(JOB, shard_map) as ps:
+        ps.init(torch.randn(TOTAL, generator=torch.Generator().manual_seed(0)), config)
+    before, versions = weights(server)
+
+    rng = random.Random(SEED)
+    codes: dict = {}
+    base = "/shardps.v1.ParameterServer/"
+    start = time.monotonic()
+    with rpc.make_channel(server.address) as channel:
+        for i in range(REQUESTS_PER_DAEMON):
+            if time.monotonic() - start > BUDGET_S:
+                break
+            case = i % 6
+            if case == 0:  # garbage bytes to every method
+                method, streams = rng.choice([("Push", (True, False)), ("Pull", (False, True)),
+                                              ("InitShard", (True, False)), ("GetShardInfo", (False, False)),
+                                              ("DropJob", (False, False))])
+                body = rng.randbytes(rng.randint(0, 300))
+                req = [body] * rng.randint(1, 3) if streams[0] else body
+                code = call(channel, base + method, req, *streams)
+                check(codes, method, code, raw=True)
+                continue
+            if case == 1:  # random pushes: random headers and chunks, truncated or not
+                msgs = [ps_pb2.PushRequest(header=random_message(ps_pb2.PushHeader, rng))]
+                msgs += [random_message(ps_pb2.PushRequest, rng) for _ in range(rng.randint(0, 4))]
+                check(codes, "Push", call(channel, base + "Push", msgs, True, False), raw=False)
+            elif case == 2:  # plausible pushes for the real job that are wrong in one way
+                check(codes, "Push", call(channel, base + "Push", bad_push(rng), True, False), raw=False)
+            elif case == 3:  # random pulls (bounded waits)
+                req = random_message(ps_pb2.PullRequest, rng)
+                req.timeout_ms = rng.choice([0, 1, 10])
+                check(codes, "Pull", call(channel, base + "Pull", req, False, True), raw=False)
+            elif case == 4:  # InitShard for the real job with broken chunks must not replace it
+                check(codes, "InitShard", call(channel, base + "InitShard", bad_init(rng, config), True, False),
+                      raw=False)
+            else:
+                method = rng.choice(["GetShardInfo", "DropJob"])
+                cls = ps_pb2.GetShardInfoRequest if method == "GetShardInfo" else ps_pb2.DropJobRequest
+                req = random_message(cls, rng)
+                if method == "DropJob" and req.job_id == JOB:
+                    req.job_id = JOB + "-other"
+                check(codes, method, call(channel, base + method, req), raw=False)
+    assert sum(codes.values()) >= 1000, codes
+    assert len(codes) >= 4, codes  # the cases reach different checks, not one early exit
+    # A message over the size limit is refused before it is read into memory.
+    huge = ps_pb2.PushRequest(chunk=common_pb2.TensorChunk(offset=0, data=bytes(rpc.MAX_MESSAGE_BYTES + 1024)))
+    unlimited = [("grpc.max_send_message_length", -1)]  # so the server, not the client, refuses
+    with grpc.insecure_channel(server.address, options=unlimited) as channel:
+        assert call(channel, base + "Push", [huge], True, False) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert server.proc.poll() is None, server.output()
+    assert_healthy(server.address)
+    after, versions_after = weights(server)
+    assert torch.equal(after, before) and versions_after == versions
+    # ...and it still does its job: a valid push applies.
+    with PSClient(JOB, shard_map, worker_id=WORKER) as ps:
+        replies = ps.push(torch.ones(TOTAL), step=0, base_version=versions[0], batch_size=1)
+    assert replies[0].status == ps_pb2.PUSH_STATUS_APPLIED
+
+
+def bad_push(rng):
+    header = ps_pb2.PushHeader(job_id=JOB, shard_index=0, worker_id=WORKER, incarnation=0,
+                               step=rng.randint(0, 10**6), dtype=common_pb2.DTYPE_FLOAT32,
+                               batch_size=1, length=TOTAL)
+    data = struct.pack(f"<{TOTAL}f", *([1.0] * TOTAL))
+    fault = rng.choice(["short", "long", "nan", "inf", "offset", "dtype", "length", "worker", "odd_bytes",
+                        "shard", "no_header", "empty"])
+    chunks = [common_pb2.TensorChunk(offset=0, data=data)]
+    if fault == "short":
+        chunks = [common_pb2.TensorChunk(offset=0, data=data[: rng.randrange(0, len(data), 4)])]
+    elif fault == "long":
+        chunks.append(common_pb2.TensorChunk(offset=TOTAL, data=data[:64]))
+    elif fault in ("nan", "inf"):
+        bad = bytearray(data)
+        at = rng.randrange(TOTAL) * 4
+        bad[at:at + 4] = struct.pack("<f", math.nan if fault == "nan" else math.inf)
+        chunks = [common_pb2.TensorChunk(offset=0, data=bytes(bad))]
+    elif fault == "offset":
+        chunks = [common_pb2.TensorChunk(offset=rng.choice([-1, 1, TOTAL, 2**40]), data=data)]
+    elif fault == "dtype":
+        header.dtype = rng.choice([0, 7, -1])
+    elif fault == "length":
+        header.length = rng.choice([0, -1, TOTAL + 1, 2**40])
+    elif fault == "worker":
+        header.worker_id = "worker-intruder"
+    elif fault == "odd_bytes":
+        chunks = [common_pb2.TensorChunk(offset=0, data=data[:-1])]
+    elif fault == "shard":
+        header.shard_index = rng.choice([-1, 1, 2**31 - 1])
+    elif fault == "empty":
+        chunks = []
+    msgs = [] if fault == "no_header" else [ps_pb2.PushRequest(header=header)]
+    return msgs + [ps_pb2.PushRequest(chunk=c) for c in chunks]
+
+
+def bad_init(rng, config):
+    cfg = ps_pb2.ShardConfig()
+    cfg.CopyFrom(config)
+    cfg.job_id, cfg.shard_index, cfg.offset, cfg.length, cfg.total = JOB, 0, 0, TOTAL, TOTAL
+    data = struct.pack(f"<{TOTAL}f", *([0.5] * TOTAL))
+    fault = rng.choice(["short", "nan", "length", "lr", "mode", "offsets"])
+    chunks = [common_pb2.TensorChunk(offset=0, data=data)]
+    if fault == "short":
+        chunks = [common_pb2.TensorChunk(offset=0, data=data[:400])]
+    elif fault == "nan":
+        chunks = [common_pb2.TensorChunk(offset=0, data=struct.pack("<f", math.nan) + data[4:])]
+    elif fault == "length":
+        cfg.length = rng.choice([-5, 2**40])
+    elif fault == "lr":
+        cfg.optimizer.lr = rng.choice([-1.0, math.nan, math.inf])
+    elif fault == "mode":
+        cfg.mode = 42
+    else:
+        chunks = [common_pb2.TensorChunk(offset=8, data=data)]
+    return [ps_pb2.InitShardRequest(config=cfg, dtype=common_pb2.DTYPE_FLOAT32)] + \
+        [ps_pb2.InitShardRequest(chunk=c) for c in chunks]
+
+
+def test_coordinator_survives_hostile_input_with_its_job_table_unchanged():
+    coord = harness.start("shardps-coordinator", "--port", "0")
+
+    with rpc.make_channel(coord.address) as channel:
+        base = "/shardps.v1.Coordinator/"
+        submit = coordinator_pb2.SubmitJobRequest(spec_yaml="model: {name: mlp}\ndata: {dataset: digits}\n"
+                                                  "stop: {max_steps: 5}\n")
+        assert call(channel, base + "SubmitJob", submit) == grpc.StatusCode.OK
+        jobs_before = call_list_jobs(channel)
+        methods = {
+            "RegisterNode": coordinator_pb2.RegisterNodeRequest, "Heartbeat": coordinator_pb2.HeartbeatRequest,
+            "SubmitJob": coordinator_pb2.SubmitJobRequest, "GetJob": coordinator_pb2.GetJobRequest,
+            "ListJobs": coordinator_pb2.ListJobsRequest, "CancelJob": coordinator_pb2.CancelJobRequest,
+            "ListNodes": coordinator_pb2.ListNodesRequest, "SetLayout": coordinator_pb2.SetLayoutRequest,
+            "ActivateJob": coordinator_pb2.ActivateJobRequest,
+            "ReportProgress": coordinator_pb2.ReportProgressRequest,
+        }
+        rng = random.Random(SEED + 1)
+        codes: dict = {}
+        start = time.monotonic()
+        for i in range(REQUESTS_PER_DAEMON):
+            if time.monotonic() - start > BUDGET_S:
+                break
+            method = rng.choice(sorted(methods))
+            if i % 3 == 0:
+                check(codes, method, call(channel, base + method, rng.randbytes(rng.randint(0, 200))), raw=True)
+                continue
+            req = random_message(methods[method], rng)
+            if method == "SubmitJob" and i % 2:
+                req.spec_yaml = mutate_spec(rng)
+            if method == "SubmitJob" and _valid(req.spec_yaml):
+                continue  # a valid spec is a legitimate job, not hostile input
+            if method == "CancelJob" and req.job_id in {j for j in jobs_before}:
+                continue
+            check(codes, method, call(channel, base + method, req), raw=False)
+        assert sum(codes.values()) >= 900, codes
+        assert coord.proc.poll() is None, coord.output()
+        assert_healthy(coord.address)
+        assert call_list_jobs(channel) == jobs_before
+
+
+
+def call_list_jobs(channel) -> dict[str, int]:
+    stub = channel.unary_unary("/shardps.v1.Coordinator/ListJobs",
+                               request_serializer=lambda m: m.SerializeToString(),
+                               response_deserializer=coordinator_pb2.ListJobsResponse.FromString)
+    reply = stub(coordinator_pb2.ListJobsRequest(), timeout=DEADLINE_S)
+    return {j.job_id: j.state for j in reply.jobs}
+
+
+def mutate_spec(rng) -> str:
+    lines = ["model: {name: mlp}", "data: {dataset: digits, batch_size: 64}", "stop: {max_steps: 5}",
+             "optimizer: {lr: 0.001}", "cluster: {servers: 1, workers: 1}"]
+    junk = ["optimizer: {lr: -1}", "cluster: {servers: 0}", "bogus: 1", "model: {name: ../../etc/passwd}",
+            "data: {dataset: digits, batch_size: 1e99}", "stop: {}", "model: !!python/object:os.system ls",
+            "transport: {dtype: int8}", "consistency: {mode: sync, staleness: -3}", "- a\n- list", ": : :",
+            "name: " + "x" * 5000]
+    picked = rng.sample(lines, rng.randint(0, len(lines)))
+    picked.insert(rng.randint(0, len(picked)), rng.choice(junk))
+    return "\n".join(picked) + "\n"
+
+
+def _valid(text: str) -> bool:
+    try:
+        spec.parse_spec(text)
+        return True
+    except spec.SpecError:
+        return False
