@@ -6,16 +6,37 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+# Module prefixes a job may import factories from; None allows any (set by the worker daemon
+# from --allow-import). Importing a module runs its code on this worker, so whoever may
+# submit jobs may run code here unless this list is set.
+_allowed_prefixes: tuple[str, ...] | None = None
+
+
+def allow_imports(prefixes: list[str] | None) -> None:
+    """Restricts import paths to modules under these dotted prefixes (None: allow any)."""
+    global _allowed_prefixes
+    _allowed_prefixes = tuple(prefixes) if prefixes is not None else None
+
+
+def is_allowed(module_name: str) -> bool:
+    if _allowed_prefixes is None:
+        return True
+    return any(module_name == p or module_name.startswith(p + ".") for p in _allowed_prefixes)
+
 
 def import_factory(path: str) -> Callable[..., Any]:
     """Imports `package.module` and returns its attribute `factory`.
 
-    Raises ValueError with the path in the message if the module or attribute is missing or
-    the attribute is not callable, so a job fails with a reason a user can act on.
+    Raises ValueError with the path in the message if the module is not allowed by
+    --allow-import, the module or attribute is missing, or the attribute is not callable,
+    so a job fails with a reason a user can act on.
     """
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"{path!r} is not an import path 'package.module:factory'")
+    if not is_allowed(module_name):
+        raise ValueError(f"{module_name!r} is not allowed on this worker (--allow-import "
+                         f"{' '.join(_allowed_prefixes or ())})")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
