@@ -101,9 +101,9 @@ class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.role = _log_context["role"]
         record.node = _log_context["node"] or _log_context["role"]
-        if not getattr(record, "job", ""):
-            record.job = getattr(_thread_context, "job", "")
-        record.job_suffix = f" [{record.job}]" if record.job else ""
+        job = getattr(record, "job", "") or getattr(_thread_context, "job", "")
+        record.job = job
+        record.job_suffix = f" [{job}]" if job else ""
         return True
 
 
