@@ -12,7 +12,17 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, layout, psclient, rpc
+from shardps.proto import (
+    common_pb2,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    layout,
+    ps_pb2,
+    ps_pb2_grpc,
+    psclient,
+    rpc,
+)
+from shardps.proto import spec as spec_lib
 
 FINAL_STATES = frozenset({
     common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_CONVERGED,
@@ -68,9 +78,52 @@ class CoordinatorClient:
                                   f"({code.name.lower()})", code) from None
             raise ClientError(exc.details() or code.name, code) from None
 
-    def submit(self, spec_yaml: str) -> str:
-        """Submits a job spec (YAML text); returns the job id. Bad specs raise ClientError."""
-        return self._call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec_yaml=spec_yaml)).job_id
+    def submit(self, spec_yaml: str, resume_from: str = "") -> str:
+        """Submits a job spec (YAML text); returns the job id. Bad specs raise ClientError.
+
+        `resume_from` continues that ended job from its servers' last checkpoint.
+        """
+        return self._call("SubmitJob", coordinator_pb2.SubmitJobRequest(
+            spec_yaml=spec_yaml, resume_from=resume_from)).job_id
+
+    def resume(self, job_id: str) -> str:
+        """Submits the spec of ended job `job_id` again, continuing from its checkpoints;
+        returns the new job's id."""
+        return self.submit(self.job(job_id).spec_yaml, resume_from=job_id)
+
+    def checkpoint(self, job_id: str, timeout_s: float = 60.0) -> list[ps_pb2.ShardCheckpoint]:
+        """Makes every server of a job write a checkpoint now; returns them in shard order.
+
+        A running sync job is checkpointed at one version on every shard (the next round to
+        close, within timeout_s), so the set can be resumed; other jobs at their current
+        versions. Raises ClientError if the job has no shards or a server refuses.
+        """
+        info = self.job(job_id)
+        if not info.shard_map.shards:
+            raise ClientError(f"job {job_id} has no weights yet (state {state_name(info.state)})")
+        stubs: dict[str, tuple[grpc.Channel, ps_pb2_grpc.ParameterServerStub]] = {}
+        try:
+            for address in dict.fromkeys(s.address for s in info.shard_map.shards):
+                channel = rpc.make_channel(address)
+                stubs[address] = (channel, ps_pb2_grpc.ParameterServerStub(channel))
+            at_version = 0
+            sync = spec_lib.parse_spec(info.spec_yaml)["consistency"]["mode"] == "sync"
+            if sync and info.state not in FINAL_STATES:
+                versions = [s.version for _, stub in stubs.values() for s in stub.GetShardInfo(
+                    ps_pb2.GetShardInfoRequest(job_id=job_id), timeout=self.deadline_s).shards]
+                at_version = max(versions, default=0) + 1
+            done: list[ps_pb2.ShardCheckpoint] = []
+            for _, stub in stubs.values():
+                done += stub.Checkpoint(ps_pb2.CheckpointRequest(
+                    job_id=job_id, at_version=at_version, timeout_ms=int(timeout_s * 1000)),
+                    timeout=timeout_s + self.deadline_s).shards
+        except grpc.RpcError as exc:
+            raise ClientError(f"checkpoint of {job_id} failed: {exc.details() or exc.code().name}",
+                              exc.code()) from None
+        finally:
+            for channel, _ in stubs.values():
+                channel.close()
+        return sorted(done, key=lambda c: c.shard_index)
 
     def job(self, job_id: str, history: bool = False) -> coordinator_pb2.JobInfo:
         reply = self._call("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id, include_history=history))

@@ -81,13 +81,39 @@ def follow(client: CoordinatorClient, job_id: str, args) -> int:
 def cmd_submit(args) -> int:
     text = read_spec(args.spec)
     with CoordinatorClient(args.coordinator) as client:
-        job_id = client.submit(text)
+        job_id = client.submit(text, resume_from=args.resume_from or "")
         if args.output == "json" and not args.wait:
             _emit({"job_id": job_id})
         elif args.output != "json":
             print(job_id if not args.wait else f"submitted {job_id}")
         if args.wait:
             return follow(client, job_id, args)
+    return exitcodes.OK
+
+
+def cmd_resume(args) -> int:
+    with CoordinatorClient(args.coordinator) as client:
+        job_id = client.resume(args.job)
+        if args.output == "json" and not args.wait:
+            _emit({"job_id": job_id, "resume_from": args.job})
+        elif args.output != "json":
+            print(job_id if not args.wait else f"submitted {job_id} (resumes {args.job})")
+        if args.wait:
+            return follow(client, job_id, args)
+    return exitcodes.OK
+
+
+def cmd_checkpoint(args) -> int:
+    with CoordinatorClient(args.coordinator) as client:
+        done = client.checkpoint(args.job, timeout_s=args.timeout or 60.0)
+    if args.output == "json":
+        _emit([to_json(c) for c in done])
+    else:
+        for c in done:
+            print(f"shard {c.shard_index}: version {c.version}  {c.path}")
+        versions = {c.version for c in done}
+        if len(versions) > 1:
+            print(f"note: the shards are at different versions {sorted(versions)}")
     return exitcodes.OK
 
 
@@ -209,7 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", parents=[common, follow_opts], help="submit a job spec (YAML)")
     p.add_argument("spec", help="path to the job spec, or - for stdin")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    p.add_argument("--resume-from", metavar="JOB",
+                   help="continue this ended job from its servers' last checkpoint")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("resume", parents=[common, follow_opts],
+                       help="continue an ended job from its last checkpoint, as a new job")
+    p.add_argument("job", help="id of the job to continue")
+    p.add_argument("--wait", action="store_true", help="follow the new job until it ends")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("checkpoint", parents=[common], help="make a job's servers write a checkpoint now")
+    p.add_argument("job", help="job id")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds a running sync job may take to reach the checkpoint's version")
+    p.set_defaults(func=cmd_checkpoint)
 
     p = sub.add_parser("status", parents=[common], help="list jobs, or show one job in detail")
     p.add_argument("job", nargs="?", help="job id")

@@ -61,6 +61,11 @@ def job_detail(job: coordinator_pb2.JobInfo) -> str:
     if job.has_eval:
         lines.append(f"{job.metric:<10} {job.metric_value:.4f} (best {job.best_metric:.4f} at step {job.best_step})")
     lines.append(f"rate       {job.steps_per_s:.1f} steps/s, {job.samples} samples")
+    if job.resume_from:
+        lines.append(f"resumes    {job.resume_from}")
+    if job.rollback_id:
+        lines.append(f"rollbacks  {job.rollback_id} (a server restored a checkpoint; last back "
+                     f"to version {job.rollback_version}, steps since replayed)")
     if job.losses:
         curve = [p.loss for p in job.losses]
         lines.append(f"loss curve {sparkline(curve)}  {curve[0]:.3f} -> {curve[-1]:.3f}")

@@ -27,64 +27,94 @@ WORKER_ACTION_CONTINUE: WorkerAction
 WORKER_ACTION_STOP: WorkerAction
 
 class RegisterNodeRequest(_message.Message):
-    __slots__ = ("role", "address", "node_id", "metrics_address", "device", "hostname")
+    __slots__ = ("role", "address", "node_id", "metrics_address", "device", "hostname", "restored", "stored")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
     role: _common_pb2.Role
     address: str
     node_id: str
     metrics_address: str
     device: str
     hostname: str
-    def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ..., address: _Optional[str] = ..., node_id: _Optional[str] = ..., metrics_address: _Optional[str] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
+    restored: _containers.RepeatedCompositeFieldContainer[ShardVersion]
+    stored: _containers.RepeatedCompositeFieldContainer[ShardVersion]
+    def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ..., address: _Optional[str] = ..., node_id: _Optional[str] = ..., metrics_address: _Optional[str] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., restored: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ..., stored: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ...) -> None: ...
+
+class ShardVersion(_message.Message):
+    __slots__ = ("job_id", "shard_index", "version", "lost_updates")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOST_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_index: int
+    version: int
+    lost_updates: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., version: _Optional[int] = ..., lost_updates: _Optional[int] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
-    __slots__ = ("node_id", "incarnation", "lease_ms")
+    __slots__ = ("node_id", "incarnation", "lease_ms", "jobs")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     incarnation: int
     lease_ms: int
-    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    jobs: _containers.RepeatedCompositeFieldContainer[ServerJobView]
+    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., lease_ms: _Optional[int] = ..., jobs: _Optional[_Iterable[_Union[ServerJobView, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "incarnation", "shutting_down")
+    __slots__ = ("node_id", "incarnation", "shutting_down", "restored")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     SHUTTING_DOWN_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     incarnation: int
     shutting_down: bool
-    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., shutting_down: _Optional[bool] = ...) -> None: ...
+    restored: _containers.RepeatedCompositeFieldContainer[ShardVersion]
+    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., shutting_down: _Optional[bool] = ..., restored: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ...) -> None: ...
 
 class WorkerAssignment(_message.Message):
-    __slots__ = ("job_id", "rank", "world_size", "epoch")
+    __slots__ = ("job_id", "rank", "world_size", "epoch", "rollback_id", "rollback_version")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_VERSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     rank: int
     world_size: int
     epoch: int
-    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    rollback_id: int
+    rollback_version: int
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., epoch: _Optional[int] = ..., rollback_id: _Optional[int] = ..., rollback_version: _Optional[int] = ...) -> None: ...
 
 class ServerJobView(_message.Message):
-    __slots__ = ("job_id", "state", "epoch", "live_workers")
+    __slots__ = ("job_id", "state", "epoch", "live_workers", "live_incarnations", "rollback_id", "rollback_version")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_INCARNATIONS_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_VERSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: _common_pb2.JobState
     epoch: int
     live_workers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., epoch: _Optional[int] = ..., live_workers: _Optional[_Iterable[str]] = ...) -> None: ...
+    live_incarnations: _containers.RepeatedScalarFieldContainer[int]
+    rollback_id: int
+    rollback_version: int
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., epoch: _Optional[int] = ..., live_workers: _Optional[_Iterable[str]] = ..., live_incarnations: _Optional[_Iterable[int]] = ..., rollback_id: _Optional[int] = ..., rollback_version: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("unknown_node", "assignment", "jobs", "lease_ms")
@@ -99,10 +129,12 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, unknown_node: _Optional[bool] = ..., assignment: _Optional[_Union[WorkerAssignment, _Mapping]] = ..., jobs: _Optional[_Iterable[_Union[ServerJobView, _Mapping]]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("spec_yaml",)
+    __slots__ = ("spec_yaml", "resume_from")
     SPEC_YAML_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     spec_yaml: str
-    def __init__(self, spec_yaml: _Optional[str] = ...) -> None: ...
+    resume_from: str
+    def __init__(self, spec_yaml: _Optional[str] = ..., resume_from: _Optional[str] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job_id",)
@@ -155,7 +187,7 @@ class EvalPoint(_message.Message):
     def __init__(self, step: _Optional[int] = ..., metric: _Optional[str] = ..., value: _Optional[float] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "name", "state", "reason", "spec_yaml", "created_ms", "ended_ms", "step", "max_steps", "loss", "metric", "metric_value", "best_metric", "best_step", "steps_per_s", "samples", "workers", "servers", "shard_map", "layout", "losses", "evals", "has_eval", "epoch")
+    __slots__ = ("job_id", "name", "state", "reason", "spec_yaml", "created_ms", "ended_ms", "step", "max_steps", "loss", "metric", "metric_value", "best_metric", "best_step", "steps_per_s", "samples", "workers", "servers", "shard_map", "layout", "losses", "evals", "has_eval", "epoch", "resume_from", "rollback_id", "rollback_version")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +212,9 @@ class JobInfo(_message.Message):
     EVALS_FIELD_NUMBER: _ClassVar[int]
     HAS_EVAL_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_VERSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: _common_pb2.JobState
@@ -204,7 +239,10 @@ class JobInfo(_message.Message):
     evals: _containers.RepeatedCompositeFieldContainer[EvalPoint]
     has_eval: bool
     epoch: int
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., reason: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., created_ms: _Optional[int] = ..., ended_ms: _Optional[int] = ..., step: _Optional[int] = ..., max_steps: _Optional[int] = ..., loss: _Optional[float] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ..., best_metric: _Optional[float] = ..., best_step: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., samples: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerProgress, _Mapping]]] = ..., servers: _Optional[_Iterable[str]] = ..., shard_map: _Optional[_Union[_common_pb2.ShardMap, _Mapping]] = ..., layout: _Optional[_Union[_common_pb2.Layout, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., has_eval: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
+    resume_from: str
+    rollback_id: int
+    rollback_version: int
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., reason: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., created_ms: _Optional[int] = ..., ended_ms: _Optional[int] = ..., step: _Optional[int] = ..., max_steps: _Optional[int] = ..., loss: _Optional[float] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ..., best_metric: _Optional[float] = ..., best_step: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., samples: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerProgress, _Mapping]]] = ..., servers: _Optional[_Iterable[str]] = ..., shard_map: _Optional[_Union[_common_pb2.ShardMap, _Mapping]] = ..., layout: _Optional[_Union[_common_pb2.Layout, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., has_eval: _Optional[bool] = ..., epoch: _Optional[int] = ..., resume_from: _Optional[str] = ..., rollback_id: _Optional[int] = ..., rollback_version: _Optional[int] = ...) -> None: ...
 
 class GetJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -317,7 +355,7 @@ class StepReport(_message.Message):
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
 
 class ReportProgressRequest(_message.Message):
-    __slots__ = ("job_id", "node_id", "incarnation", "steps", "evals", "finished", "failure")
+    __slots__ = ("job_id", "node_id", "incarnation", "steps", "evals", "finished", "failure", "rollback_id")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +363,7 @@ class ReportProgressRequest(_message.Message):
     EVALS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     node_id: str
     incarnation: int
@@ -332,7 +371,8 @@ class ReportProgressRequest(_message.Message):
     evals: _containers.RepeatedCompositeFieldContainer[EvalPoint]
     finished: bool
     failure: str
-    def __init__(self, job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., finished: _Optional[bool] = ..., failure: _Optional[str] = ...) -> None: ...
+    rollback_id: int
+    def __init__(self, job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., finished: _Optional[bool] = ..., failure: _Optional[str] = ..., rollback_id: _Optional[int] = ...) -> None: ...
 
 class ReportProgressResponse(_message.Message):
     __slots__ = ("action", "state")

@@ -24,7 +24,7 @@ PUSH_STATUS_STALE: PushStatus
 PUSH_STATUS_JOB_DONE: PushStatus
 
 class ShardConfig(_message.Message):
-    __slots__ = ("job_id", "shard_index", "offset", "length", "total", "optimizer", "mode", "staleness", "workers", "epoch", "layout_fingerprint")
+    __slots__ = ("job_id", "shard_index", "offset", "length", "total", "optimizer", "mode", "staleness", "workers", "epoch", "layout_fingerprint", "checkpoint_every_steps", "checkpoint_keep", "resume_from_job", "resume_version")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,10 @@ class ShardConfig(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_KEEP_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_JOB_FIELD_NUMBER: _ClassVar[int]
+    RESUME_VERSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     offset: int
@@ -47,7 +51,11 @@ class ShardConfig(_message.Message):
     workers: _containers.RepeatedScalarFieldContainer[str]
     epoch: int
     layout_fingerprint: str
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., total: _Optional[int] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., staleness: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ...) -> None: ...
+    checkpoint_every_steps: int
+    checkpoint_keep: int
+    resume_from_job: str
+    resume_version: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., total: _Optional[int] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., staleness: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_keep: _Optional[int] = ..., resume_from_job: _Optional[str] = ..., resume_version: _Optional[int] = ...) -> None: ...
 
 class InitShardRequest(_message.Message):
     __slots__ = ("config", "dtype", "chunk")
@@ -144,7 +152,7 @@ class GetShardInfoRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("job_id", "shard_index", "offset", "length", "version", "adam_step", "state", "pushes_applied", "worker_clocks")
+    __slots__ = ("job_id", "shard_index", "offset", "length", "version", "adam_step", "state", "pushes_applied", "worker_clocks", "max_clock_spread", "short_rounds", "live_workers", "epoch")
     class WorkerClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +169,10 @@ class ShardInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     PUSHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
     WORKER_CLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CLOCK_SPREAD_FIELD_NUMBER: _ClassVar[int]
+    SHORT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     offset: int
@@ -170,7 +182,11 @@ class ShardInfo(_message.Message):
     state: _common_pb2.JobState
     pushes_applied: int
     worker_clocks: _containers.ScalarMap[str, int]
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., version: _Optional[int] = ..., adam_step: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., pushes_applied: _Optional[int] = ..., worker_clocks: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    max_clock_spread: int
+    short_rounds: int
+    live_workers: _containers.RepeatedScalarFieldContainer[str]
+    epoch: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., version: _Optional[int] = ..., adam_step: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., pushes_applied: _Optional[int] = ..., worker_clocks: _Optional[_Mapping[str, int]] = ..., max_clock_spread: _Optional[int] = ..., short_rounds: _Optional[int] = ..., live_workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class GetShardInfoResponse(_message.Message):
     __slots__ = ("shards",)
@@ -189,3 +205,43 @@ class DropJobResponse(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     dropped: int
     def __init__(self, dropped: _Optional[int] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("job_id", "at_version", "timeout_ms")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    at_version: int
+    timeout_ms: int
+    def __init__(self, job_id: _Optional[str] = ..., at_version: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class ShardCheckpoint(_message.Message):
+    __slots__ = ("job_id", "shard_index", "version", "path")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_index: int
+    version: int
+    path: str
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., version: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardCheckpoint]
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardCheckpoint, _Mapping]]] = ...) -> None: ...
+
+class ListCheckpointsRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsResponse(_message.Message):
+    __slots__ = ("checkpoints",)
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    checkpoints: _containers.RepeatedCompositeFieldContainer[ShardCheckpoint]
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[ShardCheckpoint, _Mapping]]] = ...) -> None: ...

@@ -59,6 +59,16 @@ class ParameterServerStub:
                 request_serializer=shardps_dot_proto_dot_ps__pb2.DropJobRequest.SerializeToString,
                 response_deserializer=shardps_dot_proto_dot_ps__pb2.DropJobResponse.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/shardps.v1.ParameterServer/Checkpoint',
+                request_serializer=shardps_dot_proto_dot_ps__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=shardps_dot_proto_dot_ps__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/shardps.v1.ParameterServer/ListCheckpoints',
+                request_serializer=shardps_dot_proto_dot_ps__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=shardps_dot_proto_dot_ps__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -100,6 +110,20 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Writes a checkpoint of a job's shards on this server now (needs --data-dir).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Lists the checkpoints of a job held in this server's data dir.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +151,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.DropJob,
                     request_deserializer=shardps_dot_proto_dot_ps__pb2.DropJobRequest.FromString,
                     response_serializer=shardps_dot_proto_dot_ps__pb2.DropJobResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=shardps_dot_proto_dot_ps__pb2.CheckpointRequest.FromString,
+                    response_serializer=shardps_dot_proto_dot_ps__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=shardps_dot_proto_dot_ps__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=shardps_dot_proto_dot_ps__pb2.ListCheckpointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +298,60 @@ class ParameterServer:
             '/shardps.v1.ParameterServer/DropJob',
             shardps_dot_proto_dot_ps__pb2.DropJobRequest.SerializeToString,
             shardps_dot_proto_dot_ps__pb2.DropJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ParameterServer/Checkpoint',
+            shardps_dot_proto_dot_ps__pb2.CheckpointRequest.SerializeToString,
+            shardps_dot_proto_dot_ps__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ParameterServer/ListCheckpoints',
+            shardps_dot_proto_dot_ps__pb2.ListCheckpointsRequest.SerializeToString,
+            shardps_dot_proto_dot_ps__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hmac
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,6 +35,10 @@ _OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A peer that restarts (a server on its data dir, the coordinator on its state dir) is
+    # found again within 2 s, not after gRPC's default reconnect backoff of up to 120 s.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 _SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -87,15 +92,17 @@ def current_security() -> Security:
     return _security
 
 
-def make_channel(address: str) -> grpc.Channel:
-    """A channel with shardps's message limits, keepalive, and the process's TLS and token."""
+def make_channel(address: str, extra_options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel with shardps's message limits, keepalive, and the process's TLS and token;
+    `extra_options` are added to those (PSClient adds its bulk-transfer ones)."""
     sec = _security
+    options = [*_OPTIONS, *extra_options]
     if sec.tls:
         creds = grpc.ssl_channel_credentials(root_certificates=sec.ca, private_key=sec.key,
                                              certificate_chain=sec.cert)
-        channel = grpc.secure_channel(address, creds, options=_OPTIONS)
+        channel = grpc.secure_channel(address, creds, options=options)
     else:
-        channel = grpc.insecure_channel(address, options=_OPTIONS)
+        channel = grpc.insecure_channel(address, options=options)
     if sec.token:
         channel = grpc.intercept_channel(channel, _TokenSender(sec.token))
     return channel

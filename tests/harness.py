@@ -78,6 +78,10 @@ class Daemon:
     def has_line(self, pattern: str) -> bool:
         return any(re.search(pattern, line) for line in self._lines)
 
+    def matches(self, pattern: str) -> list[re.Match]:
+        """Every match of pattern in the output so far, one per matching line."""
+        return [m for line in self._lines if (m := re.search(pattern, line))]
+
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -13,8 +14,9 @@ from shardps.proto import coordinator_pb2_grpc, rpc
 
 logger = logging.getLogger(__name__)
 
-RETRY_ATTEMPTS = 4     # tries per call before a transient error becomes the caller's problem
-RETRY_BACKOFF_S = 0.5  # first pause between tries; doubles each time (0.5, 1, 2 s)
+RETRY_WINDOW_S = 60.0  # an unavailable coordinator is retried this long (it may be restarting)
+RETRY_BACKOFF_S = 0.5  # first pause between tries; doubles each time up to RETRY_MAX_PAUSE_S
+RETRY_MAX_PAUSE_S = 4.0
 
 
 class Unreachable(Exception):
@@ -29,11 +31,13 @@ class CoordinatorClient:
     """
 
     def __init__(self, stub: coordinator_pb2_grpc.CoordinatorStub, *,
-                 deadline_s: float = rpc.CONTROL_DEADLINE_S, attempts: int = RETRY_ATTEMPTS,
-                 backoff_s: float = RETRY_BACKOFF_S, stop: threading.Event | None = None):
+                 deadline_s: float = rpc.CONTROL_DEADLINE_S, attempts: int | None = None,
+                 backoff_s: float = RETRY_BACKOFF_S, stop: threading.Event | None = None,
+                 window_s: float = RETRY_WINDOW_S):
         self.stub = stub
         self.deadline_s = deadline_s
-        self.attempts = attempts
+        self.attempts = attempts  # None: retry for window_s instead of a number of tries
+        self.window_s = window_s
         self.backoff_s = backoff_s
         self.stop = stop or threading.Event()
 
@@ -47,23 +51,28 @@ class CoordinatorClient:
              deadline_s: float | None = None) -> Any:
         """Calls stub.<method>(request); retries UNAVAILABLE with doubling pauses.
 
-        Raises Unreachable once the tries are used up (or `stop` is set during a pause), and
-        grpc.RpcError for any other status: those are answers, not outages.
+        Retries `attempts` tries if given (here or to the constructor), else for `window_s`
+        (a coordinator restart fits in it). Raises Unreachable once they are used up (or
+        `stop` is set during a pause), and grpc.RpcError for any other status: those are
+        answers, not outages.
         """
         tries = attempts or self.attempts
         pause = self.backoff_s
-        for attempt in range(1, tries + 1):
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return getattr(self.stub, method)(request, timeout=deadline_s or self.deadline_s)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                if attempt == tries:
-                    raise Unreachable(f"coordinator {method}: unavailable after {tries} tries "
+                if (attempt >= tries) if tries else (time.monotonic() - started >= self.window_s):
+                    raise Unreachable(f"coordinator {method}: unavailable after {attempt} tries "
                                       f"({exc.details()})") from None
-                logger.warning("coordinator %s unavailable (%s); retry %d/%d in %.1f s",
-                               method, exc.details(), attempt, tries - 1, pause)
+                if attempt == 1 or attempt % 5 == 0:
+                    logger.warning("coordinator %s unavailable (%s); retrying (try %d) in %.1f s",
+                                   method, exc.details(), attempt, pause)
                 if self.stop.wait(pause):
                     raise Unreachable(f"coordinator {method}: unavailable, and stopping") from None
-                pause *= 2
-        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+                pause = min(pause * 2, RETRY_MAX_PAUSE_S)

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, exitcodes, rpc
 from shardps.proto import daemon as daemon_lib
+from shardps.worker import plugins
 from shardps.worker.metrics import WorkerMetrics
 from shardps.worker.trainer import Trainer
 
@@ -68,17 +69,20 @@ class WorkerDaemon:
     `start()` binds (port 0 picks a free port; raises OSError if it cannot bind) and returns;
     registration and heartbeats run in a background thread that retries an unreachable
     coordinator with backoff forever (logged). `stop(grace)` is thread-safe and idempotent.
+    `step_delay_ms` > 0 makes every training step that much slower (a straggler on purpose);
+    it applies to jobs started after it is set.
     """
 
     def __init__(self, coordinator: str, host: str = "127.0.0.1", port: int = 0,
                  device: str = "cpu", metrics_port: int = -1, threads: int = 0,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, step_delay_ms: int = 0):
         self.coordinator_address = coordinator
         self.host = host
         self.port = port
         self.device = device
         self.metrics_port = metrics_port
         self.threads = threads
+        self.step_delay_ms = step_delay_ms
         self.registry = registry if registry is not None else daemon_lib.new_registry()
         self.metrics = WorkerMetrics(self.registry)
         self.node_id = ""
@@ -202,6 +206,7 @@ class WorkerDaemon:
             metrics_address=self.metrics_address, device=self.device,
             hostname=socket.gethostname()), timeout=rpc.CONTROL_DEADLINE_S)
         self.node_id, self.incarnation = reply.node_id, reply.incarnation
+        daemon_lib.set_log_node(self.node_id)
         if reply.lease_ms > 0:
             self.lease_ms = reply.lease_ms
         self._registered = True
@@ -224,7 +229,11 @@ class WorkerDaemon:
             if job is not None and not job.thread.is_alive():
                 self._job = job = None
             if job is not None:
-                if assignment.job_id != job.trainer.job_id:
+                if job.trainer.incarnation != self.incarnation:
+                    job.stopped_by_daemon = True
+                    job.trainer.stop(f"this worker registered again (incarnation "
+                                     f"{self.incarnation})")
+                elif assignment.job_id != job.trainer.job_id:
                     job.stopped_by_daemon = True
                     job.trainer.stop(f"assignment changed to {assignment.job_id or 'idle'}")
                 elif assignment != job.trainer.assignment():
@@ -233,7 +242,7 @@ class WorkerDaemon:
             if not assignment.job_id or not self._may_start(assignment.job_id):
                 return
             trainer = Trainer(self._stub, self.node_id, self.incarnation, assignment,
-                              self.device, self.metrics)
+                              self.device, self.metrics, step_delay_s=self.step_delay_ms / 1000)
             thread = threading.Thread(target=self._train, args=(trainer,), daemon=True,
                                       name=f"train-{assignment.job_id}")
             self._job = _Job(trainer, thread)
@@ -251,9 +260,18 @@ class WorkerDaemon:
         return kind == "abandoned" and time.monotonic() - when >= RETRY_ABANDONED_S
 
     def _train(self, trainer: Trainer) -> None:
-        outcome = trainer.run()
+        with daemon_lib.job_log_context(trainer.assignment().job_id):
+            outcome = trainer.run()
         with self._lock:
             job = self._job
+            if outcome.kind == "fenced":
+                # A server refused this incarnation: the coordinator declared it dead. Register
+                # again (unless the heartbeat thread already has) and rejoin when assigned.
+                if trainer.incarnation == self.incarnation:
+                    self._registered = False
+                logger.warning("job %s: incarnation %d fenced; rejoining as a new incarnation",
+                               trainer.job_id, trainer.incarnation)
+                return
             if job is not None and job.trainer is trainer and job.stopped_by_daemon:
                 return  # stopped because the assignment went away: may be assigned again
             self._ended[trainer.job_id] = (outcome.kind, time.monotonic())
@@ -274,11 +292,19 @@ def main(argv: list[str] | None = None) -> int:
         description="A shardps worker: trains the jobs the coordinator assigns to it.")
     daemon_lib.add_common_args(parser, default_port=0)
     daemon_lib.add_coordinator_arg(parser)
+    parser.add_argument("--allow-import", action="append", default=None, metavar="PREFIX",
+                        help="only let jobs import model/data factories from modules under this "
+                             "dotted prefix (repeatable); default: any module, i.e. whoever may "
+                             "submit jobs may run code on this worker")
     parser.add_argument("--device", default="auto",
                         help="auto (cuda if available, else cpu), cpu, cuda or cuda:N "
                              "(default auto)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads; 0 keeps torch's default (default 0)")
+    parser.add_argument("--step-delay-ms", type=int, default=0, metavar="N",
+                        help="emulate a straggler: sleep N ms in every training step, after "
+                             "the backward pass (for testing ssp, sync barriers and "
+                             "timeouts; default 0)")
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -286,9 +312,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
-    daemon_lib.setup_logging(args.log_level)
+    if args.step_delay_ms < 0:
+        parser.error(f"--step-delay-ms must be >= 0, got {args.step_delay_ms}")
+    daemon_lib.setup_logging(args.log_level, args.log_format, "worker")
+    plugins.allow_imports(args.allow_import)
+    try:
+        daemon_lib.configure_security(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     worker = WorkerDaemon(args.coordinator, args.host, args.port, device, args.metrics_port,
-                          args.threads)
+                          args.threads, step_delay_ms=args.step_delay_ms)
     try:
         worker.start()
     except OSError as exc:

@@ -29,6 +29,16 @@ class WorkerMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                      10, 30),
             registry=registry)
+        self.retries = Counter("shardps_worker_ps_retries",
+                               "Pulls and pushes retried after a transient server error",
+                               ["call", "code"], registry=registry)
+        self.refused = Counter("shardps_worker_ps_refused",
+                               "Pushes refused by a server: fenced (this incarnation was "
+                               "declared dead), step_ahead (the server restored an older "
+                               "version)", ["reason"], registry=registry)
+        self.rollbacks = Counter("shardps_worker_rollbacks",
+                                 "sync rollbacks taken: a server restored a checkpoint and this "
+                                 "worker resumed at its version", ["job"], registry=registry)
         self.info = Gauge("shardps_worker_info", "Constant 1, labelled with the worker's device",
                           ["device"], registry=registry)
         for phase in PHASES:  # export every phase from the start, even before a job runs

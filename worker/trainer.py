@@ -17,7 +17,7 @@ import torch
 
 from shardps.proto import codec, common_pb2, coordinator_pb2, ps_pb2, psclient
 from shardps.proto import spec as spec_lib
-from shardps.worker import tasks
+from shardps.worker import recovery, tasks
 from shardps.worker.batches import BatchOrder, steps_for_epochs
 from shardps.worker.coordclient import CoordinatorClient, Unreachable
 from shardps.worker.datasets import Dataset, load_dataset
@@ -35,8 +35,12 @@ POLL_INTERVAL_S = 0.25    # GetJob polling while another rank initialises the jo
 PULL_SLICE_S = 1.0        # one pull waits on the servers at most this long, then we look at stop
 PULL_PATIENCE_S = 600.0   # no weights of the wanted version for this long: abandon the job
 REPORT_INTERVAL_S = 0.5   # step losses are batched into one ReportProgress at most this often
-PS_ATTEMPTS = 4           # tries of a pull/push that failed transiently (both are idempotent)
-PS_BACKOFF_S = 0.5
+# A pull or push that fails transiently (both are idempotent) is retried with doubling pauses
+# from PS_BACKOFF_S up to PS_MAX_BACKOFF_S for PS_OUTAGE_S: long enough for a server to be
+# restarted and restore its checkpoint, and for the coordinator to move it in the shard map.
+PS_BACKOFF_S = 0.25
+PS_MAX_BACKOFF_S = 2.0
+PS_OUTAGE_S = 180.0
 
 MODES = {
     "sync": common_pb2.CONSISTENCY_SYNC,
@@ -45,8 +49,10 @@ MODES = {
 }
 FINAL_STATES = frozenset({common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_CONVERGED,
                           common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED})
-# gRPC codes worth retrying on a pull or push: the server may be restarting or overloaded.
-_PS_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# torch.manual_seed sets a process-wide generator: trainers of several workers in one process
+# (tests, embedding) take turns seeding and building, so each model is the factory's output
+# under the job's seed alone.
+_SEEDED_BUILD = threading.Lock()
 
 
 # -- decisions (pure) -----------------------------------------------------------------------
@@ -113,6 +119,8 @@ def shard_config(spec: dict[str, Any], workers: Sequence[str], epoch: int, finge
         workers=list(workers),
         epoch=epoch,
         layout_fingerprint=fingerprint,
+        checkpoint_every_steps=spec["checkpoint"]["every_steps"],
+        checkpoint_keep=spec["checkpoint"]["keep"],
     )
 
 
@@ -159,7 +167,8 @@ class Outcome:
     """How a job ended on this worker."""
 
     kind: str    # "finished" (step budget reached), "stopped" (told to, or the job ended),
-    #              "failed" (reported as the job's failure), "abandoned" (gave up: unreachable)
+    #              "failed" (reported as the job's failure), "abandoned" (gave up: unreachable),
+    #              "fenced" (a server refused this incarnation's push: register again)
     reason: str
 
 
@@ -167,6 +176,14 @@ class _End(Exception):
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
         self.outcome = Outcome(kind, reason)
+
+
+class _Rewind(Exception):
+    """sync: go back to `step` (a rollback), or, if None, pull the same step again."""
+
+    def __init__(self, step: int | None):
+        super().__init__(f"rewind to step {step}")
+        self.step = step
 
 
 PSFactory = Callable[..., Any]  # (job_id, shard_map, *, dtype, chunk_bytes, worker_id, incarnation)
@@ -178,16 +195,25 @@ class Trainer:
     `run()` blocks and belongs to one training thread, which owns the model, data and
     PSClient. `stop()` and `update_assignment()` may be called from any thread (the daemon's
     heartbeat thread); the loop notices within about PULL_SLICE_S plus one step.
+    `step_delay_s` > 0 sleeps that long in every step after the backward pass (interrupted by
+    `stop()`), to emulate a straggler (`shardps-worker --step-delay-ms`).
     """
 
     def __init__(self, stub: Any, node_id: str, incarnation: int,
                  assignment: coordinator_pb2.WorkerAssignment, device: str = "cpu",
                  metrics: WorkerMetrics | None = None, ps_factory: PSFactory = psclient.PSClient,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, step_delay_s: float = 0.0):
         self.node_id = node_id
         self.incarnation = incarnation
         self.job_id = assignment.job_id
         self.device = torch.device(device)
+        self.step_delay_s = step_delay_s
+        # Rollbacks (docs/architecture.md, "Failures"): the last one taken, and while one is
+        # being taken, the version every shard must be back at before training goes on.
+        self._rollback_id = assignment.rollback_id
+        self._resync_to: int | None = None
+        self._evaluated = 0  # the last step evaluated: replayed steps are not evaluated again
+        self._spec: dict[str, Any] = {}
         self.metrics = metrics or WorkerMetrics()
         self._ps_factory = ps_factory
         self._clock = clock
@@ -255,9 +281,10 @@ class Trainer:
             raise self._fail(problem)
         if self.device.type == "cuda":  # kernels and streams of this thread go to our device
             torch.cuda.set_device(self.device)
-        torch.manual_seed(spec["seed"])
-        model = self._guard(f"model {spec['model']['name']!r}", lambda: build_model(
-            spec["model"]["name"], spec["model"]["kwargs"], data.info))
+        with _SEEDED_BUILD:
+            torch.manual_seed(spec["seed"])
+            model = self._guard(f"model {spec['model']['name']!r}", lambda: build_model(
+                spec["model"]["name"], spec["model"]["kwargs"], data.info))
         flat = self.flat = FlatParams(model, self.device)
         budget = step_budget(spec["stop"], data.num_train, data_spec["batch_size"])
 
@@ -268,8 +295,9 @@ class Trainer:
         self._train(spec, data, model, flat, budget)
 
     def _connect(self, spec: dict[str, Any], shard_map: common_pb2.ShardMap) -> None:
-        self._ps = self._ps_factory(
-            self.job_id, shard_map, dtype=codec.DTYPE_NAMES[spec["transport"]["dtype"]],
+        self._spec = spec
+        self._ps = recovery.RemappableClient(
+            self._ps_factory, self.job_id, shard_map, dtype=codec.DTYPE_NAMES[spec["transport"]["dtype"]],
             chunk_bytes=spec["transport"]["chunk_bytes"], worker_id=self.node_id,
             incarnation=self.incarnation)
 
@@ -290,6 +318,13 @@ class Trainer:
         self._connect(spec, shard_map)
         config = shard_config(spec, workers, self.assignment().epoch, flat.layout.fingerprint,
                               budget)
+        if job.resume_from:  # the servers load the old job's checkpoint instead
+            config.resume_from_job = job.resume_from
+            config.resume_version = self._guard("resume", lambda: recovery.resume_version(
+                shard_map, job.resume_from, spec["consistency"]["mode"] == "sync"))
+            logger.info("job %s resumes job %s from checkpoint version %s", self.job_id,
+                        job.resume_from, config.resume_version if config.resume_version >= 0
+                        else "newest")
         self._ps_call("InitShard", functools.partial(self._ps.init, flat.weights_cpu(), config))
         reply = self.coordinator.call("ActivateJob", coordinator_pb2.ActivateJobRequest(
             job_id=self.job_id, node_id=self.node_id, incarnation=self.incarnation))
@@ -328,15 +363,25 @@ class Trainer:
         hist = self.metrics.step_seconds
         model.train()
         step = 0
+        place = (self.assignment().rank, self.assignment().world_size)
         while not budget or step < budget:
             self._check_stop()
             assignment = self.assignment()
+            if (assignment.rank, assignment.world_size) != place:
+                place = (assignment.rank, assignment.world_size)
+                logger.info("job %s: rank %d of %d from step %d on (membership epoch %d)",
+                            self.job_id, *place, step, assignment.epoch)
             started = self._clock()
-            versions = self._pull(mode, step, flat)
+            try:
+                versions = self._pull(mode, step, flat)
+            except _Rewind as rewind:
+                step = step if rewind.step is None else rewind.step
+                continue
             step = step_after_pull(mode, step, versions)
             if budget and step >= budget:
                 break
-            if is_eval_step(assignment.rank, step, eval_every):
+            if is_eval_step(assignment.rank, step, eval_every) and step > self._evaluated:
+                self._evaluated = step
                 metrics = evaluate(model, data, self.device)
                 self._report(evals=eval_points(step, metrics))
                 self._check_stop()  # a verdict on this evaluation: stop without pushing
@@ -358,12 +403,19 @@ class Trainer:
                     raise self._fail(f"non-finite gradient (norm {norm}) at step {step}")
             # else: more workers than samples in a batch; push a zero gradient of weight 0
             # so the sync round still counts this worker.
+            if self.step_delay_s > 0:  # emulate a straggler
+                self._stop.wait(self.step_delay_s)
+                self._check_stop()
             grad = flat.host_grad()
             computed = self._clock()
 
-            replies = self._ps_call("push", functools.partial(
-                self._ps.push, grad, step=step, base_version=list(versions),
-                batch_size=len(index)))
+            try:
+                replies = self._ps_call("push", functools.partial(
+                    self._ps.push, grad, step=step, base_version=list(versions),
+                    batch_size=len(index)))
+            except _Rewind as rewind:
+                step = step if rewind.step is None else rewind.step
+                continue
             if any(r.status == ps_pb2.PUSH_STATUS_JOB_DONE for r in replies):
                 raise _End("stopped", "the servers say the job has ended")
             if any(r.status == ps_pb2.PUSH_STATUS_STALE for r in replies):
@@ -391,7 +443,10 @@ class Trainer:
         self._check_stop()
         evals: list[coordinator_pb2.EvalPoint] = []
         if self.assignment().rank == 0:
-            versions = self._pull(mode, step, flat)
+            try:
+                versions = self._pull(mode, step, flat)
+            except _Rewind:  # a server restored at the very end: start this job over here
+                raise _End("abandoned", "a server rolled back while finishing") from None
             evals = eval_points(step, evaluate(model, data, self.device))
             logger.info("job %s: final evaluation at versions %s: %s", self.job_id, versions,
                         ", ".join(f"{e.metric}={e.value:.4g}" for e in evals))
@@ -406,10 +461,19 @@ class Trainer:
         hist = self.metrics.step_seconds
         while True:
             self._check_stop()
+            self._check_rollback()
             dest = flat.host_weights
             begun = self._clock()
             result = self._ps_call("pull", functools.partial(
                 self._ps.pull, dest, timeout_s=PULL_SLICE_S, **kwargs))
+            if result.ready and self._resync_to is not None:
+                if any(v != self._resync_to for v in result.versions):
+                    # Some shard has not rolled back yet: its weights belong to another step.
+                    self._stop.wait(POLL_INTERVAL_S)
+                    continue
+                logger.info("job %s: every shard is back at version %d", self.job_id,
+                            self._resync_to)
+                self._resync_to = None
             if result.ready:
                 flat.upload()
                 hist.labels(phase="pull").observe(self._clock() - begun)
@@ -425,23 +489,70 @@ class Trainer:
                 self._report()
 
     def _ps_call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Runs a parameter-server call, retrying transient errors; maps the rest to an end."""
-        pause = PS_BACKOFF_S
-        for attempt in range(1, PS_ATTEMPTS + 1):
+        """Runs a parameter-server call; rides out outages, maps refusals to outcomes.
+
+        Transient errors (a server down, restarting, or not yet told of a membership change)
+        are retried with backoff for PS_OUTAGE_S; between tries the shard map is re-read, so
+        a server that came back at another address is followed, and (pull/push) a rollback
+        ends the call. A fenced push ends the job here (the daemon registers again); a push
+        ahead of a restored shard's round rewinds to a pull.
+        """
+        backoff = recovery.Backoff(PS_BACKOFF_S, PS_MAX_BACKOFF_S, PS_OUTAGE_S, self._clock)
+        while True:
             try:
                 return fn()
             except grpc.RpcError as exc:
-                code, details = exc.code(), exc.details()
-                if code == grpc.StatusCode.INVALID_ARGUMENT:  # we sent something wrong
+                code, details = exc.code(), exc.details() or ""
+                action = recovery.classify(code, details)
+                if action == recovery.INVALID:  # we sent something wrong
                     raise self._fail(f"server rejected {what}: {details}") from None
-                if code not in _PS_TRANSIENT or attempt == PS_ATTEMPTS:
-                    raise _End("abandoned", f"{what} failed: {code.name}: {details}") from None
-                logger.warning("job %s: %s %s (%s); retry %d/%d in %.1f s", self.job_id, what,
-                               code.name, details, attempt, PS_ATTEMPTS - 1, pause)
+                if action == recovery.FENCED:
+                    self.metrics.refused.labels(reason="fenced").inc()
+                    raise _End("fenced", f"{what} refused: {details}") from None
+                if action == recovery.RESYNC:
+                    self.metrics.refused.labels(reason="step_ahead").inc()
+                    logger.info("job %s: %s refused (%s); pulling again", self.job_id, what,
+                                details)
+                    raise _Rewind(None) from None
+                if action == recovery.ABANDON or backoff.expired():
+                    raise _End("abandoned", f"{what} failed: {code.name}: {details}"
+                               + (f" (for {PS_OUTAGE_S:.0f} s)" if backoff.tries else "")) from None
+                pause = backoff.next()
+                self.metrics.retries.labels(call=what, code=code.name).inc()
+                if backoff.tries == 1 or backoff.tries % 10 == 0:
+                    logger.warning("job %s: %s %s (%s); retrying for up to %.0f s (try %d)",
+                                   self.job_id, what, code.name, details, PS_OUTAGE_S,
+                                   backoff.tries)
                 if self._stop.wait(pause):
                     self._check_stop()
-                pause *= 2
-        raise AssertionError("unreachable")  # pragma: no cover
+                self._refresh_shard_map()
+                if what in ("pull", "push"):
+                    self._check_rollback()
+
+    def _refresh_shard_map(self) -> None:
+        """Follows the coordinator's shard map (best effort: it may be down as well)."""
+        try:
+            job = self.coordinator.call("GetJob", coordinator_pb2.GetJobRequest(
+                job_id=self.job_id), attempts=1)
+        except (grpc.RpcError, Unreachable):
+            return
+        if self._ps is not None and self._ps.remap(job.job.shard_map):
+            logger.info("job %s: shard map version %d: %s", self.job_id,
+                        job.job.shard_map.version,
+                        ", ".join(f"{s.index}@{s.address}" for s in job.job.shard_map.shards))
+
+    def _check_rollback(self) -> None:
+        """Raises _Rewind if the coordinator has announced a rollback we have not taken."""
+        assignment = self.assignment()
+        if assignment.rollback_id <= self._rollback_id:
+            return
+        self._rollback_id = assignment.rollback_id
+        self._resync_to = assignment.rollback_version
+        self.metrics.rollbacks.labels(job=self.job_id).inc()
+        logger.warning("job %s: rollback %d: a server restored version %d; resuming at step %d "
+                       "(the steps after it are replayed)", self.job_id, assignment.rollback_id,
+                       assignment.rollback_version, assignment.rollback_version)
+        raise _Rewind(assignment.rollback_version)
 
     def _report(self, evals: Sequence[coordinator_pb2.EvalPoint] = (), finished: bool = False,
                 failure: str = "") -> coordinator_pb2.ReportProgressResponse:
@@ -449,8 +560,15 @@ class Trainer:
         request = coordinator_pb2.ReportProgressRequest(
             job_id=self.job_id, node_id=self.node_id, incarnation=self.incarnation,
             steps=self._reports.take(self._clock()), evals=list(evals), finished=finished,
-            failure=failure)
-        reply = self.coordinator.call("ReportProgress", request)
+            failure=failure, rollback_id=self._rollback_id)
+        try:
+            reply = self.coordinator.call("ReportProgress", request)
+        except grpc.RpcError as exc:
+            if recovery.stale_incarnation(exc.code(), exc.details()):
+                self.metrics.refused.labels(reason="fenced").inc()
+                raise _End("fenced", f"the coordinator refused this incarnation: "
+                                     f"{exc.details()}") from None
+            raise
         if reply.action == coordinator_pb2.WORKER_ACTION_STOP:
             self.stop(f"the coordinator says stop (job {common_pb2.JobState.Name(reply.state)})")
         return reply
@@ -480,7 +598,7 @@ class Trainer:
         """Reports `reason` as this worker's failure of the job (best effort)."""
         try:
             self._report(failure=reason)
-        except (grpc.RpcError, Unreachable) as exc:
+        except (grpc.RpcError, Unreachable, _End) as exc:
             logger.warning("job %s: could not report failure %r: %s", self.job_id, reason, exc)
         return Outcome("failed", reason)
 

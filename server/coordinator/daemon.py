@@ -13,6 +13,7 @@ import grpc
 from shardps.proto import coordinator_pb2_grpc, daemon, exitcodes, rpc
 
 from .servicer import CoordinatorServicer
+from .state import StateError
 
 SERVICE_NAME = "shardps.v1.Coordinator"
 
@@ -31,14 +32,18 @@ class CoordinatorDaemon:
         port: gRPC port; 0 picks a free one (read it back from `port` / `address`).
         lease_ms: the lease handed to nodes.
         metrics_port: Prometheus port; 0 picks a free one, negative disables.
+        state_dir: where the node and job tables persist (restored from it on start); None
+            keeps them in memory only.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, lease_ms: int = 5000,
-                 metrics_port: int = -1):
+                 metrics_port: int = -1, state_dir: str | None = None):
         self.host = host
         self.port = port
         self.registry = daemon.new_registry()
-        self.servicer = CoordinatorServicer(lease_ms, registry=self.registry)
+        # Raises StateError if state_dir holds a state that cannot be loaded.
+        self.servicer = CoordinatorServicer(lease_ms, registry=self.registry,
+                                            state_dir=state_dir)
         self.metrics: daemon.MetricsEndpoint | None = None
         self._metrics_port = metrics_port
         self._server: grpc.Server | None = None
@@ -95,6 +100,7 @@ class CoordinatorDaemon:
             self._health.enter_graceful_shutdown()
         if self._sweeper is not None:
             self._sweeper.join(timeout=grace)
+        self.servicer.sweep()  # writes what is unsaved (state dir)
         if self._server is not None:
             self._server.stop(grace).wait(grace + 1.0)
         if self.metrics is not None:
@@ -126,18 +132,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-ms", type=int, default=5000,
                         help="node lease in ms; nodes heartbeat every lease/4 (default 5000)")
     parser.add_argument("--state-dir", default=None,
-                        help="directory for coordinator state, created if missing; not used "
-                             "yet: jobs and membership are not persisted across restarts")
+                        help="directory for the coordinator's state (nodes, jobs, shard maps, "
+                             "histories), created if missing; a restart with the same one "
+                             "carries on with its jobs (default: state in memory only)")
     args = parser.parse_args(argv)
     if args.lease_ms <= 0:
         parser.error(f"--lease-ms must be > 0, got {args.lease_ms}")
-    daemon.setup_logging(args.log_level)
+    daemon.setup_logging(args.log_level, args.log_format, "coordinator")
+    try:
+        daemon.configure_security(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.state_dir:
         try:
             os.makedirs(args.state_dir, exist_ok=True)
         except OSError as exc:
             rpc.fail(f"cannot create --state-dir {args.state_dir}: {exc}", exitcodes.STATE_ERROR)
-    coordinator = CoordinatorDaemon(args.host, args.port, args.lease_ms, args.metrics_port)
+    try:
+        coordinator = CoordinatorDaemon(args.host, args.port, args.lease_ms, args.metrics_port,
+                                        state_dir=args.state_dir)
+    except (StateError, OSError) as exc:
+        rpc.fail(f"cannot use --state-dir {args.state_dir}: {exc}", exitcodes.STATE_ERROR)
     try:
         coordinator.start()
     except OSError as exc:

@@ -19,6 +19,7 @@ from shardps.proto.spec import METRICS, dump_spec, parse_spec
 from .convergence import ConvergenceTracker, Verdict, non_finite_loss
 from .history import MAX_POINTS, Evaluation, JobHistory, StepReport
 from .membership import Membership, Node
+from .recovery import Rollback, joiners, progress_reported, resume_servers, shard_restored
 from .shardmap import build_shard_map
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class Job:
     layout: common_pb2.Layout | None = None
     shard_map: common_pb2.ShardMap | None = None
     history: JobHistory = field(default_factory=JobHistory)
+    rollback: Rollback = field(default_factory=Rollback)  # sync: the last checkpoint rollback
+    resume_from: str = ""  # the ended job whose checkpoints this one continues from
     tracker: ConvergenceTracker = field(init=False)
     spec_yaml: str = field(init=False)  # the normalised spec as canonical YAML
 
@@ -108,6 +111,13 @@ class JobTable:
         self._jobs: dict[str, Job] = {}  # in submit order
         self._active: dict[str, Job] = {}  # the non-final ones
 
+    def load(self, jobs: list[Job]) -> None:
+        """Takes over saved jobs in submit order (coordinator restart); the table must be
+        empty."""
+        assert not self._jobs, "load into an empty JobTable"
+        self._jobs = {j.job_id: j for j in jobs}
+        self._active = {j.job_id: j for j in jobs if not j.final}
+
     # -- lookups ---------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job:
@@ -135,17 +145,27 @@ class JobTable:
 
     # -- life cycle ------------------------------------------------------------------------
 
-    def submit(self, spec_yaml: str, membership: Membership, now: float) -> Job:
+    def submit(self, spec_yaml: str, membership: Membership, now: float,
+               resume_from: str = "") -> Job:
         """Validates and queues a job, then schedules.
+
+        `resume_from` names an ended job to continue: the new job runs on the servers holding
+        that job's checkpoints (its own servers if known, else those that reported them).
 
         Raises:
             SpecError: the spec is invalid (nothing is stored).
+            UnknownJobError: resume_from is unknown and no server holds checkpoints of it.
+            JobStateError: resume_from has not ended, or never had weights.
+            ValueError: the spec's cluster.servers differs from resume_from's shard count.
         """
         spec = parse_spec(spec_yaml)
+        if resume_from:
+            self._check_resumable(resume_from, spec, membership)
         job_id = f"{spec['name']}-{secrets.token_hex(3)}"
         while job_id in self._jobs:
             job_id = f"{spec['name']}-{secrets.token_hex(3)}"
-        job = Job(job_id, spec, now, history=JobHistory(self.max_points))
+        job = Job(job_id, spec, now, history=JobHistory(self.max_points),
+                  resume_from=resume_from)
         self._jobs[job_id] = self._active[job_id] = job
         log.info("job %s submitted (needs %d servers, %d workers)", job_id,
                  spec["cluster"]["servers"], spec["cluster"]["workers"])
@@ -160,7 +180,9 @@ class JobTable:
         served waits without holding nodes, so a later smaller job may start before it.
         """
         waiting = [j for j in self._active.values() if j.state == PENDING and not j.servers]
-        if not waiting:
+        short = [j for j in self._active.values()
+                 if j.state == RUNNING and len(j.workers) < j.spec["cluster"]["workers"]]
+        if not waiting and not short:
             return []
         servers = membership.alive(common_pb2.ROLE_SERVER)
         load = {s.node_id: self.hosted(s.node_id) for s in servers}
@@ -171,11 +193,17 @@ class JobTable:
         for job in waiting:
             need_servers = job.spec["cluster"]["servers"]
             need_workers = job.spec["cluster"]["workers"]
+            resumed = None
+            if job.resume_from:  # the servers holding its checkpoints, or wait for them
+                resumed, why = self._resume_servers(job, membership)
+                if resumed is None:
+                    job.reason = why
+                    continue
             if len(servers) < need_servers or len(idle) < need_workers:
                 job.reason = (f"waiting for {need_servers} servers and {need_workers} workers "
                               f"(have {len(servers)}, {len(idle)})")
                 continue
-            chosen = sorted(load, key=lambda s: (load[s], s))[:need_servers]
+            chosen = resumed or sorted(load, key=lambda s: (load[s], s))[:need_servers]
             for server_id in chosen:
                 load[server_id] += 1
             job.servers = chosen
@@ -187,6 +215,16 @@ class JobTable:
             assigned.append(job)
             log.info("job %s assigned: servers %s, workers %s", job.job_id,
                      ",".join(job.servers), ",".join(job.workers))
+        for job in short:  # elastic: a running job that lost workers takes idle ones back
+            joining = joiners(job.spec, job.workers, idle)
+            if not joining:
+                continue
+            idle = [w for w in idle if w not in joining]
+            job.workers += joining  # at the end: the others keep their ranks
+            job.assigned_workers += [w for w in joining if w not in job.assigned_workers]
+            job.epoch += 1
+            log.info("job %s: worker(s) %s joined: %d workers, epoch %d", job.job_id,
+                     ",".join(joining), len(job.workers), job.epoch)
         return assigned
 
     def set_layout(self, job_id: str, node_id: str, incarnation: int,
@@ -242,12 +280,13 @@ class JobTable:
     def report_progress(self, job_id: str, node_id: str, incarnation: int,
                         membership: Membership, now: float,
                         steps: Sequence[StepReport] = (), evals: Sequence[Evaluation] = (),
-                        finished: bool = False, failure: str = "") -> int:
+                        finished: bool = False, failure: str = "", rollback_id: int = 0) -> int:
         """Records a worker's steps and evaluations and decides the job's fate.
 
         Order: steps (a non-finite loss fails the job), the worker's failure, evaluations
-        (target or patience may end the job), then `finished` from the rank-0 worker, which
-        completes it. A final job answers its state and records nothing. Before ActivateJob
+        (target or patience may end the job), then `finished`: from the rank-0 worker (after
+        its final evaluation), or from the last live worker still training, it completes the
+        job. A final job answers its state and records nothing. Before ActivateJob
         only a failure is accepted (it fails the job). Returns the state.
 
         Raises:
@@ -285,6 +324,9 @@ class JobTable:
                 break
             finite.append(s)
         job.history.record_steps(node_id, finite, now)
+        if progress_reported(job.rollback, rollback_id, [s.step for s in finite]):
+            log.info("job %s: rollback %d settled: every shard is past version %d", job_id,
+                     job.rollback.id, job.rollback.version)
         job.history.settle(job.workers)
         if reason:
             return self._end(job, Verdict(FAILED, reason), now)
@@ -295,9 +337,9 @@ class JobTable:
             if verdict := job.tracker.observe(e.step, e.metric, e.value):
                 return self._end(job, verdict, now)
         if finished:
-            if job.rank(node_id) == 0:
-                return self._end(job, Verdict(COMPLETED, _finished_reason(job.spec)), now)
             job.history.worker(node_id).finished = True
+            if job.rank(node_id) == 0 or self._all_finished(job):
+                return self._end(job, Verdict(COMPLETED, _finished_reason(job.spec)), now)
         return job.state
 
     def cancel(self, job_id: str, now: float) -> int:
@@ -306,6 +348,63 @@ class JobTable:
         if job.final:
             return job.state
         return self._end(job, Verdict(CANCELLED, "cancelled by a client"), now)
+
+    # -- failures --------------------------------------------------------------------------
+
+    def shard_restored(self, job_id: str, index: int, version: int, lost: int) -> bool:
+        """A server restored shard `index` of a job from its checkpoint at `version`.
+
+        A running sync job rolls back (see recovery.shard_restored): its servers and workers
+        learn the rollback from their heartbeats. Other modes go on; `lost` updates are gone.
+        Returns True if a new rollback started.
+        """
+        job = self._jobs.get(job_id)
+        if job is None:
+            log.info("a server restored shard %d of job %s, unknown here", index, job_id)
+            return False
+        mode = job.spec["consistency"]["mode"]
+        if shard_restored(job.rollback, mode, job.state == RUNNING, version):
+            log.warning("job %s: shard %d restored at version %d (%d updates past it lost): "
+                        "rollback %d, every shard and worker goes back to version %d", job_id,
+                        index, version, lost, job.rollback.id, job.rollback.version)
+            return True
+        log.warning("job %s (%s, %s): shard %d restored at version %d; %d update(s) lost",
+                    job_id, mode, state_name(job.state), index, version, lost)
+        return False
+
+    def _holders(self, job_id: str, membership: Membership) -> dict[int, list[str]]:
+        holders: dict[int, list[str]] = {}
+        for node in membership.nodes():
+            for stored_job, index in node.stored:
+                if stored_job == job_id:
+                    holders.setdefault(index, []).append(node.node_id)
+        return holders
+
+    def _check_resumable(self, old_id: str, spec: dict[str, Any],
+                         membership: Membership) -> None:
+        old = self._jobs.get(old_id)
+        if old is None:
+            holders = self._holders(old_id, membership)
+            if not holders:
+                raise UnknownJobError(f"unknown job {old_id!r}: no server reports "
+                                      "checkpoints of it")
+            shards = max(holders) + 1
+        else:
+            if not old.final:
+                raise JobStateError(f"job {old_id} is still {state_name(old.state)}; cancel it "
+                                    "before resuming it")
+            if old.layout is None:
+                raise JobStateError(f"job {old_id} never had weights: nothing to resume")
+            shards = len(old.servers)
+        if spec["cluster"]["servers"] != shards:
+            raise ValueError(f"cluster.servers: must be {shards}, the shard count of job "
+                             f"{old_id}, to resume it")
+
+    def _resume_servers(self, job: Job, membership: Membership) -> tuple[list[str] | None, str]:
+        old = self._jobs.get(job.resume_from)
+        return resume_servers(job.spec["cluster"]["servers"], old.servers if old else [],
+                              self._holders(job.resume_from, membership),
+                              [s.node_id for s in membership.alive(common_pb2.ROLE_SERVER)])
 
     # -- membership changes ----------------------------------------------------------------
 
@@ -342,7 +441,9 @@ class JobTable:
 
     def node_lost(self, node_id: str, now: float, why: str) -> None:
         """A worker is gone: every non-final job it worked on drops it, bumps its epoch and
-        re-ranks the rest in their order; a job left without workers FAILS."""
+        re-ranks the rest in their order; a job left without workers FAILS, and one whose
+        remaining workers have all finished (the lost one was the rank 0 they were waiting
+        for) COMPLETES."""
         for job in list(self._active.values()):
             if node_id not in job.workers:
                 continue
@@ -352,10 +453,17 @@ class JobTable:
                      len(job.workers), job.epoch)
             if not job.workers:
                 self._end(job, Verdict(FAILED, "all workers lost"), now)
+            elif self._all_finished(job):
+                self._end(job, Verdict(COMPLETED, _finished_reason(job.spec)), now)
             else:
                 job.history.settle(job.workers)
 
     # -- internals -------------------------------------------------------------------------
+
+    @staticmethod
+    def _all_finished(job: Job) -> bool:
+        stats = job.history.workers
+        return all(w in stats and stats[w].finished for w in job.workers)
 
     def _require_rank0(self, job: Job, node_id: str, incarnation: int,
                        membership: Membership, action: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shardps.proto import common_pb2
 
@@ -41,6 +41,8 @@ class Node:
     metrics_address: str = ""
     device: str = ""
     hostname: str = ""
+    # servers: (job id, shard index) of every checkpoint in its data dir, as it registered
+    stored: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def role_name(self) -> str:
@@ -61,9 +63,11 @@ class Membership:
             raise ValueError(f"lease_ms must be > 0, got {lease_ms}")
         self.lease_ms = int(lease_ms)
         self._nodes: dict[str, Node] = {}
+        self._hold_until = float("-inf")  # no lease expires before this (after a restart)
 
     def register(self, role: int, address: str, now: float, node_id: str = "",
-                 metrics_address: str = "", device: str = "", hostname: str = "") -> Node:
+                 metrics_address: str = "", device: str = "", hostname: str = "",
+                 stored: list[tuple[str, int]] | None = None) -> Node:
         """Adds a node, or re-registers a known id with a higher incarnation.
 
         A node that passes an id the coordinator does not know (e.g. a server whose data dir
@@ -95,7 +99,18 @@ class Membership:
         node.metrics_address = metrics_address
         node.device = device
         node.hostname = hostname
+        node.stored = list(stored or [])
         return node
+
+    def load(self, nodes: list[Node], now: float, grace_s: float = 0.0) -> None:
+        """Takes over a saved node table (coordinator restart); the table must be empty.
+
+        No lease expires before `now + lease + grace_s`: daemons that were retrying an
+        unreachable coordinator with backoff get time to find it back.
+        """
+        assert not self._nodes, "load into an empty Membership"
+        self._nodes = {n.node_id: n for n in nodes}
+        self._hold_until = now + self.lease_ms / 1000.0 + grace_s
 
     def heartbeat(self, node_id: str, incarnation: int, now: float,
                   shutting_down: bool = False) -> bool:
@@ -116,6 +131,8 @@ class Membership:
     def expire(self, now: float) -> list[Node]:
         """Declares dead every alive node whose lease ran out; returns those, each once."""
         lease_s = self.lease_ms / 1000.0
+        if now < self._hold_until:
+            return []
         dead = [n for n in self._nodes.values() if n.alive and now - n.last_seen > lease_s]
         for node in dead:
             node.alive = False

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -83,6 +83,26 @@ class CoordinatorMetrics:
             "shardps_coordinator_jobs_submitted", "Jobs accepted by SubmitJob", registry=registry)
         self.rejected_specs = Counter(
             "shardps_coordinator_rejected_specs", "Job specs rejected as invalid by SubmitJob",
+            registry=registry)
+        self.state_restores = Counter(
+            "shardps_coordinator_state_restores", "Starts that loaded a saved state dir",
+            registry=registry)
+        self.state_writes = Counter(
+            "shardps_coordinator_state_writes", "Writes of the state dir, by result",
+            ["result"], registry=registry)
+        self.state_bytes = Gauge(
+            "shardps_coordinator_state_bytes", "Size of the last state written",
+            registry=registry)
+        self.shard_restores = Counter(
+            "shardps_coordinator_shard_restores",
+            "Shards that servers reported restored from a checkpoint", registry=registry)
+        self.lost_updates = Counter(
+            "shardps_coordinator_lost_updates",
+            "Updates past the restored checkpoints, as the servers reported them (sync jobs "
+            "replay them)", registry=registry)
+        self.rollbacks = Counter(
+            "shardps_coordinator_rollbacks",
+            "sync rollbacks started: every shard and worker of a job back to a checkpoint",
             registry=registry)
         registry.register(_StateCollector(snapshot))
 

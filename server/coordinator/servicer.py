@@ -4,6 +4,7 @@ the core's exceptions to status codes."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,9 @@ from .history import Evaluation, StepReport
 from .jobs import FINAL_STATES, INIT_TIMEOUT_S, Job, JobStateError, JobTable, UnknownJobError
 from .membership import Membership, StaleNodeError, UnknownNodeError
 from .metrics import CoordinatorMetrics, Snapshot, take_snapshot
+from .state import StateFile, dump, restore, structure
+
+log = logging.getLogger(__name__)
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
@@ -32,27 +36,78 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     NOT_FOUND for an unknown job or node, FAILED_PRECONDITION for a call the job's state or
     the caller's role does not allow. A refused call changes nothing.
 
+    With a `state_dir`, the node and job tables persist there (docs/architecture.md,
+    "Failures"): a change to membership, a job's state, nodes, layout or shard map is
+    written before the RPC that made it replies; loss histories at the latest on the next
+    `persist()` (the daemon's timer). A restarted coordinator loads them and carries on.
+
     Args:
         lease_ms: the lease handed to every node.
         registry: where the metrics go (a private registry if None).
         init_timeout_s: how long a job may take from assignment to ActivateJob.
+        state_dir: where the state is kept; None keeps it in memory only.
+
+    Raises:
+        StateError: the state dir holds a state that cannot be loaded.
     """
 
     def __init__(self, lease_ms: int = 5000, registry: CollectorRegistry | None = None,
-                 init_timeout_s: float = INIT_TIMEOUT_S):
+                 init_timeout_s: float = INIT_TIMEOUT_S, state_dir: str | None = None):
         self._lock = threading.Lock()
         self._membership = Membership(lease_ms)
         self._jobs = JobTable(init_timeout_s)
         self.metrics = CoordinatorMetrics(registry or CollectorRegistry(), self._snapshot)
+        self._state = StateFile(state_dir) if state_dir else None
+        self._saved: tuple | None = None  # structure() of what is on disk
+        self._dirty = False               # progress recorded since the last write
+        self._dump_cache: dict[str, dict] = {}
+        if self._state is not None:
+            self._load_state()
 
     @property
     def lease_ms(self) -> int:
         return self._membership.lease_ms
 
     def sweep(self) -> None:
-        """Expires leases and initialisation timeouts now (the daemon calls it on a timer)."""
+        """Expires leases and initialisation timeouts now (the daemon calls it on a timer),
+        and writes the state if anything is unsaved."""
         with self._lock:
             self._sweep(time.monotonic())
+            self._persist(lazy=True)
+
+    def _load_state(self) -> None:
+        assert self._state is not None
+        doc = self._state.load()
+        if doc is None:
+            log.debug("no saved state in %s: starting empty", self._state.directory)
+            return
+        restore(doc, self._membership, self._jobs, time.monotonic(), time.time())
+        self._saved = structure(self._membership, self._jobs)
+        self.metrics.state_restores.inc()
+        active = [j for j in self._jobs.jobs() if not j.final]
+        log.warning("restored state from %s (saved %.1f s ago): %d nodes, %d jobs (%d not "
+                    "ended); nodes have one lease to heartbeat again", self._state.path,
+                    time.time() - doc.get("saved_unix", time.time()),
+                    len(self._membership.nodes()), len(self._jobs.jobs()), len(active))
+
+    def _persist(self, lazy: bool = False) -> None:
+        """Writes the state if its structure changed, or (lazy) if progress is unsaved.
+        Caller holds the lock. A failed write is logged and counted, never raised."""
+        if self._state is None:
+            return
+        now_structure = structure(self._membership, self._jobs)
+        if now_structure == self._saved and not (lazy and self._dirty):
+            return
+        try:
+            size = self._state.save(dump(self._membership, self._jobs, time.monotonic(),
+                                         time.time(), self._dump_cache))
+        except OSError as exc:
+            self.metrics.state_writes.labels("failed").inc()
+            log.error("writing the state to %s failed: %s", self._state.path, exc)
+            return
+        self.metrics.state_writes.labels("written").inc()
+        self.metrics.state_bytes.set(size)
+        self._saved, self._dirty = now_structure, False
 
     # -- membership ------------------------------------------------------------------------
 
@@ -62,10 +117,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             node = self._membership.register(
                 request.role, request.address, now, node_id=request.node_id,
                 metrics_address=request.metrics_address, device=request.device,
-                hostname=request.hostname)
+                hostname=request.hostname,
+                stored=[(s.job_id, s.shard_index) for s in request.stored])
             self._jobs.node_registered(node, now)
-            return pb.RegisterNodeResponse(node_id=node.node_id, incarnation=node.incarnation,
-                                           lease_ms=self.lease_ms)
+            self._shards_restored(node.node_id, request.restored)
+            reply = pb.RegisterNodeResponse(node_id=node.node_id, incarnation=node.incarnation,
+                                            lease_ms=self.lease_ms)
+            if node.role == common_pb2.ROLE_SERVER:
+                reply.jobs.extend(self._server_views(node.node_id))
+            return reply
 
     def Heartbeat(self, request: pb.HeartbeatRequest,
                   context: grpc.ServicerContext) -> pb.HeartbeatResponse:
@@ -79,18 +139,41 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             if request.shutting_down:
                 self._jobs.node_lost(node_id, now, "shut down")
                 return reply
+            self._shards_restored(node_id, request.restored)
             self._jobs.schedule(self._membership, now)
             if self._membership.get(node_id).role == common_pb2.ROLE_WORKER:
                 job = self._jobs.assignment(node_id)
                 if job is not None:
                     reply.assignment.CopyFrom(pb.WorkerAssignment(
                         job_id=job.job_id, rank=job.rank(node_id),
-                        world_size=len(job.workers), epoch=job.epoch))
+                        world_size=len(job.workers), epoch=job.epoch,
+                        rollback_id=job.rollback.id, rollback_version=job.rollback.version))
             else:
-                for job in self._jobs.server_jobs(node_id):
-                    reply.jobs.add(job_id=job.job_id, state=job.state, epoch=job.epoch,
-                                   live_workers=job.workers)
+                reply.jobs.extend(self._server_views(node_id))
             return reply
+
+    def _server_views(self, node_id: str) -> list[pb.ServerJobView]:
+        """What a server must know of each job it hosts: state, live workers with their
+        incarnations (it fences the others), and the job's last rollback."""
+        views = []
+        for job in self._jobs.server_jobs(node_id):
+            incarnations = [n.incarnation if (n := self._membership.find(w)) else 0
+                            for w in job.workers]
+            views.append(pb.ServerJobView(
+                job_id=job.job_id, state=job.state, epoch=job.epoch, live_workers=job.workers,
+                live_incarnations=incarnations, rollback_id=job.rollback.id,
+                rollback_version=job.rollback.version))
+        return views
+
+    def _shards_restored(self, node_id: str, restored) -> None:
+        for r in restored:
+            log.warning("server %s restored job %s shard %d from its checkpoint at version %d "
+                        "(%d update(s) past it lost)", node_id, r.job_id, r.shard_index,
+                        r.version, r.lost_updates)
+            self.metrics.shard_restores.inc()
+            self.metrics.lost_updates.inc(max(0, r.lost_updates))
+            if self._jobs.shard_restored(r.job_id, r.shard_index, r.version, r.lost_updates):
+                self.metrics.rollbacks.inc()
 
     def ListNodes(self, request: pb.ListNodesRequest,
                   context: grpc.ServicerContext) -> pb.ListNodesResponse:
@@ -116,7 +199,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def SubmitJob(self, request: pb.SubmitJobRequest,
                   context: grpc.ServicerContext) -> pb.SubmitJobResponse:
         with self._serving(context) as now:
-            job = self._jobs.submit(request.spec_yaml, self._membership, now)
+            job = self._jobs.submit(request.spec_yaml, self._membership, now,
+                                    resume_from=request.resume_from)
             self.metrics.jobs_submitted.inc()
             return pb.SubmitJobResponse(job_id=job.job_id)
 
@@ -162,7 +246,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 steps=[StepReport(s.step, s.loss, s.samples, s.duration_ms)
                        for s in request.steps],
                 evals=[Evaluation(e.step, e.metric, e.value, e.loss) for e in request.evals],
-                finished=request.finished, failure=request.failure)
+                finished=request.finished, failure=request.failure,
+                rollback_id=request.rollback_id)
+            self._dirty = True
             action = pb.WORKER_ACTION_STOP if state in FINAL_STATES else pb.WORKER_ACTION_CONTINUE
             return pb.ReportProgressResponse(action=action, state=state)
 
@@ -185,6 +271,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
             except (JobStateError, StaleNodeError) as exc:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            self._persist()
 
     def _sweep(self, now: float) -> None:
         for node in self._jobs.sweep(self._membership, now):
@@ -215,7 +302,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             has_eval=tracker.has_eval, metric_value=tracker.latest or 0.0,
             best_metric=tracker.best or 0.0, best_step=tracker.best_step,
             steps_per_s=history.steps_per_s(now), samples=history.samples,
-            servers=job.servers, epoch=job.epoch)
+            servers=job.servers, epoch=job.epoch, resume_from=job.resume_from,
+            rollback_id=job.rollback.id, rollback_version=job.rollback.version)
         for node_id in job.assigned_workers:
             stats = history.workers.get(node_id)
             info.workers.add(

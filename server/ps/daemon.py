@@ -9,12 +9,14 @@ import threading
 
 import torch
 
-from shardps.proto import daemon, exitcodes, ps_pb2_grpc, rpc
+from shardps.proto import daemon, exitcodes, rpc
 
+from .checkpoint_servicer import CheckpointingServicer
+from .checkpointer import Checkpointer
 from .heartbeat import CoordinatorLink
 from .metrics import PSMetrics
 from .registry import ShardRegistry
-from .servicer import SERVICE_NAME, ParameterServerServicer
+from .servicer import SERVICE_NAME, add_to_server
 
 log = logging.getLogger("shardps.ps")
 
@@ -34,7 +36,8 @@ class ParameterServerDaemon:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, coordinator: str | None = None,
                  metrics_port: int = -1, advertise: str | None = None,
-                 threads: int | None = None, grpc_workers: int = GRPC_WORKERS):
+                 threads: int | None = None, grpc_workers: int = GRPC_WORKERS,
+                 data_dir: str | None = None):
         """
         Args:
             host, port: address to bind; port 0 picks a free one.
@@ -43,6 +46,9 @@ class ParameterServerDaemon:
             advertise: host:port to register (default: the bound address).
             threads: torch intra-op threads for Adam (process-wide); None leaves torch's.
             grpc_workers: size of the gRPC handler thread pool.
+            data_dir: where checkpoints and the node id live; None disables checkpoints.
+                On start, every shard found there is restored from its newest valid
+                checkpoint and the server registers under its old node id.
         """
         self.host = host
         self.port = port
@@ -51,13 +57,15 @@ class ParameterServerDaemon:
         self.advertise = advertise
         self.threads = threads
         self.metrics_registry = daemon.new_registry()
-        self.shards = ShardRegistry()
+        self.checkpointer = (Checkpointer(data_dir, self.metrics_registry)
+                             if data_dir else None)
+        self.shards = ShardRegistry(self.checkpointer.attach if self.checkpointer else None)
         self.metrics = PSMetrics(self.metrics_registry, self.shards)
-        self.servicer = ParameterServerServicer(self.shards, self.metrics)
+        self.servicer = CheckpointingServicer(self.shards, self.metrics, self.checkpointer)
         self.metrics_endpoint: daemon.MetricsEndpoint | None = None
         self.link: CoordinatorLink | None = None
         self._server = rpc.make_server(grpc_workers)
-        ps_pb2_grpc.add_ParameterServerServicer_to_server(self.servicer, self._server)
+        add_to_server(self.servicer, self._server)  # codec (de)serializers for bulk messages
         self._health = rpc.add_health(self._server, SERVICE_NAME)
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
@@ -75,6 +83,9 @@ class ParameterServerDaemon:
     def start(self) -> ParameterServerDaemon:
         if self.threads:
             torch.set_num_threads(self.threads)
+        if self.checkpointer:  # before serving: a worker must never see a shard missing
+            for shard in self.checkpointer.restore_all():
+                self.shards.put(shard)
         try:
             self.port = rpc.bind(self._server, self.host, self.port)
             self.metrics_endpoint = daemon.start_metrics(self.metrics_registry, self.host,
@@ -90,9 +101,16 @@ class ParameterServerDaemon:
             metrics = ""
             if self.metrics_endpoint:
                 metrics = f"{advertised.rsplit(':', 1)[0]}:{self.metrics_endpoint.port}"
-            self.link = CoordinatorLink(self.coordinator, advertised, metrics,
-                                        self.shards.apply_views).start()
+            self.link = CoordinatorLink(
+                self.coordinator, advertised, metrics, self._on_views,
+                node_id=self.checkpointer.node_id() if self.checkpointer else "",
+                checkpoints=self.checkpointer).start()
         return self
+
+    def _on_views(self, views) -> None:
+        if self.checkpointer:  # a sync rollback first: it reloads workers and epoch
+            self.checkpointer.apply_rollbacks(self.shards.shards(), views)
+        self.shards.apply_views(views)
 
     def _default_advertise(self) -> str:
         if self.host in _WILDCARDS:
@@ -108,6 +126,9 @@ class ParameterServerDaemon:
             self.servicer.shutdown()
             if self._started:
                 self._server.stop(grace).wait(grace + 5)
+            if self.checkpointer:  # pushes have stopped: the final checkpoint
+                self.checkpointer.final(self.shards.shards())
+                self.checkpointer.shutdown()
             self.shards.close()
             if self.link:
                 self.link.stop()
@@ -145,17 +166,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="address to register with the coordinator (default: the bound "
                              "host:port)")
     parser.add_argument("--data-dir", metavar="DIR",
-                        help="state directory for checkpoints (accepted; checkpoints are not "
-                             "written yet)")
+                        help="directory for checkpoints and the node id, created if missing; "
+                             "a restart with the same one restores every shard and keeps the "
+                             "node id (default: no checkpoints)")
     parser.add_argument("--threads", type=_positive, default=1,
                         help="torch intra-op threads for Adam (default 1)")
     args = parser.parse_args(argv)
-    daemon.setup_logging(args.log_level)
-    if args.data_dir:
-        log.info("--data-dir %s accepted; checkpoints are not implemented yet", args.data_dir)
-    server = ParameterServerDaemon(args.host, args.port, args.coordinator or None,
-                                   args.metrics_port, advertise=args.advertise,
-                                   threads=args.threads)
+    daemon.setup_logging(args.log_level, args.log_format, "server")
+    try:
+        daemon.configure_security(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        server = ParameterServerDaemon(args.host, args.port, args.coordinator or None,
+                                       args.metrics_port, advertise=args.advertise,
+                                       threads=args.threads, data_dir=args.data_dir)
+    except OSError as exc:
+        rpc.fail(f"cannot use --data-dir {args.data_dir}: {exc}", exitcodes.STATE_ERROR)
     try:
         server.start()
     except OSError as exc:

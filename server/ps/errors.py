@@ -54,4 +54,13 @@ class InvalidConfigError(ShardError):
 # Every `reason` label of shardps_ps_rejected_pushes_total (metrics export each at 0).
 REJECT_REASONS = ("invalid", "bad_header", "bad_dtype", "bad_chunks", "bad_length", "non_finite",
                   "bad_step", "bad_batch_size", "unknown_shard", "shard_closed", "unknown_worker",
-                  "step_ahead", "bad_config")
+                  "step_ahead", "bad_config", "fenced")
+
+
+class FencedError(ShardError):
+    """A push from a worker incarnation the coordinator declared dead (or replaced).
+
+    The message starts with "fenced:" so the worker can tell it from other refusals.
+    """
+
+    reason = "fenced"

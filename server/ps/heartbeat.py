@@ -6,10 +6,11 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 
-from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, rpc
+from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, daemon, rpc
 
 log = logging.getLogger("shardps.ps")
 
@@ -30,11 +31,16 @@ class CoordinatorLink:
     deadline. `stop()` ends the thread and sends a last heartbeat with shutting_down=True.
     """
 
-    def __init__(self, coordinator: str, address: str, metrics_address: str, on_views: OnViews):
+    def __init__(self, coordinator: str, address: str, metrics_address: str, on_views: OnViews,
+                 node_id: str = "", checkpoints: Any = None):
+        """`node_id`: the id to register under (a restarted server's, from its data dir).
+        `checkpoints`: the server's Checkpointer, if it has a data dir: the link reports its
+        restores and stored shards to the coordinator and persists the node id."""
         self.coordinator = coordinator
         self.address = address
         self.metrics_address = metrics_address
-        self.node_id = ""
+        self.node_id = node_id
+        self._checkpoints = checkpoints
         self.incarnation = 0
         self.lease_ms = DEFAULT_LEASE_MS
         self._on_views = on_views
@@ -97,24 +103,47 @@ class CoordinatorLink:
             self._stop.wait(delay)
 
     def _register(self) -> None:
-        reply = self._stub.RegisterNode(
-            coordinator_pb2.RegisterNodeRequest(
-                role=common_pb2.ROLE_SERVER, address=self.address, node_id=self.node_id,
-                metrics_address=self.metrics_address, hostname=socket.gethostname()),
-            timeout=rpc.CONTROL_DEADLINE_S)
+        restored = self._checkpoints.take_reports() if self._checkpoints else []
+        stored = self._checkpoints.stored() if self._checkpoints else []
+        try:
+            reply = self._stub.RegisterNode(
+                coordinator_pb2.RegisterNodeRequest(
+                    role=common_pb2.ROLE_SERVER, address=self.address, node_id=self.node_id,
+                    metrics_address=self.metrics_address, hostname=socket.gethostname(),
+                    restored=restored, stored=stored),
+                timeout=rpc.CONTROL_DEADLINE_S)
+        except grpc.RpcError:
+            if restored:
+                self._checkpoints.put_back(restored)
+            raise
+        if self._checkpoints is not None:
+            self._checkpoints.save_node_id(reply.node_id)
         self.node_id = reply.node_id
+        daemon.set_log_node(self.node_id)
         self.incarnation = reply.incarnation
         self.lease_ms = reply.lease_ms or DEFAULT_LEASE_MS
         self._registered = True
         log.info("registered with coordinator %s as %s (incarnation %d, lease %d ms)",
                  self.coordinator, self.node_id, self.incarnation, self.lease_ms)
+        if reply.jobs:
+            self._on_views(reply.jobs)
 
     def _heartbeat(self) -> float:
         """One heartbeat; returns the seconds until the next one."""
-        reply = self._stub.Heartbeat(
-            coordinator_pb2.HeartbeatRequest(node_id=self.node_id, incarnation=self.incarnation),
-            timeout=self._deadline_s())
+        restored = self._checkpoints.take_reports() if self._checkpoints else []
+        try:
+            reply = self._stub.Heartbeat(
+                coordinator_pb2.HeartbeatRequest(node_id=self.node_id,
+                                                 incarnation=self.incarnation,
+                                                 restored=restored),
+                timeout=self._deadline_s())
+        except grpc.RpcError:
+            if restored:
+                self._checkpoints.put_back(restored)
+            raise
         if reply.unknown_node:
+            if restored:
+                self._checkpoints.put_back(restored)  # tell them at registration instead
             log.warning("coordinator %s does not know %s (incarnation %d); registering again",
                         self.coordinator, self.node_id, self.incarnation)
             self._registered = False

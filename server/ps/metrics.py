@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .errors import REJECT_REASONS
@@ -39,7 +39,7 @@ class PSMetrics:
                                       "Pull streaming time after the wait (snapshot and send)",
                                       buckets=_SECONDS, registry=registry)
         self.apply_seconds = Histogram("shardps_ps_apply_seconds",
-                                       "Time of one Adam step (with the sync mean)",
+                                       "Apply time of a push that ran an Adam step (lock, sync mean, Adam)",
                                        buckets=_SECONDS, registry=registry)
         self.staleness = Histogram("shardps_ps_staleness",
                                    "async/ssp: shard version minus the push's base version",
@@ -53,12 +53,12 @@ class PSMetrics:
 
 
 class _ShardCollector(Collector):
-    """Reports each shard's version, resident bytes and waiting pulls at scrape time."""
+    """Reports each shard's version, size, waiting pulls and consistency records at scrape time."""
 
     def __init__(self, shards: ShardRegistry):
         self._shards = shards
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         version = GaugeMetricFamily("shardps_ps_version", "Shard version (Adam steps applied)",
                                     labels=["job", "shard"])
         size = GaugeMetricFamily("shardps_ps_shard_bytes",
@@ -67,14 +67,25 @@ class _ShardCollector(Collector):
         waiting = GaugeMetricFamily("shardps_ps_waiting_pulls",
                                     "Pulls blocked on a version or ssp clock right now",
                                     labels=["job", "shard"])
+        live = GaugeMetricFamily("shardps_ps_live_workers",
+                                 "Workers the shard counts in its rounds and clock gate now",
+                                 labels=["job", "shard"])
+        short = CounterMetricFamily("shardps_ps_short_rounds",
+                                    "sync rounds completed with fewer workers than they opened "
+                                    "with (a worker left mid-round)", labels=["job", "shard"])
+        spread = GaugeMetricFamily("shardps_ps_max_clock_spread",
+                                   "ssp: largest clock spread (puller minus slowest live worker) "
+                                   "a pull was granted at", labels=["job", "shard"])
         for shard in self._shards.shards():
             labels = [shard.job_id, str(shard.index)]
-            version.add_metric(labels, shard.version)
+            info = shard.info()
+            version.add_metric(labels, info.version)
             size.add_metric(labels, shard.resident_bytes())
             waiting.add_metric(labels, shard.waiting_pulls)
-        yield version
-        yield size
-        yield waiting
+            live.add_metric(labels, len(info.live_workers))
+            short.add_metric(labels, info.short_rounds)
+            spread.add_metric(labels, info.max_clock_spread)
+        yield from (version, size, waiting, live, short, spread)
 
-    def describe(self) -> Iterator[GaugeMetricFamily]:
+    def describe(self) -> Iterator[Metric]:
         return iter(())

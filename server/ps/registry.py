@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from shardps.proto import coordinator_pb2
 
@@ -21,9 +21,12 @@ class ShardRegistry:
     dropped shard is closed, so calls still holding it fail or wake up instead of hanging.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_put: Callable[[Shard], None] | None = None) -> None:
+        """`on_put(shard)` runs before a shard is added (the checkpointer attaches there);
+        if it raises, nothing is added."""
         self._shards: dict[tuple[str, int], Shard] = {}
         self._lock = threading.Lock()
+        self._on_put = on_put
 
     def put(self, shard: Shard) -> bool:
         """Adds a shard, replacing (and closing) any shard of the same job and index.
@@ -31,6 +34,8 @@ class ShardRegistry:
         Returns True if one was replaced.
         """
         key = (shard.job_id, shard.index)
+        if self._on_put is not None:
+            self._on_put(shard)
         with self._lock:
             old = self._shards.get(key)
             self._shards[key] = shard
@@ -74,6 +79,8 @@ class ShardRegistry:
             for shard in self.shards(view.job_id):
                 # State first: a final job must not complete a round on its way out.
                 shard.set_job_state(view.state)
+                if len(view.live_incarnations) == len(view.live_workers):
+                    shard.fence(dict(zip(view.live_workers, view.live_incarnations, strict=True)))
                 shard.update_workers(list(view.live_workers), view.epoch)
 
     def wake_all(self) -> None:

@@ -13,14 +13,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
-from shardps.proto import common_pb2, ps_pb2
+from shardps.proto import common_pb2, ps_pb2, refusals
 
+from . import adam as adam_lib
 from . import schedule
 from .buffers import BufferPool
+from .checkpoint import ShardState
 from .errors import (
+    FencedError,
     InvalidConfigError,
     InvalidPushError,
     ShardClosedError,
@@ -29,6 +33,7 @@ from .errors import (
 )
 
 log = logging.getLogger("shardps.ps")
+_T = TypeVar("_T")
 
 FINAL_STATES = frozenset({
     common_pb2.JOB_STATE_COMPLETED,
@@ -36,6 +41,8 @@ FINAL_STATES = frozenset({
     common_pb2.JOB_STATE_FAILED,
     common_pb2.JOB_STATE_CANCELLED,
 })
+# Gradients a push may hand over: fp32, or kept in the wire dtype it arrived in.
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MODES = {
     common_pb2.CONSISTENCY_SYNC: "sync",
     common_pb2.CONSISTENCY_SSP: "ssp",
@@ -45,14 +52,9 @@ MODES = {
 
 @functools.cache
 def fused_adam_available() -> bool:
-    """Whether this torch runs `torch.optim.Adam(fused=True)` on CPU tensors (torch >= 2.4)."""
-    param = torch.zeros(1)
-    param.grad = torch.zeros(1)
-    try:
-        torch.optim.Adam([param], fused=True).step()
-    except (RuntimeError, ValueError):
-        return False
-    return True
+    """Whether this torch has fused Adam for CPU tensors (torch >= 2.4); shards then run it
+    through adam.FusedAdam (same kernel and results as `torch.optim.Adam(fused=True)`)."""
+    return adam_lib.available()
 
 
 @dataclass(frozen=True)
@@ -74,20 +76,33 @@ class PushResult:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A consistent copy of the weights in a wire dtype; hand it back with `Shard.release`."""
+    """One version of the weights in a wire dtype; hand it back with `Shard.release`.
 
-    tensor: torch.Tensor
+    Read it with `Shard.read`, a range at a time: while the weights stay at this version that
+    reads them in place, and a step that changes them first copies them for the snapshots
+    still held (copy on write), so a pull costs no full copy unless an apply overlaps it.
+    `tensor` is a whole copy, made on first use.
+    """
+
     version: int
     job_done: bool
+    dtype: torch.dtype
     _entry: _CachedCopy
+    _shard: Shard
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self._shard._materialize(self._entry)
 
 
 class _CachedCopy:
-    """The latest weights copy of one dtype, shared by every pull of the same version."""
+    """The weights of one version in one dtype, shared by every pull of that version: the live
+    weights themselves (`tensor` None) until a step copies them for the pulls still reading."""
 
-    def __init__(self, tensor: torch.Tensor, version: int):
-        self.tensor = tensor
+    def __init__(self, version: int, dtype: torch.dtype):
+        self.tensor: torch.Tensor | None = None
         self.version = version
+        self.dtype = dtype
         self.refs = 0
 
 
@@ -130,10 +145,17 @@ class Shard:
 
         self._weights = weights.contiguous()
         opt = config.optimizer
-        adam = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
-        self._optimizer = adam([self._weights], lr=opt.lr, betas=(opt.beta1, opt.beta2),
-                               eps=opt.eps, weight_decay=opt.weight_decay, fused=self.fused)
+        self._optimizer: adam_lib.FusedAdam | torch.optim.Optimizer
+        if self.fused:  # torch's fused kernel without torch.optim (see adam.py for why)
+            self._optimizer = adam_lib.FusedAdam(
+                [self._weights], lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                weight_decay=opt.weight_decay, decoupled=opt.name == "adamw")
+        else:
+            adam = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+            self._optimizer = adam([self._weights], lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                                   eps=opt.eps, weight_decay=opt.weight_decay)
         self._group = self._optimizer.param_groups[0]
+        self._block: torch.Tensor | None = None  # fp32 scratch of a blockwise step
 
         self._cond = threading.Condition(threading.Lock())
         self.version = 0
@@ -145,10 +167,21 @@ class Shard:
         self._clocks: dict[str, int] = {}                # worker id -> steps pushed
         self._highest: dict[tuple[str, int], int] = {}   # (worker, incarnation) -> highest step
         self._round: dict[str, _Contribution] = {}       # sync: open round (step == version)
+        self._round_opened_with = 0                      # sync: live workers at its first push
+        self.short_rounds = 0                            # sync: rounds closed without them all
+        self.max_clock_spread = 0                        # ssp: largest spread a pull was granted at
         self._closed = False
         self._waiting = 0                                # pulls blocked in wait_for_pull
         self._staging = BufferPool(self.length, keep=max(2, len(self._workers)))
         self._copies: dict[torch.dtype, _CachedCopy] = {}
+        # Fencing (docs/architecture.md, "Failures"): incarnations of the live workers as the
+        # coordinator last said, and the last incarnation of each worker that left the job.
+        self._incarnations: dict[str, int] = {}
+        self._departed: dict[str, int] = {}
+        self.rollback_id = 0                             # sync: the last rollback applied
+        # Called under the shard's lock after every version change (checkpoints hook here);
+        # it must not block.
+        self.on_applied: Callable[[Shard], None] | None = None
 
     # -- state --------------------------------------------------------------------------
 
@@ -188,7 +221,8 @@ class Shard:
                 job_id=self.job_id, shard_index=self.index, offset=self.config.offset,
                 length=self.length, version=self.version, adam_step=self.adam_step,
                 state=self.job_state, pushes_applied=self.pushes_applied,
-                worker_clocks=dict(self._clocks))
+                worker_clocks=dict(self._clocks), max_clock_spread=self.max_clock_spread,
+                short_rounds=self.short_rounds, live_workers=self._workers, epoch=self.epoch)
 
     def resident_bytes(self) -> int:
         """Bytes of fp32 weights plus Adam's m and v (once the first step created them)."""
@@ -242,6 +276,98 @@ class Shard:
                  if completed else "")
         return completed
 
+    def fence(self, live: dict[str, int]) -> None:
+        """Adopts the live workers' incarnations from the coordinator (worker -> incarnation).
+
+        A worker that left the live set, or is live under a newer incarnation, has its old
+        incarnation fenced: its pushes are refused from now on.
+        """
+        with self._cond:
+            for worker, old in self._incarnations.items():
+                if live.get(worker) != old:
+                    self._departed[worker] = max(self._departed.get(worker, 0), old)
+            self._incarnations = dict(live)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def capture(self) -> ShardState:
+        """A consistent copy of everything a checkpoint holds (copies under the lock)."""
+        with self._cond:
+            return self.capture_locked()
+
+    def capture_locked(self) -> ShardState:
+        """As `capture`, for callers that hold the lock (the `on_applied` hook).
+
+        A sync round still open is not part of the state: its contributions are not applied,
+        so their pushes are not recorded as applied either (the workers push them again).
+        """
+        applied = dict(self._highest)
+        clocks = dict(self._clocks)
+        for worker in self._round:
+            for key, step in applied.items():
+                if key[0] == worker and step >= self.version:
+                    applied[key] = self.version - 1
+            clocks[worker] = min(clocks.get(worker, 0), self.version)
+        tensors = {"weights": self._weights.clone()}
+        for key, value in self._optimizer.state.get(self._weights, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.clone()
+        return ShardState(
+            config=self.config, version=self.version, adam_step=self.adam_step,
+            pushes_applied=self.pushes_applied, job_state=self.job_state, epoch=self.epoch,
+            workers=list(self._workers), tensors=tensors,
+            incarnations=dict(self._incarnations), departed=dict(self._departed),
+            clocks=clocks, applied=applied, rollback_id=self.rollback_id)
+
+    def load_state(self, state: ShardState, tables: bool = True) -> None:
+        """Replaces weights, Adam state and version with a checkpoint's (rollback, resume).
+
+        `tables` also takes its workers, epoch, clocks and applied-push and fencing tables
+        (False for a resumed job, which starts them afresh). An open sync round is dropped;
+        waiting pulls re-check. The job state stays the coordinator's.
+
+        Raises:
+            InvalidConfigError: the checkpoint is of a different length.
+        """
+        weights = state.tensors["weights"]
+        if weights.dtype != torch.float32 or weights.numel() != self.length:
+            raise InvalidConfigError(f"checkpoint holds {weights.dtype}[{weights.numel()}], "
+                                     f"shard is fp32[{self.length}]")
+        with self._cond:
+            self._detach_readers()
+            self._weights.copy_(weights)
+            adam = {k: state.tensors[k].clone() for k in ("step", "exp_avg", "exp_avg_sq")
+                    if k in state.tensors}
+            if adam:
+                self._optimizer.state[self._weights] = adam
+            else:
+                self._optimizer.state.pop(self._weights, None)
+            self.version, self.adam_step = state.version, state.adam_step
+            self.pushes_applied = state.pushes_applied
+            self.rollback_id = state.rollback_id
+            if tables:
+                self.epoch = state.epoch
+                self._workers = list(state.workers)
+                self._incarnations = dict(state.incarnations)
+                self._departed = dict(state.departed)
+                self._clocks = dict(state.clocks)
+                self._highest = dict(state.applied)
+            self._drop_round()
+            self._copies.clear()  # snapshots still held are released as stale ones
+            self._cond.notify_all()
+
+    @classmethod
+    def from_state(cls, state: ShardState) -> Shard:
+        """A shard as it was when `state` was captured (server restart)."""
+        shard = cls(state.config, state.tensors["weights"].clone())
+        shard.load_state(state)
+        shard.job_state = state.job_state
+        return shard
+
+    def _applied(self) -> None:
+        if self.on_applied is not None:
+            self.on_applied(self)
+
     def close(self) -> None:
         """Marks the shard dropped (or replaced): waits end, later calls raise ShardClosedError."""
         with self._cond:
@@ -253,13 +379,15 @@ class Shard:
 
     # -- push ---------------------------------------------------------------------------
 
-    def staging(self) -> torch.Tensor:
-        """An fp32 buffer of `length` elements to decode a push into (contents undefined).
+    def staging(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A buffer of `length` elements to decode a push into (contents undefined).
 
-        The caller passes it to `push` (which takes it over) or hands it back with
-        `release_staging` if the push fails before that.
+        `dtype` may be the push's wire dtype (bf16/fp16): the gradient is then kept as it came,
+        in half the memory, and cast to fp32 block by block when it is applied. The caller
+        passes it to `push` (which takes it over) or hands it back with `release_staging` if
+        the push fails before that.
         """
-        return self._staging.acquire(torch.float32)
+        return self._staging.acquire(dtype)
 
     def release_staging(self, grad: torch.Tensor) -> None:
         self._staging.release(grad)
@@ -275,11 +403,13 @@ class Shard:
             return self._check(worker_id, incarnation, step, length, batch_size)
 
     def push(self, grad: torch.Tensor, *, worker_id: str, incarnation: int = 0, step: int,
-             base_version: int = 0, batch_size: int = 1) -> PushResult:
+             base_version: int = 0, batch_size: int = 1, checked: bool = False) -> PushResult:
         """Handles one worker's gradient for one step; takes over `grad`.
 
         async/ssp: one Adam step on arrival. sync: buffered in the round of `step`; the last
-        live worker's push runs one Adam step on the batch-size-weighted mean.
+        live worker's push runs one Adam step on the batch-size-weighted mean. `checked`: the
+        caller has already verified every value is finite (the servicer does, chunk by chunk
+        as the gradient arrives), so the whole-vector check is skipped.
 
         Raises:
             InvalidPushError: wrong length, bad batch size or step, non-finite values.
@@ -288,12 +418,12 @@ class Shard:
             ShardClosedError: the shard was dropped or replaced.
         Nothing changes when it raises.
         """
-        if grad.dtype != torch.float32 or grad.dim() != 1 or grad.numel() != self.length:
+        if grad.dtype not in _GRAD_DTYPES or grad.dim() != 1 or grad.numel() != self.length:
             raise InvalidPushError(
-                f"gradient must be fp32[{self.length}], got {grad.dtype} {tuple(grad.shape)}",
-                "bad_length")
+                f"gradient must be fp32[{self.length}] (or bf16/fp16), got {grad.dtype} "
+                f"{tuple(grad.shape)}", "bad_length")
         # Outside the lock: the check reads the whole gradient.
-        if not all_finite(grad):
+        if not checked and not all_finite(grad):
             self._staging.release(grad)
             raise InvalidPushError("gradient has non-finite values", "non_finite")
         keep = False
@@ -305,6 +435,8 @@ class Shard:
                 self._highest[(worker_id, incarnation)] = step
                 self._clocks[worker_id] = max(self._clocks.get(worker_id, 0), step + 1)
                 if self.mode == common_pb2.CONSISTENCY_SYNC:
+                    if not self._round:
+                        self._round_opened_with = len(self._workers)
                     self._round[worker_id] = _Contribution(batch_size, grad)
                     keep = True
                     if not self._round_complete():
@@ -314,8 +446,9 @@ class Shard:
                     return PushResult(ps_pb2.PUSH_STATUS_APPLIED, self.version,
                                       apply_seconds=seconds)
                 staleness = max(0, self.version - base_version)
-                seconds = self._step(grad)
+                seconds = self._step([(grad, None)])
                 self.pushes_applied += 1
+                self._applied()
                 self._cond.notify_all()
                 return PushResult(ps_pb2.PUSH_STATUS_APPLIED, self.version, staleness, seconds)
         finally:
@@ -335,6 +468,11 @@ class Shard:
             raise InvalidPushError(f"batch_size must be >= 0, got {batch_size}", "bad_batch_size")
         if self.frozen:
             return ps_pb2.PUSH_STATUS_JOB_DONE
+        fenced = self._departed.get(worker_id, 0)
+        if incarnation < self._incarnations.get(worker_id, 0) or (
+                worker_id not in self._workers and 0 < incarnation <= fenced):
+            raise FencedError(f"{refusals.FENCED} this worker incarnation was declared dead; "
+                              "register again")
         if worker_id not in self._workers:
             raise UnknownWorkerError("worker is not a live worker of this job")
         if step <= self._highest.get((worker_id, incarnation), -1):
@@ -343,7 +481,8 @@ class Shard:
             if step < self.version:
                 return ps_pb2.PUSH_STATUS_STALE
             if step > self.version:
-                raise StepAheadError(f"step {step} is ahead of the open round {self.version}")
+                raise StepAheadError(f"{refusals.STEP_AHEAD} step {step} is ahead of the open "
+                                     f"round {self.version}")
             if worker_id in self._round:  # a new incarnation re-pushing the same step
                 return ps_pb2.PUSH_STATUS_DUPLICATE
         return None
@@ -356,27 +495,33 @@ class Shard:
     def _close_round(self) -> float | None:
         """Runs the open round's Adam step with the live workers' contributions.
 
-        Contributions of workers that are no longer live are dropped. Returns the seconds
-        spent, or None if no live contribution was left (the round stays open).
+        Contributions of workers that are no longer live are dropped. A round that closes
+        with fewer contributions than it had live workers when it opened (a worker left
+        mid-round) counts as short and is logged. Returns the seconds spent, or None if no
+        live contribution was left (the round stays open).
         """
         parts = [self._round.pop(w) for w in self._workers if w in self._round]
         self._drop_round()
         if not parts:
             return None
+        if len(parts) < self._round_opened_with:
+            self.short_rounds += 1
+            log.warning("job %s shard %d: round %d completed with %d of the %d workers it "
+                        "opened with", self.job_id, self.index, self.version, len(parts),
+                        self._round_opened_with)
         start = time.perf_counter()
         # Workers with no samples this step push weight 0; leave them out of the sum. If
         # nobody had samples, the round still closes (plain mean) so the barrier moves on.
         weighted = [p for p in parts if p.batch_size > 0] or parts
         if len(weighted) == 1:
-            grad = weighted[0].grad  # used as is, so one worker matches torch bitwise
+            terms = [(weighted[0].grad, None)]  # used as is, so one worker matches torch bitwise
         else:
             total = sum(p.batch_size for p in weighted)
             share = [p.batch_size / total if total else 1 / len(weighted) for p in weighted]
-            grad = weighted[0].grad.mul_(share[0])
-            for part, weight in zip(weighted[1:], share[1:], strict=True):
-                grad.add_(part.grad, alpha=weight)
-        self._step(grad)
+            terms = [(p.grad, w) for p, w in zip(weighted, share, strict=True)]
+        self._step(terms)
         self.pushes_applied += len(parts)
+        self._applied()
         for part in parts:
             self._staging.release(part.grad)
         self._cond.notify_all()
@@ -387,15 +532,43 @@ class Shard:
             self._staging.release(part.grad)
         self._round.clear()
 
-    def _step(self, grad: torch.Tensor) -> float:
-        """One Adam step with the scheduled lr; version += 1. Caller holds the lock."""
+    def _step(self, terms: list[tuple[torch.Tensor, float | None]]) -> float:
+        """One Adam step with the scheduled lr; version += 1. Caller holds the lock.
+
+        The step's gradient is sum(g * w) over `terms` in rank order, or its one gradient as is
+        when that weight is None. A single fp32 gradient is stepped in one kernel call. Any
+        other (a round's mean, a gradient kept in its wire dtype) is formed block by block in
+        a small fp32 scratch, each block stepped while in cache: no full-size temporary, and
+        per element the same arithmetic as whole-vector ops (bitwise: test_ps_adam.py).
+        """
         start = time.perf_counter()
+        self._detach_readers()
         self._group["lr"] = schedule.learning_rate(self.config.optimizer, self.adam_step)
-        self._weights.grad = grad
-        try:
-            self._optimizer.step()
-        finally:
-            self._weights.grad = None
+        first, weight = terms[0]
+        if isinstance(self._optimizer, adam_lib.FusedAdam) and (
+                len(terms) > 1 or weight is not None or first.dtype != torch.float32):
+            state = self._optimizer.begin()
+            if self._block is None:
+                self._block = torch.empty(min(self.length, adam_lib.BLOCK_ELEMENTS))
+            for lo in range(0, self.length, adam_lib.BLOCK_ELEMENTS):
+                hi = min(lo + adam_lib.BLOCK_ELEMENTS, self.length)
+                block = self._block[: hi - lo].copy_(first[lo:hi])
+                if weight is not None:
+                    block.mul_(weight)
+                for grad, w in terms[1:]:
+                    block.add_(grad[lo:hi], alpha=w)
+                self._optimizer.apply(state, lo, block)
+        else:  # one fp32 gradient, or torch.optim without fused kernels: whole-vector ops
+            grad = first if first.dtype == torch.float32 else first.float()
+            if weight is not None:
+                grad.mul_(weight)
+            for other, w in terms[1:]:
+                grad.add_(other, alpha=w)
+            self._weights.grad = grad
+            try:
+                self._optimizer.step()
+            finally:
+                self._weights.grad = None
         self.adam_step += 1
         self.version += 1
         return time.perf_counter() - start
@@ -432,7 +605,13 @@ class Shard:
                 self._cond.wait_for(done, max(0.0, timeout))
             finally:
                 self._waiting -= 1
-            return reached()
+            if not reached():
+                return False
+            if self.mode == common_pb2.CONSISTENCY_SSP and math.isfinite(clock):
+                lowest = self._min_clock()
+                if lowest is not None and clock - lowest > self.max_clock_spread:
+                    self.max_clock_spread = int(clock - lowest)
+            return True
 
     def wake(self) -> None:
         """Makes waiting pulls re-check their `cancelled` callbacks."""
@@ -448,9 +627,9 @@ class Shard:
         return self.wait_for_pull(0, clock, timeout)
 
     def snapshot(self, dtype: torch.dtype = torch.float32) -> Snapshot:
-        """A consistent copy of the weights in `dtype`; give it back with `release`.
+        """The current version of the weights in `dtype`; give it back with `release`.
 
-        Pulls of the same version and dtype share one copy, which is never written while
+        Pulls of the same version and dtype share one entry, which is never written while
         anyone holds it.
         """
         with self._cond:
@@ -458,22 +637,47 @@ class Shard:
                 raise ShardClosedError("shard was dropped or replaced")
             entry = self._copies.get(dtype)
             if entry is None or entry.version != self.version:
-                if entry is not None and entry.refs == 0:
-                    tensor = entry.tensor  # nobody reads the old copy: overwrite it in place
-                else:
-                    tensor = self._staging.acquire(dtype)
-                tensor.copy_(self._weights)
-                entry = _CachedCopy(tensor, self.version)
+                if entry is not None and entry.refs == 0 and entry.tensor is not None:
+                    self._staging.release(entry.tensor)
+                entry = _CachedCopy(self.version, dtype)
                 self._copies[dtype] = entry
             entry.refs += 1
-            return Snapshot(entry.tensor, entry.version, self.frozen, entry)
+            return Snapshot(entry.version, self.frozen, dtype, entry, self)
+
+    def read(self, snapshot: Snapshot, start: int, end: int,
+             fn: Callable[[torch.Tensor], _T]) -> _T:
+        """Returns fn(view of elements [start, end) of the snapshot), called under the lock.
+
+        The view is fp32 (the live weights) or the snapshot's dtype (its copy); fn must not
+        keep it. Building a pull message from it is the one copy a pull makes.
+        """
+        with self._cond:
+            entry = snapshot._entry
+            source = entry.tensor if entry.tensor is not None else self._weights
+            return fn(source[start:end])
+
+    def _materialize(self, entry: _CachedCopy) -> torch.Tensor:
+        with self._cond:
+            if entry.tensor is None:  # still the live weights (a step would have copied them)
+                entry.tensor = self._staging.acquire(entry.dtype)
+                entry.tensor.copy_(self._weights)
+            return entry.tensor
+
+    def _detach_readers(self) -> None:
+        """Before the weights change (caller holds the lock): snapshots still reading them in
+        place get their own copy."""
+        for entry in self._copies.values():
+            if entry.tensor is None and entry.refs > 0:
+                entry.tensor = self._staging.acquire(entry.dtype)
+                entry.tensor.copy_(self._weights)
 
     def release(self, snapshot: Snapshot) -> None:
         """Hands back a snapshot; its tensor must not be used afterwards."""
         with self._cond:
             entry = snapshot._entry
             entry.refs -= 1
-            if entry.refs == 0 and self._copies.get(entry.tensor.dtype) is not entry:
+            if (entry.refs == 0 and entry.tensor is not None
+                    and self._copies.get(entry.dtype) is not entry):
                 self._staging.release(entry.tensor)
 
 

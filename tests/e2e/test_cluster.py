@@ -125,12 +125,17 @@ def test_watch_on_a_terminal_draws_the_live_view(cluster, tmp_path):
 
 def run_in_terminal(command, timeout):
     """Runs a command with a pseudo-terminal as stdout and returns everything it drew."""
+    import fcntl
     import os
     import pty
+    import struct
     import subprocess
+    import termios
 
     leader, follower = pty.openpty()
-    proc = subprocess.Popen(command, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 140, 0, 0))  # rows, columns
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # use the pty's size
+    proc = subprocess.Popen(command, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL, env=env)
     os.close(follower)
     chunks = []
     deadline = time.monotonic() + timeout

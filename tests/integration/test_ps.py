@@ -1,4 +1,5 @@
-"""The parameter server in-process on port 0, driven over real gRPC by the real PSClient."""
+"""The parameter server in-process on port 0, driven over real gRPC by the real PSClient, and
+with the real coordinator for registration and the job views its heartbeats bring."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shardps.client.api import CoordinatorClient
 from shardps.proto import (
     codec,
     common_pb2,
@@ -22,9 +24,12 @@ from shardps.proto import (
     ps_pb2_grpc,
     rpc,
 )
+from shardps.proto.layout import make_layout
 from shardps.proto.psclient import PSClient
+from shardps.server.coordinator.daemon import CoordinatorDaemon
 from shardps.server.ps import daemon as ps_daemon
 from shardps.server.ps.daemon import ParameterServerDaemon
+from tests.cluster import RegisteredWorker
 from tests.harness import poll
 
 F32, BF16, F16 = common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16, common_pb2.DTYPE_FLOAT16
@@ -295,6 +300,9 @@ def test_metrics_endpoint_serves_the_documented_names(servers):
         'shardps_ps_rejected_pushes_total{reason="unknown_shard"} 1.0',
         'shardps_ps_staleness_count{job="job"} 1.0',
         'shardps_ps_waiting_pulls{job="job",shard="0"} 0.0',
+        'shardps_ps_live_workers{job="job",shard="0"} 1.0',
+        'shardps_ps_short_rounds_total{job="job",shard="0"} 0.0',
+        'shardps_ps_max_clock_spread{job="job",shard="0"} 0.0',
         "shardps_ps_push_seconds_count 1.0",
         "shardps_ps_pull_seconds_count 1.0",
         "shardps_ps_apply_seconds_count 1.0",
@@ -302,69 +310,86 @@ def test_metrics_endpoint_serves_the_documented_names(servers):
         assert line in text.splitlines(), line
 
 
-class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
-    """Registration and heartbeats only; `views` is what the next heartbeat returns."""
-
-    def __init__(self):
-        self.registrations: list[coordinator_pb2.RegisterNodeRequest] = []
-        self.heartbeats: list[coordinator_pb2.HeartbeatRequest] = []
-        self.views: list[coordinator_pb2.ServerJobView] = []
-        self.forget = False
-
-    def RegisterNode(self, request, context):
-        self.registrations.append(request)
-        return coordinator_pb2.RegisterNodeResponse(
-            node_id=request.node_id or "server-1", incarnation=len(self.registrations),
-            lease_ms=400)
-
-    def Heartbeat(self, request, context):
-        self.heartbeats.append(request)
-        if self.forget:
-            self.forget = False
-            return coordinator_pb2.HeartbeatResponse(unknown_node=True)
-        return coordinator_pb2.HeartbeatResponse(jobs=self.views, lease_ms=400)
-
-
 @pytest.fixture
-def coordinator():
-    fake = FakeCoordinator()
-    server = rpc.make_server(4)
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(fake, server)
-    port = rpc.bind(server, "127.0.0.1", 0)
-    server.start()
-    yield fake, f"127.0.0.1:{port}"
-    server.stop(0)
+def coordinators():
+    """Starts coordinators in this process on port 0 (or a given port); stops them after."""
+    started = []
+
+    def start(port=0, lease_ms=10_000):
+        coordinator = CoordinatorDaemon("127.0.0.1", port, lease_ms=lease_ms).start()
+        started.append(coordinator)
+        return coordinator, CoordinatorClient(coordinator.address)
+
+    yield start
+    for coordinator in started:
+        coordinator.stop(0)
 
 
-def test_registers_heartbeats_applies_views_and_deregisters(coordinator):
-    fake, address = coordinator
-    server = ParameterServerDaemon(coordinator=address, metrics_port=0,
+def server_node(client, node_id=None):
+    return next((n for n in client.nodes() if n.role == common_pb2.ROLE_SERVER
+                 and (node_id is None or n.node_id == node_id)), None)
+
+
+def test_registers_its_advertised_address_again_after_a_restart_and_deregisters(coordinators):
+    first, client = coordinators()
+    server = ParameterServerDaemon(coordinator=first.address, metrics_port=0,
                                    advertise="ps.example:9999").start()
     try:
-        poll(lambda: len(fake.heartbeats) >= 2, 10, what="heartbeats")
-        first = fake.registrations[0]
-        assert (first.role, first.address) == (common_pb2.ROLE_SERVER, "ps.example:9999")
-        assert first.metrics_address == f"ps.example:{server.metrics_endpoint.port}"
-        with PSClient("job", shard_map([server], 100), worker_id="w0") as client:
-            client.init(torch.zeros(100), shard_config(SYNC, workers=["w0", "w1"]))
-            assert client.push(torch.ones(100), step=0, base_version=0,
-                               batch_size=1)[0].status == ps_pb2.PUSH_STATUS_ACCEPTED
-            # w1's lease expired: the round completes with w0 alone.
-            fake.views = [coordinator_pb2.ServerJobView(
-                job_id="job", state=common_pb2.JOB_STATE_RUNNING, epoch=2, live_workers=["w0"])]
-            assert client.pull(torch.zeros(100), min_version=1, timeout_s=10).ready
-            fake.forget = True
-            poll(lambda: len(fake.registrations) == 2, 10, what="re-registration")
-            assert fake.registrations[1].node_id == "server-1"  # same id, next incarnation
-            fake.views = [coordinator_pb2.ServerJobView(
-                job_id="job", state=common_pb2.JOB_STATE_COMPLETED, epoch=2, live_workers=["w0"])]
-            poll(lambda: server.shards.get("job", 0).frozen, 10, what="frozen")
-            reply = client.push(torch.ones(100), step=1, base_version=1, batch_size=1)[0]
-            assert reply.status == ps_pb2.PUSH_STATUS_JOB_DONE
+        node = poll(lambda: server_node(client), 30, what="registration")
+        assert (node.address, node.state) == ("ps.example:9999", coordinator_pb2.NODE_STATE_ALIVE)
+        assert node.metrics_address == f"ps.example:{server.metrics_endpoint.port}"
+        # The coordinator restarts on the same port and knows nobody: the server registers
+        # again under the same id.
+        port = first.port
+        first.stop(0)
+        client.close()
+        _, client = coordinators(port=port)
+        again = poll(lambda: server_node(client), 30, what="re-registration")
+        assert again.node_id == node.node_id and again.address == "ps.example:9999"
     finally:
         server.stop(0)
-    last = fake.heartbeats[-1]
-    assert last.shutting_down and (last.node_id, last.incarnation) == ("server-1", 2)
+    # The goodbye heartbeat marks it dead at once (its 10 s lease has not run out).
+    assert server_node(client, node.node_id).state == coordinator_pb2.NODE_STATE_DEAD
+    client.close()
+
+
+def test_applies_the_coordinators_job_states_and_live_workers(coordinators):
+    coordinator, client = coordinators(lease_ms=1000)
+    server = ParameterServerDaemon(coordinator=coordinator.address).start()
+    stub = coordinator_pb2_grpc.CoordinatorStub(rpc.make_channel(coordinator.address))
+    w0, w1 = RegisteredWorker(stub), RegisteredWorker(stub)
+    try:
+        poll(lambda: server_node(client), 10, what="the server registering")
+        job_id = client.submit("model: {name: mlp}\ndata: {dataset: digits}\n"
+                               "cluster: {servers: 1, workers: 2}\nstop: {max_steps: 5}\n")
+        w0, w1 = sorted((w0, w1), key=lambda w: w.wait_assignment().rank)
+        shards = stub.SetLayout(coordinator_pb2.SetLayoutRequest(
+            job_id=job_id, node_id=w0.node_id, incarnation=w0.incarnation,
+            layout=make_layout([("w", (10, 10))])), timeout=10).shard_map
+        assert [s.address for s in shards.shards] == [server.address]
+        with PSClient(job_id, shards, worker_id=w0.node_id,
+                      incarnation=w0.incarnation) as client0:
+            client0.init(torch.zeros(100), shard_config(SYNC, workers=[w0.node_id, w1.node_id]))
+            stub.ActivateJob(coordinator_pb2.ActivateJobRequest(
+                job_id=job_id, node_id=w0.node_id, incarnation=w0.incarnation), timeout=10)
+            assert client0.push(torch.ones(100), step=0, base_version=0,
+                                batch_size=1)[0].status == ps_pb2.PUSH_STATUS_ACCEPTED
+            # w1 stops heartbeating; when its lease expires the coordinator drops it, and the
+            # server, told on its next heartbeat, completes round 0 with w0 alone.
+            w1.stop(goodbye=False)
+            assert client0.pull(torch.zeros(100), min_version=1, timeout_s=10).ready
+            info = server.shards.get(job_id, 0).info()
+            assert (list(info.live_workers), info.epoch) == ([w0.node_id], 2)
+            assert info.short_rounds == 1
+            client.cancel(job_id)
+            poll(lambda: server.shards.get(job_id, 0).frozen, 10, what="frozen")
+            reply = client0.push(torch.ones(100), step=1, base_version=1, batch_size=1)[0]
+            assert reply.status == ps_pb2.PUSH_STATUS_JOB_DONE
+    finally:
+        w0.stop()
+        w1.stop()
+        server.stop(0)
+        client.close()
 
 
 def test_unreachable_coordinator_blocks_neither_start_nor_stop():

@@ -1,72 +1,52 @@
-"""The worker daemon against a scripted coordinator over real gRPC (port 0): registration,
-heartbeats, re-registration, job start/stop by assignment, the goodbye heartbeat, the CLI."""
+"""The worker daemon against the real coordinator (and servers) in this process on port 0:
+registration, heartbeats, re-registration, job start/stop by assignment, the goodbye
+heartbeat, the CLI."""
 
 import signal
-import threading
 import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, rpc
+from shardps.client.api import CoordinatorClient
+from shardps.proto import common_pb2, coordinator_pb2
+from shardps.server.coordinator.daemon import CoordinatorDaemon
 from shardps.worker import daemon as worker_daemon
 from shardps.worker.daemon import WorkerDaemon
 from tests import harness
+from tests.cluster import Cluster
 
-
-class ScriptedCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
-    """Records calls; heartbeats answer with `assignment`, or unknown_node once if asked."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.registrations = []
-        self.heartbeats = []
-        self.get_jobs = 0
-        self.forget_once = False
-        self.assignment = coordinator_pb2.WorkerAssignment()
-        self.job_state = common_pb2.JOB_STATE_CANCELLED
-
-    def RegisterNode(self, request, context):
-        with self.lock:
-            self.registrations.append(request)
-            return coordinator_pb2.RegisterNodeResponse(
-                node_id=request.node_id or "worker-00ff", incarnation=len(self.registrations),
-                lease_ms=400)
-
-    def Heartbeat(self, request, context):
-        with self.lock:
-            self.heartbeats.append(request)
-            if self.forget_once:
-                self.forget_once = False
-                return coordinator_pb2.HeartbeatResponse(unknown_node=True)
-            return coordinator_pb2.HeartbeatResponse(assignment=self.assignment, lease_ms=400)
-
-    def GetJob(self, request, context):
-        with self.lock:
-            self.get_jobs += 1
-            return coordinator_pb2.GetJobResponse(job=coordinator_pb2.JobInfo(
-                job_id=request.job_id, state=self.job_state, reason="cancelled by a test"))
-
-
-@pytest.fixture
-def coordinator():
-    fake = ScriptedCoordinator()
-    server = rpc.make_server(4)
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(fake, server)
-    port = rpc.bind(server, "127.0.0.1", 0)
-    server.start()
-    fake.address = f"127.0.0.1:{port}"
-    yield fake
-    server.stop(None)
+ALIVE, DEAD = coordinator_pb2.NODE_STATE_ALIVE, coordinator_pb2.NODE_STATE_DEAD
 
 
 def poll(condition, timeout=10.0, what="condition"):
     return harness.poll(condition, timeout, interval=0.02, what=what)
 
 
-def test_registers_heartbeats_serves_health_and_says_goodbye(coordinator):
-    worker = WorkerDaemon(coordinator.address, port=0, device="cpu", metrics_port=0)
+@pytest.fixture
+def coordinators():
+    """Starts coordinators in this process; stops them afterwards."""
+    started = []
+
+    def start(port=0, lease_ms=10_000):
+        coordinator = CoordinatorDaemon("127.0.0.1", port, lease_ms=lease_ms).start()
+        started.append(coordinator)
+        return coordinator, CoordinatorClient(coordinator.address)
+
+    yield start
+    for coordinator in started:
+        coordinator.stop(0)
+
+
+def node_at(client, address):
+    return next((n for n in client.nodes() if n.address == address), None)
+
+
+def test_registers_heartbeats_serves_health_and_says_goodbye(coordinators):
+    lease_ms = 600
+    first, client = coordinators(lease_ms=lease_ms)
+    worker = WorkerDaemon(first.address, port=0, device="cpu", metrics_port=0)
     worker.start()
     try:
         assert worker.port > 0 and worker.metrics_address
@@ -75,38 +55,56 @@ def test_registers_heartbeats_serves_health_and_says_goodbye(coordinator):
             reply = health.Check(health_pb2.HealthCheckRequest(service="shardps.v1.Worker"),
                                  timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        poll(lambda: len(coordinator.heartbeats) >= 3, what="three heartbeats")
-        first = coordinator.registrations[0]
-        assert first.role == common_pb2.ROLE_WORKER and first.device == "cpu"
-        assert first.address == worker.address and first.metrics_address == worker.metrics_address
-        assert {h.node_id for h in coordinator.heartbeats} == {"worker-00ff"}
+        node = poll(lambda: node_at(client, worker.address), what="registration")
+        registered = time.monotonic()
+        assert (node.role, node.state, node.device) == (common_pb2.ROLE_WORKER, ALIVE, "cpu")
+        assert node.metrics_address == worker.metrics_address
+        assert node.node_id == worker.node_id and node.incarnation == 1
 
-        coordinator.forget_once = True  # the coordinator restarted: register again, same id
-        poll(lambda: len(coordinator.registrations) == 2, what="re-registration")
-        assert coordinator.registrations[1].node_id == "worker-00ff"
-        poll(lambda: coordinator.heartbeats[-1].incarnation == 2, what="new incarnation")
+        def held_for_three_leases():
+            assert node_at(client, worker.address).state == ALIVE  # heartbeats renew it
+            return time.monotonic() - registered > 3 * lease_ms / 1000
+        poll(held_for_three_leases, what="three leases")
+
+        # The coordinator restarts on the same port and knows nobody: the worker registers
+        # again under the same id.
+        port = first.port
+        first.stop(0)
+        client.close()
+        second, client = coordinators(port=port)
+        again = poll(lambda: node_at(client, worker.address), what="re-registration")
+        assert again.node_id == node.node_id and again.state == ALIVE
     finally:
         worker.stop(grace=2)
     assert worker.wait(0)
-    assert coordinator.heartbeats[-1].shutting_down
-    assert coordinator.heartbeats[-1].incarnation == 2
+    # The goodbye heartbeat marks it dead at once (its 10 s lease has not run out).
+    assert node_at(client, worker.address).state == DEAD
+    client.close()
 
 
-def test_assignment_starts_a_job_once(coordinator):
-    coordinator.assignment = coordinator_pb2.WorkerAssignment(job_id="job-7", rank=0,
-                                                               world_size=1, epoch=1)
-    worker = WorkerDaemon(coordinator.address, device="cpu")
-    worker.start()
+def test_a_job_that_ended_here_is_not_started_again():
+    # async, 2 workers: rank 1 reaches the step budget long before the slow rank 0, so its
+    # assignment lingers while the job runs on; the daemon must not train it a second time.
+    cluster = Cluster(servers=1, workers=2, lease_ms=1000)
     try:
-        poll(lambda: coordinator.get_jobs >= 1, what="the trainer fetching its job")
-        beats = len(coordinator.heartbeats)
-        poll(lambda: len(coordinator.heartbeats) >= beats + 4, what="more heartbeats")
-        # The job was CANCELLED: the trainer ended, and the lingering assignment does not
-        # start it again.
-        assert coordinator.get_jobs == 1
-        assert worker._ended["job-7"][0] == "stopped"
+        rank0, rank1 = sorted(cluster.workers, key=lambda w: w.node_id)  # ranks follow ids
+        rank0.step_delay_ms = 100
+        job_id = cluster.submit({"model": {"name": "mlp", "kwargs": {"hidden": [16]}},
+                                 "data": {"dataset": "digits", "batch_size": 32},
+                                 "consistency": {"mode": "async"},
+                                 "cluster": {"servers": 1, "workers": 2},
+                                 "stop": {"max_steps": 10, "eval_every": 100}})
+        poll(lambda: job_id in rank1._ended, 30, what="rank 1 finishing")
+        kind, ended_at = rank1._ended[job_id]
+        assert kind == "finished"
+        assert cluster.job(job_id).state == common_pb2.JOB_STATE_RUNNING
+        assert node_at(cluster.client, rank1.address).job_id == job_id  # still assigned
+        info = cluster.wait(job_id, timeout=60)
+        assert info.state == common_pb2.JOB_STATE_COMPLETED, info.reason
+        steps = rank1.metrics.steps.labels(job=job_id)._value.get()
+        assert steps == 10 and rank1._ended[job_id] == (kind, ended_at)
     finally:
-        worker.stop(grace=2)
+        cluster.close()
 
 
 def test_unreachable_coordinator_is_retried_and_stop_is_prompt():
@@ -130,14 +128,25 @@ def test_resolve_device():
             worker_daemon.resolve_device("cuda:0")
 
 
-def test_console_script_prints_its_address_and_exits_cleanly(coordinator):
+def test_cli_refuses_a_negative_step_delay(capsys):
+    with pytest.raises(SystemExit) as err:
+        worker_daemon.main(["--device", "cpu", "--step-delay-ms", "-1"])
+    assert err.value.code == 2
+    assert "--step-delay-ms must be >= 0" in capsys.readouterr().err
+
+
+def test_console_script_prints_its_address_and_exits_cleanly(coordinators):
+    coordinator, client = coordinators()
     worker = harness.start("shardps-worker", "--port", "0", "--metrics-port", "0",
                            "--device", "cpu", "--coordinator", coordinator.address)
     assert worker.address.startswith("127.0.0.1:") and worker.metrics_address
-    poll(lambda: coordinator.heartbeats, timeout=30, what="a heartbeat from the subprocess")
+    node = poll(lambda: node_at(client, worker.address), timeout=30,
+                what="the subprocess registering")
+    assert node.state == ALIVE and node.metrics_address == worker.metrics_address
     worker.signal(signal.SIGTERM)
     assert worker.wait(30) == 0
-    assert coordinator.heartbeats[-1].shutting_down
+    assert node_at(client, worker.address).state == DEAD  # said goodbye
+    client.close()
 
 
 def test_console_script_rejects_a_missing_cuda_device():

@@ -262,6 +262,27 @@ def test_finished_from_rank0_completes_from_others_does_not(cluster):
     assert job.tracker.latest == 0.8 and job.history.step == 10
 
 
+def test_finished_workers_complete_the_job_when_rank0_is_lost(cluster):
+    # Rank 1 reached the step budget first; rank 0 then died before its final report. The
+    # survivor is rank 0 now, but its loop has ended: the job must not wait for it forever.
+    table = JobTable()
+    job = running_job(cluster, table)
+    a, b = job.workers
+    assert table.report_progress(job.job_id, b, 1, cluster, 2.0, finished=True) == RUNNING
+    table.node_lost(a, 3.0, "lease expired")
+    assert (job.state, job.reason, job.workers) == (COMPLETED, "reached max_steps (10)", [b])
+
+
+def test_the_last_live_worker_to_finish_completes_the_job(cluster):
+    table = JobTable()
+    job = running_job(cluster, table, spec(workers=3))
+    a, b, c = job.workers
+    assert table.report_progress(job.job_id, b, 1, cluster, 2.0, finished=True) == RUNNING
+    table.node_lost(a, 3.0, "lease expired")  # b is rank 0 now, and already done
+    assert job.state == RUNNING and job.rank(b) == 0
+    assert table.report_progress(job.job_id, c, 1, cluster, 4.0, finished=True) == COMPLETED
+
+
 def test_non_finite_loss_fails_the_job_with_step_and_worker(cluster):
     table = JobTable()
     job = running_job(cluster, table)

@@ -211,6 +211,10 @@ def test_ssp_pull_waits_for_the_slowest_live_worker():
     thread.join(10)
     assert results == [True] and time.monotonic() - start < 10
     assert shard.version == 5  # ssp applies every push on arrival
+    # The server's own record of the bound: clock 1 was granted with w1 at 0 and clock 3
+    # with w1 at 2 (spread 1 both times); the refused clock-3 pulls are not counted.
+    assert shard.info().max_clock_spread == 1
+    assert shard.wait_for_clock(3, timeout=0) and shard.info().max_clock_spread == 1
 
 
 def test_ssp_gate_opens_when_the_slow_worker_leaves():
@@ -235,6 +239,9 @@ def test_shrinking_the_live_set_completes_the_open_round():
     assert shard.update_workers(["w0", "w2"], epoch=2)
     thread.join(10)
     assert results == [True] and shard.version == 1
+    info = shard.info()
+    assert info.short_rounds == 1  # opened with 3 live workers, closed with 2
+    assert (list(info.live_workers), info.epoch) == (["w0", "w2"], 2)
     param, reference = torch_reference(init, shard.config, shard.fused)
     param.grad = weighted_mean_in_rank_order([g0, g2], [3, 5])
     reference.step()
@@ -250,8 +257,13 @@ def test_contribution_of_a_worker_that_left_is_dropped():
     push(shard, torch.ones(N), worker="w0")
     assert shard.update_workers(["w0", "w2"], epoch=2) is False  # w2 still owes its push
     assert push(shard, torch.ones(N), worker="w2").status == APPLIED
+    assert shard.info().short_rounds == 1  # w1's push was dropped: 2 of 3 contributed
+    assert push(shard, torch.ones(N), worker="w0", step=1).status == ACCEPTED
+    assert push(shard, torch.ones(N), worker="w2", step=1).status == APPLIED
+    assert shard.info().short_rounds == 1  # round 1 opened with the 2 workers left
     single = make_shard(init, mode=SYNC, workers=["w0"])
     push(single, torch.ones(N), worker="w0")
+    push(single, torch.ones(N), worker="w0", step=1)
     assert torch.equal(shard.weights(), single.weights())  # w1's 100s were not averaged in
 
 

@@ -1,0 +1,375 @@
+"""Failures handled end to end, every daemon a real process and every fault a real signal
+(docs/architecture.md, "Failures"): a server SIGKILLed in a sync job restores and replays to
+bitwise-identical weights and Adam state; one SIGKILLed in an async job loses at most the
+updates since its last checkpoint; a SIGSTOPped worker is fenced and rejoins; a push whose
+reply is lost is applied once; a server dying inside a checkpoint write restarts from a
+complete one; a restarted coordinator carries on with its jobs; a stopped cluster resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardps.client.api import CoordinatorClient
+from shardps.proto import common_pb2, coordinator_pb2
+from shardps.server.ps import checkpoint
+from tests import harness
+
+ALIVE = coordinator_pb2.NODE_STATE_ALIVE
+RUNNING = common_pb2.JOB_STATE_RUNNING
+
+
+def spec(mode: str = "sync", steps: int = 120, every: int = 20, workers: int = 2,
+         servers: int = 2, target: str = "", eval_every: int = 50, name: str = "rec") -> str:
+    stop = f"max_steps: {steps}, eval_every: {eval_every}" + (f", {target}" if target else "")
+    return f"""
+name: {name}
+seed: 1
+model: {{name: mlp, kwargs: {{hidden: [32]}}}}
+data: {{dataset: digits, batch_size: 64, shuffle: true}}
+optimizer: {{lr: 0.002}}
+consistency: {{mode: {mode}}}
+cluster: {{servers: {servers}, workers: {workers}}}
+stop: {{{stop}}}
+checkpoint: {{every_steps: {every}, keep: 3}}
+"""
+
+
+def scrape(address: str) -> str:
+    return urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+
+
+def sample(text: str, name: str) -> float:
+    """Sum of every sample of a metric whose line starts with `name` (labels included)."""
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+class Cluster:
+    """A coordinator, servers with data dirs and workers, each a subprocess, started together."""
+
+    def __init__(self, tmp: Path, servers: int, workers: int, lease_ms: int = 2000,
+                 worker_args: list[list[str]] | None = None, state_dir: bool = False,
+                 server_env: dict[str, str] | None = None):
+        self.tmp = tmp
+        self.lease_ms = lease_ms
+        self.coord_args = ["--lease-ms", str(lease_ms), "--metrics-port", "0"]
+        if state_dir:
+            self.coord_args += ["--state-dir", str(tmp / "coordinator")]
+        self.coord = harness.start("shardps-coordinator", "--port", "0", *self.coord_args)
+        self.data_dirs = [tmp / f"server-{i}" for i in range(servers)]
+        self.servers = [self._server(d, server_env) for d in self.data_dirs]
+        worker_args = worker_args or [[] for _ in range(workers)]
+        self.workers = [harness.Daemon(
+            "shardps-worker", "--port", "0", "--metrics-port", "0", "--device", "cpu",
+            "--threads", "1", "--coordinator", self.coord.address, *extra)
+            for extra in worker_args]
+        for d in (*self.servers, *self.workers):
+            d.wait_ready()
+        self.client = CoordinatorClient(self.coord.address)
+        harness.poll(lambda: sum(n.state == ALIVE for n in self.client.nodes())
+                     == servers + len(worker_args), 60, what="every node alive")
+
+    def _server(self, data_dir: Path, env: dict[str, str] | None = None) -> harness.Daemon:
+        return harness.Daemon("shardps-server", "--port", "0", "--metrics-port", "0",
+                              "--coordinator", self.coord.address, "--data-dir", str(data_dir),
+                              env=env)
+
+    def restart_server(self, i: int, env: dict[str, str] | None = None) -> harness.Daemon:
+        """Starts server i again on its data dir (a new port: the shard map follows)."""
+        self.servers[i] = self._server(self.data_dirs[i], env).wait_ready()
+        return self.servers[i]
+
+    def server_of_shard(self, job_id: str, index: int) -> int:
+        """Which of self.servers holds shard `index` of the job."""
+        address = next(s.address for s in self.client.job(job_id).shard_map.shards
+                       if s.index == index)
+        return next(i for i, d in enumerate(self.servers) if d.address == address)
+
+    def worker_of_rank(self, job_id: str, rank: int) -> harness.Daemon:
+        node = next(w.node_id for w in self.client.job(job_id).workers if w.rank == rank)
+        address = next(n.address for n in self.client.nodes() if n.node_id == node)
+        return next(d for d in self.workers if d.address == address)
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        out = harness.run_cli(*args, "--coordinator", self.coord.address, timeout=timeout)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    def wait_step(self, job_id: str, step: int, timeout: float = 120) -> coordinator_pb2.JobInfo:
+        return harness.poll(lambda: (j := self.client.job(job_id)).step >= step and j, timeout,
+                            interval=0.05, what=f"step {step}")
+
+    def final(self, job_id: str, timeout: float = 180) -> coordinator_pb2.JobInfo:
+        self.client.wait(job_id, timeout_s=timeout, interval_s=0.1)
+        return self.client.job(job_id, history=True)
+
+    def stop(self) -> None:
+        self.client.close()
+        for d in (*self.workers, *self.servers, self.coord):
+            d.stop()
+
+
+def checkpointed_state(cluster: Cluster, job_id: str) -> list[checkpoint.ShardState]:
+    """Forces a checkpoint of the job (`shardps checkpoint`) and reads it back from disk."""
+    out = json.loads(cluster.cli("checkpoint", job_id, "--output", "json"))
+    return [checkpoint.read(Path(c["path"])) for c in out]
+
+
+def assert_same_state(a: checkpoint.ShardState, b: checkpoint.ShardState) -> None:
+    assert (a.version, a.adam_step) == (b.version, b.adam_step)
+    assert set(a.tensors) == set(b.tensors) == {"weights", "exp_avg", "exp_avg_sq", "step"}
+    for name in a.tensors:
+        assert torch.equal(a.tensors[name], b.tensors[name]), name
+
+
+@pytest.mark.timeout(420)
+def test_sync_restore_after_sigkill_is_bitwise_identical(tmp_path):
+    """The same sync job twice: straight, and with the server of shard 1 SIGKILLed mid-run and
+    restarted on its data dir. Design: the restarted server restores its newest checkpoint c,
+    the coordinator rolls every shard back to c and the workers replay steps c.. (lost rounds
+    are replayed, not skipped), so both runs end with the same bits."""
+    steps, every = 120, 20
+    cluster = Cluster(tmp_path, servers=2, workers=2,
+                      worker_args=[["--step-delay-ms", "15"], []])
+    try:
+        straight = cluster.client.submit(spec(steps=steps, every=every))
+        assert cluster.final(straight).state == common_pb2.JOB_STATE_COMPLETED
+        reference = checkpointed_state(cluster, straight)
+
+        job_id = cluster.client.submit(spec(steps=steps, every=every))
+        at = cluster.wait_step(job_id, 50)
+        victim = cluster.server_of_shard(job_id, 1)
+        cluster.servers[victim].kill()  # SIGKILL
+        killed_at = time.monotonic()
+        restarted = cluster.restart_server(victim)
+        serving_s = time.monotonic() - killed_at
+        before = cluster.client.job(job_id).step
+        cluster.wait_step(job_id, before + 1)
+        recovery_s = time.monotonic() - killed_at  # restored, rolled back, replayed, past it
+        final = cluster.final(job_id)
+        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        resumed = checkpointed_state(cluster, job_id)
+        for a, b in zip(reference, resumed, strict=True):
+            assert a.version == steps
+            assert_same_state(a, b)
+        assert final.rollback_id == 1 and final.rollback_version % every == 0
+        assert restarted.has_line(rf"job {job_id} shard 1 restored from ckpt-"), restarted.output()
+        other = cluster.servers[1 - victim]
+        assert other.has_line(rf"rollback 1: version \d+ -> {final.rollback_version}"), \
+            other.output()
+        lost = sample(scrape(restarted.metrics_address),
+                      f'shardps_ps_lost_updates_total{{job="{job_id}"')
+        print(f"SIGKILL at step ~{at.step}: restored version {final.rollback_version}, "
+              f"{lost:.0f} update(s) replayed on the restarted shard; serving again after "
+              f"{serving_s:.1f} s, past the old step after {recovery_s:.1f} s")
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(420)
+def test_async_job_survives_a_sigkilled_server_and_reports_lost_updates(tmp_path):
+    every = 20
+    cluster = Cluster(tmp_path, servers=2, workers=2,
+                      worker_args=[["--step-delay-ms", "10"], ["--step-delay-ms", "10"]])
+    try:
+        job_id = cluster.client.submit(spec(
+            mode="async", steps=2000, every=every, eval_every=25,
+            target="target: {metric: accuracy, value: 0.9}"))
+        cluster.wait_step(job_id, 30)
+        victim = cluster.server_of_shard(job_id, 0)
+        cluster.servers[victim].kill()
+        killed_at = time.monotonic()
+        restarted = cluster.restart_server(victim)
+        serving_s = time.monotonic() - killed_at
+        final = cluster.final(job_id)
+        assert final.state == common_pb2.JOB_STATE_CONVERGED, final.reason
+        assert final.rollback_id == 0  # async: nothing rolls back, the others go on
+        text = scrape(restarted.metrics_address)
+        lost = sample(text, f'shardps_ps_lost_updates_total{{job="{job_id}"')
+        restores = sample(text, 'shardps_ps_restores_total{kind="startup"')
+        line = next(x for x in restarted._lines if f"job {job_id} shard 0 restored" in x)
+        print(f"async: {line.split(': ', 1)[1]}")
+        assert restores >= 1
+        # Updates since the newest complete checkpoint: fewer than `every`, plus one more
+        # interval if the newest periodic copy was still queued for the writer.
+        assert 0 <= lost < 2 * every
+        coord_lost = sample(scrape(cluster.coord.metrics_address),
+                            "shardps_coordinator_lost_updates_total")
+        assert coord_lost == lost
+        print(f"async SIGKILL: {lost:.0f} update(s) lost on the restarted shard; serving again "
+              f"after {serving_s:.1f} s; job {common_pb2.JobState.Name(final.state)} at step "
+              f"{final.step}")
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_stopped_past_its_lease_is_fenced_and_rejoins_and_one_killed_is_not_missed(
+        tmp_path):
+    """SIGSTOP a worker past its lease, SIGCONT: its old incarnation is refused and it rejoins
+    as the next one. The old incarnation's first call after SIGCONT is usually its push, which
+    the server fences; if the stop caught it between a push and a progress report, the report
+    goes first and the coordinator refuses it (no push follows). The cycle is repeated until
+    the server has refused a push (at most 3 times). Then the other worker is SIGKILLed: the
+    job completes with the one left."""
+    lease_ms = 1000
+    # Rank 0 sets the pace (15 ms a step); the victim has no delay, so after SIGCONT it goes
+    # straight from its pull to its push.
+    cluster = Cluster(tmp_path, servers=1, workers=2, lease_ms=lease_ms,
+                      worker_args=[["--step-delay-ms", "15"], []])
+    try:
+        steps = 1500
+        job_id = cluster.client.submit(spec(steps=steps, servers=1, eval_every=1000))
+        cluster.wait_step(job_id, 20)
+        victim = cluster.worker_of_rank(job_id, 1)
+        node = next(w.node_id for w in cluster.client.job(job_id).workers if w.rank == 1)
+        server = cluster.servers[0]
+        fenced = 0.0
+        for cycle in range(1, 4):
+            epoch = cluster.client.job(job_id).epoch
+            victim.signal(signal.SIGSTOP)
+            harness.poll(lambda e=epoch: cluster.client.job(job_id).epoch == e + 1, 30,
+                         what="lease expiry")
+            time.sleep(lease_ms / 1000)  # the server's heartbeats carry the news (lease / 4)
+            victim.signal(signal.SIGCONT)
+            rejoined = harness.poll(
+                lambda e=epoch: (j := cluster.client.job(job_id)).epoch >= e + 2 and any(
+                    w.node_id == node and w.alive for w in j.workers) and j, 60, what="rejoin")
+            nodes = {n.node_id: n for n in cluster.client.nodes()}
+            assert nodes[node].incarnation == cycle + 1 and nodes[node].job_id == job_id
+            assert victim.has_line(f"incarnation {cycle} fenced; rejoining as a new "
+                                   "incarnation"), victim.output()
+            # It trains again: its new incarnation's steps reach the coordinator.
+            start = rejoined.step
+            harness.poll(lambda s=start: next(w for w in cluster.client.job(job_id).workers
+                                              if w.node_id == node).step > s + 10, 60,
+                         what="rejoined worker training")
+            fenced = sample(scrape(server.metrics_address),
+                            'shardps_ps_rejected_pushes_total{reason="fenced"')
+            print(f"cycle {cycle}: rejoined at step {start} as incarnation {cycle + 1} "
+                  f"(epoch {rejoined.epoch}); pushes fenced so far: {fenced:.0f}")
+            if fenced >= 1:
+                break
+        assert fenced >= 1, victim.output() + "\n---\n" + server.output()
+
+        other = next(d for d in cluster.workers if d is not victim)
+        other.kill()  # SIGKILL: no goodbye; its lease runs out
+        final = cluster.final(job_id)
+        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        assert final.step == steps
+        assert [(w.node_id, w.rank) for w in final.workers if w.alive] == [(node, 0)]
+        print(f"rank 0 SIGKILLed: the job completed {steps} steps with the rejoined worker")
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_push_whose_reply_is_lost_is_applied_once(tmp_path):
+    steps = 40
+    cluster = Cluster(tmp_path, servers=1, workers=1,
+                      server_env={"SHARDPS_FAULT_DROP_PUSH_REPLY": "7"})
+    try:
+        job_id = cluster.client.submit(spec(mode="async", steps=steps, servers=1, workers=1))
+        final = cluster.final(job_id)
+        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        server = cluster.servers[0]
+        assert server.has_line("fault injected"), server.output()
+        text = scrape(server.metrics_address)
+        # async: each applied push is one version. 40 steps, the 7th push's reply dropped and
+        # the push retried: still exactly 40 versions, and one duplicate answered.
+        assert sample(text, f'shardps_ps_version{{job="{job_id}"') == steps
+        assert sample(text, f'shardps_ps_pushes_total{{job="{job_id}",status="duplicate"') == 1
+        assert sample(text, f'shardps_ps_pushes_total{{job="{job_id}",status="applied"') == steps
+        retries = sample(scrape(cluster.workers[0].metrics_address),
+                         'shardps_worker_ps_retries_total{call="push",code="UNAVAILABLE"')
+        assert retries == 1
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_server_dying_inside_a_checkpoint_write_restarts_from_a_complete_one(tmp_path):
+    """The server's third checkpoint write of the job (version 40) exits the process halfway
+    through writing exp_avg (a torn file in a temp dir); restarted, it restores version 20."""
+    every = 20
+    crash = {checkpoint.CRASH_ENV: "partial:exp_avg@3"}
+    cluster = Cluster(tmp_path, servers=1, workers=1, server_env=crash,
+                      worker_args=[["--step-delay-ms", "10"]])
+    try:
+        job_id = cluster.client.submit(spec(steps=120, every=every, servers=1, workers=1))
+        server = cluster.servers[0]
+        assert server.proc.wait(120) == checkpoint.CRASH_EXIT
+        shard_dir = checkpoint.shard_dir(cluster.data_dirs[0], job_id, 0)
+        assert list(shard_dir.glob(".tmp-40-*")), "the torn write is in a temp dir"
+        assert [v for v, _ in checkpoint.committed(shard_dir)] == [20, 0]
+        restarted = cluster.restart_server(0)
+        final = cluster.final(job_id)
+        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        assert restarted.has_line(rf"job {job_id} shard 0 restored from ckpt-000000000020"), \
+            restarted.output()
+        assert final.rollback_version == 20
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(420)
+def test_a_restarted_coordinator_carries_on_with_its_jobs(tmp_path):
+    cluster = Cluster(tmp_path, servers=1, workers=2, state_dir=True,
+                      worker_args=[["--step-delay-ms", "15"], ["--step-delay-ms", "15"]])
+    try:
+        steps = 300
+        job_id = cluster.client.submit(spec(steps=steps, servers=1))
+        cluster.wait_step(job_id, 40)
+        port = cluster.coord.address.rsplit(":", 1)[1]
+        cluster.coord.kill()
+        down = time.monotonic()
+        time.sleep(1.0)  # workers and servers find it gone and retry
+        cluster.coord = harness.start("shardps-coordinator", "--port", port, *cluster.coord_args)
+        back_s = time.monotonic() - down
+        assert cluster.coord.has_line("restored state from"), cluster.coord.output()
+        final = cluster.final(job_id)
+        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        assert final.step == steps and final.epoch == 1  # nobody was lost on the way
+        table = cluster.cli("status")
+        assert job_id in table and "COMPLETED" in table
+        info = json.loads(cluster.cli("status", job_id, "--output", "json"))
+        assert info["state"] == "JOB_STATE_COMPLETED" and info["losses"]
+        print(f"coordinator down {back_s:.1f} s; job {job_id} completed {steps} steps")
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(420)
+def test_resume_after_a_full_cluster_stop(tmp_path):
+    cluster = Cluster(tmp_path, servers=2, workers=2, state_dir=True,
+                      worker_args=[["--step-delay-ms", "15"], ["--step-delay-ms", "15"]])
+    steps = 400
+    try:
+        job_id = cluster.client.submit(spec(steps=steps, every=0, name="resumable"))
+        cluster.wait_step(job_id, 40)
+        forced = json.loads(cluster.cli("checkpoint", job_id, "--output", "json"))
+        version = int(forced[0]["version"])  # int64 is a string in protobuf JSON
+        assert [int(c["version"]) for c in forced] == [version, version] and version > 40
+    finally:
+        cluster.stop()  # workers, servers (final checkpoints), coordinator: all SIGTERM
+    cluster = Cluster(tmp_path, servers=2, workers=2, state_dir=True)
+    try:
+        stopped = cluster.client.job(job_id)
+        assert stopped.state == common_pb2.JOB_STATE_FAILED  # its workers left
+        new_id = cluster.cli("resume", job_id).strip()
+        final = cluster.final(new_id)
+        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        assert final.resume_from == job_id
+        first = min(step for step, _ in ((p.step, p.loss) for p in final.losses))
+        assert first >= version  # it went on from the checkpoint, not from scratch
+        assert final.step == steps
+        print(f"resumed {job_id} at version {first} as {new_id}; completed {steps} steps")
+    finally:
+        cluster.stop()

@@ -1,0 +1,245 @@
+"""Shard checkpoints: exact round trip of weights and Adam state, atomic writes, fallback past
+torn or corrupt checkpoints, pruning, and a crash at every point of a write (subprocesses)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from shardps.proto import common_pb2, ps_pb2
+from shardps.server.ps import checkpoint
+from shardps.server.ps.checkpointer import Checkpointer
+from shardps.server.ps.errors import FencedError, UnknownWorkerError
+from shardps.server.ps.registry import ShardRegistry
+from shardps.server.ps.shard import Shard
+
+
+def config(mode=common_pb2.CONSISTENCY_SYNC, length=10, workers=("w0", "w1"), every=0, keep=3):
+    return ps_pb2.ShardConfig(
+        job_id="job", shard_index=0, offset=0, length=length, total=length,
+        optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.999,
+                                             eps=1e-8, schedule="constant"),
+        mode=mode, workers=list(workers), epoch=1, layout_fingerprint="fp",
+        checkpoint_every_steps=every, checkpoint_keep=keep)
+
+
+def grad(seed, length=10):
+    return torch.randn(length, generator=torch.Generator().manual_seed(seed))
+
+
+def run_steps(shard, steps, workers=("w0", "w1")):
+    for step in steps:
+        for i, w in enumerate(workers):
+            shard.push(grad(step * 10 + i), worker_id=w, incarnation=1, step=step)
+
+
+def same_state(a: Shard, b: Shard):
+    assert torch.equal(a.weights(), b.weights())
+    sa, sb = a.optimizer_state()["state"], b.optimizer_state()["state"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa[key][name], sb[key][name]), name
+    assert (a.version, a.adam_step) == (b.version, b.adam_step)
+
+
+def new_shard(**kw):
+    return Shard(config(**kw), torch.linspace(-1, 1, kw.get("length", 10)))
+
+
+def test_round_trip_is_exact_and_training_continues_bitwise(tmp_path):
+    straight, resumed = new_shard(), new_shard()
+    run_steps(straight, range(3))
+    run_steps(resumed, range(3))
+    path = checkpoint.write(tmp_path, resumed.capture(), keep=3)
+    assert path.name == "ckpt-000000000003-0000"
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert {p.name for p in path.iterdir()} == {
+        "weights.bin", "exp_avg.bin", "exp_avg_sq.bin", "step.bin", "manifest.msgpack"}
+    restored = Shard.from_state(checkpoint.load(tmp_path).state)
+    same_state(restored, resumed)
+    run_steps(straight, range(3, 6))
+    run_steps(restored, range(3, 6))
+    same_state(restored, straight)
+
+
+def test_applied_push_table_survives_so_a_retried_push_is_a_duplicate(tmp_path):
+    shard = new_shard(mode=common_pb2.CONSISTENCY_ASYNC)
+    shard.push(grad(1), worker_id="w0", incarnation=1, step=0)
+    checkpoint.write(tmp_path, shard.capture(), keep=3)
+    restored = Shard.from_state(checkpoint.load(tmp_path).state)
+    retried = restored.push(grad(1), worker_id="w0", incarnation=1, step=0)
+    assert retried.status == ps_pb2.PUSH_STATUS_DUPLICATE and restored.version == 1
+    assert restored.push(grad(2), worker_id="w0", incarnation=1, step=1).version == 2
+
+
+def test_an_open_sync_round_is_not_in_the_checkpoint(tmp_path):
+    shard = new_shard()
+    run_steps(shard, range(2))
+    shard.push(grad(5), worker_id="w0", incarnation=1, step=2)  # accepted, round 2 open
+    state = shard.capture()
+    assert state.version == 2 and state.applied[("w0", 1)] == 1
+    checkpoint.write(tmp_path, state, keep=3)
+    restored = Shard.from_state(checkpoint.load(tmp_path).state)
+    # w0 pushes step 2 again after the restore: it must count, not be a duplicate.
+    assert restored.push(grad(5), worker_id="w0", incarnation=1,
+                         step=2).status == ps_pb2.PUSH_STATUS_ACCEPTED
+
+
+def test_keeps_the_newest_k_and_removes_leftover_temp_dirs(tmp_path):
+    shard = new_shard(mode=common_pb2.CONSISTENCY_ASYNC)
+    (tmp_path / ".tmp-9-dead").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("not ours")
+    for step in range(5):
+        shard.push(grad(step), worker_id="w0", incarnation=1, step=step)
+        checkpoint.write(tmp_path, shard.capture(), keep=2)
+    assert [v for v, _ in checkpoint.committed(tmp_path)] == [5, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt-000000000004-0000", "ckpt-000000000005-0000", "notes.txt"]
+
+
+def test_same_version_twice_gets_a_second_directory(tmp_path):
+    shard = new_shard()
+    first = checkpoint.write(tmp_path, shard.capture(), keep=3)
+    second = checkpoint.write(tmp_path, shard.capture(), keep=3)
+    assert (first.name, second.name) == ("ckpt-000000000000-0000", "ckpt-000000000000-0001")
+    assert checkpoint.load(tmp_path).path == second
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "delete_manifest",
+                                    "corrupt_manifest", "delete_file"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage, caplog):
+    shard = new_shard(mode=common_pb2.CONSISTENCY_ASYNC)
+    checkpoint.write(tmp_path, shard.capture(), keep=3)
+    shard.push(grad(1), worker_id="w0", incarnation=1, step=0)
+    newest = checkpoint.write(tmp_path, shard.capture(), keep=3)
+    if damage == "flip_byte":
+        data = bytearray((newest / "exp_avg.bin").read_bytes())
+        data[5] ^= 0x01
+        (newest / "exp_avg.bin").write_bytes(bytes(data))
+    elif damage == "truncate":
+        data = (newest / "weights.bin").read_bytes()
+        (newest / "weights.bin").write_bytes(data[:-4])
+    elif damage == "delete_manifest":
+        (newest / checkpoint.MANIFEST).unlink()
+    elif damage == "corrupt_manifest":
+        data = bytearray((newest / checkpoint.MANIFEST).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (newest / checkpoint.MANIFEST).write_bytes(bytes(data))
+    else:
+        (newest / "step.bin").unlink()
+    loaded = checkpoint.load(tmp_path)
+    assert loaded.state.version == 0
+    assert [p for p, _ in loaded.skipped] == [newest]
+    assert "falling back to the previous one" in caplog.text
+
+
+def test_no_pickle_anywhere(tmp_path):
+    shard = new_shard()
+    run_steps(shard, range(1))
+    path = checkpoint.write(tmp_path, shard.capture(), keep=3)
+    for f in path.iterdir():
+        assert not f.read_bytes().startswith(b"\x80"), f  # pickle protocol 2+ header
+    weights = torch.frombuffer(bytearray((path / "weights.bin").read_bytes()), dtype=torch.float32)
+    assert torch.equal(weights, shard.weights())  # raw little-endian fp32
+
+
+def test_fencing_refuses_dead_incarnations_and_keeps_it_across_a_restore(tmp_path):
+    shard = new_shard(mode=common_pb2.CONSISTENCY_ASYNC)
+    shard.fence({"w0": 1, "w1": 1})
+    shard.update_workers(["w1"], 2)
+    shard.fence({"w1": 1})  # w0 incarnation 1 declared dead
+    with pytest.raises(FencedError, match="^fenced:"):
+        shard.push(grad(1), worker_id="w0", incarnation=1, step=0)
+    with pytest.raises(UnknownWorkerError):  # a newer incarnation, not (yet) in the job
+        shard.push(grad(1), worker_id="w0", incarnation=2, step=0)
+    checkpoint.write(tmp_path, shard.capture(), keep=3)
+    restored = Shard.from_state(checkpoint.load(tmp_path).state)
+    with pytest.raises(FencedError):
+        restored.push(grad(1), worker_id="w0", incarnation=1, step=5)
+    restored.update_workers(["w1", "w0"], 3)
+    restored.fence({"w1": 1, "w0": 2})
+    with pytest.raises(FencedError):  # live again, but only as incarnation 2
+        restored.push(grad(1), worker_id="w0", incarnation=1, step=6)
+    assert restored.push(grad(1), worker_id="w0", incarnation=2,
+                         step=0).status == ps_pb2.PUSH_STATUS_APPLIED
+
+
+def test_checkpointer_writes_every_n_versions_and_restores_with_lost_count(tmp_path):
+    cp = Checkpointer(tmp_path)
+    registry = ShardRegistry(cp.attach)
+    shard = new_shard(mode=common_pb2.CONSISTENCY_ASYNC, every=3, keep=2)
+    registry.put(shard)
+    for step in range(7):
+        shard.push(grad(step), worker_id="w0", incarnation=1, step=step)
+    assert cp.flush()
+    directory = checkpoint.shard_dir(tmp_path, "job", 0)
+    written = [v for v, _ in checkpoint.committed(directory)]
+    # A copy still queued when a newer one comes is superseded, so 3 (or 0) may be missing.
+    assert written[0] == 6 and len(written) <= 2 and all(v % 3 == 0 for v in written)
+    cp.shutdown()
+
+    again = Checkpointer(tmp_path)
+    [restored] = again.restore_all()
+    assert restored.version == 6
+    assert again.metrics.lost.labels("job")._value.get() == 1  # version 7 was never written
+    assert [(r.job_id, r.version, r.lost_updates) for r in again.take_reports()] == [
+        ("job", 6, 1)]
+    again.shutdown()
+
+
+def test_rollback_loads_an_older_version_and_drops_the_newer_ones(tmp_path):
+    cp = Checkpointer(tmp_path)
+    shard = new_shard(every=2)
+    ShardRegistry(cp.attach).put(shard)
+    for step in range(5):
+        run_steps(shard, [step])
+        assert cp.flush()  # no copy superseded: 0, 2 and 4 are all written
+    reference = new_shard()
+    run_steps(reference, range(2))
+    cp.rollback(shard, rollback_id=1, version=2)
+    same_state(shard, reference)
+    assert shard.rollback_id == 1
+    directory = checkpoint.shard_dir(tmp_path, "job", 0)
+    assert [v for v, _ in checkpoint.committed(directory)] == [2, 0]
+    run_steps(shard, range(2, 5))  # the workers replay: the same pushes count again
+    assert shard.version == 5
+    cp.shutdown()
+
+
+CRASHER = textwrap.dedent("""
+    import sys, torch
+    from shardps.proto import common_pb2, ps_pb2
+    from shardps.server.ps import checkpoint
+    from shardps.server.ps.shard import Shard
+    cfg = ps_pb2.ShardConfig(job_id="job", shard_index=0, offset=0, length=1000, total=1000,
+        optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.999,
+                                             eps=1e-8, schedule="constant"),
+        mode=common_pb2.CONSISTENCY_ASYNC, workers=["w0"], epoch=1)
+    shard = Shard(cfg, torch.zeros(1000))
+    for step in range(3):
+        shard.push(torch.full((1000,), 0.1 * (step + 1)), worker_id="w0", incarnation=1, step=step)
+        checkpoint.write(sys.argv[1], shard.capture(), keep=2)
+    print("finished")
+""")
+
+
+@pytest.mark.parametrize("point", checkpoint.CRASH_POINTS)
+def test_a_crash_at_any_point_of_a_write_leaves_a_complete_checkpoint(tmp_path, point):
+    """The third write (version 3) dies at `point`; the newest loadable checkpoint is then
+    version 2 (crash before the rename) or 3 (after it), never a torn one."""
+    env = {**os.environ, checkpoint.CRASH_ENV: f"{point}@3"}
+    done = subprocess.run([sys.executable, "-c", CRASHER, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == checkpoint.CRASH_EXIT, done.stderr
+    committed_now = point in ("renamed", "parent_synced", "pruned")
+    loaded = checkpoint.load(tmp_path)
+    assert loaded.skipped == []  # every committed directory verifies: nothing torn
+    assert loaded.state.version == (3 if committed_now else 2)
+    assert torch.equal(loaded.state.tensors["weights"],
+                       checkpoint.read(loaded.path).tensors["weights"])
+    checkpoint.prune(tmp_path, keep=2)
+    assert not list(tmp_path.glob(".tmp-*"))

@@ -1,0 +1,69 @@
+"""What a worker does about parameter-server failures: which errors it retries, its backoff,
+and a client that follows a moved server."""
+
+import grpc
+import pytest
+
+from shardps.proto import common_pb2, refusals
+from shardps.worker import recovery
+
+C = grpc.StatusCode
+
+
+@pytest.mark.parametrize("code, details, action", [
+    (C.UNAVAILABLE, "connection refused", recovery.RETRY),
+    (C.DEADLINE_EXCEEDED, "", recovery.RETRY),
+    (C.NOT_FOUND, "unknown job or shard", recovery.RETRY),  # restarting elsewhere
+    (C.FAILED_PRECONDITION, refusals.FENCED + " declared dead", recovery.FENCED),
+    (C.FAILED_PRECONDITION, refusals.STEP_AHEAD + " step 9", recovery.RESYNC),
+    (C.FAILED_PRECONDITION, refusals.NOT_LIVE + " of this job", recovery.RETRY),
+    (C.FAILED_PRECONDITION, "something else", recovery.ABANDON),
+    (C.INVALID_ARGUMENT, "non-finite", recovery.INVALID),
+    (C.PERMISSION_DENIED, "", recovery.ABANDON),
+])
+def test_classify(code, details, action):
+    assert recovery.classify(code, details) == action
+
+
+def test_stale_incarnation_is_the_coordinators_register_again():
+    assert recovery.stale_incarnation(C.FAILED_PRECONDITION, "node w was declared dead; "
+                                                             "register again")
+    assert not recovery.stale_incarnation(C.FAILED_PRECONDITION, "job has ended")
+    assert not recovery.stale_incarnation(C.NOT_FOUND, "register again")
+
+
+def test_backoff_doubles_up_to_its_cap_and_stops_at_the_window():
+    now = [0.0]
+    b = recovery.Backoff(0.25, 1.0, 3.0, lambda: now[0])
+    pauses = []
+    while not b.expired():
+        pauses.append(b.next())
+        now[0] += pauses[-1]
+    assert pauses == [0.25, 0.5, 1.0, 1.0, 0.25]  # the last one ends at the window
+    assert b.tries == 5 and now[0] == 3.0
+
+
+def test_remappable_client_follows_a_new_shard_map():
+    made, closed = [], []
+
+    class Fake:
+        def __init__(self, job_id, shard_map, **kw):
+            self.shard_map = shard_map
+            made.append(self)
+
+        def pull(self, dest, **kw):
+            return self.shard_map.shards[0].address
+
+        def close(self):
+            closed.append(self)
+
+    old = common_pb2.ShardMap(version=1)
+    old.shards.add(index=0, address="h:1", length=3)
+    client = recovery.RemappableClient(Fake, "job", old, worker_id="w")
+    pull = client.pull  # bound before the move, as the trainer's partials are
+    assert pull(None) == "h:1"
+    assert not client.remap(old) and not client.remap(common_pb2.ShardMap())
+    moved = common_pb2.ShardMap(version=2)
+    moved.shards.add(index=0, address="h:2", length=3)
+    assert client.remap(moved)
+    assert pull(None) == "h:2" and closed == [made[0]]

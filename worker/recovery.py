@@ -1,0 +1,139 @@
+"""How a worker rides out failures: which parameter-server errors to retry, the backoff, a
+PSClient that follows shard-map changes, and the resume version (docs/architecture.md,
+"Failures")."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from shardps.proto import common_pb2, ps_pb2, ps_pb2_grpc, refusals, rpc
+
+logger = logging.getLogger(__name__)
+
+# What to do about a failed pull or push:
+RETRY = "retry"        # transient: the server is down, restarting or has not heard of us yet
+FENCED = "fenced"      # this incarnation was declared dead: end the job here, register again
+RESYNC = "resync"      # sync: the servers are behind our step (a restore): pull again
+INVALID = "invalid"    # we sent something wrong: fail the job
+ABANDON = "abandon"    # anything else: give the job up (the daemon may retry it later)
+
+_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def classify(code: grpc.StatusCode, details: str) -> str:
+    """Maps a parameter server's status to one of the actions above.
+
+    NOT_FOUND is retried: a restarted server serves only once it has restored its shards,
+    but its shard may also come back under a new address (the shard map follows).
+    """
+    details = details or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return INVALID
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        if details.startswith(refusals.FENCED):
+            return FENCED
+        if details.startswith(refusals.STEP_AHEAD):
+            return RESYNC
+        if details.startswith(refusals.NOT_LIVE):
+            return RETRY
+        return ABANDON
+    return RETRY if code in _RETRY_CODES else ABANDON
+
+
+def stale_incarnation(code: grpc.StatusCode, details: str | None) -> bool:
+    """Whether the coordinator refused a call because this incarnation is no longer current
+    (declared dead, or the node registered again): the worker must register again."""
+    return (code == grpc.StatusCode.FAILED_PRECONDITION
+            and (details or "").endswith("register again"))
+
+
+class Backoff:
+    """Doubling pauses from `first_s` up to `max_s`, until `window_s` after the first failure.
+
+    Pure: takes a clock.
+    """
+
+    def __init__(self, first_s: float, max_s: float, window_s: float,
+                 clock: Callable[[], float]):
+        self.first_s, self.max_s, self.window_s = first_s, max_s, window_s
+        self._clock = clock
+        self._pause = first_s
+        self.started = clock()
+        self.tries = 0
+
+    def expired(self) -> bool:
+        return self._clock() - self.started >= self.window_s
+
+    def next(self) -> float:
+        """The pause before the next try (never past the window's end)."""
+        self.tries += 1
+        pause = min(self._pause, max(0.0, self.window_s - (self._clock() - self.started)))
+        self._pause = min(self._pause * 2, self.max_s)
+        return pause
+
+
+class RemappableClient:
+    """A PSClient that can be rebuilt on a new shard map; every call goes to the current one.
+
+    Bound methods taken before a `remap` keep working (they look the client up per call).
+    Owned by one training thread, like the PSClient inside it.
+    """
+
+    def __init__(self, factory: Callable[..., Any], job_id: str,
+                 shard_map: common_pb2.ShardMap, **kwargs: Any):
+        self._factory = factory
+        self._job_id = job_id
+        self._kwargs = kwargs
+        self.shard_map = shard_map
+        self.client = factory(job_id, shard_map, **kwargs)
+
+    def remap(self, shard_map: common_pb2.ShardMap) -> bool:
+        """Switches to `shard_map` if it differs (e.g. a server came back elsewhere)."""
+        if not shard_map.shards or shard_map == self.shard_map:
+            return False
+        old, self.client = self.client, self._factory(self._job_id, shard_map, **self._kwargs)
+        self.shard_map = shard_map
+        old.close()
+        return True
+
+    def pull(self, *args: Any, **kwargs: Any) -> Any:
+        return self.client.pull(*args, **kwargs)
+
+    def push(self, *args: Any, **kwargs: Any) -> Any:
+        return self.client.push(*args, **kwargs)
+
+    def init(self, *args: Any, **kwargs: Any) -> Any:
+        return self.client.init(*args, **kwargs)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def resume_version(shard_map: common_pb2.ShardMap, old_job: str, sync: bool) -> int:
+    """The checkpoint version a resumed job starts from (ShardConfig.resume_version).
+
+    sync: the newest version every shard holds a valid checkpoint of (the shards must agree
+    on the version for rounds to line up); other modes: -1, each shard's newest.
+
+    Raises:
+        ValueError: no version is held by every shard.
+        grpc.RpcError: a server could not be asked.
+    """
+    if not sync:
+        return -1
+    common: set[int] | None = None
+    for shard in shard_map.shards:
+        with rpc.make_channel(shard.address) as channel:
+            reply = ps_pb2_grpc.ParameterServerStub(channel).ListCheckpoints(
+                ps_pb2.ListCheckpointsRequest(job_id=old_job), timeout=rpc.CONTROL_DEADLINE_S)
+        held = {c.version for c in reply.checkpoints if c.shard_index == shard.index}
+        common = held if common is None else common & held
+    if not common:
+        raise ValueError(f"the servers hold no checkpoint version of job {old_job} common to "
+                         "every shard")
+    return max(common)
