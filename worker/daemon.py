@@ -75,9 +75,13 @@ class WorkerDaemon:
 
     def __init__(self, coordinator: str, host: str = "127.0.0.1", port: int = 0,
                  device: str = "cpu", metrics_port: int = -1, threads: int = 0,
-                 registry: CollectorRegistry | None = None, step_delay_ms: int = 0):
+                 registry: CollectorRegistry | None = None, step_delay_ms: int = 0,
+                 advertise_host: str | None = None):
         self.coordinator_address = coordinator
         self.host = host
+        # What the coordinator (and Prometheus, through its /sd list) is told to reach us at:
+        # a wildcard bind address reaches nobody, so it defaults to this host's name.
+        self.advertise_host = advertise_host or (socket.getfqdn() if host in ("0.0.0.0", "::", "") else host)
         self.port = port
         self.device = device
         self.metrics_port = metrics_port
@@ -202,8 +206,9 @@ class WorkerDaemon:
     def _register(self) -> None:
         assert self._stub is not None  # start() made it
         reply = self._stub.RegisterNode(coordinator_pb2.RegisterNodeRequest(
-            role=common_pb2.ROLE_WORKER, address=self.address, node_id=self.node_id,
-            metrics_address=self.metrics_address, device=self.device,
+            role=common_pb2.ROLE_WORKER, address=f"{self.advertise_host}:{self.port}", node_id=self.node_id,
+            metrics_address=(f"{self.advertise_host}:{self._metrics_endpoint.port}"
+                             if self._metrics_endpoint else ""), device=self.device,
             hostname=socket.gethostname()), timeout=rpc.CONTROL_DEADLINE_S)
         self.node_id, self.incarnation = reply.node_id, reply.incarnation
         daemon_lib.set_log_node(self.node_id)
@@ -292,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         description="A shardps worker: trains the jobs the coordinator assigns to it.")
     daemon_lib.add_common_args(parser, default_port=0)
     daemon_lib.add_coordinator_arg(parser)
+    parser.add_argument("--advertise-host", metavar="HOST",
+                        help="host name to register with the coordinator (default: --host, or this "
+                             "machine's name when --host is a wildcard such as 0.0.0.0)")
     parser.add_argument("--allow-import", action="append", default=None, metavar="PREFIX",
                         help="only let jobs import model/data factories from modules under this "
                              "dotted prefix (repeatable); default: any module, i.e. whoever may "
@@ -321,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     worker = WorkerDaemon(args.coordinator, args.host, args.port, device, args.metrics_port,
-                          args.threads, step_delay_ms=args.step_delay_ms)
+                          args.threads, step_delay_ms=args.step_delay_ms,
+                          advertise_host=args.advertise_host)
     try:
         worker.start()
     except OSError as exc:
