@@ -19,6 +19,7 @@ from prometheus_client import (
     GCCollector,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -149,6 +150,7 @@ def job_log_context(job_id: str) -> Iterator[None]:
 
 def new_registry() -> CollectorRegistry:
     """A metrics registry of one daemon, with process, platform and GC collectors."""
+    disable_created_metrics()  # *_created series only double what a scrape needs to store
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

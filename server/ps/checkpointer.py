@@ -60,6 +60,10 @@ class CheckpointMetrics:
         self.version = Gauge("shardps_ps_checkpoint_version",
                              "Version of the newest checkpoint written", ["job", "shard"],
                              registry=registry)
+        # Age, the Prometheus way: time() - shardps_ps_checkpoint_timestamp_seconds.
+        self.timestamp = Gauge("shardps_ps_checkpoint_timestamp_seconds",
+                               "Unix time the newest checkpoint was written", ["job", "shard"],
+                               registry=registry)
         self.restores = Counter("shardps_ps_restores_total",
                                 "Shards restored from a checkpoint, by kind (startup, "
                                 "rollback, resume)", ["kind"], registry=registry)
@@ -212,6 +216,7 @@ class Checkpointer:
         self.metrics.written.labels("written").inc()
         self.metrics.seconds.observe(seconds)
         self.metrics.version.labels(state.job_id, str(state.index)).set(state.version)
+        self.metrics.timestamp.labels(state.job_id, str(state.index)).set_to_current_time()
         log.info("job %s shard %d: %s checkpoint at version %d written in %.3f s (%s)",
                  state.job_id, state.index, reason, state.version, seconds, path.name)
         return path

@@ -126,6 +126,10 @@ def test_prometheus_scrapes_every_daemon_of_a_training_cluster(prometheus_bin, t
             scraped = set(json.load(reply)["data"])
         missing = sorted(name for name in dashboard_metrics() if name not in scraped)
         assert not missing, f"dashboard queries metrics no daemon exports: {missing}"
+        catalogue = (ROOT / "docs" / "metrics.md").read_text()
+        undocumented = sorted(name for name in scraped if name.startswith("shardps_")
+                              and re.sub(r"_(bucket|sum|count)$", "", name) not in catalogue)
+        assert not undocumented, f"docs/metrics.md does not list {undocumented}"
         harness.run_cli("cancel", job, "--coordinator", coord.address)
     finally:
         prom.terminate()
