@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-import torch
 
 from shardps.proto import (
     common_pb2,
     coordinator_pb2,
     coordinator_pb2_grpc,
-    layout,
     ps_pb2,
     ps_pb2_grpc,
-    psclient,
     rpc,
 )
+
+if TYPE_CHECKING:  # torch loads only for export, so that status, watch, ... start fast
+    import torch
 from shardps.proto import spec as spec_lib
 
 FINAL_STATES = frozenset({
@@ -164,6 +166,10 @@ class CoordinatorClient:
         Returns (state_dict, per-shard versions). Raises ClientError if the job has no
         weights yet or a server does not answer.
         """
+        import torch
+
+        from shardps.proto import layout, psclient
+
         info = self.job(job_id)
         if not info.layout.total or not info.shard_map.shards:
             raise ClientError(f"job {job_id} has no weights yet (state {state_name(info.state)})")
@@ -177,3 +183,16 @@ class CoordinatorClient:
         if not result.ready:
             raise ClientError(f"servers of {job_id} did not serve its weights in time")
         return layout.unflatten(flat, info.layout), result.versions
+
+    def export_to(self, job_id: str, path: Path) -> tuple[int, int, list[int]]:
+        """Writes the job's weights to `path` as a state_dict (atomically: temp file, rename).
+
+        Returns (tensors, parameters, per-shard versions).
+        """
+        import torch
+
+        state_dict, versions = self.export(job_id)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state_dict, tmp)
+        tmp.replace(path)
+        return len(state_dict), sum(t.numel() for t in state_dict.values()), versions

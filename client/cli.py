@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from google.protobuf import json_format
 
 from shardps.client import progress
@@ -170,17 +169,13 @@ def cmd_nodes(args) -> int:
 
 
 def cmd_export(args) -> int:
-    with CoordinatorClient(args.coordinator) as client:
-        state_dict, versions = client.export(args.job)
     out = Path(args.output_path)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(state_dict, tmp)
-    tmp.replace(out)
-    count = sum(t.numel() for t in state_dict.values())
+    with CoordinatorClient(args.coordinator) as client:
+        tensors, count, versions = client.export_to(args.job, out)
     if args.output == "json":
         _emit({"job_id": args.job, "path": str(out), "parameters": count, "versions": versions})
     else:
-        print(f"wrote {out}: {len(state_dict)} tensors, {count} parameters, version {max(versions)}")
+        print(f"wrote {out}: {tensors} tensors, {count} parameters, version {max(versions)}")
     return exitcodes.OK
 
 

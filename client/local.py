@@ -21,7 +21,6 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import torch
 import yaml
 
 from shardps.client import cli
@@ -227,8 +226,7 @@ def _follow(client: CoordinatorClient, cluster: LocalCluster, job_id: str, args)
         return exitcodes.TIMEOUT
     elapsed = time.monotonic() - started
     if args.export and info.state in SUCCESS_STATES:
-        state_dict, _ = client.export(job_id)
-        torch.save(state_dict, args.export)
+        client.export_to(job_id, Path(args.export))
     if args.output == "json":
         print(json.dumps({**cli.to_json(info), "elapsed_s": round(elapsed, 3)}, indent=2))
     else:
