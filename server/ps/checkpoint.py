@@ -169,12 +169,12 @@ def write(directory: Path | str, state: ShardState, keep: int) -> Path:
     _write_file(tmp / MANIFEST, msgpack.packb(
         {"body": body, "sha256": hashlib.sha256(body).hexdigest()}, use_bin_type=True))
     crash.at("manifest")
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     crash.at("tmp_synced")
     final = _next_name(directory, state.version)
     os.rename(tmp, final)
     crash.at("renamed")
-    _fsync_dir(directory)
+    fsync_dir(directory)
     crash.at("parent_synced")
     prune(directory, keep)
     crash.at("pruned")
@@ -211,7 +211,8 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Makes a directory's entries (creations, renames) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -120,7 +120,7 @@ class Checkpointer:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.data_dir / NODE_ID_FILE)
-        _fsync_dir(self.data_dir)
+        checkpoint.fsync_dir(self.data_dir)
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -434,14 +434,6 @@ def _read_mark(path: Path) -> int | None:
     except FileNotFoundError:
         return None
     return struct.unpack("<q", data[:8])[0] if len(data) >= 8 else None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_sync(shard: Shard) -> bool:

@@ -13,7 +13,6 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shardps.client.api import CoordinatorClient
 from shardps.proto import (
     codec,
     common_pb2,
@@ -26,7 +25,6 @@ from shardps.proto import (
 )
 from shardps.proto.layout import make_layout
 from shardps.proto.psclient import PSClient
-from shardps.server.coordinator.daemon import CoordinatorDaemon
 from shardps.server.ps import daemon as ps_daemon
 from shardps.server.ps.daemon import ParameterServerDaemon
 from tests.cluster import RegisteredWorker
@@ -308,21 +306,6 @@ def test_metrics_endpoint_serves_the_documented_names(servers):
         "shardps_ps_apply_seconds_count 1.0",
     ]:
         assert line in text.splitlines(), line
-
-
-@pytest.fixture
-def coordinators():
-    """Starts coordinators in this process on port 0 (or a given port); stops them after."""
-    started = []
-
-    def start(port=0, lease_ms=10_000):
-        coordinator = CoordinatorDaemon("127.0.0.1", port, lease_ms=lease_ms).start()
-        started.append(coordinator)
-        return coordinator, CoordinatorClient(coordinator.address)
-
-    yield start
-    for coordinator in started:
-        coordinator.stop(0)
 
 
 def server_node(client, node_id=None):

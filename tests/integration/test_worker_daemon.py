@@ -9,9 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shardps.client.api import CoordinatorClient
 from shardps.proto import common_pb2, coordinator_pb2
-from shardps.server.coordinator.daemon import CoordinatorDaemon
 from shardps.worker import daemon as worker_daemon
 from shardps.worker.daemon import WorkerDaemon
 from tests import harness
@@ -22,21 +20,6 @@ ALIVE, DEAD = coordinator_pb2.NODE_STATE_ALIVE, coordinator_pb2.NODE_STATE_DEAD
 
 def poll(condition, timeout=10.0, what="condition"):
     return harness.poll(condition, timeout, interval=0.02, what=what)
-
-
-@pytest.fixture
-def coordinators():
-    """Starts coordinators in this process; stops them afterwards."""
-    started = []
-
-    def start(port=0, lease_ms=10_000):
-        coordinator = CoordinatorDaemon("127.0.0.1", port, lease_ms=lease_ms).start()
-        started.append(coordinator)
-        return coordinator, CoordinatorClient(coordinator.address)
-
-    yield start
-    for coordinator in started:
-        coordinator.stop(0)
 
 
 def node_at(client, address):
