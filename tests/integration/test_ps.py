@@ -415,3 +415,32 @@ def test_stop_ends_waiting_pulls_at_once():
     thread.join(30)
     client.close()
     assert errors == [grpc.StatusCode.UNAVAILABLE] and time.monotonic() - start < 10
+
+
+def test_calls_beyond_the_concurrency_limit_are_refused_with_resource_exhausted():
+    # 2 handler threads allow 8 concurrent RPCs; 12 pulls that wait on a version never reached.
+    server = ParameterServerDaemon(grpc_workers=2).start()
+    try:
+        with PSClient("job", shard_map([server], 10), worker_id="w0") as client:
+            client.init(torch.zeros(10), shard_config(SYNC))
+        codes = []
+
+        def pull():
+            with PSClient("job", shard_map([server], 10), worker_id="w0") as client:
+                try:
+                    result = client.pull(torch.zeros(10), min_version=1, timeout_s=1)
+                    codes.append("not ready" if not result.ready else "ready")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+
+        threads = [threading.Thread(target=pull) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
+        assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, "not ready"}, codes
+        with PSClient("job", shard_map([server], 10), worker_id="w0") as client:  # and it still serves
+            assert client.pull(torch.zeros(10), timeout_s=3).ready
+    finally:
+        server.stop(0)
