@@ -25,7 +25,9 @@ from google.protobuf.message import Message
 
 from shardps.proto import common_pb2
 
-DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024  # 2 MiB: well under gRPC's 4 MiB default
+# 1 MiB: well under gRPC's 4 MiB default, and the fastest here (bench/RESULTS.md, wire levers:
+# 1 MiB moved 1.18x what 2 MiB did on 10M parameters; 256 KiB 0.77x, 4 MiB 0.81x, 8 MiB 0.73x).
+DEFAULT_CHUNK_BYTES = 1024 * 1024
 MIN_CHUNK_BYTES = 4 * 1024
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 
@@ -75,7 +77,7 @@ def encode(flat: torch.Tensor, wire_dtype: int) -> bytes:
     return src.contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def decode(data: bytes, wire_dtype: int) -> torch.Tensor:
+def decode(data: bytes | memoryview, wire_dtype: int) -> torch.Tensor:
     """Returns a read-only view of `data` as a 1-D tensor of the wire dtype (no copy)."""
     size = element_size(wire_dtype)
     if len(data) % size:
@@ -216,7 +218,7 @@ def chunk_message(piece: torch.Tensor, wire_dtype: int, field: int, offset: int,
         piece = target.copy_(piece)
     elif not piece.is_contiguous():
         piece = piece.contiguous()
-    payload = piece.view(torch.uint8).numpy()
+    payload = piece.view(torch.uint8).numpy().data  # a memoryview of the tensor's bytes
     return b"".join((first, chunk_header(field, offset, payload.nbytes), payload))
 
 

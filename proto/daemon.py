@@ -219,10 +219,14 @@ def start_metrics(registry: CollectorRegistry, host: str, port: int,
     return endpoint
 
 
-def run_until_signal(stop: Callable[[], None], wait: Callable[[float], bool]) -> None:
-    """Blocks until SIGTERM/SIGINT (or until `wait` returns True), then calls stop().
+def run_until_signal(stop: Callable[[], None], wait: Callable[[float], bool],
+                     ready: Callable[[], None] = lambda: None) -> None:
+    """Installs SIGTERM/SIGINT handlers, calls ready() (which announces the daemon), then
+    blocks until a signal (or until `wait` returns True) and calls stop().
 
-    `wait(timeout)` should return True when the daemon has ended on its own.
+    Announcing only after the handlers are in place means a supervisor that signals as soon
+    as it reads `listening on` always gets a clean shutdown. `wait(timeout)` should return
+    True when the daemon has ended on its own.
     """
     stopping = threading.Event()
 
@@ -232,6 +236,7 @@ def run_until_signal(stop: Callable[[], None], wait: Callable[[float], bool]) ->
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    ready()
     while not stopping.is_set():
         if wait(0.5):
             break

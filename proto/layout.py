@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-
-import torch
+from typing import TYPE_CHECKING
 
 from shardps.proto import common_pb2
+
+# torch only in annotations: the coordinator imports this module and never needs torch, which
+# would cost it about 1 s of CPU at start (bench/RESULTS.md, tta).
+if TYPE_CHECKING:
+    import torch
 
 
 def make_layout(named_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> common_pb2.Layout:

@@ -165,7 +165,7 @@ SCHEMA: dict[str, Any] = {
     },
     "transport": {
         "dtype": (_choice(TRANSPORT_DTYPES), "float32"),
-        "chunk_bytes": (_int(4096, 16 * 1024 * 1024), 2 * 1024 * 1024),
+        "chunk_bytes": (_int(4096, 16 * 1024 * 1024), 1024 * 1024),
     },
     "stop": {
         "max_steps": (_int(0), 0),

@@ -337,6 +337,6 @@ def main(argv: list[str] | None = None) -> int:
         rpc.fail(str(exc), exitcodes.BIND_FAILED)
     if worker.metrics_address:
         print(f"metrics on {worker.metrics_address}", flush=True)
-    rpc.announce(args.host, worker.port)
-    daemon_lib.run_until_signal(worker.stop, worker.wait)
+    daemon_lib.run_until_signal(worker.stop, worker.wait,
+                          ready=lambda: rpc.announce(args.host, worker.port))
     return exitcodes.OK

@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         coordinator.start()
     except OSError as exc:
         rpc.fail(str(exc), exitcodes.BIND_FAILED)
-    rpc.announce(args.host, coordinator.port)
-    daemon.run_until_signal(coordinator.stop, coordinator.wait)
+    daemon.run_until_signal(coordinator.stop, coordinator.wait,
+                          ready=lambda: rpc.announce(args.host, coordinator.port))
     return exitcodes.OK
 
 

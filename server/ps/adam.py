@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -52,16 +53,16 @@ class FusedAdam:
         if param.dtype != torch.float32 or param.device.type != "cpu" or param.dim() != 1:
             raise ValueError("FusedAdam steps one flat fp32 CPU tensor")
         self.param = param
-        self.param_groups = [{
+        self.param_groups: list[dict[str, Any]] = [{
             "params": [param], "lr": lr, "betas": tuple(betas), "eps": eps,
             "weight_decay": weight_decay, "amsgrad": False, "maximize": False, "foreach": None,
             "capturable": False, "differentiable": False, "fused": True,
             "decoupled_weight_decay": decoupled,
         }]
-        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        self.state: dict[torch.Tensor, Any] = {}  # param -> {step, exp_avg, exp_avg_sq}
         self._kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
 
-    def begin(self) -> dict[str, torch.Tensor]:
+    def begin(self) -> dict[str, Any]:
         """Starts one step: creates the state at the first one, counts the step (as torch.optim
         does before its kernel); every block of the step is then `apply`d once."""
         state = self.state.get(self.param)
@@ -74,7 +75,7 @@ class FusedAdam:
         state["step"].add_(1)
         return state
 
-    def apply(self, state: dict[str, torch.Tensor], start: int, grad: torch.Tensor) -> None:
+    def apply(self, state: dict[str, Any], start: int, grad: torch.Tensor) -> None:
         """The kernel on elements [start, start + grad.numel()) with an fp32 gradient block."""
         end = start + grad.numel()
         group = self.param_groups[0]

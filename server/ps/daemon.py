@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
     except OSError as exc:
         rpc.fail(str(exc), exitcodes.BIND_FAILED)
-    rpc.announce(args.host, server.port)
-    daemon.run_until_signal(server.stop, server.wait)
+    daemon.run_until_signal(server.stop, server.wait,
+                          ready=lambda: rpc.announce(args.host, server.port))
     return exitcodes.OK
 
 

@@ -8,6 +8,7 @@ chunk is copied once from the snapshot into its message.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -219,8 +220,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             for lo in range(0, shard.length, step):
                 hi = min(lo + step, shard.length)
                 # One copy, from the weights (or the snapshot's copy) into the message.
-                yield shard.read(snapshot, lo, hi, lambda view, lo=lo, head=head: codec.chunk_message(
-                    view, request.dtype, _PULL_CHUNK, lo, head, scratch))
+                yield shard.read(snapshot, lo, hi, functools.partial(
+                    codec.chunk_message, wire_dtype=request.dtype, field=_PULL_CHUNK, offset=lo,
+                    first=head, scratch=scratch))
                 head = b""
                 sent += (hi - lo) * dtype.itemsize
         finally:

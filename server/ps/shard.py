@@ -513,6 +513,7 @@ class Shard:
         # Workers with no samples this step push weight 0; leave them out of the sum. If
         # nobody had samples, the round still closes (plain mean) so the barrier moves on.
         weighted = [p for p in parts if p.batch_size > 0] or parts
+        terms: list[tuple[torch.Tensor, float | None]]
         if len(weighted) == 1:
             terms = [(weighted[0].grad, None)]  # used as is, so one worker matches torch bitwise
         else:

@@ -1,0 +1,155 @@
+"""step: one training step split into pull, compute, push and the server's apply, for a 10M-
+and a 100M-parameter model with 1 worker and 1 server, against the same step with no server.
+
+The worker side is shardps's own (FlatParams views, PSClient) in this process; the server is a
+real `shardps-server` (sync job, one worker: each push closes a round, so the push's reply
+waits for the server's Adam, which the server's metrics time). The baseline runs the same
+forward/backward and `torch.optim.Adam(fused=True)` in one process. Steps alternate between
+the two; medians.
+
+  python -m bench.step                  # 10M and 100M
+  python -m bench.step --params digits --servers 2 --steps 200   # the tta job's model
+  python -m bench.step --small
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from torch import nn
+
+from bench import procs, report
+from shardps.proto import common_pb2, ps_pb2
+from shardps.proto.psclient import PSClient
+from shardps.worker.flat import FlatParams
+
+JOB = "bench-step"
+BATCH = 32
+
+
+def mlp(params: int) -> tuple[nn.Module, int]:
+    """A ReLU MLP of about `params` parameters: width w, input w, four w x w layers, 10 outputs."""
+    width = max(64, round((params / 5) ** 0.5 / 64) * 64)
+    layers: list[nn.Module] = []
+    for _ in range(5):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers), width
+
+
+class Baseline:
+    """The same model, forward/backward and fused Adam in this process."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.adam = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        self.adam.zero_grad()
+        nn.functional.cross_entropy(self.model(x), y).backward()
+        t1 = time.perf_counter()
+        self.adam.step()
+        return t1 - t0, time.perf_counter() - t1
+
+
+def digits_mlp() -> tuple[nn.Module, int]:
+    """The model of the digits job (bench.tta): 64 inputs, hidden [128, 64], 10 classes."""
+    layers = [nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)]
+    return nn.Sequential(*layers), 64
+
+
+class Shardps:
+    """A worker's step against real servers: pull -> forward/backward -> push."""
+
+    def __init__(self, model: nn.Module, servers: list[procs.Child], chunk_bytes: int):
+        self.flat = FlatParams(model)
+        self.model = model
+        self.servers = servers
+        smap = procs.shard_map([s.address for s in servers], self.flat.numel)
+        self.ps = PSClient(JOB, smap, worker_id="w0", chunk_bytes=chunk_bytes)
+        self.ps.init(self.flat.weights_cpu(), ps_pb2.ShardConfig(
+            optimizer=common_pb2.OptimizerConfig(name="adam", lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8),
+            mode=common_pb2.CONSISTENCY_SYNC, workers=["w0"], epoch=1, layout_fingerprint="bench"))
+        self.version = 0
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        t0 = time.perf_counter()
+        result = self.ps.pull(self.flat.host_weights, min_version=self.version, timeout_s=60)
+        assert result.ready
+        self.flat.upload()
+        t1 = time.perf_counter()
+        self.flat.zero_grad()
+        nn.functional.cross_entropy(self.model(x), y).backward()
+        grad = self.flat.host_grad()
+        t2 = time.perf_counter()
+        applied = [s.metric("shardps_ps_apply_seconds_sum") for s in self.servers]
+        t3 = time.perf_counter()
+        replies = self.ps.push(grad, step=self.version, base_version=self.version, batch_size=len(x))
+        t4 = time.perf_counter()
+        # Shards apply in parallel: the reply waits for the slowest.
+        apply = max(s.metric("shardps_ps_apply_seconds_sum") - a for s, a in zip(self.servers, applied, strict=True))
+        assert all(r.status == ps_pb2.PUSH_STATUS_APPLIED for r in replies), replies
+        self.version += 1
+        return {"pull": t1 - t0, "compute": t2 - t1, "push": t4 - t3 - apply, "apply": apply,
+                "total": (t2 - t0) + (t4 - t3)}
+
+    def close(self) -> None:
+        self.ps.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--params", default="10M,100M", help="sizes, or 'digits' for the tta model")
+    parser.add_argument("--servers", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps each (after a warm-up)")
+    parser.add_argument("--chunk-bytes", default="1M")
+    parser.add_argument("--worker-threads", type=int, default=0,
+                        help="torch threads of this (worker) process; 0 = every core")
+    parser.add_argument("--small", action="store_true", help="a seconds-long run for CI")
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args()
+    if args.small:
+        args.params, args.steps = "1M", 2
+    if args.worker_threads:
+        torch.set_num_threads(args.worker_threads)
+    table = report.Table(f"step: one training step, 1 worker + {args.servers} server(s) vs no server (ms, median)",
+                         ["params", "pull", "compute", "push", "apply", "shardps_step",
+                          "local_compute", "local_adam", "local_step", "ratio"])
+    for size in args.params.split(","):
+        torch.manual_seed(0)
+        model, width = digits_mlp() if size == "digits" else mlp(report.parse_count(size))
+        params = sum(p.numel() for p in model.parameters())
+        x, y = torch.randn(BATCH, width), torch.randint(0, 10, (BATCH,))
+        servers = procs.start_servers(args.servers, threads=1, metrics=True)
+        try:
+            local = Baseline(copy.deepcopy(model))
+            remote = Shardps(model, servers, report.parse_bytes(args.chunk_bytes))
+            local.step(x, y)
+            remote.step(x, y)  # warm-up: Adam state, buffers, connections
+            phases: dict[str, list[float]] = {}
+            for _ in range(args.steps):
+                for key, value in remote.step(x, y).items():
+                    phases.setdefault(key, []).append(value)
+                compute, adam = local.step(x, y)
+                phases.setdefault("local_compute", []).append(compute)
+                phases.setdefault("local_adam", []).append(adam)
+                phases.setdefault("local_step", []).append(compute + adam)
+            remote.close()
+        finally:
+            procs.stop_all(servers)
+        ms = {k: report.median(v) * 1e3 for k, v in phases.items()}
+        table.add(params=report.human(params), pull=ms["pull"], compute=ms["compute"], push=ms["push"],
+                  apply=ms["apply"], shardps_step=ms["total"], local_compute=ms["local_compute"],
+                  local_adam=ms["local_adam"], local_step=ms["local_step"],
+                  ratio=ms["total"] / ms["local_step"])
+        print(table.rows[-1], flush=True)
+    report.write("step", [table], vars(args), out_dir=args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
