@@ -81,24 +81,24 @@ def cmd_submit(args) -> int:
     text = read_spec(args.spec)
     with CoordinatorClient(args.coordinator) as client:
         job_id = client.submit(text, resume_from=args.resume_from or "")
-        if args.output == "json" and not args.wait:
-            _emit({"job_id": job_id})
-        elif args.output != "json":
-            print(job_id if not args.wait else f"submitted {job_id}")
-        if args.wait:
-            return follow(client, job_id, args)
-    return exitcodes.OK
+        return _submitted(client, job_id, args, {})
 
 
 def cmd_resume(args) -> int:
     with CoordinatorClient(args.coordinator) as client:
         job_id = client.resume(args.job)
-        if args.output == "json" and not args.wait:
-            _emit({"job_id": job_id, "resume_from": args.job})
-        elif args.output != "json":
-            print(job_id if not args.wait else f"submitted {job_id} (resumes {args.job})")
-        if args.wait:
-            return follow(client, job_id, args)
+        return _submitted(client, job_id, args, {"resume_from": args.job})
+
+
+def _submitted(client: CoordinatorClient, job_id: str, args, extra: dict) -> int:
+    """Prints a new job's id (text or JSON), then follows it with --wait."""
+    if args.output == "json" and not args.wait:
+        _emit({"job_id": job_id, **extra})
+    elif args.output != "json":
+        resumes = f" (resumes {extra['resume_from']})" if "resume_from" in extra else ""
+        print(job_id if not args.wait else f"submitted {job_id}{resumes}")
+    if args.wait:
+        return follow(client, job_id, args)
     return exitcodes.OK
 
 
