@@ -161,7 +161,7 @@ class WorkerDaemon:
             try:
                 self._stub.Heartbeat(coordinator_pb2.HeartbeatRequest(
                     node_id=self.node_id, incarnation=self.incarnation, shutting_down=True),
-                    timeout=FINAL_HEARTBEAT_S)
+                    timeout=FINAL_HEARTBEAT_S, wait_for_ready=True)  # ride out a reconnect backoff
             except grpc.RpcError as exc:
                 logger.warning("final heartbeat failed: %s", exc.code().name)
         if self._server is not None:

@@ -69,7 +69,9 @@ class CoordinatorLink:
                     coordinator_pb2.HeartbeatRequest(node_id=self.node_id,
                                                      incarnation=self.incarnation,
                                                      shutting_down=True),
-                    timeout=_FINAL_HEARTBEAT_DEADLINE_S)
+                    # The channel may be between reconnect attempts (the coordinator just
+                    # restarted): wait for it, within the deadline, instead of failing fast.
+                    timeout=_FINAL_HEARTBEAT_DEADLINE_S, wait_for_ready=True)
                 log.info("deregistered %s from coordinator %s", self.node_id, self.coordinator)
             except grpc.RpcError as exc:
                 log.warning("final heartbeat to %s failed: %s", self.coordinator, exc.code())
