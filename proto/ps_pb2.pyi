@@ -245,3 +245,15 @@ class ListCheckpointsResponse(_message.Message):
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     checkpoints: _containers.RepeatedCompositeFieldContainer[ShardCheckpoint]
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[ShardCheckpoint, _Mapping]]] = ...) -> None: ...
+
+class GetDataPlaneRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetDataPlaneResponse(_message.Message):
+    __slots__ = ("port", "protocol")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    protocol: int
+    def __init__(self, port: _Optional[int] = ..., protocol: _Optional[int] = ...) -> None: ...

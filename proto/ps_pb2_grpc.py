@@ -69,6 +69,11 @@ class ParameterServerStub:
                 request_serializer=shardps_dot_proto_dot_ps__pb2.ListCheckpointsRequest.SerializeToString,
                 response_deserializer=shardps_dot_proto_dot_ps__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
+        self.GetDataPlane = channel.unary_unary(
+                '/shardps.v1.ParameterServer/GetDataPlane',
+                request_serializer=shardps_dot_proto_dot_ps__pb2.GetDataPlaneRequest.SerializeToString,
+                response_deserializer=shardps_dot_proto_dot_ps__pb2.GetDataPlaneResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -124,6 +129,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDataPlane(self, request, context):
+        """Where this server's data plane listens: a TCP port that carries Push and Pull as raw
+        frames beside this service (proto/dataplane.py), so bulk bytes skip gRPC's copies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +174,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.ListCheckpoints,
                     request_deserializer=shardps_dot_proto_dot_ps__pb2.ListCheckpointsRequest.FromString,
                     response_serializer=shardps_dot_proto_dot_ps__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'GetDataPlane': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataPlane,
+                    request_deserializer=shardps_dot_proto_dot_ps__pb2.GetDataPlaneRequest.FromString,
+                    response_serializer=shardps_dot_proto_dot_ps__pb2.GetDataPlaneResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +370,33 @@ class ParameterServer:
             '/shardps.v1.ParameterServer/ListCheckpoints',
             shardps_dot_proto_dot_ps__pb2.ListCheckpointsRequest.SerializeToString,
             shardps_dot_proto_dot_ps__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataPlane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ParameterServer/GetDataPlane',
+            shardps_dot_proto_dot_ps__pb2.GetDataPlaneRequest.SerializeToString,
+            shardps_dot_proto_dot_ps__pb2.GetDataPlaneResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,6 +13,7 @@ from shardps.proto import daemon, exitcodes, rpc
 
 from .checkpoint_servicer import CheckpointingServicer
 from .checkpointer import Checkpointer
+from .dataserver import DataServer
 from .heartbeat import CoordinatorLink
 from .metrics import PSMetrics
 from .registry import ShardRegistry
@@ -37,7 +38,7 @@ class ParameterServerDaemon:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, coordinator: str | None = None,
                  metrics_port: int = -1, advertise: str | None = None,
                  threads: int | None = None, grpc_workers: int = GRPC_WORKERS,
-                 data_dir: str | None = None):
+                 data_dir: str | None = None, data_port: int = 0):
         """
         Args:
             host, port: address to bind; port 0 picks a free one.
@@ -49,6 +50,8 @@ class ParameterServerDaemon:
             data_dir: where checkpoints and the node id live; None disables checkpoints.
                 On start, every shard found there is restored from its newest valid
                 checkpoint and the server registers under its old node id.
+            data_port: the data plane's TCP port on `host` (push and pull without gRPC's
+                copies, proto/dataplane.py); 0 picks a free one, negative disables it.
         """
         self.host = host
         self.port = port
@@ -56,6 +59,7 @@ class ParameterServerDaemon:
         self.metrics_port = metrics_port
         self.advertise = advertise
         self.threads = threads
+        self.data_port = data_port
         self.metrics_registry = daemon.new_registry()
         self.checkpointer = (Checkpointer(data_dir, self.metrics_registry)
                              if data_dir else None)
@@ -64,9 +68,11 @@ class ParameterServerDaemon:
         self.servicer = CheckpointingServicer(self.shards, self.metrics, self.checkpointer)
         self.metrics_endpoint: daemon.MetricsEndpoint | None = None
         self.link: CoordinatorLink | None = None
+        self._grpc_workers = grpc_workers
         self._server = rpc.make_server(grpc_workers)
         add_to_server(self.servicer, self._server)  # codec (de)serializers for bulk messages
         self._health = rpc.add_health(self._server, SERVICE_NAME)
+        self.data_server: DataServer | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._started = False
@@ -88,14 +94,23 @@ class ParameterServerDaemon:
                 self.shards.put(shard)
         try:
             self.port = rpc.bind(self._server, self.host, self.port)
+            if self.data_port >= 0:
+                # As many connections as the gRPC server takes concurrent calls.
+                self.data_server = DataServer(self.servicer.bulk, rpc.current_security(),
+                                              max_connections=self._grpc_workers * 4)
+                self.data_port = self.data_server.start(self.host, self.data_port)
+                self.servicer.data_port = self.data_port
             self.metrics_endpoint = daemon.start_metrics(self.metrics_registry, self.host,
                                                          self.metrics_port)
         except OSError:
             self._server.stop(None)
+            if self.data_server:
+                self.data_server.stop(0)
             raise
         self._server.start()
         self._started = True
-        log.info("parameter server serving on %s", self.address)
+        log.info("parameter server serving on %s (data plane: %s)", self.address,
+                 f"port {self.data_port}" if self.data_server else "off")
         if self.coordinator:
             advertised = self.advertise or self._default_advertise()
             metrics = ""
@@ -126,6 +141,8 @@ class ParameterServerDaemon:
             self.servicer.shutdown()
             if self._started:
                 self._server.stop(grace).wait(grace + 5)
+            if self.data_server:
+                self.data_server.stop(grace)
             if self.checkpointer:  # pushes have stopped: the final checkpoint
                 self.checkpointer.final(self.shards.shards())
                 self.checkpointer.shutdown()
@@ -169,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory for checkpoints and the node id, created if missing; "
                              "a restart with the same one restores every shard and keeps the "
                              "node id (default: no checkpoints)")
+    parser.add_argument("--data-port", type=int, default=0, metavar="PORT",
+                        help="TCP port of the data plane (push and pull as raw frames beside "
+                             "gRPC, on --host, with the same TLS and token); 0 picks a free "
+                             "one (default), -1 turns it off (workers then push and pull over "
+                             "gRPC)")
     parser.add_argument("--threads", type=_positive, default=1,
                         help="torch intra-op threads for Adam (default 1)")
     args = parser.parse_args(argv)
@@ -180,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = ParameterServerDaemon(args.host, args.port, args.coordinator or None,
                                        args.metrics_port, advertise=args.advertise,
-                                       threads=args.threads, data_dir=args.data_dir)
+                                       threads=args.threads, data_dir=args.data_dir,
+                                       data_port=args.data_port)
     except OSError as exc:
         rpc.fail(f"cannot use --data-dir {args.data_dir}: {exc}", exitcodes.STATE_ERROR)
     try:

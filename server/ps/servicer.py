@@ -3,32 +3,23 @@
 Bulk messages skip protobuf objects both ways (`add_to_server` installs the codec's reader
 for Push and InitShard and sends Pull's messages as built by codec.chunk_messages): a pushed
 chunk is decoded from the received bytes straight into the staging gradient, and a pulled
-chunk is copied once from the snapshot into its message.
+chunk is copied once from the snapshot into its message. Push and Pull share their handling
+with the data plane (bulk.py, dataserver.py).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import grpc
 import torch
 
-from shardps.proto import codec, common_pb2, ps_pb2, ps_pb2_grpc
+from shardps.proto import codec, dataplane, ps_pb2, ps_pb2_grpc
 
-from .errors import (
-    FencedError,
-    InvalidConfigError,
-    InvalidPushError,
-    ShardClosedError,
-    ShardError,
-    StepAheadError,
-    UnknownShardError,
-    UnknownWorkerError,
-)
+from .bulk import BulkOps, DropReplies, Refused, refusal
+from .errors import ShardError
 from .metrics import PSMetrics
 from .registry import ShardRegistry
 from .shard import Shard, validate_config
@@ -36,49 +27,27 @@ from .shard import Shard, validate_config
 log = logging.getLogger("shardps.ps")
 
 SERVICE_NAME = "shardps.v1.ParameterServer"
-MAX_PULL_WAIT_S = 60.0  # a pull never holds a server thread longer than this
 _PULL_CHUNK = ps_pb2.PullResponse.DESCRIPTOR.fields_by_name["chunk"].number
 _NO_CHUNK = codec.Chunk(0, memoryview(b""))  # what protobuf reads for a message without one
 
-_CODES = {
-    UnknownShardError: grpc.StatusCode.NOT_FOUND,
-    ShardClosedError: grpc.StatusCode.NOT_FOUND,
-    UnknownWorkerError: grpc.StatusCode.FAILED_PRECONDITION,
-    FencedError: grpc.StatusCode.FAILED_PRECONDITION,
-    StepAheadError: grpc.StatusCode.FAILED_PRECONDITION,
-    InvalidPushError: grpc.StatusCode.INVALID_ARGUMENT,
-    InvalidConfigError: grpc.StatusCode.INVALID_ARGUMENT,
-}
-_STATUS_NAMES = {
-    value: name.removeprefix("PUSH_STATUS_").lower()
-    for name, value in ps_pb2.PushStatus.items()
-}
-
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
-    """Thin translation layer; all decisions live in Shard.
+    """Thin translation layer; push and pull live in BulkOps, all decisions in Shard.
 
     Thread-safety: handlers run concurrently on the gRPC thread pool; the registry and the
     shards do their own locking, and each stream's ChunkAssembler is local to its handler.
     """
 
-    def __init__(self, shards: ShardRegistry, metrics: PSMetrics):
+    def __init__(self, shards: ShardRegistry, metrics: PSMetrics, faults: DropReplies | None = None):
         self.shards = shards
         self.metrics = metrics
-        self._stopping = False
+        self.bulk = BulkOps(shards, metrics, faults or DropReplies(""))
+        self.data_port = 0  # the data plane's port, once the daemon has one
 
     def shutdown(self) -> None:
         """Ends every waiting pull (UNAVAILABLE); pushes in flight may still finish."""
-        self._stopping = True
+        self.bulk.stopping = True
         self.shards.wake_all()
-
-    def _abort(self, context: grpc.ServicerContext, exc: Exception) -> NoReturn:
-        _fail(context, _CODES.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT), str(exc))
-
-    def _reject(self, context: grpc.ServicerContext, exc: Exception, reason: str) -> NoReturn:
-        self.metrics.rejected.labels(reason).inc()
-        log.debug("push rejected (%s): %s", reason, exc)
-        self._abort(context, exc)
 
     # -- InitShard ----------------------------------------------------------------------
 
@@ -107,44 +76,24 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         except (ShardError, codec.CodecError) as exc:
             log.info("InitShard for job %s shard %d refused: %s", config.job_id,
                      config.shard_index, exc)
-            self._abort(context, exc)
+            _refuse(context, refusal(exc))
         return ps_pb2.InitShardResponse(version=shard.version)
 
     # -- Push ---------------------------------------------------------------------------
 
     def Push(self, request_iterator: Iterator[codec.ChunkedMessage],
              context: grpc.ServicerContext) -> ps_pb2.PushResponse:
-        start = time.perf_counter()
         messages = _chunked(request_iterator)
         first = next(messages, None)
         if first is None or not first.message.HasField("header"):
             self.metrics.rejected.labels("bad_header").inc()
             _fail(context, grpc.StatusCode.INVALID_ARGUMENT,
                   "first message must carry the header")
-        header = first.message.header
-        try:
-            shard = self.shards.get(header.job_id, header.shard_index)
-        except UnknownShardError as exc:
-            self._reject(context, exc, exc.reason)
-        try:
-            codec.torch_dtype(header.dtype)
-        except codec.CodecError as exc:
-            self._reject(context, exc, "bad_dtype")
-        fields = dict(worker_id=header.worker_id, incarnation=header.incarnation,
-                      step=header.step, batch_size=header.batch_size)
-        try:
-            early = shard.check_push(length=header.length, **fields)
-        except ShardError as exc:
-            self._reject(context, exc, exc.reason)
-        if early is not None:
-            # Decided by the header alone (JOB_DONE, DUPLICATE, STALE): skip the chunks.
-            return self._pushed(shard, early, shard.version, start)
 
-        grad = shard.staging(codec.torch_dtype(header.dtype))  # kept in the wire dtype
-        received = 0
-        try:
+        def fill(grad: torch.Tensor) -> tuple[int, bool]:
             # Each chunk is checked for NaN/inf as it lands, while it is in cache.
-            target = codec.ChunkAssembler(grad, header.dtype, check_finite=True)
+            target = codec.ChunkAssembler(grad, first.message.header.dtype, check_finite=True)
+            received = 0
             if first.chunk is not None:
                 received += len(first.chunk.data)
                 target.add(first.chunk)
@@ -153,86 +102,47 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 received += len(chunk.data)
                 target.add(chunk)
             target.finish()
-        except codec.CodecError as exc:
-            shard.release_staging(grad)
-            self._reject(context, exc, "bad_chunks")
-        if not target.all_finite:
-            shard.release_staging(grad)
-            self._reject(context, InvalidPushError("gradient has non-finite values", "non_finite"),
-                         "non_finite")
-        self.metrics.push_bytes.labels(shard.job_id).inc(received)
-        applying = time.perf_counter()
-        try:
-            # push takes `grad` over, also when it raises.
-            result = shard.push(grad, base_version=header.base_version, checked=True, **fields)
-        except ShardError as exc:
-            self._reject(context, exc, exc.reason)
-        if result.apply_seconds is not None:  # this push ran a step: time all of its apply
-            self.metrics.apply_seconds.observe(time.perf_counter() - applying)
-        if result.staleness is not None:
-            self.metrics.staleness.labels(shard.job_id).observe(result.staleness)
-        return self._pushed(shard, result.status, result.version, start)
+            return received, target.all_finite
 
-    def _pushed(self, shard: Shard, status: int, version: int,
-                start: float) -> ps_pb2.PushResponse:
-        self.metrics.pushes.labels(shard.job_id, _STATUS_NAMES[status]).inc()
-        self.metrics.push_seconds.observe(time.perf_counter() - start)
-        return ps_pb2.PushResponse(status=status, version=version)
+        try:
+            reply = self.bulk.push(first.message.header, fill)
+        except Refused as exc:
+            _refuse(context, exc)
+        if self.bulk.faults.drop(reply):
+            _fail(context, grpc.StatusCode.UNAVAILABLE, "fault injected: push reply dropped")
+        return reply
 
     # -- Pull ---------------------------------------------------------------------------
 
     def Pull(self, request: ps_pb2.PullRequest,
              context: grpc.ServicerContext) -> Iterator[ps_pb2.PullResponse | bytes]:
         try:
-            shard = self.shards.get(request.job_id, request.shard_index)
-            dtype = codec.torch_dtype(request.dtype)
-        except (ShardError, codec.CodecError) as exc:
-            self._abort(context, exc)
-        clock = request.clock if shard.mode == common_pb2.CONSISTENCY_SSP else 0
-        timeout = min(max(request.timeout_ms, 0) / 1000, MAX_PULL_WAIT_S)
-
-        def cancelled() -> bool:
-            return self._stopping or not context.is_active()
-
-        context.add_callback(shard.wake)  # a client that goes away ends the wait at once
-        ready = shard.wait_for_pull(request.min_version, clock, timeout, cancelled)
-        if not ready:
-            if self._stopping:
-                _fail(context, grpc.StatusCode.UNAVAILABLE, "server shutting down")
-            if shard.closed:
-                self._abort(context, ShardClosedError("shard was dropped or replaced"))
-            self.metrics.pulls.labels(shard.job_id).inc()
-            yield ps_pb2.PullResponse(ready=False, version=shard.version, length=shard.length,
-                                      job_done=shard.frozen)
+            plan = self.bulk.pull(request, context.is_active, context.add_callback)
+        except Refused as exc:
+            _refuse(context, exc)
+        if plan.snapshot is None:
+            yield plan.head
             return
-
-        start = time.perf_counter()
-        try:
-            snapshot = shard.snapshot(dtype)
-        except ShardError as exc:
-            self._abort(context, exc)
         sent = 0
         try:
-            head = ps_pb2.PullResponse(ready=True, version=snapshot.version, length=shard.length,
-                                       job_done=snapshot.job_done).SerializeToString()
+            head = plan.head.SerializeToString()
             step = codec.chunk_elements(request.dtype, request.chunk_bytes or codec.DEFAULT_CHUNK_BYTES)
-            scratch = torch.empty(min(step, shard.length), dtype=dtype) if dtype != torch.float32 else None
-            for lo in range(0, shard.length, step):
-                hi = min(lo + step, shard.length)
+            scratch = (torch.empty(min(step, plan.shard.length), dtype=plan.dtype)
+                       if plan.dtype != torch.float32 else None)
+
+            def message(lo: int, view: torch.Tensor) -> bytes:
                 # One copy, from the weights (or the snapshot's copy) into the message.
-                yield shard.read(snapshot, lo, hi, functools.partial(
-                    codec.chunk_message, wire_dtype=request.dtype, field=_PULL_CHUNK, offset=lo,
-                    first=head, scratch=scratch))
-                head = b""
-                sent += (hi - lo) * dtype.itemsize
+                return codec.chunk_message(view, request.dtype, _PULL_CHUNK, lo,
+                                           first=head if lo == 0 else b"", scratch=scratch)
+
+            for piece in self.bulk.pieces(plan, step, message):
+                yield piece
+                sent += len(piece)
         finally:
             # Also runs when the client goes away and gRPC closes this generator.
-            shard.release(snapshot)
-            self.metrics.pulls.labels(shard.job_id).inc()
-            self.metrics.pull_bytes.labels(shard.job_id).inc(sent)
-            self.metrics.pull_seconds.observe(time.perf_counter() - start)
+            self.bulk.pulled(plan, sent)
 
-    # -- info and drop ------------------------------------------------------------------
+    # -- info, drop and the data plane ----------------------------------------------------
 
     def GetShardInfo(self, request: ps_pb2.GetShardInfoRequest,
                      context: grpc.ServicerContext) -> ps_pb2.GetShardInfoResponse:
@@ -244,6 +154,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if not request.job_id:
             _fail(context, grpc.StatusCode.INVALID_ARGUMENT, "job_id is empty")
         return ps_pb2.DropJobResponse(dropped=self.shards.drop(request.job_id))
+
+    def GetDataPlane(self, request: ps_pb2.GetDataPlaneRequest,
+                     context: grpc.ServicerContext) -> ps_pb2.GetDataPlaneResponse:
+        return ps_pb2.GetDataPlaneResponse(port=self.data_port, protocol=dataplane.PROTOCOL)
 
 
 def add_to_server(servicer: ps_pb2_grpc.ParameterServerServicer, server: grpc.Server) -> None:
@@ -289,6 +203,10 @@ def _chunked(messages: Iterator[Any]) -> Iterator[codec.ChunkedMessage]:
                                                             memoryview(message.chunk.data)))
         else:
             yield codec.ChunkedMessage(message, None)
+
+
+def _refuse(context: grpc.ServicerContext, exc: Refused) -> NoReturn:
+    _fail(context, exc.code, str(exc))
 
 
 def _fail(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

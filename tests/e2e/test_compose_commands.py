@@ -80,7 +80,7 @@ class Loopback:
                 continue
             if flag == "--host":
                 value = "127.0.0.1"
-            elif flag in ("--port", "--metrics-port"):
+            elif flag in ("--port", "--metrics-port", "--data-port"):
                 value = "0"
             else:
                 value = self.value(name, value)

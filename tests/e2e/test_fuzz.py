@@ -6,6 +6,7 @@ daemons stay up and healthy, and neither the job table nor a shard's weights cha
 
 import math
 import random
+import socket
 import struct
 import time
 
@@ -14,12 +15,13 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shardps.proto import common_pb2, coordinator_pb2, ps_pb2, rpc, spec
+from shardps.proto import common_pb2, coordinator_pb2, dataplane, ps_pb2, ps_pb2_grpc, rpc, spec
 from shardps.proto.psclient import PSClient
 from tests import harness
 
 SEED = 20261128
 REQUESTS_PER_DAEMON = 1500
+DATA_PLANE_CONNECTIONS = 400
 BUDGET_S = 120.0  # the loops stop by themselves after this, whatever the count reached
 DEADLINE_S = 5.0
 # An answer with one of these is a handled outcome; UNKNOWN means a handler crashed, and
@@ -117,6 +119,18 @@ def server():
     return harness.start("shardps-server", "--port", "0", "--coordinator", "")
 
 
+def fuzzed_job(server) -> tuple[common_pb2.ShardMap, ps_pb2.ShardConfig]:
+    """Creates the job under fire on the server (async, one worker); its map and config."""
+    shard_map = common_pb2.ShardMap(version=1, shards=[common_pb2.ShardRange(
+        index=0, server_id="s", address=server.address, offset=0, length=TOTAL)])
+    config = ps_pb2.ShardConfig(optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9,
+                                beta2=0.999, eps=1e-8), mode=common_pb2.CONSISTENCY_ASYNC,
+                                workers=[WORKER], epoch=1)
+    with PSClient(JOB, shard_map) as ps:
+        ps.init(torch.randn(TOTAL, generator=torch.Generator().manual_seed(0)), config)
+    return shard_map, config
+
+
 def weights(server) -> tuple[torch.Tensor, list[int]]:
     shard_map = common_pb2.ShardMap(version=1, shards=[common_pb2.ShardRange(
         index=0, server_id="s", address=server.address, offset=0, length=TOTAL)])
@@ -127,13 +141,7 @@ def weights(server) -> tuple[torch.Tensor, list[int]]:
 
 
 def test_parameter_server_survives_hostile_input_with_weights_unchanged(server):
-    shard_map = common_pb2.ShardMap(version=1, shards=[common_pb2.ShardRange(
-        index=0, server_id="s", address=server.address, offset=0, length=TOTAL)])
-    config = ps_pb2.ShardConfig(optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9,
-                                beta2=0.999, eps=1e-8), mode=common_pb2.CONSISTENCY_ASYNC,
-                                workers=[WORKER], epoch=1)
-    with PSClient(JOB, shard_map) as ps:
-        ps.init(torch.randn(TOTAL, generator=torch.Generator().manual_seed(0)), config)
+    shard_map, config = fuzzed_job(server)
     before, versions = weights(server)
 
     rng = random.Random(SEED)
@@ -189,6 +197,99 @@ def test_parameter_server_survives_hostile_input_with_weights_unchanged(server):
     with PSClient(JOB, shard_map, worker_id=WORKER) as ps:
         replies = ps.push(torch.ones(TOTAL), step=0, base_version=versions[0], batch_size=1)
     assert replies[0].status == ps_pb2.PUSH_STATUS_APPLIED
+
+
+def test_data_plane_survives_hostile_input_with_weights_unchanged(server):
+    """Raw bytes, bad hellos, oversized and truncated frames, wrong pushes and random pulls on
+    the data plane's TCP port: every request gets a refusal with a gRPC code or a closed
+    connection within the deadline, the server stays up and the weights do not change."""
+    shard_map, config = fuzzed_job(server)
+    before, versions = weights(server)
+    with rpc.make_channel(server.address) as channel:
+        port = ps_pb2_grpc.ParameterServerStub(channel).GetDataPlane(
+            ps_pb2.GetDataPlaneRequest(), timeout=DEADLINE_S).port
+    assert port > 0
+    hello = dataplane.MAGIC + dataplane.TOKEN_LEN.pack(0)
+    rng = random.Random(SEED + 1)
+    outcomes: dict = {}
+    start = time.monotonic()
+    for i in range(DATA_PLANE_CONNECTIONS):
+        if time.monotonic() - start > BUDGET_S:
+            break
+        case = i % 5
+        if case == 0:  # garbage instead of a hello
+            sent = rng.randbytes(rng.randint(0, 64))
+        elif case == 1:  # a hello, then garbage frames
+            sent = hello + rng.randbytes(rng.randint(0, 200))
+        elif case == 2:  # a frame claiming a huge body
+            sent = hello + dataplane.FRAME.pack(rng.choice([1, 2, 9]), rng.choice([2**32 - 1, 10**6]))
+        elif case == 3:  # plausible pushes that are wrong in one way
+            header, payload = bad_data_push(rng)
+            sent = hello + dataplane.frame(dataplane.PUSH, header) + payload
+        else:  # random pulls (bounded waits)
+            req = random_message(ps_pb2.PullRequest, rng)
+            req.timeout_ms = rng.choice([0, 1, 10])
+            sent = hello + dataplane.frame(dataplane.PULL, req.SerializeToString())
+        for outcome in exchange(port, sent):
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    assert sum(outcomes.values()) >= 200, outcomes
+    assert all(o in {"closed", "OK"} or grpc.StatusCode[o] in HANDLED for o in outcomes), outcomes
+    assert "INVALID_ARGUMENT" in outcomes and "closed" in outcomes, outcomes
+    assert server.proc.poll() is None, server.output()
+    assert_healthy(server.address)
+    after, versions_after = weights(server)
+    assert torch.equal(after, before) and versions_after == versions
+    with PSClient(JOB, shard_map, worker_id=WORKER) as ps:  # and a valid push still applies
+        replies = ps.push(torch.ones(TOTAL), step=0, base_version=versions[0], batch_size=1)
+    assert replies[0].status == ps_pb2.PUSH_STATUS_APPLIED
+
+
+def exchange(port: int, sent: bytes) -> list[str]:
+    """Sends `sent` on a new connection, half-closes it and reads every reply frame until the
+    server closes; returns their codes' names (and "closed"). Fails if it takes too long."""
+    outcomes = []
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
+        try:
+            sock.sendall(sent)
+            sock.shutdown(socket.SHUT_WR)
+            while True:
+                code, body = dataplane.recv_frame(sock)
+                outcomes.append(grpc.StatusCode.OK.name if code == 0 else dataplane.status_code(code).name)
+                if code == 0 and body:  # a pull head: skip the elements of a ready one
+                    head = ps_pb2.PullResponse.FromString(body)
+                    if head.ready:
+                        dataplane.recv_exact(sock, memoryview(bytearray(head.length * 4)))
+        except (ConnectionError, BrokenPipeError):
+            outcomes.append("closed")
+        except TimeoutError:
+            raise AssertionError(f"no answer within {DEADLINE_S} s to {sent[:40]!r}") from None
+    return outcomes
+
+
+def bad_data_push(rng) -> tuple[bytes, bytes]:
+    header = ps_pb2.PushHeader(job_id=JOB, shard_index=0, worker_id=WORKER, incarnation=0,
+                               step=rng.randint(0, 10**6), dtype=common_pb2.DTYPE_FLOAT32,
+                               batch_size=1, length=TOTAL)
+    payload = struct.pack(f"<{TOTAL}f", *([1.0] * TOTAL))
+    fault = rng.choice(["short", "nan", "dtype", "length", "worker", "shard", "garbage_header"])
+    if fault == "short":
+        payload = payload[: rng.randrange(0, len(payload), 4)]
+    elif fault == "nan":
+        bad = bytearray(payload)
+        at = rng.randrange(TOTAL) * 4
+        bad[at:at + 4] = struct.pack("<f", math.nan)
+        payload = bytes(bad)
+    elif fault == "dtype":
+        header.dtype = rng.choice([0, 7, -1])
+    elif fault == "length":
+        header.length = rng.choice([0, -1, TOTAL + 1, 2**40])
+    elif fault == "worker":
+        header.worker_id = "worker-intruder"
+    elif fault == "shard":
+        header.shard_index = rng.choice([-1, 1, 2**31 - 1])
+    else:
+        return rng.randbytes(rng.randint(1, 40)), payload
+    return header.SerializeToString(), payload
 
 
 def bad_push(rng):

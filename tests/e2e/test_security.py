@@ -5,9 +5,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shardps.proto import common_pb2, ps_pb2, ps_pb2_grpc, rpc
+from shardps.proto import common_pb2, dataplane, ps_pb2, ps_pb2_grpc, rpc
 from tests import harness
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,3 +132,33 @@ def test_an_unauthenticated_push_leaves_the_weights_alone(secured, certs):
     finally:
         rpc.configure(rpc.Security())
     assert info.shards and "intruder" not in info.shards[0].worker_clocks
+
+
+def test_the_data_plane_needs_tls_a_client_certificate_and_the_token(secured, certs):
+    coord, server = secured
+    ca, cert, key = ((certs / n).read_bytes() for n in ("ca.pem", "client.pem", "client-key.pem"))
+    token = (certs / "token").read_text().strip()
+    full = rpc.Security(ca=ca, cert=cert, key=key, token=token)
+    rpc.configure(full)
+    try:
+        with rpc.make_channel(server.address) as channel:
+            port = ps_pb2_grpc.ParameterServerStub(channel).GetDataPlane(
+                ps_pb2.GetDataPlaneRequest(), timeout=10).port
+    finally:
+        rpc.configure(rpc.Security())
+    host = server.address.rsplit(":", 1)[0]
+    refused = [(None, token, grpc.StatusCode.UNAVAILABLE),  # plain TCP to a TLS port
+               (rpc.Security(ca=ca), token, grpc.StatusCode.UNAVAILABLE),  # no client certificate
+               (full, None, grpc.StatusCode.UNAUTHENTICATED),
+               (full, "not-the-token", grpc.StatusCode.UNAUTHENTICATED)]
+    for security, sent_token, code in refused:
+        context = dataplane.client_context(security) if security else None
+        with pytest.raises(dataplane.DataPlaneError) as info:
+            dataplane.Connection(host, port, context, sent_token)
+        assert info.value.code() == code, (security, sent_token)
+    conn = dataplane.Connection(host, port, dataplane.client_context(full), token)
+    request = ps_pb2.PullRequest(job_id="no-such-job", dtype=common_pb2.DTYPE_FLOAT32)
+    with pytest.raises(dataplane.DataPlaneError) as info:  # through: the server answers
+        conn.pull(request, torch.empty(1), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    conn.close()

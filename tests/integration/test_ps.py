@@ -89,13 +89,14 @@ def pulled(client: PSClient, total: int, dtype=torch.float32, **kw) -> torch.Ten
 
 @pytest.mark.parametrize("servers", [1, 2], indirect=True)
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["fp32", "bf16", "fp16"])
-def test_init_push_pull_round_trip_in_each_dtype(servers, dtype):
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
+def test_init_push_pull_round_trip_in_each_dtype(servers, dtype, data_plane):
     total = 10_007
     gen = torch.Generator().manual_seed(0)
     init, grad = torch.randn(total, generator=gen), torch.randn(total, generator=gen)
     wire = codec.torch_dtype(dtype)
     with PSClient("job", shard_map(servers, total), dtype=dtype, chunk_bytes=4096,
-                  worker_id="w0") as client:
+                  worker_id="w0", data_plane=data_plane) as client:
         client.init(init, shard_config())
         assert torch.equal(pulled(client, total, wire), init.to(wire))
         replies = client.push(grad, step=0, base_version=0, batch_size=8)
@@ -417,8 +418,10 @@ def test_stop_ends_waiting_pulls_at_once():
     assert errors == [grpc.StatusCode.UNAVAILABLE] and time.monotonic() - start < 10
 
 
-def test_calls_beyond_the_concurrency_limit_are_refused_with_resource_exhausted():
-    # 2 handler threads allow 8 concurrent RPCs; 12 pulls that wait on a version never reached.
+@pytest.mark.parametrize("data_plane", [False, True], ids=["grpc", "data-plane"])
+def test_calls_beyond_the_concurrency_limit_are_refused_with_resource_exhausted(data_plane):
+    # 2 handler threads allow 8 concurrent RPCs (or data-plane connections); 12 pulls that wait
+    # on a version never reached.
     server = ParameterServerDaemon(grpc_workers=2).start()
     try:
         with PSClient("job", shard_map([server], 10), worker_id="w0") as client:
@@ -426,7 +429,8 @@ def test_calls_beyond_the_concurrency_limit_are_refused_with_resource_exhausted(
         codes = []
 
         def pull():
-            with PSClient("job", shard_map([server], 10), worker_id="w0") as client:
+            with PSClient("job", shard_map([server], 10), worker_id="w0",
+                          data_plane=data_plane) as client:
                 try:
                     result = client.pull(torch.zeros(10), min_version=1, timeout_s=1)
                     codes.append("not ready" if not result.ready else "ready")

@@ -344,7 +344,10 @@ def test_k8s_ports_services_probes_and_annotations_agree():
         argv, env = k8s_command(container, workload)
         a = args[argv[0]] = accepted(argv, env)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert a.host == "0.0.0.0" and ports == {"grpc": a.port, "metrics": a.metrics_port}, name
+        expected = {"grpc": a.port, "metrics": a.metrics_port}
+        if getattr(a, "data_port", None) is not None:  # servers: the data plane, on a fixed port
+            expected["data"] = a.data_port
+        assert a.host == "0.0.0.0" and ports == expected, name
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
         annotations = workload["spec"]["template"]["metadata"]["annotations"]

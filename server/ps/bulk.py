@@ -1,0 +1,242 @@
+"""Push and Pull handling shared by both transports: the gRPC service (servicer.py) and the
+raw-TCP data plane (dataserver.py). A transport parses the request, supplies the gradient's
+bytes through a `fill` callback and sends what a pull returns; every decision, metric and
+refusal lives here. Refusals are `Refused` exceptions carrying a gRPC status code, raised
+before any shard state changes.
+
+Also the fault hook for tests: `SHARDPS_FAULT_DROP_PUSH_REPLY=N` makes the server handle its
+N-th push normally and then fail instead of replying, as if the reply had been lost on the
+way back (the worker retries it: the retry must be a DUPLICATE).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import torch
+
+from shardps.proto import codec, common_pb2, ps_pb2
+
+from .errors import (
+    FencedError,
+    InvalidConfigError,
+    InvalidPushError,
+    ShardClosedError,
+    ShardError,
+    StepAheadError,
+    UnknownShardError,
+    UnknownWorkerError,
+)
+from .metrics import PSMetrics
+from .registry import ShardRegistry
+from .shard import Shard, Snapshot
+
+log = logging.getLogger("shardps.ps")
+
+MAX_PULL_WAIT_S = 60.0  # a pull never holds a server thread longer than this
+DROP_REPLY_ENV = "SHARDPS_FAULT_DROP_PUSH_REPLY"
+_T = TypeVar("_T")
+
+CODES = {
+    UnknownShardError: grpc.StatusCode.NOT_FOUND,
+    ShardClosedError: grpc.StatusCode.NOT_FOUND,
+    UnknownWorkerError: grpc.StatusCode.FAILED_PRECONDITION,
+    FencedError: grpc.StatusCode.FAILED_PRECONDITION,
+    StepAheadError: grpc.StatusCode.FAILED_PRECONDITION,
+    InvalidPushError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+}
+_STATUS_NAMES = {
+    value: name.removeprefix("PUSH_STATUS_").lower()
+    for name, value in ps_pb2.PushStatus.items()
+}
+
+# fill(grad) writes the push's elements into grad (the wire dtype) and returns
+# (bytes received, whether every value is finite); it raises codec.CodecError on bad bytes.
+Fill = Callable[[torch.Tensor], tuple[int, bool]]
+
+
+class Refused(Exception):
+    """A call refused with a gRPC status code; nothing changed."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def refusal(exc: Exception) -> Refused:
+    return Refused(CODES.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+
+
+class DropReplies:
+    """Which pushes lose their reply: the N-th handled by this process, from `spec` "N"
+    (test hook; "" never). Thread-safe."""
+
+    def __init__(self, spec: str):
+        self.nth = int(spec) if spec.isdigit() and int(spec) > 0 else 0
+        self._count = itertools.count(1)
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def drop(self, reply: ps_pb2.PushResponse) -> bool:
+        if not self.nth:
+            return False
+        with self._lock:
+            hit = next(self._count) == self.nth
+            self.dropped += hit
+        if hit:
+            log.warning("fault injected (%s): push handled (%s, version %d), reply dropped",
+                        DROP_REPLY_ENV, ps_pb2.PushStatus.Name(reply.status), reply.version)
+        return hit
+
+
+@dataclass
+class PullPlan:
+    """What a pull sends: `head` (its PullResponse without chunks) and, when ready, the
+    snapshot whose elements follow; call `done` once sent (or abandoned)."""
+
+    head: ps_pb2.PullResponse
+    shard: Shard
+    snapshot: Snapshot | None
+    dtype: torch.dtype
+    started: float
+
+
+class BulkOps:
+    """Push and pull on a ShardRegistry, for any transport. Thread-safe (the shards lock)."""
+
+    def __init__(self, shards: ShardRegistry, metrics: PSMetrics, faults: DropReplies):
+        self.shards = shards
+        self.metrics = metrics
+        self.faults = faults
+        self.stopping = False
+
+    def _reject(self, exc: Exception, reason: str) -> Refused:
+        self.metrics.rejected.labels(reason).inc()
+        log.debug("push rejected (%s): %s", reason, exc)
+        return refusal(exc)
+
+    # -- push -------------------------------------------------------------------------
+
+    def push(self, header: ps_pb2.PushHeader, fill: Fill) -> ps_pb2.PushResponse:
+        """Handles one push; `fill` is called at most once, only if the push needs its
+        elements. Raises Refused (the rejection counted by reason)."""
+        start = time.perf_counter()
+        try:
+            shard = self.shards.get(header.job_id, header.shard_index)
+        except UnknownShardError as exc:
+            raise self._reject(exc, exc.reason) from None
+        try:
+            wire = codec.torch_dtype(header.dtype)
+        except codec.CodecError as exc:
+            raise self._reject(exc, "bad_dtype") from None
+        fields = dict(worker_id=header.worker_id, incarnation=header.incarnation,
+                      step=header.step, batch_size=header.batch_size)
+        try:
+            early = shard.check_push(length=header.length, **fields)
+        except ShardError as exc:
+            raise self._reject(exc, exc.reason) from None
+        if early is not None:
+            # Decided by the header alone (JOB_DONE, DUPLICATE, STALE): the elements are not read.
+            return self._pushed(shard, early, shard.version, start)
+
+        grad = shard.staging(wire)  # kept in the wire dtype
+        try:
+            received, finite = fill(grad)
+        except codec.CodecError as exc:
+            shard.release_staging(grad)
+            raise self._reject(exc, "bad_chunks") from None
+        except BaseException:
+            shard.release_staging(grad)
+            raise
+        if not finite:
+            shard.release_staging(grad)
+            raise self._reject(InvalidPushError("gradient has non-finite values", "non_finite"),
+                               "non_finite")
+        self.metrics.push_bytes.labels(shard.job_id).inc(received)
+        applying = time.perf_counter()
+        try:
+            # push takes `grad` over, also when it raises.
+            result = shard.push(grad, base_version=header.base_version, checked=True, **fields)
+        except ShardError as exc:
+            raise self._reject(exc, exc.reason) from None
+        if result.apply_seconds is not None:  # this push ran a step: time all of its apply
+            self.metrics.apply_seconds.observe(time.perf_counter() - applying)
+        if result.staleness is not None:
+            self.metrics.staleness.labels(shard.job_id).observe(result.staleness)
+        return self._pushed(shard, result.status, result.version, start)
+
+    def _pushed(self, shard: Shard, status: int, version: int,
+                start: float) -> ps_pb2.PushResponse:
+        self.metrics.pushes.labels(shard.job_id, _STATUS_NAMES[status]).inc()
+        self.metrics.push_seconds.observe(time.perf_counter() - start)
+        return ps_pb2.PushResponse(status=status, version=version)
+
+    # -- pull -------------------------------------------------------------------------
+
+    def pull(self, request: ps_pb2.PullRequest, is_active: Callable[[], bool],
+             on_leave: Callable[[Callable[[], None]], object] | None = None) -> PullPlan:
+        """Waits (at most MAX_PULL_WAIT_S) for the requested version and plans the reply.
+
+        `is_active` says whether the caller is still there; `on_leave`, when the transport
+        can tell, registers a callback run when the caller goes away. Raises Refused.
+        """
+        try:
+            shard = self.shards.get(request.job_id, request.shard_index)
+            dtype = codec.torch_dtype(request.dtype)
+        except (ShardError, codec.CodecError) as exc:
+            raise refusal(exc) from None
+        clock = request.clock if shard.mode == common_pb2.CONSISTENCY_SSP else 0
+        timeout = min(max(request.timeout_ms, 0) / 1000, MAX_PULL_WAIT_S)
+
+        def cancelled() -> bool:
+            return self.stopping or not is_active()
+
+        if on_leave is not None:
+            on_leave(shard.wake)  # a client that goes away ends the wait at once
+        ready = shard.wait_for_pull(request.min_version, clock, timeout, cancelled)
+        start = time.perf_counter()
+        if not ready:
+            if self.stopping:
+                raise Refused(grpc.StatusCode.UNAVAILABLE, "server shutting down")
+            if shard.closed:
+                raise refusal(ShardClosedError("shard was dropped or replaced"))
+            self.metrics.pulls.labels(shard.job_id).inc()
+            head = ps_pb2.PullResponse(ready=False, version=shard.version, length=shard.length,
+                                       job_done=shard.frozen)
+            return PullPlan(head, shard, None, dtype, start)
+        try:
+            snapshot = shard.snapshot(dtype)
+        except ShardError as exc:
+            raise refusal(exc) from None
+        head = ps_pb2.PullResponse(ready=True, version=snapshot.version, length=shard.length,
+                                   job_done=snapshot.job_done)
+        return PullPlan(head, shard, snapshot, dtype, start)
+
+    def pieces(self, plan: PullPlan, step: int,
+               fn: Callable[[int, torch.Tensor], _T]) -> Iterator[_T]:
+        """fn(offset, view) for consecutive ranges of `step` elements of a ready pull's
+        snapshot, under the shard's lock (fn copies out of the view, which it must not keep)."""
+        assert plan.snapshot is not None
+        length = plan.shard.length
+        for lo in range(0, length, step):
+            hi = min(lo + step, length)
+            yield plan.shard.read(plan.snapshot, lo, hi, functools.partial(fn, lo))
+
+    def pulled(self, plan: PullPlan, sent_bytes: int) -> None:
+        """Ends a pull (sent or abandoned): hands the snapshot back and counts it."""
+        if plan.snapshot is None:
+            return
+        plan.shard.release(plan.snapshot)
+        job = plan.shard.job_id
+        self.metrics.pulls.labels(job).inc()
+        self.metrics.pull_bytes.labels(job).inc(sent_bytes)
+        self.metrics.pull_seconds.observe(time.perf_counter() - plan.started)
