@@ -88,7 +88,9 @@ class Shardps:
         t2 = time.perf_counter()
         applied = [s.metric("shardps_ps_apply_seconds_sum") for s in self.servers]
         t3 = time.perf_counter()
-        replies = self.ps.push(grad, step=self.version, base_version=self.version, batch_size=len(x))
+        # As a sync worker does: the next pull goes out behind the push.
+        replies = self.ps.push(grad, step=self.version, base_version=self.version, batch_size=len(x),
+                               then_pull={"min_version": self.version + 1, "timeout_s": 60})
         t4 = time.perf_counter()
         # Shards apply in parallel: the reply waits for the slowest.
         apply = max(s.metric("shardps_ps_apply_seconds_sum") - a for s, a in zip(self.servers, applied, strict=True))

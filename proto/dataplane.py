@@ -189,20 +189,35 @@ class Connection:
     def push(self, header: ps_pb2.PushHeader, part: torch.Tensor, wire_dtype: int,
              timeout: float) -> ps_pb2.PushResponse:
         """Sends `part` (flat, CPU) in the wire dtype under `header`; returns the reply."""
+        self.start_push(header, part, wire_dtype, timeout)
+        return self.finish_push(timeout)
+
+    def pull(self, request: ps_pb2.PullRequest, dest: torch.Tensor,
+             timeout: float) -> ps_pb2.PullResponse:
+        """Sends the pull; a ready reply's elements land in `dest` (flat, CPU, its length)."""
+        self.start_pull(request, timeout)
+        return self.finish_pull(request, dest, timeout)
+
+    # The halves, so that a caller can send to several servers before it reads any reply.
+
+    def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor, wire_dtype: int,
+                   timeout: float) -> None:
         def send(sock: socket.socket) -> None:
             sock.sendall(frame(PUSH, header.SerializeToString()))
             for piece in _wire_pieces(part, codec.torch_dtype(wire_dtype)):
                 sock.sendall(piece)
 
-        return ps_pb2.PushResponse.FromString(self._call(send, timeout))
+        self._send(send, timeout)
 
-    def pull(self, request: ps_pb2.PullRequest, dest: torch.Tensor,
-             timeout: float) -> ps_pb2.PullResponse:
-        """Sends the pull; a ready reply's elements land in `dest` (flat, CPU, its length)."""
-        def send(sock: socket.socket) -> None:
-            sock.sendall(frame(PULL, request.SerializeToString()))
+    def finish_push(self, timeout: float) -> ps_pb2.PushResponse:
+        return ps_pb2.PushResponse.FromString(self._reply(timeout))
 
-        head = ps_pb2.PullResponse.FromString(self._call(send, timeout))
+    def start_pull(self, request: ps_pb2.PullRequest, timeout: float) -> None:
+        self._send(lambda sock: sock.sendall(frame(PULL, request.SerializeToString())), timeout)
+
+    def finish_pull(self, request: ps_pb2.PullRequest, dest: torch.Tensor,
+                    timeout: float) -> ps_pb2.PullResponse:
+        head = ps_pb2.PullResponse.FromString(self._reply(timeout))
         if head.ready:
             if head.length != dest.numel():
                 self.close()  # its elements are on the way: this connection is out of step
@@ -211,12 +226,11 @@ class Connection:
             self._guard(lambda sock: _recv_into(sock, dest, codec.torch_dtype(request.dtype)))
         return head
 
-    def _call(self, send, timeout: float) -> bytes:
+    def _send(self, send, timeout: float) -> None:
         if self._sock is None:
             raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"data plane {self.address}: closed")
         self._sock.settimeout(timeout)
         self._guard(send)
-        return self._reply(timeout)
 
     def _reply(self, timeout: float) -> bytes:
         assert self._sock is not None

@@ -35,6 +35,9 @@ _PUSH_CHUNK = ps_pb2.PushRequest.DESCRIPTOR.fields_by_name["chunk"].number
 _INIT_CHUNK = ps_pb2.InitShardRequest.DESCRIPTOR.fields_by_name["chunk"].number
 _read_pull = codec.message_reader(ps_pb2.PullResponse)
 _T = TypeVar("_T")
+# Shards of at most this many bytes are sent to every server before any reply is read, on the
+# calling thread (PSClient._transfer); larger ones each get a thread.
+PIPELINE_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -149,12 +152,16 @@ class PSClient:
         self._calls = [server.calls for server in self._servers]
         self._distinct = list(by_address.values())
         self._pool: futures.ThreadPoolExecutor | None = None
+        self._ahead: dict[int, tuple[dataplane.Connection, ps_pb2.PullRequest]] = {}
 
     @property
     def total(self) -> int:
         return sum(s.length for s in self.shards)
 
     def close(self) -> None:
+        for conn, _ in self._ahead.values():
+            conn.close()
+        self._ahead.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         for server in self._distinct:
@@ -173,29 +180,35 @@ class PSClient:
         """Fills dest (flat, CPU, fp32 or the wire dtype) with every shard's weights.
 
         Waits up to timeout_s on the servers for min_version; shards that did not reach it
-        leave their part of dest untouched and the result is not ready.
+        leave their part of dest untouched and the result is not ready. A pull that `push`
+        sent ahead with the same arguments is read instead of sending another.
         """
         self._check_dest(dest)
+        requests = [self._pull_request(s, min_version, timeout_s, clock) for s in self.shards]
+        parts = [dest[s.offset : s.offset + s.length] for s in self.shards]
+        deadline = timeout_s + rpc.TRANSFER_DEADLINE_S
 
-        def one(i: int) -> tuple[bool, int, bool]:
-            shard, server = self.shards[i], self._servers[i]
-            request = ps_pb2.PullRequest(
-                job_id=self.job_id, shard_index=shard.index, dtype=self.dtype,
-                min_version=min_version, timeout_ms=int(timeout_s * 1000),
-                worker_id=self.worker_id, clock=clock, chunk_bytes=self.chunk_bytes)
-            part = dest[shard.offset : shard.offset + shard.length]
-            conn = server.connection()
-            if conn is None:
-                return self._pull_rpc(i, request, dest, timeout_s)
-            try:
-                head = conn.pull(request, part, timeout_s + rpc.TRANSFER_DEADLINE_S)
-            finally:
-                server.give_back(conn)
+        def start(i: int, conn: dataplane.Connection, sent: bool) -> None:
+            if not sent:
+                conn.start_pull(requests[i], deadline)
+
+        def finish(i: int, conn: dataplane.Connection) -> tuple[bool, int, bool]:
+            head = conn.finish_pull(requests[i], parts[i], deadline)
             return head.ready, head.version, head.job_done
 
-        replies = self._each(one)
+        def rpc_path(i: int) -> tuple[bool, int, bool]:
+            return self._pull_rpc(i, requests[i], dest, timeout_s)
+
+        replies = self._transfer(requests, start, finish, rpc_path)
         return PullResult(ready=all(r[0] for r in replies), versions=[r[1] for r in replies],
                           job_done=any(r[2] for r in replies))
+
+    def _pull_request(self, shard: common_pb2.ShardRange, min_version: int = 0,
+                      timeout_s: float = 30.0, clock: int = 0) -> ps_pb2.PullRequest:
+        return ps_pb2.PullRequest(
+            job_id=self.job_id, shard_index=shard.index, dtype=self.dtype,
+            min_version=min_version, timeout_ms=int(timeout_s * 1000),
+            worker_id=self.worker_id, clock=clock, chunk_bytes=self.chunk_bytes)
 
     def _pull_rpc(self, i: int, request: ps_pb2.PullRequest, dest: torch.Tensor,
                   timeout_s: float) -> tuple[bool, int, bool]:
@@ -229,29 +242,116 @@ class PSClient:
     # -- push ---------------------------------------------------------------------------
 
     def push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
-             batch_size: int) -> list[ps_pb2.PushResponse]:
-        """Sends a flat gradient to every shard; returns each server's reply in shard order."""
+             batch_size: int, then_pull: dict[str, Any] | None = None) -> list[ps_pb2.PushResponse]:
+        """Sends a flat gradient to every shard; returns each server's reply in shard order.
+
+        `then_pull` (pull's keywords but dest): over a data plane, the next pull's request is
+        sent right behind the push, so the servers answer it as soon as its version exists,
+        while the caller does other things; a `pull` with the same arguments then reads that
+        answer, and one with other arguments discards it. Only worth it where the answer
+        cannot depend on when it is sent (sync: version `min_version` is one set of weights).
+        """
         self._check_dest(grad)
         bases = base_version if isinstance(base_version, list) else [base_version] * len(self.shards)
+        headers = [ps_pb2.PushHeader(
+            job_id=self.job_id, shard_index=shard.index, worker_id=self.worker_id,
+            incarnation=self.incarnation, step=step, base_version=bases[i],
+            dtype=self.dtype, batch_size=batch_size, length=shard.length)
+            for i, shard in enumerate(self.shards)]
+        parts = [grad[s.offset : s.offset + s.length] for s in self.shards]
+        ahead = ([self._pull_request(s, **then_pull) for s in self.shards] if then_pull is not None
+                 else None)
+        deadline = rpc.TRANSFER_DEADLINE_S
 
-        def one(i: int) -> ps_pb2.PushResponse:
-            shard, server = self.shards[i], self._servers[i]
-            header = ps_pb2.PushHeader(
-                job_id=self.job_id, shard_index=shard.index, worker_id=self.worker_id,
-                incarnation=self.incarnation, step=step, base_version=bases[i],
-                dtype=self.dtype, batch_size=batch_size, length=shard.length)
-            part = grad[shard.offset : shard.offset + shard.length]
-            conn = server.connection()
-            if conn is None:
-                first = ps_pb2.PushRequest(header=header).SerializeToString()
-                messages = codec.chunk_messages(part, self.dtype, _PUSH_CHUNK, self.chunk_bytes, first)
-                return self._calls[i].push(messages, timeout=rpc.TRANSFER_DEADLINE_S)
-            try:
-                return conn.push(header, part, self.dtype, rpc.TRANSFER_DEADLINE_S)
-            finally:
-                server.give_back(conn)
+        def start(i: int, conn: dataplane.Connection, sent: bool) -> None:
+            conn.start_push(headers[i], parts[i], self.dtype, deadline)
+            if ahead is not None:
+                conn.start_pull(ahead[i], deadline)
 
-        return self._each(one)
+        def finish(i: int, conn: dataplane.Connection) -> ps_pb2.PushResponse:
+            reply = conn.finish_push(deadline)
+            if ahead is not None:
+                self._ahead[i] = (conn, ahead[i])  # kept out of the pool until pull reads it
+            return reply
+
+        def rpc_path(i: int) -> ps_pb2.PushResponse:
+            first = ps_pb2.PushRequest(header=headers[i]).SerializeToString()
+            messages = codec.chunk_messages(parts[i], self.dtype, _PUSH_CHUNK, self.chunk_bytes, first)
+            return self._calls[i].push(messages, timeout=deadline)
+
+        return self._transfer(None, start, finish, rpc_path)
+
+    def _take(self, i: int, request: ps_pb2.PullRequest | None) -> tuple[dataplane.Connection | None, bool]:
+        """A data-plane connection for shard i (None: its server has none) and whether
+        `request` is already on it (sent ahead by push); a pull sent ahead with other
+        arguments is dropped with its connection."""
+        held = self._ahead.pop(i, None)
+        if held is not None:
+            if request is not None and held[1] == request:
+                return held[0], True
+            held[0].close()
+        return self._servers[i].connection(), False
+
+    def _release(self, i: int, conn: dataplane.Connection) -> None:
+        if self._ahead.get(i, (None,))[0] is not conn:
+            self._servers[i].give_back(conn)
+
+    def _transfer(self, requests: list[ps_pb2.PullRequest] | None,
+                  start: Callable[[int, dataplane.Connection, bool], None],
+                  finish: Callable[[int, dataplane.Connection], _T],
+                  rpc_path: Callable[[int], _T]) -> list[_T]:
+        """One operation on every shard: start + finish over each server's data plane, or
+        rpc_path where a server has none. Small shards (at most PIPELINE_BYTES) are started
+        on every server before any is finished, all on the calling thread (hand-offs between
+        threads cost more than small transfers take); larger ones run a thread per shard
+        (_each). `requests`: pulls, which may already have been sent ahead."""
+        itemsize = codec.element_size(self.dtype)
+        if len(self.shards) < 2 or max(s.length for s in self.shards) * itemsize > PIPELINE_BYTES:
+            def one(i: int) -> _T:
+                conn, sent = self._take(i, requests[i] if requests else None)
+                if conn is None:
+                    return rpc_path(i)
+                try:
+                    start(i, conn, sent)
+                    return finish(i, conn)
+                finally:
+                    self._release(i, conn)
+
+            return self._each(one)
+        taken: list[tuple[dataplane.Connection | None, bool]] = []
+        results: dict[int, _T] = {}
+        try:
+            for i in range(len(self.shards)):
+                taken.append(self._take(i, requests[i] if requests else None))
+            error: Exception | None = None
+            started = []
+            for i, (conn, sent) in enumerate(taken):
+                if conn is None:
+                    continue
+                try:
+                    start(i, conn, sent)
+                except Exception as exc:
+                    error = exc
+                    break
+                started.append(i)
+            for i in started:
+                try:
+                    results[i] = finish(i, taken[i][0])  # type: ignore[arg-type]
+                except Exception as exc:
+                    error = error or exc
+            if error is None:
+                for i, (conn, _) in enumerate(taken):
+                    if conn is None:  # a server without a data plane
+                        results[i] = rpc_path(i)
+            if error is not None:
+                raise error
+            return [results[i] for i in range(len(self.shards))]
+        finally:
+            for i, (conn, sent) in enumerate(taken):
+                if conn is not None:
+                    if sent and i not in results:
+                        conn.close()  # an answer sent ahead is still on its way: out of step
+                    self._release(i, conn)
 
     def _each(self, fn: Callable[[int], _T]) -> list[_T]:
         """fn(i) for every shard, concurrently; the results in shard order.

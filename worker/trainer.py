@@ -409,10 +409,14 @@ class Trainer:
             grad = flat.host_grad()
             computed = self._clock()
 
+            # sync: the next step's pull goes out right behind the push (its answer, version
+            # step + 1, is one set of weights whenever it is asked for).
+            then_pull = ({**pull_args(mode, step + 1), "timeout_s": PULL_SLICE_S}
+                         if mode == "sync" else None)
             try:
                 replies = self._ps_call("push", functools.partial(
                     self._ps.push, grad, step=step, base_version=list(versions),
-                    batch_size=len(index)))
+                    batch_size=len(index), then_pull=then_pull))
             except _Rewind as rewind:
                 step = step if rewind.step is None else rewind.step
                 continue

@@ -11,7 +11,7 @@ from shardps.proto import common_pb2, dataplane, ps_pb2, ps_pb2_grpc, rpc
 from shardps.proto.psclient import PSClient
 from shardps.server.ps.daemon import ParameterServerDaemon
 from tests.harness import poll
-from tests.integration.test_ps import ASYNC, reference_adam, shard_config, shard_map
+from tests.integration.test_ps import ASYNC, SYNC, reference_adam, shard_config, shard_map
 
 TOTAL = 50_000
 APPLIED, DUPLICATE = ps_pb2.PUSH_STATUS_APPLIED, ps_pb2.PUSH_STATUS_DUPLICATE
@@ -150,3 +150,41 @@ def _tried(fn) -> bool:
         assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
         return False
     return True
+
+
+def pulls_served(server) -> float:
+    return sum(s.value for m in server.metrics_registry.collect() for s in m.samples
+               if s.name == "shardps_ps_pulls_total")
+
+
+@pytest.mark.parametrize("total", [10_000, 700_000], ids=["pipelined", "a-thread-per-shard"])
+def test_a_pull_sent_ahead_by_push_is_read_by_the_matching_pull_and_dropped_by_another(total):
+    servers = [started(), started()]
+    try:
+        gen = torch.Generator().manual_seed(3)
+        init = torch.randn(total, generator=gen)
+        grads = [torch.randn(total, generator=gen) for _ in range(3)]
+        dest = torch.empty(total)
+        with PSClient("job", shard_map(servers, total), worker_id="w0") as client:
+            client.init(init, shard_config(SYNC))
+            before = [pulls_served(s) for s in servers]
+            client.push(grads[0], step=0, base_version=0, batch_size=1,
+                        then_pull={"min_version": 1, "timeout_s": 5})
+            result = client.pull(dest, min_version=1, timeout_s=5)  # reads the answer sent ahead
+            assert result.ready and result.versions == [1, 1]
+            assert [pulls_served(s) - b for s, b in zip(servers, before, strict=True)] == [1, 1]
+            assert torch.equal(dest, reference_adam(init, grads[:1]))
+            # A pull with other arguments drops the one sent ahead (and its connection).
+            client.push(grads[1], step=1, base_version=1, batch_size=1,
+                        then_pull={"min_version": 2, "timeout_s": 5})
+            assert client.pull(dest, min_version=0, timeout_s=3).versions == [2, 2]
+            assert torch.equal(dest, reference_adam(init, grads[:2]))
+            # Closing with a pull still ahead is clean, and the servers keep serving.
+            client.push(grads[2], step=2, base_version=2, batch_size=1,
+                        then_pull={"min_version": 3, "timeout_s": 5})
+        with PSClient("job", shard_map(servers, total)) as client:
+            assert client.pull(dest, min_version=3, timeout_s=5).ready
+        assert torch.equal(dest, reference_adam(init, grads))
+    finally:
+        for server in servers:
+            server.stop(0)
