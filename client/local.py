@@ -160,12 +160,16 @@ class LocalCluster:
         return [c for c in self.children if c.exited is not None]
 
     def stop(self) -> None:
-        """SIGTERM workers, then servers, then the coordinator; SIGKILL what outlives the deadline."""
-        for child in reversed(self.children):
-            child.terminate()
+        """SIGTERM workers and servers, then, once they have exited, the coordinator (so their
+        goodbye heartbeats reach it instead of waiting out their deadline); SIGKILL what
+        outlives the deadline."""
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        for child in reversed(self.children):
-            child.reap(deadline)
+        nodes = [c for c in self.children if c.name != "coordinator"]
+        for group in (nodes, [c for c in self.children if c.name == "coordinator"]):
+            for child in reversed(group):
+                child.terminate()
+            for child in reversed(group):
+                child.reap(deadline)
         if self._forks is not None:
             self._forks.close()
 
