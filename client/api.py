@@ -156,11 +156,12 @@ class CoordinatorClient:
         info = None
         while True:
             asked = time.monotonic()
-            if info is None or not info.state:
+            last = info.state if info is not None else 0
+            if not last:
                 info = self.job(job_id)
             else:
                 info = self._call("GetJob", coordinator_pb2.GetJobRequest(
-                    job_id=job_id, wait_ms=int(interval_s * 1000), wait_while_state=info.state),
+                    job_id=job_id, wait_ms=int(interval_s * 1000), wait_while_state=last),
                     hold_s=interval_s).job
             if on_update:
                 on_update(info)
@@ -168,7 +169,8 @@ class CoordinatorClient:
                 return info
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {state_name(info.state)} after {timeout_s:g}s")
-            time.sleep(max(0.0, interval_s - (time.monotonic() - asked)))
+            if info.state == last:  # not held (the coordinator holds only so many): pace it
+                time.sleep(max(0.0, interval_s - (time.monotonic() - asked)))
 
     def export(self, job_id: str) -> tuple[dict[str, torch.Tensor], list[int]]:
         """Pulls a job's current fp32 weights from its servers as a state_dict.

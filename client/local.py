@@ -259,7 +259,8 @@ def _follow(client: CoordinatorClient, cluster: LocalCluster, job_id: str, args)
             live.update(info)
 
     try:
-        info = client.wait(job_id, timeout_s=args.timeout or None, interval_s=0.5, on_update=on_update)
+        info = client.wait(job_id, timeout_s=args.timeout or None, interval_s=min(args.interval, 0.5),
+                           on_update=on_update)
     except TimeoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exitcodes.TIMEOUT

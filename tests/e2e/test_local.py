@@ -12,7 +12,7 @@ from tests import harness
 
 def test_local_trains_digits_to_target_with_two_servers_and_two_workers(tmp_path):
     model_path = tmp_path / "model.pt"
-    done = harness.run_cli("local", "--servers", "2", "--workers", "2", "--interval", "0.5",
+    done = harness.run_cli("local", "--servers", "2", "--workers", "2", "--interval", "0.1",
                            "--export", str(model_path), timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
