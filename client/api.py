@@ -70,9 +70,9 @@ class CoordinatorClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, request):
+    def _call(self, method: str, request, hold_s: float = 0.0):
         try:
-            return getattr(self._stub, method)(request, timeout=self.deadline_s)
+            return getattr(self._stub, method)(request, timeout=hold_s + self.deadline_s)
         except grpc.RpcError as exc:
             code = exc.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -144,21 +144,33 @@ class CoordinatorClient:
     def wait(self, job_id: str, timeout_s: float | None = None, interval_s: float = 0.5,
              on_update: Callable[[coordinator_pb2.JobInfo], None] | None = None
              ) -> coordinator_pb2.JobInfo:
-        """Polls until the job is final and returns it.
+        """Follows the job until it is final and returns it: an update every interval_s, and
+        one as soon as its state changes (GetJob long-polls while the state is the last one
+        seen; a coordinator holding too many calls answers at once and is asked again after
+        interval_s).
 
         Raises TimeoutError after timeout_s (None: no limit, but every poll has a deadline and
         a coordinator that stays unreachable raises ClientError).
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        info = None
         while True:
-            info = self.job(job_id)
+            asked = time.monotonic()
+            last = info.state if info is not None else 0
+            if not last:
+                info = self.job(job_id)
+            else:
+                info = self._call("GetJob", coordinator_pb2.GetJobRequest(
+                    job_id=job_id, wait_ms=int(interval_s * 1000), wait_while_state=last),
+                    hold_s=interval_s).job
             if on_update:
                 on_update(info)
             if info.state in FINAL_STATES:
                 return info
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {state_name(info.state)} after {timeout_s:g}s")
-            time.sleep(interval_s)
+            if info.state == last:  # not held (the coordinator holds only so many): pace it
+                time.sleep(max(0.0, interval_s - (time.monotonic() - asked)))
 
     def export(self, job_id: str) -> tuple[dict[str, torch.Tensor], list[int]]:
         """Pulls a job's current fp32 weights from its servers as a state_dict.

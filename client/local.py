@@ -1,6 +1,7 @@
 """`shardps local`: a coordinator, N servers and M workers as subprocesses on loopback.
 
-Starts the daemons (their own console-script entry points, never imported here), runs one
+Starts the daemons (their own entry points, never imported here: subprocesses, or forks of a
+fork server that imports them by name, see client/forkserver.py), runs one
 job with live progress, prints the verdict and stops everything it started — also on Ctrl-C,
 on failure and when a daemon dies.
 """
@@ -25,6 +26,7 @@ import yaml
 
 from shardps.client import cli
 from shardps.client.api import SUCCESS_STATES, ClientError, CoordinatorClient, state_name
+from shardps.client.forkserver import ForkedProcess, ForkServer, ForkServerError
 from shardps.proto import exitcodes
 
 # Entry points of the daemons, run as `python -c` so no console script must be on PATH.
@@ -43,19 +45,32 @@ def default_spec_text() -> str:
     return resources.files("shardps.client").joinpath("default_job.yaml").read_text()
 
 
-class Child:
-    """One daemon subprocess; its output goes to a log file, its address is read from it."""
+def _child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
-    def __init__(self, name: str, kind: str, args: list[str], log_dir: Path):
+
+class Child:
+    """One daemon process; its output goes to a log file, its address is read from it.
+
+    It is a subprocess of ours, or (with a fork server) forked by the fork server; either
+    way it runs in a session of its own, so Ctrl-C reaches us alone and we stop it in order.
+    """
+
+    def __init__(self, name: str, kind: str, args: list[str], log_dir: Path,
+                 forks: ForkServer | None = None):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self.address = ""
         self._ready = threading.Event()
-        code = f"import sys; from {ENTRY_POINTS[kind]} import main; sys.exit(main())"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True)  # Ctrl-C goes to us; we stop children in order
+        self.proc: subprocess.Popen | ForkedProcess
+        if forks is not None:
+            self.proc = forks.spawn(ENTRY_POINTS[kind], args)
+        else:
+            code = f"import sys; from {ENTRY_POINTS[kind]} import main; sys.exit(main())"
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=_child_env(),
+                start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"log-{name}")
         self._reader.start()
 
@@ -88,26 +103,39 @@ class Child:
         try:
             self.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # ended in the meantime
             self.proc.wait(10)
         self._reader.join(5)
 
 
 class LocalCluster:
-    """Starts and stops the daemons of one local cluster. Not thread-safe."""
+    """Starts and stops the daemons of one local cluster. Not thread-safe.
+
+    With `fork_server` (on Linux), one process imports torch and the daemons' modules while
+    the coordinator starts, then forks the servers and workers (client/forkserver.py);
+    otherwise each is a fresh `python` subprocess that imports everything itself.
+    """
 
     def __init__(self, servers: int, workers: int, log_dir: Path, lease_ms: int,
-                 security_args: list[str] | None = None):
+                 security_args: list[str] | None = None, fork_server: bool = True):
         self.log_dir = log_dir
         self.children: list[Child] = []
         self.coordinator = ""
         self._servers, self._workers, self._lease_ms = servers, workers, lease_ms
         self._security_args = security_args or []
+        self._fork_server = fork_server and sys.platform.startswith("linux")
+        self._forks: ForkServer | None = None
 
     def start(self) -> str:
         deadline = time.monotonic() + START_TIMEOUT_S
+        if self._fork_server:  # it imports while the coordinator starts
+            self._forks = ForkServer([ENTRY_POINTS["server"], ENTRY_POINTS["worker"]],
+                                     self.log_dir / "forkserver.log", env=_child_env())
         coord = self._spawn("coordinator", "coordinator",
-                            ["--port", "0", "--lease-ms", str(self._lease_ms)])
+                            ["--port", "0", "--lease-ms", str(self._lease_ms)], fork=False)
         self.coordinator = coord.wait_ready(deadline)
         threads = max(1, (os.cpu_count() or 1) // max(1, self._workers))
         for i in range(self._servers):
@@ -119,8 +147,12 @@ class LocalCluster:
             child.wait_ready(deadline)
         return self.coordinator
 
-    def _spawn(self, name: str, kind: str, args: list[str]) -> Child:
-        child = Child(name, kind, [*args, *self._security_args], self.log_dir)
+    def _spawn(self, name: str, kind: str, args: list[str], fork: bool = True) -> Child:
+        try:
+            child = Child(name, kind, [*args, *self._security_args], self.log_dir,
+                          self._forks if fork else None)
+        except ForkServerError as exc:
+            raise ClientError(f"cannot start {name}: {exc}") from None
         self.children.append(child)
         return child
 
@@ -128,12 +160,18 @@ class LocalCluster:
         return [c for c in self.children if c.exited is not None]
 
     def stop(self) -> None:
-        """SIGTERM workers, then servers, then the coordinator; SIGKILL what outlives the deadline."""
-        for child in reversed(self.children):
-            child.terminate()
+        """SIGTERM workers and servers, then, once they have exited, the coordinator (so their
+        goodbye heartbeats reach it instead of waiting out their deadline); SIGKILL what
+        outlives the deadline."""
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        for child in reversed(self.children):
-            child.reap(deadline)
+        nodes = [c for c in self.children if c.name != "coordinator"]
+        for group in (nodes, [c for c in self.children if c.name == "coordinator"]):
+            for child in reversed(group):
+                child.terminate()
+            for child in reversed(group):
+                child.reap(deadline)
+        if self._forks is not None:
+            self._forks.close()
 
 
 def _job_text(args) -> str:
@@ -176,7 +214,8 @@ def run(args) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     text_out = args.output != "json"
     cluster = LocalCluster(servers, workers, log_dir, args.lease_ms,
-                           _secure(log_dir / "certs") if args.secure else None)
+                           _secure(log_dir / "certs") if args.secure else None,
+                           fork_server=args.fork_server)
     code = exitcodes.FAILURE
     job_id = ""
     try:
@@ -220,7 +259,8 @@ def _follow(client: CoordinatorClient, cluster: LocalCluster, job_id: str, args)
             live.update(info)
 
     try:
-        info = client.wait(job_id, timeout_s=args.timeout or None, interval_s=0.5, on_update=on_update)
+        info = client.wait(job_id, timeout_s=args.timeout or None, interval_s=min(args.interval, 0.5),
+                           on_update=on_update)
     except TimeoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exitcodes.TIMEOUT

@@ -71,16 +71,18 @@ class RegisterNodeResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., lease_ms: _Optional[int] = ..., jobs: _Optional[_Iterable[_Union[ServerJobView, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "incarnation", "shutting_down", "restored")
+    __slots__ = ("node_id", "incarnation", "shutting_down", "wait_for_assignment_ms", "restored")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     SHUTTING_DOWN_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_ASSIGNMENT_MS_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     incarnation: int
     shutting_down: bool
+    wait_for_assignment_ms: int
     restored: _containers.RepeatedCompositeFieldContainer[ShardVersion]
-    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., shutting_down: _Optional[bool] = ..., restored: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., shutting_down: _Optional[bool] = ..., wait_for_assignment_ms: _Optional[int] = ..., restored: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ...) -> None: ...
 
 class WorkerAssignment(_message.Message):
     __slots__ = ("job_id", "rank", "world_size", "epoch", "rollback_id", "rollback_version")
@@ -143,12 +145,16 @@ class SubmitJobResponse(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
-    __slots__ = ("job_id", "include_history")
+    __slots__ = ("job_id", "include_history", "wait_ms", "wait_while_state")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_WHILE_STATE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     include_history: bool
-    def __init__(self, job_id: _Optional[str] = ..., include_history: _Optional[bool] = ...) -> None: ...
+    wait_ms: int
+    wait_while_state: _common_pb2.JobState
+    def __init__(self, job_id: _Optional[str] = ..., include_history: _Optional[bool] = ..., wait_ms: _Optional[int] = ..., wait_while_state: _Optional[_Union[_common_pb2.JobState, str]] = ...) -> None: ...
 
 class WorkerProgress(_message.Message):
     __slots__ = ("node_id", "rank", "step", "loss", "steps_per_s", "alive")

@@ -23,11 +23,15 @@ class Unreachable(Exception):
     """The coordinator did not answer after every retry; the message says which call and why."""
 
 
+class Cancelled(Exception):
+    """A cancellable call was ended by `cancel_waits()`."""
+
+
 class CoordinatorClient:
     """A Coordinator stub plus deadlines and retries.
 
     Thread-safe (gRPC stubs are). `stop`, when set, cuts retry pauses short so a stopping
-    daemon never waits out a backoff.
+    daemon never waits out a backoff; `cancel_waits()` also ends long-polls in flight.
     """
 
     def __init__(self, stub: coordinator_pb2_grpc.CoordinatorStub, *,
@@ -40,6 +44,8 @@ class CoordinatorClient:
         self.window_s = window_s
         self.backoff_s = backoff_s
         self.stop = stop or threading.Event()
+        self._lock = threading.Lock()
+        self._waits: set[grpc.Future] = set()  # cancellable calls in flight
 
     @classmethod
     def connect(cls, address: str, **kwargs: Any) -> tuple[CoordinatorClient, grpc.Channel]:
@@ -48,13 +54,14 @@ class CoordinatorClient:
         return cls(coordinator_pb2_grpc.CoordinatorStub(channel), **kwargs), channel
 
     def call(self, method: str, request: Any, *, attempts: int | None = None,
-             deadline_s: float | None = None) -> Any:
+             deadline_s: float | None = None, cancellable: bool = False) -> Any:
         """Calls stub.<method>(request); retries UNAVAILABLE with doubling pauses.
 
         Retries `attempts` tries if given (here or to the constructor), else for `window_s`
         (a coordinator restart fits in it). Raises Unreachable once they are used up (or
         `stop` is set during a pause), and grpc.RpcError for any other status: those are
-        answers, not outages.
+        answers, not outages. A `cancellable` call (a long-poll) raises Cancelled once `stop`
+        is set and `cancel_waits()` called.
         """
         tries = attempts or self.attempts
         pause = self.backoff_s
@@ -63,7 +70,10 @@ class CoordinatorClient:
         while True:
             attempt += 1
             try:
-                return getattr(self.stub, method)(request, timeout=deadline_s or self.deadline_s)
+                timeout = deadline_s or self.deadline_s
+                if cancellable:
+                    return self._wait(getattr(self.stub, method).future(request, timeout=timeout))
+                return getattr(self.stub, method)(request, timeout=timeout)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -76,3 +86,23 @@ class CoordinatorClient:
                 if self.stop.wait(pause):
                     raise Unreachable(f"coordinator {method}: unavailable, and stopping") from None
                 pause = min(pause * 2, RETRY_MAX_PAUSE_S)
+
+    def cancel_waits(self) -> None:
+        """Cancels the cancellable calls in flight; set `stop` first (any thread)."""
+        with self._lock:
+            waits = list(self._waits)
+        for future in waits:
+            future.cancel()
+
+    def _wait(self, future: grpc.Future) -> Any:
+        with self._lock:
+            self._waits.add(future)
+        try:
+            if self.stop.is_set():  # stop came before we were registered to be cancelled
+                future.cancel()
+            return future.result()
+        except grpc.FutureCancelledError:
+            raise Cancelled(f"{type(self).__name__}: call cancelled") from None
+        finally:
+            with self._lock:
+                self._waits.discard(future)

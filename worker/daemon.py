@@ -103,6 +103,7 @@ class WorkerDaemon:
         self._channel: grpc.Channel | None = None
         self._stub: coordinator_pb2_grpc.CoordinatorStub | None = None
         self._heartbeats: threading.Thread | None = None
+        self._heartbeat_call: grpc.Future | None = None  # the one in flight, cancelled by stop()
 
     @property
     def address(self) -> str:
@@ -145,6 +146,9 @@ class WorkerDaemon:
                 already = False
                 self._stopping.set()
             job = self._job
+            heartbeat_call = self._heartbeat_call
+        if heartbeat_call is not None:  # an idle worker's long-poll: end it now
+            heartbeat_call.cancel()
         if already:
             self._stopped.wait(grace + rpc.CONTROL_DEADLINE_S)
             return
@@ -179,8 +183,12 @@ class WorkerDaemon:
     # -- heartbeat thread --
 
     def _heartbeat_loop(self) -> None:
+        """Heartbeats every lease/4 (from the start of one to the start of the next). An idle
+        worker's heartbeat is a long-poll held up to that interval until it has an assignment,
+        so it starts a job as soon as the coordinator assigns one."""
         backoff = 0.5
         while not self._stopping.is_set():
+            started = time.monotonic()
             try:
                 if not self._registered:
                     self._register()
@@ -191,6 +199,8 @@ class WorkerDaemon:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
+            if reply is None:
+                break  # stopping
             backoff = 0.5
             if reply.unknown_node:
                 logger.warning("the coordinator does not know %s incarnation %d; registering "
@@ -201,7 +211,7 @@ class WorkerDaemon:
             if reply.lease_ms > 0:
                 self.lease_ms = reply.lease_ms
             self._on_assignment(reply.assignment)
-            self._stopping.wait(self.lease_ms / 4000.0)
+            self._stopping.wait(max(0.0, self.lease_ms / 4000.0 - (time.monotonic() - started)))
 
     def _register(self) -> None:
         assert self._stub is not None  # start() made it
@@ -218,12 +228,31 @@ class WorkerDaemon:
         logger.info("registered as %s incarnation %d (lease %d ms)", self.node_id,
                     self.incarnation, self.lease_ms)
 
-    def _heartbeat(self) -> coordinator_pb2.HeartbeatResponse:
-        # A heartbeat older than the lease is useless; never wait longer than that for one.
+    def _heartbeat(self) -> coordinator_pb2.HeartbeatResponse | None:
+        # A heartbeat older than the lease is useless; never wait longer than that for one
+        # (plus the hold of a long-poll).
         deadline = min(rpc.CONTROL_DEADLINE_S, max(self.lease_ms / 1000.0, 0.5))
+        hold_ms = self.lease_ms // 4 if self._idle() else 0
         assert self._stub is not None
-        return self._stub.Heartbeat(coordinator_pb2.HeartbeatRequest(
-            node_id=self.node_id, incarnation=self.incarnation), timeout=deadline)
+        with self._lock:
+            if self._stopping.is_set():
+                return None  # stop() is under way: no call it could not cancel
+            call = self._heartbeat_call = self._stub.Heartbeat.future(
+                coordinator_pb2.HeartbeatRequest(node_id=self.node_id, incarnation=self.incarnation,
+                                                 wait_for_assignment_ms=hold_ms),
+                timeout=deadline + hold_ms / 1000.0)
+        try:
+            return call.result()
+        except grpc.FutureCancelledError:
+            return None  # by stop()
+        finally:
+            with self._lock:
+                self._heartbeat_call = None
+
+    def _idle(self) -> bool:
+        """No training thread runs (one that has ended may still be listed)."""
+        with self._lock:
+            return self._job is None or not self._job.thread.is_alive()
 
     def _on_assignment(self, assignment: coordinator_pb2.WorkerAssignment) -> None:
         """Starts, updates or stops the training thread to match the coordinator's assignment."""

@@ -6,6 +6,8 @@ built-ins use only seeded torch generators and files that ship with Python.
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import math
 import sysconfig
 from collections.abc import Callable
@@ -76,11 +78,9 @@ def digits(seed: int, test_fraction: float = 0.2) -> Dataset:
     The split is stratified: each class puts round(test_fraction * its count) samples, chosen
     by a torch generator seeded with `seed`, into the test split.
     """
-    from sklearn.datasets import load_digits  # imported here: only this dataset needs sklearn
-
-    raw = load_digits()
-    x = torch.as_tensor(raw.data, dtype=torch.float32) / 16.0
-    y = torch.as_tensor(raw.target, dtype=torch.int64)
+    pixels, labels = _digits_arrays()
+    x = torch.as_tensor(pixels, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(labels, dtype=torch.int64)
     gen = torch.Generator().manual_seed(seed)
     test_idx = []
     for label in range(10):
@@ -91,6 +91,33 @@ def digits(seed: int, test_fraction: float = 0.2) -> Dataset:
     is_test[torch.cat(test_idx)] = True
     return Dataset(x[~is_test], y[~is_test], x[is_test], y[is_test], "classification",
                    {"input_shape": (1, 8, 8), "num_classes": 10})
+
+
+def _digits_arrays() -> tuple[Any, Any]:
+    """(pixels float64 (1797, 64), labels int) of the digits, as sklearn.datasets.load_digits
+    returns them, read from the CSV sklearn ships without importing sklearn (that import costs
+    ~1 s of CPU in every worker); sklearn's own loader when the file is not where we look."""
+    found = digits_csv()
+    if found is None:
+        from sklearn.datasets import load_digits  # a sklearn that keeps the data elsewhere
+
+        raw = load_digits()
+        return raw.data, raw.target
+    import numpy as np  # torch's own dependency; imported here like sklearn's loader does
+
+    with gzip.open(found, mode="rt", encoding="utf-8") as text:
+        table = np.loadtxt(text, delimiter=",")  # as sklearn.datasets.load_digits parses it
+    return table[:, :-1], table[:, -1].astype(int, copy=False)
+
+
+def digits_csv() -> Path | None:
+    """sklearn's bundled digits.csv.gz, found without importing sklearn; None if absent."""
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
 
 
 def regression(seed: int, n_samples: int = 1000, n_features: int = 10, noise: float = 0.1,

@@ -19,7 +19,7 @@ from shardps.proto import codec, common_pb2, coordinator_pb2, ps_pb2, psclient
 from shardps.proto import spec as spec_lib
 from shardps.worker import recovery, tasks
 from shardps.worker.batches import BatchOrder, steps_for_epochs
-from shardps.worker.coordclient import CoordinatorClient, Unreachable
+from shardps.worker.coordclient import Cancelled, CoordinatorClient, Unreachable
 from shardps.worker.datasets import Dataset, load_dataset
 from shardps.worker.evaluate import evaluate
 from shardps.worker.flat import FlatParams
@@ -31,7 +31,11 @@ logger = logging.getLogger(__name__)
 # The coordinator fails a job still initialising after 120 s; waiting a little longer lets
 # its verdict (a final state) be what ends the wait, not our own timeout.
 INIT_TIMEOUT_S = 130.0
-POLL_INTERVAL_S = 0.25    # GetJob polling while another rank initialises the job
+# While another rank initialises the job, GetJob long-polls: the coordinator holds each call
+# up to WAIT_RUNNING_HOLD_S until the job leaves PENDING. One it answers at once (it holds only
+# so many calls) is repeated POLL_INTERVAL_S after the previous one began.
+WAIT_RUNNING_HOLD_S = 1.0
+POLL_INTERVAL_S = 0.25
 PULL_SLICE_S = 1.0        # one pull waits on the servers at most this long, then we look at stop
 PULL_PATIENCE_S = 600.0   # no weights of the wanted version for this long: abandon the job
 REPORT_INTERVAL_S = 0.5   # step losses are batched into one ReportProgress at most this often
@@ -235,6 +239,7 @@ class Trainer:
             if not self._stop.is_set():
                 self._stop_reason = reason
                 self._stop.set()
+        self.coordinator.cancel_waits()  # a GetJob long-poll ends now, not at its hold's end
 
     def update_assignment(self, assignment: coordinator_pb2.WorkerAssignment) -> None:
         """Takes a new rank / world size / epoch of the same job from the next step on."""
@@ -334,11 +339,12 @@ class Trainer:
                     flat.numel, len(shard_map.shards))
 
     def _wait_running(self, fingerprint: str) -> coordinator_pb2.JobInfo:
-        """Polls GetJob until the job runs; checks that its layout is the one we built."""
+        """Long-polls GetJob until the job runs; checks that its layout is the one we built."""
         deadline = self._clock() + INIT_TIMEOUT_S
         while True:
             self._check_stop()
-            job = self._get_job()
+            asked = self._clock()
+            job = self._get_job(wait_while=common_pb2.JOB_STATE_PENDING)
             self._end_if_final(job)
             if job.state == common_pb2.JOB_STATE_RUNNING:
                 if job.layout.fingerprint != fingerprint:
@@ -351,7 +357,7 @@ class Trainer:
             if self._clock() > deadline:
                 raise _End("abandoned", f"job not RUNNING within {INIT_TIMEOUT_S:.0f} s "
                                         f"(still {common_pb2.JobState.Name(job.state)})")
-            self._stop.wait(POLL_INTERVAL_S)
+            self._stop.wait(max(0.0, POLL_INTERVAL_S - (self._clock() - asked)))
 
     def _train(self, spec: dict[str, Any], data: Dataset, model: torch.nn.Module,
                flat: FlatParams, budget: int) -> None:
@@ -579,9 +585,19 @@ class Trainer:
 
     # -- ends --
 
-    def _get_job(self) -> coordinator_pb2.JobInfo:
-        return self.coordinator.call("GetJob", coordinator_pb2.GetJobRequest(
-            job_id=self.job_id)).job
+    def _get_job(self, wait_while: int = common_pb2.JOB_STATE_UNSPECIFIED) -> coordinator_pb2.JobInfo:
+        """The job now, or (wait_while) once it has left that state or a long-poll hold has
+        passed; `stop()` cuts the hold short."""
+        if not wait_while:
+            return self.coordinator.call("GetJob", coordinator_pb2.GetJobRequest(
+                job_id=self.job_id)).job
+        request = coordinator_pb2.GetJobRequest(job_id=self.job_id, wait_while_state=wait_while,
+                                                wait_ms=int(WAIT_RUNNING_HOLD_S * 1000))
+        try:
+            return self.coordinator.call("GetJob", request, cancellable=True,
+                                         deadline_s=WAIT_RUNNING_HOLD_S + self.coordinator.deadline_s).job
+        except Cancelled:  # by stop()
+            raise _End("stopped", self._stop_reason) from None
 
     def _end_if_final(self, job: coordinator_pb2.JobInfo) -> None:
         if job.state in FINAL_STATES:

@@ -12,10 +12,12 @@ import grpc
 
 from shardps.proto import coordinator_pb2_grpc, daemon, exitcodes, rpc
 
-from .servicer import CoordinatorServicer
+from .servicer import MAX_HELD_CALLS, CoordinatorServicer
 from .state import StateError
 
 SERVICE_NAME = "shardps.v1.Coordinator"
+# gRPC pool threads for ordinary calls; held long-polls get threads of their own on top.
+RPC_THREADS = 16
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +36,21 @@ class CoordinatorDaemon:
         metrics_port: Prometheus port; 0 picks a free one, negative disables.
         state_dir: where the node and job tables persist (restored from it on start); None
             keeps them in memory only.
+        max_held_calls: long-polls (idle workers' heartbeats, GetJob waits) held at once;
+            the gRPC pool has RPC_THREADS threads more than this, so held calls never starve
+            the others. Beyond it, calls are answered at once.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, lease_ms: int = 5000,
-                 metrics_port: int = -1, state_dir: str | None = None):
+                 metrics_port: int = -1, state_dir: str | None = None,
+                 max_held_calls: int = MAX_HELD_CALLS):
         self.host = host
         self.port = port
         self.registry = daemon.new_registry()
         # Raises StateError if state_dir holds a state that cannot be loaded.
         self.servicer = CoordinatorServicer(lease_ms, registry=self.registry,
-                                            state_dir=state_dir)
+                                            state_dir=state_dir, max_held_calls=max_held_calls)
+        self._threads = RPC_THREADS + max_held_calls
         self.metrics: daemon.MetricsEndpoint | None = None
         self._metrics_port = metrics_port
         self._server: grpc.Server | None = None
@@ -74,7 +81,7 @@ class CoordinatorDaemon:
         """
         self.metrics = daemon.start_metrics(self.registry, self.host, self._metrics_port,
                                             routes={"/sd": self._scrape_targets})
-        server = rpc.make_server()
+        server = rpc.make_server(max_workers=self._threads)
         try:
             self.port = rpc.bind(server, self.host, self.port)
         except OSError:
@@ -93,14 +100,15 @@ class CoordinatorDaemon:
         return self
 
     def stop(self, grace: float = 5.0) -> None:
-        """Reports NOT_SERVING, stops the sweeper, then the server (in-flight RPCs get `grace`
-        seconds) and the metrics endpoint."""
+        """Reports NOT_SERVING, stops the sweeper, answers held long-polls, then stops the
+        server (in-flight RPCs get `grace` seconds) and the metrics endpoint."""
         self._stopping.set()
         if self._health is not None:
             self._health.enter_graceful_shutdown()
         if self._sweeper is not None:
             self._sweeper.join(timeout=grace)
         self.servicer.sweep()  # writes what is unsaved (state dir)
+        self.servicer.shutdown()  # held long-polls answer now, not at the end of their hold
         if self._server is not None:
             self._server.stop(grace).wait(grace + 1.0)
         if self.metrics is not None:
@@ -135,9 +143,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory for the coordinator's state (nodes, jobs, shard maps, "
                              "histories), created if missing; a restart with the same one "
                              "carries on with its jobs (default: state in memory only)")
+    parser.add_argument("--max-held-calls", type=int, default=MAX_HELD_CALLS, metavar="N",
+                        help="long-polls held at once: idle workers waiting for an assignment, "
+                             "workers waiting for a job to start; each takes a thread, and "
+                             f"calls beyond N are answered at once (default {MAX_HELD_CALLS})")
     args = parser.parse_args(argv)
     if args.lease_ms <= 0:
         parser.error(f"--lease-ms must be > 0, got {args.lease_ms}")
+    if args.max_held_calls < 0:
+        parser.error(f"--max-held-calls must be >= 0, got {args.max_held_calls}")
     daemon.setup_logging(args.log_level, args.log_format, "coordinator")
     try:
         daemon.configure_security(args)
@@ -150,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             rpc.fail(f"cannot create --state-dir {args.state_dir}: {exc}", exitcodes.STATE_ERROR)
     try:
         coordinator = CoordinatorDaemon(args.host, args.port, args.lease_ms, args.metrics_port,
-                                        state_dir=args.state_dir)
+                                        state_dir=args.state_dir,
+                                        max_held_calls=args.max_held_calls)
     except (StateError, OSError) as exc:
         rpc.fail(f"cannot use --state-dir {args.state_dir}: {exc}", exitcodes.STATE_ERROR)
     try:

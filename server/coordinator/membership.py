@@ -155,6 +155,11 @@ class Membership:
             raise StaleNodeError(f"node {node_id} was declared dead; register again")
         return node
 
+    def current(self, node_id: str, incarnation: int) -> bool:
+        """True if the node is alive at this incarnation (what `require` checks), without raising."""
+        node = self._nodes.get(node_id)
+        return node is not None and node.incarnation == incarnation and node.alive
+
     def get(self, node_id: str) -> Node:
         """Raises UnknownNodeError for an id never registered."""
         node = self._nodes.get(node_id)

@@ -104,6 +104,17 @@ class CoordinatorMetrics:
             "shardps_coordinator_rollbacks",
             "sync rollbacks started: every shard and worker of a job back to a checkpoint",
             registry=registry)
+        self.long_polls = Counter(
+            "shardps_coordinator_long_polls",
+            "Long-polls (idle workers' heartbeats, GetJob waiting for a state) that were held, by "
+            "how they ended: woken (what they waited for happened), timed_out, cancelled (by the "
+            "caller, or the coordinator stopping), or over_limit (answered at once: "
+            "--max-held-calls were held)", ["outcome"], registry=registry)
+        for outcome in ("woken", "timed_out", "cancelled", "over_limit"):
+            self.long_polls.labels(outcome)
+        self.held_calls = Gauge(
+            "shardps_coordinator_held_calls",
+            "Long-polls held now (at most --max-held-calls)", registry=registry)
         registry.register(_StateCollector(snapshot))
 
 

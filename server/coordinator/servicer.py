@@ -7,7 +7,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -23,6 +23,11 @@ from .metrics import CoordinatorMetrics, Snapshot, take_snapshot
 from .state import StateFile, dump, restore, structure
 
 log = logging.getLogger(__name__)
+
+# Long-polls (HeartbeatRequest.wait_for_assignment_ms, GetJobRequest.wait_ms) held at once
+# by default. Each holds a gRPC pool thread, so a big cluster's idle workers must not take
+# them all: beyond this, calls are answered at once and their callers fall back on polling.
+MAX_HELD_CALLS = 16
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
@@ -41,19 +46,31 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     written before the RPC that made it replies; loss histories at the latest on the next
     `persist()` (the daemon's timer). A restarted coordinator loads them and carries on.
 
+    Long-polls (an idle worker's heartbeat waiting for an assignment, a GetJob waiting for a
+    state change) wait on a condition of that lock, so they hold no lock while they wait;
+    every RPC and sweep that ends while some are held wakes them to look again. At most
+    `max_held_calls` are held at once (the others are answered at once), each for at most
+    lease_ms / 2 and never past `shutdown()`.
+
     Args:
         lease_ms: the lease handed to every node.
         registry: where the metrics go (a private registry if None).
         init_timeout_s: how long a job may take from assignment to ActivateJob.
         state_dir: where the state is kept; None keeps it in memory only.
+        max_held_calls: long-polls held at once; the server's pool needs threads beyond them.
 
     Raises:
         StateError: the state dir holds a state that cannot be loaded.
     """
 
     def __init__(self, lease_ms: int = 5000, registry: CollectorRegistry | None = None,
-                 init_timeout_s: float = INIT_TIMEOUT_S, state_dir: str | None = None):
+                 init_timeout_s: float = INIT_TIMEOUT_S, state_dir: str | None = None,
+                 max_held_calls: int = MAX_HELD_CALLS):
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified when an RPC or sweep ends
+        self._held = 0  # long-polls waiting on _changed
+        self._max_held = max_held_calls
+        self._closing = False
         self._membership = Membership(lease_ms)
         self._jobs = JobTable(init_timeout_s)
         self.metrics = CoordinatorMetrics(registry or CollectorRegistry(), self._snapshot)
@@ -74,6 +91,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         with self._lock:
             self._sweep(time.monotonic())
             self._persist(lazy=True)
+            self._wake_held()
+
+    def shutdown(self) -> None:
+        """Answers every held long-poll now and holds no more (the daemon is stopping)."""
+        with self._lock:
+            self._closing = True
+            self._changed.notify_all()
 
     def _load_state(self) -> None:
         assert self._state is not None
@@ -130,6 +154,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def Heartbeat(self, request: pb.HeartbeatRequest,
                   context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         with self._serving(context) as now:
+            wait_ms = _wait_ms(request.wait_for_assignment_ms, "wait_for_assignment_ms")
             reply = pb.HeartbeatResponse(lease_ms=self.lease_ms)
             node_id = request.node_id
             if not self._membership.heartbeat(node_id, request.incarnation, now,
@@ -142,6 +167,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self._shards_restored(node_id, request.restored)
             self._jobs.schedule(self._membership, now)
             if self._membership.get(node_id).role == common_pb2.ROLE_WORKER:
+                if wait_ms:
+                    self._hold(context, wait_ms, lambda: (
+                        self._jobs.assignment(node_id) is not None
+                        or not self._membership.current(node_id, request.incarnation)))
+                    if not self._membership.current(node_id, request.incarnation):
+                        reply.unknown_node = True  # re-registered or declared dead meanwhile
+                        return reply
                 job = self._jobs.assignment(node_id)
                 if job is not None:
                     reply.assignment.CopyFrom(pb.WorkerAssignment(
@@ -208,6 +240,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                context: grpc.ServicerContext) -> pb.GetJobResponse:
         with self._serving(context) as now:
             job = self._jobs.get(_required(request.job_id, "job_id"))
+            if wait_ms := _wait_ms(request.wait_ms, "wait_ms"):
+                if request.wait_while_state == common_pb2.JOB_STATE_UNSPECIFIED:
+                    raise ValueError("wait_while_state is required with wait_ms")
+                self._hold(context, wait_ms, lambda: job.state != request.wait_while_state)
+                now = time.monotonic()
             return pb.GetJobResponse(job=self._job_info(job, now, request.include_history))
 
     def ListJobs(self, request: pb.ListJobsRequest,
@@ -272,6 +309,45 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             except (JobStateError, StaleNodeError) as exc:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             self._persist()
+            self._wake_held()
+
+    def _hold(self, context: grpc.ServicerContext, wait_ms: int, done: Callable[[], bool]) -> None:
+        """A long-poll: waits, without the lock, until done() (checked under the lock after
+        every RPC and sweep), the hold is up, the call is cancelled or the coordinator stops.
+        Returns at once when done() already holds or max_held_calls are held. Caller holds
+        the lock (inside `_serving`)."""
+        if done() or self._closing:
+            return
+        if self._held >= self._max_held:
+            self.metrics.long_polls.labels("over_limit").inc()
+            return
+        deadline = time.monotonic() + min(wait_ms, self.lease_ms // 2) / 1000.0
+        self._held += 1
+        self.metrics.held_calls.set(self._held)
+        context.add_callback(self._wake_all)  # a cancelled call stops holding at once
+        try:
+            while not done():
+                left = deadline - time.monotonic()
+                if self._closing or not context.is_active():
+                    self.metrics.long_polls.labels("cancelled").inc()
+                    return
+                if left <= 0:
+                    self.metrics.long_polls.labels("timed_out").inc()
+                    return
+                self._changed.wait(left)
+            self.metrics.long_polls.labels("woken").inc()
+        finally:
+            self._held -= 1
+            self.metrics.held_calls.set(self._held)
+
+    def _wake_held(self) -> None:
+        """Lets held long-polls look again (caller holds the lock)."""
+        if self._held:
+            self._changed.notify_all()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            self._changed.notify_all()
 
     def _sweep(self, now: float) -> None:
         for node in self._jobs.sweep(self._membership, now):
@@ -324,6 +400,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 def _required(value: str, name: str) -> str:
     if not value:
         raise ValueError(f"{name} is required")
+    return value
+
+
+def _wait_ms(value: int, name: str) -> int:
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
     return value
 
 

@@ -1,7 +1,9 @@
 """`shardps local`: the README's main job, as a user runs it."""
 
+import json
 import re
 
+import pytest
 import torch
 
 from shardps.proto import spec
@@ -10,7 +12,7 @@ from tests import harness
 
 def test_local_trains_digits_to_target_with_two_servers_and_two_workers(tmp_path):
     model_path = tmp_path / "model.pt"
-    done = harness.run_cli("local", "--servers", "2", "--workers", "2", "--interval", "0.5",
+    done = harness.run_cli("local", "--servers", "2", "--workers", "2", "--interval", "0.1",
                            "--export", str(model_path), timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
@@ -44,3 +46,20 @@ def test_local_fails_a_diverging_job_and_says_why(tmp_path):
     done = harness.run_cli("local", str(diverging), timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAILED" in done.stdout and "non-finite" in done.stdout
+
+
+@pytest.mark.parametrize("flag", ["--fork-server", "--no-fork-server"])
+def test_local_starts_daemons_with_or_without_the_fork_server(tmp_path, flag):
+    small = tmp_path / "small.yaml"
+    small.write_text("model: {name: mlp, kwargs: {hidden: [8]}}\ndata: {dataset: regression}\n"
+                     "stop: {max_steps: 20, eval_every: 10}\ncluster: {servers: 1, workers: 1}\n")
+    log_dir = tmp_path / "logs"
+    done = harness.run_cli("local", str(small), "--log-dir", str(log_dir), "--output", "json", flag,
+                           timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["state"] == "JOB_STATE_COMPLETED"
+    assert (log_dir / "forkserver.log").exists() == (flag == "--fork-server")
+    for name in ("coordinator", "server-0", "worker-0"):
+        log = (log_dir / f"{name}.log").read_text()
+        assert re.search(r"^listening on 127\.0\.0\.1:\d+$", log, re.M), log
+        assert "received SIGTERM, shutting down" in log, log

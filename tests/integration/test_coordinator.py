@@ -29,8 +29,9 @@ def start():
     """Starts coordinators on port 0; stops them and closes channels afterwards."""
     daemons, channels = [], []
 
-    def _start(lease_ms=5000):
-        daemon = CoordinatorDaemon("127.0.0.1", 0, lease_ms=lease_ms, metrics_port=0).start()
+    def _start(lease_ms=5000, **kwargs):
+        daemon = CoordinatorDaemon("127.0.0.1", 0, lease_ms=lease_ms, metrics_port=0,
+                                   **kwargs).start()
         daemons.append(daemon)
         channel = rpc.make_channel(daemon.address)
         channels.append(channel)
@@ -238,6 +239,102 @@ def test_shutting_down_heartbeat_releases_the_worker_at_once(start):
     assert not workers[1].beat(shutting_down=True).unknown_node
     assignment = workers[0].beat().assignment
     assert (assignment.rank, assignment.world_size, assignment.epoch) == (0, 1, 2)
+
+
+# -- long-polls -------------------------------------------------------------------------------
+# A 60 s lease lets the coordinator hold a call up to 30 s: far longer than any of these tests
+# take, so a call that returns did so because of what the test did, not because its hold ran out.
+LONG_LEASE_MS = 60_000
+HOLD_MS = 30_000
+HELD_DEADLINE = HOLD_MS / 1000 + DEADLINE
+
+
+def held_heartbeat(node):
+    return node.stub.Heartbeat.future(pb.HeartbeatRequest(
+        node_id=node.node_id, incarnation=node.incarnation, wait_for_assignment_ms=HOLD_MS),
+        timeout=HELD_DEADLINE)
+
+
+def wait_held(daemon, count):
+    poll(lambda: f"shardps_coordinator_held_calls {count:.1f}" in scrape(daemon), timeout=30,
+         interval=0.02, what=f"{count} held call(s)")
+
+
+def test_an_idle_workers_held_heartbeat_returns_its_assignment_when_a_job_is_submitted(start):
+    daemon, stub, _ = start(lease_ms=LONG_LEASE_MS)
+    _, workers = cluster(stub)
+    held = held_heartbeat(workers[0])
+    wait_held(daemon, 1)
+    assert not held.done()
+    job_id = stub.SubmitJob(pb.SubmitJobRequest(spec_yaml=SPEC), timeout=DEADLINE).job_id
+    assignment = held.result().assignment
+    assert (assignment.job_id, assignment.world_size) == (job_id, 2)
+    assert 'shardps_coordinator_long_polls_total{outcome="woken"} 1.0' in scrape(daemon)
+    # A worker that already has its assignment is answered at once, as by a plain heartbeat.
+    again = stub.Heartbeat(pb.HeartbeatRequest(
+        node_id=workers[1].node_id, incarnation=1, wait_for_assignment_ms=HOLD_MS),
+        timeout=HELD_DEADLINE)
+    assert (again.assignment.job_id, again.assignment.rank) == (job_id, 1 - assignment.rank)
+
+
+def test_a_held_getjob_returns_when_the_job_starts_running(start):
+    daemon, stub, _ = start(lease_ms=LONG_LEASE_MS)
+    _, workers = cluster(stub)
+    job_id = stub.SubmitJob(pb.SubmitJobRequest(spec_yaml=SPEC), timeout=DEADLINE).job_id
+    rank0 = next(w for w in workers if w.beat().assignment.rank == 0)
+    held = stub.GetJob.future(pb.GetJobRequest(
+        job_id=job_id, wait_ms=HOLD_MS, wait_while_state=common_pb2.JOB_STATE_PENDING),
+        timeout=HELD_DEADLINE)
+    wait_held(daemon, 1)
+    stub.SetLayout(pb.SetLayoutRequest(job_id=job_id, node_id=rank0.node_id, incarnation=1,
+                                       layout=LAYOUT), timeout=DEADLINE)
+    assert not held.done()  # still PENDING: the layout alone does not end the wait
+    stub.ActivateJob(pb.ActivateJobRequest(job_id=job_id, node_id=rank0.node_id, incarnation=1),
+                     timeout=DEADLINE)
+    job = held.result().job
+    assert job.state == common_pb2.JOB_STATE_RUNNING and job.layout == LAYOUT
+
+
+def test_long_polls_beyond_the_limit_are_answered_at_once_and_cancelled_ones_let_go(start):
+    daemon, stub, _ = start(lease_ms=LONG_LEASE_MS, max_held_calls=1)
+    _, workers = cluster(stub)
+    held = held_heartbeat(workers[0])
+    wait_held(daemon, 1)
+    reply = held_heartbeat(workers[1]).result()  # over the limit: not held
+    assert reply.assignment.job_id == "" and not reply.unknown_node
+    assert not held.done()
+    assert 'shardps_coordinator_long_polls_total{outcome="over_limit"} 1.0' in scrape(daemon)
+    held.cancel()
+    wait_held(daemon, 0)
+
+
+def test_a_stopping_coordinator_answers_held_calls(start):
+    daemon, stub, _ = start(lease_ms=LONG_LEASE_MS)
+    _, workers = cluster(stub)
+    held = held_heartbeat(workers[0])
+    wait_held(daemon, 1)
+    daemon.stop(grace=HOLD_MS / 2000)  # unanswered, the held call would be cut at the grace
+    reply = held.result()
+    assert reply.assignment.job_id == "" and not reply.unknown_node
+
+
+@pytest.mark.parametrize("request_", [
+    pb.GetJobRequest(wait_ms=-1, wait_while_state=common_pb2.JOB_STATE_PENDING),
+    pb.GetJobRequest(wait_ms=100),
+], ids=["negative wait", "wait without a state"])
+def test_bad_getjob_waits_are_invalid_argument(start, request_):
+    _, stub, _ = start()
+    request_.job_id = stub.SubmitJob(pb.SubmitJobRequest(spec_yaml=SPEC), timeout=DEADLINE).job_id
+    code, details = abort_of(stub.GetJob, request_)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "wait" in details
+
+
+def test_a_negative_heartbeat_wait_is_invalid_argument(start):
+    _, stub, _ = start()
+    node = FakeNode(stub, common_pb2.ROLE_WORKER)
+    code, details = abort_of(stub.Heartbeat, pb.HeartbeatRequest(
+        node_id=node.node_id, incarnation=1, wait_for_assignment_ms=-5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "wait_for_assignment_ms" in details
 
 
 def test_health_is_serving(start):

@@ -90,6 +90,29 @@ def test_a_job_that_ended_here_is_not_started_again():
         cluster.close()
 
 
+def test_idle_workers_long_poll_start_their_job_at_once_and_stop_cancels_the_poll():
+    # A 2 min lease: workers heartbeat every 30 s, so a job that completes within the wait
+    # below reached its worker through the held heartbeat, not the next periodic one.
+    cluster = Cluster(servers=1, workers=2, lease_ms=120_000)
+    metrics = cluster.coordinator.servicer.metrics
+    try:
+        poll(lambda: metrics.held_calls._value.get() == 2, 30, what="both idle workers held")
+        job_id = cluster.submit({"model": {"name": "mlp", "kwargs": {"hidden": [16]}},
+                                 "data": {"dataset": "digits", "batch_size": 32},
+                                 "cluster": {"servers": 1, "workers": 1},
+                                 "stop": {"max_steps": 5, "eval_every": 100}})
+        info = cluster.wait(job_id, timeout=25)
+        assert info.state == common_pb2.JOB_STATE_COMPLETED, info.reason
+        assert metrics.long_polls.labels("woken")._value.get() == 1
+        idle = next(w for w in cluster.workers if not w._ended)
+        assert metrics.held_calls._value.get() == 1  # the other one is still held
+        idle.stop(grace=2)
+        assert idle._heartbeats is not None and not idle._heartbeats.is_alive()
+        assert node_at(cluster.client, idle.address).state == DEAD  # and it said goodbye
+    finally:
+        cluster.close()
+
+
 def test_unreachable_coordinator_is_retried_and_stop_is_prompt():
     worker = WorkerDaemon("127.0.0.1:1", device="cpu")  # nothing listens on port 1
     worker.start()

@@ -226,6 +226,26 @@ def test_a_final_job_is_not_trained(setup):
     assert setup.cluster.servers[0].shards.shards(job_id) == []  # no shard was created
 
 
+def long_polls(setup, outcome):
+    return setup.cluster.coordinator.servicer.metrics.long_polls.labels(outcome)._value.get()
+
+
+def test_stop_cancels_the_getjob_long_poll_of_a_rank_waiting_for_the_job_to_start(setup):
+    # Rank 0 never initialises the job: rank 1 long-polls GetJob until it is stopped.
+    job_id, (_, rank1) = setup.submit(spec_text(workers=2), workers=2)
+    tr = setup.trainer(rank1)
+    thread, result = start(tr)
+    poll(lambda: setup.cluster.coordinator.servicer.metrics.held_calls._value.get() == 1, 30,
+         interval=0.02, what="rank 1's GetJob held")
+    tr.stop("assignment cleared")
+    thread.join(trainer.WAIT_RUNNING_HOLD_S + 5)
+    assert not thread.is_alive()
+    assert result[0].kind == "stopped" and result[0].reason == "assignment cleared"
+    # The call was cancelled, not left to run out its hold.
+    poll(lambda: long_polls(setup, "cancelled") == 1, 10, interval=0.02, what="the cancellation")
+    assert setup.cluster.job(job_id).state == common_pb2.JOB_STATE_PENDING
+
+
 def waiting_after_step_0(setup):
     """Rank 0 of a 2-worker sync job whose rank 1 never trains: it pushes step 0, then waits
     for round 0 to close. Returns (job id, trainer, thread, outcome list)."""

@@ -1,5 +1,8 @@
 """Built-in datasets: shapes, determinism, splits, and user dataset factories."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -29,6 +32,34 @@ def test_digits_is_a_stratified_deterministic_split():
     assert torch.equal(again.test_x, data.test_x) and torch.equal(again.train_y, data.train_y)
     other = load_dataset("digits", {}, seed=1)
     assert not torch.equal(other.test_x, data.test_x)
+
+
+def test_digits_read_from_the_csv_equal_sklearns_load_digits(monkeypatch):
+    """The CSV path (no sklearn import) gives bitwise what sklearn.datasets.load_digits gives,
+    and so the same split; the sklearn fallback is the path taken when the file is absent."""
+    from sklearn.datasets import load_digits
+
+    assert datasets.digits_csv() is not None, "the sklearn installed here keeps digits.csv.gz elsewhere"
+    pixels, labels = datasets._digits_arrays()
+    raw = load_digits()
+    assert pixels.dtype == raw.data.dtype and labels.dtype == raw.target.dtype
+    assert pixels.shape == raw.data.shape == (1797, 64)
+    assert (pixels == raw.data).all() and (labels == raw.target).all()
+    from_csv = load_dataset("digits", {}, seed=3)
+    monkeypatch.setattr(datasets, "digits_csv", lambda: None)
+    from_sklearn = load_dataset("digits", {}, seed=3)
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        a, b = getattr(from_csv, name), getattr(from_sklearn, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert from_csv.info == from_sklearn.info
+
+
+def test_digits_load_without_importing_sklearn():
+    code = ("import sys; from shardps.worker.datasets import load_dataset; "
+            "load_dataset('digits', {}, 0); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_regression_follows_kwargs_and_is_linear_without_noise():
