@@ -106,12 +106,14 @@ class CoordinatorMetrics:
             registry=registry)
         self.long_polls = Counter(
             "shardps_coordinator_long_polls",
-            "Long-polls (idle workers' heartbeats, GetJob waiting for a state) that were held, by "
-            "how they ended: woken (what they waited for happened), timed_out, cancelled (by the "
-            "caller, or the coordinator stopping), or over_limit (answered at once: "
-            "--max-held-calls were held)", ["outcome"], registry=registry)
-        for outcome in ("woken", "timed_out", "cancelled", "over_limit"):
-            self.long_polls.labels(outcome)
+            "Long-polls that were held, by call (heartbeat: an idle worker waiting for an "
+            "assignment; get_job: waiting for a job's state to change) and how they ended: woken "
+            "(what they waited for happened), timed_out, cancelled (by the caller, or the "
+            "coordinator stopping), or over_limit (answered at once: --max-held-calls were held)",
+            ["call", "outcome"], registry=registry)
+        for call in ("heartbeat", "get_job"):
+            for outcome in ("woken", "timed_out", "cancelled", "over_limit"):
+                self.long_polls.labels(call, outcome)
         self.held_calls = Gauge(
             "shardps_coordinator_held_calls",
             "Long-polls held now (at most --max-held-calls)", registry=registry)

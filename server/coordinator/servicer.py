@@ -168,7 +168,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self._jobs.schedule(self._membership, now)
             if self._membership.get(node_id).role == common_pb2.ROLE_WORKER:
                 if wait_ms:
-                    self._hold(context, wait_ms, lambda: (
+                    self._hold("heartbeat", context, wait_ms, lambda: (
                         self._jobs.assignment(node_id) is not None
                         or not self._membership.current(node_id, request.incarnation)))
                     if not self._membership.current(node_id, request.incarnation):
@@ -243,7 +243,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             if wait_ms := _wait_ms(request.wait_ms, "wait_ms"):
                 if request.wait_while_state == common_pb2.JOB_STATE_UNSPECIFIED:
                     raise ValueError("wait_while_state is required with wait_ms")
-                self._hold(context, wait_ms, lambda: job.state != request.wait_while_state)
+                self._hold("get_job", context, wait_ms, lambda: job.state != request.wait_while_state)
                 now = time.monotonic()
             return pb.GetJobResponse(job=self._job_info(job, now, request.include_history))
 
@@ -311,7 +311,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self._persist()
             self._wake_held()
 
-    def _hold(self, context: grpc.ServicerContext, wait_ms: int, done: Callable[[], bool]) -> None:
+    def _hold(self, call: str, context: grpc.ServicerContext, wait_ms: int,
+              done: Callable[[], bool]) -> None:
         """A long-poll: waits, without the lock, until done() (checked under the lock after
         every RPC and sweep), the hold is up, the call is cancelled or the coordinator stops.
         Returns at once when done() already holds or max_held_calls are held. Caller holds
@@ -319,7 +320,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         if done() or self._closing:
             return
         if self._held >= self._max_held:
-            self.metrics.long_polls.labels("over_limit").inc()
+            self.metrics.long_polls.labels(call, "over_limit").inc()
             return
         deadline = time.monotonic() + min(wait_ms, self.lease_ms // 2) / 1000.0
         self._held += 1
@@ -329,13 +330,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             while not done():
                 left = deadline - time.monotonic()
                 if self._closing or not context.is_active():
-                    self.metrics.long_polls.labels("cancelled").inc()
+                    self.metrics.long_polls.labels(call, "cancelled").inc()
                     return
                 if left <= 0:
-                    self.metrics.long_polls.labels("timed_out").inc()
+                    self.metrics.long_polls.labels(call, "timed_out").inc()
                     return
                 self._changed.wait(left)
-            self.metrics.long_polls.labels("woken").inc()
+            self.metrics.long_polls.labels(call, "woken").inc()
         finally:
             self._held -= 1
             self.metrics.held_calls.set(self._held)

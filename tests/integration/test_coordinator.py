@@ -269,7 +269,7 @@ def test_an_idle_workers_held_heartbeat_returns_its_assignment_when_a_job_is_sub
     job_id = stub.SubmitJob(pb.SubmitJobRequest(spec_yaml=SPEC), timeout=DEADLINE).job_id
     assignment = held.result().assignment
     assert (assignment.job_id, assignment.world_size) == (job_id, 2)
-    assert 'shardps_coordinator_long_polls_total{outcome="woken"} 1.0' in scrape(daemon)
+    assert 'shardps_coordinator_long_polls_total{call="heartbeat",outcome="woken"} 1.0' in scrape(daemon)
     # A worker that already has its assignment is answered at once, as by a plain heartbeat.
     again = stub.Heartbeat(pb.HeartbeatRequest(
         node_id=workers[1].node_id, incarnation=1, wait_for_assignment_ms=HOLD_MS),
@@ -303,7 +303,7 @@ def test_long_polls_beyond_the_limit_are_answered_at_once_and_cancelled_ones_let
     reply = held_heartbeat(workers[1]).result()  # over the limit: not held
     assert reply.assignment.job_id == "" and not reply.unknown_node
     assert not held.done()
-    assert 'shardps_coordinator_long_polls_total{outcome="over_limit"} 1.0' in scrape(daemon)
+    assert 'shardps_coordinator_long_polls_total{call="heartbeat",outcome="over_limit"} 1.0' in scrape(daemon)
     held.cancel()
     wait_held(daemon, 0)
 

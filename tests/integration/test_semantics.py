@@ -145,6 +145,9 @@ def test_async_four_workers_reach_the_digits_target(cluster):
     assert job.state == common_pb2.JOB_STATE_CONVERGED, job.reason
     assert job.best_metric >= 0.96
     print(f"async, 4 workers: accuracy {job.best_metric:.4f} at step {job.best_step}")
+    # Workers push on until they hear the verdict; once the server has frozen the job (its
+    # next heartbeat) nothing more is applied, so the counts below are read at rest.
+    poll(lambda: c.frozen(job.job_id), 30, interval=0.05, what="the server freezing the job")
     (info,) = c.shard_infos(job.job_id)
     assert info.pushes_applied == info.version > job.best_step  # every push applied on arrival
     text = generate_latest(c.servers[0].metrics_registry).decode()

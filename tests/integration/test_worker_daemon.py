@@ -103,7 +103,7 @@ def test_idle_workers_long_poll_start_their_job_at_once_and_stop_cancels_the_pol
                                  "stop": {"max_steps": 5, "eval_every": 100}})
         info = cluster.wait(job_id, timeout=25)
         assert info.state == common_pb2.JOB_STATE_COMPLETED, info.reason
-        assert metrics.long_polls.labels("woken")._value.get() == 1
+        assert metrics.long_polls.labels("heartbeat", "woken")._value.get() == 1
         idle = next(w for w in cluster.workers if not w._ended)
         assert metrics.held_calls._value.get() == 1  # the other one is still held
         idle.stop(grace=2)

@@ -227,7 +227,7 @@ def test_a_final_job_is_not_trained(setup):
 
 
 def long_polls(setup, outcome):
-    return setup.cluster.coordinator.servicer.metrics.long_polls.labels(outcome)._value.get()
+    return setup.cluster.coordinator.servicer.metrics.long_polls.labels("get_job", outcome)._value.get()
 
 
 def test_stop_cancels_the_getjob_long_poll_of_a_rank_waiting_for_the_job_to_start(setup):
