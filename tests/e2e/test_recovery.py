@@ -225,7 +225,9 @@ def test_a_worker_stopped_past_its_lease_is_fenced_and_rejoins_and_one_killed_is
     cluster = Cluster(tmp_path, servers=1, workers=2, lease_ms=lease_ms,
                       worker_args=[["--step-delay-ms", "15"], []])
     try:
-        steps = 1500
+        # Each cycle runs ~1000 steps at rank 0's pace (the round waits a lease for the victim):
+        # enough for three cycles and the finish with the rejoined worker alone.
+        steps = 6000
         job_id = cluster.client.submit(spec(steps=steps, servers=1, eval_every=1000))
         cluster.wait_step(job_id, 20)
         victim = cluster.worker_of_rank(job_id, 1)
