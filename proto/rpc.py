@@ -215,8 +215,13 @@ def add_health(server: grpc.Server, *services: str) -> health.HealthServicer:
 
 
 def announce(host: str, port: int) -> None:
-    """Prints the one readiness line every daemon prints, and flushes it."""
-    print(f"listening on {_bracket(host)}:{port}", flush=True)
+    """Prints the one readiness line every daemon prints, and flushes it.
+
+    One write of the whole line (print writes the text and the newline apart, which unbuffered
+    stdout passes on as two writes): a log line from another thread on the same pipe can then
+    never land inside it."""
+    sys.stdout.write(f"listening on {_bracket(host)}:{port}\n")
+    sys.stdout.flush()
 
 
 def _bracket(host: str) -> str:
