@@ -1,12 +1,14 @@
 """Structured logs: every line names the role, node and job it is about."""
 
+import io
 import json
 import logging
+import sys
 import threading
 
 import pytest
 
-from shardps.proto import daemon
+from shardps.proto import daemon, rpc
 
 
 @pytest.fixture(autouse=True)
@@ -43,3 +45,26 @@ def test_text_lines_show_node_and_job(capsys):
         logging.getLogger("shardps.ps").info("shard created")
     line = capsys.readouterr().err.strip()
     assert line.endswith("INFO server-1 [job-9] shardps.ps: shard created")
+
+
+class _Writes(io.RawIOBase):
+    """A raw stream that records each write it gets."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.writes.append(bytes(data))
+        return len(data)
+
+
+def test_the_readiness_line_is_one_write_even_on_unbuffered_stdout(monkeypatch):
+    # As under PYTHONUNBUFFERED=1 (shardps local, the tests): every text write goes straight
+    # through, so a line written in two pieces lets another thread's log line in between.
+    raw = _Writes()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, write_through=True))
+    rpc.announce("127.0.0.1", 4242)
+    assert raw.writes == [b"listening on 127.0.0.1:4242\n"]
