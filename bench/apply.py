@@ -14,7 +14,6 @@ side reports its median; end-to-end push time (wire included) is reported alongs
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -91,13 +90,10 @@ class ThroughServer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = report.parser(__doc__, "1M, 3 steps")
     parser.add_argument("--params", default="10M,100M")
     parser.add_argument("--modes", default="async,sync")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after one warm-up step)")
-    parser.add_argument("--small", action="store_true", help="a seconds-long run for CI")
-    parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     if args.small:
         args.params, args.steps = "1M", 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -14,6 +15,16 @@ from pathlib import Path
 from typing import Any
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+def parser(doc: str, small: str) -> argparse.ArgumentParser:
+    """A bench's command line: `doc` (its module docstring) as the help, plus `--small`
+    (`small` says what that run is) and `--out-dir`."""
+    out = argparse.ArgumentParser(description=doc.split("\n")[0], epilog=doc,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    out.add_argument("--small", action="store_true", help=f"a seconds-long run for CI ({small})")
+    out.add_argument("--out-dir", default=None, help="where to write the JSON (default bench/out)")
+    return out
 
 
 def median(values: Sequence[float]) -> float:

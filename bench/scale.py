@@ -15,7 +15,6 @@ covers the interpreter, torch and gRPC: an idle server is about 250 MB).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import time
@@ -117,16 +116,13 @@ def _self_peak() -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = report.parser(__doc__, "2M, 2 steps")
     parser.add_argument("--params", default="300M")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--servers", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-5,
                         help="Adam lr (default 2e-5: the loss falls every step, not to 0 and back)")
-    parser.add_argument("--small", action="store_true", help="a seconds-long run for CI (2M, 2 steps)")
-    parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     if args.small:
         args.params, args.steps = "2M", 2

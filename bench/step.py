@@ -14,7 +14,6 @@ the two; medians.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
@@ -104,16 +103,13 @@ class Shardps:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = report.parser(__doc__, "1M, 2 steps")
     parser.add_argument("--params", default="10M,100M", help="sizes, or 'digits' for the tta model")
     parser.add_argument("--servers", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="timed steps each (after a warm-up)")
     parser.add_argument("--chunk-bytes", default="1M")
     parser.add_argument("--worker-threads", type=int, default=0,
                         help="torch threads of this (worker) process; 0 = every core")
-    parser.add_argument("--small", action="store_true", help="a seconds-long run for CI")
-    parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     if args.small:
         args.params, args.steps = "1M", 2

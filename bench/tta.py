@@ -188,12 +188,9 @@ def _phases(launch: float, first_step: float, reached: float, end: float, result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = report.parser(__doc__, "one run each, 20 steps")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=MAX_STEPS)
-    parser.add_argument("--small", action="store_true", help="one run each, 20 steps (CI)")
-    parser.add_argument("--out-dir", default=None)
     parser.add_argument("--local-flag", action="append", default=[], metavar="FLAG",
                         help="pass FLAG to shardps local (repeatable), e.g. --local-flag=--no-fork-server")
     parser.add_argument("--baseline", choices=["single", "ddp"], help=argparse.SUPPRESS)

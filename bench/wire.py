@@ -301,8 +301,7 @@ def levers(args) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = report.parser(__doc__, "1M, S=1 2")
     parser.add_argument("--params", default="10M,100M", help="comma-separated sizes (default 10M,100M)")
     parser.add_argument("--servers", default="1,2,4", help="comma-separated server counts")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="transport dtypes")
@@ -314,9 +313,7 @@ def main() -> None:
     parser.add_argument("--levers", action="store_true", help="measure the levers instead (S=1, first P)")
     parser.add_argument("--before-tree", default="", help="with --levers: also run shardps from this PYTHONPATH")
     parser.add_argument("--pairs", type=int, default=3, help="with --levers: lever/default run pairs")
-    parser.add_argument("--small", action="store_true", help="a seconds-long run for CI (1M, S=1 2)")
     parser.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out-dir", default=None, help="where to write wire.json (default bench/out)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.small:

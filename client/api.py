@@ -103,27 +103,26 @@ class CoordinatorClient:
         info = self.job(job_id)
         if not info.shard_map.shards:
             raise ClientError(f"job {job_id} has no weights yet (state {state_name(info.state)})")
-        stubs: dict[str, tuple[grpc.Channel, ps_pb2_grpc.ParameterServerStub]] = {}
+        channels = [rpc.make_channel(address)
+                    for address in dict.fromkeys(s.address for s in info.shard_map.shards)]
+        servers = [ps_pb2_grpc.ParameterServerStub(channel) for channel in channels]
         try:
-            for address in dict.fromkeys(s.address for s in info.shard_map.shards):
-                channel = rpc.make_channel(address)
-                stubs[address] = (channel, ps_pb2_grpc.ParameterServerStub(channel))
             at_version = 0
             sync = spec_lib.parse_spec(info.spec_yaml)["consistency"]["mode"] == "sync"
             if sync and info.state not in FINAL_STATES:
-                versions = [s.version for _, stub in stubs.values() for s in stub.GetShardInfo(
-                    ps_pb2.GetShardInfoRequest(job_id=job_id), timeout=self.deadline_s).shards]
+                request = ps_pb2.GetShardInfoRequest(job_id=job_id)
+                versions = [shard.version for server in servers
+                            for shard in server.GetShardInfo(request, timeout=self.deadline_s).shards]
                 at_version = max(versions, default=0) + 1
-            done: list[ps_pb2.ShardCheckpoint] = []
-            for _, stub in stubs.values():
-                done += stub.Checkpoint(ps_pb2.CheckpointRequest(
-                    job_id=job_id, at_version=at_version, timeout_ms=int(timeout_s * 1000)),
-                    timeout=timeout_s + self.deadline_s).shards
+            checkpoint = ps_pb2.CheckpointRequest(job_id=job_id, at_version=at_version,
+                                                  timeout_ms=int(timeout_s * 1000))
+            done = [shard for server in servers for shard in
+                    server.Checkpoint(checkpoint, timeout=timeout_s + self.deadline_s).shards]
         except grpc.RpcError as exc:
             raise ClientError(f"checkpoint of {job_id} failed: {exc.details() or exc.code().name}",
                               exc.code()) from None
         finally:
-            for channel, _ in stubs.values():
+            for channel in channels:
                 channel.close()
         return sorted(done, key=lambda c: c.shard_index)
 

@@ -63,7 +63,7 @@ def torch_dtype(wire_dtype: int) -> torch.dtype:
 
 
 def element_size(wire_dtype: int) -> int:
-    return torch.empty((), dtype=torch_dtype(wire_dtype)).element_size()
+    return torch_dtype(wire_dtype).itemsize
 
 
 def encode(flat: torch.Tensor, wire_dtype: int) -> bytes:

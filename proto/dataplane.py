@@ -186,19 +186,15 @@ class Connection:
             finally:
                 self._sock = None
 
-    def push(self, header: ps_pb2.PushHeader, part: torch.Tensor, wire_dtype: int,
-             timeout: float) -> ps_pb2.PushResponse:
-        """Sends `part` (flat, CPU) in the wire dtype under `header`; returns the reply."""
-        self.start_push(header, part, wire_dtype, timeout)
-        return self.finish_push(timeout)
-
     def pull(self, request: ps_pb2.PullRequest, dest: torch.Tensor,
              timeout: float) -> ps_pb2.PullResponse:
         """Sends the pull; a ready reply's elements land in `dest` (flat, CPU, its length)."""
         self.start_pull(request, timeout)
         return self.finish_pull(request, dest, timeout)
 
-    # The halves, so that a caller can send to several servers before it reads any reply.
+    # The halves, so that a caller can send to several servers before it reads any reply
+    # (PSClient pushes this way; start_push sends `part`, flat and on the CPU, in the wire
+    # dtype under `header`).
 
     def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor, wire_dtype: int,
                    timeout: float) -> None:
@@ -227,15 +223,18 @@ class Connection:
         return head
 
     def _send(self, send, timeout: float) -> None:
-        if self._sock is None:
-            raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"data plane {self.address}: closed")
-        self._sock.settimeout(timeout)
-        self._guard(send)
+        def timed(sock: socket.socket) -> None:
+            sock.settimeout(timeout)
+            send(sock)
+
+        self._guard(timed)
 
     def _reply(self, timeout: float) -> bytes:
-        assert self._sock is not None
-        self._sock.settimeout(timeout)
-        code, body = self._guard(recv_frame)
+        def timed(sock: socket.socket) -> tuple[int, bytes]:
+            sock.settimeout(timeout)
+            return recv_frame(sock)
+
+        code, body = self._guard(timed)
         if code:
             self.close()  # the server closes after most refusals; never guess which
             raise DataPlaneError(status_code(code), body.decode("utf-8", "replace"))

@@ -149,8 +149,11 @@ class PSClient:
             if shard.address not in by_address:
                 by_address[shard.address] = _Server(shard.address, data_plane)
         self._servers = [by_address[s.address] for s in self.shards]
-        self._calls = [server.calls for server in self._servers]
         self._distinct = list(by_address.values())
+        # Small shards on several servers: every request goes out before any reply is read.
+        itemsize = codec.element_size(dtype)
+        self._pipelined = (len(self.shards) > 1 and
+                           max(s.length for s in self.shards) * itemsize <= PIPELINE_BYTES)
         self._pool: futures.ThreadPoolExecutor | None = None
         self._ahead: dict[int, tuple[dataplane.Connection, ps_pb2.PullRequest]] = {}
 
@@ -212,7 +215,7 @@ class PSClient:
 
     def _pull_rpc(self, i: int, request: ps_pb2.PullRequest, dest: torch.Tensor,
                   timeout_s: float) -> tuple[bool, int, bool]:
-        stream = self._calls[i].pull(request, timeout=timeout_s + rpc.TRANSFER_DEADLINE_S)
+        stream = self._servers[i].calls.pull(request, timeout=timeout_s + rpc.TRANSFER_DEADLINE_S)
         try:
             return self._drain(self.shards[i], stream, dest)
         finally:
@@ -277,7 +280,7 @@ class PSClient:
         def rpc_path(i: int) -> ps_pb2.PushResponse:
             first = ps_pb2.PushRequest(header=headers[i]).SerializeToString()
             messages = codec.chunk_messages(parts[i], self.dtype, _PUSH_CHUNK, self.chunk_bytes, first)
-            return self._calls[i].push(messages, timeout=deadline)
+            return self._servers[i].calls.push(messages, timeout=deadline)
 
         return self._transfer(None, start, finish, rpc_path)
 
@@ -305,8 +308,7 @@ class PSClient:
         on every server before any is finished, all on the calling thread (hand-offs between
         threads cost more than small transfers take); larger ones run a thread per shard
         (_each). `requests`: pulls, which may already have been sent ahead."""
-        itemsize = codec.element_size(self.dtype)
-        if len(self.shards) < 2 or max(s.length for s in self.shards) * itemsize > PIPELINE_BYTES:
+        if not self._pipelined:
             def one(i: int) -> _T:
                 conn, sent = self._take(i, requests[i] if requests else None)
                 if conn is None:
@@ -401,7 +403,7 @@ class PSClient:
             part = weights[shard.offset : shard.offset + shard.length]
             messages = codec.chunk_messages(part, common_pb2.DTYPE_FLOAT32, _INIT_CHUNK,
                                             self.chunk_bytes, first)
-            return self._calls[i].init(messages, timeout=rpc.TRANSFER_DEADLINE_S)
+            return self._servers[i].calls.init(messages, timeout=rpc.TRANSFER_DEADLINE_S)
 
         self._each(one)
 

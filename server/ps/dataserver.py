@@ -195,32 +195,35 @@ class DataServer:
             consumed = True
             data = dataplane.as_bytes(grad)
             finite, step = True, dataplane.IO_BYTES
+            per_piece = step // grad.element_size()
             for lo in range(0, len(data), step):
                 dataplane.recv_exact(conn, data[lo : lo + step])
                 if finite:  # each piece while it is in cache
-                    itemsize = grad.element_size()
-                    finite = codec.finite(grad[lo // itemsize : (lo + step) // itemsize])
+                    first = lo // grad.element_size()
+                    finite = codec.finite(grad[first : first + per_piece])
             return len(data), finite
 
         try:
-            reply = self.bulk.push(header, fill)
+            reply: ps_pb2.PushResponse | Refused = self.bulk.push(header, fill)
         except Refused as exc:
-            if not consumed:
-                self._drain(conn, declared, exc)
-            _reply_error(conn, exc.code, str(exc))
-            return
-        if not consumed:
-            self._drain(conn, declared, None)
-        if self.bulk.faults.drop(reply):
+            reply = exc
+        # The elements not read yet are drained, so the connection stays in step; a size
+        # that cannot be trusted closes it after the reply instead.
+        in_step = consumed or self._drain(conn, declared)
+        if isinstance(reply, Refused):
+            _reply_error(conn, reply.code, str(reply))
+        elif self.bulk.faults.drop(reply):
             raise _Close("fault injected: push reply dropped")
-        conn.sendall(dataplane.frame(0, reply.SerializeToString()))
-
-    def _drain(self, conn: socket.socket, declared: int, exc: Refused | None) -> None:
-        """Reads and discards a push's elements that were not wanted."""
-        if not 0 <= declared <= MAX_DRAIN_BYTES:
-            if exc is not None:
-                _reply_error(conn, exc.code, str(exc))
+        else:
+            conn.sendall(dataplane.frame(0, reply.SerializeToString()))
+        if not in_step:
             raise _Close(f"push declares {declared} bytes")
+
+    def _drain(self, conn: socket.socket, declared: int) -> bool:
+        """Reads and discards a push's elements that were not wanted; False (nothing read)
+        when the declared size is not one to read on."""
+        if not 0 <= declared <= MAX_DRAIN_BYTES:
+            return False
         sink = bytearray(min(declared, dataplane.IO_BYTES))
         view = memoryview(sink)
         left = declared
@@ -228,6 +231,7 @@ class DataServer:
             n = min(left, len(sink))
             dataplane.recv_exact(conn, view[:n])
             left -= n
+        return True
 
     def _pull(self, conn: socket.socket, body: bytes, scratch: dict[torch.dtype, torch.Tensor]) -> None:
         try:
