@@ -1,4 +1,10 @@
-"""Regenerates the committed protobuf/gRPC code from the .proto files in this folder.
+"""Regenerates the committed protobuf/gRPC code from the .proto files under shardps/v1/.
+
+The .proto files sit at the path their imports name (`shardps/v1/common.proto`, the package's
+own path), so any protoc or loader reads them from the repository as it is with `proto/` as
+the include root. protoc names the Python modules after that path (`shardps.v1.common_pb2`);
+the generated code lives in this package instead, so its imports are rewritten to
+`shardps.proto`.
 
 Run `python -m shardps.proto.codegen` after editing a .proto file; `--check` exits 1 if the
 committed code differs from what the .proto files generate (the test suite runs it).
@@ -16,23 +22,29 @@ from pathlib import Path
 from grpc_tools import protoc
 
 PROTO_DIR = Path(__file__).resolve().parent
+PACKAGE_PATH = "shardps/v1"  # where the .proto files sit under PROTO_DIR, as they import each other
 SOURCES = ("common.proto", "coordinator.proto", "ps.proto")
+GENERATED_IMPORT = "from shardps.v1 import "
+PACKAGE_IMPORT = "from shardps.proto import "
 
 
 def generate(out_dir: Path) -> list[Path]:
     """Runs protoc into out_dir and returns the generated files."""
     args = [
         "grpc_tools.protoc",
-        f"-Ishardps/proto={PROTO_DIR}",
+        f"-I{PROTO_DIR}",
         f"-I{Path(protoc.__file__).parent / '_proto'}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--pyi_out={out_dir}",
-        *(f"shardps/proto/{name}" for name in SOURCES),
+        *(f"{PROTO_DIR / PACKAGE_PATH / name}" for name in SOURCES),
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed")
-    return sorted((out_dir / "shardps" / "proto").iterdir())
+    generated = sorted((out_dir / PACKAGE_PATH).iterdir())
+    for path in generated:
+        path.write_text(path.read_text().replace(GENERATED_IMPORT, PACKAGE_IMPORT))
+    return generated
 
 
 def main(argv: list[str] | None = None) -> int:

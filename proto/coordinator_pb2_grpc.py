@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from shardps.proto import coordinator_pb2 as shardps_dot_proto_dot_coordinator__pb2
+from shardps.proto import coordinator_pb2 as shardps_dot_v1_dot_coordinator__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in shardps/proto/coordinator_pb2_grpc.py depends on'
+        + ' but the generated code in shardps/v1/coordinator_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,53 +36,53 @@ class CoordinatorStub:
         """
         self.RegisterNode = channel.unary_unary(
                 '/shardps.v1.Coordinator/RegisterNode',
-                request_serializer=shardps_dot_proto_dot_coordinator__pb2.RegisterNodeRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_coordinator__pb2.RegisterNodeResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_coordinator__pb2.RegisterNodeRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_coordinator__pb2.RegisterNodeResponse.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/shardps.v1.Coordinator/Heartbeat',
-                request_serializer=shardps_dot_proto_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_coordinator__pb2.HeartbeatResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.SubmitJob = channel.unary_unary(
                 '/shardps.v1.Coordinator/SubmitJob',
-                request_serializer=shardps_dot_proto_dot_coordinator__pb2.SubmitJobRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_coordinator__pb2.SubmitJobResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_coordinator__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_coordinator__pb2.SubmitJobResponse.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/shardps.v1.Coordinator/GetJob',
-                request_serializer=shardps_dot_proto_dot_coordinator__pb2.GetJobRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_coordinator__pb2.GetJobResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_coordinator__pb2.GetJobResponse.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/shardps.v1.Coordinator/ListJobs',
-                request_serializer=shardps_dot_proto_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_coordinator__pb2.ListJobsResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_coordinator__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
         self.CancelJob = channel.unary_unary(
                 '/shardps.v1.Coordinator/CancelJob',
-                request_serializer=shardps_dot_proto_dot_coordinator__pb2.CancelJobRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_coordinator__pb2.CancelJobResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_coordinator__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_coordinator__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/shardps.v1.Coordinator/ListNodes',
-                request_serializer=shardps_dot_proto_dot_coordinator__pb2.ListNodesRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_coordinator__pb2.ListNodesResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_coordinator__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_coordinator__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
         self.SetLayout = channel.unary_unary(
                 '/shardps.v1.Coordinator/SetLayout',
-                request_serializer=shardps_dot_proto_dot_coordinator__pb2.SetLayoutRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_coordinator__pb2.SetLayoutResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_coordinator__pb2.SetLayoutRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_coordinator__pb2.SetLayoutResponse.FromString,
                 _registered_method=True)
         self.ActivateJob = channel.unary_unary(
                 '/shardps.v1.Coordinator/ActivateJob',
-                request_serializer=shardps_dot_proto_dot_coordinator__pb2.ActivateJobRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_coordinator__pb2.ActivateJobResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_coordinator__pb2.ActivateJobRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_coordinator__pb2.ActivateJobResponse.FromString,
                 _registered_method=True)
         self.ReportProgress = channel.unary_unary(
                 '/shardps.v1.Coordinator/ReportProgress',
-                request_serializer=shardps_dot_proto_dot_coordinator__pb2.ReportProgressRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_coordinator__pb2.ReportProgressResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_coordinator__pb2.ReportProgressRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_coordinator__pb2.ReportProgressResponse.FromString,
                 _registered_method=True)
 
 
@@ -160,53 +160,53 @@ def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RegisterNode': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterNode,
-                    request_deserializer=shardps_dot_proto_dot_coordinator__pb2.RegisterNodeRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_coordinator__pb2.RegisterNodeResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_coordinator__pb2.RegisterNodeRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_coordinator__pb2.RegisterNodeResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=shardps_dot_proto_dot_coordinator__pb2.HeartbeatRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
             ),
             'SubmitJob': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitJob,
-                    request_deserializer=shardps_dot_proto_dot_coordinator__pb2.SubmitJobRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_coordinator__pb2.SubmitJobResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_coordinator__pb2.SubmitJobRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_coordinator__pb2.SubmitJobResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
-                    request_deserializer=shardps_dot_proto_dot_coordinator__pb2.GetJobRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_coordinator__pb2.GetJobResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_coordinator__pb2.GetJobRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_coordinator__pb2.GetJobResponse.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
-                    request_deserializer=shardps_dot_proto_dot_coordinator__pb2.ListJobsRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_coordinator__pb2.ListJobsResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_coordinator__pb2.ListJobsRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_coordinator__pb2.ListJobsResponse.SerializeToString,
             ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
-                    request_deserializer=shardps_dot_proto_dot_coordinator__pb2.CancelJobRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_coordinator__pb2.CancelJobResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_coordinator__pb2.CancelJobRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_coordinator__pb2.CancelJobResponse.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
-                    request_deserializer=shardps_dot_proto_dot_coordinator__pb2.ListNodesRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_coordinator__pb2.ListNodesResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_coordinator__pb2.ListNodesRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_coordinator__pb2.ListNodesResponse.SerializeToString,
             ),
             'SetLayout': grpc.unary_unary_rpc_method_handler(
                     servicer.SetLayout,
-                    request_deserializer=shardps_dot_proto_dot_coordinator__pb2.SetLayoutRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_coordinator__pb2.SetLayoutResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_coordinator__pb2.SetLayoutRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_coordinator__pb2.SetLayoutResponse.SerializeToString,
             ),
             'ActivateJob': grpc.unary_unary_rpc_method_handler(
                     servicer.ActivateJob,
-                    request_deserializer=shardps_dot_proto_dot_coordinator__pb2.ActivateJobRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_coordinator__pb2.ActivateJobResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_coordinator__pb2.ActivateJobRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_coordinator__pb2.ActivateJobResponse.SerializeToString,
             ),
             'ReportProgress': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportProgress,
-                    request_deserializer=shardps_dot_proto_dot_coordinator__pb2.ReportProgressRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_coordinator__pb2.ReportProgressResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_coordinator__pb2.ReportProgressRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_coordinator__pb2.ReportProgressResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -234,8 +234,8 @@ class Coordinator:
             request,
             target,
             '/shardps.v1.Coordinator/RegisterNode',
-            shardps_dot_proto_dot_coordinator__pb2.RegisterNodeRequest.SerializeToString,
-            shardps_dot_proto_dot_coordinator__pb2.RegisterNodeResponse.FromString,
+            shardps_dot_v1_dot_coordinator__pb2.RegisterNodeRequest.SerializeToString,
+            shardps_dot_v1_dot_coordinator__pb2.RegisterNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -261,8 +261,8 @@ class Coordinator:
             request,
             target,
             '/shardps.v1.Coordinator/Heartbeat',
-            shardps_dot_proto_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
-            shardps_dot_proto_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            shardps_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+            shardps_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -288,8 +288,8 @@ class Coordinator:
             request,
             target,
             '/shardps.v1.Coordinator/SubmitJob',
-            shardps_dot_proto_dot_coordinator__pb2.SubmitJobRequest.SerializeToString,
-            shardps_dot_proto_dot_coordinator__pb2.SubmitJobResponse.FromString,
+            shardps_dot_v1_dot_coordinator__pb2.SubmitJobRequest.SerializeToString,
+            shardps_dot_v1_dot_coordinator__pb2.SubmitJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -315,8 +315,8 @@ class Coordinator:
             request,
             target,
             '/shardps.v1.Coordinator/GetJob',
-            shardps_dot_proto_dot_coordinator__pb2.GetJobRequest.SerializeToString,
-            shardps_dot_proto_dot_coordinator__pb2.GetJobResponse.FromString,
+            shardps_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
+            shardps_dot_v1_dot_coordinator__pb2.GetJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -342,8 +342,8 @@ class Coordinator:
             request,
             target,
             '/shardps.v1.Coordinator/ListJobs',
-            shardps_dot_proto_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
-            shardps_dot_proto_dot_coordinator__pb2.ListJobsResponse.FromString,
+            shardps_dot_v1_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
+            shardps_dot_v1_dot_coordinator__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -369,8 +369,8 @@ class Coordinator:
             request,
             target,
             '/shardps.v1.Coordinator/CancelJob',
-            shardps_dot_proto_dot_coordinator__pb2.CancelJobRequest.SerializeToString,
-            shardps_dot_proto_dot_coordinator__pb2.CancelJobResponse.FromString,
+            shardps_dot_v1_dot_coordinator__pb2.CancelJobRequest.SerializeToString,
+            shardps_dot_v1_dot_coordinator__pb2.CancelJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -396,8 +396,8 @@ class Coordinator:
             request,
             target,
             '/shardps.v1.Coordinator/ListNodes',
-            shardps_dot_proto_dot_coordinator__pb2.ListNodesRequest.SerializeToString,
-            shardps_dot_proto_dot_coordinator__pb2.ListNodesResponse.FromString,
+            shardps_dot_v1_dot_coordinator__pb2.ListNodesRequest.SerializeToString,
+            shardps_dot_v1_dot_coordinator__pb2.ListNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -423,8 +423,8 @@ class Coordinator:
             request,
             target,
             '/shardps.v1.Coordinator/SetLayout',
-            shardps_dot_proto_dot_coordinator__pb2.SetLayoutRequest.SerializeToString,
-            shardps_dot_proto_dot_coordinator__pb2.SetLayoutResponse.FromString,
+            shardps_dot_v1_dot_coordinator__pb2.SetLayoutRequest.SerializeToString,
+            shardps_dot_v1_dot_coordinator__pb2.SetLayoutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -450,8 +450,8 @@ class Coordinator:
             request,
             target,
             '/shardps.v1.Coordinator/ActivateJob',
-            shardps_dot_proto_dot_coordinator__pb2.ActivateJobRequest.SerializeToString,
-            shardps_dot_proto_dot_coordinator__pb2.ActivateJobResponse.FromString,
+            shardps_dot_v1_dot_coordinator__pb2.ActivateJobRequest.SerializeToString,
+            shardps_dot_v1_dot_coordinator__pb2.ActivateJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -477,8 +477,8 @@ class Coordinator:
             request,
             target,
             '/shardps.v1.Coordinator/ReportProgress',
-            shardps_dot_proto_dot_coordinator__pb2.ReportProgressRequest.SerializeToString,
-            shardps_dot_proto_dot_coordinator__pb2.ReportProgressResponse.FromString,
+            shardps_dot_v1_dot_coordinator__pb2.ReportProgressRequest.SerializeToString,
+            shardps_dot_v1_dot_coordinator__pb2.ReportProgressResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from shardps.proto import ps_pb2 as shardps_dot_proto_dot_ps__pb2
+from shardps.proto import ps_pb2 as shardps_dot_v1_dot_ps__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in shardps/proto/ps_pb2_grpc.py depends on'
+        + ' but the generated code in shardps/v1/ps_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,43 +36,43 @@ class ParameterServerStub:
         """
         self.InitShard = channel.stream_unary(
                 '/shardps.v1.ParameterServer/InitShard',
-                request_serializer=shardps_dot_proto_dot_ps__pb2.InitShardRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_ps__pb2.InitShardResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_ps__pb2.InitShardRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.InitShardResponse.FromString,
                 _registered_method=True)
         self.Push = channel.stream_unary(
                 '/shardps.v1.ParameterServer/Push',
-                request_serializer=shardps_dot_proto_dot_ps__pb2.PushRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_ps__pb2.PushResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_ps__pb2.PushRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.PushResponse.FromString,
                 _registered_method=True)
         self.Pull = channel.unary_stream(
                 '/shardps.v1.ParameterServer/Pull',
-                request_serializer=shardps_dot_proto_dot_ps__pb2.PullRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_ps__pb2.PullResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.PullResponse.FromString,
                 _registered_method=True)
         self.GetShardInfo = channel.unary_unary(
                 '/shardps.v1.ParameterServer/GetShardInfo',
-                request_serializer=shardps_dot_proto_dot_ps__pb2.GetShardInfoRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_ps__pb2.GetShardInfoResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_ps__pb2.GetShardInfoRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.GetShardInfoResponse.FromString,
                 _registered_method=True)
         self.DropJob = channel.unary_unary(
                 '/shardps.v1.ParameterServer/DropJob',
-                request_serializer=shardps_dot_proto_dot_ps__pb2.DropJobRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_ps__pb2.DropJobResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_ps__pb2.DropJobRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.DropJobResponse.FromString,
                 _registered_method=True)
         self.Checkpoint = channel.unary_unary(
                 '/shardps.v1.ParameterServer/Checkpoint',
-                request_serializer=shardps_dot_proto_dot_ps__pb2.CheckpointRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_ps__pb2.CheckpointResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_ps__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.CheckpointResponse.FromString,
                 _registered_method=True)
         self.ListCheckpoints = channel.unary_unary(
                 '/shardps.v1.ParameterServer/ListCheckpoints',
-                request_serializer=shardps_dot_proto_dot_ps__pb2.ListCheckpointsRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_ps__pb2.ListCheckpointsResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_ps__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
         self.GetDataPlane = channel.unary_unary(
                 '/shardps.v1.ParameterServer/GetDataPlane',
-                request_serializer=shardps_dot_proto_dot_ps__pb2.GetDataPlaneRequest.SerializeToString,
-                response_deserializer=shardps_dot_proto_dot_ps__pb2.GetDataPlaneResponse.FromString,
+                request_serializer=shardps_dot_v1_dot_ps__pb2.GetDataPlaneRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.GetDataPlaneResponse.FromString,
                 _registered_method=True)
 
 
@@ -81,22 +81,29 @@ class ParameterServerServicer:
 
     def InitShard(self, request_iterator, context):
         """Creates (or replaces) a job's shard with initial weights. The first message
-        carries the config; every message may carry a chunk.
+        carries `config` and `dtype`, and may also carry the first chunk; every later
+        message carries one chunk. Chunks may come in any order and must cover the shard.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Push(self, request_iterator, context):
-        """Sends one worker's gradient for one step. The first message carries the
-        header; chunks follow in offset order and must cover the whole shard.
+        """Sends one worker's gradient for one step. The first message carries `header`
+        and, when the shard is not empty, also the first chunk (offset 0); every later
+        message carries exactly one chunk, in offset order, and together they cover the
+        whole shard (`header.length` elements). A header-only first message is accepted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Pull(self, request, context):
-        """Streams the shard's weights once its version reaches min_version.
+        """Streams the shard's weights once its version reaches min_version. The first
+        message carries `ready`, `version`, `length` and `job_done`, and, when ready and
+        the shard is not empty, also the first chunk (offset 0); every later message
+        carries exactly one chunk, in offset order, covering the shard. Not ready: the
+        first message is the only one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,7 +138,8 @@ class ParameterServerServicer:
 
     def GetDataPlane(self, request, context):
         """Where this server's data plane listens: a TCP port that carries Push and Pull as raw
-        frames beside this service (proto/dataplane.py), so bulk bytes skip gRPC's copies.
+        frames beside this service (docs/architecture.md, "The data plane"), so bulk bytes skip
+        gRPC's copies.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,43 +150,43 @@ def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'InitShard': grpc.stream_unary_rpc_method_handler(
                     servicer.InitShard,
-                    request_deserializer=shardps_dot_proto_dot_ps__pb2.InitShardRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_ps__pb2.InitShardResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.InitShardRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.InitShardResponse.SerializeToString,
             ),
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
-                    request_deserializer=shardps_dot_proto_dot_ps__pb2.PushRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_ps__pb2.PushResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.PushRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.PushResponse.SerializeToString,
             ),
             'Pull': grpc.unary_stream_rpc_method_handler(
                     servicer.Pull,
-                    request_deserializer=shardps_dot_proto_dot_ps__pb2.PullRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_ps__pb2.PullResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.PullRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.PullResponse.SerializeToString,
             ),
             'GetShardInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetShardInfo,
-                    request_deserializer=shardps_dot_proto_dot_ps__pb2.GetShardInfoRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_ps__pb2.GetShardInfoResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.GetShardInfoRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.GetShardInfoResponse.SerializeToString,
             ),
             'DropJob': grpc.unary_unary_rpc_method_handler(
                     servicer.DropJob,
-                    request_deserializer=shardps_dot_proto_dot_ps__pb2.DropJobRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_ps__pb2.DropJobResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.DropJobRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.DropJobResponse.SerializeToString,
             ),
             'Checkpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.Checkpoint,
-                    request_deserializer=shardps_dot_proto_dot_ps__pb2.CheckpointRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_ps__pb2.CheckpointResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.CheckpointRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.CheckpointResponse.SerializeToString,
             ),
             'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListCheckpoints,
-                    request_deserializer=shardps_dot_proto_dot_ps__pb2.ListCheckpointsRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_ps__pb2.ListCheckpointsResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.ListCheckpointsResponse.SerializeToString,
             ),
             'GetDataPlane': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDataPlane,
-                    request_deserializer=shardps_dot_proto_dot_ps__pb2.GetDataPlaneRequest.FromString,
-                    response_serializer=shardps_dot_proto_dot_ps__pb2.GetDataPlaneResponse.SerializeToString,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.GetDataPlaneRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.GetDataPlaneResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -206,8 +214,8 @@ class ParameterServer:
             request_iterator,
             target,
             '/shardps.v1.ParameterServer/InitShard',
-            shardps_dot_proto_dot_ps__pb2.InitShardRequest.SerializeToString,
-            shardps_dot_proto_dot_ps__pb2.InitShardResponse.FromString,
+            shardps_dot_v1_dot_ps__pb2.InitShardRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.InitShardResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -233,8 +241,8 @@ class ParameterServer:
             request_iterator,
             target,
             '/shardps.v1.ParameterServer/Push',
-            shardps_dot_proto_dot_ps__pb2.PushRequest.SerializeToString,
-            shardps_dot_proto_dot_ps__pb2.PushResponse.FromString,
+            shardps_dot_v1_dot_ps__pb2.PushRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -260,8 +268,8 @@ class ParameterServer:
             request,
             target,
             '/shardps.v1.ParameterServer/Pull',
-            shardps_dot_proto_dot_ps__pb2.PullRequest.SerializeToString,
-            shardps_dot_proto_dot_ps__pb2.PullResponse.FromString,
+            shardps_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.PullResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -287,8 +295,8 @@ class ParameterServer:
             request,
             target,
             '/shardps.v1.ParameterServer/GetShardInfo',
-            shardps_dot_proto_dot_ps__pb2.GetShardInfoRequest.SerializeToString,
-            shardps_dot_proto_dot_ps__pb2.GetShardInfoResponse.FromString,
+            shardps_dot_v1_dot_ps__pb2.GetShardInfoRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.GetShardInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -314,8 +322,8 @@ class ParameterServer:
             request,
             target,
             '/shardps.v1.ParameterServer/DropJob',
-            shardps_dot_proto_dot_ps__pb2.DropJobRequest.SerializeToString,
-            shardps_dot_proto_dot_ps__pb2.DropJobResponse.FromString,
+            shardps_dot_v1_dot_ps__pb2.DropJobRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.DropJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -341,8 +349,8 @@ class ParameterServer:
             request,
             target,
             '/shardps.v1.ParameterServer/Checkpoint',
-            shardps_dot_proto_dot_ps__pb2.CheckpointRequest.SerializeToString,
-            shardps_dot_proto_dot_ps__pb2.CheckpointResponse.FromString,
+            shardps_dot_v1_dot_ps__pb2.CheckpointRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.CheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -368,8 +376,8 @@ class ParameterServer:
             request,
             target,
             '/shardps.v1.ParameterServer/ListCheckpoints',
-            shardps_dot_proto_dot_ps__pb2.ListCheckpointsRequest.SerializeToString,
-            shardps_dot_proto_dot_ps__pb2.ListCheckpointsResponse.FromString,
+            shardps_dot_v1_dot_ps__pb2.ListCheckpointsRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -395,8 +403,8 @@ class ParameterServer:
             request,
             target,
             '/shardps.v1.ParameterServer/GetDataPlane',
-            shardps_dot_proto_dot_ps__pb2.GetDataPlaneRequest.SerializeToString,
-            shardps_dot_proto_dot_ps__pb2.GetDataPlaneResponse.FromString,
+            shardps_dot_v1_dot_ps__pb2.GetDataPlaneRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.GetDataPlaneResponse.FromString,
             options,
             channel_credentials,
             insecure,

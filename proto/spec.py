@@ -1,4 +1,4 @@
-"""The job spec: schema, defaults and validation (DESIGN.md, "Job spec").
+"""The job spec: schema, defaults and validation (README, "The job spec").
 
 `parse_spec(text)` turns YAML into a normalised plain dict with every default filled in, or
 raises SpecError naming the offending key (e.g. `optimizer.lr: must be > 0, got -1`).

@@ -1,7 +1,7 @@
 """FlatParams: a module's parameters and gradients as views into one flat fp32 buffer each.
 
 Pulls land in one tensor and pushes read one tensor, so nothing gathers or scatters per
-parameter (DESIGN.md, "Data model").
+parameter (docs/architecture.md, "The parameter server").
 """
 
 from __future__ import annotations
