@@ -14,6 +14,7 @@ import torch
 from shardps.proto import common_pb2
 
 from . import adam as adam_lib
+from .errors import InvalidConfigError
 
 # One step's gradient: sum(grad * weight) over the terms in order, or the one grad as is when
 # its weight is None.
@@ -98,9 +99,16 @@ class Updater:
                 tensors[key] = value.clone()
         return tensors
 
+    def check(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Raises InvalidConfigError unless a checkpoint's weights fit these."""
+        weights = tensors["weights"]
+        if weights.dtype != torch.float32 or weights.numel() != self.length:
+            raise InvalidConfigError(f"checkpoint holds {weights.dtype}[{weights.numel()}], "
+                                     f"shard is fp32[{self.length}]")
+
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Takes a checkpoint's weights and Adam state (none there: Adam starts afresh).
-        The caller has checked the weights' dtype and length."""
+        """Takes a checkpoint's weights and Adam state (none there: Adam starts afresh);
+        `check` them first."""
         self.weights.copy_(tensors["weights"])
         adam = {k: tensors[k].clone() for k in ADAM_STATE if k in tensors}
         if adam:
