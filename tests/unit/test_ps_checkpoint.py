@@ -282,7 +282,6 @@ CRASHER = textwrap.dedent("""
     from shardps.proto import common_pb2, ps_pb2
     from shardps.server.ps import checkpoint
     from shardps.server.ps.shard import Shard
-from tests.harness import poll
     cfg = ps_pb2.ShardConfig(job_id="job", shard_index=0, offset=0, length=1000, total=1000,
         optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.999,
                                              eps=1e-8, schedule="constant"),
