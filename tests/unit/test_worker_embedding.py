@@ -7,8 +7,9 @@ from torch import nn
 
 from shardps.proto import tables
 from shardps.proto.tables import FixedLayout, RowInit, TableIdError
+from shardps.server.ps.table_config import TableConfig
 from shardps.server.ps.table_optim import LazyAdam, RowGrads, RowwiseAdagrad, combine
-from shardps.server.ps.table_shard import TableConfig, TableShard
+from shardps.server.ps.table_shard import TableShard
 from shardps.worker import embedding
 from shardps.worker.embedding import Embedding, EmbeddingBag
 
