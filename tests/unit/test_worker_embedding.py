@@ -375,3 +375,35 @@ def test_rows_land_on_the_input_device():
     got_ids, grads = ours.take_row_grads()
     expected = ref.weight.grad.coalesce()
     assert torch.equal(got_ids, expected.indices()[0].cpu()) and torch.equal(grads, expected.values().cpu())
+
+
+def test_a_dynamic_table_with_ten_times_more_ids_than_its_cap_learns_within_the_cap():
+    """The core of issue 12's dynamic acceptance, minus the network: ids from the whole int64
+    range, 10x more distinct ids than the servers' row caps, loss falls, caps hold."""
+    gen = torch.Generator().manual_seed(0)
+    hot = torch.randint(-(2**63), 2**63 - 1, (60,), generator=gen)
+    target = torch.randn(60, generator=gen).sign()
+    torch.manual_seed(0)
+    bag = EmbeddingBag(None, 4, mode="sum", init=RowInit("normal", 0.0, 0.1))
+    head = nn.Linear(4, 1)
+    source = InProcessSource(2, lambda: LazyAdam(lr=0.05))
+    bag.attach(source, "ids")
+    source.add(bag, "ids", None, max_rows=300, evict_after_steps=30)
+    dense = torch.optim.Adam(head.parameters(), lr=0.01)
+    losses, distinct = [], set()
+    for _ in range(150):
+        pick = torch.randint(0, 60, (32,), generator=gen)
+        cold = torch.randint(-(2**63), 2**63 - 1, (32, 3), generator=gen)  # each seen once
+        ids = torch.cat([hot[pick][:, None], cold], 1)
+        distinct.update(ids.flatten().tolist())
+        loss = ((head(bag(ids)).squeeze(1) - target[pick]) ** 2).mean()
+        dense.zero_grad()
+        loss.backward()
+        dense.step()
+        source.push("ids", *bag.take_row_grads())
+        losses.append(loss.item())
+        assert all(sh.stats().rows <= 300 for sh in source.shards["ids"])
+    stats = [sh.stats() for sh in source.shards["ids"]]
+    assert len(distinct) > 10 * sum(sh.row_cap for sh in source.shards["ids"])
+    assert all(s.admissions > 1000 and s.evicted_cap > 1000 for s in stats)
+    assert sum(losses[-20:]) < 0.5 * sum(losses[:20])
