@@ -6,7 +6,7 @@ servers and to check ids before they leave; servers use it to place, create and 
 rows; export uses it to put a fixed table's rows back in id order. Pure functions of their
 arguments (no state, no RNG), so every process computes the same answer.
 
-Ids are int64. All 64-bit hashing is done in int64 tensors with wrapping arithmetic; `_shr`
+Ids are int64. All 64-bit hashing is done in int64 tensors with wrapping arithmetic; `shr_logical`
 is the logical (unsigned) right shift that torch lacks for int64.
 """
 
@@ -21,17 +21,18 @@ import torch
 MAX_FIXED_ROWS = 1 << 62  # the Feistel domain must fit in a non-negative int64
 
 
-def _signed(value: int) -> int:
+def int64_of(value: int) -> int:
+    """A Python int's low 64 bits as a signed int64 value (what a tensor op wraps to)."""
     value &= (1 << 64) - 1
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
 # splitmix64 (Steele, Lea and Flood 2014; the constants of Vigna's reference implementation).
-_GOLDEN = _signed(0x9E3779B97F4A7C15)
-_MUL1 = _signed(0xBF58476D1CE4E5B9)
-_MUL2 = _signed(0x94D049BB133111EB)
+GOLDEN_GAMMA = int64_of(0x9E3779B97F4A7C15)
+_MUL1 = int64_of(0xBF58476D1CE4E5B9)
+_MUL2 = int64_of(0x94D049BB133111EB)
 # Salts keep the hash of one use independent of another (sharding vs rows vs Feistel rounds).
-_SALT_INIT = _signed(0x2545F4914F6CDD1D)
+_SALT_INIT = int64_of(0x2545F4914F6CDD1D)
 _FEISTEL_ROUNDS = 4
 _INIT_CHUNK = 1 << 18  # draws per init_rows chunk (a few MiB of temporaries)
 
@@ -55,7 +56,7 @@ class TableRowsError(ValueError):
 # -- 64-bit hashing --------------------------------------------------------------------------
 
 
-def _shr(x: torch.Tensor, shift: int) -> torch.Tensor:
+def shr_logical(x: torch.Tensor, shift: int) -> torch.Tensor:
     """Logical right shift of int64 values (torch's `>>` is arithmetic)."""
     return (x >> shift) & ((1 << (64 - shift)) - 1)
 
@@ -63,10 +64,10 @@ def _shr(x: torch.Tensor, shift: int) -> torch.Tensor:
 def mix64(x: torch.Tensor) -> torch.Tensor:
     """splitmix64's output function of state `x` (int64, wrapping): a bijection of 64-bit
     values whose every output bit depends on every input bit."""
-    z = x + _GOLDEN
-    z = (z ^ _shr(z, 30)) * _MUL1
-    z = (z ^ _shr(z, 27)) * _MUL2
-    return z ^ _shr(z, 31)
+    z = x + GOLDEN_GAMMA
+    z = (z ^ shr_logical(z, 30)) * _MUL1
+    z = (z ^ shr_logical(z, 27)) * _MUL2
+    return z ^ shr_logical(z, 31)
 
 
 def mix64_int(x: int) -> int:
@@ -74,7 +75,7 @@ def mix64_int(x: int) -> int:
     z = (x + 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
-    return _signed(z ^ (z >> 31))
+    return int64_of(z ^ (z >> 31))
 
 
 def name_key(name: str) -> int:
@@ -97,7 +98,7 @@ def dynamic_server_of(table: str, ids: torch.Tensor, num_servers: int) -> torch.
         raise ValueError(f"num_servers must be >= 1, got {num_servers}")
     if num_servers == 1:
         return torch.zeros(ids.shape, dtype=torch.int64)
-    return _shr(mix64(ids.to(torch.int64) ^ name_key(table)), 1) % num_servers
+    return shr_logical(mix64(ids.to(torch.int64) ^ name_key(table)), 1) % num_servers
 
 
 # -- fixed tables: a permutation of [0, N) dealt round-robin -----------------------------------
@@ -145,9 +146,9 @@ class FixedLayout:
         # every input bit reaches the top bits); 4 ops where mix64 takes 11.
         for round_ in order:  # each round is its own inverse given the other half
             if round_ % 2 == 0:
-                hi = hi ^ _shr((lo + keys[round_]) * _MUL1, 64 - hi_bits)
+                hi = hi ^ shr_logical((lo + keys[round_]) * _MUL1, 64 - hi_bits)
             else:
-                lo = lo ^ _shr((hi + keys[round_]) * _MUL1, 64 - lo_bits)
+                lo = lo ^ shr_logical((hi + keys[round_]) * _MUL1, 64 - lo_bits)
         return (hi << lo_bits) | lo
 
     def _walk(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -243,10 +244,10 @@ def init_rows(seed: int, table: str, ids: torch.Tensor, dim: int, init: RowInit)
     key = name_key(table) ^ mix64_int(seed) ^ _SALT_INIT
     stream = mix64(ids.to(torch.int64).flatten() ^ key)
     draws = 2 * dim if init.kind == "normal" else dim
-    counters = torch.arange(draws, dtype=torch.int64) * _GOLDEN
+    counters = torch.arange(draws, dtype=torch.int64) * GOLDEN_GAMMA
     chunk = max(1, _INIT_CHUNK // draws)  # bounds the int64/float64 temporaries
     for lo in range(0, ids.numel(), chunk):
-        bits = _shr(mix64(stream[lo : lo + chunk, None] + counters[None, :]), 11)
+        bits = shr_logical(mix64(stream[lo : lo + chunk, None] + counters[None, :]), 11)
         u = bits.to(torch.float64) * 2.0 ** -53
         if init.kind == "uniform":
             values = init.a + (init.b - init.a) * u

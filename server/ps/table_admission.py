@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from shardps.proto.tables import _GOLDEN, _shr, _signed, mix64
+from shardps.proto.tables import GOLDEN_GAMMA, int64_of, mix64, shr_logical
 
 DEFAULT_WIDTH = 1 << 20
 DEFAULT_DEPTH = 4
 _MAX = (1 << 31) - 1
-_SALT = _signed(0x8CB92BA72F3D8DD7)
+_SALT = int64_of(0x8CB92BA72F3D8DD7)
 
 
 class CountMinSketch:
@@ -48,7 +48,7 @@ class CountMinSketch:
         mix64(mix64(id ^ SALT) + r * GOLDEN), i.e. draw r of a splitmix64 stream per id."""
         h = mix64(ids.to(torch.int64) ^ _SALT)
         shift = 64 - (self.width.bit_length() - 1)
-        return torch.stack([_shr(mix64(h + _signed(r * _GOLDEN)), shift) + r * self.width
+        return torch.stack([shr_logical(mix64(h + int64_of(r * GOLDEN_GAMMA)), shift) + r * self.width
                             for r in range(self.depth)])
 
     def estimate(self, ids: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from shardps.proto.tables import _GOLDEN, _shr
+from shardps.proto.tables import GOLDEN_GAMMA, shr_logical
 
 EMPTY = -1
 DELETED = -2
@@ -62,7 +62,7 @@ class IdIndex:
         return self.table.numel() * 8
 
     def _home(self, ids: torch.Tensor) -> torch.Tensor:
-        return _shr((ids ^ _shr(ids, 32)) * _GOLDEN, self._shift)
+        return shr_logical((ids ^ shr_logical(ids, 32)) * GOLDEN_GAMMA, self._shift)
 
     def _find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(bucket, slot) of each id, both -1 where absent."""
