@@ -12,7 +12,8 @@ forward
   2. runs torch's own F.embedding / F.embedding_bag on those rows, with the input's ids
      replaced by their positions among the unique ids (so every option - offsets,
      per_sample_weights, sum/mean pooling, padding_idx, include_last_offset,
-     scale_grad_by_freq - means what it means in torch);
+     scale_grad_by_freq - means what it means in torch), with a sparse gradient (a dense one
+     over the fetched rows with scale_grad_by_freq, for which torch has no sparse gradient);
 and after backward `take_row_grads()` hands back the table's gradient as coalesced
 (ids, rows): exactly the values torch.optim.SparseAdam would see for the same batch from a
 `sparse=True` module (torch coalesces its sparse gradient the same way), with padding rows
@@ -73,7 +74,7 @@ class _Table:
         self._source: RowSource | None = None
         self.table: str | None = None
         self._trainable = True
-        self._fetched: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._fetched: list[tuple[torch.Tensor, torch.Tensor, int | None]] = []  # ids, rows, padding
 
     @property
     def dynamic(self) -> bool:
@@ -129,7 +130,7 @@ class _Table:
         rows = rows.to(device=input.device, dtype=torch.float32, non_blocking=True)
         if self._trainable and torch.is_grad_enabled():
             rows.requires_grad_(True)
-            self._fetched.append((ids, rows))
+            self._fetched.append((ids, rows, padding))
         return inverse.to(input.device).view(input.shape).to(input.dtype), rows, padding
 
     def take_row_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -137,7 +138,18 @@ class _Table:
         rows [n, dim] fp32), both on CPU; None if no forward reached backward (torch's grad
         would be None, and SparseAdam would not count a step). Empty ids when every id was
         padding. Forgets the batches it read."""
-        parts = [(ids, rows.grad) for ids, rows in self._fetched if rows.grad is not None]
+        parts = []
+        for ids, rows, padding in self._fetched:
+            grad = rows.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                parts.append((ids[grad._indices()[0].cpu()], grad._values().cpu()))
+            else:  # scale_grad_by_freq: a dense gradient over the fetched rows, padding left out
+                keep = torch.arange(ids.numel())
+                if padding is not None and padding < ids.numel():
+                    keep = keep[keep != padding]
+                parts.append((ids[keep], grad.cpu()[keep]))
         self._fetched = []
         if not parts:
             return None
@@ -145,9 +157,8 @@ class _Table:
         # One sparse tensor over the union of the batches' ids, entries in the order torch
         # accumulates them; the map from ids to positions keeps their order, so coalescing
         # sums each row's entries exactly as torch's coalesce of the whole table would.
-        indices = torch.cat([torch.searchsorted(every, ids[grad._indices()[0].cpu()])
-                             for ids, grad in parts])
-        values = torch.cat([grad._values().cpu() for _, grad in parts])
+        indices = torch.cat([torch.searchsorted(every, ids) for ids, _ in parts])
+        values = torch.cat([values for _, values in parts])
         grad = torch.sparse_coo_tensor(indices[None], values, (every.numel(), self.embedding_dim),
                                        check_invariants=False).coalesce()
         return every[grad.indices()[0]], grad.values()
@@ -191,7 +202,7 @@ class Embedding(_Table, nn.Embedding):
             return super().forward(input)
         local, rows, padding = self._rows_for(input)
         return F.embedding(local, rows, padding, None, self.norm_type, self.scale_grad_by_freq,
-                           sparse=True)
+                           sparse=not self.scale_grad_by_freq)
 
 
 class EmbeddingBag(_Table, nn.EmbeddingBag):
@@ -237,7 +248,8 @@ class EmbeddingBag(_Table, nn.EmbeddingBag):
             return super().forward(input, offsets, per_sample_weights)
         local, rows, padding = self._rows_for(input)
         return F.embedding_bag(local, rows, offsets, None, self.norm_type, self.scale_grad_by_freq,
-                               self.mode, True, per_sample_weights, self.include_last_offset,
+                               self.mode, not self.scale_grad_by_freq, per_sample_weights,
+                               self.include_last_offset,
                                padding)
 
 

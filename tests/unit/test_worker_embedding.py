@@ -407,3 +407,28 @@ def test_a_dynamic_table_with_ten_times_more_ids_than_its_cap_learns_within_the_
     assert len(distinct) > 10 * sum(sh.row_cap for sh in source.shards["ids"])
     assert all(s.admissions > 1000 and s.evicted_cap > 1000 for s in stats)
     assert sum(losses[-20:]) < 0.5 * sum(losses[:20])
+
+
+@pytest.mark.parametrize("cls", ["embedding", "bag"])
+def test_scale_grad_by_freq_matches_torch(cls):
+    """torch has no sparse gradient with scale_grad_by_freq: the rows fetched get a dense one,
+    which must equal torch's dense gradient on the rows the batch touched."""
+    torch.manual_seed(2)
+    if cls == "embedding":
+        ref = nn.Embedding(12, 3, padding_idx=7, scale_grad_by_freq=True)
+        ours = Embedding(12, 3, padding_idx=7, scale_grad_by_freq=True)
+        args = (torch.tensor([[1, 1, 1, 7], [7, 2, 11, 1]]),)
+    else:
+        ref = nn.EmbeddingBag(12, 3, mode="mean", scale_grad_by_freq=True, padding_idx=5)
+        ours = EmbeddingBag(12, 3, mode="mean", scale_grad_by_freq=True, padding_idx=5)
+        args = (torch.tensor([1, 1, 1, 7, 7, 2, 11, 1]), torch.tensor([0, 3, 5]))
+    ours.load_state_dict(ref.state_dict())
+    source = InProcessSource(2, LazyAdam)
+    source.add(ours, "t", ours.attach(source, "t"))
+    for m in (ref, ours):
+        out = m(*args)
+        (out * torch.linspace(-1, 2, out.numel()).view_as(out)).sum().backward()
+    ids, grads = ours.take_row_grads()
+    touched = sorted(set(args[0].flatten().tolist()) - {ours.padding_idx})
+    assert ids.tolist() == touched
+    assert torch.equal(grads, ref.weight.grad[ids])
