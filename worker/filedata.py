@@ -189,12 +189,17 @@ class FileBatchStream:
                 for start, count in blocks:
                     rows = records.read_rows(f, header, start, count)
                     self.stats.read(count, rows.nbytes)
-                    pending.append(rows)
-                    if sum(len(p) for p in pending) >= self.batch_size:
+                    if not pending and count == self.batch_size:
+                        batch = rows  # a whole block, the common case: no copy to join pieces
+                    else:
+                        pending.append(rows)
+                        if sum(len(p) for p in pending) < self.batch_size:
+                            continue
                         joined = np.concatenate(pending)
-                        if not self._put(CtrBatch.from_records(joined[:self.batch_size])):
-                            return None
-                        pending = [joined[self.batch_size:]]
+                        batch = joined[:self.batch_size]
+                        pending = [joined[self.batch_size:]] if len(joined) > self.batch_size else []
+                    if not self._put(CtrBatch.from_records(batch)):
+                        return None
         except OSError as e:
             error = records.DataFileError(header.path, f"cannot read ({e.strerror or e})")
             if not self.skip_bad:
