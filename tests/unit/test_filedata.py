@@ -267,3 +267,20 @@ def test_reader_memory_stays_bounded_on_a_file_many_times_larger(tmp_path):
     assert int(n) == rows
     file_mib = os.path.getsize(path) / 2**20
     assert float(after) - float(before) < 24, f"peak RSS {before} -> {after} MiB reading {file_mib:.0f} MiB"
+
+
+def test_workers_read_a_generated_click_log_whole(tmp_path):
+    from shardps.client import ctrdata
+
+    summary = ctrdata.write_ctr(tmp_path / "log", 3000, 5, seed=4)
+    files = list_files(tmp_path / "log")
+    assert [os.path.basename(f) for f in files] == summary.files
+    labels, ids = [], []
+    for mine in assign_files(files, [0, 1], epoch=1, seed=4).values():
+        with FileBatchStream(mine, 128, epoch=1, seed=4, shuffle=True) as stream:
+            for batch in stream:
+                labels.append(batch.label)
+                ids.append(batch.cat)
+    whole = np.concatenate([np.load(f) for f in files])
+    assert torch.cat(labels).mean().item() == pytest.approx(summary.positive_rate)
+    assert sorted(torch.cat(ids)[:, 25].tolist()) == sorted(whole["cat"][:, 25].tolist())
