@@ -63,8 +63,8 @@ class CtrSummary:
     rows: int
     files: list[str]
     nbytes: int
-    bayes_auc: float
-    bayes_auc_error_bound: float
+    bayes_auc: float | None  # None when every label came out the same (a tiny log)
+    bayes_auc_error_bound: float | None
     positive_rate: float
 
 
@@ -93,27 +93,43 @@ def write_ctr(out: Path, rows: int, files: int, seed: int) -> CtrSummary:
     names = [f"part-{i:05d}.npy" for i in range(files)]
     sizes = file_rows(rows, files)
     histogram = HistogramAuc()
-    positives = 0
-    writers = iter(records.RecordFileWriter(out / n, records.CTR_RECORD, r) for n, r in zip(names, sizes, strict=True))
-    writer = next(writers)
-    for index in range((rows + ctrmodel.BLOCK_ROWS - 1) // ctrmodel.BLOCK_ROWS):
-        block = ctrmodel.draw_block(seed, index, min(ctrmodel.BLOCK_ROWS, rows - index * ctrmodel.BLOCK_ROWS))
-        label = block.records["label"].astype(bool)
-        histogram.add(block.probability, label)
-        positives += int(label.sum())
-        pending = block.records
-        while len(pending):
-            if writer.written == writer.rows:
-                writer.close()
-                writer = next(writers)
-            take = min(len(pending), writer.rows - writer.written)
-            writer.write(pending[:take])
-            pending = pending[take:]
-    writer.close()
+    positives = _write_rows(out, names, sizes, seed, histogram)
+    both_classes = 0 < positives < rows
     summary = CtrSummary(rows, names, sum((out / n).stat().st_size for n in names),
-                         histogram.auc(), histogram.error_bound(), positives / rows)
+                         histogram.auc() if both_classes else None,
+                         histogram.error_bound() if both_classes else None, positives / rows)
     _write_manifest(out, seed, summary, sizes)
     return summary
+
+
+def _write_rows(out: Path, names: list[str], sizes: list[int], seed: int, histogram: HistogramAuc) -> int:
+    """Draws the blocks in order into the files; returns the positives.
+
+    A failure leaves no partial shard (the open file's `.tmp` is removed) and no manifest.
+    """
+    rows = sum(sizes)
+    writers = iter(records.RecordFileWriter(out / n, records.CTR_RECORD, r) for n, r in zip(names, sizes, strict=True))
+    writer = next(writers)
+    positives = 0
+    try:
+        for index in range((rows + ctrmodel.BLOCK_ROWS - 1) // ctrmodel.BLOCK_ROWS):
+            block = ctrmodel.draw_block(seed, index, min(ctrmodel.BLOCK_ROWS, rows - index * ctrmodel.BLOCK_ROWS))
+            label = block.records["label"].astype(bool)
+            histogram.add(block.probability, label)
+            positives += int(label.sum())
+            pending = block.records
+            while len(pending):
+                if writer.written == writer.rows:
+                    writer.close()
+                    writer = next(writers)
+                take = min(len(pending), writer.rows - writer.written)
+                writer.write(pending[:take])
+                pending = pending[take:]
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return positives
 
 
 def _write_manifest(out: Path, seed: int, summary: CtrSummary, sizes: list[int]) -> None:
@@ -155,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.USAGE
     print(f"wrote {s.rows} rows in {len(s.files)} files ({s.nbytes / 2**20:.1f} MiB) to {args.out}")
     print(f"positive rate {s.positive_rate:.4f}")
-    print(f"Bayes AUC {s.bayes_auc:.5f} (+/- {s.bayes_auc_error_bound:.1e}): no model can expect more on this log")
+    if s.bayes_auc is None or s.bayes_auc_error_bound is None:
+        print("Bayes AUC undefined: every label is the same")
+    else:
+        print(f"Bayes AUC {s.bayes_auc:.5f} (+/- {s.bayes_auc_error_bound:.1e}): no model can expect more on this log")
     return exitcodes.OK
 
 

@@ -125,6 +125,14 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys, argv, match):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_log_of_one_class_has_no_bayes_auc(tmp_path, capsys):
+    assert ctrdata.main(["ctr", str(tmp_path / "tiny"), "--rows", "1", "--files", "1"]) == exitcodes.OK
+    assert "Bayes AUC undefined: every label is the same" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "tiny" / ctrdata.MANIFEST).read_text())
+    assert manifest["bayes_auc"] is None and manifest["rows"] == 1
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["manifest.json", "part-00000.npy"]
+
+
 def test_cli_refuses_a_directory_with_files_and_changes_nothing(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
     assert ctrdata.main(["ctr", str(tmp_path), "--rows", "10", "--files", "1"]) == exitcodes.USAGE
