@@ -1,0 +1,273 @@
+"""TableShard: the rows of one embedding table that one server holds, and their optimizer.
+
+Pure core: no gRPC, no job. A pull calls `lookup(ids)`, a push (or a sync round's combined
+gradient, table_optim.combine) calls `apply(ids, grads)`; checkpoints call `capture` and
+`from_state`; export calls `rows_in_slot_order` (fixed) or `export`. docs/tables.md is the
+model; table_rows.RowStore holds the rows.
+
+- Fixed table (ids in [0, N)): proto.tables.FixedLayout computes an id's server and slot, so
+  the shard is exactly its rows_on(server) rows, with no per-row index or metadata.
+- Dynamic table (any int64 id): a row is created on lookup once admitted (the id's sightings
+  reach `admit_after`, counted by a CountMinSketch when that is > 1) with
+  proto.tables.init_rows of (seed, table, id); before that the id reads as zeros and its
+  gradient is dropped. Rows are evicted when not touched (looked up or updated) for
+  `evict_after_steps` steps, and least recently touched first (ties: smallest id) when a
+  lookup would take the table past its cap: then down to 1/64 under the cap, so the O(rows)
+  scan for victims runs once per cap/64 new rows rather than on every lookup. A lookup never
+  evicts rows touched at the current step; when those alone fill the cap, the new ids it
+  cannot place read as zeros, and their gradients are dropped.
+
+Steps: a table's step is the number of `apply` calls so far (its optimizer's step count);
+lookups made before the next apply belong to that step.
+
+Thread-safety: every public method takes the shard's lock. Every error is raised before
+anything changes.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+from shardps.proto import tables as tables_lib
+from shardps.proto.tables import FixedLayout, TableIdError
+
+from .table_admission import CountMinSketch
+from .table_config import TableConfig, TableState, TableStats
+from .table_index import REBUILT_LOAD
+from .table_optim import RowOptimizer, make_optimizer
+from .table_rows import RowStore
+
+META_BYTES_PER_ROW = 16      # a dynamic row's id and last-touched step (int64 each)
+INDEX_BYTES_PER_ROW = math.ceil(16 / REBUILT_LOAD)  # IdIndex at its load after a rebuild
+CAP_SLACK = 64               # evicting for the cap goes 1/64 of the cap below it
+
+
+class TableShard:
+    def __init__(self, config: TableConfig, optimizer: RowOptimizer,
+                 weights: torch.Tensor | None = None):
+        """A fixed table's rows start as `weights` [rows_on(server), dim] (taken over; zeros
+        if None, to be filled with `write_rows`); a dynamic table's start empty.
+
+        Raises:
+            ValueError: weights for a dynamic table, or of the wrong shape; a byte cap too
+                small for one row.
+        """
+        self.config = config
+        self.name = config.name
+        self.dim = config.dim
+        self.optimizer = optimizer
+        self._lock = threading.Lock()
+        self.layout = (FixedLayout(config.name, config.num_embeddings, config.num_servers)
+                       if config.num_embeddings is not None else None)
+        self._counters = {"admissions": 0, "evicted_idle": 0, "evicted_cap": 0,
+                          "unadmitted_reads": 0, "dropped_rows": 0}
+        self.sketch: CountMinSketch | None = None
+        self.row_cap = 0
+        shapes, initial = optimizer.state_shapes(config.dim), optimizer.initial_state()
+        if self.layout is not None:
+            n = self.layout.rows_on(config.server_index)
+            weights = torch.zeros((n, config.dim)) if weights is None else weights
+            tables_lib.check_rows(self.name, torch.empty(n), weights, config.dim)
+            self._store = RowStore(config.dim, shapes, initial, weights=weights)
+            return
+        if weights is not None:
+            raise ValueError(f"table {self.name!r}: a dynamic table starts empty")
+        self.row_cap = self._row_cap(config)
+        self._store = RowStore(config.dim, shapes, initial, max_rows=self.row_cap)
+        if config.admit_after > 1:
+            self.sketch = CountMinSketch(config.sketch_width, config.sketch_depth,
+                                         config.sketch_halve_every)
+
+    def _row_cap(self, config: TableConfig) -> int:
+        by_bytes = config.max_bytes // self.row_bytes()
+        if config.max_bytes and not by_bytes:
+            raise ValueError(f"table {self.name!r}: max_bytes {config.max_bytes} holds no row "
+                             f"of {self.row_bytes()} bytes")
+        caps = [c for c in (config.max_rows, by_bytes) if c]
+        return min(caps) if caps else 0
+
+    # -- sizes ------------------------------------------------------------------------------
+
+    def row_bytes(self) -> int:
+        """Bytes per row held: weights and optimizer state, and for a dynamic table its id,
+        last-touched step and its share of the index (at the load after a rebuild)."""
+        per = 4 * self.dim + self.optimizer.state_bytes_per_row(self.dim)
+        return per if self.layout is not None else per + META_BYTES_PER_ROW + INDEX_BYTES_PER_ROW
+
+    def nbytes(self) -> int:
+        """Resident bytes: the store's tensors at their capacity, and the admission sketch."""
+        return self._store.nbytes() + (self.sketch.nbytes() if self.sketch is not None else 0)
+
+    @property
+    def rows(self) -> int:
+        return self._store.rows
+
+    @property
+    def steps(self) -> int:
+        return self.optimizer.steps
+
+    def stats(self) -> TableStats:
+        with self._lock:
+            return TableStats(rows=self._store.rows, capacity=self._store.capacity,
+                              bytes=self.nbytes(), steps=self.optimizer.steps, **self._counters)
+
+    # -- checks -----------------------------------------------------------------------------
+
+    def _slots_or_owner_check(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Fixed: the ids' slots. Dynamic: None. Either way, raises unless every id is on
+        this server."""
+        if self.layout is not None:
+            server, slots = self.layout.place(ids)
+        else:
+            server, slots = tables_lib.dynamic_server_of(self.name, ids, self.config.num_servers), None
+        wrong = (server != self.config.server_index).nonzero()
+        if wrong.numel():
+            raise TableIdError(self.name, int(ids[wrong[0, 0]]),
+                               f"is not on server {self.config.server_index}")
+        return slots
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def lookup(self, ids: torch.Tensor, *, count: bool = True) -> torch.Tensor:
+        """The rows [n, dim] (a copy) of `ids` (strictly increasing int64, all on this server).
+
+        Dynamic tables: ids not held are sighted (when `count`; a retried pull of the same
+        batch passes False), and get a row if admitted and there is room; ids still without a
+        row read as zeros. Every id with a row is touched at the current step.
+
+        Raises: TableRowsError (malformed ids), TableIdError (out of range, or not on this
+        server).
+        """
+        tables_lib.check_ids(self.name, ids, self.config.num_embeddings, unique_sorted=True)
+        ids = ids.to(torch.int64)
+        with self._lock:
+            slots = self._slots_or_owner_check(ids)
+            if slots is not None:
+                return self._store.weights.index_select(0, slots)
+            return self._lookup_dynamic(ids, count)
+
+    def _lookup_dynamic(self, ids: torch.Tensor, count: bool) -> torch.Tensor:
+        store, step = self._store, self.optimizer.steps
+        slots = store.find(ids)
+        store.touch(slots[slots >= 0], step)
+        missing = (slots < 0).nonzero().flatten()
+        if missing.numel():
+            new = ids.index_select(0, missing)
+            if self.sketch is not None:
+                seen = self.sketch.add(new) if count else self.sketch.estimate(new)
+                missing_admitted = missing[seen >= self.config.admit_after]
+            else:
+                missing_admitted = missing
+            fit, moved = self._make_room(missing_admitted.numel(), step)
+            admitted = missing_admitted[:fit]
+            if moved:  # evicting moved rows between slots
+                slots = store.find(ids)
+            if admitted.numel():
+                new = ids.index_select(0, admitted)
+                cfg = self.config
+                rows = tables_lib.init_rows(cfg.seed, cfg.name, new, cfg.dim, cfg.init)
+                slots.index_copy_(0, admitted, store.append(new, rows, step))
+                self._counters["admissions"] += admitted.numel()
+            self._counters["unadmitted_reads"] += missing.numel() - admitted.numel()
+        out = torch.zeros((ids.numel(), self.dim))
+        held = (slots >= 0).nonzero().flatten()
+        out.index_copy_(0, held, store.weights.index_select(0, slots.index_select(0, held)))
+        return out
+
+    def _make_room(self, wanted: int, step: int) -> tuple[int, bool]:
+        """Evicts for the cap so that `wanted` new rows fit, as far as rows not touched at
+        `step` allow; returns (how many fit, whether rows were evicted)."""
+        cap, store = self.row_cap, self._store
+        if not cap or store.rows + wanted <= cap:
+            return wanted, False
+        need = min(store.rows + wanted - cap + cap // CAP_SLACK, store.rows)
+        victims = store.least_recent(need, before=step)
+        store.evict(victims)
+        self._counters["evicted_cap"] += victims.numel()
+        return min(wanted, cap - store.rows), victims.numel() > 0
+
+    # -- updates ----------------------------------------------------------------------------
+
+    def apply(self, ids: torch.Tensor, grads: torch.Tensor, lr: float | None = None) -> int:
+        """One optimizer step of the table with a coalesced gradient: strictly increasing ids
+        on this server and their rows [n, dim] (fp32, finite). The step counts even when no
+        row is held here. Rows not held (a dynamic id not admitted, or evicted) drop their
+        gradient. Then rows idle for `evict_after_steps` steps are evicted. Returns the number
+        of rows updated.
+
+        Raises: TableRowsError, TableIdError.
+        """
+        tables_lib.check_ids(self.name, ids, self.config.num_embeddings, unique_sorted=True)
+        tables_lib.check_rows(self.name, ids, grads, self.dim)
+        ids = ids.to(torch.int64)
+        store = self._store
+        with self._lock:
+            slots = self._slots_or_owner_check(ids)
+            if slots is None:
+                slots = store.find(ids)
+                held = (slots >= 0).nonzero().flatten()
+                self._counters["dropped_rows"] += ids.numel() - held.numel()
+                if held.numel() < ids.numel():
+                    slots, grads = slots.index_select(0, held), grads.index_select(0, held)
+                store.touch(slots, self.optimizer.steps)
+            self.optimizer.step(store.weights, store.state, slots, grads, lr)
+            if store.dynamic:
+                if self.config.evict_after_steps:
+                    before = self.optimizer.steps - self.config.evict_after_steps
+                    self._counters["evicted_idle"] += store.evict_idle(before)
+                if self.sketch is not None:
+                    self.sketch.tick(self.optimizer.steps)
+            return slots.numel()
+
+    def write_rows(self, start: int, rows: torch.Tensor) -> None:
+        """Fixed tables: sets slots [start, start + len(rows)) (initial weights, in slot order:
+        FixedLayout.ids_on gives their ids)."""
+        if self.layout is None:
+            raise ValueError(f"table {self.name!r} is dynamic: its rows start from init_rows")
+        tables_lib.check_rows(self.name, torch.empty(rows.shape[0]), rows, self.dim)
+        with self._lock:
+            if not 0 <= start <= start + rows.shape[0] <= self._store.rows:
+                raise ValueError(f"table {self.name!r}: slots [{start}, {start + rows.shape[0]}) "
+                                 f"outside [0, {self._store.rows})")
+            self._store.weights[start : start + rows.shape[0]] = rows
+
+    # -- export and checkpoints -------------------------------------------------------------
+
+    def export(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids ascending, rows) of every row held (copies)."""
+        with self._lock:
+            store = self._store
+            if self.layout is not None:
+                ids = self.layout.ids_on(self.config.server_index)
+            else:
+                ids = store.ids[: store.rows]
+            ids, order = torch.sort(ids)
+            return ids, store.weights.index_select(0, order)
+
+    def rows_in_slot_order(self) -> torch.Tensor:
+        """A fixed table's rows as held (proto.tables.assemble_fixed takes them)."""
+        with self._lock:
+            return self._store.weights[: self._store.rows].clone()
+
+    def capture(self) -> TableState:
+        """A copy of everything a checkpoint holds; a dynamic table's rows sorted by id, so
+        equal tables capture equal tensors."""
+        with self._lock:
+            tensors = self._store.sorted_tensors()
+            sketch = None
+            if self.sketch is not None:
+                tensors["sketch"], sketch = self.sketch.state()
+            return TableState(self.config, self.optimizer.hyper(), dict(self._counters), tensors, sketch)
+
+    @classmethod
+    def from_state(cls, state: TableState) -> TableShard:
+        """The shard as `capture` saw it (ValueError if the tensors do not fit the config)."""
+        shard = cls(state.config, make_optimizer(state.optimizer))
+        shard._store.load(state.tensors)
+        if state.sketch is not None:
+            shard.sketch = CountMinSketch.from_state(state.tensors["sketch"], state.sketch)
+        shard._counters.update(state.counters)
+        return shard
