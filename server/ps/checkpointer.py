@@ -38,6 +38,8 @@ class Checkpointer:
 
     Attributes:
         metrics: the checkpoint metrics, on the registry given (or a private one).
+        writer, recovery: the writer thread (`writer.flush()` waits for the queue) and the
+            restores, rollbacks and resumes.
     """
 
     def __init__(self, data_dir: str | Path, registry: CollectorRegistry | None = None):
@@ -96,10 +98,6 @@ class Checkpointer:
         for shard in shards:
             self.writer.write(shard.capture(), "final")
 
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Waits until every queued checkpoint is written (tests, shutdown)."""
-        return self.writer.flush(timeout)
-
     def shutdown(self) -> None:
         """Stops the writer thread once the queue is empty and closes the mark files."""
         self.writer.shutdown()
@@ -129,9 +127,6 @@ class Checkpointer:
     def apply_rollbacks(self, shards: Sequence[Shard],
                         views: Iterable[coordinator_pb2.ServerJobView]) -> None:
         self.recovery.apply_rollbacks(shards, views)
-
-    def rollback(self, shard: Shard, rollback_id: int, version: int) -> None:
-        self.recovery.rollback(shard, rollback_id, version)
 
     def take_reports(self) -> list[coordinator_pb2.ShardVersion]:
         """Restores not yet told to the coordinator (see RestoreReports.take)."""

@@ -176,7 +176,7 @@ def test_checkpointer_writes_every_n_versions_and_restores_with_lost_count(tmp_p
     registry.put(shard)
     for step in range(7):
         shard.push(grad(step), worker_id="w0", incarnation=1, step=step)
-    assert cp.flush()
+    assert cp.writer.flush()
     directory = checkpoint.shard_dir(tmp_path, "job", 0)
     written = [v for v, _ in checkpoint.committed(directory)]
     # A copy still queued when a newer one comes is superseded, so 3 (or 0) may be missing.
@@ -198,10 +198,10 @@ def test_rollback_loads_an_older_version_and_drops_the_newer_ones(tmp_path):
     ShardRegistry(cp.attach).put(shard)
     for step in range(5):
         run_steps(shard, [step])
-        assert cp.flush()  # no copy superseded: 0, 2 and 4 are all written
+        assert cp.writer.flush()  # no copy superseded: 0, 2 and 4 are all written
     reference = new_shard()
     run_steps(reference, range(2))
-    cp.rollback(shard, rollback_id=1, version=2)
+    cp.recovery.rollback(shard, rollback_id=1, version=2)
     same_state(shard, reference)
     assert shard.rollback_id == 1
     directory = checkpoint.shard_dir(tmp_path, "job", 0)
@@ -261,18 +261,18 @@ def test_a_restored_shard_keeps_its_checkpoints_and_a_new_one_starts_afresh(tmp_
     ShardRegistry(cp.attach).put(shard)
     for step in range(2):
         shard.push(grad(step), worker_id="w0", incarnation=1, step=step)
-    assert cp.flush()
+    assert cp.writer.flush()
     cp.shutdown()
     directory = checkpoint.shard_dir(tmp_path, "job", 0)
     again = Checkpointer(tmp_path)
     [restored] = again.restore_all()
     assert restored.restored and restored.version == 2
     ShardRegistry(again.attach).put(restored)
-    assert again.flush()
+    assert again.writer.flush()
     assert [v for v, _ in checkpoint.committed(directory)] == [2, 1, 0]
     ShardRegistry(again.attach).put(new_shard(mode=common_pb2.CONSISTENCY_ASYNC,
                                               workers=("w0",)))  # a new InitShard
-    assert again.flush()
+    assert again.writer.flush()
     assert [v for v, _ in checkpoint.committed(directory)] == [0]
     again.shutdown()
 
