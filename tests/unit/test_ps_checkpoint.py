@@ -41,7 +41,7 @@ def run_steps(shard, steps, workers=("w0", "w1")):
 
 def same_state(a: Shard, b: Shard):
     ta, tb = a.capture().tensors, b.capture().tensors
-    assert ta.keys() == tb.keys() == {"weights", "step", "exp_avg", "exp_avg_sq"}
+    assert ta.keys() == tb.keys()  # weights, and Adam's state once a step made it
     for name in ta:
         assert torch.equal(ta[name], tb[name]), name
     assert (a.version, a.adam_step) == (b.version, b.adam_step)
