@@ -227,9 +227,9 @@ def main() -> None:
                           ["phase", "ends_at_s", "takes_s", "what"])
     shardps = runs["shardps local (2 servers, 2 workers)"]
     marks = [
-        ("coordinator up", "coordinator_up", "client starts, spawns the coordinator (and the fork server, "
-                                             "which starts importing torch), waits for its address"),
-        ("job assigned", "job_assigned", "the fork server finishes importing and forks 2 servers + 2 "
+        ("coordinator up", "coordinator_up", "client starts multiprocessing's forkserver (which starts "
+                                             "importing torch) and the coordinator, waits for its address"),
+        ("job assigned", "job_assigned", "the forkserver finishes importing and forks 2 servers + 2 "
                                          "workers; they register; the submitted job gets its nodes"),
         ("first step", "startup_s", "idle workers' held heartbeats return the assignment; load data and "
                                     "model; rank 0 SetLayout, InitShard, ActivateJob; rank 1's held "

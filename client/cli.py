@@ -245,9 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the cluster with mutual TLS and a token (fresh development certificates)")
     p.add_argument("--output", choices=["text", "json"], default="text", help="output format")
     p.add_argument("--fork-server", action=argparse.BooleanOptionalAction, default=True,
-                   help="start the servers and workers as forks of one process that imports "
-                        "torch once, instead of as fresh processes that each import it "
-                        "(faster start-up; Linux only; default on)")
+                   help="start the servers and workers as forks of multiprocessing's forkserver, "
+                        "which imports torch once, instead of as fresh processes that each import "
+                        "it (faster start-up; Unix only; default on)")
     p.set_defaults(func=cmd_local)
     return parser
 
