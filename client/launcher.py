@@ -216,6 +216,10 @@ class Forks:
     a second Forks shares it, with the preload of the first) and exits with it.
     """
 
+    @staticmethod
+    def available() -> bool:
+        return "forkserver" in multiprocessing.get_all_start_methods()
+
     def __init__(self, preload: Sequence[str]):
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(list(preload))

@@ -9,7 +9,6 @@ daemon dies.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import secrets
 import shutil
@@ -34,10 +33,6 @@ def default_spec_text() -> str:
     return resources.files("shardps.client").joinpath("default_job.yaml").read_text()
 
 
-def fork_server_available() -> bool:
-    return "forkserver" in multiprocessing.get_all_start_methods()
-
-
 class LocalCluster:
     """Starts and stops the daemons of one local cluster. Not thread-safe.
 
@@ -54,7 +49,7 @@ class LocalCluster:
         self.coordinator = ""
         self._servers, self._workers, self._lease_ms = servers, workers, lease_ms
         self._security_args = security_args or []
-        self._fork_server = fork_server and fork_server_available()
+        self._fork_server = fork_server and launcher.Forks.available()
 
     def start(self) -> str:
         deadline = time.monotonic() + START_TIMEOUT_S
