@@ -110,7 +110,7 @@ class Daemon:
         self._reader.start()
 
     def _read(self, stream: IO[str]) -> None:
-        log = open(self.log_path, "w") if self.log_path else None  # noqa: SIM115 - closed below
+        log = open(self.log_path, "w") if self.log_path else None  # closed below
         try:
             for raw in stream:
                 if log:
