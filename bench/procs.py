@@ -1,58 +1,25 @@
-"""Child processes of the benches: standalone `shardps-server`s and the baseline peers, with
-their addresses read from their first lines, resident memory from /proc, and a clean stop."""
+"""Child processes of the benches: standalone `shardps-server`s and the baseline peers, started
+by client/launcher.py (addresses from their first lines, a clean stop), with their resident
+memory from /proc."""
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Sequence
 
+from shardps.client import launcher
 from shardps.proto import common_pb2
 
-LISTENING = re.compile(r"^listening on (\S+:\d+)")
-METRICS = re.compile(r"^metrics on (\S+:\d+)")
-SERVER_MODULE = "shardps.server.ps.daemon"
 
+class Child(launcher.Daemon):
+    """A process that prints `listening on HOST:PORT` (a console script, or a module with a
+    main()), started and waited for; its other output is kept (last 200 lines)."""
 
-class Child:
-    """A subprocess that prints `listening on HOST:PORT`; its other output is kept (last 200 lines)."""
-
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, timeout: float = 120.0):
-        self.proc = subprocess.Popen(
-            list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            start_new_session=True)
-        self.address = ""
-        self.metrics_address = ""
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        if not self._ready.wait(timeout) or not self.address:
-            self.stop()
-            raise RuntimeError(f"{args[:4]} did not start:\n" + "\n".join(self.lines[-30:]))
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.lines = (self.lines + [line])[-200:]
-            if m := METRICS.match(line):
-                self.metrics_address = m.group(1)
-            if not self.address and (m := LISTENING.match(line)):
-                self.address = m.group(1)
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def __init__(self, program: str, args: Sequence[str] = (), env: dict[str, str] | None = None,
+                 timeout: float = 120.0):
+        super().__init__(program, program, args, env=env, keep_lines=200)
+        self.wait_ready(timeout)
 
     def rss_bytes(self) -> int:
         """Resident set size now (VmRSS)."""
@@ -61,26 +28,6 @@ class Child:
     def peak_rss_bytes(self) -> int:
         """Largest resident set size so far (VmHWM)."""
         return _status_kib(self.pid, "VmHWM") * 1024
-
-    def metric(self, name: str) -> float:
-        """Sum of every sample of a Prometheus metric line `name{...} value` (needs --metrics-port)."""
-        with urllib.request.urlopen(f"http://{self.metrics_address}/metrics", timeout=10) as reply:
-            text = reply.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name) and (len(line) == len(name) or line[len(name)] in " {"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._reader.join(5)
 
 
 def _status_kib(pid: int, key: str) -> int:
@@ -94,7 +41,7 @@ def _status_kib(pid: int, key: str) -> int:
 def start_servers(count: int, threads: int = 1, metrics: bool = False,
                   env: dict[str, str] | None = None, extra: Sequence[str] = ()) -> list[Child]:
     """`count` standalone parameter servers (`--coordinator ''`), started in parallel."""
-    args = [sys.executable, "-m", SERVER_MODULE, "--coordinator", "", "--port", "0",
+    args = ["--coordinator", "", "--port", "0",
             "--threads", str(threads), "--log-level", "WARNING",
             "--metrics-port", "0" if metrics else "-1", *extra]
     children: list[Child] = []
@@ -102,7 +49,7 @@ def start_servers(count: int, threads: int = 1, metrics: bool = False,
 
     def one() -> None:
         try:
-            children.append(Child(args, env))
+            children.append(Child("shardps-server", args, env))
         except Exception as exc:  # noqa: BLE001 - reported below, after the others started
             errors.append(exc)
 

@@ -187,6 +187,34 @@ def _phases(launch: float, first_step: float, reached: float, end: float, result
             "train_s": reached - first_step, "exit_s": end - launch}
 
 
+def phase_table(shardps: list[dict]) -> report.Table:
+    """Where shardps local's time goes: the median time from launch of each phase's end."""
+    phases = report.Table("tta: where shardps local's time goes (seconds from launch, median)",
+                          ["phase", "ends_at_s", "takes_s", "what"])
+    marks = [
+        ("coordinator up", "coordinator_up", "client starts multiprocessing's forkserver (which starts "
+                                             "importing torch) and the coordinator, waits for its address"),
+        ("job assigned", "job_assigned", "the forkserver finishes importing and forks 2 servers + 2 "
+                                         "workers; they register; the submitted job gets its nodes"),
+        ("first step", "startup_s", "idle workers' held heartbeats return the assignment; load data and "
+                                    "model; rank 0 SetLayout, InitShard, ActivateJob; rank 1's held "
+                                    "GetJob returns"),
+        ("target reached", "tta_s", f"{report.median([r['steps'] for r in shardps]):.0f} sync steps at "
+                                    f"{report.median([r['steps_per_s'] for r in shardps]):.0f} steps/s, "
+                                    "3 evaluations, the verdict"),
+        ("all exited", "exit_s", "SIGTERM workers, servers, coordinator"),
+    ]
+    previous = 0.0
+    for phase, key, what in marks:
+        values = [r[key] for r in shardps if key in r]
+        if not values:
+            continue
+        at = report.median(values)
+        phases.add(phase=phase, ends_at_s=at, takes_s=at - previous, what=what)
+        previous = at
+    return phases
+
+
 def main() -> None:
     parser = report.parser(__doc__, "one run each, 20 steps")
     parser.add_argument("--runs", type=int, default=3)
@@ -223,30 +251,7 @@ def main() -> None:
                   steps=int(report.median([r["steps"] for r in results])),
                   accuracy=report.median([r["accuracy"] for r in results]),
                   converged=all(r["converged"] for r in results), vs_ddp=tta / ddp)
-    phases = report.Table("tta: where shardps local's time goes (seconds from launch, median)",
-                          ["phase", "ends_at_s", "takes_s", "what"])
-    shardps = runs["shardps local (2 servers, 2 workers)"]
-    marks = [
-        ("coordinator up", "coordinator_up", "client starts, spawns the coordinator (and the fork server, "
-                                             "which starts importing torch), waits for its address"),
-        ("job assigned", "job_assigned", "the fork server finishes importing and forks 2 servers + 2 "
-                                         "workers; they register; the submitted job gets its nodes"),
-        ("first step", "startup_s", "idle workers' held heartbeats return the assignment; load data and "
-                                    "model; rank 0 SetLayout, InitShard, ActivateJob; rank 1's held "
-                                    "GetJob returns"),
-        ("target reached", "tta_s", f"{report.median([r['steps'] for r in shardps]):.0f} sync steps at "
-                                    f"{report.median([r['steps_per_s'] for r in shardps]):.0f} steps/s, "
-                                    "3 evaluations, the verdict"),
-        ("all exited", "exit_s", "SIGTERM workers, servers, coordinator"),
-    ]
-    previous = 0.0
-    for phase, key, what in marks:
-        values = [r[key] for r in shardps if key in r]
-        if not values:
-            continue
-        at = report.median(values)
-        phases.add(phase=phase, ends_at_s=at, takes_s=at - previous, what=what)
-        previous = at
+    phases = phase_table(runs["shardps local (2 servers, 2 workers)"])
     report.write("tta", [table, phases], vars(args), extra={"runs": runs}, out_dir=args.out_dir)
 
 

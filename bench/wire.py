@@ -195,8 +195,7 @@ def measure(params: int, servers: int, dtypes: list[str], repeats: int, chunk_by
     grad = torch.randn(params) * 1e-3
     dest = torch.empty(params)
     servers_ = procs.start_servers(servers, threads=server_threads)
-    peers = [procs.Child([sys.executable, "-m", "bench.peer", "--elements", str(s.length),
-                          "--grpc-options", grpc_options])
+    peers = [procs.Child("bench.peer", ["--elements", str(s.length), "--grpc-options", grpc_options])
              for s in procs.shard_map(["x:1"] * servers, params).shards] if baselines else []
     smap = procs.shard_map([s.address for s in servers_], params)
     rows = []

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,20 @@ class ClientError(RuntimeError):
     @property
     def unreachable(self) -> bool:
         return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def read_spec(path: str) -> str:
+    """Reads a spec file (`-`: stdin) and validates it locally, so mistakes are reported
+    before any RPC; raises ClientError (usage) if it cannot be read or is invalid."""
+    try:
+        text = Path(path).read_text() if path != "-" else sys.stdin.read()
+    except OSError as exc:
+        raise ClientError(f"cannot read spec {path}: {exc.strerror}", usage=True) from None
+    try:
+        spec_lib.parse_spec(text)
+    except spec_lib.SpecError as exc:
+        raise ClientError(f"invalid spec {path}: {exc}", usage=True) from None
+    return text
 
 
 class CoordinatorClient:

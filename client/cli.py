@@ -6,64 +6,20 @@ import argparse
 import json
 import secrets
 import sys
-import time
 from pathlib import Path
 
-from google.protobuf import json_format
-
-from shardps.client import progress
-from shardps.client.api import FINAL_STATES, SUCCESS_STATES, ClientError, CoordinatorClient, state_name
-from shardps.proto import daemon, exitcodes, rpc, spec
-
-
-def to_json(message) -> dict:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+from shardps.client import api, progress
+from shardps.client.api import SUCCESS_STATES, ClientError, CoordinatorClient, state_name
+from shardps.proto import daemon, exitcodes, rpc
 
 
 def _emit(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False))
 
 
-class Live:
-    """Prints progress lines: rewritten in place on a terminal, one per change otherwise."""
-
-    def __init__(self, stream=sys.stdout, min_interval_s: float = 1.0):
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.min_interval_s = min_interval_s
-        self._last = ""
-        self._last_time = 0.0
-
-    def update(self, job) -> None:
-        line = progress.progress_line(job)
-        now = time.monotonic()
-        final = job.state in FINAL_STATES
-        if line == self._last or (not final and not self.tty and now - self._last_time < self.min_interval_s):
-            return
-        if self.tty:
-            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self._last, self._last_time = line, now
-
-
-def read_spec(path: str) -> str:
-    """Reads a spec file and validates it locally, so mistakes are reported before any RPC."""
-    try:
-        text = Path(path).read_text() if path != "-" else sys.stdin.read()
-    except OSError as exc:
-        raise ClientError(f"cannot read spec {path}: {exc.strerror}", usage=True) from None
-    try:
-        spec.parse_spec(text)
-    except spec.SpecError as exc:
-        raise ClientError(f"invalid spec {path}: {exc}", usage=True) from None
-    return text
-
-
 def follow(client: CoordinatorClient, job_id: str, args) -> int:
     """Shows live progress until the job ends; returns the exit code for its verdict."""
-    live = None if args.output == "json" else Live(min_interval_s=args.interval)
+    live = None if args.output == "json" else progress.Live(min_interval_s=args.interval)
     try:
         info = client.wait(job_id, timeout_s=args.timeout or None, interval_s=min(args.interval, 0.5),
                            on_update=live.update if live else None)
@@ -71,14 +27,14 @@ def follow(client: CoordinatorClient, job_id: str, args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exitcodes.TIMEOUT
     if args.output == "json":
-        _emit(to_json(client.job(job_id, history=True)))
+        _emit(progress.to_json(client.job(job_id, history=True)))
     else:
         print(f"{job_id} {state_name(info.state)}" + (f": {info.reason}" if info.reason else ""))
     return exitcodes.OK if info.state in SUCCESS_STATES else exitcodes.FAILURE
 
 
 def cmd_submit(args) -> int:
-    text = read_spec(args.spec)
+    text = api.read_spec(args.spec)
     with CoordinatorClient(args.coordinator) as client:
         job_id = client.submit(text, resume_from=args.resume_from or "")
         return _submitted(client, job_id, args, {})
@@ -106,7 +62,7 @@ def cmd_checkpoint(args) -> int:
     with CoordinatorClient(args.coordinator) as client:
         done = client.checkpoint(args.job, timeout_s=args.timeout or 60.0)
     if args.output == "json":
-        _emit([to_json(c) for c in done])
+        _emit([progress.to_json(c) for c in done])
     else:
         for c in done:
             print(f"shard {c.shard_index}: version {c.version}  {c.path}")
@@ -121,13 +77,13 @@ def cmd_status(args) -> int:
         if args.job:
             info = client.job(args.job, history=True)
             if args.output == "json":
-                _emit(to_json(info))
+                _emit(progress.to_json(info))
             else:
                 print(progress.job_detail(info))
         else:
             jobs = client.jobs()
             if args.output == "json":
-                _emit([to_json(j) for j in jobs])
+                _emit([progress.to_json(j) for j in jobs])
             else:
                 print(progress.jobs_table(jobs) if jobs else "no jobs")
     return exitcodes.OK
@@ -162,7 +118,7 @@ def cmd_nodes(args) -> int:
     with CoordinatorClient(args.coordinator) as client:
         nodes = client.nodes()
     if args.output == "json":
-        _emit([to_json(n) for n in nodes])
+        _emit([progress.to_json(n) for n in nodes])
     else:
         print(progress.nodes_table(nodes) if nodes else "no nodes")
     return exitcodes.OK
@@ -289,9 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the cluster with mutual TLS and a token (fresh development certificates)")
     p.add_argument("--output", choices=["text", "json"], default="text", help="output format")
     p.add_argument("--fork-server", action=argparse.BooleanOptionalAction, default=True,
-                   help="start the servers and workers as forks of one process that imports "
-                        "torch once, instead of as fresh processes that each import it "
-                        "(faster start-up; Linux only; default on)")
+                   help="start the servers and workers as forks of multiprocessing's forkserver, "
+                        "which imports torch once, instead of as fresh processes that each import "
+                        "it (faster start-up; Unix only; default on)")
     p.set_defaults(func=cmd_local)
     return parser
 

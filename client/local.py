@@ -1,41 +1,29 @@
-"""`shardps local`: a coordinator, N servers and M workers as subprocesses on loopback.
+"""`shardps local`: a coordinator, N servers and M workers as processes on loopback.
 
-Starts the daemons (their own entry points, never imported here: subprocesses, or forks of a
-fork server that imports them by name, see client/forkserver.py), runs one
-job with live progress, prints the verdict and stops everything it started — also on Ctrl-C,
-on failure and when a daemon dies.
+Starts the daemons (their own entry points, never imported here: subprocesses, or forks of
+multiprocessing's forkserver, through client/launcher.py), runs one job with live progress,
+prints the verdict and stops everything it started — also on Ctrl-C, on failure and when a
+daemon dies.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from shardps.client import cli
-from shardps.client.api import SUCCESS_STATES, ClientError, CoordinatorClient, state_name
-from shardps.client.forkserver import ForkedProcess, ForkServer, ForkServerError
+from shardps.client import launcher, progress
+from shardps.client.api import SUCCESS_STATES, ClientError, CoordinatorClient, read_spec, state_name
 from shardps.proto import exitcodes
 
-# Entry points of the daemons, run as `python -c` so no console script must be on PATH.
-ENTRY_POINTS = {
-    "coordinator": "shardps.server.coordinator.daemon",
-    "server": "shardps.server.ps.daemon",
-    "worker": "shardps.worker.daemon",
-}
-LISTENING = re.compile(r"^listening on (\S+:\d+)$")
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
 
@@ -45,119 +33,62 @@ def default_spec_text() -> str:
     return resources.files("shardps.client").joinpath("default_job.yaml").read_text()
 
 
-def _child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-class Child:
-    """One daemon process; its output goes to a log file, its address is read from it.
-
-    It is a subprocess of ours, or (with a fork server) forked by the fork server; either
-    way it runs in a session of its own, so Ctrl-C reaches us alone and we stop it in order.
-    """
-
-    def __init__(self, name: str, kind: str, args: list[str], log_dir: Path,
-                 forks: ForkServer | None = None):
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self.address = ""
-        self._ready = threading.Event()
-        self.proc: subprocess.Popen | ForkedProcess
-        if forks is not None:
-            self.proc = forks.spawn(ENTRY_POINTS[kind], args)
-        else:
-            code = f"import sys; from {ENTRY_POINTS[kind]} import main; sys.exit(main())"
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=_child_env(),
-                start_new_session=True)
-        self._reader = threading.Thread(target=self._read, daemon=True, name=f"log-{name}")
-        self._reader.start()
-
-    def _read(self) -> None:
-        with open(self.log_path, "w") as log:
-            for line in self.proc.stdout:  # type: ignore[union-attr]
-                log.write(line)
-                log.flush()
-                if not self.address and (m := LISTENING.match(line.strip())):
-                    self.address = m.group(1)
-                    self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self, deadline: float) -> str:
-        self._ready.wait(max(0.0, deadline - time.monotonic()))
-        if not self.address:
-            raise ClientError(f"{self.name} did not start (exit code {self.proc.poll()}); "
-                              f"see {self.log_path}")
-        return self.address
-
-    @property
-    def exited(self) -> int | None:
-        return self.proc.poll()
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def reap(self, deadline: float) -> None:
-        try:
-            self.proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # ended in the meantime
-            self.proc.wait(10)
-        self._reader.join(5)
-
-
 class LocalCluster:
     """Starts and stops the daemons of one local cluster. Not thread-safe.
 
-    With `fork_server` (on Linux), one process imports torch and the daemons' modules while
-    the coordinator starts, then forks the servers and workers (client/forkserver.py);
-    otherwise each is a fresh `python` subprocess that imports everything itself.
+    The coordinator is a fresh `python` subprocess (it does not import torch). With
+    `fork_server` (where multiprocessing has one: Unix), multiprocessing's forkserver imports
+    torch and the servers' and workers' modules while the coordinator starts, and forks each
+    server and worker; otherwise each is a fresh `python` subprocess that imports them itself.
     """
 
     def __init__(self, servers: int, workers: int, log_dir: Path, lease_ms: int,
                  security_args: list[str] | None = None, fork_server: bool = True):
         self.log_dir = log_dir
-        self.children: list[Child] = []
+        self.children: list[launcher.Daemon] = []
         self.coordinator = ""
         self._servers, self._workers, self._lease_ms = servers, workers, lease_ms
         self._security_args = security_args or []
-        self._fork_server = fork_server and sys.platform.startswith("linux")
-        self._forks: ForkServer | None = None
+        self._fork_server = fork_server and launcher.Forks.available()
 
     def start(self) -> str:
         deadline = time.monotonic() + START_TIMEOUT_S
+        forks = None
         if self._fork_server:  # it imports while the coordinator starts
-            self._forks = ForkServer([ENTRY_POINTS["server"], ENTRY_POINTS["worker"]],
-                                     self.log_dir / "forkserver.log", env=_child_env())
-        coord = self._spawn("coordinator", "coordinator",
-                            ["--port", "0", "--lease-ms", str(self._lease_ms)], fork=False)
-        self.coordinator = coord.wait_ready(deadline)
+            forks = launcher.Forks([launcher.SCRIPTS["shardps-server"], launcher.SCRIPTS["shardps-worker"]])
+        coord = self._spawn("coordinator", "shardps-coordinator",
+                            ["--port", "0", "--lease-ms", str(self._lease_ms)])
+        self.coordinator = self._wait_ready(coord, deadline)
         threads = max(1, (os.cpu_count() or 1) // max(1, self._workers))
         for i in range(self._servers):
-            self._spawn(f"server-{i}", "server", ["--port", "0", "--coordinator", self.coordinator])
+            self._spawn(f"server-{i}", "shardps-server", ["--port", "0", "--coordinator", self.coordinator],
+                        forks)
         for i in range(self._workers):
-            self._spawn(f"worker-{i}", "worker", ["--port", "0", "--coordinator", self.coordinator,
-                                                  "--threads", str(threads)])
+            self._spawn(f"worker-{i}", "shardps-worker", ["--port", "0", "--coordinator", self.coordinator,
+                                                          "--threads", str(threads)], forks)
         for child in self.children:
-            child.wait_ready(deadline)
+            self._wait_ready(child, deadline)
         return self.coordinator
 
-    def _spawn(self, name: str, kind: str, args: list[str], fork: bool = True) -> Child:
+    def _spawn(self, name: str, script: str, args: list[str],
+               forks: launcher.Forks | None = None) -> launcher.Daemon:
         try:
-            child = Child(name, kind, [*args, *self._security_args], self.log_dir,
-                          self._forks if fork else None)
-        except ForkServerError as exc:
+            child = launcher.Daemon(name, script, [*args, *self._security_args],
+                                    log_path=self.log_dir / f"{name}.log", keep_lines=0, forks=forks)
+        except (OSError, EOFError) as exc:  # EOFError: the forkserver is gone
             raise ClientError(f"cannot start {name}: {exc}") from None
         self.children.append(child)
         return child
 
-    def dead_children(self) -> list[Child]:
-        return [c for c in self.children if c.exited is not None]
+    @staticmethod
+    def _wait_ready(child: launcher.Daemon, deadline: float) -> str:
+        try:
+            return child.wait_ready(deadline - time.monotonic()).address
+        except launcher.StartError as exc:
+            raise ClientError(exc.message) from None
+
+    def dead_children(self) -> list[launcher.Daemon]:
+        return [c for c in self.children if c.poll() is not None]
 
     def stop(self) -> None:
         """SIGTERM workers and servers, then, once they have exited, the coordinator (so their
@@ -169,13 +100,11 @@ class LocalCluster:
             for child in reversed(group):
                 child.terminate()
             for child in reversed(group):
-                child.reap(deadline)
-        if self._forks is not None:
-            self._forks.close()
+                child.reap(deadline - time.monotonic())
 
 
 def _job_text(args) -> str:
-    text = cli.read_spec(args.spec) if args.spec else default_spec_text()
+    text = read_spec(args.spec) if args.spec else default_spec_text()
     raw = yaml.safe_load(text)
     cluster = raw.setdefault("cluster", {}) or {}
     raw["cluster"] = cluster
@@ -248,13 +177,13 @@ def run(args) -> int:
 
 
 def _follow(client: CoordinatorClient, cluster: LocalCluster, job_id: str, args) -> int:
-    live = cli.Live(min_interval_s=args.interval) if args.output != "json" else None
+    live = progress.Live(min_interval_s=args.interval) if args.output != "json" else None
     started = time.monotonic()
 
     def on_update(info) -> None:
         dead = [c for c in cluster.dead_children() if c.name == "coordinator"]
         if dead:
-            raise ClientError(f"the coordinator exited (code {dead[0].exited}); see {dead[0].log_path}")
+            raise ClientError(f"the coordinator exited (code {dead[0].poll()}); see {dead[0].log_path}")
         if live:
             live.update(info)
 
@@ -268,7 +197,7 @@ def _follow(client: CoordinatorClient, cluster: LocalCluster, job_id: str, args)
     if args.export and info.state in SUCCESS_STATES:
         client.export_to(job_id, Path(args.export))
     if args.output == "json":
-        print(json.dumps({**cli.to_json(info), "elapsed_s": round(elapsed, 3)}, indent=2))
+        print(json.dumps({**progress.to_json(info), "elapsed_s": round(elapsed, 3)}, indent=2))
     else:
         result = f"{job_id} {state_name(info.state)} after {info.step} steps in {elapsed:.1f}s"
         if info.has_eval:

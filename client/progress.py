@@ -1,8 +1,14 @@
-"""Renders jobs and nodes as text for the CLI (one-line progress, tables, job detail)."""
+"""Renders jobs and nodes for the CLI (one-line progress, live progress, tables, job detail,
+JSON)."""
 
 from __future__ import annotations
 
-from shardps.client.api import state_name
+import sys
+import time
+
+from google.protobuf import json_format
+
+from shardps.client.api import FINAL_STATES, state_name
 from shardps.proto import common_pb2, coordinator_pb2
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
@@ -21,6 +27,35 @@ def progress_line(job: coordinator_pb2.JobInfo) -> str:
     if job.reason and job.state != common_pb2.JOB_STATE_RUNNING:
         parts.append(f"- {job.reason}")
     return "  ".join(parts)
+
+
+class Live:
+    """Prints progress lines: rewritten in place on a terminal, one per change otherwise."""
+
+    def __init__(self, stream=sys.stdout, min_interval_s: float = 1.0):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.min_interval_s = min_interval_s
+        self._last = ""
+        self._last_time = 0.0
+
+    def update(self, job) -> None:
+        line = progress_line(job)
+        now = time.monotonic()
+        final = job.state in FINAL_STATES
+        if line == self._last or (not final and not self.tty and now - self._last_time < self.min_interval_s):
+            return
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self._last, self._last_time = line, now
+
+
+def to_json(message) -> dict:
+    """A protobuf message as the CLI's JSON output shows it (field names as in the .proto)."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
 def sparkline(values: list[float], width: int = 40) -> str:

@@ -31,6 +31,15 @@ DEFAULT_CHUNK_BYTES = 1024 * 1024
 MIN_CHUNK_BYTES = 4 * 1024
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 
+# The largest magnitude a pushed gradient element may have; a server refuses a push with a
+# larger one, as it refuses NaN and inf (`pushable`). Servers keep Adam's state in fp32, and
+# its second moment v is a running mean of g*g whose weights (1 - beta2) * beta2**k sum to
+# less than 1: v stays finite exactly while every g*g does, whatever the betas, i.e. while
+# |g| <= sqrt(FP32_MAX) ~ 1.84e19 (the first moment, a mean of g, is then finite too).
+# 2**63 ~ 9.2e18 keeps g*g a factor 4 below FP32_MAX: room for rounding, for the sync mean
+# of several pushes and for L2 weight decay's weight_decay * w added to g.
+MAX_GRADIENT = 2.0**63
+
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("shardps's wire format is little-endian; this host is big-endian")
 
@@ -124,9 +133,9 @@ def write_chunk(dest: torch.Tensor, chunk: common_pb2.TensorChunk | Chunk, wire_
 class ChunkAssembler:
     """Receives chunks in offset order into a preallocated flat tensor and checks coverage.
 
-    With `check_finite`, each chunk is also checked for NaN/inf right after it is written,
-    while it is still in cache (a separate pass over a 400 MB gradient costs about a quarter
-    of an Adam step); `all_finite` reports the verdict.
+    With `check_finite`, each chunk is also checked right after it is written, while it is
+    still in cache (a separate pass over a 400 MB gradient costs about a quarter of an Adam
+    step): `all_finite` says whether every value is `pushable` (finite, |x| <= MAX_GRADIENT).
 
     Not thread-safe: one assembler per stream.
     """
@@ -144,7 +153,7 @@ class ChunkAssembler:
             raise CodecError(f"chunk at offset {chunk.offset}, expected {self.received}")
         n = write_chunk(self.dest, chunk, self.wire_dtype)
         if self.check_finite and self.all_finite and n:
-            self.all_finite = finite(self.dest[self.received : self.received + n])
+            self.all_finite = pushable(self.dest[self.received : self.received + n])
         self.received += n
 
     @property
@@ -164,6 +173,24 @@ def finite(t: torch.Tensor) -> bool:
     if t.numel() == 0 or bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
+
+
+def pushable(t: torch.Tensor) -> bool:
+    """Whether every element of a 1-D gradient is finite with |x| <= MAX_GRADIENT, in one read.
+
+    fp32: a dot product with itself at most MAX_GRADIENT**2 proves it (rounding never lowers
+    a running sum of non-negative terms, so the sum is at least its largest term, and NaN and
+    inf poison it); only a larger or non-finite sum takes the exact look. fp16 holds nothing
+    beyond 65504, so finiteness is all there is to check. Other dtypes (bf16): min and max.
+    """
+    if t.numel() == 0:
+        return True
+    if t.dtype == torch.float16:
+        return finite(t)
+    if t.dtype == torch.float32 and float(torch.dot(t, t)) <= MAX_GRADIENT * MAX_GRADIENT:
+        return True
+    low, high = torch.aminmax(t)
+    return -MAX_GRADIENT <= float(low) and float(high) <= MAX_GRADIENT
 
 
 # -- bulk messages, byte by byte -----------------------------------------------------------

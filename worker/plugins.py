@@ -30,6 +30,10 @@ def import_factory(path: str) -> Callable[..., Any]:
     Raises ValueError with the path in the message if the module is not allowed by
     --allow-import, the module or attribute is missing, or the attribute is not callable,
     so a job fails with a reason a user can act on.
+
+    With --allow-import, the factory itself must also be defined under an allowed prefix
+    (its `__module__`): an allowed module's namespace also holds what it imported, and
+    `mypkg:system` after `from os import system` in mypkg would otherwise run os.system.
     """
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
@@ -46,4 +50,10 @@ def import_factory(path: str) -> Callable[..., Any]:
         raise ValueError(f"module {module_name!r} has no attribute {attr!r} (from {path!r})")
     if not callable(factory):
         raise ValueError(f"{path!r} is not callable")
+    if _allowed_prefixes is not None:
+        defined_in = getattr(factory, "__module__", None)
+        if not isinstance(defined_in, str) or not is_allowed(defined_in):
+            raise ValueError(f"{path!r} is defined in module {defined_in!r}, which is not allowed "
+                             f"on this worker (--allow-import {' '.join(_allowed_prefixes)}): a "
+                             "factory must be defined under an allowed prefix, not imported into one")
     return factory

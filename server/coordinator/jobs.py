@@ -14,7 +14,7 @@ from typing import Any
 
 from shardps.proto import common_pb2
 from shardps.proto.layout import check_layout
-from shardps.proto.spec import METRICS, dump_spec, parse_spec
+from shardps.proto.spec import METRICS, NormalisedSpec, dump_spec, normalise
 
 from .convergence import ConvergenceTracker, Verdict, non_finite_loss
 from .history import MAX_POINTS, Evaluation, JobHistory, StepReport
@@ -70,11 +70,12 @@ class Job:
     rollback: Rollback = field(default_factory=Rollback)  # sync: the last checkpoint rollback
     resume_from: str = ""  # the ended job whose checkpoints this one continues from
     tracker: ConvergenceTracker = field(init=False)
-    spec_yaml: str = field(init=False)  # the normalised spec as canonical YAML
+    spec_yaml: str = ""  # the normalised spec as canonical YAML (dumped from spec if "")
 
     def __post_init__(self) -> None:
         self.tracker = ConvergenceTracker(self.spec["stop"])
-        self.spec_yaml = dump_spec(self.spec)
+        if not self.spec_yaml:
+            self.spec_yaml = dump_spec(self.spec)
 
     @property
     def name(self) -> str:
@@ -145,10 +146,12 @@ class JobTable:
 
     # -- life cycle ------------------------------------------------------------------------
 
-    def submit(self, spec_yaml: str, membership: Membership, now: float,
+    def submit(self, spec_yaml: str | NormalisedSpec, membership: Membership, now: float,
                resume_from: str = "") -> Job:
         """Validates and queues a job, then schedules.
 
+        `spec_yaml` is the spec's YAML text, or what `shardps.proto.spec.normalise` made of it
+        (the servicer parses before it takes its lock: parsing a spec may take a while).
         `resume_from` names an ended job to continue: the new job runs on the servers holding
         that job's checkpoints (its own servers if known, else those that reported them).
 
@@ -158,14 +161,15 @@ class JobTable:
             JobStateError: resume_from has not ended, or never had weights.
             ValueError: the spec's cluster.servers differs from resume_from's shard count.
         """
-        spec = parse_spec(spec_yaml)
+        normalised = normalise(spec_yaml) if isinstance(spec_yaml, str) else spec_yaml
+        spec = normalised.spec
         if resume_from:
             self._check_resumable(resume_from, spec, membership)
         job_id = f"{spec['name']}-{secrets.token_hex(3)}"
         while job_id in self._jobs:
             job_id = f"{spec['name']}-{secrets.token_hex(3)}"
         job = Job(job_id, spec, now, history=JobHistory(self.max_points),
-                  resume_from=resume_from)
+                  resume_from=resume_from, spec_yaml=normalised.text)
         self._jobs[job_id] = self._active[job_id] = job
         log.info("job %s submitted (needs %d servers, %d workers)", job_id,
                  spec["cluster"]["servers"], spec["cluster"]["workers"])

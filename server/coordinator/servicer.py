@@ -8,13 +8,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import grpc
 from prometheus_client import CollectorRegistry
 
 from shardps.proto import common_pb2, coordinator_pb2_grpc
 from shardps.proto import coordinator_pb2 as pb
-from shardps.proto.spec import SpecError
+from shardps.proto.spec import SpecError, normalise
 
 from .history import Evaluation, StepReport
 from .jobs import FINAL_STATES, INIT_TIMEOUT_S, Job, JobStateError, JobTable, UnknownJobError
@@ -28,6 +29,13 @@ log = logging.getLogger(__name__)
 # by default. Each holds a gRPC pool thread, so a big cluster's idle workers must not take
 # them all: beyond this, calls are answered at once and their callers fall back on polling.
 MAX_HELD_CALLS = 16
+# Text a node may send that every ListNodes / ListJobs reply carries on (addresses, host and
+# device names, a worker's failure message): bounded, so that no caller can make those
+# replies too big for anyone to receive. Error messages are cut to MAX_ERROR characters.
+MAX_NODE_TEXT = 1024
+MAX_FAILURE_TEXT = 2048
+MAX_ERROR = 1024
+INT64_MAX = 2**63 - 1
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
@@ -39,7 +47,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     Status codes: INVALID_ARGUMENT for a bad spec (the message names the key) or bad input,
     NOT_FOUND for an unknown job or node, FAILED_PRECONDITION for a call the job's state or
-    the caller's role does not allow. A refused call changes nothing.
+    the caller's role does not allow. A refused call changes nothing. A spec is parsed and
+    validated before the lock is taken (shardps.proto.spec bounds what that costs), so no
+    submit holds up heartbeats.
 
     With a `state_dir`, the node and job tables persist there (docs/architecture.md,
     "Failures"): a change to membership, a job's state, nodes, layout or shard map is
@@ -138,6 +148,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def RegisterNode(self, request: pb.RegisterNodeRequest,
                      context: grpc.ServicerContext) -> pb.RegisterNodeResponse:
         with self._serving(context) as now:
+            for name in ("address", "metrics_address", "device", "hostname"):
+                if len(getattr(request, name)) > MAX_NODE_TEXT:
+                    raise ValueError(f"{name}: at most {MAX_NODE_TEXT} characters, got "
+                                     f"{len(getattr(request, name))}")
             node = self._membership.register(
                 request.role, request.address, now, node_id=request.node_id,
                 metrics_address=request.metrics_address, device=request.device,
@@ -230,9 +244,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     def SubmitJob(self, request: pb.SubmitJobRequest,
                   context: grpc.ServicerContext) -> pb.SubmitJobResponse:
+        try:  # outside the lock: bounded (shardps.proto.spec), but the longest part of a submit
+            spec = normalise(request.spec_yaml)
+        except SpecError as exc:
+            self.metrics.rejected_specs.inc()
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         with self._serving(context) as now:
-            job = self._jobs.submit(request.spec_yaml, self._membership, now,
-                                    resume_from=request.resume_from)
+            job = self._jobs.submit(spec, self._membership, now, resume_from=request.resume_from)
             self.metrics.jobs_submitted.inc()
             return pb.SubmitJobResponse(job_id=job.job_id)
 
@@ -283,7 +301,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 steps=[StepReport(s.step, s.loss, s.samples, s.duration_ms)
                        for s in request.steps],
                 evals=[Evaluation(e.step, e.metric, e.value, e.loss) for e in request.evals],
-                finished=request.finished, failure=request.failure,
+                finished=request.finished, failure=_cut(request.failure, MAX_FAILURE_TEXT),
                 rollback_id=request.rollback_id)
             self._dirty = True
             action = pb.WORKER_ACTION_STOP if state in FINAL_STATES else pb.WORKER_ACTION_CONTINUE
@@ -301,13 +319,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 yield now
             except SpecError as exc:
                 self.metrics.rejected_specs.inc()
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except ValueError as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except (UnknownJobError, UnknownNodeError) as exc:
-                context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+                _abort(context, grpc.StatusCode.NOT_FOUND, exc.args[0])
             except (JobStateError, StaleNodeError) as exc:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             self._persist()
             self._wake_held()
 
@@ -378,7 +396,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             loss=history.latest_loss(job.workers), metric=tracker.metric,
             has_eval=tracker.has_eval, metric_value=tracker.latest or 0.0,
             best_metric=tracker.best or 0.0, best_step=tracker.best_step,
-            steps_per_s=history.steps_per_s(now), samples=history.samples,
+            # A sum of what workers reported: kept within int64 so that no report can make
+            # this job unlistable (a value out of range fails the whole reply).
+            steps_per_s=history.steps_per_s(now), samples=min(history.samples, INT64_MAX),
             servers=job.servers, epoch=job.epoch, resume_from=job.resume_from,
             rollback_id=job.rollback.id, rollback_version=job.rollback.version)
         for node_id in job.assigned_workers:
@@ -396,6 +416,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             info.evals.extend(pb.EvalPoint(step=e.step, metric=e.metric, value=e.value,
                                            loss=e.loss) for e in history.evals)
         return info
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """Ends the call with `code`; the message is cut to MAX_ERROR characters (it may echo an
+    id or value the caller sent, of any length)."""
+    context.abort(code, _cut(message, MAX_ERROR))
+    raise AssertionError("context.abort returned")
 
 
 def _required(value: str, name: str) -> str:

@@ -118,8 +118,13 @@ def restore(doc: dict[str, Any], membership: Membership, jobs: JobTable, now: fl
     Nodes alive at the dump are alive again with a fresh lease (they heartbeat on with the
     same incarnation; one that died meanwhile expires after a lease and RESTART_GRACE_S).
 
+    A job's spec is validated again, as at submit: an older version may have stored one that
+    today's limits refuse. Its numbers out of range are clamped into range (logged), so that
+    no stored value can break listing the jobs; a job whose spec is still refused after that
+    is left out (logged as an error) rather than keeping the coordinator from starting.
+
     Raises:
-        StateError: a format this code does not read, or a spec it no longer accepts.
+        StateError: a format this code does not read.
     """
     if doc.get("format") != FORMAT:
         raise StateError(f"state format {doc.get('format')!r}, expected {FORMAT}")
@@ -135,10 +140,9 @@ def restore(doc: dict[str, Any], membership: Membership, jobs: JobTable, now: fl
         now, RESTART_GRACE_S)
     loaded = []
     for d in doc["jobs"]:
-        try:
-            spec = parse_spec(d["spec_yaml"])
-        except SpecError as exc:
-            raise StateError(f"job {d['job_id']}: its spec no longer parses: {exc}") from None
+        spec = _restored_spec(d["job_id"], d["spec_yaml"])
+        if spec is None:
+            continue
         history = JobHistory(jobs.max_points)
         job = Job(d["job_id"], spec, mono(d["created"]) or now, state=d["state"],
                   reason=d["reason"], ended=mono(d["ended"]), servers=list(d["servers"]),
@@ -156,6 +160,24 @@ def restore(doc: dict[str, Any], membership: Membership, jobs: JobTable, now: fl
          t._since_improvement) = d["tracker"]
         loaded.append(job)
     jobs.load(loaded)
+
+
+def _restored_spec(job_id: str, text: str) -> dict[str, Any] | None:
+    """The stored spec, validated (numbers clamped into range), or None if it is refused."""
+    try:
+        return parse_spec(text)
+    except SpecError as exc:
+        refused = exc
+    clamped: list[str] = []
+    try:
+        spec = parse_spec(text, clamped=clamped)
+    except SpecError:
+        log.error("job %s left out of the restored state: its spec is no longer accepted "
+                  "(%s)", job_id, refused)
+        return None
+    log.warning("job %s: its stored spec had numbers out of range, now clamped: %s", job_id,
+                "; ".join(clamped))
+    return spec
 
 
 def _restore_history(h: JobHistory, d: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ from .errors import (
 )
 from .metrics import PSMetrics
 from .registry import ShardRegistry
-from .shard import Shard, Snapshot
+from .shard import Shard, Snapshot, unpushable
 
 log = logging.getLogger("shardps.ps")
 
@@ -59,8 +59,9 @@ _STATUS_NAMES = {
     for name, value in ps_pb2.PushStatus.items()
 }
 
-# fill(grad) writes the push's elements into grad (the wire dtype) and returns
-# (bytes received, whether every value is finite); it raises codec.CodecError on bad bytes.
+# fill(grad) writes the push's elements into grad (the wire dtype) and returns (bytes received,
+# whether every value is codec.pushable: finite and within codec.MAX_GRADIENT); it raises
+# codec.CodecError on bad bytes.
 Fill = Callable[[torch.Tensor], tuple[int, bool]]
 
 
@@ -158,9 +159,9 @@ class BulkOps:
             shard.release_staging(grad)
             raise
         if not finite:
+            why = unpushable(grad)  # a second look only for a push being refused
             shard.release_staging(grad)
-            raise self._reject(InvalidPushError("gradient has non-finite values", "non_finite"),
-                               "non_finite")
+            raise self._reject(why, why.reason) from None
         self.metrics.push_bytes.labels(shard.job_id).inc(received)
         applying = time.perf_counter()
         try:

@@ -200,7 +200,7 @@ class DataServer:
                 dataplane.recv_exact(conn, data[lo : lo + step])
                 if finite:  # each piece while it is in cache
                     first = lo // grad.element_size()
-                    finite = codec.finite(grad[first : first + per_piece])
+                    finite = codec.pushable(grad[first : first + per_piece])
             return len(data), finite
 
         try:

@@ -38,7 +38,8 @@ class StepAheadError(ShardError):
 
 
 class InvalidPushError(ShardError):
-    """A malformed push: bad length, batch size, step or non-finite values."""
+    """A malformed push: bad length, batch size, step, non-finite values or values beyond
+    codec.MAX_GRADIENT (which would overflow Adam's state)."""
 
     def __init__(self, message: str, reason: str):
         super().__init__(message)
@@ -53,7 +54,7 @@ class InvalidConfigError(ShardError):
 
 # Every `reason` label of shardps_ps_rejected_pushes_total (metrics export each at 0).
 REJECT_REASONS = ("invalid", "bad_header", "bad_dtype", "bad_chunks", "bad_length", "non_finite",
-                  "bad_step", "bad_batch_size", "unknown_shard", "shard_closed", "unknown_worker",
+                  "too_large", "bad_step", "bad_batch_size", "unknown_shard", "shard_closed", "unknown_worker",
                   "step_ahead", "bad_config", "fenced")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from shardps.proto import common_pb2
+from shardps.proto.spec import FP32_MAX, MAX_WEIGHT_DECAY, MIN_EPS
 
 from .errors import InvalidConfigError
 
@@ -21,15 +22,19 @@ def validate(config: common_pb2.OptimizerConfig) -> None:
     name = config.name or "adam"
     if name not in ("adam", "adamw"):
         raise InvalidConfigError(f"optimizer.name must be adam or adamw, got {name!r}")
-    if not (math.isfinite(config.lr) and config.lr > 0):
-        raise InvalidConfigError(f"optimizer.lr must be > 0, got {config.lr}")
+    # The job spec's ranges (shardps.proto.spec), which also keep Adam's fp32 state finite:
+    # an eps that fp32 rounds to 0 makes 0/0 = NaN of every weight whose gradient is 0.
+    if not (math.isfinite(config.lr) and 0 < config.lr <= FP32_MAX):
+        raise InvalidConfigError(f"optimizer.lr must be in (0, {FP32_MAX:.4g}], got {config.lr}")
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(config, key) < 1.0:
             raise InvalidConfigError(f"optimizer.{key} must be in [0, 1), got {getattr(config, key)}")
-    if not (math.isfinite(config.eps) and config.eps > 0):
-        raise InvalidConfigError(f"optimizer.eps must be > 0, got {config.eps}")
-    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
-        raise InvalidConfigError(f"optimizer.weight_decay must be >= 0, got {config.weight_decay}")
+    if not (math.isfinite(config.eps) and MIN_EPS <= config.eps <= FP32_MAX):
+        raise InvalidConfigError(f"optimizer.eps must be in [{MIN_EPS:g}, {FP32_MAX:.4g}], "
+                                 f"got {config.eps}")
+    if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay <= MAX_WEIGHT_DECAY):
+        raise InvalidConfigError(f"optimizer.weight_decay must be in [0, {MAX_WEIGHT_DECAY:g}], "
+                                 f"got {config.weight_decay}")
     schedule = schedule_name(config)
     if schedule not in SCHEDULES:
         raise InvalidConfigError(f"optimizer.schedule must be one of {SCHEDULES}, got {schedule!r}")

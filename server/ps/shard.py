@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-from shardps.proto import common_pb2, ps_pb2
+from shardps.proto import codec, common_pb2, ps_pb2
 
 from . import schedule
 from .buffers import BufferPool
@@ -315,10 +315,12 @@ class Shard:
         async/ssp: one Adam step on arrival. sync: buffered in the round of `step`; the last
         live worker's push runs one Adam step on the batch-size-weighted mean. `checked`: the
         caller has already verified every value is finite (the servicer does, chunk by chunk
-        as the gradient arrives), so the whole-vector check is skipped.
+        as the gradient arrives), so the whole-vector check is skipped. A value beyond
+        codec.MAX_GRADIENT is refused like NaN: Adam's second moment would overflow.
 
         Raises:
-            InvalidPushError: wrong length, bad batch size or step, non-finite values.
+            InvalidPushError: wrong length, bad batch size or step, non-finite values or
+                values beyond codec.MAX_GRADIENT.
             FencedError: this worker incarnation was declared dead.
             UnknownWorkerError: worker not among the live workers.
             StepAheadError: sync, `step` is beyond the open round.
@@ -327,9 +329,10 @@ class Shard:
         """
         _check_gradient(grad, self.length)
         # Outside the lock: the check reads the whole gradient.
-        if not checked and not all_finite(grad):
+        if not checked and not codec.pushable(grad):
+            refused = unpushable(grad)
             self._staging.release(grad)
-            raise InvalidPushError("gradient has non-finite values", "non_finite")
+            raise refused
         keep = False
         try:
             with self._cond:
@@ -513,3 +516,14 @@ def all_finite(t: torch.Tensor) -> bool:
     if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
+
+
+def unpushable(grad: torch.Tensor) -> InvalidPushError:
+    """Why a gradient that is not codec.pushable is refused: non-finite values, or values so
+    large that Adam's second moment (a mean of g*g, in fp32) would overflow to inf, after
+    which those weights would never move again."""
+    if not all_finite(grad):
+        return InvalidPushError("gradient has non-finite values", "non_finite")
+    return InvalidPushError(
+        f"gradient has values beyond +-{codec.MAX_GRADIENT:.3g} (largest "
+        f"{float(grad.abs().max()):.3g}): Adam's state would overflow", "too_large")

@@ -426,3 +426,116 @@ def _valid(text: str) -> bool:
         return True
     except spec.SpecError:
         return False
+
+
+# -- issue 10: specs and pushes that once got through ------------------------------------------
+
+# The documented limits (shardps.proto.spec, codec.MAX_GRADIENT), spelled out so that these
+# tests also run, and fail, against a version without them.
+SPEC_LIMITS = {"bytes": 64 * 1024, "depth": 32, "values": 4096, "message": 300, "steps": 2**31 - 1}
+MAX_GRADIENT = 2.0**63
+# Every number of the spec, with the edges of its range: (key, lowest, highest, kind).
+NUMBERS = [
+    ("seed", 0, 2**63 - 1, int), ("data.batch_size", 1, 2**20, int),
+    ("optimizer.lr", 1e-30, 3.4028234663852886e38, float), ("optimizer.eps", 1e-30, 3.4e38, float),
+    ("optimizer.weight_decay", 0.0, 1e3, float), ("optimizer.clip_grad_norm", 0.0, 3.4e38, float),
+    ("optimizer.schedule.warmup_steps", 0, 2**31 - 1, int), ("optimizer.schedule.total_steps", 0, 2**31 - 1, int),
+    ("cluster.servers", 1, 1024, int), ("cluster.workers", 1, 4096, int),
+    ("transport.chunk_bytes", 4096, 16 * 1024 * 1024, int), ("stop.max_steps", 0, 2**31 - 1, int),
+    ("stop.max_epochs", 0.0, 1e6, float), ("stop.patience", 0, 2**31 - 1, int),
+    ("stop.min_delta", 0.0, 3.4e38, float), ("stop.eval_every", 1, 2**31 - 1, int),
+    ("checkpoint.every_steps", 0, 2**31 - 1, int), ("checkpoint.keep", 1, 1000, int),
+]
+
+
+def nested(key: str, value: str) -> str:
+    """`a.b.c` = value as one line of flow YAML."""
+    parts = key.split(".")
+    return "".join(f"{p}: {{" for p in parts[:-1]) + f"{parts[-1]}: {value}" + "}" * (len(parts) - 1)
+
+
+def hostile_spec(rng: random.Random) -> str:
+    """A spec meant to cost the coordinator time or memory, or to slip a number past it."""
+    base = "model: {name: mlp}\ndata: {dataset: digits}\n"
+    case = rng.randrange(6)
+    if case == 0:  # aliases: a bomb of random width and depth, or one harmless alias
+        width, levels = rng.randint(2, 10), rng.randint(1, 9)
+        lists = [f"&a0 [{', '.join(['x'] * width)}]"]
+        lists += [f"&a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels)]
+        return base.replace("{name: mlp}", f"{{name: mlp, kwargs: {{v: [{', '.join(lists)}]}}}}")
+    if case == 1:  # nesting, around the limit and far past it
+        depth = rng.choice([SPEC_LIMITS["depth"] - 4, SPEC_LIMITS["depth"] + 1, 200, 5000])
+        return base.replace("{name: mlp}", "{name: mlp, kwargs: {v: " + "[" * depth + "]" * depth + "}}")
+    if case == 2:  # size and value count, around the limits
+        count = rng.choice([SPEC_LIMITS["values"] - 50, SPEC_LIMITS["values"] + 10, 30_000, 200_000])
+        return base.replace("{name: mlp}", "{name: mlp, kwargs: {v: [" + ", ".join(["1"] * count) + "]}}")
+    if case == 3:  # a long value in a key that echoes it
+        key = rng.choice(["name", "model.name", "data.dataset", "transport.dtype", "consistency.mode"])
+        return base + nested(key, "x" * rng.choice([100, 5000, 60_000])) + "\n"
+    # a number at the edge of its range, or just past it, or far past it
+    key, low, high, kind = rng.choice(NUMBERS)
+    value = rng.choice([low, high, high * 2 if kind is float else high + 1, 10**30, -(10**30), "1e999",
+                        "9" * 400, low - 1 if kind is int else -1.0])
+    if key.startswith("stop."):  # with a stop condition, unless it is the one at stake
+        stop = "" if key in ("stop.max_steps", "stop.max_epochs") else "max_steps: 5, "
+        return base + f"stop: {{{stop}{key[5:]}: {value}}}\n"
+    return base + "stop: {max_steps: 5}\n" + nested(key, str(value)) + "\n"
+
+
+def test_coordinator_answers_hostile_specs_at_once_and_lists_whatever_it_accepted():
+    """Random hostile specs: each is answered within the deadline, refusals are INVALID_ARGUMENT
+    with a bounded message, and every spec accepted can be listed (no number out of what the
+    reply can carry)."""
+    coord = harness.start("shardps-coordinator", "--port", "0")
+    rng = random.Random(SEED + 2)
+    outcomes: dict = {}
+    start = time.monotonic()
+    with rpc.make_channel(coord.address) as channel:
+        for _ in range(300):
+            if time.monotonic() - start > BUDGET_S:
+                break
+            text = hostile_spec(rng)
+            code = call(channel, "/shardps.v1.Coordinator/SubmitJob", coordinator_pb2.SubmitJobRequest(spec_yaml=text))
+            assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (code, text[:200])
+            outcomes[code.name] = outcomes.get(code.name, 0) + 1
+            call_list_jobs(channel)  # raises if any accepted job cannot be listed
+        stub = channel.unary_unary("/shardps.v1.Coordinator/SubmitJob",
+                                   request_serializer=lambda m: m.SerializeToString(),
+                                   response_deserializer=lambda b: b)
+        for _ in range(20):  # and the messages of refusals stay short
+            text = hostile_spec(rng)
+            try:
+                stub(coordinator_pb2.SubmitJobRequest(spec_yaml=text), timeout=DEADLINE_S)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert len(exc.details()) <= SPEC_LIMITS["message"], exc.details()[:200]
+    assert outcomes.get("OK") and outcomes.get("INVALID_ARGUMENT", 0) > 100, outcomes
+    assert coord.proc.poll() is None, coord.output()
+    assert_healthy(coord.address)
+
+
+@pytest.mark.parametrize("dtype", [common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("data_plane", [False, True], ids=["grpc", "data_plane"])
+def test_a_push_that_would_overflow_adams_state_is_refused_and_changes_nothing(server, data_plane, dtype):
+    """3e38 is finite in fp32 but its square is not: Adam's second moment would become inf and
+    those weights would never move again. Refused on both transports; at MAX_GRADIENT a push
+    applies and every weight keeps moving."""
+    shard_map, _ = fuzzed_job(server)
+    before, versions = weights(server)
+    grad = torch.ones(TOTAL)
+    grad[:100] = 3e38
+    with PSClient(JOB, shard_map, worker_id=WORKER, data_plane=data_plane, dtype=dtype) as ps:
+        with pytest.raises(grpc.RpcError) as info:
+            ps.push(grad, step=10, base_version=versions[0], batch_size=1)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Adam" in info.value.details(), info.value.details()
+        after, versions_after = weights(server)
+        assert torch.equal(after, before) and versions_after == versions
+        grad[:100] = -MAX_GRADIENT
+        assert ps.push(grad, step=11, base_version=versions[0], batch_size=1)[0].status == ps_pb2.PUSH_STATUS_APPLIED
+        moved, _ = weights(server)
+        assert ps.push(torch.ones(TOTAL), step=12, base_version=versions[0] + 1,
+                       batch_size=1)[0].status == ps_pb2.PUSH_STATUS_APPLIED
+    final, _ = weights(server)
+    assert torch.isfinite(final).all() and bool((final != moved).all())
+    assert server.proc.poll() is None, server.output()

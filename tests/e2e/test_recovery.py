@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import signal
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 from shardps.client.api import CoordinatorClient
+from shardps.client.scrape import scrape, total
 from shardps.proto import common_pb2, coordinator_pb2
 from shardps.server.ps import checkpoint
 from tests import harness
@@ -41,14 +41,6 @@ stop: {{{stop}}}
 checkpoint: {{every_steps: {every}, keep: 3}}
 """
 
-
-def scrape(address: str) -> str:
-    return urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
-
-
-def sample(text: str, name: str) -> float:
-    """Sum of every sample of a metric whose line starts with `name` (labels included)."""
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 class Cluster:
@@ -164,8 +156,7 @@ def test_sync_restore_after_sigkill_is_bitwise_identical(tmp_path):
         other = cluster.servers[1 - victim]
         assert other.has_line(rf"rollback 1: version \d+ -> {final.rollback_version}"), \
             other.output()
-        lost = sample(scrape(restarted.metrics_address),
-                      f'shardps_ps_lost_updates_total{{job="{job_id}"')
+        lost = restarted.metric("shardps_ps_lost_updates_total", job=job_id)
         print(f"SIGKILL at step ~{at.step}: restored version {final.rollback_version}, "
               f"{lost:.0f} update(s) replayed on the restarted shard; serving again after "
               f"{serving_s:.1f} s, past the old step after {recovery_s:.1f} s")
@@ -192,16 +183,15 @@ def test_async_job_survives_a_sigkilled_server_and_reports_lost_updates(tmp_path
         assert final.state == common_pb2.JOB_STATE_CONVERGED, final.reason
         assert final.rollback_id == 0  # async: nothing rolls back, the others go on
         text = scrape(restarted.metrics_address)
-        lost = sample(text, f'shardps_ps_lost_updates_total{{job="{job_id}"')
-        restores = sample(text, 'shardps_ps_restores_total{kind="startup"')
-        line = next(x for x in restarted._lines if f"job {job_id} shard 0 restored" in x)
+        lost = total(text, "shardps_ps_lost_updates_total", job=job_id)
+        restores = total(text, "shardps_ps_restores_total", kind="startup")
+        line = next(x for x in restarted.lines if f"job {job_id} shard 0 restored" in x)
         print(f"async: {line.split(': ', 1)[1]}")
         assert restores >= 1
         # Updates since the newest complete checkpoint: fewer than `every`, plus one more
         # interval if the newest periodic copy was still queued for the writer.
         assert 0 <= lost < 2 * every
-        coord_lost = sample(scrape(cluster.coord.metrics_address),
-                            "shardps_coordinator_lost_updates_total")
+        coord_lost = cluster.coord.metric("shardps_coordinator_lost_updates_total")
         assert coord_lost == lost
         print(f"async SIGKILL: {lost:.0f} update(s) lost on the restarted shard; serving again "
               f"after {serving_s:.1f} s; job {common_pb2.JobState.Name(final.state)} at step "
@@ -253,8 +243,7 @@ def test_a_worker_stopped_past_its_lease_is_fenced_and_rejoins_and_one_killed_is
             harness.poll(lambda s=start: next(w for w in cluster.client.job(job_id).workers
                                               if w.node_id == node).step > s + 10, 60,
                          what="rejoined worker training")
-            fenced = sample(scrape(server.metrics_address),
-                            'shardps_ps_rejected_pushes_total{reason="fenced"')
+            fenced = server.metric("shardps_ps_rejected_pushes_total", reason="fenced")
             print(f"cycle {cycle}: rejoined at step {start} as incarnation {cycle + 1} "
                   f"(epoch {rejoined.epoch}); pushes fenced so far: {fenced:.0f}")
             if fenced >= 1:
@@ -286,11 +275,11 @@ def test_a_push_whose_reply_is_lost_is_applied_once(tmp_path):
         text = scrape(server.metrics_address)
         # async: each applied push is one version. 40 steps, the 7th push's reply dropped and
         # the push retried: still exactly 40 versions, and one duplicate answered.
-        assert sample(text, f'shardps_ps_version{{job="{job_id}"') == steps
-        assert sample(text, f'shardps_ps_pushes_total{{job="{job_id}",status="duplicate"') == 1
-        assert sample(text, f'shardps_ps_pushes_total{{job="{job_id}",status="applied"') == steps
-        retries = sample(scrape(cluster.workers[0].metrics_address),
-                         'shardps_worker_ps_retries_total{call="push",code="UNAVAILABLE"')
+        assert total(text, "shardps_ps_version", job=job_id) == steps
+        assert total(text, "shardps_ps_pushes_total", job=job_id, status="duplicate") == 1
+        assert total(text, "shardps_ps_pushes_total", job=job_id, status="applied") == steps
+        retries = cluster.workers[0].metric("shardps_worker_ps_retries_total", call="push",
+                                            code="UNAVAILABLE")
         assert retries == 1
     finally:
         cluster.stop()

@@ -7,9 +7,9 @@ over the dead worker's part of each global batch, and the job finishes.
 
 import signal
 import time
-import urllib.request
 
 from shardps.client.api import CoordinatorClient
+from shardps.client.scrape import scrape, total
 from shardps.proto import common_pb2, coordinator_pb2
 from tests import harness
 
@@ -29,13 +29,6 @@ cluster: {{servers: 2, workers: 3}}
 stop: {{max_steps: {STEPS}, eval_every: 50}}
 """
 
-
-def scrape(address: str) -> str:
-    return urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
-
-
-def sample(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 def test_sync_job_finishes_with_the_others_after_a_worker_is_killed():
@@ -78,12 +71,12 @@ def test_sync_job_finishes_with_the_others_after_a_worker_is_killed():
     for server in servers:
         assert server.has_line(r"workers worker-\w+,worker-\w+ \(epoch 2\)"), server.output()
         text = scrape(server.metrics_address)
-        short = sample(text, f'shardps_ps_short_rounds_total{{job="{job_id}"')
+        short = total(text, "shardps_ps_short_rounds_total", job=job_id)
         said = server.has_line(r"round \d+ completed with 2 of the 3 workers it opened with")
         assert said == (short >= 1), server.output()
         short_rounds += short
-        assert sample(text, f'shardps_ps_live_workers{{job="{job_id}"') == 2
-        assert sample(text, f'shardps_ps_version{{job="{job_id}"') == STEPS
+        assert total(text, "shardps_ps_live_workers", job=job_id) == 2
+        assert total(text, "shardps_ps_version", job=job_id) == STEPS
     assert short_rounds >= 1
 
     # The survivors re-ranked (0 and 1 of 2) and from then on each took half of every global
@@ -99,8 +92,7 @@ def test_sync_job_finishes_with_the_others_after_a_worker_is_killed():
         assert len(switches) == 1, daemon.output()
         switch = switches[0]
         assert running.step <= switch < STEPS
-        samples = sample(scrape(daemon.metrics_address),
-                         f'shardps_worker_samples_total{{job="{job_id}"')
+        samples = daemon.metric("shardps_worker_samples_total", job=job_id)
         assert samples == old_slice[node] * switch + (BATCH // 2) * (STEPS - switch)
     print(f"daemons ready to job end {time.monotonic() - started:.1f} s")
     stopping = time.monotonic()

@@ -1,12 +1,12 @@
 """The coordinator daemon in-process on port 0, driven over real gRPC by stubs that act as
 servers, workers and a client."""
 
-import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shardps.client.scrape import scrape
 from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, exitcodes, rpc
 from shardps.proto.layout import make_layout
 from shardps.server.coordinator.daemon import CoordinatorDaemon, main
@@ -224,7 +224,7 @@ def test_sweeper_expires_leases_without_any_rpc(start):
     node = FakeNode(stub, common_pb2.ROLE_WORKER)
 
     def dead_metric():
-        text = scrape(daemon)
+        text = scrape(daemon.metrics_address)
         return 'shardps_coordinator_lease_expiries_total{role="worker"} 1.0' in text
 
     poll(dead_metric, timeout=10, interval=0.1, what="sweeper expiry")
@@ -256,7 +256,7 @@ def held_heartbeat(node):
 
 
 def wait_held(daemon, count):
-    poll(lambda: f"shardps_coordinator_held_calls {count:.1f}" in scrape(daemon), timeout=30,
+    poll(lambda: f"shardps_coordinator_held_calls {count:.1f}" in scrape(daemon.metrics_address), timeout=30,
          interval=0.02, what=f"{count} held call(s)")
 
 
@@ -269,7 +269,8 @@ def test_an_idle_workers_held_heartbeat_returns_its_assignment_when_a_job_is_sub
     job_id = stub.SubmitJob(pb.SubmitJobRequest(spec_yaml=SPEC), timeout=DEADLINE).job_id
     assignment = held.result().assignment
     assert (assignment.job_id, assignment.world_size) == (job_id, 2)
-    assert 'shardps_coordinator_long_polls_total{call="heartbeat",outcome="woken"} 1.0' in scrape(daemon)
+    text = scrape(daemon.metrics_address)
+    assert 'shardps_coordinator_long_polls_total{call="heartbeat",outcome="woken"} 1.0' in text
     # A worker that already has its assignment is answered at once, as by a plain heartbeat.
     again = stub.Heartbeat(pb.HeartbeatRequest(
         node_id=workers[1].node_id, incarnation=1, wait_for_assignment_ms=HOLD_MS),
@@ -303,7 +304,8 @@ def test_long_polls_beyond_the_limit_are_answered_at_once_and_cancelled_ones_let
     reply = held_heartbeat(workers[1]).result()  # over the limit: not held
     assert reply.assignment.job_id == "" and not reply.unknown_node
     assert not held.done()
-    assert 'shardps_coordinator_long_polls_total{call="heartbeat",outcome="over_limit"} 1.0' in scrape(daemon)
+    text = scrape(daemon.metrics_address)
+    assert 'shardps_coordinator_long_polls_total{call="heartbeat",outcome="over_limit"} 1.0' in text
     held.cancel()
     wait_held(daemon, 0)
 
@@ -345,17 +347,12 @@ def test_health_is_serving(start):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def scrape(daemon):
-    with urllib.request.urlopen(f"http://{daemon.metrics_address}/metrics", timeout=10) as r:
-        return r.read().decode()
-
-
 def test_metrics_endpoint_serves_the_coordinator_metrics(start):
     daemon, stub, _ = start()
     servers, workers = cluster(stub)
     job_id = stub.SubmitJob(pb.SubmitJobRequest(spec_yaml=SPEC), timeout=DEADLINE).job_id
     abort_of(stub.SubmitJob, pb.SubmitJobRequest(spec_yaml="model: {name: mlp}\n"))
-    text = scrape(daemon)
+    text = scrape(daemon.metrics_address)
     for line in (
         'shardps_coordinator_nodes{role="server",state="alive"} 2.0',
         'shardps_coordinator_nodes{role="worker",state="dead"} 0.0',

@@ -6,13 +6,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shardps.client.scrape import scrape
 from shardps.proto import (
     codec,
     common_pb2,
@@ -287,8 +287,7 @@ def test_metrics_endpoint_serves_the_documented_names(servers):
         pulled(client, total)
         with pytest.raises(grpc.RpcError):
             push_raw(stub(servers[0]), ps_pb2.PushHeader(job_id="nope", length=1), [])
-    url = f"http://{servers[0].metrics_address}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    text = scrape(servers[0].metrics_address)
     for line in [
         'shardps_ps_pushes_total{job="job",status="applied"} 1.0',
         'shardps_ps_pulls_total{job="job"} 1.0',

@@ -155,3 +155,27 @@ def test_assembler_checks_each_chunk_for_non_finite_values_as_it_lands():
     for chunk in codec.iter_chunks(torch.tensor([0.0] * 6 + [float("nan"), 1.0]), common_pb2.DTYPE_FLOAT32, 16):
         bad.add(chunk)
     assert not bad.all_finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pushable_means_finite_and_within_max_gradient(dtype):
+    big = codec.MAX_GRADIENT
+
+    def ok(values):
+        return codec.pushable(torch.tensor(values, dtype=torch.float32).to(dtype))
+
+    assert ok([]) and ok([0.0, -1.5, 3.0])
+    assert not ok([1.0, float("nan")]) and not ok([float("inf")]) and not ok([float("-inf"), 0.0])
+    if dtype != torch.float16:  # fp16 holds nothing beyond 65504
+        assert ok([big, -big, 1.0])
+        assert not ok([1.0, 3e38]) and not ok([-big * 1.01]) and not ok([1e19] * 4)
+        # Many large values overflow the fp32 sum of squares: the exact look decides.
+        assert ok([big / 2] * 10_000)
+    assert ok([65504.0] * 1000)
+
+
+def test_assembler_refuses_values_that_would_overflow_adam_as_they_land():
+    bad = codec.ChunkAssembler(torch.empty(8), common_pb2.DTYPE_FLOAT32, check_finite=True)
+    for chunk in codec.iter_chunks(torch.tensor([0.0] * 6 + [3e38, 1.0]), common_pb2.DTYPE_FLOAT32, 16):
+        bad.add(chunk)
+    assert bad.complete and not bad.all_finite

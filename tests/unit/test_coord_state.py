@@ -1,6 +1,7 @@
 """The coordinator's persistent state and recovery rules: the state file round trip, a
 restarted servicer carrying on, sync rollbacks, elastic rejoin and resumed jobs."""
 
+import grpc
 import msgpack
 import pytest
 
@@ -224,3 +225,82 @@ def test_a_resumed_job_waits_for_the_server_holding_its_shard(cluster):
         cluster.register(SERVER, "h:x", now=21.0, node_id=server)
     table.schedule(cluster, 21.0)
     assert job.servers == first.servers
+
+
+# -- hostile input (issue 10) ---------------------------------------------------------------
+
+class Refused(Exception):
+    pass
+
+
+class Aborting:
+    def abort(self, code, details):
+        raise Refused(code, details)
+
+
+def test_a_spec_is_parsed_before_the_lock_is_taken(monkeypatch):
+    servicer = CoordinatorServicer(lease_ms=10_000)
+    seen = []
+
+    def normalise(text):
+        seen.append(servicer._lock.locked())
+        return real(text)
+
+    from shardps.server.coordinator import servicer as servicer_module
+    real = servicer_module.normalise
+    monkeypatch.setattr(servicer_module, "normalise", normalise)
+    servicer.SubmitJob(pb.SubmitJobRequest(spec_yaml=spec(workers=1, servers=1)), Ctx())
+    with pytest.raises(Refused) as info:
+        servicer.SubmitJob(pb.SubmitJobRequest(spec_yaml="a: &x 1\n"), Aborting())
+    assert info.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert seen == [False, False]
+    assert len(servicer.ListJobs(pb.ListJobsRequest(), Ctx()).jobs) == 1
+
+
+def test_reports_cannot_make_a_job_unlistable_nor_its_reason_huge():
+    servicer = CoordinatorServicer(lease_ms=10_000)
+    server = servicer.RegisterNode(pb.RegisterNodeRequest(role=SERVER, address="h:1"), Ctx())
+    worker = servicer.RegisterNode(pb.RegisterNodeRequest(role=WORKER), Ctx())
+    job_id = servicer.SubmitJob(pb.SubmitJobRequest(spec_yaml=spec(workers=1, servers=1)), Ctx()).job_id
+    assert server.node_id and worker.node_id
+    servicer.SetLayout(pb.SetLayoutRequest(job_id=job_id, node_id=worker.node_id, incarnation=1,
+                                           layout=LAYOUT), Ctx())
+    servicer.ActivateJob(pb.ActivateJobRequest(job_id=job_id, node_id=worker.node_id, incarnation=1), Ctx())
+    big = 2**63 - 1  # each fits int64; their sum does not
+    servicer.ReportProgress(pb.ReportProgressRequest(
+        job_id=job_id, node_id=worker.node_id, incarnation=1,
+        steps=[pb.StepReport(step=0, loss=1.0, samples=big), pb.StepReport(step=1, loss=1.0, samples=big)]),
+        Ctx())
+    (info,) = servicer.ListJobs(pb.ListJobsRequest(), Ctx()).jobs
+    assert info.samples == 2**63 - 1
+    servicer.ReportProgress(pb.ReportProgressRequest(
+        job_id=job_id, node_id=worker.node_id, incarnation=1, failure="x" * 1_000_000), Ctx())
+    (info,) = servicer.ListJobs(pb.ListJobsRequest(), Ctx()).jobs
+    assert info.state == common_pb2.JOB_STATE_FAILED and len(info.reason) < 2200
+
+
+def test_node_text_is_bounded_and_errors_do_not_echo_whole_values():
+    servicer = CoordinatorServicer(lease_ms=10_000)
+    with pytest.raises(Refused) as info:
+        servicer.RegisterNode(pb.RegisterNodeRequest(role=WORKER, hostname="h" * 100_000), Aborting())
+    assert info.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT and "hostname" in info.value.args[1]
+    assert servicer.ListNodes(pb.ListNodesRequest(), Ctx()).nodes == []
+    with pytest.raises(Refused) as info:
+        servicer.GetJob(pb.GetJobRequest(job_id="j" * 100_000), Aborting())
+    assert info.value.args[0] == grpc.StatusCode.NOT_FOUND and len(info.value.args[1]) <= 1024
+
+
+def test_restore_clamps_stored_numbers_and_leaves_out_specs_refused_otherwise(cluster, caplog):
+    table = JobTable()
+    big = table.submit(spec(name="big"), cluster, 1.0)
+    odd = table.submit(spec(name="odd"), cluster, 1.0)
+    doc = dump(cluster, table, now=2.0, wall=1000.0)
+    doc["jobs"][0]["spec_yaml"] = doc["jobs"][0]["spec_yaml"].replace("max_steps: 100", f"max_steps: {10**30}")
+    doc["jobs"][1]["spec_yaml"] = doc["jobs"][1]["spec_yaml"].replace("kwargs: {}", "kwargs: &a {}", 1)
+    m2, t2 = Membership(lease_ms=10_000), JobTable()
+    restore(doc, m2, t2, now=5.0, wall=1003.0)
+    assert [j.job_id for j in t2.jobs()] == [big.job_id]
+    again = t2.get(big.job_id)
+    assert again.spec["stop"]["max_steps"] == 2**31 - 1 and f"max_steps: {2**31 - 1}" in again.spec_yaml
+    assert f"{odd.job_id} left out of the restored state" in caplog.text
+    assert "stop.max_steps: 1000000000000000000000000000000 clamped to 2147483647" in caplog.text

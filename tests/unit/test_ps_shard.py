@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from shardps.proto import common_pb2, ps_pb2
+from shardps.proto import codec, common_pb2, ps_pb2
 from shardps.server.ps import schedule
 from shardps.server.ps.errors import (
     InvalidConfigError,
@@ -383,3 +383,42 @@ def test_initial_weights_must_be_finite_fp32_of_the_length():
         Shard(make_config(), torch.zeros(N, dtype=torch.float64))
     with pytest.raises(InvalidConfigError):
         Shard(make_config(), torch.zeros(N + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gradient_that_would_overflow_adams_state_is_rejected_with_state_unchanged(dtype):
+    """3e38 is finite, its square is not: Adam's second moment would be inf for good."""
+    shard = make_shard(torch.ones(N), mode=ASYNC, workers=["w0"])
+    grad = torch.ones(N)
+    grad[:100] = 3e38
+    info = shard.info()
+    with pytest.raises(InvalidPushError, match="Adam's state would overflow") as err:
+        push(shard, grad.to(dtype))
+    assert err.value.reason == "too_large"
+    assert shard.info() == info and torch.equal(weights(shard), torch.ones(N))
+    # At the bound it applies, every moment stays finite and every weight keeps moving.
+    grad[:100] = -codec.MAX_GRADIENT
+    assert push(shard, grad.to(dtype)).status == APPLIED
+    state = shard.capture().tensors
+    assert torch.isfinite(state["exp_avg_sq"]).all() and torch.isfinite(state["exp_avg"]).all()
+    moved = weights(shard).clone()
+    assert push(shard, torch.ones(N).to(dtype), step=1).status == APPLIED
+    assert torch.isfinite(weights(shard)).all() and bool((weights(shard) != moved).all())
+
+
+def test_sync_mean_of_gradients_at_the_bound_keeps_adams_state_finite():
+    shard = make_shard(torch.ones(N), mode=SYNC, workers=["w0", "w1"])
+    push(shard, torch.full((N,), codec.MAX_GRADIENT), worker="w0", batch_size=1)
+    assert push(shard, torch.full((N,), codec.MAX_GRADIENT), worker="w1", batch_size=7).status == APPLIED
+    assert torch.isfinite(shard.capture().tensors["exp_avg_sq"]).all()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("eps", 1e-50, "optimizer.eps must be in"),  # fp32 rounds it to 0: 0/0 = NaN
+    ("eps", 0.0, "optimizer.eps must be in"),
+    ("lr", 1e39, "optimizer.lr must be in"),
+    ("weight_decay", 1e300, "optimizer.weight_decay must be in"),
+])
+def test_optimizer_settings_that_cannot_keep_adams_state_finite_are_refused(field, value, message):
+    with pytest.raises(InvalidConfigError, match=message):
+        schedule.validate(make_config(**{field: value}).optimizer)

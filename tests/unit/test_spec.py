@@ -1,5 +1,6 @@
 """Job spec validation: defaults, and errors that name the key at fault."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,170 @@ def test_metric_direction():
 def test_default_local_job_is_the_digits_example():
     packaged = (ROOT / "client" / "default_job.yaml").read_text()
     assert packaged == (ROOT / "examples" / "digits.yaml").read_text()
+
+
+# -- limits (issue 10: hostile specs) ---------------------------------------------------------
+
+LOADERS = [spec._Loader, spec._PyLoader]  # libyaml's parser (where installed) and pure Python
+
+
+@pytest.mark.parametrize("loader", LOADERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("text, message", [
+    ("a: &x [1]\nb: *x\n", "YAML anchors and aliases are not allowed in a job spec (line 1, column 4)"),
+    ("a: &x 1\n", "anchors and aliases are not allowed"),
+    ("a: [" * 33 + "]" * 33 + "\n", f"may nest at most {spec.MAX_DEPTH} levels"),
+    ("[" * 5000 + "]" * 5000, f"may nest at most {spec.MAX_DEPTH} levels"),
+    ("a: [" + ", ".join(["1"] * spec.MAX_NODES) + "]\n", f"at most {spec.MAX_NODES} values"),
+])
+def test_documents_beyond_the_limits_are_refused_as_they_are_read(loader, text, message):
+    with pytest.raises(spec.SpecError, match=re.escape(message)):
+        spec.load_yaml(text, loader)
+
+
+@pytest.mark.parametrize("loader", LOADERS, ids=lambda c: c.__name__)
+def test_documents_at_the_limits_load(loader):
+    assert spec.load_yaml("a: " + "[" * (spec.MAX_DEPTH - 1) + "]" * (spec.MAX_DEPTH - 1), loader)
+    values = spec.load_yaml("a: [" + ", ".join(["1"] * (spec.MAX_NODES - 3)) + "]\n", loader)
+    assert len(values["a"]) == spec.MAX_NODES - 3  # + the root, its key and the list
+
+
+def test_an_alias_bomb_is_refused_before_it_expands():
+    bomb = "\n".join([f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 12)])
+    assert "aliases are not allowed" in error_of('l0: &l0 ["lol"]\n' + bomb + "\nmodel: *l11\n")
+
+
+def test_size_is_bounded_in_utf8_bytes():
+    assert "at most 65536 bytes, this one has 65538" in error_of(MINIMAL + "#" * (65536 - len(MINIMAL)) + "é")
+    spec.parse_spec(MINIMAL + "#" * (65536 - len(MINIMAL) - 1) + "\n")
+
+
+def test_the_normalised_spec_must_fit_too():
+    # Escaped on output: each of these 2-byte characters becomes 4 bytes ("\xE9").
+    text = "model: {name: mlp, kwargs: {s: \"" + "é" * 30_000 + "\"}}\ndata: {dataset: digits}\n" \
+           "stop: {max_steps: 10}\n"
+    spec.parse_spec(text)
+    assert "the normalised spec (defaults filled in, as workers read it): a job spec may have at " \
+           "most 65536 bytes" in error_of_normalise(text)
+    # Defaults add values: a spec just under the limit on values is over it once normalised.
+    text = MINIMAL + "model: {name: mlp, kwargs: {v: [" + ", ".join(["1"] * (spec.MAX_NODES - 40)) + "]}}\n"
+    spec.parse_spec(text)
+    assert f"at most {spec.MAX_NODES} values" in error_of_normalise(text)
+
+
+def error_of_normalise(text: str) -> str:
+    with pytest.raises(spec.SpecError) as info:
+        spec.normalise(text)
+    return str(info.value)
+
+
+def test_the_canonical_yaml_has_no_aliases_even_for_shared_objects():
+    s = spec.parse_spec(MINIMAL)
+    shared = [1, 2]
+    s["model"]["kwargs"] = {"a": shared, "b": shared}
+    text = spec.dump_spec(s)
+    assert "&" not in text and "*" not in text
+    assert spec.parse_spec(text)["model"]["kwargs"] == {"a": [1, 2], "b": [1, 2]}
+    normalised = spec.normalise(text)
+    assert normalised.spec == spec.parse_spec(normalised.text)
+
+
+@pytest.mark.parametrize("text", [
+    MINIMAL.replace("digits", "x" * 100_00),
+    MINIMAL + "name: " + "n" * 20_000 + "\n",
+    MINIMAL + "y" * 20_000 + ": 1\n",
+    MINIMAL + "model: {name: mlp, kwargs: [" + ", ".join(["1"] * 3000) + "]}\n",
+    MINIMAL + "seed: " + "9" * 4000 + "\n",
+    MINIMAL + "seed: " + "9" * 5000 + "\n",
+    MINIMAL + "optimizer: {betas: [" + ", ".join(["0.5"] * 3000) + "]}\n",
+])
+def test_error_messages_show_at_most_a_short_part_of_the_value(text):
+    message = error_of(text)
+    assert len(message) <= spec.MAX_MESSAGE, message
+
+
+def test_show_cuts_values_and_survives_integers_too_long_to_print():
+    assert spec.show("abc") == "'abc'"
+    assert len(spec.show("x" * 1000)) == spec.MAX_SHOWN and spec.show("x" * 1000).endswith("...")
+    assert spec.show(10**5000) == "<an integer of 16610 bits>"
+
+
+# Every number of the schema, at its bounds and past them: (key, YAML at the bound, past it).
+RANGES = [
+    ("seed", "0", "-1"), ("seed", str(2**63 - 1), str(2**63)),
+    ("data.batch_size", "1", "0"), ("data.batch_size", str(2**20), str(2**20 + 1)),
+    ("optimizer.lr", str(spec.FP32_MAX), "3.5e+38"), ("optimizer.lr", "1.0e-300", "0"),
+    ("optimizer.eps", "1.0e-30", "1.0e-31"), ("optimizer.eps", str(spec.FP32_MAX), "1.0e+39"),
+    ("optimizer.weight_decay", "1000", "1000.5"), ("optimizer.weight_decay", "0", "-0.1"),
+    ("optimizer.clip_grad_norm", "3.0e+38", "1.0e+39"),
+    ("optimizer.schedule.warmup_steps", str(2**31 - 1), str(2**31)),
+    ("optimizer.schedule.total_steps", str(2**31 - 1), str(2**31)),
+    ("optimizer.schedule.min_lr", "0", "-1"),
+    ("consistency.staleness", "0", "-1"),
+    ("cluster.servers", "1024", "1025"), ("cluster.workers", "4096", "4097"),
+    ("transport.chunk_bytes", "4096", "4095"), ("transport.chunk_bytes", str(16 << 20), str((16 << 20) + 1)),
+    ("stop.max_steps", str(2**31 - 1), str(10**30)),
+    ("stop.max_epochs", "1000000", "1000000.5"),
+    ("stop.patience", str(2**31 - 1), str(2**31)),
+    ("stop.min_delta", "3.0e+38", "1.0e+39"),
+    ("stop.eval_every", str(2**31 - 1), str(2**31)), ("stop.eval_every", "1", "0"),
+    ("checkpoint.every_steps", str(2**31 - 1), str(2**63)),
+    ("checkpoint.keep", "1000", "1001"),
+]
+
+
+def with_value(key: str, value: str) -> str:
+    parts = key.split(".")
+    line = "".join(f"{p}: {{" for p in parts[:-1]) + f"{parts[-1]}: {value}" + "}" * (len(parts) - 1)
+    text = MINIMAL if parts[0] != "stop" else MINIMAL.replace("stop: {max_steps: 10}\n", "")
+    if parts[0] == "stop" and parts[1] not in ("max_steps", "max_epochs"):
+        line = line.replace("stop: {", "stop: {max_steps: 10, ")
+    if parts[0] == "data":
+        line = line.replace("data: {", "data: {dataset: digits, ")
+    if key == "consistency.staleness":
+        line = "consistency: {mode: ssp, staleness: " + value + "}"
+    return text + line + "\n"
+
+
+@pytest.mark.parametrize("key, inside, outside", RANGES)
+def test_every_number_has_a_range_and_an_error_naming_its_key(key, inside, outside):
+    spec.parse_spec(with_value(key, inside))
+    assert error_of(with_value(key, outside)).startswith(key + ":")
+
+
+def test_every_number_of_the_schema_is_covered_by_a_range_test():
+    def numbers(schema, prefix=""):
+        for key, rule in schema.items():
+            if isinstance(rule, dict):
+                yield from numbers(rule, f"{prefix}{key}.")
+            elif rule[0].__name__ == "check" and rule[0].__qualname__.split(".")[0] in ("_int", "_float"):
+                yield prefix + key
+    assert set(numbers(spec.SCHEMA)) - {"stop.target.value"} == {key for key, _, _ in RANGES}
+
+
+@pytest.mark.parametrize("text, message", [
+    (MINIMAL + "optimizer: {lr: " + "9" * 400 + "}\n", "optimizer.lr: must be finite"),
+    (MINIMAL + "optimizer: {lr: 1e999}\n", "optimizer.lr: must be finite"),
+    ("model: {name: mlp}\ndata: {dataset: digits}\nstop: {target: {metric: loss, value: -0.5}}\n",
+     "stop.target.value: must be >= 0"),
+    ("model: {name: mlp}\ndata: {dataset: digits}\nstop: {target: {metric: perplexity, value: 0.5}}\n",
+     "stop.target.value: perplexity is at least 1"),
+    (MINIMAL + "optimizer: {schedule: {name: cosine, warmup_steps: 10}}\n",
+     "optimizer.schedule.warmup_steps: cosine needs more steps than its warmup (10 <= 10)"),
+    (MINIMAL + "optimizer: {name: adamw, lr: 0.5, weight_decay: 3}\n",
+     "optimizer.weight_decay: adamw needs lr * weight_decay <= 1, got 1.5"),
+])
+def test_ranges_that_depend_on_other_keys(text, message):
+    assert message in error_of(text)
+
+
+def test_clamping_mode_brings_stored_numbers_into_range_and_says_so():
+    notes: list[str] = []
+    s = spec.parse_spec(MINIMAL.replace("10}", f"{10**30}}}") + "seed: -5\noptimizer: {eps: 1.0e-50}\n",
+                        clamped=notes)
+    assert (s["stop"]["max_steps"], s["seed"], s["optimizer"]["eps"]) == (spec.MAX_STEPS, 0, spec.MIN_EPS)
+    assert notes == ["seed: -5 clamped to 0", "optimizer.eps: 1e-50 clamped to 1e-30",
+                     f"stop.max_steps: {10**30} clamped to {spec.MAX_STEPS}"]
+    with pytest.raises(spec.SpecError):  # and only then: a submit is never clamped
+        spec.parse_spec(MINIMAL.replace("10}", f"{10**30}}}"))
+    with pytest.raises(spec.SpecError, match="optimizer.lr: must be > 0"):  # nothing to clamp to
+        spec.parse_spec(MINIMAL + "optimizer: {lr: 0}\n", clamped=[])

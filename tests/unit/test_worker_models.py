@@ -1,11 +1,13 @@
 """Built-in models build and run on their datasets; build_model enforces flattenable models."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
 from shardps.proto import layout, spec
-from shardps.worker import models, tasks
+from shardps.worker import models, plugins, tasks
 from shardps.worker.datasets import load_dataset
 from shardps.worker.models import build_model
 
@@ -108,3 +110,23 @@ def test_model_that_needs_other_data_says_so():
     data = load_dataset("digits", {}, seed=0)
     with pytest.raises(ValueError, match="vocab_size"):
         build_model("gru", {}, data.info)
+
+
+def test_allow_import_needs_the_factory_itself_under_an_allowed_prefix(tmp_path, monkeypatch):
+    (tmp_path / "jobpkg").mkdir()
+    (tmp_path / "jobpkg" / "__init__.py").write_text(
+        "import functools\nfrom os import system\nfrom subprocess import Popen\n\n"
+        "def build(info):\n    return None\n\nclass Net:\n    pass\n\n"
+        "partial = functools.partial(build)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "_allowed_prefixes", None)
+    plugins.allow_imports(["jobpkg"])
+    assert plugins.import_factory("jobpkg:build").__name__ == "build"
+    assert plugins.import_factory("jobpkg:Net").__name__ == "Net"
+    for name, module in [("system", "posix"), ("Popen", "subprocess"), ("partial", "functools")]:
+        with pytest.raises(ValueError, match=f"is defined in module '{module}', which is not allowed"):
+            plugins.import_factory(f"jobpkg:{name}")
+    with pytest.raises(ValueError, match="not allowed"):  # a module's own attributes are no way out
+        plugins.import_factory("jobpkg:__class__")
+    plugins.allow_imports(None)  # without --allow-import every module is trusted, as documented
+    assert plugins.import_factory("jobpkg:system") is os.system
