@@ -237,3 +237,53 @@ def test_step_reports_arriving_after_the_end_still_count(tmp_path):
         channel.close()
         for d in (worker, server, coord):
             d.stop()
+
+
+def _stop_all(daemons: list[harness.Daemon]) -> None:
+    """SIGTERM to each at once, then wait for every one to exit."""
+    for d in daemons:
+        d.signal(signal.SIGTERM)
+    for d in daemons:
+        d.wait(60)
+
+
+SHUTDOWN_ORDERS = {
+    # name: groups stopped one after the other (each group: SIGTERM at once, all exited)
+    "at once": lambda c: [[c.coord, *c.servers, *c.workers]],
+    "workers first": lambda c: [c.workers, [c.coord, *c.servers]],
+    "coordinator first": lambda c: [[c.coord], [*c.servers, *c.workers]],
+    "one worker, then the coordinator": lambda c: [c.workers[:1], [c.coord],
+                                                   [*c.servers, *c.workers[1:]]],
+}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("order", list(SHUTDOWN_ORDERS))
+def test_a_full_stop_ends_the_same_way_whatever_the_shutdown_order(tmp_path, order):
+    """SIGTERM every daemon of a running sync job (in one of several orders: whether the
+    workers' goodbyes reach the coordinator before it stops decides whether the job ends
+    before the stop, shrinks, or stays RUNNING), then restart each with its dirs and new
+    workers. Always: the old job takes none of the new workers and ends FAILED (all workers
+    lost), and `shardps resume` continues it from its checkpoints to the end."""
+    steps = 200
+    cluster = Cluster(tmp_path, servers=2, workers=2, state_dir=True,
+                      worker_args=[["--step-delay-ms", "15"], ["--step-delay-ms", "15"]])
+    try:
+        job_id = cluster.client.submit(spec(steps=steps, every=50, name="stopped"))
+        cluster.wait_step(job_id, 30)
+        for group in SHUTDOWN_ORDERS[order](cluster):
+            _stop_all(group)
+    finally:
+        cluster.stop()
+    cluster = Cluster(tmp_path, servers=2, workers=2, state_dir=True, wait_alive=False)
+    try:
+        new_id = cluster.cli("resume", job_id).strip()
+        old = cluster.client.job(job_id)
+        assert old.state == FAILED and old.reason == "all workers lost", old.reason
+        assert len(old.workers) == 2  # the two it had: no new worker joined it
+        final = cluster.final(new_id)
+        assert final.state == COMPLETED, final.reason
+        assert final.resume_from == job_id and final.step == steps
+        print(f"{order}: {job_id} {common_pb2.JobState.Name(old.state)}; resumed as {new_id}")
+    finally:
+        cluster.stop()
