@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, psclient, rpc
+from shardps.client.api import CoordinatorClient
+from shardps.proto import (
+    common_pb2,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    ps_pb2,
+    ps_pb2_grpc,
+    psclient,
+    rpc,
+)
 from shardps.server.ps import checkpoint
 from tests import harness
 from tests.cluster import RegisteredWorker
@@ -32,16 +41,19 @@ def export(cluster: Cluster, job_id: str, path: Path) -> tuple[dict, dict]:
     return out, torch.load(path, weights_only=True)
 
 
-def shard_versions(cluster: Cluster, job_id: str) -> list[int]:
-    """Each shard's version as its server reports it, in shard order."""
-    versions = []
+def shard_infos(cluster: Cluster, job_id: str) -> list[ps_pb2.ShardInfo]:
+    """Each shard of the job as its server reports it, in shard order."""
+    infos = []
     for shard in cluster.client.job(job_id).shard_map.shards:
         with rpc.make_channel(shard.address) as channel:
-            from shardps.proto import ps_pb2, ps_pb2_grpc
             reply = ps_pb2_grpc.ParameterServerStub(channel).GetShardInfo(
                 ps_pb2.GetShardInfoRequest(job_id=job_id), timeout=rpc.CONTROL_DEADLINE_S)
-        versions += [s.version for s in reply.shards if s.shard_index == shard.index]
-    return versions
+        infos += [s for s in reply.shards if s.shard_index == shard.index]
+    return infos
+
+
+def shard_versions(cluster: Cluster, job_id: str) -> list[int]:
+    return [s.version for s in shard_infos(cluster, job_id)]
 
 
 def checkpoint_versions(cluster: Cluster, server: int, job_id: str, index: int) -> list[int]:
@@ -112,9 +124,9 @@ def test_a_verdict_names_the_version_every_shard_freezes_at(tmp_path):
         verdict_step = final.evals[-1].step
         assert f"at step {verdict_step}" in final.reason
         assert final.final_version == verdict_step
-        harness.poll(lambda: cluster.client.job(job_id) and all(
-            s.state == common_pb2.JOB_STATE_CONVERGED for s in _infos(cluster, job_id)), 30,
-            what="every shard frozen")
+        harness.poll(lambda: all(s.state == common_pb2.JOB_STATE_CONVERGED
+                                 for s in shard_infos(cluster, job_id)), 30,
+                     what="every shard frozen")
         assert shard_versions(cluster, job_id) == [verdict_step, verdict_step]
         out = cluster.cli("export", job_id, "-o", str(tmp_path / "m.pt"))
         assert f"version {verdict_step}" in out
@@ -122,17 +134,6 @@ def test_a_verdict_names_the_version_every_shard_freezes_at(tmp_path):
         assert shard_versions(cluster, job_id) == [verdict_step, verdict_step]
     finally:
         cluster.stop()
-
-
-def _infos(cluster: Cluster, job_id: str) -> list:
-    from shardps.proto import ps_pb2, ps_pb2_grpc
-    infos = []
-    for shard in cluster.client.job(job_id).shard_map.shards:
-        with rpc.make_channel(shard.address) as channel:
-            reply = ps_pb2_grpc.ParameterServerStub(channel).GetShardInfo(
-                ps_pb2.GetShardInfoRequest(job_id=job_id), timeout=rpc.CONTROL_DEADLINE_S)
-        infos += [s for s in reply.shards if s.shard_index == shard.index]
-    return infos
 
 
 @pytest.mark.timeout(420)
@@ -184,7 +185,6 @@ def test_step_reports_arriving_after_the_end_still_count(tmp_path):
                            "--device", "cpu", "--threads", "1", "--coordinator", coord.address)
     channel = rpc.make_channel(coord.address)
     stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-    from shardps.client.api import CoordinatorClient
     client = CoordinatorClient(coord.address)
     me = None
     try:
