@@ -287,3 +287,39 @@ def test_a_full_stop_ends_the_same_way_whatever_the_shutdown_order(tmp_path, ord
         print(f"{order}: {job_id} {common_pb2.JobState.Name(old.state)}; resumed as {new_id}")
     finally:
         cluster.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_that_learns_of_the_end_first_still_delivers_its_last_steps(tmp_path):
+    """Real workers; rank 1 waits 1.5 s before its last report at the step budget (fault
+    injection), so rank 0's finished report completes the job first and rank 1's daemon
+    stops its training on the next heartbeat. It still sends its pending step reports as it
+    stops, and they count: the last loss point is the mean of both ranks' last losses."""
+    steps = 40
+    late = {"SHARDPS_FAULT_LATE_FINISH_MS": "1500"}  # only ranks other than 0 wait
+    coord = harness.start("shardps-coordinator", "--port", "0", "--lease-ms", "2000")
+    server = harness.start("shardps-server", "--port", "0", "--coordinator", coord.address)
+    workers = [harness.start("shardps-worker", "--port", "0", "--metrics-port", "0",
+                             "--device", "cpu", "--threads", "1", "--coordinator",
+                             coord.address, env=late) for _ in range(2)]
+    client = CoordinatorClient(coord.address)
+    try:
+        harness.poll(lambda: len(client.nodes()) == 3, 60, what="every node registered")
+        job_id = client.submit(spec(steps=steps, servers=1, workers=2, every=0,
+                                    eval_every=1000))
+        ended = client.wait(job_id, timeout_s=120, interval_s=0.05)
+        assert ended.state == COMPLETED, ended.reason
+        info = harness.poll(lambda: (j := client.job(job_id, history=True)).losses
+                            and all(w.step == steps - 1 for w in j.workers) and j, 30,
+                            what="both ranks' last step reports")
+        losses = [sample(scrape(w.metrics_address), f'shardps_worker_loss{{job="{job_id}"')
+                  for w in workers]
+        want = sum(losses) / 2  # 32 samples each
+        assert info.losses[-1].step == steps - 1
+        assert info.losses[-1].loss == pytest.approx(want, rel=1e-12)
+        assert info.loss == pytest.approx(want, rel=1e-12)
+        assert any(w.has_line(f"job {job_id} stopped") for w in workers)
+    finally:
+        client.close()
+        for d in (*workers, server, coord):
+            d.stop()
