@@ -1,7 +1,7 @@
 """How a job's end settles: the version its final weights are at, and the step reports that
 still count after the verdict.
 
-Pure: no gRPC, no clock of its own. The rules are docs/architecture.md, "Job life cycle" 7.
+Pure: no gRPC, no clock of its own. The rules are docs/architecture.md, "Job life cycle" 8-9.
 """
 
 from __future__ import annotations

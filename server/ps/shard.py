@@ -255,15 +255,18 @@ class Shard:
             if state == common_pb2.JOB_STATE_UNSPECIFIED or self.settled:
                 return False
             froze = not self.frozen and state in FINAL_STATES
-            if froze:
+            if not self.frozen:
                 self.job_state = state
+                if not froze:
+                    return False
                 if self.mode != common_pb2.CONSISTENCY_SYNC:
                     self._drop_round()
                 self._cond.notify_all()
-            elif not self.frozen:
-                self.job_state = state
-                return False
-            if self.mode == common_pb2.CONSISTENCY_SYNC and final_version is not None:
+            naming = self.mode == common_pb2.CONSISTENCY_SYNC and final_version is not None
+            if not froze and not naming:
+                return False  # still waiting for the final version to be named
+            if naming:
+                assert final_version is not None
                 self._settle(final_version)
             version, final = self.version, self.final_version
         log.info("job %s shard %d %s at version %d (%s)%s", self.job_id, self.index,
