@@ -2,6 +2,7 @@
 the coordinator names, the round a frozen sync shard holds until then, late step reports
 and a restored job's workers, all with an injected clock and no sockets."""
 
+import pytest
 import torch
 
 from shardps.proto import common_pb2, ps_pb2
@@ -9,6 +10,8 @@ from shardps.server.coordinator import endings
 from shardps.server.coordinator.endings import Ending
 from shardps.server.coordinator.history import Evaluation
 from shardps.server.coordinator.jobs import CANCELLED, COMPLETED, CONVERGED, RUNNING, JobTable
+from shardps.server.coordinator.membership import Membership
+from shardps.server.coordinator.state import dump, restore
 from shardps.server.ps.shard import Shard
 from tests.unit.test_coord_jobs import cluster, renew, running_job, spec, steps  # noqa: F401 (fixture)
 from tests.unit.test_ps_shard import SYNC, make_config, make_shard, push
@@ -116,3 +119,17 @@ def test_a_sync_push_at_the_step_budget_is_refused_before_any_verdict():
     assert push(shard, torch.ones(N), step=0).status == ps_pb2.PUSH_STATUS_APPLIED
     assert push(shard, torch.ones(N), step=1).status == JOB_DONE and shard.version == 1
     assert not shard.frozen and shard.job_state != COMPLETED
+
+
+def test_an_ending_survives_a_coordinator_restart(cluster):  # noqa: F811
+    table, job, _, _ = _verdict_job(cluster)
+    table.cancel(job.job_id, 3.0)
+    table.shards_frozen(job.servers[0], [(job.job_id, 0, 7)])
+    doc = dump(cluster, table, now=4.0, wall=1000.0, cache={})
+    table2, membership2 = JobTable(), Membership(lease_ms=10_000)
+    restore(doc, membership2, table2, now=50.0, wall=1001.0)
+    again = table2.get(job.job_id)
+    assert again.ending.frozen == {0: 7} and again.ending.final_version == -1
+    assert again.ending.settle_by == pytest.approx(50.0 - 1.0 + endings.SETTLE_S - 1.0)
+    assert table2.shards_frozen(job.servers[1], [(job.job_id, 1, 8)]) == [again]
+    assert again.ending.final_version == 8
