@@ -175,7 +175,7 @@ class Checkpointer:
         with self._cond:
             queue = self._due.setdefault((state.job_id, state.index), [])
             queue.append(_Due(state, keep, reason))
-            periodic = [i for i, d in enumerate(queue) if d.reason != "initial"]
+            periodic = [i for i, d in enumerate(queue) if d.reason == "periodic"]
             if len(queue) > MAX_QUEUED and periodic:
                 dropped = queue.pop(periodic[0])
                 self.metrics.written.labels("superseded").inc()
@@ -259,6 +259,11 @@ class Checkpointer:
             state = shard.capture()
         return state.version, self._write(state, state.config.checkpoint_keep or DEFAULT_KEEP,
                                           "forced")
+
+    def final_weights(self, shard: Shard) -> None:
+        """The shard's job has ended and its final weights are fixed (Shard.settled): queues
+        a checkpoint of them, never dropped, so a restart restores the final version."""
+        self._queue(shard.capture(), "final-version")
 
     def final(self, shards: Iterable[Shard]) -> None:
         """Shutdown: writes every shard's current state (after pushes have stopped)."""
