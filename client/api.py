@@ -39,6 +39,30 @@ def state_name(state: int) -> str:
     return common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
 
 
+# An export of a sync job whose shards are not at one version pulls again for this long: the
+# servers of a job that has just ended settle on their next heartbeat (lease / 4).
+EXPORT_SETTLE_S = 10.0
+# `resume` waits this long for a job that has not ended yet (see CoordinatorClient.resume).
+RESUME_WAIT_S = 60.0
+
+
+def mixed_versions(info: coordinator_pb2.JobInfo, versions: list[int]) -> str:
+    """Why weights pulled at `versions` (in shard order) are not one sync model, "" if they
+    are. async and ssp shards count their own updates: their versions may differ."""
+    if spec_lib.parse_spec(info.spec_yaml)["consistency"]["mode"] != "sync":
+        return ""
+    final = info.final_version if info.state in FINAL_STATES else -1
+    if info.state in FINAL_STATES and final < 0:
+        want = "its final version is not named yet (not every server has reported where it froze)"
+    elif len(set(versions)) <= 1 and (final < 0 or versions[0] == final):
+        return ""
+    else:
+        want = f"the job's final version is {final}" if final >= 0 else "the job is running"
+    shards = ", ".join(f"shard {s.index} on {s.server_id} at version {v}"
+                       for s, v in zip(info.shard_map.shards, versions, strict=True))
+    return f"{want}; {shards}"
+
+
 class ClientError(RuntimeError):
     """An RPC failed (the message is the server's, e.g. the spec key at fault), or the
     caller's input was unusable (`usage=True`)."""
@@ -103,10 +127,24 @@ class CoordinatorClient:
         return self._call("SubmitJob", coordinator_pb2.SubmitJobRequest(
             spec_yaml=spec_yaml, resume_from=resume_from)).job_id
 
-    def resume(self, job_id: str) -> str:
+    def resume(self, job_id: str, wait_s: float = RESUME_WAIT_S) -> str:
         """Submits the spec of ended job `job_id` again, continuing from its checkpoints;
-        returns the new job's id."""
-        return self.submit(self.job(job_id).spec_yaml, resume_from=job_id)
+        returns the new job's id.
+
+        A job that has not ended yet is waited for, up to `wait_s`: after a full cluster stop
+        and restart, a job whose workers are gone ends (FAILED, all workers lost) once their
+        leases run out, a lease plus the restart grace after the coordinator's restart.
+        Raises ClientError if it is still running then.
+        """
+        info = self.job(job_id)
+        if info.state not in FINAL_STATES:
+            try:
+                info = self.wait(job_id, timeout_s=wait_s)
+            except TimeoutError:
+                raise ClientError(f"job {job_id} is still {state_name(self.job(job_id).state)} "
+                                  f"after {wait_s:g} s: its workers are alive; cancel it to "
+                                  "resume it now", grpc.StatusCode.FAILED_PRECONDITION) from None
+        return self.submit(info.spec_yaml, resume_from=job_id)
 
     def checkpoint(self, job_id: str, timeout_s: float = 60.0) -> list[ps_pb2.ShardCheckpoint]:
         """Makes every server of a job write a checkpoint now; returns them in shard order.
@@ -131,8 +169,11 @@ class CoordinatorClient:
                 at_version = max(versions, default=0) + 1
             checkpoint = ps_pb2.CheckpointRequest(job_id=job_id, at_version=at_version,
                                                   timeout_ms=int(timeout_s * 1000))
-            done = [shard for server in servers for shard in
-                    server.Checkpoint(checkpoint, timeout=timeout_s + self.deadline_s).shards]
+            # At once on every server: one after the other, a server asked late may already
+            # be past at_version (and write a later one) by the time it is asked.
+            calls = [server.Checkpoint.future(checkpoint, timeout=timeout_s + self.deadline_s)
+                     for server in servers]
+            done = [shard for call in calls for shard in call.result().shards]
         except grpc.RpcError as exc:
             raise ClientError(f"checkpoint of {job_id} failed: {exc.details() or exc.code().name}",
                               exc.code()) from None
@@ -186,20 +227,39 @@ class CoordinatorClient:
             if info.state == last:  # not held (the coordinator holds only so many): pace it
                 time.sleep(max(0.0, interval_s - (time.monotonic() - asked)))
 
-    def export(self, job_id: str) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """Pulls a job's current fp32 weights from its servers as a state_dict.
+    def export(self, job_id: str, settle_s: float = EXPORT_SETTLE_S
+               ) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Pulls a job's fp32 weights from its servers as a state_dict.
 
-        Returns (state_dict, per-shard versions). Raises ClientError if the job has no
-        weights yet or a server does not answer.
+        A sync job's shards must all be at one version: an ended job's final version
+        (`JobInfo.final_version`), a running job's current one. Shards that are not (a job
+        that has just ended, whose servers settle on their next heartbeat, or a running job
+        between two rounds) are pulled again for up to `settle_s`. Returns (state_dict,
+        per-shard versions). Raises ClientError if the job has no weights yet, a server does
+        not answer, or the shards stay at different versions (a mixed model).
         """
         import torch
 
-        from shardps.proto import layout, psclient
+        from shardps.proto import layout
 
-        info = self.job(job_id)
-        if not info.layout.total or not info.shard_map.shards:
-            raise ClientError(f"job {job_id} has no weights yet (state {state_name(info.state)})")
-        flat = torch.empty(info.layout.total, dtype=torch.float32)
+        deadline = time.monotonic() + settle_s
+        while True:
+            info = self.job(job_id)
+            if not info.layout.total or not info.shard_map.shards:
+                raise ClientError(f"job {job_id} has no weights yet (state {state_name(info.state)})")
+            flat = torch.empty(info.layout.total, dtype=torch.float32)
+            versions = self._pull_weights(job_id, info, flat)
+            problem = mixed_versions(info, versions)
+            if not problem:
+                return layout.unflatten(flat, info.layout), versions
+            if time.monotonic() > deadline:
+                raise ClientError(f"job {job_id}: {problem}; refusing to export a mixed model")
+            time.sleep(0.25)
+
+    def _pull_weights(self, job_id: str, info: coordinator_pb2.JobInfo,
+                      flat: torch.Tensor) -> list[int]:
+        from shardps.proto import psclient
+
         try:
             with psclient.PSClient(job_id, info.shard_map) as ps:
                 result = ps.pull(flat, min_version=0, timeout_s=rpc.CONTROL_DEADLINE_S)
@@ -208,7 +268,7 @@ class CoordinatorClient:
                               exc.code()) from None
         if not result.ready:
             raise ClientError(f"servers of {job_id} did not serve its weights in time")
-        return layout.unflatten(flat, info.layout), result.versions
+        return list(result.versions)
 
     def export_to(self, job_id: str, path: Path) -> tuple[int, int, list[int]]:
         """Writes the job's weights to `path` as a state_dict (atomically: temp file, rename).

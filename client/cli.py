@@ -130,8 +130,11 @@ def cmd_export(args) -> int:
         tensors, count, versions = client.export_to(args.job, out)
     if args.output == "json":
         _emit({"job_id": args.job, "path": str(out), "parameters": count, "versions": versions})
-    else:
-        print(f"wrote {out}: {tensors} tensors, {count} parameters, version {max(versions)}")
+    elif len(set(versions)) == 1:  # every sync export, and async/ssp shards that agree
+        print(f"wrote {out}: {tensors} tensors, {count} parameters, version {versions[0]}")
+    else:  # async / ssp: each shard counts its own updates
+        print(f"wrote {out}: {tensors} tensors, {count} parameters, shard versions "
+              f"{', '.join(map(str, versions))}")
     return exitcodes.OK
 
 

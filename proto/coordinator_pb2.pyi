@@ -27,7 +27,7 @@ WORKER_ACTION_CONTINUE: WorkerAction
 WORKER_ACTION_STOP: WorkerAction
 
 class RegisterNodeRequest(_message.Message):
-    __slots__ = ("role", "address", "node_id", "metrics_address", "device", "hostname", "restored", "stored")
+    __slots__ = ("role", "address", "node_id", "metrics_address", "device", "hostname", "restored", "stored", "frozen")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class RegisterNodeRequest(_message.Message):
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
     role: _common_pb2.Role
     address: str
     node_id: str
@@ -44,7 +45,8 @@ class RegisterNodeRequest(_message.Message):
     hostname: str
     restored: _containers.RepeatedCompositeFieldContainer[ShardVersion]
     stored: _containers.RepeatedCompositeFieldContainer[ShardVersion]
-    def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ..., address: _Optional[str] = ..., node_id: _Optional[str] = ..., metrics_address: _Optional[str] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., restored: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ..., stored: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ...) -> None: ...
+    frozen: _containers.RepeatedCompositeFieldContainer[ShardVersion]
+    def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ..., address: _Optional[str] = ..., node_id: _Optional[str] = ..., metrics_address: _Optional[str] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., restored: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ..., stored: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ...) -> None: ...
 
 class ShardVersion(_message.Message):
     __slots__ = ("job_id", "shard_index", "version", "lost_updates")
@@ -71,18 +73,20 @@ class RegisterNodeResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., lease_ms: _Optional[int] = ..., jobs: _Optional[_Iterable[_Union[ServerJobView, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "incarnation", "shutting_down", "wait_for_assignment_ms", "restored")
+    __slots__ = ("node_id", "incarnation", "shutting_down", "wait_for_assignment_ms", "restored", "frozen")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     SHUTTING_DOWN_FIELD_NUMBER: _ClassVar[int]
     WAIT_FOR_ASSIGNMENT_MS_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     incarnation: int
     shutting_down: bool
     wait_for_assignment_ms: int
     restored: _containers.RepeatedCompositeFieldContainer[ShardVersion]
-    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., shutting_down: _Optional[bool] = ..., wait_for_assignment_ms: _Optional[int] = ..., restored: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ...) -> None: ...
+    frozen: _containers.RepeatedCompositeFieldContainer[ShardVersion]
+    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., shutting_down: _Optional[bool] = ..., wait_for_assignment_ms: _Optional[int] = ..., restored: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ...) -> None: ...
 
 class WorkerAssignment(_message.Message):
     __slots__ = ("job_id", "rank", "world_size", "epoch", "rollback_id", "rollback_version")
@@ -101,7 +105,7 @@ class WorkerAssignment(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., epoch: _Optional[int] = ..., rollback_id: _Optional[int] = ..., rollback_version: _Optional[int] = ...) -> None: ...
 
 class ServerJobView(_message.Message):
-    __slots__ = ("job_id", "state", "epoch", "live_workers", "live_incarnations", "rollback_id", "rollback_version")
+    __slots__ = ("job_id", "state", "epoch", "live_workers", "live_incarnations", "rollback_id", "rollback_version", "final_version")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +113,7 @@ class ServerJobView(_message.Message):
     LIVE_INCARNATIONS_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_ID_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINAL_VERSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: _common_pb2.JobState
     epoch: int
@@ -116,7 +121,8 @@ class ServerJobView(_message.Message):
     live_incarnations: _containers.RepeatedScalarFieldContainer[int]
     rollback_id: int
     rollback_version: int
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., epoch: _Optional[int] = ..., live_workers: _Optional[_Iterable[str]] = ..., live_incarnations: _Optional[_Iterable[int]] = ..., rollback_id: _Optional[int] = ..., rollback_version: _Optional[int] = ...) -> None: ...
+    final_version: int
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., epoch: _Optional[int] = ..., live_workers: _Optional[_Iterable[str]] = ..., live_incarnations: _Optional[_Iterable[int]] = ..., rollback_id: _Optional[int] = ..., rollback_version: _Optional[int] = ..., final_version: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("unknown_node", "assignment", "jobs", "lease_ms")
@@ -193,7 +199,7 @@ class EvalPoint(_message.Message):
     def __init__(self, step: _Optional[int] = ..., metric: _Optional[str] = ..., value: _Optional[float] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "name", "state", "reason", "spec_yaml", "created_ms", "ended_ms", "step", "max_steps", "loss", "metric", "metric_value", "best_metric", "best_step", "steps_per_s", "samples", "workers", "servers", "shard_map", "layout", "losses", "evals", "has_eval", "epoch", "resume_from", "rollback_id", "rollback_version")
+    __slots__ = ("job_id", "name", "state", "reason", "spec_yaml", "created_ms", "ended_ms", "step", "max_steps", "loss", "metric", "metric_value", "best_metric", "best_step", "steps_per_s", "samples", "workers", "servers", "shard_map", "layout", "losses", "evals", "has_eval", "epoch", "resume_from", "rollback_id", "rollback_version", "final_version")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +227,7 @@ class JobInfo(_message.Message):
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_ID_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINAL_VERSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: _common_pb2.JobState
@@ -248,7 +255,8 @@ class JobInfo(_message.Message):
     resume_from: str
     rollback_id: int
     rollback_version: int
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., reason: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., created_ms: _Optional[int] = ..., ended_ms: _Optional[int] = ..., step: _Optional[int] = ..., max_steps: _Optional[int] = ..., loss: _Optional[float] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ..., best_metric: _Optional[float] = ..., best_step: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., samples: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerProgress, _Mapping]]] = ..., servers: _Optional[_Iterable[str]] = ..., shard_map: _Optional[_Union[_common_pb2.ShardMap, _Mapping]] = ..., layout: _Optional[_Union[_common_pb2.Layout, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., has_eval: _Optional[bool] = ..., epoch: _Optional[int] = ..., resume_from: _Optional[str] = ..., rollback_id: _Optional[int] = ..., rollback_version: _Optional[int] = ...) -> None: ...
+    final_version: int
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., reason: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., created_ms: _Optional[int] = ..., ended_ms: _Optional[int] = ..., step: _Optional[int] = ..., max_steps: _Optional[int] = ..., loss: _Optional[float] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ..., best_metric: _Optional[float] = ..., best_step: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., samples: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerProgress, _Mapping]]] = ..., servers: _Optional[_Iterable[str]] = ..., shard_map: _Optional[_Union[_common_pb2.ShardMap, _Mapping]] = ..., layout: _Optional[_Union[_common_pb2.Layout, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., has_eval: _Optional[bool] = ..., epoch: _Optional[int] = ..., resume_from: _Optional[str] = ..., rollback_id: _Optional[int] = ..., rollback_version: _Optional[int] = ..., final_version: _Optional[int] = ...) -> None: ...
 
 class GetJobResponse(_message.Message):
     __slots__ = ("job",)

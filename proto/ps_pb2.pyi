@@ -24,7 +24,7 @@ PUSH_STATUS_STALE: PushStatus
 PUSH_STATUS_JOB_DONE: PushStatus
 
 class ShardConfig(_message.Message):
-    __slots__ = ("job_id", "shard_index", "offset", "length", "total", "optimizer", "mode", "staleness", "workers", "epoch", "layout_fingerprint", "checkpoint_every_steps", "checkpoint_keep", "resume_from_job", "resume_version")
+    __slots__ = ("job_id", "shard_index", "offset", "length", "total", "optimizer", "mode", "staleness", "workers", "epoch", "layout_fingerprint", "checkpoint_every_steps", "checkpoint_keep", "resume_from_job", "resume_version", "step_budget")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class ShardConfig(_message.Message):
     CHECKPOINT_KEEP_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_JOB_FIELD_NUMBER: _ClassVar[int]
     RESUME_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_BUDGET_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     offset: int
@@ -55,7 +56,8 @@ class ShardConfig(_message.Message):
     checkpoint_keep: int
     resume_from_job: str
     resume_version: int
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., total: _Optional[int] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., staleness: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_keep: _Optional[int] = ..., resume_from_job: _Optional[str] = ..., resume_version: _Optional[int] = ...) -> None: ...
+    step_budget: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., total: _Optional[int] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., staleness: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_keep: _Optional[int] = ..., resume_from_job: _Optional[str] = ..., resume_version: _Optional[int] = ..., step_budget: _Optional[int] = ...) -> None: ...
 
 class InitShardRequest(_message.Message):
     __slots__ = ("config", "dtype", "chunk")

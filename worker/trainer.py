@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +58,15 @@ FINAL_STATES = frozenset({common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_C
 # (tests, embedding) take turns seeding and building, so each model is the factory's output
 # under the job's seed alone.
 _SEEDED_BUILD = threading.Lock()
+
+
+# Fault injection for tests: ranks other than 0 wait this many ms before their last report
+# at the step budget (so the job ends, on rank 0's report, before their last steps arrive).
+LATE_FINISH_ENV = "SHARDPS_FAULT_LATE_FINISH_MS"
+
+
+def _late_finish_s() -> float:
+    return max(0, int(os.environ.get(LATE_FINISH_ENV, "0") or 0)) / 1000
 
 
 # -- decisions (pure) -----------------------------------------------------------------------
@@ -125,6 +135,7 @@ def shard_config(spec: dict[str, Any], workers: Sequence[str], epoch: int, finge
         layout_fingerprint=fingerprint,
         checkpoint_every_steps=spec["checkpoint"]["every_steps"],
         checkpoint_keep=spec["checkpoint"]["keep"],
+        step_budget=budget if spec["consistency"]["mode"] == "sync" else 0,
     )
 
 
@@ -261,6 +272,8 @@ class Trainer:
             outcome = Outcome("finished", "reached the step budget")
         except _End as end:
             outcome = end.outcome
+            if outcome.kind == "stopped":
+                self._flush_reports()
         except Unreachable as exc:
             outcome = Outcome("abandoned", str(exc))
         except grpc.RpcError as exc:
@@ -450,6 +463,8 @@ class Trainer:
     def _finish(self, mode: str, step: int, data: Dataset, model: torch.nn.Module,
                 flat: FlatParams) -> None:
         """At the step budget: rank 0 evaluates the final version; every rank reports finished."""
+        if self.assignment().rank != 0 and (late := _late_finish_s()):
+            time.sleep(late)  # fault injection: the other ranks' last reports come late
         self._check_stop()
         evals: list[coordinator_pb2.EvalPoint] = []
         if self.assignment().rank == 0:
@@ -563,6 +578,20 @@ class Trainer:
                        "(the steps after it are replayed)", self.job_id, assignment.rollback_id,
                        assignment.rollback_version, assignment.rollback_version)
         raise _Rewind(assignment.rollback_version)
+
+    def _flush_reports(self) -> None:
+        """Sends the step reports still pending when the loop stops (one try): steps of a job
+        that has just ended still count in its history."""
+        if not self._reports.pending:
+            return
+        request = coordinator_pb2.ReportProgressRequest(
+            job_id=self.job_id, node_id=self.node_id, incarnation=self.incarnation,
+            steps=self._reports.take(self._clock()), rollback_id=self._rollback_id)
+        try:
+            self.coordinator.call("ReportProgress", request, attempts=1)
+        except (grpc.RpcError, Unreachable) as exc:
+            logger.warning("job %s: %d last step report(s) not delivered: %s", self.job_id,
+                           len(request.steps), exc)
 
     def _report(self, evals: Sequence[coordinator_pb2.EvalPoint] = (), finished: bool = False,
                 failure: str = "") -> coordinator_pb2.ReportProgressResponse:

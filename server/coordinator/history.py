@@ -108,6 +108,11 @@ class JobHistory:
         self._open: dict[int, _OpenStep] = {}
         self._meter = RateMeter()
 
+    @property
+    def open_steps(self) -> int:
+        """Steps some live worker may still report (their loss points are not written)."""
+        return len(self._open)
+
     def worker(self, node_id: str) -> WorkerStats:
         if node_id not in self.workers:
             self.workers[node_id] = WorkerStats(node_id)
@@ -139,6 +144,11 @@ class JobHistory:
             if done is not None and step > done and len(self._open) <= MAX_OPEN_STEPS:
                 break
             self.losses.append((step, self._open.pop(step).mean()))
+
+    def discard_after(self, step: int) -> None:
+        """Forgets open steps past `step` (the job ended before their gradients counted)."""
+        for later in [s for s in self._open if s > step]:
+            del self._open[later]
 
     def flush(self) -> None:
         """Writes every open step (the job has ended; no more reports will count)."""

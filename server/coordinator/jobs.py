@@ -7,6 +7,7 @@ of docs/architecture.md, "Job life cycle".
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ from shardps.proto import common_pb2
 from shardps.proto.layout import check_layout
 from shardps.proto.spec import METRICS, NormalisedSpec, dump_spec, normalise
 
+from . import endings
 from .convergence import ConvergenceTracker, Verdict, non_finite_loss
+from .endings import Ending
 from .history import MAX_POINTS, Evaluation, JobHistory, StepReport
 from .membership import Membership, Node
 from .recovery import Rollback, joiners, progress_reported, resume_servers, shard_restored
@@ -69,6 +72,7 @@ class Job:
     history: JobHistory = field(default_factory=JobHistory)
     rollback: Rollback = field(default_factory=Rollback)  # sync: the last checkpoint rollback
     resume_from: str = ""  # the ended job whose checkpoints this one continues from
+    ending: Ending = field(default_factory=Ending)  # final version, late reports
     tracker: ConvergenceTracker = field(init=False)
     spec_yaml: str = ""  # the normalised spec as canonical YAML (dumped from spec if "")
 
@@ -84,6 +88,10 @@ class Job:
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATES
+
+    @property
+    def sync(self) -> bool:
+        return self.spec["consistency"]["mode"] == "sync"
 
     @property
     def initialising(self) -> bool:
@@ -111,6 +119,10 @@ class JobTable:
         self.max_points = max_points
         self._jobs: dict[str, Job] = {}  # in submit order
         self._active: dict[str, Job] = {}  # the non-final ones
+        self._settling: dict[str, Job] = {}  # ended, late step reports still count
+        # Workers alive in a restored state that have not been heard from since: their jobs
+        # take no new workers until they are back or lost (docs: "A full stop").
+        self._awaiting: set[str] = set()
 
     def load(self, jobs: list[Job]) -> None:
         """Takes over saved jobs in submit order (coordinator restart); the table must be
@@ -118,6 +130,12 @@ class JobTable:
         assert not self._jobs, "load into an empty JobTable"
         self._jobs = {j.job_id: j for j in jobs}
         self._active = {j.job_id: j for j in jobs if not j.final}
+        self._settling = {j.job_id: j for j in jobs if j.ending.settle_by is not None}
+        self._awaiting = {w for j in self._active.values() for w in j.workers}
+
+    def node_seen(self, node_id: str) -> None:
+        """A node called after a restore: it is back (its jobs may take workers again)."""
+        self._awaiting.discard(node_id)
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -185,7 +203,8 @@ class JobTable:
         """
         waiting = [j for j in self._active.values() if j.state == PENDING and not j.servers]
         short = [j for j in self._active.values()
-                 if j.state == RUNNING and len(j.workers) < j.spec["cluster"]["workers"]]
+                 if j.state == RUNNING and len(j.workers) < j.spec["cluster"]["workers"]
+                 and not self._awaiting.intersection(j.workers)]
         if not waiting and not short:
             return []
         servers = membership.alive(common_pb2.ROLE_SERVER)
@@ -302,6 +321,7 @@ class JobTable:
         """
         job = self.get(job_id)
         if job.final:
+            self._late_steps(job, node_id, incarnation, membership, steps, now)
             return job.state
         membership.require(node_id, incarnation)
         if node_id not in job.workers:
@@ -322,9 +342,10 @@ class JobTable:
             if e.step < 0 or e.metric not in METRICS:
                 raise ValueError(f"evals: step {e.step}, metric {e.metric!r}; the step may "
                                  f"not be negative and the metric is one of {', '.join(METRICS)}")
-        finite, reason = [], None
+        finite, reason, bad_step = [], None, None
         for s in steps:
             if reason := non_finite_loss(s.step, s.loss, node_id):
+                bad_step = s.step  # not pushed: the weights end at that version (sync)
                 break
             finite.append(s)
         job.history.record_steps(node_id, finite, now)
@@ -333,18 +354,61 @@ class JobTable:
                      job.rollback.id, job.rollback.version)
         job.history.settle(job.workers)
         if reason:
-            return self._end(job, Verdict(FAILED, reason), now)
+            return self._end(job, Verdict(FAILED, reason), now, version=bad_step)
         if failure:
             return self._end(job, Verdict(FAILED, f"worker {node_id} failed: {failure}"), now)
         for e in evals:
             job.history.record_eval(e)
             if verdict := job.tracker.observe(e.step, e.metric, e.value):
-                return self._end(job, verdict, now)
+                # sync: rank 0 evaluated version e.step before pushing that step
+                return self._end(job, verdict, now, version=e.step)
         if finished:
             job.history.worker(node_id).finished = True
             if job.rank(node_id) == 0 or self._all_finished(job):
-                return self._end(job, Verdict(COMPLETED, _finished_reason(job.spec)), now)
+                # Rank 0 evaluated the final version (its evaluation's step) before reporting.
+                final = max((e.step for e in evals), default=None) if job.rank(node_id) == 0 else None
+                return self._end(job, Verdict(COMPLETED, _finished_reason(job.spec)), now,
+                                 version=final)
         return job.state
+
+    def _late_steps(self, job: Job, node_id: str, incarnation: int, membership: Membership,
+                    steps: Sequence[StepReport], now: float) -> None:
+        """Step reports a worker of an ended job sent before it learned the verdict: those of
+        steps whose gradients are in the final weights still go into its history."""
+        if (job.job_id not in self._settling or node_id not in job.workers
+                or not membership.current(node_id, incarnation)):
+            return
+        late = [s for s in steps if s.step >= 0 and s.samples >= 0 and math.isfinite(s.loss)
+                and endings.counts(job.ending, s.step, now)]
+        if late:
+            job.history.record_steps(node_id, late, now)
+            job.history.settle(job.workers)
+            log.info("job %s: %d step report(s) of %s after the end recorded (up to step %d)",
+                     job.job_id, len(late), node_id, late[-1].step)
+        if not job.history.open_steps:
+            self._settled(job)
+
+    def _settled(self, job: Job) -> None:
+        job.history.flush()
+        job.ending.settle_by = None
+        self._settling.pop(job.job_id, None)
+
+    def shards_frozen(self, node_id: str, reports: Sequence[tuple[str, int, int]]) -> list[Job]:
+        """A server froze shards (job, index, version) of ended sync jobs whose final version
+        is not named yet. Returns the jobs whose final version this names."""
+        named = []
+        for job_id, index, version in reports:
+            job = self._jobs.get(job_id)
+            if (job is None or not job.final or not job.sync or not 0 <= index < len(job.servers)
+                    or job.servers[index] != node_id):
+                continue
+            if endings.shard_frozen(job.ending, len(job.servers), index, version):
+                job.history.discard_after(job.ending.final_version - 1)
+                log.info("job %s: final version %d (the shards froze at %s)", job_id,
+                         job.ending.final_version,
+                         ", ".join(str(v) for _, v in sorted(job.ending.frozen.items())))
+                named.append(job)
+        return named
 
     def cancel(self, job_id: str, now: float) -> int:
         """Cancels a job; a final job keeps its state. Returns the state after the call."""
@@ -421,6 +485,9 @@ class JobTable:
         for job in list(self._active.values()):
             if job.initialising and now - (job.assigned_at or now) > self.init_timeout_s:
                 self._end(job, Verdict(FAILED, "initialisation timed out"), now)
+        for job in list(self._settling.values()):
+            if job.ending.settle_by is None or now > job.ending.settle_by:
+                self._settled(job)
         return dead
 
     def node_registered(self, node: Node, now: float) -> None:
@@ -431,7 +498,7 @@ class JobTable:
         if node.role == common_pb2.ROLE_WORKER:
             self.node_lost(node.node_id, now, "re-registered")
             return
-        for job in self._active.values():
+        for job in self._jobs.values():  # ended ones too: their weights are exported from there
             if job.shard_map is None:
                 continue
             moved = [s for s in job.shard_map.shards
@@ -448,6 +515,7 @@ class JobTable:
         re-ranks the rest in their order; a job left without workers FAILS, and one whose
         remaining workers have all finished (the lost one was the rank 0 they were waiting
         for) COMPLETES."""
+        self._awaiting.discard(node_id)
         for job in list(self._active.values()):
             if node_id not in job.workers:
                 continue
@@ -481,14 +549,25 @@ class JobTable:
             raise JobStateError(f"only the rank-0 worker of job {job.job_id} "
                                 f"({job.workers[0]}) may {action} it, not {node_id}")
 
-    def _end(self, job: Job, verdict: Verdict, now: float) -> int:
+    def _end(self, job: Job, verdict: Verdict, now: float, version: int | None = None) -> int:
+        """Ends a job with `verdict`; `version` is the version the step that decided it
+        names (sync: the final weights are there), None if no step did."""
         # Final states never change: the first verdict wins.
         if job.final:
             return job.state
         job.state, job.reason, job.ended = verdict.state, verdict.reason, now
-        job.history.flush()
+        endings.begin(job.ending, job.sync, version, now)
+        if job.ending.last_step is not None:
+            job.history.discard_after(job.ending.last_step)
+        job.history.settle(job.workers)
+        if job.history.open_steps:  # reports of a rank that has not heard yet still count
+            self._settling[job.job_id] = job
+        else:
+            job.ending.settle_by = None
         del self._active[job.job_id]
-        log.info("job %s ended %s: %s", job.job_id, state_name(job.state), job.reason)
+        final = job.ending.final_version
+        log.info("job %s ended %s: %s%s", job.job_id, state_name(job.state), job.reason,
+                 f" (final version {final})" if final >= 0 else "")
         return job.state
 
 

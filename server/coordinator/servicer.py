@@ -87,7 +87,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self._state = StateFile(state_dir) if state_dir else None
         self._saved: tuple | None = None  # structure() of what is on disk
         self._dirty = False               # progress recorded since the last write
-        self._dump_cache: dict[str, dict] = {}
+        self._dump_cache: dict[str, tuple[tuple, dict]] = {}
         if self._state is not None:
             self._load_state()
 
@@ -159,6 +159,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 stored=[(s.job_id, s.shard_index) for s in request.stored])
             self._jobs.node_registered(node, now)
             self._shards_restored(node.node_id, request.restored)
+            self._shards_frozen(node.node_id, request.frozen)
             reply = pb.RegisterNodeResponse(node_id=node.node_id, incarnation=node.incarnation,
                                             lease_ms=self.lease_ms)
             if node.role == common_pb2.ROLE_SERVER:
@@ -178,7 +179,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             if request.shutting_down:
                 self._jobs.node_lost(node_id, now, "shut down")
                 return reply
+            self._jobs.node_seen(node_id)
             self._shards_restored(node_id, request.restored)
+            self._shards_frozen(node_id, request.frozen)
             self._jobs.schedule(self._membership, now)
             if self._membership.get(node_id).role == common_pb2.ROLE_WORKER:
                 if wait_ms:
@@ -205,11 +208,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         for job in self._jobs.server_jobs(node_id):
             incarnations = [n.incarnation if (n := self._membership.find(w)) else 0
                             for w in job.workers]
-            views.append(pb.ServerJobView(
+            view = pb.ServerJobView(
                 job_id=job.job_id, state=job.state, epoch=job.epoch, live_workers=job.workers,
                 live_incarnations=incarnations, rollback_id=job.rollback.id,
-                rollback_version=job.rollback.version))
+                rollback_version=job.rollback.version)
+            if job.final and job.ending.final_version >= 0:
+                view.final_version = job.ending.final_version
+            views.append(view)
         return views
+
+    def _shards_frozen(self, node_id: str, frozen) -> None:
+        if frozen:
+            self._jobs.shards_frozen(node_id, [(f.job_id, f.shard_index, f.version)
+                                               for f in frozen])
 
     def _shards_restored(self, node_id: str, restored) -> None:
         for r in restored:
@@ -400,7 +411,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             # this job unlistable (a value out of range fails the whole reply).
             steps_per_s=history.steps_per_s(now), samples=min(history.samples, INT64_MAX),
             servers=job.servers, epoch=job.epoch, resume_from=job.resume_from,
-            rollback_id=job.rollback.id, rollback_version=job.rollback.version)
+            rollback_id=job.rollback.id, rollback_version=job.rollback.version,
+            final_version=job.ending.final_version if job.final else -1)
         for node_id in job.assigned_workers:
             stats = history.workers.get(node_id)
             info.workers.add(

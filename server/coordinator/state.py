@@ -21,6 +21,7 @@ import msgpack
 from shardps.proto import common_pb2
 from shardps.proto.spec import SpecError, parse_spec
 
+from .endings import Ending
 from .history import Evaluation, JobHistory, WorkerStats, _OpenStep
 from .jobs import Job, JobTable
 from .membership import Membership, Node
@@ -51,27 +52,32 @@ def structure(membership: Membership, jobs: JobTable) -> tuple:
     table = tuple((j.job_id, j.state, tuple(j.servers), tuple(j.workers), j.epoch,
                    j.layout is not None,
                    j.shard_map.SerializeToString() if j.shard_map is not None else b"",
-                   j.rollback.id, j.rollback.settled) for j in jobs.jobs())
+                   j.rollback.id, j.rollback.settled, j.ending.final_version,
+                   tuple(sorted(j.ending.frozen.items()))) for j in jobs.jobs())
     return nodes, table
 
 
 def dump(membership: Membership, jobs: JobTable, now: float, wall: float,
-         cache: dict[str, dict] | None = None) -> dict[str, Any]:
+         cache: dict[str, tuple[tuple, dict]] | None = None) -> dict[str, Any]:
     """The whole state as plain msgpack-able data.
 
-    `cache` (job id -> dumped job) skips re-dumping final jobs, which never change.
+    `cache` (job id -> (key, dumped job)) skips re-dumping final jobs while what can still
+    change about them (shard map, final version, late reports) has not.
     """
     def unix(t: float | None) -> float | None:
         return None if t is None else wall - (now - t)
 
     out_jobs = []
     for job in reversed(jobs.jobs()):  # submit order
-        if cache is not None and job.job_id in cache:
-            out_jobs.append(cache[job.job_id])
+        key = (job.shard_map.version if job.shard_map is not None else -1,
+               job.ending.final_version, len(job.ending.frozen), job.ending.settle_by,
+               job.history.samples)
+        if cache is not None and job.job_id in cache and cache[job.job_id][0] == key:
+            out_jobs.append(cache[job.job_id][1])
             continue
         dumped = _dump_job(job, unix)
         if cache is not None and job.final:
-            cache[job.job_id] = dumped
+            cache[job.job_id] = (key, dumped)
         out_jobs.append(dumped)
     return {
         "format": FORMAT,
@@ -98,6 +104,8 @@ def _dump_job(job: Job, unix) -> dict[str, Any]:
         "shard_map": job.shard_map.SerializeToString() if job.shard_map is not None else None,
         "rollback": [job.rollback.id, job.rollback.version, job.rollback.settled],
         "resume_from": job.resume_from,
+        "ending": [job.ending.final_version, [list(f) for f in job.ending.frozen.items()],
+                   job.ending.last_step, unix(job.ending.settle_by)],
         "history": {
             "losses": [list(p) for p in h.losses],
             "evals": [[e.step, e.metric, e.value, e.loss] for e in h.evals],
@@ -154,6 +162,10 @@ def restore(doc: dict[str, Any], membership: Membership, jobs: JobTable, now: fl
         if d["shard_map"] is not None:
             job.shard_map = common_pb2.ShardMap.FromString(d["shard_map"])
         job.rollback = Rollback(*d["rollback"])
+        if "ending" in d:  # states saved before endings were kept have none
+            final_version, frozen, last_step, settle_by = d["ending"]
+            job.ending = Ending(final_version, {i: v for i, v in frozen}, last_step,
+                                mono(settle_by))
         _restore_history(history, d["history"])
         t = job.tracker
         (t.metric, t.latest, t.best, t.best_step, t._reference,

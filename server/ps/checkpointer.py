@@ -93,6 +93,11 @@ class Checkpointer:
         self.metrics.copy_seconds.observe(copy_seconds)
         return state.version, self.writer.write(state, "forced")
 
+    def final_weights(self, shard: Shard) -> None:
+        """The shard's job has ended and its final weights are fixed (Shard.settled): queues
+        a checkpoint of them, never dropped, so a restart restores the final version."""
+        self.writer.queue(shard.capture(), "final-version")
+
     def final(self, shards: Iterable[Shard]) -> None:
         """Shutdown: writes every shard's current state (after pushes have stopped)."""
         for shard in shards:

@@ -22,7 +22,7 @@ log = logging.getLogger("shardps.ps")
 DEFAULT_KEEP = 3
 # Copies waiting for the writer per shard; beyond this the oldest periodic one is dropped
 # (superseded), so a slow disk costs checkpoints, never memory without bound. The initial one
-# (version 0, the base every rollback can reach) is never dropped.
+# (version 0, the base every rollback can reach) and a job's final weights are never dropped.
 MAX_QUEUED = 3
 
 
@@ -54,11 +54,11 @@ class CheckpointWriter:
         self._thread.start()
 
     def queue(self, state: ShardState, reason: str) -> None:
-        """Hands a captured state to the writer thread ("initial" ones are never dropped)."""
+        """Hands a captured state to the writer thread (only "periodic" ones are ever dropped)."""
         with self._cond:
             queue = self._due.setdefault((state.job_id, state.index), [])
             queue.append(_Due(state, reason))
-            periodic = [i for i, d in enumerate(queue) if d.reason != "initial"]
+            periodic = [i for i, d in enumerate(queue) if d.reason == "periodic"]
             if len(queue) > MAX_QUEUED and periodic:
                 dropped = queue.pop(periodic[0])
                 self._metrics.written.labels("superseded").inc()

@@ -119,13 +119,16 @@ class ParameterServerDaemon:
             self.link = CoordinatorLink(
                 self.coordinator, advertised, metrics, self._on_views,
                 node_id=self.checkpointer.node_id() if self.checkpointer else "",
-                checkpoints=self.checkpointer).start()
+                checkpoints=self.checkpointer, frozen=self.shards.frozen).start()
         return self
 
     def _on_views(self, views) -> None:
         if self.checkpointer:  # a sync rollback first: it reloads workers and epoch
             self.checkpointer.apply_rollbacks(self.shards.shards(), views)
-        self.shards.apply_views(views)
+        settled = self.shards.apply_views(views)
+        if self.checkpointer:  # the job's final weights: durable before anything else
+            for shard in settled:
+                self.checkpointer.final_weights(shard)
 
     def _default_advertise(self) -> str:
         if self.host in _WILDCARDS:

@@ -84,6 +84,16 @@ class Gate:
         self.round[worker] = Contribution(batch_size, grad)
         return self.complete(live)
 
+    def holds(self, worker: str, step: int, version: int, live: Sequence[str]) -> bool:
+        """Sync, the job ended and its final version not yet named: whether a push is one
+        the open round keeps (see Shard.set_job_state): a live worker's first push of it."""
+        return self.sync and step == version and worker in live and worker not in self.round
+
+    def hold(self, worker: str, batch_size: int, grad: torch.Tensor) -> None:
+        """Keeps a push `holds` admitted in the open round without counting it anywhere
+        else; only naming the final version may close the round with it."""
+        self.round[worker] = Contribution(batch_size, grad)
+
     def complete(self, live: Sequence[str]) -> bool:
         """Whether the open round holds a push of every live worker."""
         return bool(self.round) and all(w in self.round for w in live)

@@ -32,10 +32,14 @@ class CoordinatorLink:
     """
 
     def __init__(self, coordinator: str, address: str, metrics_address: str, on_views: OnViews,
-                 node_id: str = "", checkpoints: Any = None):
+                 node_id: str = "", checkpoints: Any = None,
+                 frozen: Callable[[], list[coordinator_pb2.ShardVersion]] | None = None):
         """`node_id`: the id to register under (a restarted server's, from its data dir).
         `checkpoints`: the server's Checkpointer, if it has a data dir: the link reports its
-        restores and stored shards to the coordinator and persists the node id."""
+        restores and stored shards to the coordinator and persists the node id.
+        `frozen`: the shards of ended jobs frozen where they are, reported with every call
+        until the coordinator names their final version."""
+        self._frozen = frozen or (lambda: [])
         self.coordinator = coordinator
         self.address = address
         self.metrics_address = metrics_address
@@ -112,7 +116,7 @@ class CoordinatorLink:
                 coordinator_pb2.RegisterNodeRequest(
                     role=common_pb2.ROLE_SERVER, address=self.address, node_id=self.node_id,
                     metrics_address=self.metrics_address, hostname=socket.gethostname(),
-                    restored=restored, stored=stored),
+                    restored=restored, stored=stored, frozen=self._frozen()),
                 timeout=rpc.CONTROL_DEADLINE_S)
         except grpc.RpcError:
             if restored:
@@ -137,7 +141,7 @@ class CoordinatorLink:
             reply = self._stub.Heartbeat(
                 coordinator_pb2.HeartbeatRequest(node_id=self.node_id,
                                                  incarnation=self.incarnation,
-                                                 restored=restored),
+                                                 restored=restored, frozen=self._frozen()),
                 timeout=self._deadline_s())
         except grpc.RpcError:
             if restored:

@@ -71,17 +71,34 @@ class ShardRegistry:
             log.info("job %s: dropped %d shard(s)", job_id, len(dropped))
         return len(dropped)
 
-    def apply_views(self, views: Iterable[coordinator_pb2.ServerJobView]) -> None:
-        """Applies the coordinator's job states and live worker sets to the matching shards."""
+    def apply_views(self, views: Iterable[coordinator_pb2.ServerJobView]) -> list[Shard]:
+        """Applies the coordinator's job states and live worker sets to the matching shards.
+
+        Returns the shards this settled: their job's final weights are now fixed (the caller
+        checkpoints them).
+        """
+        settled = []
         for view in views:
             if not view.job_id:
                 continue
+            final = view.final_version if view.HasField("final_version") else None
             for shard in self.shards(view.job_id):
                 # State first: a final job must not complete a round on its way out.
-                shard.set_job_state(view.state)
+                was = shard.settled
+                shard.set_job_state(view.state, final)
+                if shard.settled and not was:
+                    settled.append(shard)
                 if len(view.live_incarnations) == len(view.live_workers):
                     shard.fence(dict(zip(view.live_workers, view.live_incarnations, strict=True)))
                 shard.update_workers(list(view.live_workers), view.epoch)
+        return settled
+
+    def frozen(self) -> list[coordinator_pb2.ShardVersion]:
+        """sync shards frozen without a named final version, at their version: the
+        coordinator names the job's final version from these."""
+        return [coordinator_pb2.ShardVersion(job_id=s.job_id, shard_index=s.index,
+                                             version=s.version)
+                for s in self.shards() if s.frozen and not s.settled]
 
     def wake_all(self) -> None:
         """Makes every waiting pull re-check whether it was cancelled (shutdown)."""

@@ -99,6 +99,9 @@ class Shard:
         self.mode = config.mode
         self.version = self.adam_step = self.pushes_applied = 0
         self.job_state = common_pb2.JOB_STATE_RUNNING
+        # sync, once the job has ended: the version the coordinator named for its final
+        # weights (None until named; the open round is held meanwhile, see set_job_state).
+        self.final_version: int | None = None
         self.epoch = config.epoch
         self.rollback_id = 0                             # sync: the last rollback applied
         self.restored = False
@@ -122,6 +125,13 @@ class Shard:
     def frozen(self) -> bool:
         """The job has reached a final state: pushes answer JOB_DONE, weights never change."""
         return self.job_state in FINAL_STATES
+
+    @property
+    def settled(self) -> bool:
+        """Frozen with its final weights fixed: sync once the final version is named (and
+        reached if it can be), other modes as soon as frozen."""
+        return self.frozen and (self.mode != common_pb2.CONSISTENCY_SYNC
+                                or self.final_version is not None)
 
     @property
     def closed(self) -> bool:
@@ -153,23 +163,50 @@ class Shard:
         """Bytes of fp32 weights plus Adam's m and v (once the first step created them)."""
         return self._updater.resident_bytes()
 
-    def set_job_state(self, state: int) -> bool:
+    def set_job_state(self, state: int, final_version: int | None = None) -> bool:
         """Records the coordinator's view of the job; returns True if this call froze the shard.
 
-        A final state is sticky: later states are ignored. Freezing drops an open sync round
-        and wakes every waiting pull (they answer job_done).
+        A final state is sticky: later states are ignored. Freezing wakes every waiting pull
+        (they answer job_done) and refuses pushes from then on (JOB_DONE). async and ssp drop
+        their pushes in flight. sync, until the job's `final_version` is named, holds the
+        open round: a push into it is kept (and still answered JOB_DONE), never applied, so
+        that once named a shard one round behind the others can close that round with the
+        same pushes they applied; a round past the final version is dropped.
         """
         with self._cond:
-            if self.frozen or state == common_pb2.JOB_STATE_UNSPECIFIED:
+            if state == common_pb2.JOB_STATE_UNSPECIFIED or self.settled:
                 return False
-            self.job_state = state
+            froze = not self.frozen and state in FINAL_STATES
             if not self.frozen:
-                return False
-            self._gate.drop_round()
-            self._cond.notify_all()
-        log.info("job %s shard %d frozen at version %d (%s)", self.job_id, self.index,
-                 self.version, common_pb2.JobState.Name(state))
-        return True
+                self.job_state = state
+                if not froze:
+                    return False
+                if not self._gate.sync:
+                    self._gate.drop_round()
+                self._cond.notify_all()
+            naming = self.mode == common_pb2.CONSISTENCY_SYNC and final_version is not None
+            if not froze and not naming:
+                return False  # still waiting for the final version to be named
+            if naming:
+                assert final_version is not None
+                self._settle(final_version)
+            version, final = self.version, self.final_version
+        log.info("job %s shard %d %s at version %d (%s)%s", self.job_id, self.index,
+                 "frozen" if froze else "settled", version, common_pb2.JobState.Name(state),
+                 "" if final is None else f"; the job's final version is {final}")
+        if final is not None and version != final:
+            log.error("job %s shard %d is at version %d, not the job's final version %d: its "
+                      "weights are not the job's final weights (export refuses them)",
+                      self.job_id, self.index, version, final)
+        return froze
+
+    def _settle(self, final_version: int) -> None:
+        """sync: the final version is named; close the held round if it leads there."""
+        if self.version == final_version - 1 and self._gate.complete(self._workers):
+            self._close_round()
+        self._gate.drop_round()
+        self.final_version = final_version
+        self._cond.notify_all()
 
     def update_workers(self, workers: list[str], epoch: int) -> bool:
         """Adopts the job's live workers (rank order) of membership `epoch`.
@@ -339,6 +376,10 @@ class Shard:
                 early = self._check(worker_id, incarnation, step, grad.numel(), batch_size)
                 if early is not None:
                     return PushResult(early, self.version)
+                if self.frozen:  # held, never applied unless the final version needs it
+                    self._gate.hold(worker_id, batch_size, grad)
+                    keep = True
+                    return PushResult(ps_pb2.PUSH_STATUS_JOB_DONE, self.version)
                 self._fencing.record(worker_id, incarnation, step)
                 self._gate.record(worker_id, step)
                 if self._gate.sync:
@@ -362,8 +403,12 @@ class Shard:
         if self._closed:
             raise ShardClosedError("shard was dropped or replaced")
         _check_header(length, self.length, step, batch_size)
-        if self.frozen:
+        if self.frozen and not (self.final_version is None
+                                and self._gate.holds(worker_id, step, self.version, self._workers)):
             return ps_pb2.PUSH_STATUS_JOB_DONE
+        budget = self.config.step_budget
+        if self._gate.sync and budget and step >= budget:
+            return ps_pb2.PUSH_STATUS_JOB_DONE  # known in advance: no shard passes the budget
         early = self._fencing.check(worker_id, incarnation, step, self._workers)
         return early if early is not None else self._gate.check(worker_id, step, self.version)
 
