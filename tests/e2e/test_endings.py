@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from shardps.client.api import CoordinatorClient
+from shardps.client.scrape import scrape, total
 from shardps.proto import (
     common_pb2,
     coordinator_pb2,
@@ -29,7 +30,7 @@ from shardps.proto import (
 from shardps.server.ps import checkpoint
 from tests import harness
 from tests.cluster import RegisteredWorker
-from tests.e2e.test_recovery import Cluster, sample, scrape, spec
+from tests.e2e.test_recovery import Cluster, spec
 
 COMPLETED = common_pb2.JOB_STATE_COMPLETED
 FAILED = common_pb2.JOB_STATE_FAILED
@@ -222,8 +223,7 @@ def test_step_reports_arriving_after_the_end_still_count(tmp_path):
             steps=[coordinator_pb2.StepReport(step=steps - 1, loss=rank1_loss, samples=32)]),
             timeout=10)
         assert reply.state == COMPLETED
-        rank0_loss = sample(scrape(worker.metrics_address),
-                            f'shardps_worker_loss{{job="{job_id}"')
+        rank0_loss = total(scrape(worker.metrics_address), "shardps_worker_loss", job=job_id)
         want = (rank0_loss * 32 + rank1_loss * 32) / 64
         info = harness.poll(lambda: (j := client.job(job_id, history=True)).losses
                             and j.losses[-1].step == steps - 1 and j, 30, what="last loss point")
@@ -312,7 +312,7 @@ def test_a_rank_that_learns_of_the_end_first_still_delivers_its_last_steps(tmp_p
         info = harness.poll(lambda: (j := client.job(job_id, history=True)).losses
                             and all(w.step == steps - 1 for w in j.workers) and j, 30,
                             what="both ranks' last step reports")
-        losses = [sample(scrape(w.metrics_address), f'shardps_worker_loss{{job="{job_id}"')
+        losses = [total(scrape(w.metrics_address), "shardps_worker_loss", job=job_id)
                   for w in workers]
         want = sum(losses) / 2  # 32 samples each
         assert info.losses[-1].step == steps - 1
