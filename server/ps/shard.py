@@ -66,10 +66,12 @@ class PushResult:
     apply_seconds: float | None = None
 
 
-# Over the ~250-line guide (about 380 lines, 235 of them code): Shard is the façade that the
-# servicer, data plane, heartbeat and checkpointer call, one public method per operation, each
-# holding the one lock while its parts (gate, fencing, updater, snapshots, capture) do the
-# work. Splitting the façade itself would spread that lock's protocol over several classes.
+# Over the ~250-line guide (about 430 lines, 270 of them code, the rest the docstrings of its
+# contract): Shard is the façade that the servicer, data plane, registry, heartbeat and
+# checkpointer call, some 30 entry points, each holding the one lock while its parts (gate,
+# fencing, updater, snapshots, capture) do the work; what is left here is the order of those
+# calls (push admission, the step and what follows it, freezing at the final version).
+# Splitting the façade itself would spread that lock's protocol over several classes.
 class Shard:
     """A contiguous range [offset, offset + length) of one job's flat fp32 vector.
 
