@@ -77,20 +77,21 @@ class ForcedCaptures:
             request.state, request.copy_seconds = due[0].state, 0.0
         return True
 
-    def wait(self, at_version: int, version: Callable[[], int], give_up: Callable[[], bool],
+    def wait(self, at_version: int, may_reach: Callable[[], bool], gone: Callable[[], bool],
              capture: Callable[[], ShardState], timeout: float) -> CaptureRequest:
-        """Waits up to `timeout` s for a capture at `at_version` (`version()` and `give_up()`
-        are read under the condition; give_up: nothing will change any more).
+        """Waits up to `timeout` s for a capture at `at_version`.
 
-        If the version is already reached, or the wait ends without it, the current state is
-        captured instead, under the same hold of the lock. The request comes back filled.
+        `may_reach()`, read under the condition first: the shard is below `at_version` and may
+        still get there; `gone()`: the shard was dropped, nothing will change any more. If it
+        may not reach the version, or the wait ends without it, the current state is captured
+        instead, under the same hold of the lock. The request comes back filled.
         """
         with self._cond:
             request = CaptureRequest(at_version)
-            if version() < at_version and not give_up():
+            if may_reach():
                 self._pending.append(request)
                 try:
-                    self._cond.wait_for(lambda: request.state is not None or give_up(),
+                    self._cond.wait_for(lambda: request.state is not None or gone(),
                                         max(0.0, timeout))
                 finally:
                     self._pending.remove(request)

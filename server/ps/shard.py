@@ -279,11 +279,13 @@ class Shard:
 
     def capture_at(self, at_version: int, timeout: float) -> tuple[ShardState, float]:
         """A capture at exactly `at_version`, waiting up to `timeout` s for a push to reach it;
-        the current state if it is reached already, the job is frozen, or the wait times out.
-        Returns the state and the seconds its copy held the lock."""
-        request = self._captures.wait(at_version, lambda: self.version,
-                                      lambda: self.frozen or self._closed,
-                                      self.capture_locked, timeout)
+        the current state if it is reached already, the job was frozen when asked, or the wait
+        times out. Returns the state and the seconds its copy held the lock."""
+        # A freeze during the wait does not end it: a sync round held at the freeze may still
+        # close when the final version is named.
+        request = self._captures.wait(at_version,
+                                      lambda: self.version < at_version and not self.frozen,
+                                      lambda: self._closed, self.capture_locked, timeout)
         assert request.state is not None  # wait() always fills it
         return request.state, request.copy_seconds
 

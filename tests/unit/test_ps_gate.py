@@ -101,7 +101,7 @@ def test_a_forced_capture_is_filled_by_the_version_change_it_waits_for():
     captures = ForcedCaptures(cond)
     done = []
     waiter = threading.Thread(target=lambda: done.append(
-        captures.wait(2, lambda: version[0], lambda: False, capture, timeout=30)))
+        captures.wait(2, lambda: version[0] < 2, lambda: False, capture, timeout=30)))
     waiter.start()
     poll(lambda: captures._pending, 10, interval=0.01, what="a pending capture")
     with cond:
@@ -111,6 +111,6 @@ def test_a_forced_capture_is_filled_by_the_version_change_it_waits_for():
     waiter.join(30)
     assert done[0].state == 2 and captured == [2] and not captures._pending
     # Already there: captured at once on the caller's thread; timed out: the current state.
-    assert captures.wait(1, lambda: 2, lambda: False, capture, timeout=30).state == 2
-    assert captures.wait(9, lambda: 2, lambda: False, capture, timeout=0.01).state == 2
+    assert captures.wait(1, lambda: False, lambda: False, capture, timeout=30).state == 2
+    assert captures.wait(9, lambda: True, lambda: False, capture, timeout=0.01).state == 2
     assert not captures._pending
