@@ -143,6 +143,7 @@ class DataServer:
     # -- one authenticated connection --------------------------------------------------
 
     def _serve(self, conn: socket.socket) -> None:
+        peer = _peer(conn)
         try:
             dataplane.tune(conn)
             for name, value in _KEEPALIVE:
@@ -177,6 +178,10 @@ class DataServer:
                     raise _Close(f"unknown request kind {kind}")
         except _Close as exc:
             log.debug("data connection closed: %s", exc)
+        except TimeoutError as exc:  # a request that waited on its client past a limit
+            if not self._stopping.is_set():
+                log.info("data connection from %s ended: a request waited on the client too long (%s)",
+                         peer, exc)
         except OSError as exc:  # includes timeouts, ConnectionError and ssl.SSLError
             if not self._stopping.is_set():
                 log.debug("data connection ended: %s", exc)
@@ -282,6 +287,14 @@ def _error(code: grpc.StatusCode, message: str) -> bytes:
 def _reply_error(conn: socket.socket, code: grpc.StatusCode, message: str,
                  deadline: dataplane.Deadline) -> None:
     dataplane.send_all(conn, _error(code, message), deadline)
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -227,11 +227,13 @@ def test_clients_that_stop_reading_a_pull_are_ended():
             assert code == 0 and ps_pb2.PullResponse.FromString(body).length == big
             harness.poll(lambda: server.has_line("Pull from .* ended: no read of the reply stream"),
                          callguard.CLIENT_WAIT_S + 15, what="the gRPC pull ended")
+            harness.poll(lambda: server.has_line("data connection from .* ended: a request waited"),
+                         15, what="the data-plane pull ended")
             with pytest.raises(grpc.RpcError) as ended:
                 for _ in replies:
                     pass
             assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            # By now the data-plane pull has been cut short too: fewer bytes than announced.
+            # The data-plane pull was cut short too: fewer bytes than announced.
             got = 0
             sock.settimeout(10)
             try:
