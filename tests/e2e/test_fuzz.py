@@ -29,8 +29,9 @@ DEADLINE_S = 5.0
 HANDLED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
            grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.CANCELLED}
-# Bytes the server cannot even parse are refused by gRPC itself, before our code runs.
-UNPARSABLE = {grpc.StatusCode.INTERNAL}
+# Bytes the server cannot even parse are a bad request like any other: INVALID_ARGUMENT, not
+# INTERNAL (issue 10, item 9).
+UNPARSABLE: set = set()
 
 TOTAL = 4096
 JOB = "fuzzed"
@@ -539,3 +540,34 @@ def test_a_push_that_would_overflow_adams_state_is_refused_and_changes_nothing(s
     final, _ = weights(server)
     assert torch.isfinite(final).all() and bool((final != moved).all())
     assert server.proc.poll() is None, server.output()
+
+
+GARBAGE = (b"\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x08")  # no message type parses these
+
+
+def test_garbage_request_bytes_are_invalid_argument_with_one_log_line_and_no_traceback():
+    """Issue 10, item 9: bytes that parse as no request, sent to every method of the parameter
+    server, the coordinator and the health service (unary and streaming), are answered
+    INVALID_ARGUMENT, each with one log line and no traceback."""
+    server = harness.start("shardps-server", "--port", "0", "--coordinator", "")
+    coord = harness.start("shardps-coordinator", "--port", "0")
+    services = [(server, ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"]),
+                (coord, coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]),
+                (server, health_pb2.DESCRIPTOR.services_by_name["Health"])]
+    sent = {server: 0, coord: 0}
+    for daemon, service in services:
+        with grpc.insecure_channel(daemon.address) as channel:
+            for method in service.methods:
+                for body in GARBAGE:
+                    streams = (method.client_streaming, method.server_streaming)
+                    code = call(channel, f"/{service.full_name}/{method.name}",
+                                [body] if streams[0] else body, *streams)
+                    assert code == grpc.StatusCode.INVALID_ARGUMENT, (service.name, method.name, body, code)
+                    sent[daemon] += 1
+    for daemon, count in sent.items():
+        harness.poll(lambda d=daemon, n=count: len(d.matches("the request does not parse")) >= n, 10,
+                     what="a log line per garbage request")
+        assert len(daemon.matches("the request does not parse")) == count, daemon.output()
+        assert not daemon.matches("Traceback|Exception deserializing|ERROR"), daemon.output()
+        assert daemon.proc.poll() is None
+        assert_healthy(daemon.address)
