@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from shardps.proto import names
+
 # Built-in model and dataset names; the worker's registries must define exactly these
 # (a unit test checks it). Anything else must be an import path "package.module:factory".
 BUILTIN_MODELS = ("mlp", "cnn", "gru", "transformer")
@@ -27,8 +29,8 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "linear_warmup", "cosine")
 TRANSPORT_DTYPES = ("float32", "bfloat16", "float16")
 
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Matched in full (fullmatch): `$` would also match before a trailing newline.
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
 class SpecError(ValueError):
@@ -93,8 +95,11 @@ def _choice(options: tuple[str, ...]) -> Check:
 
 
 def _name(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise SpecError(key, f"must be 1-63 letters, digits, '.', '_' or '-'; got {value!r}")
+    # The one identifier rule (proto/names.py): a job id is this name + "-" + 6 hex digits,
+    # and servers use job ids as directory names.
+    if not names.is_valid(value, names.MAX_JOB_NAME):
+        raise SpecError(key, f"must be {names.RULE.format(n=names.MAX_JOB_NAME)}; got "
+                             f"{names.shown(value)}")
     return value
 
 
@@ -102,7 +107,7 @@ def _factory(builtins: tuple[str, ...], what: str) -> Check:
     def check(key: str, value: Any) -> str:
         if not isinstance(value, str):
             raise SpecError(key, f"must be a string, got {value!r}")
-        if value in builtins or _IMPORT_PATH.match(value):
+        if value in builtins or _IMPORT_PATH.fullmatch(value):
             return value
         raise SpecError(
             key,
