@@ -167,7 +167,7 @@ class Membership:
         """Raises UnknownNodeError for an id never registered."""
         node = self._nodes.get(node_id)
         if node is None:
-            raise UnknownNodeError(f"unknown node {node_id!r}")
+            raise UnknownNodeError(f"unknown node {names.shown(node_id)}")
         return node
 
     def find(self, node_id: str) -> Node | None:
