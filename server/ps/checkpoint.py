@@ -148,17 +148,12 @@ def shard_dirs(data_dir: Path | str) -> list[tuple[str, int, Path]]:
     outside data_dir (symlinks), are left alone (logged once).
     """
     root = Path(data_dir).resolve()
-    jobs = root / "jobs"
     found: list[tuple[str, int, Path]] = []
-    if not jobs.is_dir():
-        return found
-    for job in sorted(jobs.iterdir()):
+    for job in _entries(root / "jobs"):
         if not names.is_valid(job.name):
             _ignore(job, "not a valid job id")
             continue
-        if not job.is_dir():
-            continue
-        for shard in sorted(job.iterdir()):
+        for shard in _entries(job):
             m = _SHARD.fullmatch(shard.name)
             if not m or int(m.group(1)) > MAX_SHARD_INDEX:
                 continue
@@ -170,6 +165,15 @@ def shard_dirs(data_dir: Path | str) -> list[tuple[str, int, Path]]:
             if path.is_dir():
                 found.append((job.name, int(m.group(1)), path))
     return found
+
+
+def _entries(directory: Path) -> list[Path]:
+    """A directory's entries, sorted; none if it is not a directory or cannot be listed."""
+    try:
+        return sorted(directory.iterdir()) if directory.is_dir() else []
+    except OSError as exc:
+        _ignore(directory, f"cannot be listed ({exc.strerror or type(exc).__name__})")
+        return []
 
 
 def _ignore(path: Path, why: str) -> None:

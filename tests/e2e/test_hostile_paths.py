@@ -233,7 +233,7 @@ def test_a_node_id_file_that_is_not_an_id_is_ignored(tmp_path):
         assert [n.role for n in nodes] == [common_pb2.ROLE_SERVER]
         assert s.has_line("node id file holds no valid node id")
         harness.poll(lambda: (tmp_path / "data" / "node_id").read_text().strip()
-                     == nodes[0].node_id, 10, what="node id saved")
+                     == nodes[0].node_id, 30, what="node id saved")
     finally:
         s.stop()
         coord.stop()
@@ -252,7 +252,7 @@ def test_the_version_0_checkpoint_survives_pruning_and_restores(tmp_path):
         stub = ps_pb2_grpc.ParameterServerStub(channel)
         harness.poll(lambda: [c.version for c in stub.ListCheckpoints(
             ps_pb2.ListCheckpointsRequest(job_id="base"), timeout=10).checkpoints] == [3, 0],
-            10, what="checkpoints 3 and 0")
+            30, what="checkpoints 3 and 0")
     s.kill()
     [(_, newest), _] = checkpoint.committed(data_dir / "jobs" / "base" / "shard-0")
     data = bytearray((newest / "weights.bin").read_bytes())
