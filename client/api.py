@@ -116,8 +116,11 @@ class CoordinatorClient:
                 at_version = max(versions, default=0) + 1
             checkpoint = ps_pb2.CheckpointRequest(job_id=job_id, at_version=at_version,
                                                   timeout_ms=int(timeout_s * 1000))
-            done = [shard for server in servers for shard in
-                    server.Checkpoint(checkpoint, timeout=timeout_s + self.deadline_s).shards]
+            # All at once: called one after another, a later server could pass at_version
+            # while an earlier one was still writing, and checkpoint a newer version.
+            calls = [server.Checkpoint.future(checkpoint, timeout=timeout_s + self.deadline_s)
+                     for server in servers]
+            done = [shard for call in calls for shard in call.result().shards]
         except grpc.RpcError as exc:
             raise ClientError(f"checkpoint of {job_id} failed: {exc.details() or exc.code().name}",
                               exc.code()) from None
