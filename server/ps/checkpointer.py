@@ -3,6 +3,10 @@
 Disk format and atomicity live in `checkpoint`; this module decides when and for whom. A
 shard's `on_applied` hook (under the shard's lock) copies the state when a checkpoint is due
 and queues it; one writer thread writes it outside the lock, so pushes wait only for the copy.
+
+Every path it touches is derived from validated identifiers and resolved under the data dir
+(`checkpoint.shard_dir`); a checkpoint it cannot use is skipped for an older one, and a shard
+it cannot restore at all is left out with an error in the log: the server always starts.
 """
 
 from __future__ import annotations
@@ -18,16 +22,17 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from shardps.proto import common_pb2, coordinator_pb2
+from shardps.proto import common_pb2, coordinator_pb2, names
 
-from . import checkpoint
-from .checkpoint import ShardState
+from . import checkpoint, paths
+from .checkpoint import Expect, ShardState
 from .errors import InvalidConfigError
 from .shard import Shard
 
 log = logging.getLogger("shardps.ps")
 
 NODE_ID_FILE = "node_id"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 MARK_FILE = "applied.mark"  # the shard's latest version, rewritten after every update
 DEFAULT_KEEP = 3
 # Copies waiting for the writer per shard; beyond this the oldest periodic one is dropped
@@ -86,8 +91,8 @@ class Checkpointer:
     """
 
     def __init__(self, data_dir: str | Path, registry: CollectorRegistry | None = None):
-        self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        self.data_dir = Path(data_dir).resolve()
         self.metrics = CheckpointMetrics(registry or CollectorRegistry())
         self._due: dict[tuple[str, int], list[_Due]] = {}
         self._cond = threading.Condition()
@@ -104,18 +109,41 @@ class Checkpointer:
     # -- identity ---------------------------------------------------------------------------
 
     def node_id(self) -> str:
-        """The node id this data dir registered under before ("" the first time)."""
+        """The node id this data dir registered under before ("" the first time, or when the
+        file does not hold a valid id: logged, and the server registers as a new node)."""
         try:
-            return (self.data_dir / NODE_ID_FILE).read_text().strip()
+            fd = os.open(self.data_dir / NODE_ID_FILE, os.O_RDONLY | _NOFOLLOW)
         except FileNotFoundError:
             return ""
+        except OSError as exc:
+            log.warning("node id file unreadable (%s); registering as a new node",
+                        exc.strerror or type(exc).__name__)
+            return ""
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(names.MAX_LEN + 2)
+        node_id = data.decode("utf-8", "replace").strip()
+        if not names.is_valid(node_id):
+            log.warning("node id file holds no valid node id (%s); registering as a new node",
+                        names.shown(node_id))
+            return ""
+        return node_id
 
     def save_node_id(self, node_id: str) -> None:
-        """Persists the node id atomically, so a restart registers under the same one."""
+        """Persists the node id atomically, so a restart registers under the same one
+        (an invalid id is not written: logged)."""
+        if not names.is_valid(node_id):
+            log.error("node id %s from the coordinator is not a valid id; not saved",
+                      names.shown(node_id))
+            return
         if node_id == self.node_id():
             return
         tmp = self.data_dir / f".{NODE_ID_FILE}.tmp"
-        with open(tmp, "w") as f:
+        try:
+            tmp.unlink()  # a leftover (or a symlink planted there): never written through
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
             f.write(node_id + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -129,7 +157,8 @@ class Checkpointer:
 
         A shard created by InitShard with `resume_from_job` takes that job's checkpoint first.
         A new shard gets a checkpoint of its starting state (the base every rollback can
-        reach). Raises InvalidConfigError if a resume checkpoint is missing or does not fit.
+        reach). Raises InvalidConfigError if a job id is not a valid one or a resume
+        checkpoint is missing or does not fit, OSError if its directory cannot be created.
         """
         fresh = id(shard) not in self._restoring
         if fresh and shard.config.resume_from_job:
@@ -143,7 +172,13 @@ class Checkpointer:
         old = self._marks.pop(key, None)
         if old is not None:
             os.close(old)
-        self._marks[key] = os.open(directory / MARK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._marks[key] = os.open(directory / MARK_FILE, os.O_RDWR | os.O_CREAT | _NOFOLLOW,
+                                       0o644)
+        except OSError as exc:  # only the lost-update count after a crash needs it
+            log.warning("job %s shard %d: no %s (%s): updates lost in a crash will not be "
+                        "counted", shard.job_id, shard.index, MARK_FILE,
+                        exc.strerror or type(exc).__name__)
         shard.on_applied = self._on_applied
         if fresh:
             self._queue(shard.capture(), "initial")
@@ -198,7 +233,6 @@ class Checkpointer:
             self._write(due.state, due.keep, due.reason)
 
     def _write(self, state: ShardState, keep: int, reason: str) -> Path | None:
-        directory = checkpoint.shard_dir(self.data_dir, state.job_id, state.index)
         start = time.perf_counter()
         with self._write_lock:
             if state.rollback_id < self._timeline.get((state.job_id, state.index), 0):
@@ -206,8 +240,9 @@ class Checkpointer:
                          "since", state.job_id, state.index, reason, state.version)
                 return None
             try:
+                directory = self._shard_dir(state.job_id, state.index)
                 path = checkpoint.write(directory, state, keep)
-            except OSError as exc:
+            except (OSError, InvalidConfigError) as exc:
                 self.metrics.written.labels("failed").inc()
                 log.error("job %s shard %d: %s checkpoint at version %d failed: %s",
                           state.job_id, state.index, reason, state.version, exc)
@@ -287,35 +322,46 @@ class Checkpointer:
         """Server start: every shard in the data dir from its newest valid checkpoint.
 
         The shards' versions past their checkpoint (read from the mark file) are counted as
-        lost and reported to the coordinator at registration (`take_reports`).
+        lost and reported to the coordinator at registration (`take_reports`). A shard without
+        a usable checkpoint is left out with an error in the log; nothing here raises.
         """
         shards = []
         for job_id, index, directory in checkpoint.shard_dirs(self.data_dir):
-            loaded = checkpoint.load(directory)
-            self.metrics.fallbacks.inc(len(loaded.skipped) if loaded else 0)
-            if loaded is None:
-                if checkpoint.committed(directory):
-                    log.error("job %s shard %d: no usable checkpoint in %s; not restored",
+            try:
+                shard = self._restore(job_id, index, directory)
+            except Exception:  # noqa: BLE001  # a checkpoint is input: never stop the server
+                log.exception("job %s shard %d: restoring from %s failed; not restored",
                               job_id, index, directory)
                 continue
-            shard = Shard.from_state(loaded.state)
-            self._restoring.add(id(shard))
-            marked = _read_mark(directory / MARK_FILE)
-            lost = max(0, marked - shard.version) if marked is not None else 0
-            self.metrics.restores.labels("startup").inc()
-            if lost:
-                self.metrics.lost.labels(job_id).inc(lost)
-            note = (f"; {len(loaded.skipped)} newer unusable checkpoint(s) skipped"
-                    if loaded.skipped else "")
-            log.warning("job %s shard %d restored from %s at version %d (Adam step %d); the "
-                        "shard had reached version %s, so %d update(s) are %s%s", job_id, index,
-                        loaded.path.name, shard.version, shard.adam_step,
-                        marked if marked is not None else "?", lost,
-                        "replayed by the workers" if shard.mode == common_pb2.CONSISTENCY_SYNC
-                        else "lost", note)
-            self._report(shard, lost)
-            shards.append(shard)
+            if shard is not None:
+                shards.append(shard)
         return shards
+
+    def _restore(self, job_id: str, index: int, directory: Path) -> Shard | None:
+        loaded = checkpoint.load(directory, expect=Expect(job_id, index))
+        self.metrics.fallbacks.inc(len(loaded.skipped) if loaded else 0)
+        if loaded is None:
+            if checkpoint.committed(directory):
+                log.error("job %s shard %d: no usable checkpoint in %s; not restored",
+                          job_id, index, directory)
+            return None
+        shard = Shard.from_state(loaded.state)
+        self._restoring.add(id(shard))
+        marked = _read_mark(directory / MARK_FILE)
+        lost = max(0, marked - shard.version) if marked is not None else 0
+        self.metrics.restores.labels("startup").inc()
+        if lost:
+            self.metrics.lost.labels(job_id).inc(lost)
+        note = (f"; {len(loaded.skipped)} newer unusable checkpoint(s) skipped"
+                if loaded.skipped else "")
+        log.warning("job %s shard %d restored from %s at version %d (Adam step %d); the "
+                    "shard had reached version %s, so %d update(s) are %s%s", job_id, index,
+                    loaded.path.name, shard.version, shard.adam_step,
+                    marked if marked is not None else "?", lost,
+                    "replayed by the workers" if shard.mode == common_pb2.CONSISTENCY_SYNC
+                    else "lost", note)
+        self._report(shard, lost)
+        return shard
 
     def stored(self) -> list[coordinator_pb2.ShardVersion]:
         """Every job shard with a committed checkpoint here, at its newest version."""
@@ -333,7 +379,7 @@ class Checkpointer:
         for job, index, directory in checkpoint.shard_dirs(self.data_dir):
             if job_id and job != job_id:
                 continue
-            valid = set(checkpoint.versions(directory))
+            valid = set(checkpoint.versions(directory, Expect(job, index)))
             out += [(job, index, v, p) for v, p in checkpoint.committed(directory) if v in valid]
         return out
 
@@ -357,7 +403,8 @@ class Checkpointer:
             return
         directory = self._dir(shard)
         self.flush()
-        loaded = checkpoint.load(directory, at_most=version)
+        loaded = checkpoint.load(directory, at_most=version,
+                                 expect=Expect(shard.job_id, shard.index, shard.config))
         if loaded is None:
             log.error("job %s shard %d: rollback %d to version %d impossible: no checkpoint at "
                       "or before it", shard.job_id, shard.index, rollback_id, version)
@@ -384,9 +431,10 @@ class Checkpointer:
 
     def _resume(self, shard: Shard) -> None:
         config = shard.config
-        directory = checkpoint.shard_dir(self.data_dir, config.resume_from_job, shard.index)
+        directory = self._shard_dir(config.resume_from_job, shard.index)
         version = config.resume_version if config.resume_version >= 0 else None
-        loaded = checkpoint.load(directory, version=version)
+        loaded = checkpoint.load(directory, version=version,
+                                 expect=Expect(config.resume_from_job, shard.index))
         if loaded is None:
             raise InvalidConfigError(
                 f"no valid checkpoint of job {config.resume_from_job} shard {shard.index}"
@@ -424,7 +472,18 @@ class Checkpointer:
             self._reports[:0] = list(reports)
 
     def _dir(self, shard: Shard) -> Path:
-        return checkpoint.shard_dir(self.data_dir, shard.job_id, shard.index)
+        return self._shard_dir(shard.job_id, shard.index)
+
+    def _shard_dir(self, job_id: str, index: int) -> Path:
+        """The shard's directory, resolved under the data dir; InvalidConfigError for a job
+        id or index that is not valid or would lead outside it (the message names no path)."""
+        try:
+            return checkpoint.shard_dir(self.data_dir, job_id, index)
+        except paths.PathEscape:
+            raise InvalidConfigError(f"job {job_id} shard {index}: its directory resolves "
+                                     "outside the data dir") from None
+        except ValueError as exc:  # names.InvalidName included
+            raise InvalidConfigError(str(exc)) from None
 
 
 def _write_mark(fd: int, version: int) -> None:
@@ -435,10 +494,16 @@ def _write_mark(fd: int, version: int) -> None:
 
 def _read_mark(path: Path) -> int | None:
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except OSError:
         return None
-    return struct.unpack("<q", data[:8])[0] if len(data) >= 8 else None
+    try:
+        data = os.read(fd, 8)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return struct.unpack("<q", data)[0] if len(data) == 8 else None
 
 
 def is_sync(shard: Shard) -> bool:
