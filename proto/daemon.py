@@ -7,10 +7,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from prometheus_client import (
@@ -23,7 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from shardps.proto import rpc
+from shardps.proto import gate, rpc
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(node)s%(job_suffix)s %(name)s: %(message)s"
 
@@ -160,50 +160,74 @@ def new_registry() -> CollectorRegistry:
 
 Route = Callable[[], tuple[str, bytes]]  # () -> (content type, body)
 
+HTTP_DEADLINE_S = 10.0    # a scrape's request head in, and its answer out, from the accept
+HTTP_MAX_PENDING = 64     # connections being read or answered (the oldest make room)
+HTTP_MAX_HEAD = 8192      # bytes of request line and headers
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error"}
+_metrics_log = logging.getLogger("shardps.metrics")
+
 
 class MetricsEndpoint:
-    """Serves a registry at http://host:port/metrics (plus extra GET routes) from daemon threads.
+    """Serves a registry at http://host:port/metrics (plus extra GET routes).
 
     `routes` maps a path to a function returning (content type, body); the coordinator serves
-    its Prometheus service-discovery list this way. Thread-safe: each request runs on its own
-    thread, so routes must do their own locking.
+    its Prometheus service-discovery list this way. Unauthenticated plain HTTP, so it costs a
+    client no thread: one thread (proto/gate.py) reads every request head and writes every
+    answer without blocking, under one deadline per connection (HTTP_DEADLINE_S), at most
+    HTTP_MAX_PENDING connections at a time; routes run on that thread, one at a time.
     """
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int,
                  routes: dict[str, Route] | None = None):
-        handlers: dict[str, Route] = {"/metrics": lambda: (CONTENT_TYPE_LATEST, generate_latest(registry))}
-        handlers.update(routes or {})
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                route = handlers.get(self.path.split("?", 1)[0])
-                if route is None:
-                    self.send_error(404, "not found: try /metrics")
-                    return
-                content_type, body = route()
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args) -> None:  # scrapes are not events
-                pass
-
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
-        self._thread.start()
+        self._routes: dict[str, Route] = {"/metrics": lambda: (CONTENT_TYPE_LATEST, generate_latest(registry))}
+        self._routes.update(routes or {})
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.create_server((host.strip("[]"), port), family=family, backlog=128)
         self.host = host
-        self.port = self._httpd.server_address[1]
+        self.port = listener.getsockname()[1]
+        self._gate = gate.Gate(listener, self._answer, name="metrics", deadline_s=HTTP_DEADLINE_S,
+                               max_pending=HTTP_MAX_PENDING)
+        self._gate.start()
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def shutdown(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._gate.stop()
+
+    def _answer(self, data: bytes) -> int | gate.Reply:
+        """The request head read so far -> more to read, or the answer."""
+        end = data.find(b"\n\r\n")
+        if end < 0:
+            end = data.find(b"\n\n")
+        if end < 0:
+            if len(data) >= HTTP_MAX_HEAD:
+                return gate.Reply(_http(431, b"request head too large\n"))
+            return HTTP_MAX_HEAD - len(data)
+        words = data[: data.find(b"\n")].decode("latin-1").split()
+        if len(words) != 3 or not words[2].startswith("HTTP/"):
+            return gate.Reply(_http(400, b"bad request line\n"))
+        method, target = words[0], words[1]
+        if method not in ("GET", "HEAD"):
+            return gate.Reply(_http(405, b"only GET\n"))
+        route = self._routes.get(target.split("?", 1)[0])
+        if route is None:
+            return gate.Reply(_http(404, b"not found: try /metrics\n"))
+        try:
+            content_type, body = route()
+        except Exception:
+            _metrics_log.exception("metrics: %s failed", target)
+            return gate.Reply(_http(500, b"internal error\n"))
+        return gate.Reply(_http(200, body, content_type, head_only=method == "HEAD"))
+
+
+def _http(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
+          head_only: bool = False) -> bytes:
+    head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    return head.encode("latin-1") + (b"" if head_only else body)
 
 
 def start_metrics(registry: CollectorRegistry, host: str, port: int,

@@ -25,10 +25,12 @@ call has a timeout; a connection that fails mid-frame is closed, never reused.
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import struct
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -73,14 +75,41 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     return t.view(torch.uint8).numpy().data
 
 
-def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fills `view` from the socket; raises ConnectionError if the peer closes first."""
+class Deadline:
+    """A whole exchange's deadline, with a limit on each wait within it (`wait_s`, optional):
+    `timeout()` is the socket timeout for the next blocking call."""
+
+    def __init__(self, total_s: float, wait_s: float | None = None):
+        self.at = time.monotonic() + total_s
+        self.wait_s = wait_s
+
+    def timeout(self) -> float:
+        """Seconds the next blocking call may take; raises TimeoutError once past."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        return min(left, self.wait_s) if self.wait_s is not None else left
+
+
+def recv_exact(sock: socket.socket, view: memoryview, deadline: Deadline | None = None) -> None:
+    """Fills `view` from the socket; raises ConnectionError if the peer closes first. With a
+    deadline, each receive gets its timeout from it (else the socket's own applies)."""
     got, size = 0, len(view)
     while got < size:
+        if deadline is not None:
+            sock.settimeout(deadline.timeout())
         n = sock.recv_into(view[got:], min(size - got, IO_BYTES))
         if n == 0:
             raise ConnectionError("connection closed by the peer")
         got += n
+
+
+def send_all(sock: socket.socket, data: bytes | memoryview, deadline: Deadline) -> None:
+    """Sends all of `data` (IO_BYTES at a time, each within the deadline's limits)."""
+    view = memoryview(data).cast("B")
+    for lo in range(0, len(view), IO_BYTES):
+        sock.settimeout(deadline.timeout())
+        sock.sendall(view[lo : lo + IO_BYTES])
 
 
 def recv_frame(sock: socket.socket) -> tuple[int, bytes]:
@@ -178,6 +207,20 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self._sock is None
+
+    def usable(self) -> bool:
+        """Whether an idle connection can take a request: false (and closed) once the server
+        has closed it (it closes connections idle for long) or sent something unasked."""
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            readable = bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            readable = True
+        if readable:
+            self.close()
+        return not readable
 
     def close(self) -> None:
         if self._sock is not None:

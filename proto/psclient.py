@@ -86,8 +86,10 @@ class _Server:
     def connection(self) -> dataplane.Connection | None:
         """An idle or new data-plane connection, None when this server has no data plane."""
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.usable():
+                    return conn
             port = self._port
         if port is None:
             try:

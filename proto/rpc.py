@@ -3,6 +3,11 @@
 Every daemon and client builds its channels and servers here, so message limits, keepalive,
 TLS and the shared-token check are the same everywhere. A process sets its security once at
 start (`configure`); every channel and server it makes afterwards uses it.
+
+Servers also guard every call (proto/callguard.py: limits on every wait on a client,
+INVALID_ARGUMENT for request bytes that do not parse), a call refused for the token reads
+nothing, and streaming calls and health checks run on thread pools of their own, so that
+control calls always find a thread.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from shardps.proto import callguard
+
 # Chunks are at most 16 MiB; leave room for headers.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 # Default deadlines (seconds) for RPCs that return quickly; streaming transfers get their own.
 CONTROL_DEADLINE_S = 10.0
 TRANSFER_DEADLINE_S = 300.0
+HEALTH_WORKERS = 4  # threads for health checks, apart from everything else
 
 COORDINATOR_ENV = "SHARDPS_COORDINATOR"
 DEFAULT_COORDINATOR = "127.0.0.1:7070"
@@ -45,6 +53,8 @@ _SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.so_reuseport", 0),  # port 0 must give a port nobody else holds
+    # A connection that has not finished its TLS (or HTTP/2) handshake by then is closed.
+    ("grpc.server_handshake_timeout_ms", 10_000),
 ]
 
 
@@ -108,14 +118,30 @@ def make_channel(address: str, extra_options: Sequence[tuple[str, Any]] = ()) ->
     return channel
 
 
-def make_server(max_workers: int = 16) -> grpc.Server:
-    """A thread-pool gRPC server with shardps's message limits and, when the process has a
-    token, the token check on every RPC but health (not yet bound or started)."""
-    interceptors = [_TokenCheck(_security.token)] if _security.token else []
+def make_server(max_workers: int = 16, stream_workers: int | None = None) -> grpc.Server:
+    """A thread-pool gRPC server with shardps's message limits, the guard on every call (see
+    the module docstring) and, when the process has a token, the token check on every RPC
+    but health (not yet bound or started).
+
+    `max_workers` threads serve unary calls; streaming calls get `stream_workers` threads of
+    their own (default as many; 0: they share the unary calls' threads), so that streams
+    that hold their threads long (waiting pulls, slow pushes) never take a control call's;
+    health checks get HEALTH_WORKERS. Threads start as calls need them.
+    """
+    if stream_workers is None:
+        stream_workers = max_workers
+    streams = (futures.ThreadPoolExecutor(max_workers=stream_workers, thread_name_prefix="grpc-stream")
+               if stream_workers > 0 else None)
+    health_pool = futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS, thread_name_prefix="grpc-health")
+    interceptors: list[grpc.ServerInterceptor] = [_TokenCheck(_security.token)] if _security.token else []
+    interceptors.append(callguard.CallGuard(
+        lambda method, handler: health_pool if method.startswith(HEALTH_PREFIX) else (
+            streams if handler.request_streaming or handler.response_streaming else None),
+        total_wait_s=TRANSFER_DEADLINE_S))
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=_SERVER_OPTIONS,
-        maximum_concurrent_rpcs=max_workers * 4,
+        maximum_concurrent_rpcs=max(max_workers, stream_workers) * 4,
         interceptors=interceptors,
     )
 
@@ -171,17 +197,15 @@ class _TokenCheck(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
+        # As streaming-request handlers, so that gRPC runs them without waiting for (or
+        # reading) a request: a refused call never holds a thread.
         if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+            return grpc.stream_stream_rpc_method_handler(_deny)
+        return grpc.stream_unary_rpc_method_handler(_deny)
+
+
+def _deny(request_iterator: Any, context: grpc.ServicerContext) -> Any:
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
 
 def bind(server: grpc.Server, host: str, port: int) -> int:

@@ -29,6 +29,8 @@ from yaml.constructor import SafeConstructor
 from yaml.events import AliasEvent, CollectionStartEvent
 from yaml.resolver import Resolver
 
+from shardps.proto import names
+
 # Built-in model and dataset names; the worker's registries must define exactly these
 # (a unit test checks it). Anything else must be an import path "package.module:factory".
 BUILTIN_MODELS = ("mlp", "cnn", "gru", "transformer")
@@ -64,8 +66,8 @@ MIN_EPS = 1e-30
 # and times a large weight it could overflow Adam's second moment.
 MAX_WEIGHT_DECAY = 1e3
 
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Matched in full (fullmatch): `$` would also match before a trailing newline.
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
 def show(value: Any, limit: int = MAX_SHOWN) -> str:
@@ -164,8 +166,11 @@ def _choice(options: tuple[str, ...]) -> Check:
 
 
 def _name(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise SpecError(key, f"must be 1-63 letters, digits, '.', '_' or '-'; got {value!r}")
+    # The one identifier rule (proto/names.py): a job id is this name + "-" + 6 hex digits,
+    # and servers use job ids as directory names.
+    if not names.is_valid(value, names.MAX_JOB_NAME):
+        raise SpecError(key, f"must be {names.RULE.format(n=names.MAX_JOB_NAME)}; got "
+                             f"{names.shown(value)}")
     return value
 
 
@@ -173,7 +178,7 @@ def _factory(builtins: tuple[str, ...], what: str) -> Check:
     def check(key: str, value: Any) -> str:
         if not isinstance(value, str):
             raise SpecError(key, f"must be a string, got {show(value)}")
-        if value in builtins or _IMPORT_PATH.match(value):
+        if value in builtins or _IMPORT_PATH.fullmatch(value):
             return value
         raise SpecError(
             key,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardps.proto import common_pb2
+from shardps.proto import common_pb2, names
 from shardps.proto.layout import check_layout
 from shardps.proto.spec import METRICS, NormalisedSpec, dump_spec, normalise
 
@@ -143,7 +143,7 @@ class JobTable:
         """Raises UnknownJobError for an id never submitted."""
         job = self._jobs.get(job_id)
         if job is None:
-            raise UnknownJobError(f"unknown job {job_id!r}")
+            raise UnknownJobError(f"unknown job {names.shown(job_id)}")
         return job
 
     def jobs(self) -> list[Job]:
@@ -454,7 +454,7 @@ class JobTable:
         if old is None:
             holders = self._holders(old_id, membership)
             if not holders:
-                raise UnknownJobError(f"unknown job {old_id!r}: no server reports "
+                raise UnknownJobError(f"unknown job {names.shown(old_id)}: no server reports "
                                       "checkpoints of it")
             shards = max(holders) + 1
         else:

@@ -11,12 +11,14 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from shardps.proto import common_pb2
+from shardps.proto import common_pb2, names
 
 log = logging.getLogger(__name__)
 
 ROLE_PREFIXES = {common_pb2.ROLE_SERVER: "server", common_pb2.ROLE_WORKER: "worker"}
-_NODE_ID = re.compile(r"^(server|worker)-[0-9a-z]{1,32}$")
+# Within the identifier rule of proto/names.py; matched in full (`$` also matches before a
+# trailing newline).
+_NODE_ID = re.compile(r"(server|worker)-[0-9a-z]{1,32}")
 
 
 class UnknownNodeError(LookupError):
@@ -82,8 +84,9 @@ class Membership:
         prefix = ROLE_PREFIXES[role]
         if role == common_pb2.ROLE_SERVER and not address:
             raise ValueError("address: a server must give the host:port it serves on")
-        if node_id and (not _NODE_ID.match(node_id) or not node_id.startswith(prefix + "-")):
-            raise ValueError(f"node_id: {node_id!r} is not a {prefix} id ({prefix}-<hex>)")
+        if node_id and (not _NODE_ID.fullmatch(node_id) or not node_id.startswith(prefix + "-")):
+            raise ValueError(f"node_id: {names.shown(node_id)} is not a {prefix} id "
+                             f"({prefix}-<hex>)")
         node = self._nodes.get(node_id) if node_id else None
         if node is None:
             node = Node(node_id or self._new_id(prefix), role, address, 1, now)
@@ -164,7 +167,7 @@ class Membership:
         """Raises UnknownNodeError for an id never registered."""
         node = self._nodes.get(node_id)
         if node is None:
-            raise UnknownNodeError(f"unknown node {node_id!r}")
+            raise UnknownNodeError(f"unknown node {names.shown(node_id)}")
         return node
 
     def find(self, node_id: str) -> Node | None:

@@ -23,7 +23,7 @@ from typing import TypeVar
 import grpc
 import torch
 
-from shardps.proto import codec, common_pb2, ps_pb2
+from shardps.proto import codec, common_pb2, names, ps_pb2
 
 from .errors import (
     FencedError,
@@ -132,6 +132,11 @@ class BulkOps:
         elements. Raises Refused (the rejection counted by reason)."""
         start = time.perf_counter()
         try:
+            names.check(header.job_id, "job_id")
+            names.check(header.worker_id, "worker_id")
+        except names.InvalidName as exc:
+            raise self._reject(exc, "bad_header") from None
+        try:
             shard = self.shards.get(header.job_id, header.shard_index)
         except UnknownShardError as exc:
             raise self._reject(exc, exc.reason) from None
@@ -191,9 +196,10 @@ class BulkOps:
         can tell, registers a callback run when the caller goes away. Raises Refused.
         """
         try:
+            names.check(request.job_id, "job_id")
             shard = self.shards.get(request.job_id, request.shard_index)
             dtype = codec.torch_dtype(request.dtype)
-        except (ShardError, codec.CodecError) as exc:
+        except (ShardError, codec.CodecError, names.InvalidName) as exc:
             raise refusal(exc) from None
         clock = request.clock if shard.mode == common_pb2.CONSISTENCY_SSP else 0
         timeout = min(max(request.timeout_ms, 0) / 1000, MAX_PULL_WAIT_S)

@@ -13,7 +13,7 @@ from .bulk import DROP_REPLY_ENV, DropReplies
 from .checkpointer import Checkpointer
 from .metrics import PSMetrics
 from .registry import ShardRegistry
-from .servicer import ParameterServerServicer, _fail
+from .servicer import ParameterServerServicer, _fail, check_job_id
 
 log = logging.getLogger("shardps.ps")
 
@@ -37,8 +37,7 @@ class CheckpointingServicer(ParameterServerServicer):
                    context: grpc.ServicerContext) -> ps_pb2.CheckpointResponse:
         if self.checkpointer is None:
             _fail(context, grpc.StatusCode.FAILED_PRECONDITION, NO_DATA_DIR)
-        if not request.job_id:
-            _fail(context, grpc.StatusCode.INVALID_ARGUMENT, "job_id is empty")
+        check_job_id(context, request.job_id)
         shards = self.shards.shards(request.job_id)
         if not shards:
             _fail(context, grpc.StatusCode.NOT_FOUND, "unknown job or shard")
@@ -57,6 +56,7 @@ class CheckpointingServicer(ParameterServerServicer):
                         context: grpc.ServicerContext) -> ps_pb2.ListCheckpointsResponse:
         if self.checkpointer is None:
             _fail(context, grpc.StatusCode.FAILED_PRECONDITION, NO_DATA_DIR)
+        check_job_id(context, request.job_id, allow_empty=True)
         reply = ps_pb2.ListCheckpointsResponse()
         for job_id, index, version, path in self.checkpointer.listing(request.job_id):
             reply.checkpoints.add(job_id=job_id, shard_index=index, version=version,

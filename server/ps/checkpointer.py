@@ -46,7 +46,7 @@ class Checkpointer:
         self.data_dir = DataDir(data_dir)
         self.metrics = CheckpointMetrics(registry or CollectorRegistry())
         self.reports = RestoreReports()
-        self.writer = CheckpointWriter(self.data_dir.path, self.metrics)
+        self.writer = CheckpointWriter(self.data_dir, self.metrics)
         self.recovery = Recovery(self.data_dir, self.writer, self.metrics, self.reports)
 
     def attach(self, shard: Shard) -> None:
@@ -55,7 +55,8 @@ class Checkpointer:
         A shard created by InitShard with `resume_from_job` takes that job's checkpoint first.
         A new shard gets a checkpoint of its starting state (the base every rollback can
         reach); a shard restored at startup keeps the checkpoints it has. Raises
-        InvalidConfigError if a resume checkpoint is missing or does not fit.
+        InvalidConfigError if a job id is not a valid one or a resume checkpoint is missing or
+        does not fit, OSError if its directory cannot be created.
         """
         fresh = not shard.restored
         if fresh and shard.config.resume_from_job:

@@ -16,6 +16,8 @@ from pathlib import Path
 from . import checkpoint
 from .checkpoint import ShardState
 from .ckpt_metrics import CheckpointMetrics
+from .datadir import DataDir
+from .errors import InvalidConfigError
 
 log = logging.getLogger("shardps.ps")
 
@@ -42,7 +44,7 @@ class CheckpointWriter:
     directory has one writer at a time. `shutdown()` stops the thread after what is queued.
     """
 
-    def __init__(self, data_dir: Path, metrics: CheckpointMetrics):
+    def __init__(self, data_dir: DataDir, metrics: CheckpointMetrics):
         self._data_dir = data_dir
         self._metrics = metrics
         self._due: dict[tuple[str, int], list[_Due]] = {}
@@ -83,7 +85,6 @@ class CheckpointWriter:
     def write(self, state: ShardState, reason: str) -> Path | None:
         """Writes a checkpoint now, on this thread; its path, or None if it failed (logged)
         or belongs to a timeline a rollback abandoned."""
-        directory = checkpoint.shard_dir(self._data_dir, state.job_id, state.index)
         keep = state.config.checkpoint_keep or DEFAULT_KEEP
         start = time.perf_counter()
         with self._write_lock:
@@ -92,8 +93,9 @@ class CheckpointWriter:
                          "since", state.job_id, state.index, reason, state.version)
                 return None
             try:
+                directory = self._data_dir.shard_dir(state.job_id, state.index)
                 path = checkpoint.write(directory, state, keep)
-            except OSError as exc:
+            except (OSError, InvalidConfigError) as exc:
                 self._metrics.written.labels("failed").inc()
                 log.error("job %s shard %d: %s checkpoint at version %d failed: %s",
                           state.job_id, state.index, reason, state.version, exc)

@@ -14,6 +14,7 @@ from shardps.proto import daemon, exitcodes, rpc
 from .checkpoint_servicer import CheckpointingServicer
 from .checkpointer import Checkpointer
 from .dataserver import DataServer
+from .errors import ShardError
 from .heartbeat import CoordinatorLink
 from .metrics import PSMetrics
 from .registry import ShardRegistry
@@ -91,7 +92,11 @@ class ParameterServerDaemon:
             torch.set_num_threads(self.threads)
         if self.checkpointer:  # before serving: a worker must never see a shard missing
             for shard in self.checkpointer.restore_all():
-                self.shards.put(shard)
+                try:
+                    self.shards.put(shard)
+                except (OSError, ShardError) as exc:  # a data dir is input: never stop here
+                    log.error("job %s shard %d restored but not served: %s", shard.job_id,
+                              shard.index, exc)
         try:
             self.port = rpc.bind(self._server, self.host, self.port)
             if self.data_port >= 0:

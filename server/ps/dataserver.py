@@ -1,5 +1,12 @@
-"""The data plane's server side: a TCP listener beside the gRPC service, one thread per
-connection, serving the Push and Pull frames of proto/dataplane.py through BulkOps.
+"""The data plane's server side: a TCP listener beside the gRPC service, serving the Push and
+Pull frames of proto/dataplane.py through BulkOps, one thread per authenticated connection.
+
+A connection gets its thread only after a valid hello: until then it is one of a bounded
+number of sockets that a single thread (proto/gate.py) takes through the TLS handshake and
+the hello without blocking, under one deadline for both (HELLO_DEADLINE_S), the oldest
+pushed out by newer ones beyond MAX_PENDING. So a client without the token (or without a
+client certificate, under mutual TLS) costs at most a socket for a few seconds, never a
+thread, and never one of the `max_connections` slots of authenticated connections.
 
 A pushed gradient is received straight into the shard's staging buffer (checked for NaN/inf
 a few MiB at a time, while in cache); a pulled snapshot is copied a few MiB at a time under
@@ -8,9 +15,11 @@ shard. Refusals answer with the gRPC status code the RPC would give. A push refu
 its elements were read has them drained when its header declares a sane size (the connection
 stays in step), else the connection is closed after the reply.
 
-Waits: hello and everything after the first byte of a request have deadlines; an idle
-connection waits for its next request until the client closes it, TCP keepalive finds its
-peer gone, or the server stops (which closes every connection).
+Waits, all with server-side limits: the hello as above; a request, from its first byte to
+its reply's last, within rpc.TRANSFER_DEADLINE_S with no wait on the client longer than
+callguard.CLIENT_WAIT_S; an idle connection's next request within IDLE_S (clients notice an
+idle connection the server closed, and open another). TCP keepalive finds a vanished peer
+sooner.
 """
 
 from __future__ import annotations
@@ -18,7 +27,6 @@ from __future__ import annotations
 import hmac
 import logging
 import socket
-import ssl
 import threading
 import time
 
@@ -26,16 +34,19 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from shardps.proto import codec, dataplane, ps_pb2, rpc
+from shardps.proto import callguard, codec, dataplane, gate, ps_pb2, rpc
 
 from .bulk import BulkOps, Refused
 
 log = logging.getLogger("shardps.ps")
 
-HELLO_TIMEOUT_S = 10.0
-MAX_CONNECTIONS = 256
+HELLO_DEADLINE_S = 5.0   # TLS handshake and hello, from the accept
+MAX_PENDING = 128        # connections in their handshake or hello (the oldest make room)
+MAX_CONNECTIONS = 256    # authenticated connections, a thread each
+IDLE_S = 600.0           # an authenticated connection's wait for its next request
 MAX_DRAIN_BYTES = 1 << 36  # a push header declaring more is not read on; the connection closes
 _KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
+_HELLO_HEAD = len(dataplane.MAGIC) + dataplane.TOKEN_LEN.size
 
 
 class _Close(Exception):
@@ -45,144 +56,147 @@ class _Close(Exception):
 class DataServer:
     """Listens on host:port (0 picks one) for data-plane connections.
 
-    Thread-safety: start/stop from one thread; connections run on their own threads.
+    Thread-safety: start/stop from one thread; hellos run on the gate's thread and each
+    authenticated connection on its own.
     """
 
     def __init__(self, bulk: BulkOps, security: rpc.Security,
-                 max_connections: int = MAX_CONNECTIONS):
+                 max_connections: int = MAX_CONNECTIONS, max_pending: int = MAX_PENDING,
+                 hello_deadline_s: float = HELLO_DEADLINE_S):
         self.bulk = bulk
-        self.token = security.token
+        self.token = security.token.encode() if security.token else None
         self.context = dataplane.server_context(security)
         self.max_connections = max_connections
+        self.max_pending = max_pending
+        self.hello_deadline_s = hello_deadline_s
         self.port = 0
-        self._listener: socket.socket | None = None
+        self.gate: gate.Gate | None = None
         self._connections: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._acceptor: threading.Thread | None = None
 
     def start(self, host: str, port: int) -> int:
         """Binds and starts accepting; returns the bound port. Raises OSError."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.create_server((host.strip("[]"), port), family=family, backlog=128)
-        self._listener = listener
         self.port = listener.getsockname()[1]
-        self._acceptor = threading.Thread(target=self._accept_loop, name="data-accept", daemon=True)
-        self._acceptor.start()
+        self.gate = gate.Gate(listener, self._hello, name="data-accept", context=self.context,
+                              deadline_s=self.hello_deadline_s, max_pending=self.max_pending)
+        self.gate.start()
         return self.port
 
     def stop(self, grace: float = 5.0) -> None:
         """Stops accepting, closes every connection (a transfer in flight fails) and waits up
         to `grace` s for their threads (a push being applied finishes first)."""
         self._stopping.set()
-        if self._listener is not None:
-            _shutdown(self._listener)
-            self._listener.close()
+        if self.gate is not None:
+            self.gate.stop(grace)
         with self._lock:
             connections = list(self._connections)
         for conn in connections:
             _shutdown(conn)
-        if self._acceptor is not None:
-            self._acceptor.join(grace)
         deadline = time.monotonic() + grace
         with self._lock:
             threads = list(self._threads)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                continue
-            thread = threading.Thread(target=self._serve, args=(conn,), name="data-conn",
-                                      daemon=True)
-            with self._lock:
-                self._threads.add(thread)
-            thread.start()
+    # -- the hello, on the gate's thread --------------------------------------------------
 
-    # -- one connection -----------------------------------------------------------------
-
-    def _serve(self, raw: socket.socket) -> None:
+    def _hello(self, data: bytes) -> int | gate.Reply | gate.Handoff:
+        """The next step of a connection's hello, from the bytes it has sent so far."""
+        magic = dataplane.MAGIC
+        if data[: len(magic)] != magic[: len(data)]:
+            return gate.Reply(_error(grpc.StatusCode.INVALID_ARGUMENT, "not a shardps data-plane client"))
+        if len(data) < _HELLO_HEAD:
+            return _HELLO_HEAD - len(data)
+        (size,) = dataplane.TOKEN_LEN.unpack_from(data, len(magic))
+        if size > dataplane.MAX_TOKEN_BYTES:
+            return gate.Reply(_error(grpc.StatusCode.INVALID_ARGUMENT, "token too long"))
+        if len(data) < _HELLO_HEAD + size:
+            return _HELLO_HEAD + size - len(data)
+        if self.token is not None and not hmac.compare_digest(data[_HELLO_HEAD:], self.token):
+            return gate.Reply(_error(grpc.StatusCode.UNAUTHENTICATED, rpc.UNAUTHENTICATED_MESSAGE))
         with self._lock:
             full = len(self._connections) >= self.max_connections
-            if not full:
-                self._connections.add(raw)
-        conn = raw
+        if full or self._stopping.is_set():
+            return gate.Reply(_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"this server holds {self.max_connections} data connections already"))
+        return gate.Handoff(self._admit)
+
+    def _admit(self, conn: socket.socket) -> None:
+        """Gives an authenticated connection its thread."""
+        thread = threading.Thread(target=self._serve, args=(conn,), name="data-conn", daemon=True)
+        with self._lock:
+            self._connections.add(conn)
+            self._threads.add(thread)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: refuse this one, keep serving the others
+            with self._lock:
+                self._connections.discard(conn)
+                self._threads.discard(thread)
+            log.warning("data plane: cannot start a connection thread")
+            conn.close()
+
+    # -- one authenticated connection --------------------------------------------------
+
+    def _serve(self, conn: socket.socket) -> None:
+        peer = _peer(conn)
         try:
             dataplane.tune(conn)
             for name, value in _KEEPALIVE:
                 if hasattr(socket, name):
                     conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-            conn.settimeout(HELLO_TIMEOUT_S)
-            if self.context is not None:
-                conn = self.context.wrap_socket(conn, server_side=True)
-            self._hello(conn, full)
+            conn.settimeout(callguard.CLIENT_WAIT_S)
+            conn.sendall(dataplane.frame(0, b""))  # the hello's OK
             scratch: dict[torch.dtype, torch.Tensor] = {}
             while not self._stopping.is_set():
-                conn.settimeout(None)  # idle: see the module docstring
+                conn.settimeout(IDLE_S)
                 head = bytearray(dataplane.FRAME.size)
                 view = memoryview(head)
-                first = conn.recv_into(view)
+                try:
+                    first = conn.recv_into(view)
+                except TimeoutError:
+                    raise _Close(f"idle for {IDLE_S:g} s") from None
                 if first == 0:
                     return  # the client closed the connection between requests
-                conn.settimeout(rpc.TRANSFER_DEADLINE_S)
-                dataplane.recv_exact(conn, view[first:])
+                deadline = dataplane.Deadline(rpc.TRANSFER_DEADLINE_S, callguard.CLIENT_WAIT_S)
+                dataplane.recv_exact(conn, view[first:], deadline)
                 kind, size = dataplane.FRAME.unpack(head)
                 if size > dataplane.MAX_BODY_BYTES:
                     raise _Close(f"a request body of {size} bytes")
                 body = bytearray(size)
-                dataplane.recv_exact(conn, memoryview(body))
+                dataplane.recv_exact(conn, memoryview(body), deadline)
                 if kind == dataplane.PUSH:
-                    self._push(conn, bytes(body))
+                    self._push(conn, bytes(body), deadline)
                 elif kind == dataplane.PULL:
-                    self._pull(conn, bytes(body), scratch)
+                    self._pull(conn, bytes(body), scratch, deadline)
                 else:
-                    _reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, f"unknown request kind {kind}")
+                    _reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, f"unknown request kind {kind}", deadline)
                     raise _Close(f"unknown request kind {kind}")
         except _Close as exc:
             log.debug("data connection closed: %s", exc)
-        except (OSError, ssl.SSLError) as exc:  # includes timeouts and ConnectionError
+        except TimeoutError as exc:  # a request that waited on its client past a limit
+            if not self._stopping.is_set():
+                log.info("data connection from %s ended: a request waited on the client too long (%s)",
+                         peer, exc)
+        except OSError as exc:  # includes timeouts, ConnectionError and ssl.SSLError
             if not self._stopping.is_set():
                 log.debug("data connection ended: %s", exc)
         finally:
             with self._lock:
-                self._connections.discard(raw)
+                self._connections.discard(conn)
                 self._threads.discard(threading.current_thread())
             conn.close()
 
-    def _hello(self, conn: socket.socket, full: bool) -> None:
-        magic = bytearray(len(dataplane.MAGIC) + dataplane.TOKEN_LEN.size)
-        dataplane.recv_exact(conn, memoryview(magic))
-        if bytes(magic[: len(dataplane.MAGIC)]) != dataplane.MAGIC:
-            _reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, "not a shardps data-plane client")
-            raise _Close("bad magic")
-        (size,) = dataplane.TOKEN_LEN.unpack_from(magic, len(dataplane.MAGIC))
-        if size > dataplane.MAX_TOKEN_BYTES:
-            _reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, "token too long")
-            raise _Close("token too long")
-        token = bytearray(size)
-        dataplane.recv_exact(conn, memoryview(token))
-        if self.token is not None and not hmac.compare_digest(bytes(token), self.token.encode()):
-            _reply_error(conn, grpc.StatusCode.UNAUTHENTICATED, rpc.UNAUTHENTICATED_MESSAGE)
-            raise _Close("unauthenticated")
-        if full:
-            _reply_error(conn, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"this server holds {self.max_connections} data connections already")
-            raise _Close("too many connections")
-        conn.sendall(dataplane.frame(0, b""))
-
-    def _push(self, conn: socket.socket, body: bytes) -> None:
+    def _push(self, conn: socket.socket, body: bytes, deadline: dataplane.Deadline) -> None:
         try:
             header = ps_pb2.PushHeader.FromString(body)
         except DecodeError:
             self.bulk.metrics.rejected.labels("bad_header").inc()
-            _reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, "push header does not parse")
+            _reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, "push header does not parse", deadline)
             raise _Close("bad push header") from None
         try:
             declared = header.length * codec.element_size(header.dtype)
@@ -197,7 +211,7 @@ class DataServer:
             finite, step = True, dataplane.IO_BYTES
             per_piece = step // grad.element_size()
             for lo in range(0, len(data), step):
-                dataplane.recv_exact(conn, data[lo : lo + step])
+                dataplane.recv_exact(conn, data[lo : lo + step], deadline)
                 if finite:  # each piece while it is in cache
                     first = lo // grad.element_size()
                     finite = codec.pushable(grad[first : first + per_piece])
@@ -209,17 +223,17 @@ class DataServer:
             reply = exc
         # The elements not read yet are drained, so the connection stays in step; a size
         # that cannot be trusted closes it after the reply instead.
-        in_step = consumed or self._drain(conn, declared)
+        in_step = consumed or self._drain(conn, declared, deadline)
         if isinstance(reply, Refused):
-            _reply_error(conn, reply.code, str(reply))
+            _reply_error(conn, reply.code, str(reply), deadline)
         elif self.bulk.faults.drop(reply):
             raise _Close("fault injected: push reply dropped")
         else:
-            conn.sendall(dataplane.frame(0, reply.SerializeToString()))
+            dataplane.send_all(conn, dataplane.frame(0, reply.SerializeToString()), deadline)
         if not in_step:
             raise _Close(f"push declares {declared} bytes")
 
-    def _drain(self, conn: socket.socket, declared: int) -> bool:
+    def _drain(self, conn: socket.socket, declared: int, deadline: dataplane.Deadline) -> bool:
         """Reads and discards a push's elements that were not wanted; False (nothing read)
         when the declared size is not one to read on."""
         if not 0 <= declared <= MAX_DRAIN_BYTES:
@@ -229,24 +243,25 @@ class DataServer:
         left = declared
         while left:
             n = min(left, len(sink))
-            dataplane.recv_exact(conn, view[:n])
+            dataplane.recv_exact(conn, view[:n], deadline)
             left -= n
         return True
 
-    def _pull(self, conn: socket.socket, body: bytes, scratch: dict[torch.dtype, torch.Tensor]) -> None:
+    def _pull(self, conn: socket.socket, body: bytes, scratch: dict[torch.dtype, torch.Tensor],
+              deadline: dataplane.Deadline) -> None:
         try:
             request = ps_pb2.PullRequest.FromString(body)
         except DecodeError:
-            _reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, "pull request does not parse")
+            _reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, "pull request does not parse", deadline)
             raise _Close("bad pull request") from None
         try:
             plan = self.bulk.pull(request, lambda: not self._stopping.is_set())
         except Refused as exc:
-            _reply_error(conn, exc.code, str(exc))
+            _reply_error(conn, exc.code, str(exc), deadline)
             return
         sent = 0
         try:
-            conn.sendall(dataplane.frame(0, plan.head.SerializeToString()))
+            dataplane.send_all(conn, dataplane.frame(0, plan.head.SerializeToString()), deadline)
             if plan.snapshot is None:
                 return
             step = max(1, dataplane.IO_BYTES // plan.dtype.itemsize)
@@ -259,15 +274,27 @@ class DataServer:
                 return dataplane.as_bytes(buf[: view.numel()].copy_(view))
 
             for piece in self.bulk.pieces(plan, step, copy):
-                conn.sendall(piece)
+                dataplane.send_all(conn, piece, deadline)
                 sent += len(piece)
         finally:
             self.bulk.pulled(plan, sent)
 
 
-def _reply_error(conn: socket.socket, code: grpc.StatusCode, message: str) -> None:
-    body = message.encode()[: dataplane.MAX_BODY_BYTES]
-    conn.sendall(dataplane.frame(code.value[0], body))
+def _error(code: grpc.StatusCode, message: str) -> bytes:
+    return dataplane.frame(code.value[0], message.encode()[: dataplane.MAX_BODY_BYTES])
+
+
+def _reply_error(conn: socket.socket, code: grpc.StatusCode, message: str,
+                 deadline: dataplane.Deadline) -> None:
+    dataplane.send_all(conn, _error(code, message), deadline)
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -2,17 +2,21 @@
 coordinator, and new jobs that resume an old job's checkpoint.
 
 Every restore that leaves a shard short of the version it had reached is counted (lost
-updates) and queued for the coordinator (`RestoreReports`).
+updates) and queued for the coordinator (`RestoreReports`). A checkpoint is input: one it
+cannot use is skipped for an older one, and a shard it cannot restore at all is left out with
+an error in the log: the server always starts.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from shardps.proto import common_pb2, coordinator_pb2
 
 from . import checkpoint
+from .checkpoint import Expect
 from .ckpt_metrics import CheckpointMetrics
 from .ckpt_writer import CheckpointWriter
 from .datadir import DataDir, read_mark
@@ -43,34 +47,45 @@ class Recovery:
 
         The shards' versions past their checkpoint (read from the mark file) are counted as
         lost and reported to the coordinator at registration. The shards come back with
-        `restored` set, so attaching them keeps their checkpoints.
+        `restored` set, so attaching them keeps their checkpoints. A shard without a usable
+        checkpoint is left out with an error in the log; nothing here raises.
         """
         shards = []
         for job_id, index, directory in self._data_dir.shard_dirs():
-            loaded = checkpoint.load(directory)
-            self._metrics.fallbacks.inc(len(loaded.skipped) if loaded else 0)
-            if loaded is None:
-                if checkpoint.committed(directory):
-                    log.error("job %s shard %d: no usable checkpoint in %s; not restored",
+            try:
+                shard = self._restore(job_id, index, directory)
+            except Exception:  # noqa: BLE001  # a checkpoint is input: never stop the server
+                log.exception("job %s shard %d: restoring from %s failed; not restored",
                               job_id, index, directory)
                 continue
-            shard = Shard.from_state(loaded.state)
-            marked = read_mark(directory)
-            lost = max(0, marked - shard.version) if marked is not None else 0
-            self._metrics.restores.labels("startup").inc()
-            if lost:
-                self._metrics.lost.labels(job_id).inc(lost)
-            note = (f"; {len(loaded.skipped)} newer unusable checkpoint(s) skipped"
-                    if loaded.skipped else "")
-            log.warning("job %s shard %d restored from %s at version %d (Adam step %d); the "
-                        "shard had reached version %s, so %d update(s) are %s%s", job_id, index,
-                        loaded.path.name, shard.version, shard.adam_step,
-                        marked if marked is not None else "?", lost,
-                        "replayed by the workers" if shard.mode == common_pb2.CONSISTENCY_SYNC
-                        else "lost", note)
-            self._reports.add(shard.job_id, shard.index, shard.version, lost)
-            shards.append(shard)
+            if shard is not None:
+                shards.append(shard)
         return shards
+
+    def _restore(self, job_id: str, index: int, directory: Path) -> Shard | None:
+        loaded = checkpoint.load(directory, expect=Expect(job_id, index))
+        self._metrics.fallbacks.inc(len(loaded.skipped) if loaded else 0)
+        if loaded is None:
+            if checkpoint.committed(directory):
+                log.error("job %s shard %d: no usable checkpoint in %s; not restored",
+                          job_id, index, directory)
+            return None
+        shard = Shard.from_state(loaded.state)
+        marked = read_mark(directory)
+        lost = max(0, marked - shard.version) if marked is not None else 0
+        self._metrics.restores.labels("startup").inc()
+        if lost:
+            self._metrics.lost.labels(job_id).inc(lost)
+        note = (f"; {len(loaded.skipped)} newer unusable checkpoint(s) skipped"
+                if loaded.skipped else "")
+        log.warning("job %s shard %d restored from %s at version %d (Adam step %d); the "
+                    "shard had reached version %s, so %d update(s) are %s%s", job_id, index,
+                    loaded.path.name, shard.version, shard.adam_step,
+                    marked if marked is not None else "?", lost,
+                    "replayed by the workers" if shard.mode == common_pb2.CONSISTENCY_SYNC
+                    else "lost", note)
+        self._reports.add(shard.job_id, shard.index, shard.version, lost)
+        return shard
 
     def apply_rollbacks(self, shards: Sequence[Shard],
                         views: Iterable[coordinator_pb2.ServerJobView]) -> None:
@@ -92,7 +107,8 @@ class Recovery:
             return
         directory = self._data_dir.shard_dir(shard.job_id, shard.index)
         self._writer.flush()
-        loaded = checkpoint.load(directory, at_most=version)
+        loaded = checkpoint.load(directory, at_most=version,
+                                 expect=Expect(shard.job_id, shard.index, shard.config))
         if loaded is None:
             log.error("job %s shard %d: rollback %d to version %d impossible: no checkpoint at "
                       "or before it", shard.job_id, shard.index, rollback_id, version)
@@ -119,12 +135,14 @@ class Recovery:
         (weights, Adam state, version; not its worker tables).
 
         Raises:
-            InvalidConfigError: the checkpoint is missing or covers another range or layout.
+            InvalidConfigError: the job id is not a valid one, or the checkpoint is missing or
+                covers another range or layout.
         """
         config = shard.config
         directory = self._data_dir.shard_dir(config.resume_from_job, shard.index)
         version = config.resume_version if config.resume_version >= 0 else None
-        loaded = checkpoint.load(directory, version=version)
+        loaded = checkpoint.load(directory, version=version,
+                                 expect=Expect(config.resume_from_job, shard.index))
         if loaded is None:
             raise InvalidConfigError(
                 f"no valid checkpoint of job {config.resume_from_job} shard {shard.index}"

@@ -5,6 +5,11 @@ for Push and InitShard and sends Pull's messages as built by codec.chunk_message
 chunk is decoded from the received bytes straight into the staging gradient, and a pulled
 chunk is copied once from the snapshot into its message. Push and Pull share their handling
 with the data plane (bulk.py, dataserver.py).
+
+Every identifier a request carries (job ids, worker ids) is checked against the one rule of
+proto/names.py before anything else happens (INVALID_ARGUMENT, quoting at most a bounded,
+escaped prefix of it); no reply names a path on the server except the Checkpoint and
+ListCheckpoints results, whose purpose that is.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any, NoReturn
 import grpc
 import torch
 
-from shardps.proto import codec, dataplane, ps_pb2, ps_pb2_grpc
+from shardps.proto import codec, dataplane, names, ps_pb2, ps_pb2_grpc
 
 from .bulk import BulkOps, DropReplies, Refused, refusal
 from .errors import ShardError
@@ -60,6 +65,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                   "first message must carry the config")
         config = first.message.config
         try:
+            check_config_ids(config)
+        except names.InvalidName as exc:
+            _fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
             validate_config(config)
             try:
                 weights = torch.empty(config.length, dtype=torch.float32)
@@ -77,6 +86,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             log.info("InitShard for job %s shard %d refused: %s", config.job_id,
                      config.shard_index, exc)
             _refuse(context, refusal(exc))
+        except OSError as exc:  # the checkpoint directory (the log has the path, not the reply)
+            log.error("InitShard for job %s shard %d failed: %s", config.job_id,
+                      config.shard_index, exc)
+            _fail(context, grpc.StatusCode.INTERNAL,
+                  "cannot create the shard's checkpoint directory; see the server log")
         return ps_pb2.InitShardResponse(version=shard.version)
 
     # -- Push ---------------------------------------------------------------------------
@@ -146,13 +160,13 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def GetShardInfo(self, request: ps_pb2.GetShardInfoRequest,
                      context: grpc.ServicerContext) -> ps_pb2.GetShardInfoResponse:
+        check_job_id(context, request.job_id, allow_empty=True)
         return ps_pb2.GetShardInfoResponse(
             shards=[s.info() for s in self.shards.shards(request.job_id)])
 
     def DropJob(self, request: ps_pb2.DropJobRequest,
                 context: grpc.ServicerContext) -> ps_pb2.DropJobResponse:
-        if not request.job_id:
-            _fail(context, grpc.StatusCode.INVALID_ARGUMENT, "job_id is empty")
+        check_job_id(context, request.job_id)
         return ps_pb2.DropJobResponse(dropped=self.shards.drop(request.job_id))
 
     def GetDataPlane(self, request: ps_pb2.GetDataPlaneRequest,
@@ -203,6 +217,28 @@ def _chunked(messages: Iterator[Any]) -> Iterator[codec.ChunkedMessage]:
                                                             memoryview(message.chunk.data)))
         else:
             yield codec.ChunkedMessage(message, None)
+
+
+def check_config_ids(config: ps_pb2.ShardConfig) -> None:
+    """Raises names.InvalidName unless every identifier in an InitShard config is valid."""
+    names.check(config.job_id, "config.job_id")
+    if config.resume_from_job:
+        names.check(config.resume_from_job, "config.resume_from_job")
+    for worker in config.workers:
+        names.check(worker, "config.workers")
+
+
+def check_job_id(context: grpc.ServicerContext, job_id: str, allow_empty: bool = False) -> None:
+    """Ends the RPC with INVALID_ARGUMENT unless `job_id` is a valid id ("" when allowed: every
+    job)."""
+    if not job_id:
+        if not allow_empty:
+            _fail(context, grpc.StatusCode.INVALID_ARGUMENT, "job_id is empty")
+        return
+    try:
+        names.check(job_id, "job_id")
+    except names.InvalidName as exc:
+        _fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
 def _refuse(context: grpc.ServicerContext, exc: Refused) -> NoReturn:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shardps.proto import common_pb2, coordinator_pb2, dataplane, ps_pb2, ps_pb2_grpc, rpc, spec
+from shardps.proto import common_pb2, coordinator_pb2, dataplane, names, ps_pb2, ps_pb2_grpc, rpc, spec
 from shardps.proto.psclient import PSClient
 from tests import harness
 
@@ -29,8 +29,9 @@ DEADLINE_S = 5.0
 HANDLED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
            grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.CANCELLED}
-# Bytes the server cannot even parse are refused by gRPC itself, before our code runs.
-UNPARSABLE = {grpc.StatusCode.INTERNAL}
+# Bytes the server cannot even parse are a bad request like any other: INVALID_ARGUMENT, not
+# INTERNAL (issue 10, item 9).
+UNPARSABLE: set = set()
 
 TOTAL = 4096
 JOB = "fuzzed"
@@ -539,3 +540,146 @@ def test_a_push_that_would_overflow_adams_state_is_refused_and_changes_nothing(s
     final, _ = weights(server)
     assert torch.isfinite(final).all() and bool((final != moved).all())
     assert server.proc.poll() is None, server.output()
+
+
+GARBAGE = (b"\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x08")  # no message type parses these
+
+
+def test_garbage_request_bytes_are_invalid_argument_with_one_log_line_and_no_traceback():
+    """Issue 10, item 9: bytes that parse as no request, sent to every method of the parameter
+    server, the coordinator and the health service (unary and streaming), are answered
+    INVALID_ARGUMENT, each with one log line and no traceback."""
+    server = harness.start("shardps-server", "--port", "0", "--coordinator", "")
+    coord = harness.start("shardps-coordinator", "--port", "0")
+    services = [(server, ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"]),
+                (coord, coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]),
+                (server, health_pb2.DESCRIPTOR.services_by_name["Health"])]
+    sent = {server: 0, coord: 0}
+    for daemon, service in services:
+        with grpc.insecure_channel(daemon.address) as channel:
+            for method in service.methods:
+                for body in GARBAGE:
+                    streams = (method.client_streaming, method.server_streaming)
+                    code = call(channel, f"/{service.full_name}/{method.name}",
+                                [body] if streams[0] else body, *streams)
+                    assert code == grpc.StatusCode.INVALID_ARGUMENT, (service.name, method.name, body, code)
+                    sent[daemon] += 1
+    for daemon, count in sent.items():
+        harness.poll(lambda d=daemon, n=count: len(d.matches("the request does not parse")) >= n, 10,
+                     what="a log line per garbage request")
+        assert len(daemon.matches("the request does not parse")) == count, daemon.output()
+        assert not daemon.matches("Traceback|Exception deserializing|ERROR"), daemon.output()
+        assert daemon.proc.poll() is None
+        assert_healthy(daemon.address)
+
+
+# -- identifiers that would be paths (issue 10, item 1) -------------------------------------------
+
+HOSTILE_PARTS = ["..", "../..", "/", "/etc/passwd", "\0", "\n", "\r\n", "x" * 300, ".", ".tmp-0-x",
+                 "~", "jöb", "\u2028", " ", "\\", "%2e%2e", "job\n", "-rf", "_", "a" * 129]
+
+
+def hostile_id(rng, tmp) -> str:
+    """A job or worker id that breaks the rule of proto/names.py: path pieces, control
+    characters, the other server's absolute data dir, or too long."""
+    while True:
+        pieces = [rng.choice(HOSTILE_PARTS + [JOB, str(tmp), str(tmp / "other" / "jobs" / JOB)])
+                  for _ in range(rng.randint(1, 4))]
+        value = rng.choice(["", "/", "\0"]).join(pieces)
+        if not names.is_valid(value):
+            return value
+
+
+def assert_refused(what: str, code, message: str, tmp) -> None:
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (what, code, message)
+    assert str(tmp) not in message and str(tmp.resolve()) not in message, (what, message)
+    assert len(message) < 300 and message.isprintable(), (what, message)
+
+
+def hostile_calls(stub, bad: str, config, header) -> dict:
+    """One call of every server RPC that takes a job or worker id, carrying `bad`."""
+    return {
+        "InitShard": lambda: stub.InitShard(iter([ps_pb2.InitShardRequest(
+            config=config, dtype=common_pb2.DTYPE_FLOAT32)]), timeout=DEADLINE_S),
+        "DropJob": lambda: stub.DropJob(ps_pb2.DropJobRequest(job_id=bad), timeout=DEADLINE_S),
+        "GetShardInfo": lambda: stub.GetShardInfo(ps_pb2.GetShardInfoRequest(job_id=bad),
+                                                  timeout=DEADLINE_S),
+        "Checkpoint": lambda: stub.Checkpoint(ps_pb2.CheckpointRequest(job_id=bad),
+                                              timeout=DEADLINE_S),
+        "ListCheckpoints": lambda: stub.ListCheckpoints(ps_pb2.ListCheckpointsRequest(job_id=bad),
+                                                        timeout=DEADLINE_S),
+        "Pull": lambda: list(stub.Pull(ps_pb2.PullRequest(job_id=bad, timeout_ms=1),
+                                       timeout=DEADLINE_S)),
+        "Push": lambda: stub.Push(iter([ps_pb2.PushRequest(header=header)]), timeout=DEADLINE_S),
+    }
+
+
+def send_hostile(stub, port: int, rng, config, tmp) -> int:
+    """Sends one hostile id to every RPC (gRPC and data plane); returns how many were refused."""
+    bad = hostile_id(rng, tmp)
+    header = real_header(rng)
+    setattr(header, rng.choice(["job_id", "worker_id"]), bad)
+    cfg = ps_pb2.ShardConfig()
+    cfg.CopyFrom(config)
+    cfg.job_id, cfg.shard_index, cfg.offset, cfg.length, cfg.total = JOB, 0, 0, TOTAL, TOTAL
+    setattr(cfg, rng.choice(["job_id", "resume_from_job"]), bad)
+    refused = 0
+    for what, send in hostile_calls(stub, bad, cfg, header).items():
+        try:
+            send()
+            raise AssertionError(f"{what} accepted {bad!r}")
+        except grpc.RpcError as exc:
+            assert_refused(what, exc.code(), exc.details() or "", tmp)
+        refused += 1
+    hello = dataplane.MAGIC + dataplane.TOKEN_LEN.pack(0)
+    pull = dataplane.frame(dataplane.PULL,
+                           ps_pb2.PullRequest(job_id=bad, timeout_ms=1).SerializeToString())
+    push = dataplane.frame(dataplane.PUSH, header.SerializeToString()) + bytes(4 * TOTAL)
+    for kind, sent in (("pull", pull), ("push", push)):
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
+            sock.sendall(hello + sent)
+            assert dataplane.recv_frame(sock) == (0, b"")  # the hello's answer
+            code, reply = dataplane.recv_frame(sock)
+        assert_refused(f"data plane {kind}", dataplane.status_code(code),
+                       reply.decode("utf-8", "replace"), tmp)
+        refused += 1
+    return refused
+
+
+def outside_of(root, data_dir) -> list:
+    return sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*")
+                  if data_dir not in (p, *p.parents))
+
+
+def test_hostile_ids_are_refused_by_every_server_rpc_and_reach_no_path(tmp_path):
+    """Job and worker ids built from path pieces, control characters and another data dir's
+    absolute path, sent to every RPC of a server with a data dir (gRPC and the data plane):
+    each is refused with INVALID_ARGUMENT, a bounded message naming no server path; nothing
+    outside the data dir appears or changes, and the real job is untouched."""
+    data_dir, other = tmp_path / "data", tmp_path / "other"
+    victim = harness.start("shardps-server", "--port", "0", "--coordinator", "",
+                           "--data-dir", str(other))
+    fuzzed_job(victim)
+    victim.stop()
+    srv = harness.start("shardps-server", "--port", "0", "--coordinator", "",
+                        "--data-dir", str(data_dir))
+    _, config = fuzzed_job(srv)
+    before, versions = weights(srv)
+    outside = outside_of(tmp_path, data_dir)
+    rng = random.Random(SEED + 2)
+    refused = 0
+    start = time.monotonic()
+    with rpc.make_channel(srv.address) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        port = stub.GetDataPlane(ps_pb2.GetDataPlaneRequest(), timeout=DEADLINE_S).port
+        for _ in range(300):
+            if time.monotonic() - start > BUDGET_S:
+                break
+            refused += send_hostile(stub, port, rng, config, tmp_path)
+    assert refused >= 500, refused
+    assert srv.proc.poll() is None, srv.output()
+    assert_healthy(srv.address)
+    after, versions_after = weights(srv)
+    assert torch.equal(after, before) and versions_after == versions
+    assert outside_of(tmp_path, data_dir) == outside
+    assert sorted(p.name for p in (data_dir / "jobs").iterdir()) == [JOB]

@@ -286,7 +286,7 @@ def test_metrics_endpoint_serves_the_documented_names(servers):
         client.push(torch.ones(total), step=0, base_version=0, batch_size=1)
         pulled(client, total)
         with pytest.raises(grpc.RpcError):
-            push_raw(stub(servers[0]), ps_pb2.PushHeader(job_id="nope", length=1), [])
+            push_raw(stub(servers[0]), ps_pb2.PushHeader(job_id="nope", worker_id="w0", length=1), [])
     text = scrape(servers[0].metrics_address)
     for line in [
         'shardps_ps_pushes_total{job="job",status="applied"} 1.0',

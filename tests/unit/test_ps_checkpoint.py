@@ -14,9 +14,10 @@ import torch
 from shardps.proto import common_pb2, ps_pb2
 from shardps.server.ps import checkpoint
 from shardps.server.ps.checkpointer import Checkpointer
-from shardps.server.ps.errors import FencedError, UnknownWorkerError
+from shardps.server.ps.errors import FencedError, InvalidConfigError, UnknownWorkerError
 from shardps.server.ps.registry import ShardRegistry
 from shardps.server.ps.shard import Shard
+from tests import tamper
 from tests.harness import poll
 
 
@@ -90,16 +91,18 @@ def test_an_open_sync_round_is_not_in_the_checkpoint(tmp_path):
                          step=2).status == ps_pb2.PUSH_STATUS_ACCEPTED
 
 
-def test_keeps_the_newest_k_and_removes_leftover_temp_dirs(tmp_path):
+def test_keeps_the_newest_k_and_the_base_and_removes_leftover_temp_dirs(tmp_path):
     shard = new_shard(mode=common_pb2.CONSISTENCY_ASYNC)
     (tmp_path / ".tmp-9-dead").mkdir(parents=True)
     (tmp_path / "notes.txt").write_text("not ours")
     for step in range(5):
         shard.push(grad(step), worker_id="w0", incarnation=1, step=step)
         checkpoint.write(tmp_path, shard.capture(), keep=2)
-    assert [v for v, _ in checkpoint.committed(tmp_path)] == [5, 4]
+    # The oldest (here version 1, the first written) is the base every rollback can reach.
+    assert [v for v, _ in checkpoint.committed(tmp_path)] == [5, 4, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "ckpt-000000000004-0000", "ckpt-000000000005-0000", "notes.txt"]
+        "ckpt-000000000001-0000", "ckpt-000000000004-0000", "ckpt-000000000005-0000",
+        "notes.txt"]
 
 
 def test_same_version_twice_gets_a_second_directory(tmp_path):
@@ -179,8 +182,10 @@ def test_checkpointer_writes_every_n_versions_and_restores_with_lost_count(tmp_p
     assert cp.writer.flush()
     directory = checkpoint.shard_dir(tmp_path, "job", 0)
     written = [v for v, _ in checkpoint.committed(directory)]
-    # A copy still queued when a newer one comes is superseded, so 3 (or 0) may be missing.
-    assert written[0] == 6 and len(written) <= 2 and all(v % 3 == 0 for v in written)
+    # A periodic copy still queued when a newer one comes is superseded, so 3 may be missing;
+    # keep=2 keeps the newest two and the base, version 0.
+    assert written[0] == 6 and written[-1] == 0 and len(written) <= 3
+    assert all(v % 3 == 0 for v in written)
     cp.shutdown()
 
     again = Checkpointer(tmp_path)
@@ -310,3 +315,135 @@ def test_a_crash_at_any_point_of_a_write_leaves_a_complete_checkpoint(tmp_path, 
                        checkpoint.read(loaded.path).tensors["weights"])
     checkpoint.prune(tmp_path, keep=2)
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+# -- hostile data dirs: tampered manifests, paths, the base checkpoint --------------------------
+
+
+def two_checkpoints(data_dir):
+    """Checkpoints of job "job" shard 0 at versions 1 and 2 (with Adam state) in the data dir's
+    layout; returns (shard dir, state at version 1, path of version 2)."""
+    shard = new_shard(mode=common_pb2.CONSISTENCY_ASYNC, workers=("worker-a",))
+    directory = checkpoint.shard_dir(data_dir, "job", 0)
+    shard.push(grad(1), worker_id="worker-a", incarnation=1, step=0)
+    first = shard.capture()
+    checkpoint.write(directory, first, keep=3)
+    shard.push(grad(2), worker_id="worker-a", incarnation=1, step=1)
+    return directory, first, checkpoint.write(directory, shard.capture(), keep=3)
+
+
+@pytest.mark.parametrize("case", sorted(tamper.TAMPERINGS))
+def test_a_tampered_checkpoint_is_refused_naming_why_and_the_previous_one_is_used(tmp_path, case):
+    """Checksums recomputed, so only validation can tell (the e2e twin restarts a real server
+    on such a data dir: tests/e2e/test_hostile_paths.py)."""
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    outside.mkdir()
+    directory, first, newest = two_checkpoints(data)
+    change, reason = tamper.TAMPERINGS[case]
+    change(newest, outside)
+    loaded = checkpoint.load(directory, expect=checkpoint.Expect("job", 0))
+    assert loaded.state.version == 1
+    assert [p for p, _ in loaded.skipped] == [newest]
+    assert reason in loaded.skipped[0][1]
+    assert torch.equal(loaded.state.tensors["weights"], first.tensors["weights"])
+    cp = Checkpointer(data)
+    [restored] = cp.restore_all()
+    assert restored.version == 1
+    assert torch.equal(restored.capture().tensors["weights"], first.tensors["weights"])
+    cp.shutdown()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "outside"]
+
+
+def test_a_shard_whose_every_checkpoint_is_tampered_is_not_restored_and_nothing_raises(tmp_path):
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    outside.mkdir()
+    directory, _, newest = two_checkpoints(data)
+    for _, path in checkpoint.committed(directory):
+        tamper.TAMPERINGS["job_escapes_the_data_dir"][0](path, outside)
+    cp = Checkpointer(data)
+    assert cp.restore_all() == []
+    cp.shutdown()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "outside"]
+
+
+def test_prune_keeps_the_base_checkpoint_every_rollback_can_reach(tmp_path):
+    """12: with keep=1 the version-0 checkpoint written at InitShard stays, and a rollback to a
+    version whose checkpoints are gone lands there."""
+    cp = Checkpointer(tmp_path)
+    shard = new_shard(every=1, keep=1)
+    ShardRegistry(cp.attach).put(shard)
+    for step in range(4):
+        run_steps(shard, [step])
+        assert cp.writer.flush()
+    directory = checkpoint.shard_dir(tmp_path, "job", 0)
+    assert [v for v, _ in checkpoint.committed(directory)] == [4, 0]
+    cp.recovery.rollback(shard, rollback_id=1, version=2)
+    same_state(shard, new_shard())
+    cp.shutdown()
+
+
+def test_job_ids_that_are_not_identifiers_never_reach_the_filesystem(tmp_path):
+    data = tmp_path / "data"
+    cp = Checkpointer(data)
+    registry = ShardRegistry(cp.attach)
+    for job_id in ["../../x", "/abs/x", "../data2/jobs/victim", "a\0b", "x" * 300, "job\n"]:
+        cfg = config()
+        cfg.job_id = job_id
+        with pytest.raises(InvalidConfigError) as info:
+            registry.put(Shard(cfg, torch.zeros(10)))
+        assert str(tmp_path) not in str(info.value) and len(str(info.value)) < 250
+        cfg = config()
+        cfg.resume_from_job = job_id
+        with pytest.raises(InvalidConfigError):
+            registry.put(Shard(cfg, torch.zeros(10)))
+    cp.shutdown()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert not (data / "jobs").exists()
+    with pytest.raises(ValueError):
+        checkpoint.shard_dir(data, "job", -1)
+
+
+def test_restore_skips_entries_that_are_not_ids_or_lead_outside_the_data_dir(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    two_checkpoints(elsewhere)
+    data = tmp_path / "data"
+    (data / "jobs").mkdir(parents=True)
+    os.symlink(elsewhere / "jobs" / "job", data / "jobs" / "linked")      # a job dir link
+    (data / "jobs" / "real").mkdir()
+    os.symlink(elsewhere / "jobs" / "job" / "shard-0", data / "jobs" / "real" / "shard-0")
+    os.symlink(elsewhere / "jobs" / "job", data / "jobs" / "bad name")
+    (data / "jobs" / "job" / "shard-٣").mkdir(parents=True)                # not ASCII digits
+    assert checkpoint.shard_dirs(data) == []
+    cp = Checkpointer(data)
+    assert cp.restore_all() == [] and cp.listing() == []
+    cp.shutdown()
+
+
+def test_a_symlinked_checkpoint_directory_is_never_read(tmp_path):
+    elsewhere, _, newest = two_checkpoints(tmp_path / "elsewhere")
+    directory = checkpoint.shard_dir(tmp_path / "data", "job", 0)
+    directory.mkdir(parents=True)
+    os.symlink(newest, directory / newest.name)
+    assert checkpoint.committed(directory) == []
+    checkpoint.prune(directory, keep=1)
+    assert newest.is_dir()
+
+
+def test_the_node_id_file_is_validated_both_ways(tmp_path, caplog):
+    cp = Checkpointer(tmp_path)
+    (tmp_path / "node_id").write_text("../../etc/passwd\n")
+    assert cp.node_id() == ""
+    assert "no valid node id" in caplog.text
+    cp.save_node_id("server-0a1b2c")
+    assert cp.node_id() == "server-0a1b2c"
+    cp.save_node_id("server-x\n/../..")
+    assert cp.node_id() == "server-0a1b2c"
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    os.symlink(victim, tmp_path / ".node_id.tmp")  # a planted link is replaced, not written through
+    cp.save_node_id("server-ffffff")
+    assert cp.node_id() == "server-ffffff" and victim.read_text() == "keep"
+    (tmp_path / "node_id").unlink()
+    os.symlink(victim, tmp_path / "node_id")
+    assert cp.node_id() == ""
+    cp.shutdown()
