@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 LISTENING = re.compile(r"^listening on (\S+):(\d+)$")
@@ -36,7 +37,8 @@ def script(name: str) -> list[str]:
 class Daemon:
     """One daemon subprocess; `address` is what it printed on its listening line."""
 
-    def __init__(self, name: str, *args: str, env: dict[str, str] | None = None):
+    def __init__(self, name: str, *args: str, env: dict[str, str] | None = None,
+                 prefix: Sequence[str] = ()):
         self.name = name
         self.log_path = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
         self._lines: list[str] = []
@@ -45,7 +47,7 @@ class Daemon:
         self.metrics_address = ""
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            [*script(name), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [*prefix, *script(name), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, env=full_env, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -111,8 +113,11 @@ class Daemon:
             self.proc.wait(10)
 
 
-def start(name: str, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> Daemon:
-    return Daemon(name, *args, env=env).wait_ready(timeout)
+def start(name: str, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None,
+          prefix: Sequence[str] = ()) -> Daemon:
+    """Starts a daemon and waits for its listening line; `prefix` goes before the command
+    (e.g. `ip netns exec NS` to run it on an emulated host)."""
+    return Daemon(name, *args, env=env, prefix=prefix).wait_ready(timeout)
 
 
 def kill_all() -> None:
