@@ -14,6 +14,7 @@ directions (DDP's ring: about 2x the gradient per worker; shardps: one push and 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -34,13 +35,12 @@ def _rank_args(args, role: str, rank: int, extra: Sequence[str] = ()) -> list[st
             "--params", str(args.params), "--steps", str(args.steps), "--timeout", str(args.timeout), *extra]
 
 
-def _result(proc: subprocess.Popen, lines: Sequence[str], timeout: float) -> dict:
+def _result(proc: subprocess.Popen, timeout: float) -> dict:
     """The JSON line a rank printed last, after it exits."""
     out, err = proc.communicate(timeout=timeout)
-    text = "\n".join([*lines, out or ""])
     if proc.returncode != 0:
-        raise RuntimeError(f"rank exited {proc.returncode}:\n{text[-2000:]}\n{(err or '')[-2000:]}")
-    return json.loads(text.strip().splitlines()[-1])
+        raise RuntimeError(f"rank exited {proc.returncode}:\n{out[-2000:]}\n{err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def run_ddp(net: netns.Network, args, hook: str) -> dict:
@@ -51,7 +51,7 @@ def run_ddp(net: netns.Network, args, hook: str) -> dict:
         rank1 = net.popen("w1", *_rank_args(args, "ddp", 1, ["--store", rank0.address, "--hook", hook]),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env={**_env(), "GLOO_SOCKET_IFNAME": "eth0"})
-        _result(rank1, [], args.timeout * 3)
+        _result(rank1, args.timeout * 3)
         if rank0.proc.wait(args.timeout) != 0:
             raise RuntimeError("DDP rank 0 failed:\n" + "\n".join(rank0.lines[-30:]))
         rank0.stop()  # joins its output reader
@@ -70,15 +70,12 @@ def run_shardps(net: netns.Network, args) -> dict:
         net.run("w0", *_rank_args(args, "ps-init", 0, ["--servers", addresses]), timeout=args.timeout)
         ranks = [net.popen(h, *_rank_args(args, "ps", r, ["--servers", addresses]), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=_env()) for r, h in enumerate(("w0", "w1"))]
-        results = [_result(p, [], args.timeout * 3) for p in ranks]
-        return results[0]
+        return [_result(p, args.timeout * 3) for p in ranks][0]
     finally:
         procs.stop_all(servers)
 
 
 def _env() -> dict[str, str]:
-    import os
-
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 

@@ -217,17 +217,17 @@ class Network:
         """Limits host's link to rate in each direction (tbf), and delays or drops what it sends
         (netem: delay like '5ms', loss like '1%'). Replaces earlier shaping of that host."""
         ns = self.ns(host)
+        bits = parse_rate(rate) if rate else 0  # bad input is refused before anything changes
+        if (delay or loss) and not netem_available():
+            raise NetnsError("this kernel has no netem qdisc (sch_netem): delay and loss cannot be emulated")
         self.unshape(host)
         parent = ["root"]
         if delay or loss:
-            if not netem_available():
-                raise NetnsError("this kernel has no netem qdisc (sch_netem): delay and loss cannot be emulated")
             args = ["delay", delay] if delay else []
             args += ["loss", loss] if loss else []
             _in(ns, "tc", "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "netem", *args)
             parent = ["parent", "1:"]
-        if rate:
-            bits = parse_rate(rate)
+        if bits:
             tbf = ["tbf", "rate", f"{bits}bit", "burst", str(_burst_bytes(bits)), "latency", "100ms"]
             _in(ns, "tc", "qdisc", "add", "dev", "eth0", *parent, "handle", "2:", *tbf)
             _in(self.hub, "tc", "qdisc", "add", "dev", self._port(host), "root", *tbf)
@@ -235,7 +235,8 @@ class Network:
     def unshape(self, host: str) -> None:
         """Removes host's shaping (both directions); a no-op when it has none."""
         for ns, dev in ((self.ns(host), "eth0"), (self.hub, self._port(host))):
-            if "qdisc tbf" in self.qdiscs(ns, dev) or "qdisc netem" in self.qdiscs(ns, dev):
+            shown = self.qdiscs(ns, dev)
+            if "qdisc tbf" in shown or "qdisc netem" in shown:
                 _in(ns, "tc", "qdisc", "del", "dev", dev, "root")
 
     def qdiscs(self, ns: str, dev: str = "eth0") -> str:

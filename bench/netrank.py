@@ -68,7 +68,11 @@ def run_ddp(args: argparse.Namespace) -> dict[str, float]:
         store = dist.TCPStore(host, int(port), args.world, is_master=False, timeout=_timeout(args))
     dist.init_process_group("gloo", store=store, rank=args.rank, world_size=args.world, timeout=_timeout(args))
     model, x, y = model_and_batch(args.params, args.rank)
-    ddp = nn.parallel.DistributedDataParallel(model)
+    # powerSGD_hook chains two all-reduces per bucket through futures; with several buckets
+    # in flight gloo saw them in different orders on the two ranks and aborted ("Received data
+    # size doesn't match", 10M parameters = 2 buckets), so its run uses one bucket.
+    bucket_mb = 4096.0 if args.hook == "powersgd" else 25.0
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
     warmup = args.warmup
     if args.hook == "fp16":
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)

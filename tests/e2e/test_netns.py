@@ -108,9 +108,10 @@ def test_delay_and_loss_need_netem_and_say_so_when_the_kernel_lacks_it(net):
 
 
 def test_bad_shaping_arguments_are_refused_before_touching_the_link(net):
+    net.shape("a", rate="200mbit")
     with pytest.raises(ValueError, match="rate '100mbps'"):
         net.shape("a", rate="100mbps")
-    assert "tbf" not in net.qdiscs(net.ns("a"))
+    assert "rate 200Mbit" in net.qdiscs(net.ns("a"))  # the earlier shaping still holds
     with pytest.raises(KeyError, match="no host 'z'"):
         net.shape("z", rate="1gbit")
 
@@ -185,3 +186,18 @@ def test_a_digits_job_runs_to_completion_across_three_hosts(net, tmp_path):
     assert info["metric"] == "accuracy" and info["metric_value"] > 0.8
     for daemon in (worker, server, coord):
         assert daemon.stop() == 0, daemon.output()
+
+
+def test_bench_net_runs_in_its_small_configuration(tmp_path):
+    """bench.net --small end to end (no timing asserted): every row, and no namespace left."""
+    before = set(netns.namespaces())
+    done = subprocess.run([sys.executable, "-m", "bench.net", "--small", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = next(iter(json.loads((tmp_path / "net.json").read_text())["tables"].values()))
+    assert [r["system"] for r in rows] == ["DDP gloo fp32", "DDP fp16_compress_hook", "DDP powerSGD_hook (rank 1)",
+                                           "shardps fp32 (2 servers)"]
+    assert rows[0]["vs_ddp_fp32"] == 1.0
+    fp32, fp16 = rows[0]["wire_MB_per_step"], rows[1]["wire_MB_per_step"]
+    assert 0.4 * fp32 < fp16 < 0.7 * fp32  # half the bytes, give or take headers
+    assert set(netns.namespaces()) <= before
