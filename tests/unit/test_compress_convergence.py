@@ -21,11 +21,20 @@ def data():
     return digits(0)
 
 
-def steps_to_target(data, comp: compress.Compressor | None, error_feedback: bool = True) -> int:
+def adam(params):
+    return torch.optim.Adam(params, lr=0.01)
+
+
+def sgd_momentum(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def steps_to_target(data, comp: compress.Compressor | None, error_feedback: bool = True,
+                    optimizer=adam) -> int:
     """The first step after which test accuracy is >= TARGET (MAX_STEPS + 1 if never)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt = optimizer(model.parameters())
     feedback = ErrorFeedback(comp, error_feedback) if comp is not None else None
     for step in range(1, MAX_STEPS + 1):
         loss = torch.nn.functional.cross_entropy(model(data.train_x), data.train_y)
@@ -70,3 +79,14 @@ def test_sparse_and_sign_with_error_feedback_within_1_1x_the_steps_of_fp32(data,
 def test_every_compressor_still_reaches_the_target(data, comp):
     assert steps_to_target(data, comp, error_feedback=True) <= MAX_STEPS
     assert steps_to_target(data, comp, error_feedback=False) <= MAX_STEPS
+
+
+def test_under_sgd_with_momentum_error_feedback_is_what_brings_topk_within_1_1x(data):
+    # Measured: fp32 51 steps; top-k 10% 54 with EF, 72 without; sign 59 with EF, 92 without.
+    fp32 = steps_to_target(data, None, optimizer=sgd_momentum)
+    topk = compress.TopK(0.1)
+    assert steps_to_target(data, topk, optimizer=sgd_momentum) <= 1.1 * fp32
+    assert steps_to_target(data, topk, error_feedback=False, optimizer=sgd_momentum) > 1.1 * fp32
+    sign = compress.Sign(4096)
+    assert (steps_to_target(data, sign, optimizer=sgd_momentum)
+            < steps_to_target(data, sign, error_feedback=False, optimizer=sgd_momentum))
