@@ -77,7 +77,8 @@ class Daemon:
     """One daemon process; `address` and `metrics_address` are what it announced.
 
     `program` is a console script's name (`SCRIPTS`) or a module with a `main()`; `args` its
-    command line. With `forks` it is forked from there, otherwise started as a subprocess.
+    command line. With `forks` it is forked from there, otherwise started as a subprocess
+    (behind `prefix`, a command such as `ip netns exec NS`, if given).
     `keep_lines` bounds the output kept in memory (None: all of it); `log_path` receives
     all of it. A reader thread owns the output; the other methods may be called from any
     thread, `wait_ready` and the stopping ones from one at a time.
@@ -85,7 +86,8 @@ class Daemon:
 
     def __init__(self, name: str, program: str, args: Sequence[str] = (), *,
                  env: dict[str, str] | None = None, log_path: Path | None = None,
-                 keep_lines: int | None = None, forks: Forks | None = None):
+                 keep_lines: int | None = None, forks: Forks | None = None,
+                 prefix: Sequence[str] = ()):
         self.name = name
         self.log_path = log_path
         self.address = ""
@@ -100,7 +102,7 @@ class Daemon:
             self.proc, stream = forks.start(name, module_of(program), args, env)
         else:
             popen = subprocess.Popen(
-                [*command(program), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                [*prefix, *command(program), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, text=True, errors="replace",
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
             assert popen.stdout is not None

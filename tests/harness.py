@@ -11,6 +11,7 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from shardps.client import launcher
@@ -27,14 +28,18 @@ class Daemon(launcher.Daemon):
     """A console script (`shardps-server`, ...) started as a subprocess with these arguments,
     killed by `kill_all` at the end of the test if it still runs."""
 
-    def __init__(self, name: str, *args: str, env: dict[str, str] | None = None):
+    def __init__(self, name: str, *args: str, env: dict[str, str] | None = None,
+                 prefix: Sequence[str] = ()):
         log_path = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
-        super().__init__(name, name, args, env=env, log_path=log_path)
+        super().__init__(name, name, args, env=env, log_path=log_path, prefix=prefix)
         _live.append(self)
 
 
-def start(name: str, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> Daemon:
-    daemon = Daemon(name, *args, env=env)
+def start(name: str, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None,
+          prefix: Sequence[str] = ()) -> Daemon:
+    """Starts a daemon and waits for its listening line; `prefix` goes before the command
+    (e.g. `ip netns exec NS` to run it on a namespace host)."""
+    daemon = Daemon(name, *args, env=env, prefix=prefix)
     daemon.wait_ready(timeout)
     return daemon
 

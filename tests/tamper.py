@@ -183,7 +183,7 @@ TAMPERINGS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "job_of_another_directory": (edit_config(_other_job), "belongs to job 'someotherjob'"),
     "shard_of_another_directory": (edit_config(_other_index), "shard 1, not to the job"),
     "config_longer_than_weights": (edit_config(_longer), "weights: shape"),
-    "config_lr_negative": (edit_config(_bad_lr), "config: optimizer.lr must be > 0"),
+    "config_lr_negative": (edit_config(_bad_lr), "config: optimizer.lr must be in (0, "),
     "config_mode_42": (edit_config(_bad_mode), "config: unknown consistency mode 42"),
     "file_entry_extra_key": (edit(_extra_entry_key), "weights: file entry must have exactly"),
     "sha_not_hex": (edit(_bad_sha), "weights: sha256 is not a hex digest"),

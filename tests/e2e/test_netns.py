@@ -1,0 +1,204 @@
+"""The network harness (bench/netns.py) on real namespaces, veth pairs and tc, and a shardps
+cluster spread over three emulated hosts. Needs root and iproute2; skipped otherwise."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import netns
+from tests import harness
+
+_why = netns.why_unavailable()
+pytestmark = pytest.mark.skipif(_why is not None, reason=f"network namespaces unavailable: {_why}")
+
+# Sends N bytes to HOST:PORT and prints the seconds it took, from the first byte to the
+# receiver's one-byte acknowledgement that all arrived.
+SEND = """
+import socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with socket.create_connection((host, port), timeout=30) as s:
+    s.settimeout(60)
+    block = bytes(1 << 16)
+    start = time.monotonic()
+    for _ in range(n // len(block)):
+        s.sendall(block)
+    s.shutdown(socket.SHUT_WR)
+    assert s.recv(1) == b"k"
+    print(time.monotonic() - start)
+"""
+# Listens on HOST:0, prints its port, receives until EOF and acknowledges with one byte.
+SINK = """
+import socket, sys
+listener = socket.create_server((sys.argv[1], 0))
+print(listener.getsockname()[1], flush=True)
+listener.settimeout(60)
+conn, _ = listener.accept()
+conn.settimeout(60)
+while conn.recv(1 << 20):
+    pass
+conn.sendall(b"k")
+"""
+
+
+@pytest.fixture
+def net():
+    with netns.Network(["a", "b", "c"]) as made:
+        yield made
+    assert not [ns for ns in netns.namespaces() if ns.startswith(made.hub.removesuffix("hub"))]
+
+
+def test_hosts_reach_each_other_on_their_own_addresses(net):
+    assert net.address("a") == "10.199.0.1" and net.address("c") == "10.199.0.3"
+    for src, dst in (("a", "b"), ("b", "c"), ("c", "a")):
+        assert net.reaches(src, dst)
+    shown = net.run("b", "ip", "-4", "addr", "show", "dev", "eth0").stdout
+    assert "10.199.0.2/24" in shown
+
+
+def test_namespaces_do_not_see_the_machines_loopback_services(net):
+    # A listener on the machine's own 127.0.0.1 is not reachable from inside a host.
+    listener = __import__("socket").create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)"
+    with listener:
+        assert net.run("a", sys.executable, "-c", probe, check=False).returncode != 0
+
+
+def _transfer_seconds(net, src: str, dst: str, nbytes: int) -> float:
+    sink = net.popen(dst, sys.executable, "-c", SINK, net.address(dst), stdout=subprocess.PIPE, text=True)
+    try:
+        assert sink.stdout is not None
+        port = sink.stdout.readline().strip()
+        sent = net.run(src, sys.executable, "-c", SEND, net.address(dst), port, str(nbytes), timeout=120)
+        assert sink.wait(30) == 0
+        return float(sent.stdout)
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+            sink.wait(10)
+
+
+def test_a_shaped_link_moves_data_no_faster_than_its_rate(net):
+    net.shape("b", rate="100mbit")
+    for ns, dev in ((net.ns("b"), "eth0"), (net.hub, "p1")):
+        assert "tbf" in net.qdiscs(ns, dev) and "rate 100Mbit" in net.qdiscs(ns, dev)
+    nbytes = 8 << 20  # 0.67 s at 100 Mbit/s
+    for src, dst in (("a", "b"), ("b", "a")):  # both directions are limited
+        seconds = _transfer_seconds(net, src, dst, nbytes)
+        # A generous bound: the bucket's burst (64 KiB) is under 1% of the transfer.
+        assert nbytes * 8 / seconds < 1.3 * 100e6, f"{src}->{dst}: {nbytes * 8 / seconds / 1e6:.0f} Mbit/s"
+    net.unshape("b")
+    assert "tbf" not in net.qdiscs(net.ns("b")) and "tbf" not in net.qdiscs(net.hub, "p1")
+
+
+def test_delay_and_loss_need_netem_and_say_so_when_the_kernel_lacks_it(net):
+    if netns.netem_available():
+        net.shape("c", rate="1gbit", delay="20ms", loss="0%")
+        assert "netem" in net.qdiscs(net.ns("c")) and "delay 20ms" in net.qdiscs(net.ns("c"))
+        # c's reply to a's connect (a refusal) leaves c's link 20 ms late: a lower bound only.
+        timed = ("import socket, sys, time\nstart = time.monotonic()\ntry:\n"
+                 "    socket.create_connection((sys.argv[1], 9), timeout=5)\nexcept ConnectionRefusedError:\n"
+                 "    print(time.monotonic() - start)\n")
+        assert float(net.run("a", sys.executable, "-c", timed, net.address("c")).stdout) >= 0.02
+    else:
+        with pytest.raises(netns.NetnsError, match="no netem"):
+            net.shape("c", delay="20ms")
+        assert "netem" not in net.qdiscs(net.ns("c")) and "tbf" not in net.qdiscs(net.ns("c"))
+
+
+def test_bad_shaping_arguments_are_refused_before_touching_the_link(net):
+    net.shape("a", rate="200mbit")
+    with pytest.raises(ValueError, match="rate '100mbps'"):
+        net.shape("a", rate="100mbps")
+    assert "rate 200Mbit" in net.qdiscs(net.ns("a"))  # the earlier shaping still holds
+    with pytest.raises(KeyError, match="no host 'z'"):
+        net.shape("z", rate="1gbit")
+
+
+def test_a_cut_host_reaches_no_one_and_heals(net):
+    net.cut("b")
+    assert not net.reaches("a", "b") and not net.reaches("b", "c")
+    assert net.reaches("a", "c")  # the others are untouched
+    net.heal("b")
+    net.wait_reachable("a", "b")
+    assert net.reaches("b", "c")
+
+
+def test_close_kills_what_runs_inside_and_removes_every_namespace():
+    net = netns.Network(["x", "y"])
+    made = [net.hub, net.ns("x"), net.ns("y")]
+    sleeper = net.popen("x", "sleep", "600")
+    assert set(made) <= set(netns.namespaces())
+    net.close()
+    assert sleeper.wait(10) != 0
+    assert not set(made) & set(netns.namespaces())
+    net.close()  # twice is fine
+
+
+def test_sweep_removes_namespaces_left_by_a_dead_process():
+    code = "from bench import netns; import os; n = netns.Network(['q']); print(n.hub, flush=True); os._exit(0)"
+    left = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    hub = left.stdout.strip()
+    assert hub in netns.namespaces()  # os._exit skipped its cleanup
+    swept = netns.sweep()
+    assert hub in swept and hub.replace("hub", "q") in swept
+    assert hub not in netns.namespaces()
+
+
+def test_invalid_host_names_are_refused():
+    with pytest.raises(ValueError, match="host name 'Bad_Name'"):
+        netns.Network(["Bad_Name"])
+    with pytest.raises(ValueError, match="distinct"):
+        netns.Network(["a", "a"])
+
+
+def test_a_digits_job_runs_to_completion_across_three_hosts(net, tmp_path):
+    """Coordinator on a, a server on b, a worker on c: every byte crosses the emulated switch."""
+    net.shape("b", rate="1gbit")
+    net.shape("c", rate="1gbit")
+    a, b, c = (net.address(h) for h in ("a", "b", "c"))
+    coord = harness.start("shardps-coordinator", "--host", a, "--port", "0", "--lease-ms", "3000",
+                          prefix=net.command("a"))
+    assert coord.address.startswith(f"{a}:")
+    server = harness.start("shardps-server", "--host", b, "--port", "0", "--coordinator", coord.address,
+                           prefix=net.command("b"))
+    worker = harness.start("shardps-worker", "--host", c, "--port", "0", "--coordinator", coord.address,
+                           "--threads", "1", prefix=net.command("c"))
+    assert server.address.startswith(f"{b}:") and worker.address.startswith(f"{c}:")
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: netns-digits\nseed: 0\nmodel: {name: mlp, kwargs: {hidden: [32]}}\n"
+                    "data: {dataset: digits, batch_size: 64}\noptimizer: {lr: 0.01}\n"
+                    "cluster: {servers: 1, workers: 1}\nstop: {max_steps: 60, eval_every: 30}\n")
+    shardps = [*harness.script("shardps")]
+    submitted = net.run("a", *shardps, "submit", str(spec), "--coordinator", coord.address, "--output",
+                        "json", timeout=120)
+    job_id = json.loads(submitted.stdout)["job_id"]
+
+    def final():
+        out = net.run("a", *shardps, "status", job_id, "--coordinator", coord.address, "--output", "json",
+                      timeout=60)
+        info = json.loads(out.stdout)
+        return info if info["state"] in ("JOB_STATE_COMPLETED", "JOB_STATE_CONVERGED", "JOB_STATE_FAILED") else None
+
+    info = harness.poll(final, timeout=300, interval=0.5, what="job final")
+    assert info["state"] == "JOB_STATE_COMPLETED", info
+    assert info["metric"] == "accuracy" and info["metric_value"] > 0.8
+    for daemon in (worker, server, coord):
+        assert daemon.stop() == 0, daemon.output()
+
+
+def test_bench_net_runs_in_its_small_configuration(tmp_path):
+    """bench.net --small end to end (no timing asserted): every row, and no namespace left."""
+    before = set(netns.namespaces())
+    done = subprocess.run([sys.executable, "-m", "bench.net", "--small", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = next(iter(json.loads((tmp_path / "net.json").read_text())["tables"].values()))
+    assert [r["system"] for r in rows] == ["DDP gloo fp32", "DDP fp16_compress_hook", "DDP powerSGD_hook (rank 1)",
+                                           "shardps fp32 (2 servers)"]
+    assert rows[0]["vs_ddp_fp32"] == 1.0
+    fp32, fp16 = rows[0]["wire_MB_per_step"], rows[1]["wire_MB_per_step"]
+    assert 0.4 * fp32 < fp16 < 0.7 * fp32  # half the bytes, give or take headers
+    assert set(netns.namespaces()) <= before

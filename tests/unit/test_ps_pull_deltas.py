@@ -1,0 +1,69 @@
+"""Compressed pull deltas (server/ps/pull_deltas.py): the worker's copy and the server's
+mirror stay bitwise equal, and the copy tracks the weights with bounded error."""
+
+import pytest
+import torch
+
+from shardps.proto import compress
+from shardps.server.ps.pull_deltas import HeldCopies, PullReply, apply_reply
+
+
+def _trajectory(steps, numel):
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(numel, generator=g)
+    out = []
+    for _ in range(steps):  # Adam-like: every weight moves by about lr each step
+        w = w - 1e-3 * torch.sign(torch.randn(numel, generator=g))
+        out.append(w.clone())
+    return out
+
+
+@pytest.mark.parametrize("comp", [compress.Int8(256), compress.TopK(0.05), compress.Sign(512)],
+                         ids=lambda c: c.name)
+def test_worker_copy_equals_the_servers_mirror_and_tracks_the_weights(comp):
+    copies = HeldCopies(comp)
+    copy, worst = None, []
+    for version, w in enumerate(_trajectory(60, 4000), start=1):
+        reply = copies.reply("w0", version - 1, w, version)
+        assert (reply.dense is not None) == (version == 1)  # the first pull is dense, then deltas
+        copy = apply_reply(copy, reply, comp)
+        assert torch.equal(copy, copies._held["w0"][1])
+        worst.append(float((w - copy).abs().max()))
+    # What a delta dropped is sent later: the error does not grow with the number of steps.
+    assert max(worst[-10:]) <= 2 * max(worst[1:11]) + 1e-6
+
+
+def test_int8_deltas_are_about_a_quarter_of_dense_and_stay_close():
+    comp = compress.Int8(256)
+    copies = HeldCopies(comp)
+    copy = None
+    for version, w in enumerate(_trajectory(20, 4096), start=1):
+        reply = copies.reply("w0", version - 1, w, version)
+        copy = apply_reply(copy, reply, comp)
+    assert reply.delta is not None and len(reply.delta) == comp.size(4096) < 4096 * 4 / 3.9
+    assert float((w - copy).abs().max()) < 1e-4  # deltas of ~1e-3 quantized to 1/127 of their max
+
+
+def test_a_worker_at_another_version_gets_dense_weights_again():
+    comp = compress.Int8()
+    copies = HeldCopies(comp)
+    w = torch.randn(100)
+    copies.reply("w0", 0, w, 1)
+    assert copies.reply("w0", 1, w + 1, 2).delta is not None
+    reset = copies.reply("w0", 1, w + 2, 3)  # the reply for version 2 was lost
+    assert reset.dense is not None and torch.equal(reset.dense, w + 2)
+    copies.forget("w0")
+    assert copies.reply("w0", 3, w, 4).dense is not None
+    assert copies.held_bytes() == 400
+
+
+def test_mirrors_are_per_worker():
+    copies = HeldCopies(compress.Int8())
+    w = torch.randn(50)
+    copies.reply("w0", 0, w, 1)
+    assert copies.reply("w1", 1, w, 1).dense is not None  # w1 has no mirror yet
+
+
+def test_a_delta_without_a_copy_is_refused():
+    with pytest.raises(ValueError, match="needs the copy"):
+        apply_reply(None, PullReply(2, delta=compress.Int8().encode(torch.zeros(4))), compress.Int8())

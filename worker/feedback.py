@@ -1,0 +1,46 @@
+"""Error feedback for compressed pushes: what compression dropped this step is added back
+to the gradient next step, so nothing is lost, only delayed.
+
+For each tensor: corrected = grad + residual; wire = encode(corrected);
+residual = corrected - decode(wire). Summed over steps, what the servers receive equals the
+sum of the true gradients minus the final residual (tests/unit/test_feedback.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shardps.proto.compress import Compressor
+
+
+class ErrorFeedback:
+    """One worker's residuals, one per named tensor, for one compressor.
+
+    Not thread-safe: owned by the thread that pushes. `enabled=False` compresses without
+    carrying the residual (for contrast in tests and benches).
+    """
+
+    def __init__(self, compressor: Compressor, enabled: bool = True):
+        self.compressor = compressor
+        self.enabled = enabled
+        self._residuals: dict[str, torch.Tensor] = {}
+
+    def compress(self, name: str, grad: torch.Tensor) -> bytes:
+        """The wire form of grad (1-D fp32) plus the residual carried from the last step."""
+        flat = grad.detach().reshape(-1).to(torch.float32)
+        residual = self._residuals.get(name)
+        if residual is not None and residual.numel() != flat.numel():
+            raise ValueError(f"tensor {name!r} has {flat.numel()} elements, its residual {residual.numel()}")
+        corrected = flat + residual if residual is not None else flat.clone()
+        data = self.compressor.encode(corrected)
+        if self.enabled:
+            self._residuals[name] = corrected.sub_(self.compressor.decode(data))
+        return data
+
+    def residual(self, name: str) -> torch.Tensor | None:
+        """What is still owed on tensor `name` (None before its first step or with EF off)."""
+        return self._residuals.get(name)
+
+    def reset(self) -> None:
+        """Drops every residual (a new job, or weights replaced by a checkpoint)."""
+        self._residuals.clear()
