@@ -30,9 +30,18 @@ SYSTEMS = {  # name: (role, hook)
 }
 
 
+RANK_MODULE = "bench.netrank"
+
+
 def _rank_args(args, role: str, rank: int, extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "bench.netrank", role, "--rank", str(rank), "--world", "2",
-            "--params", str(args.params), "--steps", str(args.steps), "--timeout", str(args.timeout), *extra]
+    """bench.netrank's arguments for one rank."""
+    return [role, "--rank", str(rank), "--world", "2", "--params", str(args.params),
+            "--steps", str(args.steps), "--timeout", str(args.timeout), *extra]
+
+
+def _rank_command(args, role: str, rank: int, extra: Sequence[str] = ()) -> list[str]:
+    """The command line of one rank, run with this interpreter."""
+    return [sys.executable, "-m", RANK_MODULE, *_rank_args(args, role, rank, extra)]
 
 
 def _result(proc: subprocess.Popen, timeout: float) -> dict:
@@ -45,10 +54,10 @@ def _result(proc: subprocess.Popen, timeout: float) -> dict:
 
 def run_ddp(net: netns.Network, args, hook: str) -> dict:
     store = f"{net.address('w0')}:0"
-    rank0 = procs.Child(net.command("w0", *_rank_args(args, "ddp", 0, ["--store", store, "--hook", hook])),
-                        env={"GLOO_SOCKET_IFNAME": "eth0"}, timeout=args.timeout)
+    rank0 = procs.Child(RANK_MODULE, _rank_args(args, "ddp", 0, ["--store", store, "--hook", hook]),
+                        env={"GLOO_SOCKET_IFNAME": "eth0"}, timeout=args.timeout, prefix=net.command("w0"))
     try:
-        rank1 = net.popen("w1", *_rank_args(args, "ddp", 1, ["--store", rank0.address, "--hook", hook]),
+        rank1 = net.popen("w1", *_rank_command(args, "ddp", 1, ["--store", rank0.address, "--hook", hook]),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env={**_env(), "GLOO_SOCKET_IFNAME": "eth0"})
         _result(rank1, args.timeout * 3)
@@ -61,14 +70,14 @@ def run_ddp(net: netns.Network, args, hook: str) -> dict:
 
 
 def run_shardps(net: netns.Network, args) -> dict:
-    servers = [procs.Child(net.command(h, sys.executable, "-m", procs.SERVER_MODULE, "--coordinator", "",
-                                       "--host", net.address(h), "--port", "0", "--threads", "1",
-                                       "--log-level", "WARNING"), timeout=args.timeout)
+    servers = [procs.Child("shardps-server", ["--coordinator", "", "--host", net.address(h), "--port", "0",
+                                              "--threads", "1", "--log-level", "WARNING"],
+                           timeout=args.timeout, prefix=net.command(h))
                for h in ("s0", "s1")]
     try:
         addresses = ",".join(s.address for s in servers)
-        net.run("w0", *_rank_args(args, "ps-init", 0, ["--servers", addresses]), timeout=args.timeout)
-        ranks = [net.popen(h, *_rank_args(args, "ps", r, ["--servers", addresses]), stdout=subprocess.PIPE,
+        net.run("w0", *_rank_command(args, "ps-init", 0, ["--servers", addresses]), timeout=args.timeout)
+        ranks = [net.popen(h, *_rank_command(args, "ps", r, ["--servers", addresses]), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=_env()) for r, h in enumerate(("w0", "w1"))]
         return [_result(p, args.timeout * 3) for p in ranks][0]
     finally:

@@ -17,8 +17,8 @@ class Child(launcher.Daemon):
     main()), started and waited for; its other output is kept (last 200 lines)."""
 
     def __init__(self, program: str, args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 timeout: float = 120.0):
-        super().__init__(program, program, args, env=env, keep_lines=200)
+                 timeout: float = 120.0, prefix: Sequence[str] = ()):
+        super().__init__(program, program, args, env=env, keep_lines=200, prefix=prefix)
         self.wait_ready(timeout)
 
     def rss_bytes(self) -> int:
