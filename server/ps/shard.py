@@ -113,7 +113,6 @@ class Shard:
         self._cond = threading.Condition(threading.Lock())
         self._staging = BufferPool(self.length, keep=max(2, len(self._workers)))
         self._updater = Updater(config.optimizer, weights)
-        self.fused = self._updater.fused
         self._gate = Gate(self.mode, config.staleness, f"job {self.job_id} shard {self.index}",
                           self._staging.release)
         self._fencing = Fencing()

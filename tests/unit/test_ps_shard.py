@@ -17,10 +17,11 @@ from shardps.server.ps.errors import (
     UnknownWorkerError,
 )
 from shardps.server.ps.shard import Shard, all_finite
-from shardps.server.ps.updater import fused_adam_available
+from shardps.server.ps.updater import Updater, fused_adam_available
 from tests.harness import poll
 
 N = 1000
+FUSED = fused_adam_available()  # the shard's Adam is torch's fused kernel where there is one
 SYNC, SSP, ASYNC = common_pb2.CONSISTENCY_SYNC, common_pb2.CONSISTENCY_SSP, common_pb2.CONSISTENCY_ASYNC
 APPLIED, ACCEPTED = ps_pb2.PUSH_STATUS_APPLIED, ps_pb2.PUSH_STATUS_ACCEPTED
 DUPLICATE, STALE, JOB_DONE = ps_pb2.PUSH_STATUS_DUPLICATE, ps_pb2.PUSH_STATUS_STALE, ps_pb2.PUSH_STATUS_JOB_DONE
@@ -74,9 +75,8 @@ def weighted_mean_in_rank_order(grads, sizes):
 
 
 def test_this_torch_has_fused_cpu_adam_and_the_shard_uses_it():
-    shard = make_shard(torch.zeros(N))
     assert fused_adam_available()
-    assert shard.fused is True
+    assert Updater(make_config().optimizer, torch.zeros(N)).fused is True
 
 
 OPTIMIZERS = {
@@ -95,7 +95,7 @@ def test_weights_equal_torch_adam_bitwise(opt, mode):
     gen = torch.Generator().manual_seed(0)
     init = torch.randn(N, generator=gen)
     shard = make_shard(init, mode=mode, **opt)
-    param, reference = torch_reference(init, shard.config, shard.fused)
+    param, reference = torch_reference(init, shard.config, FUSED)
     for k in range(15):
         grad = torch.randn(N, generator=gen) * (k + 1)
         result = push(shard, grad, step=k, base_version=k)
@@ -117,7 +117,7 @@ def test_schedule_lr_is_taken_at_the_adam_step_not_one_later():
     init, grad = torch.ones(N), torch.full((N,), 0.5)
     shard = Shard(cfg, init.clone())
     push(shard, grad)
-    param, reference = torch_reference(init, cfg, shard.fused)
+    param, reference = torch_reference(init, cfg, FUSED)
     reference.param_groups[0]["lr"] = schedule.learning_rate(cfg.optimizer, 1)
     param.grad = grad
     reference.step()
@@ -143,7 +143,7 @@ def test_sync_round_is_batch_weighted_mean_in_rank_order_then_one_step():
     arrival = weighted_mean_in_rank_order([grads[i] for i in (2, 0, 1)], [sizes[i] for i in (2, 0, 1)])
     assert not torch.equal(mean, arrival), "rank order must be observable for this test to bite"
 
-    param, reference = torch_reference(init, shard.config, shard.fused)
+    param, reference = torch_reference(init, shard.config, FUSED)
     param.grad = mean
     reference.step()
     assert torch.equal(weights(shard), param.detach())
@@ -156,7 +156,7 @@ def test_sync_worker_without_samples_counts_in_the_round_but_not_in_the_mean():
     assert push(shard, torch.zeros(N), worker="w0", batch_size=0).status == ACCEPTED
     assert push(shard, grad, worker="w1", batch_size=4).status == ACCEPTED
     assert push(shard, torch.zeros(N), worker="w2", batch_size=0).status == APPLIED
-    param, reference = torch_reference(init, shard.config, shard.fused)
+    param, reference = torch_reference(init, shard.config, FUSED)
     param.grad = grad
     reference.step()
     assert torch.equal(weights(shard), param.detach())
@@ -257,7 +257,7 @@ def test_shrinking_the_live_set_completes_the_open_round():
     info = shard.info()
     assert info.short_rounds == 1  # opened with 3 live workers, closed with 2
     assert (list(info.live_workers), info.epoch) == (["w0", "w2"], 2)
-    param, reference = torch_reference(init, shard.config, shard.fused)
+    param, reference = torch_reference(init, shard.config, FUSED)
     param.grad = weighted_mean_in_rank_order([g0, g2], [3, 5])
     reference.step()
     assert torch.equal(weights(shard), param.detach())
