@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from shardps.server.ps.errors import FencedError, InvalidConfigError, UnknownWor
 from shardps.server.ps.registry import ShardRegistry
 from shardps.server.ps.shard import Shard
 from tests import tamper
+from tests.harness import poll
 
 
 def config(mode=common_pb2.CONSISTENCY_SYNC, length=10, workers=("w0", "w1"), every=0, keep=3):
@@ -38,12 +41,10 @@ def run_steps(shard, steps, workers=("w0", "w1")):
 
 
 def same_state(a: Shard, b: Shard):
-    assert torch.equal(a.weights(), b.weights())
-    sa, sb = a.optimizer_state()["state"], b.optimizer_state()["state"]
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        for name in ("step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(sa[key][name], sb[key][name]), name
+    ta, tb = a.capture().tensors, b.capture().tensors
+    assert ta.keys() == tb.keys()  # weights, and Adam's state once a step made it
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name
     assert (a.version, a.adam_step) == (b.version, b.adam_step)
 
 
@@ -147,7 +148,7 @@ def test_no_pickle_anywhere(tmp_path):
     for f in path.iterdir():
         assert not f.read_bytes().startswith(b"\x80"), f  # pickle protocol 2+ header
     weights = torch.frombuffer(bytearray((path / "weights.bin").read_bytes()), dtype=torch.float32)
-    assert torch.equal(weights, shard.weights())  # raw little-endian fp32
+    assert torch.equal(weights, shard.capture().tensors["weights"])  # raw little-endian fp32
 
 
 def test_fencing_refuses_dead_incarnations_and_keeps_it_across_a_restore(tmp_path):
@@ -178,7 +179,7 @@ def test_checkpointer_writes_every_n_versions_and_restores_with_lost_count(tmp_p
     registry.put(shard)
     for step in range(7):
         shard.push(grad(step), worker_id="w0", incarnation=1, step=step)
-    assert cp.flush()
+    assert cp.writer.flush()
     directory = checkpoint.shard_dir(tmp_path, "job", 0)
     written = [v for v, _ in checkpoint.committed(directory)]
     # A periodic copy still queued when a newer one comes is superseded, so 3 may be missing;
@@ -202,10 +203,10 @@ def test_rollback_loads_an_older_version_and_drops_the_newer_ones(tmp_path):
     ShardRegistry(cp.attach).put(shard)
     for step in range(5):
         run_steps(shard, [step])
-        assert cp.flush()  # no copy superseded: 0, 2 and 4 are all written
+        assert cp.writer.flush()  # no copy superseded: 0, 2 and 4 are all written
     reference = new_shard()
     run_steps(reference, range(2))
-    cp.rollback(shard, rollback_id=1, version=2)
+    cp.recovery.rollback(shard, rollback_id=1, version=2)
     same_state(shard, reference)
     assert shard.rollback_id == 1
     directory = checkpoint.shard_dir(tmp_path, "job", 0)
@@ -213,6 +214,72 @@ def test_rollback_loads_an_older_version_and_drops_the_newer_ones(tmp_path):
     run_steps(shard, range(2, 5))  # the workers replay: the same pushes count again
     assert shard.version == 5
     cp.shutdown()
+
+
+def test_a_forced_capture_that_times_out_while_the_push_copies_for_it_takes_that_copy(tmp_path):
+    """The old race: a Checkpoint RPC's wait for `at_version` ran out while the push that
+    reached the version was copying the state for it, and the push then failed (KeyError)
+    after the version had moved. The request now lives under the shard's condition: the push
+    fills it and the waiter, though its wait timed out, takes exactly that capture."""
+    cp = Checkpointer(tmp_path)
+    shard = new_shard(mode=common_pb2.CONSISTENCY_ASYNC, workers=("w0",))
+    ShardRegistry(cp.attach).put(shard)
+    timeout = 0.2
+    copy, copied_on = shard.capture_locked, []
+
+    def slow_copy():
+        copied_on.append(threading.current_thread().name)
+        time.sleep(5 * timeout)  # a copy that outlasts the wait (a big shard, a loaded machine)
+        return copy()
+
+    shard.capture_locked = slow_copy
+    results = []
+    waiter = threading.Thread(name="checkpoint-rpc", target=lambda: results.append(
+        cp.checkpoint_now(shard, at_version=1, timeout=timeout)))
+    waiter.start()
+    # The request is registered (and the waiter blocked) before the push comes.
+    poll(lambda: shard._captures._pending, 10, interval=0.01, what="a pending capture")
+    result = shard.push(grad(0), worker_id="w0", incarnation=1, step=0)
+    waiter.join(30)
+    assert (result.status, shard.version) == (ps_pb2.PUSH_STATUS_APPLIED, 1)
+    [(version, path)] = results
+    assert version == 1 and checkpoint.read(path).version == 1
+    assert copied_on == [threading.current_thread().name]  # copied once, by the push
+    assert shard.push(grad(1), worker_id="w0", incarnation=1, step=1).version == 2
+    cp.shutdown()
+
+
+def test_a_forced_capture_that_no_push_reaches_takes_the_current_state(tmp_path):
+    cp = Checkpointer(tmp_path)
+    shard = new_shard(mode=common_pb2.CONSISTENCY_ASYNC, workers=("w0",))
+    ShardRegistry(cp.attach).put(shard)
+    shard.push(grad(0), worker_id="w0", incarnation=1, step=0)
+    version, path = cp.checkpoint_now(shard, at_version=5, timeout=0.05)
+    assert version == 1 and checkpoint.read(path).version == 1
+    assert not shard._captures._pending  # the timed-out request is gone
+    cp.shutdown()
+
+
+def test_a_restored_shard_keeps_its_checkpoints_and_a_new_one_starts_afresh(tmp_path):
+    cp = Checkpointer(tmp_path)
+    shard = new_shard(mode=common_pb2.CONSISTENCY_ASYNC, workers=("w0",), every=1)
+    ShardRegistry(cp.attach).put(shard)
+    for step in range(2):
+        shard.push(grad(step), worker_id="w0", incarnation=1, step=step)
+    assert cp.writer.flush()
+    cp.shutdown()
+    directory = checkpoint.shard_dir(tmp_path, "job", 0)
+    again = Checkpointer(tmp_path)
+    [restored] = again.restore_all()
+    assert restored.restored and restored.version == 2
+    ShardRegistry(again.attach).put(restored)
+    assert again.writer.flush()
+    assert [v for v, _ in checkpoint.committed(directory)] == [2, 1, 0]
+    ShardRegistry(again.attach).put(new_shard(mode=common_pb2.CONSISTENCY_ASYNC,
+                                              workers=("w0",)))  # a new InitShard
+    assert again.writer.flush()
+    assert [v for v, _ in checkpoint.committed(directory)] == [0]
+    again.shutdown()
 
 
 CRASHER = textwrap.dedent("""
@@ -281,7 +348,8 @@ def test_a_tampered_checkpoint_is_refused_naming_why_and_the_previous_one_is_use
     assert torch.equal(loaded.state.tensors["weights"], first.tensors["weights"])
     cp = Checkpointer(data)
     [restored] = cp.restore_all()
-    assert restored.version == 1 and torch.equal(restored.weights(), first.tensors["weights"])
+    assert restored.version == 1
+    assert torch.equal(restored.capture().tensors["weights"], first.tensors["weights"])
     cp.shutdown()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "outside"]
 
@@ -306,10 +374,10 @@ def test_prune_keeps_the_base_checkpoint_every_rollback_can_reach(tmp_path):
     ShardRegistry(cp.attach).put(shard)
     for step in range(4):
         run_steps(shard, [step])
-        assert cp.flush()
+        assert cp.writer.flush()
     directory = checkpoint.shard_dir(tmp_path, "job", 0)
     assert [v for v, _ in checkpoint.committed(directory)] == [4, 0]
-    cp.rollback(shard, rollback_id=1, version=2)
+    cp.recovery.rollback(shard, rollback_id=1, version=2)
     same_state(shard, new_shard())
     cp.shutdown()
 

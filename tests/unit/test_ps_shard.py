@@ -1,5 +1,6 @@
 """The Adam shard and its consistency gate, without sockets: golden numerics against torch."""
 
+import math
 import threading
 import time
 
@@ -15,10 +16,12 @@ from shardps.server.ps.errors import (
     StepAheadError,
     UnknownWorkerError,
 )
-from shardps.server.ps.shard import Shard, all_finite, fused_adam_available
+from shardps.server.ps.shard import Shard, all_finite
+from shardps.server.ps.updater import Updater, fused_adam_available
 from tests.harness import poll
 
 N = 1000
+FUSED = fused_adam_available()  # the shard's Adam is torch's fused kernel where there is one
 SYNC, SSP, ASYNC = common_pb2.CONSISTENCY_SYNC, common_pb2.CONSISTENCY_SSP, common_pb2.CONSISTENCY_ASYNC
 APPLIED, ACCEPTED = ps_pb2.PUSH_STATUS_APPLIED, ps_pb2.PUSH_STATUS_ACCEPTED
 DUPLICATE, STALE, JOB_DONE = ps_pb2.PUSH_STATUS_DUPLICATE, ps_pb2.PUSH_STATUS_STALE, ps_pb2.PUSH_STATUS_JOB_DONE
@@ -45,6 +48,19 @@ def torch_reference(init: torch.Tensor, cfg: ps_pb2.ShardConfig, fused: bool):
                       weight_decay=opt.weight_decay, fused=fused)
 
 
+def weights(shard: Shard) -> torch.Tensor:
+    """The shard's fp32 weights, as a checkpoint copies them."""
+    return shard.capture().tensors["weights"]
+
+
+def wait_for_version(shard: Shard, version: int, timeout: float) -> bool:
+    return shard.wait_for_pull(version, -math.inf, timeout)
+
+
+def wait_for_clock(shard: Shard, clock: int, timeout: float) -> bool:
+    return shard.wait_for_pull(0, clock, timeout)
+
+
 def push(shard, grad, worker="w0", step=0, **kw):
     """Pushes a copy: the shard takes over (and may reuse) the tensor it is given."""
     return shard.push(grad.clone(), worker_id=worker, step=step, **kw)
@@ -59,9 +75,8 @@ def weighted_mean_in_rank_order(grads, sizes):
 
 
 def test_this_torch_has_fused_cpu_adam_and_the_shard_uses_it():
-    shard = make_shard(torch.zeros(N))
     assert fused_adam_available()
-    assert shard.fused is True
+    assert Updater(make_config().optimizer, torch.zeros(N)).fused is True
 
 
 OPTIMIZERS = {
@@ -80,7 +95,7 @@ def test_weights_equal_torch_adam_bitwise(opt, mode):
     gen = torch.Generator().manual_seed(0)
     init = torch.randn(N, generator=gen)
     shard = make_shard(init, mode=mode, **opt)
-    param, reference = torch_reference(init, shard.config, shard.fused)
+    param, reference = torch_reference(init, shard.config, FUSED)
     for k in range(15):
         grad = torch.randn(N, generator=gen) * (k + 1)
         result = push(shard, grad, step=k, base_version=k)
@@ -89,8 +104,8 @@ def test_weights_equal_torch_adam_bitwise(opt, mode):
             group["lr"] = schedule.learning_rate(shard.config.optimizer, k)
         param.grad = grad
         reference.step()
-    assert torch.equal(shard.weights(), param.detach())
-    state = shard.optimizer_state()["state"][0]
+    assert torch.equal(weights(shard), param.detach())
+    state = shard.capture().tensors
     assert torch.equal(state["exp_avg"], reference.state[param]["exp_avg"])
     assert torch.equal(state["exp_avg_sq"], reference.state[param]["exp_avg_sq"])
     assert shard.adam_step == 15 and shard.pushes_applied == 15
@@ -102,11 +117,11 @@ def test_schedule_lr_is_taken_at_the_adam_step_not_one_later():
     init, grad = torch.ones(N), torch.full((N,), 0.5)
     shard = Shard(cfg, init.clone())
     push(shard, grad)
-    param, reference = torch_reference(init, cfg, shard.fused)
+    param, reference = torch_reference(init, cfg, FUSED)
     reference.param_groups[0]["lr"] = schedule.learning_rate(cfg.optimizer, 1)
     param.grad = grad
     reference.step()
-    assert not torch.equal(shard.weights(), param.detach())
+    assert not torch.equal(weights(shard), param.detach())
 
 
 def test_sync_round_is_batch_weighted_mean_in_rank_order_then_one_step():
@@ -128,10 +143,10 @@ def test_sync_round_is_batch_weighted_mean_in_rank_order_then_one_step():
     arrival = weighted_mean_in_rank_order([grads[i] for i in (2, 0, 1)], [sizes[i] for i in (2, 0, 1)])
     assert not torch.equal(mean, arrival), "rank order must be observable for this test to bite"
 
-    param, reference = torch_reference(init, shard.config, shard.fused)
+    param, reference = torch_reference(init, shard.config, FUSED)
     param.grad = mean
     reference.step()
-    assert torch.equal(shard.weights(), param.detach())
+    assert torch.equal(weights(shard), param.detach())
 
 
 def test_sync_worker_without_samples_counts_in_the_round_but_not_in_the_mean():
@@ -141,10 +156,10 @@ def test_sync_worker_without_samples_counts_in_the_round_but_not_in_the_mean():
     assert push(shard, torch.zeros(N), worker="w0", batch_size=0).status == ACCEPTED
     assert push(shard, grad, worker="w1", batch_size=4).status == ACCEPTED
     assert push(shard, torch.zeros(N), worker="w2", batch_size=0).status == APPLIED
-    param, reference = torch_reference(init, shard.config, shard.fused)
+    param, reference = torch_reference(init, shard.config, FUSED)
     param.grad = grad
     reference.step()
-    assert torch.equal(shard.weights(), param.detach())
+    assert torch.equal(weights(shard), param.detach())
     # Nobody had samples: the round still closes, on the plain mean.
     for worker in ("w0", "w1", "w2"):
         push(shard, torch.full((N,), 3.0), worker=worker, step=1, batch_size=0)
@@ -161,20 +176,20 @@ def test_sync_step_ahead_and_stale_and_duplicate():
     # A restarted w0 (new incarnation) cannot add a second contribution to the round.
     assert push(shard, grad, worker="w0", step=0, incarnation=1).status == DUPLICATE
     assert push(shard, grad, worker="w1", step=0).status == APPLIED
-    before = shard.weights()
+    before = weights(shard)
     assert push(shard, grad, worker="w1", step=0).status == DUPLICATE
     assert push(shard, grad, worker="w1", step=0, incarnation=2).status == STALE
-    assert shard.version == 1 and torch.equal(shard.weights(), before)
+    assert shard.version == 1 and torch.equal(weights(shard), before)
 
 
 def test_async_duplicates_change_nothing_and_incarnations_are_separate():
     shard = make_shard(torch.zeros(N), workers=["w0"])
     assert push(shard, torch.ones(N), step=3).status == APPLIED
-    before = shard.weights()
+    before = weights(shard)
     for step in (3, 2, 0):
         result = push(shard, torch.ones(N), step=step)
         assert (result.status, result.version) == (DUPLICATE, 1)
-    assert torch.equal(shard.weights(), before)
+    assert torch.equal(weights(shard), before)
     assert push(shard, torch.ones(N), step=0, incarnation=1).status == APPLIED
     assert shard.version == 2 and shard.info().worker_clocks["w0"] == 4
 
@@ -201,12 +216,12 @@ def test_ssp_pull_waits_for_the_slowest_live_worker():
     for step in range(3):
         assert push(shard, torch.ones(N), worker="w0", step=step).status == APPLIED
     # Clock 3 needs every clock >= 2; w1 has pushed nothing.
-    assert shard.wait_for_clock(1, timeout=0)
-    assert not shard.wait_for_clock(3, timeout=0.05)
+    assert wait_for_clock(shard, 1, timeout=0)
+    assert not wait_for_clock(shard, 3, timeout=0.05)
     start = time.monotonic()
-    thread, results = wait_in_thread(shard, lambda: shard.wait_for_clock(3, timeout=30))
+    thread, results = wait_in_thread(shard, lambda: wait_for_clock(shard, 3, timeout=30))
     push(shard, torch.ones(N), worker="w1", step=0)
-    assert not shard.wait_for_clock(3, timeout=0)
+    assert not wait_for_clock(shard, 3, timeout=0)
     push(shard, torch.ones(N), worker="w1", step=1)
     thread.join(10)
     assert results == [True] and time.monotonic() - start < 10
@@ -214,13 +229,13 @@ def test_ssp_pull_waits_for_the_slowest_live_worker():
     # The server's own record of the bound: clock 1 was granted with w1 at 0 and clock 3
     # with w1 at 2 (spread 1 both times); the refused clock-3 pulls are not counted.
     assert shard.info().max_clock_spread == 1
-    assert shard.wait_for_clock(3, timeout=0) and shard.info().max_clock_spread == 1
+    assert wait_for_clock(shard, 3, timeout=0) and shard.info().max_clock_spread == 1
 
 
 def test_ssp_gate_opens_when_the_slow_worker_leaves():
     shard = make_shard(torch.zeros(N), mode=SSP, workers=["w0", "w1"], staleness=0)
     push(shard, torch.ones(N), worker="w0", step=0)
-    thread, results = wait_in_thread(shard, lambda: shard.wait_for_clock(1, timeout=30))
+    thread, results = wait_in_thread(shard, lambda: wait_for_clock(shard, 1, timeout=30))
     shard.update_workers(["w0"], epoch=2)
     thread.join(10)
     assert results == [True]
@@ -233,7 +248,7 @@ def test_shrinking_the_live_set_completes_the_open_round():
     g0, g2 = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
     push(shard, g2, worker="w2", batch_size=5)
     push(shard, g0, worker="w0", batch_size=3)
-    thread, results = wait_in_thread(shard, lambda: shard.wait_for_version(1, timeout=30))
+    thread, results = wait_in_thread(shard, lambda: wait_for_version(shard, 1, timeout=30))
     assert not shard.update_workers(["w0", "w1"], epoch=0)  # older epoch: ignored
     assert shard.workers == ["w0", "w1", "w2"]
     assert shard.update_workers(["w0", "w2"], epoch=2)
@@ -242,10 +257,10 @@ def test_shrinking_the_live_set_completes_the_open_round():
     info = shard.info()
     assert info.short_rounds == 1  # opened with 3 live workers, closed with 2
     assert (list(info.live_workers), info.epoch) == (["w0", "w2"], 2)
-    param, reference = torch_reference(init, shard.config, shard.fused)
+    param, reference = torch_reference(init, shard.config, FUSED)
     param.grad = weighted_mean_in_rank_order([g0, g2], [3, 5])
     reference.step()
-    assert torch.equal(shard.weights(), param.detach())
+    assert torch.equal(weights(shard), param.detach())
     with pytest.raises(UnknownWorkerError):
         push(shard, g0, worker="w1", step=1)
 
@@ -264,7 +279,7 @@ def test_contribution_of_a_worker_that_left_is_dropped():
     single = make_shard(init, mode=SYNC, workers=["w0"])
     push(single, torch.ones(N), worker="w0")
     push(single, torch.ones(N), worker="w0", step=1)
-    assert torch.equal(shard.weights(), single.weights())  # w1's 100s were not averaged in
+    assert torch.equal(weights(shard), weights(single))  # w1's 100s were not averaged in
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -276,7 +291,7 @@ def test_non_finite_gradient_is_rejected_with_state_unchanged(bad):
     with pytest.raises(InvalidPushError) as err:
         push(shard, grad)
     assert err.value.reason == "non_finite"
-    assert shard.info() == info and torch.equal(shard.weights(), torch.ones(N))
+    assert shard.info() == info and torch.equal(weights(shard), torch.ones(N))
     assert push(shard, torch.ones(N)).status == APPLIED  # not taken for a duplicate
 
 
@@ -302,7 +317,7 @@ def test_bad_pushes_raise_before_any_change():
 def test_frozen_shard_refuses_pushes_keeps_weights_and_wakes_pulls():
     shard = make_shard(torch.ones(N), mode=SYNC, workers=["w0", "w1"])
     push(shard, torch.ones(N), worker="w0")  # an open round that never completes
-    thread, results = wait_in_thread(shard, lambda: shard.wait_for_version(1, timeout=30))
+    thread, results = wait_in_thread(shard, lambda: wait_for_version(shard, 1, timeout=30))
     start = time.monotonic()
     assert shard.set_job_state(common_pb2.JOB_STATE_CONVERGED)
     thread.join(10)
@@ -325,17 +340,17 @@ def test_snapshot_is_consistent_while_pushes_apply():
     after = shard.snapshot(torch.float32)
     assert (first.version, after.version) == (0, 1)
     assert torch.equal(first.tensor, torch.zeros(N))  # not torn by the apply
-    assert torch.equal(after.tensor, shard.weights())
+    assert torch.equal(after.tensor, weights(shard))
     half = shard.snapshot(torch.bfloat16)
     assert half.tensor.dtype == torch.bfloat16
-    assert torch.equal(half.tensor, shard.weights().to(torch.bfloat16))
+    assert torch.equal(half.tensor, weights(shard).to(torch.bfloat16))
     for snap in (first, again, after, half):
         shard.release(snap)
 
 
 def test_closed_shard_ends_waits_and_refuses_calls():
     shard = make_shard(torch.zeros(N))
-    thread, results = wait_in_thread(shard, lambda: shard.wait_for_version(5, timeout=30))
+    thread, results = wait_in_thread(shard, lambda: wait_for_version(shard, 5, timeout=30))
     shard.close()
     thread.join(10)
     assert results == [False]
@@ -380,22 +395,22 @@ def test_a_gradient_that_would_overflow_adams_state_is_rejected_with_state_uncha
     with pytest.raises(InvalidPushError, match="Adam's state would overflow") as err:
         push(shard, grad.to(dtype))
     assert err.value.reason == "too_large"
-    assert shard.info() == info and torch.equal(shard.weights(), torch.ones(N))
+    assert shard.info() == info and torch.equal(weights(shard), torch.ones(N))
     # At the bound it applies, every moment stays finite and every weight keeps moving.
     grad[:100] = -codec.MAX_GRADIENT
     assert push(shard, grad.to(dtype)).status == APPLIED
-    state = shard.optimizer_state()["state"][0]
+    state = shard.capture().tensors
     assert torch.isfinite(state["exp_avg_sq"]).all() and torch.isfinite(state["exp_avg"]).all()
-    moved = shard.weights().clone()
+    moved = weights(shard).clone()
     assert push(shard, torch.ones(N).to(dtype), step=1).status == APPLIED
-    assert torch.isfinite(shard.weights()).all() and bool((shard.weights() != moved).all())
+    assert torch.isfinite(weights(shard)).all() and bool((weights(shard) != moved).all())
 
 
 def test_sync_mean_of_gradients_at_the_bound_keeps_adams_state_finite():
     shard = make_shard(torch.ones(N), mode=SYNC, workers=["w0", "w1"])
     push(shard, torch.full((N,), codec.MAX_GRADIENT), worker="w0", batch_size=1)
     assert push(shard, torch.full((N,), codec.MAX_GRADIENT), worker="w1", batch_size=7).status == APPLIED
-    assert torch.isfinite(shard.optimizer_state()["state"][0]["exp_avg_sq"]).all()
+    assert torch.isfinite(shard.capture().tensors["exp_avg_sq"]).all()
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -38,8 +38,8 @@ def test_a_push_kept_in_its_wire_dtype_equals_pushing_it_decoded_to_fp32(wire, n
         grad = torch.randn(N, generator=gen).to(wire)
         assert half.push(staged(half, grad), worker_id="w0", step=step, checked=True).status == APPLIED
         full.push(staged(full, grad.float()), worker_id="w0", step=step)
-    assert torch.equal(half.weights(), full.weights())
-    a, b = half.optimizer_state()["state"][0], full.optimizer_state()["state"][0]
+    a, b = half.capture().tensors, full.capture().tensors
+    assert torch.equal(a["weights"], b["weights"])
     assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
 
@@ -61,7 +61,7 @@ def test_a_sync_round_is_the_weighted_mean_in_rank_order_block_by_block(wire):
     reference = torch.optim.Adam([param], lr=0.01, betas=(0.9, 0.999), eps=1e-8, fused=True)
     param.grad = mean
     reference.step()
-    assert torch.equal(shard.weights(), param)
+    assert torch.equal(shard.capture().tensors["weights"], param)
 
 
 def chunks(shard: Shard, snap, step: int = 100_000) -> torch.Tensor:
@@ -78,7 +78,7 @@ def test_a_pull_reads_in_place_and_a_step_copies_the_weights_only_for_pulls_stil
 
     held = shard.snapshot()
     half = shard.snapshot(torch.bfloat16)
-    before = shard.weights()
+    before = shard.capture().tensors["weights"]
     first = shard.read(held, 0, 10, lambda v: v.clone())
     shard.push(staged(shard, torch.ones(N)), worker_id="w0", step=1)  # applies while both are held
     assert held._entry.tensor is not None and half._entry.tensor.dtype == torch.bfloat16
@@ -86,7 +86,7 @@ def test_a_pull_reads_in_place_and_a_step_copies_the_weights_only_for_pulls_stil
     assert torch.equal(chunks(shard, held), before)  # not torn by the step
     assert torch.equal(chunks(shard, half), before.to(torch.bfloat16).float())
     current = shard.snapshot()
-    assert current.version == 2 and torch.equal(chunks(shard, current), shard.weights())
+    assert current.version == 2 and torch.equal(chunks(shard, current), shard.capture().tensors["weights"])
     for snap in (held, half, current):
         shard.release(snap)
 
