@@ -20,7 +20,7 @@ import torch
 
 from bench import procs, report
 from shardps.proto import common_pb2, ps_pb2
-from shardps.proto.psclient import PSClient
+from shardps.psclient import PSClient
 
 JOB = "bench-apply"
 MODES = {"async": (common_pb2.CONSISTENCY_ASYNC, ["w0"]),

@@ -102,7 +102,7 @@ def _timeout(args: argparse.Namespace):
 
 
 def _ps_client(args: argparse.Namespace, flat_numel: int, worker: str):
-    from shardps.proto.psclient import PSClient
+    from shardps.psclient import PSClient
 
     smap = procs.shard_map(args.servers.split(","), flat_numel)
     return PSClient(JOB, smap, worker_id=worker)

@@ -24,7 +24,7 @@ from torch import nn
 
 from bench import procs, report
 from shardps.proto import codec, common_pb2, ps_pb2
-from shardps.proto.psclient import PSClient
+from shardps.psclient import PSClient
 from shardps.worker.flat import FlatParams
 
 JOB = "bench-scale"

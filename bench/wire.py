@@ -34,7 +34,7 @@ import torch
 from bench import peer as peer_lib
 from bench import procs, report
 from shardps.proto import codec, common_pb2, ps_pb2
-from shardps.proto.psclient import PSClient
+from shardps.psclient import PSClient
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 JOB = "bench-wire"

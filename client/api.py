@@ -14,14 +14,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from shardps.proto import (
-    common_pb2,
-    coordinator_pb2,
-    coordinator_pb2_grpc,
-    ps_pb2,
-    ps_pb2_grpc,
-    rpc,
-)
+from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, ps_pb2, ps_pb2_grpc
+from shardps.runtime import rpc
 
 if TYPE_CHECKING:  # torch loads only for export, so that status, watch, ... start fast
     import torch
@@ -258,7 +252,7 @@ class CoordinatorClient:
 
     def _pull_weights(self, job_id: str, info: coordinator_pb2.JobInfo,
                       flat: torch.Tensor) -> list[int]:
-        from shardps.proto import psclient
+        from shardps.psclient import client as psclient
 
         try:
             with psclient.PSClient(job_id, info.shard_map) as ps:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from shardps.client import api, progress
 from shardps.client.api import SUCCESS_STATES, ClientError, CoordinatorClient, state_name
-from shardps.proto import daemon, exitcodes, rpc
+from shardps.proto import exitcodes
+from shardps.runtime import daemon, rpc
 
 
 def _emit(obj) -> None:
@@ -152,7 +153,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_certs(args) -> int:
-    from shardps.proto import tls
+    from shardps.runtime import tls
 
     paths = tls.write_dev_certs(Path(args.directory), args.host)
     token = Path(args.directory) / "token"

@@ -118,7 +118,7 @@ def _job_text(args) -> str:
 def _secure(directory: Path) -> list[str]:
     """Writes development certificates and a token; configures this client to use them and
     returns the flags that make the daemons require them (mutual TLS + token)."""
-    from shardps.proto import rpc, tls
+    from shardps.runtime import rpc, tls
 
     tls.write_dev_certs(directory)
     token = secrets.token_urlsafe(32)

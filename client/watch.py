@@ -17,7 +17,8 @@ import yaml
 
 from shardps.client import progress
 from shardps.client.api import FINAL_STATES, CoordinatorClient, state_name
-from shardps.proto import coordinator_pb2, ps_pb2, ps_pb2_grpc, rpc
+from shardps.proto import coordinator_pb2, ps_pb2, ps_pb2_grpc
+from shardps.runtime import rpc
 
 BAR_WIDTH = 40
 REPORT_NOISE_S = 1.0

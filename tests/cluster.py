@@ -15,8 +15,9 @@ import torch
 import yaml
 
 from shardps.client.api import FINAL_STATES, CoordinatorClient
-from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, ps_pb2, ps_pb2_grpc, rpc
-from shardps.proto.psclient import PSClient
+from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, ps_pb2, ps_pb2_grpc
+from shardps.psclient import PSClient
+from shardps.runtime import rpc
 from shardps.server.coordinator.daemon import CoordinatorDaemon
 from shardps.server.ps.daemon import ParameterServerDaemon
 from shardps.worker.daemon import WorkerDaemon

@@ -10,7 +10,8 @@ from typing import Any
 
 import grpc
 
-from shardps.proto import coordinator_pb2_grpc, rpc
+from shardps.proto import coordinator_pb2_grpc
+from shardps.runtime import rpc
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
-from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, exitcodes, rpc
-from shardps.proto import daemon as daemon_lib
+from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, exitcodes
+from shardps.runtime import daemon as daemon_lib
+from shardps.runtime import rpc
 from shardps.worker import plugins
 from shardps.worker.metrics import WorkerMetrics
 from shardps.worker.trainer import Trainer

@@ -10,7 +10,8 @@ from typing import Any
 
 import grpc
 
-from shardps.proto import common_pb2, ps_pb2, ps_pb2_grpc, refusals, rpc
+from shardps.proto import common_pb2, ps_pb2, ps_pb2_grpc, refusals
+from shardps.runtime import rpc
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ from typing import Any
 import grpc
 import torch
 
-from shardps.proto import codec, common_pb2, coordinator_pb2, ps_pb2, psclient
+from shardps.proto import codec, common_pb2, coordinator_pb2, ps_pb2
 from shardps.proto import spec as spec_lib
+from shardps.psclient import client as psclient
 from shardps.worker import recovery, tasks
 from shardps.worker.batches import BatchOrder, steps_for_epochs
 from shardps.worker.coordclient import Cancelled, CoordinatorClient, Unreachable

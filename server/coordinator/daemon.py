@@ -10,7 +10,8 @@ import threading
 
 import grpc
 
-from shardps.proto import coordinator_pb2_grpc, daemon, exitcodes, rpc
+from shardps.proto import coordinator_pb2_grpc, exitcodes
+from shardps.runtime import daemon, rpc
 
 from .servicer import MAX_HELD_CALLS, CoordinatorServicer
 from .state import StateError

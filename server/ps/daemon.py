@@ -9,7 +9,8 @@ import threading
 
 import torch
 
-from shardps.proto import daemon, exitcodes, rpc
+from shardps.proto import exitcodes
+from shardps.runtime import daemon, rpc
 
 from .checkpoint_servicer import CheckpointingServicer
 from .checkpointer import Checkpointer

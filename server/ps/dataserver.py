@@ -2,7 +2,7 @@
 Pull frames of proto/dataplane.py through BulkOps, one thread per authenticated connection.
 
 A connection gets its thread only after a valid hello: until then it is one of a bounded
-number of sockets that a single thread (proto/gate.py) takes through the TLS handshake and
+number of sockets that a single thread (runtime/gate.py) takes through the TLS handshake and
 the hello without blocking, under one deadline for both (HELLO_DEADLINE_S), the oldest
 pushed out by newer ones beyond MAX_PENDING. So a client without the token (or without a
 client certificate, under mutual TLS) costs at most a socket for a few seconds, never a
@@ -34,7 +34,8 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from shardps.proto import callguard, codec, dataplane, gate, ps_pb2, rpc
+from shardps.proto import codec, dataplane, ps_pb2
+from shardps.runtime import callguard, gate, rpc, sslcontext
 
 from .bulk import BulkOps, Refused
 
@@ -65,7 +66,7 @@ class DataServer:
                  hello_deadline_s: float = HELLO_DEADLINE_S):
         self.bulk = bulk
         self.token = security.token.encode() if security.token else None
-        self.context = dataplane.server_context(security)
+        self.context = sslcontext.server_context(security)
         self.max_connections = max_connections
         self.max_pending = max_pending
         self.hello_deadline_s = hello_deadline_s

@@ -10,7 +10,8 @@ from typing import Any
 
 import grpc
 
-from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, daemon, rpc
+from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from shardps.runtime import daemon, rpc
 
 log = logging.getLogger("shardps.ps")
 

@@ -18,15 +18,9 @@ import torch
 
 from shardps.client.api import CoordinatorClient
 from shardps.client.scrape import scrape, total
-from shardps.proto import (
-    common_pb2,
-    coordinator_pb2,
-    coordinator_pb2_grpc,
-    ps_pb2,
-    ps_pb2_grpc,
-    psclient,
-    rpc,
-)
+from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, ps_pb2, ps_pb2_grpc
+from shardps.psclient import client as psclient
+from shardps.runtime import rpc
 from shardps.server.ps import checkpoint
 from tests import harness
 from tests.cluster import RegisteredWorker

@@ -15,8 +15,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shardps.proto import common_pb2, coordinator_pb2, dataplane, names, ps_pb2, ps_pb2_grpc, rpc, spec
-from shardps.proto.psclient import PSClient
+from shardps.proto import common_pb2, coordinator_pb2, dataplane, names, ps_pb2, ps_pb2_grpc, spec
+from shardps.psclient import PSClient
+from shardps.runtime import rpc
 from tests import harness
 
 SEED = 20261128

@@ -22,8 +22,9 @@ import grpc
 import pytest
 import torch
 
-from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, ps_pb2, ps_pb2_grpc, rpc
-from shardps.proto.psclient import PSClient
+from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, ps_pb2, ps_pb2_grpc
+from shardps.psclient import PSClient
+from shardps.runtime import rpc
 from shardps.server.ps import checkpoint
 from tests import harness, tamper
 from tests.e2e.test_recovery import Cluster, spec

@@ -15,7 +15,8 @@ import grpc
 import pytest
 
 from shardps.client.api import CoordinatorClient
-from shardps.proto import common_pb2, coordinator_pb2, rpc, spec
+from shardps.proto import common_pb2, coordinator_pb2, spec
+from shardps.runtime import rpc
 from shardps.server.coordinator.jobs import JobTable
 from shardps.server.coordinator.membership import Membership
 from shardps.server.coordinator.state import StateFile, dump

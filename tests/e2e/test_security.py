@@ -8,7 +8,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shardps.proto import common_pb2, dataplane, ps_pb2, ps_pb2_grpc, rpc
+from shardps.proto import common_pb2, dataplane, ps_pb2, ps_pb2_grpc
+from shardps.psclient import connection
+from shardps.runtime import rpc, sslcontext
 from tests import harness
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,11 +154,11 @@ def test_the_data_plane_needs_tls_a_client_certificate_and_the_token(secured, ce
                (full, None, grpc.StatusCode.UNAUTHENTICATED),
                (full, "not-the-token", grpc.StatusCode.UNAUTHENTICATED)]
     for security, sent_token, code in refused:
-        context = dataplane.client_context(security) if security else None
+        context = sslcontext.client_context(security) if security else None
         with pytest.raises(dataplane.DataPlaneError) as info:
-            dataplane.Connection(host, port, context, sent_token)
+            connection.Connection(host, port, context, sent_token)
         assert info.value.code() == code, (security, sent_token)
-    conn = dataplane.Connection(host, port, dataplane.client_context(full), token)
+    conn = connection.Connection(host, port, sslcontext.client_context(full), token)
     request = ps_pb2.PullRequest(job_id="no-such-job", dtype=common_pb2.DTYPE_FLOAT32)
     with pytest.raises(dataplane.DataPlaneError) as info:  # through: the server answers
         conn.pull(request, torch.empty(1), timeout=10)

@@ -15,9 +15,10 @@ import grpc
 import pytest
 import torch
 
-from shardps.proto import callguard, common_pb2, dataplane, ps_pb2, ps_pb2_grpc, rpc
-from shardps.proto import daemon as daemon_lib
-from shardps.proto.psclient import PSClient
+from shardps.proto import common_pb2, dataplane, ps_pb2, ps_pb2_grpc
+from shardps.psclient import PSClient
+from shardps.runtime import callguard, rpc
+from shardps.runtime import daemon as daemon_lib
 from shardps.server.ps import dataserver
 from tests import harness
 

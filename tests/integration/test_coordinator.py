@@ -7,8 +7,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardps.client.scrape import scrape
-from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, exitcodes, rpc
+from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, exitcodes
 from shardps.proto.layout import make_layout
+from shardps.runtime import rpc
 from shardps.server.coordinator.daemon import CoordinatorDaemon, main
 from tests.harness import poll
 

@@ -9,8 +9,9 @@ import grpc
 import pytest
 import torch
 
-from shardps.proto import common_pb2, dataplane, ps_pb2, ps_pb2_grpc, rpc
-from shardps.proto.psclient import PSClient
+from shardps.proto import common_pb2, dataplane, ps_pb2, ps_pb2_grpc
+from shardps.psclient import PSClient, connection
+from shardps.runtime import rpc
 from shardps.server.ps.daemon import ParameterServerDaemon
 from tests.harness import poll
 from tests.integration.test_ps import ASYNC, SYNC, reference_adam, shard_config, shard_map
@@ -106,9 +107,9 @@ def test_the_token_is_checked_at_hello():
     try:
         for token in (None, "wrong"):
             with pytest.raises(dataplane.DataPlaneError) as err:
-                dataplane.Connection("127.0.0.1", server.data_port, None, token)
+                connection.Connection("127.0.0.1", server.data_port, None, token)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        conn = dataplane.Connection("127.0.0.1", server.data_port, None, "s3cret")
+        conn = connection.Connection("127.0.0.1", server.data_port, None, "s3cret")
         request = ps_pb2.PullRequest(job_id="job", shard_index=0, dtype=common_pb2.DTYPE_FLOAT32)
         with pytest.raises(dataplane.DataPlaneError) as err:  # authenticated, but no such job
             conn.pull(request, torch.empty(4), timeout=10)

@@ -13,18 +13,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardps.client.scrape import scrape
-from shardps.proto import (
-    codec,
-    common_pb2,
-    coordinator_pb2,
-    coordinator_pb2_grpc,
-    exitcodes,
-    ps_pb2,
-    ps_pb2_grpc,
-    rpc,
-)
+from shardps.proto import codec, common_pb2, coordinator_pb2, coordinator_pb2_grpc, exitcodes, ps_pb2, ps_pb2_grpc
 from shardps.proto.layout import make_layout
-from shardps.proto.psclient import PSClient
+from shardps.psclient import PSClient
+from shardps.runtime import rpc
 from shardps.server.ps import daemon as ps_daemon
 from shardps.server.ps.daemon import ParameterServerDaemon
 from tests.cluster import RegisteredWorker

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from shardps.proto import daemon, rpc
+from shardps.runtime import daemon, rpc
 
 
 @pytest.fixture(autouse=True)

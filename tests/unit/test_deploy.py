@@ -30,7 +30,7 @@ from unittest import mock
 import pytest
 import yaml
 
-from shardps.proto import daemon as daemon_lib
+from shardps.runtime import daemon as daemon_lib
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

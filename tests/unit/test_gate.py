@@ -1,4 +1,4 @@
-"""proto/gate.py on loopback sockets: the whole-opening deadline, the pending limit (oldest
+"""runtime/gate.py on loopback sockets: the whole-opening deadline, the pending limit (oldest
 out first), replies, and handoffs that leave what follows the opening unread."""
 
 import socket
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from shardps.proto import gate
+from shardps.runtime import gate
 
 
 def opening(data: bytes):

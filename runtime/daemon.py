@@ -23,7 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from shardps.proto import gate, rpc
+from shardps.runtime import gate, rpc
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(node)s%(job_suffix)s %(name)s: %(message)s"
 
@@ -173,7 +173,7 @@ class MetricsEndpoint:
 
     `routes` maps a path to a function returning (content type, body); the coordinator serves
     its Prometheus service-discovery list this way. Unauthenticated plain HTTP, so it costs a
-    client no thread: one thread (proto/gate.py) reads every request head and writes every
+    client no thread: one thread (runtime/gate.py) reads every request head and writes every
     answer without blocking, under one deadline per connection (HTTP_DEADLINE_S), at most
     HTTP_MAX_PENDING connections at a time; routes run on that thread, one at a time.
     """

@@ -4,7 +4,7 @@ Every daemon and client builds its channels and servers here, so message limits,
 TLS and the shared-token check are the same everywhere. A process sets its security once at
 start (`configure`); every channel and server it makes afterwards uses it.
 
-Servers also guard every call (proto/callguard.py: limits on every wait on a client,
+Servers also guard every call (runtime/callguard.py: limits on every wait on a client,
 INVALID_ARGUMENT for request bytes that do not parse), a call refused for the token reads
 nothing, and streaming calls and health checks run on thread pools of their own, so that
 control calls always find a thread.
@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shardps.proto import callguard
+from shardps.runtime import callguard
 
 # Chunks are at most 16 MiB; leave room for headers.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024

@@ -25,7 +25,9 @@ import grpc
 import grpc.experimental
 import torch
 
-from shardps.proto import codec, common_pb2, dataplane, ps_pb2, rpc
+from shardps.proto import codec, common_pb2, dataplane, ps_pb2
+from shardps.psclient.connection import Connection
+from shardps.runtime import rpc, sslcontext
 
 _SERVICE = "/shardps.v1.ParameterServer/"
 # Pull streams are read on the calling thread instead of a thread of gRPC's per call (measured:
@@ -77,13 +79,13 @@ class _Server:
         self.channel = rpc.make_channel(address, _CHANNEL_OPTIONS)
         self.calls = _Calls(self.channel)
         self._port: int | None = None if use_data_plane else 0
-        self._idle: list[dataplane.Connection] = []
+        self._idle: list[Connection] = []
         self._lock = threading.Lock()
         security = rpc.current_security()
-        self._tls = dataplane.client_context(security)
+        self._tls = sslcontext.client_context(security)
         self._token = security.token
 
-    def connection(self) -> dataplane.Connection | None:
+    def connection(self) -> Connection | None:
         """An idle or new data-plane connection, None when this server has no data plane."""
         with self._lock:
             while self._idle:
@@ -105,13 +107,13 @@ class _Server:
             return None
         host = self.address.rsplit(":", 1)[0].strip("[]")
         try:
-            return dataplane.Connection(host, port, self._tls, self._token)
+            return Connection(host, port, self._tls, self._token)
         except dataplane.DataPlaneError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self.forget_port()
             raise
 
-    def give_back(self, conn: dataplane.Connection) -> None:
+    def give_back(self, conn: Connection) -> None:
         if conn.closed:
             self.forget_port()  # it failed: ask again next time (cheap, and a restart moves it)
             return
@@ -157,7 +159,7 @@ class PSClient:
         self._pipelined = (len(self.shards) > 1 and
                            max(s.length for s in self.shards) * itemsize <= PIPELINE_BYTES)
         self._pool: futures.ThreadPoolExecutor | None = None
-        self._ahead: dict[int, tuple[dataplane.Connection, ps_pb2.PullRequest]] = {}
+        self._ahead: dict[int, tuple[Connection, ps_pb2.PullRequest]] = {}
 
     @property
     def total(self) -> int:
@@ -193,11 +195,11 @@ class PSClient:
         parts = [dest[s.offset : s.offset + s.length] for s in self.shards]
         deadline = timeout_s + rpc.TRANSFER_DEADLINE_S
 
-        def start(i: int, conn: dataplane.Connection, sent: bool) -> None:
+        def start(i: int, conn: Connection, sent: bool) -> None:
             if not sent:
                 conn.start_pull(requests[i], deadline)
 
-        def finish(i: int, conn: dataplane.Connection) -> tuple[bool, int, bool]:
+        def finish(i: int, conn: Connection) -> tuple[bool, int, bool]:
             head = conn.finish_pull(requests[i], parts[i], deadline)
             return head.ready, head.version, head.job_done
 
@@ -268,12 +270,12 @@ class PSClient:
                  else None)
         deadline = rpc.TRANSFER_DEADLINE_S
 
-        def start(i: int, conn: dataplane.Connection, sent: bool) -> None:
+        def start(i: int, conn: Connection, sent: bool) -> None:
             conn.start_push(headers[i], parts[i], self.dtype, deadline)
             if ahead is not None:
                 conn.start_pull(ahead[i], deadline)
 
-        def finish(i: int, conn: dataplane.Connection) -> ps_pb2.PushResponse:
+        def finish(i: int, conn: Connection) -> ps_pb2.PushResponse:
             reply = conn.finish_push(deadline)
             if ahead is not None:
                 self._ahead[i] = (conn, ahead[i])  # kept out of the pool until pull reads it
@@ -286,7 +288,7 @@ class PSClient:
 
         return self._transfer(None, start, finish, rpc_path)
 
-    def _take(self, i: int, request: ps_pb2.PullRequest | None) -> tuple[dataplane.Connection | None, bool]:
+    def _take(self, i: int, request: ps_pb2.PullRequest | None) -> tuple[Connection | None, bool]:
         """A data-plane connection for shard i (None: its server has none) and whether
         `request` is already on it (sent ahead by push); a pull sent ahead with other
         arguments is dropped with its connection."""
@@ -297,13 +299,13 @@ class PSClient:
             held[0].close()
         return self._servers[i].connection(), False
 
-    def _release(self, i: int, conn: dataplane.Connection) -> None:
+    def _release(self, i: int, conn: Connection) -> None:
         if self._ahead.get(i, (None,))[0] is not conn:
             self._servers[i].give_back(conn)
 
     def _transfer(self, requests: list[ps_pb2.PullRequest] | None,
-                  start: Callable[[int, dataplane.Connection, bool], None],
-                  finish: Callable[[int, dataplane.Connection], _T],
+                  start: Callable[[int, Connection, bool], None],
+                  finish: Callable[[int, Connection], _T],
                   rpc_path: Callable[[int], _T]) -> list[_T]:
         """One operation on every shard: start + finish over each server's data plane, or
         rpc_path where a server has none. Small shards (at most PIPELINE_BYTES) are started
@@ -322,7 +324,7 @@ class PSClient:
                     self._release(i, conn)
 
             return self._each(one)
-        taken: list[tuple[dataplane.Connection | None, bool]] = []
+        taken: list[tuple[Connection | None, bool]] = []
         results: dict[int, _T] = {}
         try:
             for i in range(len(self.shards)):

@@ -1,0 +1,183 @@
+"""A worker's (or client's) connection to one server's data plane (wire format:
+shardps.proto.dataplane)."""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+
+import grpc
+import torch
+
+from shardps.proto import codec, ps_pb2
+from shardps.proto.dataplane import (
+    CONNECT_TIMEOUT_S,
+    IO_BYTES,
+    MAGIC,
+    PULL,
+    PUSH,
+    TOKEN_LEN,
+    DataPlaneError,
+    as_bytes,
+    frame,
+    recv_exact,
+    recv_frame,
+    status_code,
+    tune,
+)
+
+
+class Connection:
+    """One client connection to a server's data plane; used by one thread at a time.
+
+    Every call sends one request and reads its reply. Any failure closes the connection
+    (`closed` turns true) and raises DataPlaneError: UNAVAILABLE or DEADLINE_EXCEEDED for
+    transport trouble, the server's code for a refusal.
+    """
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext | None, token: str | None):
+        self.address = f"{host}:{port}"
+        self._sock: socket.socket | None = None
+        try:
+            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+        except OSError as exc:
+            raise DataPlaneError(grpc.StatusCode.UNAVAILABLE,
+                                 f"data plane {self.address}: {exc}") from None
+        try:
+            tune(sock)
+            if context is not None:
+                sock = context.wrap_socket(sock, server_hostname=host)
+            self._sock = sock
+            hello = (token or "").encode()
+            sock.sendall(MAGIC + TOKEN_LEN.pack(len(hello)) + hello)
+            self._reply(CONNECT_TIMEOUT_S)
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            self._sock = None
+            raise DataPlaneError(grpc.StatusCode.UNAVAILABLE,
+                                 f"data plane {self.address}: {exc}") from None
+        except DataPlaneError:
+            self.close()
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def usable(self) -> bool:
+        """Whether an idle connection can take a request: false (and closed) once the server
+        has closed it (it closes connections idle for long) or sent something unasked."""
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            readable = bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            readable = True
+        if readable:
+            self.close()
+        return not readable
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def pull(self, request: ps_pb2.PullRequest, dest: torch.Tensor,
+             timeout: float) -> ps_pb2.PullResponse:
+        """Sends the pull; a ready reply's elements land in `dest` (flat, CPU, its length)."""
+        self.start_pull(request, timeout)
+        return self.finish_pull(request, dest, timeout)
+
+    # The halves, so that a caller can send to several servers before it reads any reply
+    # (PSClient pushes this way; start_push sends `part`, flat and on the CPU, in the wire
+    # dtype under `header`).
+
+    def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor, wire_dtype: int,
+                   timeout: float) -> None:
+        def send(sock: socket.socket) -> None:
+            sock.sendall(frame(PUSH, header.SerializeToString()))
+            for piece in _wire_pieces(part, codec.torch_dtype(wire_dtype)):
+                sock.sendall(piece)
+
+        self._send(send, timeout)
+
+    def finish_push(self, timeout: float) -> ps_pb2.PushResponse:
+        return ps_pb2.PushResponse.FromString(self._reply(timeout))
+
+    def start_pull(self, request: ps_pb2.PullRequest, timeout: float) -> None:
+        self._send(lambda sock: sock.sendall(frame(PULL, request.SerializeToString())), timeout)
+
+    def finish_pull(self, request: ps_pb2.PullRequest, dest: torch.Tensor,
+                    timeout: float) -> ps_pb2.PullResponse:
+        head = ps_pb2.PullResponse.FromString(self._reply(timeout))
+        if head.ready:
+            if head.length != dest.numel():
+                self.close()  # its elements are on the way: this connection is out of step
+                raise DataPlaneError(grpc.StatusCode.INTERNAL, f"data plane {self.address}: "
+                                     f"{head.length} elements, expected {dest.numel()}")
+            self._guard(lambda sock: _recv_into(sock, dest, codec.torch_dtype(request.dtype)))
+        return head
+
+    def _send(self, send, timeout: float) -> None:
+        def timed(sock: socket.socket) -> None:
+            sock.settimeout(timeout)
+            send(sock)
+
+        self._guard(timed)
+
+    def _reply(self, timeout: float) -> bytes:
+        def timed(sock: socket.socket) -> tuple[int, bytes]:
+            sock.settimeout(timeout)
+            return recv_frame(sock)
+
+        code, body = self._guard(timed)
+        if code:
+            self.close()  # the server closes after most refusals; never guess which
+            raise DataPlaneError(status_code(code), body.decode("utf-8", "replace"))
+        return body
+
+    def _guard(self, fn):
+        sock = self._sock
+        if sock is None:
+            raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"data plane {self.address}: closed")
+        try:
+            return fn(sock)
+        except TimeoutError:
+            self.close()
+            raise DataPlaneError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"data plane {self.address}: timed out") from None
+        except (OSError, ssl.SSLError) as exc:
+            self.close()
+            raise DataPlaneError(grpc.StatusCode.UNAVAILABLE,
+                                 f"data plane {self.address}: {exc}") from None
+
+
+def _wire_pieces(part: torch.Tensor, dtype: torch.dtype):
+    """Byte views of `part` in `dtype`: the tensor itself when it already is (no copy), else
+    casts of IO_BYTES at a time into one reused buffer."""
+    part = part.detach()
+    if part.dtype == dtype:
+        yield as_bytes(part.contiguous())
+        return
+    step = max(1, IO_BYTES // dtype.itemsize)
+    scratch = torch.empty(min(step, part.numel()), dtype=dtype)
+    for lo in range(0, part.numel(), step):
+        piece = part[lo : lo + step]
+        yield as_bytes(scratch[: piece.numel()].copy_(piece))
+
+
+def _recv_into(sock: socket.socket, dest: torch.Tensor, dtype: torch.dtype) -> None:
+    """Receives dest.numel() elements of `dtype` into dest (straight in when dtypes match)."""
+    if dest.dtype == dtype:
+        recv_exact(sock, as_bytes(dest))
+        return
+    step = max(1, IO_BYTES // dtype.itemsize)
+    scratch = torch.empty(min(step, dest.numel()), dtype=dtype)
+    for lo in range(0, dest.numel(), step):
+        piece = dest[lo : lo + step]
+        recv_exact(sock, as_bytes(scratch[: piece.numel()]))
+        piece.copy_(scratch[: piece.numel()])
