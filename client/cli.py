@@ -168,6 +168,12 @@ def cmd_certs(args) -> int:
     return exitcodes.OK
 
 
+def cmd_data(args) -> int:
+    from shardps.client import ctrdata  # numpy and the generator, only when asked for
+
+    return ctrdata.run(args)
+
+
 def cmd_local(args) -> int:
     from shardps.client import local  # starts subprocesses; imported only when used
 
@@ -253,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "which imports torch once, instead of as fresh processes that each import "
                         "it (faster start-up; Unix only; default on)")
     p.set_defaults(func=cmd_local)
+
+    p = sub.add_parser("data", help="write a dataset (a synthetic click log)")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    p = kinds.add_parser("ctr", help="a synthetic click log in Criteo's layout, with its best achievable AUC")
+    p.add_argument("out", type=Path, help="output directory (new or empty)")
+    p.add_argument("--rows", type=int, required=True, help="rows in the whole log")
+    p.add_argument("--files", type=int, required=True, help="shard files to split the rows into")
+    p.add_argument("--seed", type=int, default=0, help="the log is a function of (seed, rows)")
+    p.set_defaults(func=cmd_data)
     return parser
 
 

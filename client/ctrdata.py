@@ -1,4 +1,5 @@
-"""`python -m shardps.client.ctrdata ctr OUT --rows N --files K`: write a synthetic click log.
+"""`shardps data ctr OUT --rows N --files K` (or `python -m shardps.client.ctrdata ctr ...`):
+write a synthetic click log.
 
 The log has Criteo's layout (label, 13 integer and 26 categorical features) in K record files
 (`shardps.proto.records`) plus `manifest.json`, streamed one generation block at a time, so
@@ -151,19 +152,15 @@ def _write_manifest(out: Path, seed: int, summary: CtrSummary, sizes: list[int])
     tmp.replace(out / MANIFEST)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shardps.client.ctrdata", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="kind", required=True)
-    ctr = sub.add_parser("ctr", help="a synthetic click log in Criteo's layout")
-    ctr.add_argument("out", type=Path, help="output directory (new or empty)")
-    ctr.add_argument("--rows", type=int, required=True, help="rows in the whole log")
-    ctr.add_argument("--files", type=int, required=True, help="shard files to split the rows into")
-    ctr.add_argument("--seed", type=int, default=0, help="the log is a function of (seed, rows)")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """`python -m shardps.client.ctrdata ctr ...`, the same as `shardps data ctr ...`."""
+    from shardps.client import cli  # the command's arguments live with the CLI's (no numpy there)
+
+    return cli.main(["data", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Writes the log `args` describe and prints what it holds; an exit code."""
     try:
         s = write_ctr(args.out, args.rows, args.files, args.seed)
     except (ValueError, OSError) as exc:
