@@ -3,14 +3,24 @@ a raw gRPC stream of a real server."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shardps.proto import common_pb2, ps_pb2
 from shardps.psclient import PSClient
-from tests.integration.test_ps import APPLIED, f32, push_raw, servers, shard_config, shard_map, stub  # noqa: F401
+from shardps.server.ps.daemon import ParameterServerDaemon
+from tests.integration.test_ps import APPLIED, f32, push_raw, shard_config, shard_map, stub
 
 TOTAL = 4000
 CHUNK_ELEMENTS = 1024  # chunk_bytes 4096 in fp32 (the smallest a server honours)
+
+
+@pytest.fixture
+def servers():
+    """One standalone server (no coordinator), in a list as shard_map takes it."""
+    server = ParameterServerDaemon(coordinator=None).start()
+    yield [server]
+    server.stop(0)
 
 
 def _pull(server, **fields) -> list[ps_pb2.PullResponse]:
