@@ -17,13 +17,14 @@ Not thread-safe: the owning table's lock guards it.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 
-class RowOptimizer:
+class RowOptimizer(ABC):
     """Base: `step` counts a step and updates the given rows."""
 
     name = ""
@@ -34,9 +35,9 @@ class RowOptimizer:
         self.lr = lr
         self.steps = 0
 
+    @abstractmethod
     def state_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
         """Per-row state: name -> shape of one row's state (fp32)."""
-        raise NotImplementedError
 
     def initial_state(self) -> dict[str, float]:
         """The value a new row's state starts at, per state name (absent: 0)."""
@@ -53,9 +54,10 @@ class RowOptimizer:
         if slots.numel():
             self._update(weights, state, slots, grads, self.lr if lr is None else lr)
 
+    @abstractmethod
     def _update(self, weights: torch.Tensor, state: dict[str, torch.Tensor], slots: torch.Tensor,
                 grads: torch.Tensor, lr: float) -> None:
-        raise NotImplementedError
+        """Updates rows `slots` of `weights` and `state` with `grads` at rate `lr`."""
 
     def hyper(self) -> dict:
         """Hyper-parameters and scalar state, for checkpoints."""

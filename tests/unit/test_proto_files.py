@@ -1,6 +1,7 @@
 """The .proto files load with a plain protoc from the repository as it is, as a user in
 another language would build them."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,9 @@ def test_protoc_builds_the_checked_in_tree_with_proto_as_include_root(tmp_path):
     assert (tmp_path / "shardps" / "v1" / "ps_pb2_grpc.py").exists()
 
 
-def test_no_proto_file_names_a_document_outside_the_repository():
-    for path in (ROOT / "proto").rglob("*.proto"):
-        assert "DESIGN.md" not in path.read_text(), path
+def test_every_document_a_proto_file_names_is_in_the_repository():
+    named = {(path.name, doc) for path in (ROOT / "proto").rglob("*.proto")
+             for doc in re.findall(r"[\w./-]+\.md\b", path.read_text())}
+    assert named, "the .proto comments point readers at docs/architecture.md"
+    missing = [(proto, doc) for proto, doc in named if not (ROOT / doc).is_file()]
+    assert not missing
