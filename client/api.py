@@ -14,24 +14,13 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, ps_pb2, ps_pb2_grpc
+from shardps.proto import coordinator_pb2, coordinator_pb2_grpc, ps_pb2, ps_pb2_grpc
 from shardps.runtime import rpc
 
 if TYPE_CHECKING:  # torch loads only for export, so that status, watch, ... start fast
     import torch
 from shardps.proto import spec as spec_lib
-
-FINAL_STATES = frozenset({
-    common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_CONVERGED,
-    common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED,
-})
-SUCCESS_STATES = frozenset({common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_CONVERGED})
-
-
-def state_name(state: int) -> str:
-    """JOB_STATE_RUNNING -> "RUNNING"."""
-    return common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
-
+from shardps.proto.states import FINAL_STATES, state_name
 
 # An export of a sync job whose shards are not at one version pulls again for this long: the
 # servers of a job that has just ended settle on their next heartbeat (lease / 4).

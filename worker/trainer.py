@@ -18,6 +18,7 @@ import torch
 
 from shardps.proto import codec, common_pb2, coordinator_pb2, ps_pb2
 from shardps.proto import spec as spec_lib
+from shardps.proto.states import FINAL_STATES, MODE_VALUES
 from shardps.psclient import client as psclient
 from shardps.worker import recovery, tasks
 from shardps.worker.batches import BatchOrder, steps_for_epochs
@@ -48,13 +49,6 @@ PS_BACKOFF_S = 0.25
 PS_MAX_BACKOFF_S = 2.0
 PS_OUTAGE_S = 180.0
 
-MODES = {
-    "sync": common_pb2.CONSISTENCY_SYNC,
-    "ssp": common_pb2.CONSISTENCY_SSP,
-    "async": common_pb2.CONSISTENCY_ASYNC,
-}
-FINAL_STATES = frozenset({common_pb2.JOB_STATE_COMPLETED, common_pb2.JOB_STATE_CONVERGED,
-                          common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED})
 # torch.manual_seed sets a process-wide generator: trainers of several workers in one process
 # (tests, embedding) take turns seeding and building, so each model is the factory's output
 # under the job's seed alone.
@@ -129,7 +123,7 @@ def shard_config(spec: dict[str, Any], workers: Sequence[str], epoch: int, finge
             eps=opt["eps"], weight_decay=opt["weight_decay"], schedule=sched["name"],
             warmup_steps=sched["warmup_steps"], total_steps=sched["total_steps"] or budget,
             min_lr=sched["min_lr"]),
-        mode=MODES[spec["consistency"]["mode"]],
+        mode=MODE_VALUES[spec["consistency"]["mode"]],
         staleness=spec["consistency"]["staleness"],
         workers=list(workers),
         epoch=epoch,

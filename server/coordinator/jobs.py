@@ -16,6 +16,7 @@ from typing import Any
 from shardps.proto import common_pb2, names
 from shardps.proto.layout import check_layout
 from shardps.proto.spec import METRICS, NormalisedSpec, dump_spec, normalise
+from shardps.proto.states import FINAL_STATES, state_name
 
 from . import endings
 from .convergence import ConvergenceTracker, Verdict, non_finite_loss
@@ -35,12 +36,6 @@ COMPLETED = common_pb2.JOB_STATE_COMPLETED
 CONVERGED = common_pb2.JOB_STATE_CONVERGED
 FAILED = common_pb2.JOB_STATE_FAILED
 CANCELLED = common_pb2.JOB_STATE_CANCELLED
-FINAL_STATES = frozenset({COMPLETED, CONVERGED, FAILED, CANCELLED})
-
-
-def state_name(state: int) -> str:
-    """"RUNNING" for JOB_STATE_RUNNING, and so on."""
-    return common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
 
 
 class UnknownJobError(LookupError):

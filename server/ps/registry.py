@@ -7,9 +7,10 @@ import threading
 from collections.abc import Callable, Iterable
 
 from shardps.proto import coordinator_pb2
+from shardps.proto.states import MODE_NAMES
 
 from .errors import UnknownShardError
-from .shard import MODES, Shard
+from .shard import Shard
 
 log = logging.getLogger("shardps.ps")
 
@@ -43,7 +44,7 @@ class ShardRegistry:
             old.close()
         log.info("job %s shard %d %s: %d elements at offset %d, %s, workers %s", shard.job_id,
                  shard.index, "replaced" if old else "created", shard.length,
-                 shard.config.offset, MODES[shard.mode], ",".join(shard.workers) or "-")
+                 shard.config.offset, MODE_NAMES[shard.mode], ",".join(shard.workers) or "-")
         return old is not None
 
     def get(self, job_id: str, index: int) -> Shard:

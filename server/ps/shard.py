@@ -20,6 +20,7 @@ from typing import TypeVar
 import torch
 
 from shardps.proto import codec, common_pb2, ps_pb2
+from shardps.proto.states import FINAL_STATES, MODE_NAMES
 
 from . import schedule
 from .buffers import BufferPool
@@ -34,19 +35,8 @@ from .updater import Terms, Updater
 log = logging.getLogger("shardps.ps")
 _T = TypeVar("_T")
 
-FINAL_STATES = frozenset({
-    common_pb2.JOB_STATE_COMPLETED,
-    common_pb2.JOB_STATE_CONVERGED,
-    common_pb2.JOB_STATE_FAILED,
-    common_pb2.JOB_STATE_CANCELLED,
-})
 # Gradients a push may hand over: fp32, or kept in the wire dtype it arrived in.
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MODES = {
-    common_pb2.CONSISTENCY_SYNC: "sync",
-    common_pb2.CONSISTENCY_SSP: "ssp",
-    common_pb2.CONSISTENCY_ASYNC: "async",
-}
 
 
 @dataclass(frozen=True)
@@ -519,7 +509,7 @@ def validate_config(config: ps_pb2.ShardConfig) -> None:
         raise InvalidConfigError(
             f"range [{config.offset}, {config.offset + config.length}) exceeds total "
             f"{config.total}")
-    if config.mode not in MODES:
+    if config.mode not in MODE_NAMES:
         raise InvalidConfigError(f"unknown consistency mode {config.mode}")
     if config.staleness < 0:
         raise InvalidConfigError(f"staleness must be >= 0, got {config.staleness}")
@@ -532,7 +522,7 @@ def _check_initial_weights(weights: torch.Tensor, length: int) -> None:
     if weights.dtype != torch.float32 or weights.dim() != 1 or weights.numel() != length:
         raise InvalidConfigError(f"initial weights must be fp32[{length}], got {weights.dtype} "
                                  f"{tuple(weights.shape)}")
-    if not all_finite(weights):
+    if not codec.finite(weights):
         raise InvalidConfigError("initial weights have non-finite values")
 
 
@@ -552,25 +542,11 @@ def _check_gradient(grad: torch.Tensor, length: int) -> None:
                                f"{grad.dtype} {tuple(grad.shape)}", "bad_length")
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether every element is finite.
-
-    A sum is finite only if every term is (NaN and inf propagate), and costs a read of the
-    tensor without allocating; the elementwise check runs only when the sum is not finite,
-    to tell real non-finite values from an overflowing sum.
-    """
-    if t.numel() == 0:
-        return True
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
 def unpushable(grad: torch.Tensor) -> InvalidPushError:
     """Why a gradient that is not codec.pushable is refused: non-finite values, or values so
     large that Adam's second moment (a mean of g*g, in fp32) would overflow to inf, after
     which those weights would never move again."""
-    if not all_finite(grad):
+    if not codec.finite(grad):
         return InvalidPushError("gradient has non-finite values", "non_finite")
     return InvalidPushError(
         f"gradient has values beyond +-{codec.MAX_GRADIENT:.3g} (largest "
