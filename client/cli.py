@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from shardps.client import api, progress
-from shardps.client.api import SUCCESS_STATES, ClientError, CoordinatorClient, state_name
+from shardps.client.api import ClientError, CoordinatorClient
 from shardps.proto import exitcodes
+from shardps.proto.states import SUCCESS_STATES, state_name
 from shardps.runtime import daemon, rpc
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import yaml
 
 from shardps.client import launcher, progress
-from shardps.client.api import SUCCESS_STATES, ClientError, CoordinatorClient, read_spec, state_name
+from shardps.client.api import ClientError, CoordinatorClient, read_spec
 from shardps.proto import exitcodes
+from shardps.proto.states import SUCCESS_STATES, state_name
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shardps.client.api import ClientError, state_name
+from shardps.client.api import ClientError
 from shardps.proto import coordinator_pb2
+from shardps.proto.states import state_name
 
 
 def plot_job(job: coordinator_pb2.JobInfo, path: Path) -> None:

@@ -8,8 +8,8 @@ import time
 
 from google.protobuf import json_format
 
-from shardps.client.api import FINAL_STATES, state_name
 from shardps.proto import common_pb2, coordinator_pb2
+from shardps.proto.states import FINAL_STATES, state_name
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
 

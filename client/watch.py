@@ -16,8 +16,9 @@ import grpc
 import yaml
 
 from shardps.client import progress
-from shardps.client.api import FINAL_STATES, CoordinatorClient, state_name
+from shardps.client.api import CoordinatorClient
 from shardps.proto import coordinator_pb2, ps_pb2, ps_pb2_grpc
+from shardps.proto.states import FINAL_STATES, state_name
 from shardps.runtime import rpc
 
 BAR_WIDTH = 40

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 import yaml
 
-from shardps.client.api import FINAL_STATES, CoordinatorClient
+from shardps.client.api import CoordinatorClient
 from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, ps_pb2, ps_pb2_grpc
+from shardps.proto.states import FINAL_STATES
 from shardps.psclient import PSClient
 from shardps.runtime import rpc
 from shardps.server.coordinator.daemon import CoordinatorDaemon

@@ -11,8 +11,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from shardps.proto import common_pb2
+from shardps.proto.states import FINAL_STATES, state_name
 
-from .jobs import FINAL_STATES, JobTable, state_name
+from .jobs import JobTable
 from .membership import ROLE_PREFIXES, Membership
 
 # A finished job's per-job series stay this long, so a scrape sees its final values, then

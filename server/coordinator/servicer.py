@@ -16,9 +16,10 @@ from prometheus_client import CollectorRegistry
 from shardps.proto import common_pb2, coordinator_pb2_grpc
 from shardps.proto import coordinator_pb2 as pb
 from shardps.proto.spec import SpecError, normalise
+from shardps.proto.states import FINAL_STATES
 
 from .history import Evaluation, StepReport
-from .jobs import FINAL_STATES, INIT_TIMEOUT_S, Job, JobStateError, JobTable, UnknownJobError
+from .jobs import INIT_TIMEOUT_S, Job, JobStateError, JobTable, UnknownJobError
 from .membership import Membership, StaleNodeError, UnknownNodeError
 from .metrics import CoordinatorMetrics, Snapshot, take_snapshot
 from .state import StateFile, dump, restore, structure
