@@ -63,6 +63,20 @@ class _Table:
     max_norm: float | None
     _parameters: Any
 
+
+    def _init_dynamic(self, embedding_dim: int, weight: torch.Tensor | None, padding_idx: int | None,
+                      max_norm: float | None, norm_type: float, scale_grad_by_freq: bool,
+                      sparse: bool) -> None:
+        """The attributes torch's __init__ would set, for a dynamic table (no weight)."""
+        nn.Module.__init__(self)  # type: ignore[arg-type]
+        if weight is not None:
+            raise ValueError("a dynamic table has no weight")
+        self.num_embeddings = None
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.max_norm, self.norm_type = max_norm, norm_type
+        self.scale_grad_by_freq, self.sparse = scale_grad_by_freq, sparse
+        self.register_parameter("weight", None)  # type: ignore[attr-defined]
     def _init_table(self, init: RowInit | None) -> None:
         if self.num_embeddings is None:
             self.init = init or RowInit()
@@ -177,15 +191,8 @@ class Embedding(_Table, nn.Embedding):
                  sparse: bool = False, _weight: torch.Tensor | None = None, _freeze: bool = False,
                  device=None, dtype=None, *, init: RowInit | None = None) -> None:
         if num_embeddings is None:
-            nn.Module.__init__(self)
-            if _weight is not None:
-                raise ValueError("a dynamic table has no weight")
-            self.num_embeddings = None
-            self.embedding_dim = embedding_dim
-            self.padding_idx = padding_idx
-            self.max_norm, self.norm_type = max_norm, norm_type
-            self.scale_grad_by_freq, self.sparse = scale_grad_by_freq, sparse
-            self.register_parameter("weight", None)
+            self._init_dynamic(embedding_dim, _weight, padding_idx, max_norm, norm_type,
+                               scale_grad_by_freq, sparse)
         else:
             super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
                              scale_grad_by_freq, sparse, _weight, _freeze, device, dtype)
@@ -215,16 +222,9 @@ class EmbeddingBag(_Table, nn.EmbeddingBag):
                  include_last_offset: bool = False, padding_idx: int | None = None,
                  device=None, dtype=None, *, init: RowInit | None = None) -> None:
         if num_embeddings is None:
-            nn.Module.__init__(self)
-            if _weight is not None:
-                raise ValueError("a dynamic table has no weight")
-            self.num_embeddings = None
-            self.embedding_dim = embedding_dim
-            self.max_norm, self.norm_type = max_norm, norm_type
-            self.scale_grad_by_freq = scale_grad_by_freq
-            self.padding_idx = padding_idx
-            self.register_parameter("weight", None)
-            self.mode, self.sparse, self.include_last_offset = mode, sparse, include_last_offset
+            self._init_dynamic(embedding_dim, _weight, padding_idx, max_norm, norm_type,
+                               scale_grad_by_freq, sparse)
+            self.mode, self.include_last_offset = mode, include_last_offset
         else:
             super().__init__(num_embeddings, embedding_dim, max_norm, norm_type, scale_grad_by_freq,
                              mode, sparse, _weight, include_last_offset, padding_idx, device, dtype)
