@@ -57,10 +57,14 @@ class Cluster:
         return worker
 
     def wait_alive(self, timeout: float = 30.0) -> None:
-        """Waits until every server and worker daemon is registered and alive."""
+        """Waits until every server and worker daemon is registered and alive, and every
+        worker daemon has heard its id back (the coordinator records a node a moment before
+        the daemon learns its id; a test that orders workers by id must not see "")."""
         want = len(self.servers) + len(self.workers)
         poll(lambda: sum(n.state == ALIVE for n in self.client.nodes()) >= want, timeout,
              interval=0.05, what=f"{want} nodes alive")
+        poll(lambda: all(w.node_id for w in self.workers), timeout, interval=0.02,
+             what="every worker knowing its id")
 
     def submit(self, spec: dict[str, Any] | str) -> str:
         return self.client.submit(spec if isinstance(spec, str) else yaml.safe_dump(spec))

@@ -68,6 +68,8 @@ def test_registers_heartbeats_serves_health_and_says_goodbye(coordinators):
 def test_a_job_that_ended_here_is_not_started_again():
     # async, 2 workers: rank 1 reaches the step budget long before the slow rank 0, so its
     # assignment lingers while the job runs on; the daemon must not train it a second time.
+    # Cluster() returns once every worker knows its id (it once sorted a worker whose id was
+    # still "" first, and slowed the wrong rank).
     cluster = Cluster(servers=1, workers=2, lease_ms=1000)
     try:
         rank0, rank1 = sorted(cluster.workers, key=lambda w: w.node_id)  # ranks follow ids
