@@ -1,0 +1,76 @@
+"""The handshake with a job's rank-0 worker: it sends the model layout (and gets the shard
+map), initialises every shard, then activates the job (PENDING -> RUNNING).
+
+Pure: no gRPC, no clock. Not thread-safe: called through JobTable under its owner's lock. The
+rules are docs/architecture.md, "Job life cycle" 3-4.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from shardps.proto import common_pb2
+from shardps.proto.layout import check_layout
+from shardps.proto.states import state_name
+
+from .job import RUNNING, Job, JobStateError
+from .membership import Membership
+from .shardmap import build_shard_map
+
+log = logging.getLogger(__name__)
+
+
+def set_layout(job: Job, node_id: str, incarnation: int, layout: common_pb2.Layout,
+               membership: Membership) -> common_pb2.ShardMap:
+    """Stores the model layout from the job's rank-0 worker and returns the shard map
+    (JobTable.set_layout says the rules and what it raises)."""
+    require_rank0(job, node_id, incarnation, membership, "set the layout of")
+    check_layout(layout)
+    if job.layout is not None:
+        if layout == job.layout:
+            assert job.shard_map is not None
+            return job.shard_map
+        raise JobStateError(f"job {job.job_id} already has layout {job.layout.fingerprint} "
+                            f"({job.layout.total} elements); got {layout.fingerprint} "
+                            f"({layout.total} elements)")
+    shard_map = build_shard_map(
+        layout.total, [(s, membership.get(s).address) for s in job.servers])
+    job.layout = common_pb2.Layout()
+    job.layout.CopyFrom(layout)
+    job.shard_map = shard_map
+    log.info("job %s layout %s: %d elements over %d servers", job.job_id, layout.fingerprint,
+             layout.total, len(job.servers))
+    return shard_map
+
+
+def activate(job: Job, node_id: str, incarnation: int, membership: Membership) -> int:
+    """The rank-0 worker has initialised every shard: the job is RUNNING (a repeat is
+    harmless). Returns the state (JobTable.activate says what it raises)."""
+    require_rank0(job, node_id, incarnation, membership, "activate")
+    if job.state == RUNNING:
+        return job.state
+    if job.layout is None:
+        raise JobStateError(f"job {job.job_id} has no layout yet; call SetLayout first")
+    job.state, job.reason = RUNNING, "training"
+    log.info("job %s running (epoch %d, %d workers)", job.job_id, job.epoch, len(job.workers))
+    return job.state
+
+
+def require_rank0(job: Job, node_id: str, incarnation: int, membership: Membership,
+                  action: str) -> None:
+    """Raises unless the caller is the current incarnation of the job's rank-0 worker and
+    the job is assigned and not final.
+
+    Raises:
+        UnknownNodeError, StaleNodeError: from membership.require.
+        JobStateError: a final or unassigned job, or a caller that is not rank 0.
+    """
+    membership.require(node_id, incarnation)
+    if job.final:
+        raise JobStateError(f"job {job.job_id} has ended ({state_name(job.state)}: "
+                            f"{job.reason})")
+    if not job.servers:
+        raise JobStateError(f"job {job.job_id} has no nodes yet ({job.reason})")
+    if job.rank(node_id) != 0:
+        raise JobStateError(f"only the rank-0 worker of job {job.job_id} "
+                            f"({job.workers[0]}) may {action} it, not {node_id}")
