@@ -13,7 +13,8 @@ import grpc
 from shardps.proto import coordinator_pb2_grpc, exitcodes
 from shardps.runtime import daemon, rpc
 
-from .servicer import MAX_HELD_CALLS, CoordinatorServicer
+from .longpoll import MAX_HELD_CALLS
+from .servicer import CoordinatorServicer
 from .state import StateError
 
 SERVICE_NAME = "shardps.v1.Coordinator"
