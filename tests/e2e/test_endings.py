@@ -183,33 +183,14 @@ def test_step_reports_arriving_after_the_end_still_count(tmp_path):
     client = CoordinatorClient(coord.address)
     me = None
     try:
-        real = harness.poll(lambda: next((n.node_id for n in client.nodes()
-                                          if n.role == common_pb2.ROLE_WORKER), None), 60,
-                            what="the worker registered")
-        for _ in range(50):  # ranks follow node ids: this test must be rank 1
-            me = RegisteredWorker(stub)
-            if me.node_id > real:
-                break
-            me.stop()
-        assert me.node_id > real
+        me = _register_after_the_real_worker(stub, client)
         job_id = client.submit(spec(steps=steps, servers=1, workers=2, every=0,
                                     eval_every=1000))
         assignment = me.wait_assignment(30)
         assert assignment.rank == 1
         job = harness.poll(lambda: (j := client.job(job_id)).state == common_pb2.JOB_STATE_RUNNING
                            and j, 60, what="job running")
-        flat = torch.zeros(job.layout.total)
-        with psclient.PSClient(job_id, job.shard_map, worker_id=me.node_id,
-                               incarnation=me.incarnation) as ps:
-            for step in range(steps):
-                assert ps.pull(flat, min_version=step, timeout_s=30).ready
-                ps.push(torch.zeros(job.layout.total), step=step, base_version=step,
-                        batch_size=32)
-                if step < steps - 1:
-                    stub.ReportProgress(coordinator_pb2.ReportProgressRequest(
-                        job_id=job_id, node_id=me.node_id, incarnation=me.incarnation,
-                        steps=[coordinator_pb2.StepReport(step=step, loss=rank1_loss,
-                                                          samples=32)]), timeout=10)
+        _train_as_rank1(stub, me, job, steps, rank1_loss)
         ended = client.wait(job_id, timeout_s=60, interval_s=0.05)
         assert ended.state == COMPLETED, ended.reason
         reply = stub.ReportProgress(coordinator_pb2.ReportProgressRequest(
@@ -231,6 +212,37 @@ def test_step_reports_arriving_after_the_end_still_count(tmp_path):
         channel.close()
         for d in (worker, server, coord):
             d.stop()
+
+
+def _register_after_the_real_worker(stub, client):
+    """Registers this test as a worker whose node id sorts after the real worker's (ranks
+    follow node ids), so that it is rank 1."""
+    real = harness.poll(lambda: next((n.node_id for n in client.nodes()
+                                      if n.role == common_pb2.ROLE_WORKER), None), 60,
+                        what="the worker registered")
+    for _ in range(50):
+        me = RegisteredWorker(stub)
+        if me.node_id > real:
+            break
+        me.stop()
+    assert me.node_id > real
+    return me
+
+
+def _train_as_rank1(stub, me, job, steps, loss):
+    """Rank 1's sync steps: pull, push zero gradients, and report every step but the last."""
+    flat = torch.zeros(job.layout.total)
+    with psclient.PSClient(job.job_id, job.shard_map, worker_id=me.node_id,
+                           incarnation=me.incarnation) as ps:
+        for step in range(steps):
+            assert ps.pull(flat, min_version=step, timeout_s=30).ready
+            ps.push(torch.zeros(job.layout.total), step=step, base_version=step,
+                    batch_size=32)
+            if step < steps - 1:
+                stub.ReportProgress(coordinator_pb2.ReportProgressRequest(
+                    job_id=job.job_id, node_id=me.node_id, incarnation=me.incarnation,
+                    steps=[coordinator_pb2.StepReport(step=step, loss=loss, samples=32)]),
+                    timeout=10)
 
 
 def _stop_all(daemons: list[harness.Daemon]) -> None:
