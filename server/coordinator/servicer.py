@@ -196,7 +196,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def ListJobs(self, request: pb.ListJobsRequest,
                  context: grpc.ServicerContext) -> pb.ListJobsResponse:
         with self._serving(context) as now:
-            return pb.ListJobsResponse(jobs=[views.job_info(j, now) for j in self._jobs.jobs()])
+            return pb.ListJobsResponse(jobs=[views.job_summary(j, now)
+                                             for j in self._jobs.jobs()])
 
     def CancelJob(self, request: pb.CancelJobRequest,
                   context: grpc.ServicerContext) -> pb.CancelJobResponse:

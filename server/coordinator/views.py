@@ -1,5 +1,6 @@
-"""What the coordinator's replies show of its tables: a job as JobInfo (GetJob, ListJobs),
-a hosted job as ServerJobView (server heartbeats), a node as NodeInfo (ListNodes).
+"""What the coordinator's replies show of its tables: a job as JobInfo (GetJob in full,
+ListJobs as a bounded summary), a hosted job as ServerJobView (server heartbeats), a node as
+NodeInfo (ListNodes).
 
 Reads the core, changes nothing; callers hold the servicer's lock.
 """
@@ -19,11 +20,28 @@ INT64_MAX = 2**63 - 1
 
 
 def job_info(job: Job, now: float, include_history: bool = False) -> pb.JobInfo:
-    """A job as GetJob and ListJobs show it; `now` is monotonic seconds."""
+    """A job as GetJob shows it: the summary, its spec and layout, and (with
+    `include_history`) its loss points and evaluations; `now` is monotonic seconds."""
+    info = job_summary(job, now)
+    info.spec_yaml = job.spec_yaml
+    if job.layout is not None:
+        info.layout.CopyFrom(job.layout)
+    if include_history:
+        info.losses.extend(pb.LossPoint(step=s, loss=v) for s, v in job.history.losses)
+        info.evals.extend(pb.EvalPoint(step=e.step, metric=e.metric, value=e.value,
+                                       loss=e.loss) for e in job.history.evals)
+    return info
+
+
+def job_summary(job: Job, now: float) -> pb.JobInfo:
+    """A job as ListJobs shows it: everything but its spec, layout and history, whose size
+    only the job's submitter and its model bound (a spec is up to 64 KiB, a layout names
+    every tensor): a list of every job with those would outgrow gRPC's message limit after a
+    few hundred jobs and fail for every caller. GetJob has them."""
     history, tracker = job.history, job.tracker
     info = pb.JobInfo(
         job_id=job.job_id, name=job.name, state=job.state, reason=job.reason,
-        spec_yaml=job.spec_yaml, created_ms=_unix_ms(job.created, now),
+        created_ms=_unix_ms(job.created, now),
         ended_ms=_unix_ms(job.ended, now) if job.ended is not None else 0,
         step=history.step, max_steps=job.spec["stop"]["max_steps"],
         loss=history.latest_loss(job.workers), metric=tracker.metric,
@@ -43,12 +61,6 @@ def job_info(job: Job, now: float, include_history: bool = False) -> pb.JobInfo:
             steps_per_s=stats.meter.rate(now) if stats else 0.0)
     if job.shard_map is not None:
         info.shard_map.CopyFrom(job.shard_map)
-    if job.layout is not None:
-        info.layout.CopyFrom(job.layout)
-    if include_history:
-        info.losses.extend(pb.LossPoint(step=s, loss=v) for s, v in history.losses)
-        info.evals.extend(pb.EvalPoint(step=e.step, metric=e.metric, value=e.value,
-                                       loss=e.loss) for e in history.evals)
     return info
 
 

@@ -167,6 +167,7 @@ def test_a_restarted_coordinator_clamps_stored_numbers_and_lists_its_jobs(tmp_pa
     listed = {j.job_id: j for j in CoordinatorClient(coord.address).jobs()}
     assert set(listed) == {big["job_id"], doc["jobs"][2]["job_id"]}
     assert listed[big["job_id"]].max_steps == MAX_STEPS
-    assert spec.parse_spec(listed[big["job_id"]].spec_yaml)["stop"]["max_steps"] == MAX_STEPS
+    stored = CoordinatorClient(coord.address).job(big["job_id"]).spec_yaml  # not in the list
+    assert spec.parse_spec(stored)["stop"]["max_steps"] == MAX_STEPS
     assert coord.has_line(r"clamped: stop\.max_steps: 1000000000000000000000000000000 clamped to 2147483647")
     assert coord.has_line(rf"job {aliased['job_id']} left out of the restored state"), coord.output()

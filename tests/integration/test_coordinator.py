@@ -2,16 +2,19 @@
 servers, workers and a client."""
 
 
+import json
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shardps.client.api import CoordinatorClient
 from shardps.client.scrape import scrape
 from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, exitcodes
 from shardps.proto.layout import make_layout
 from shardps.runtime import rpc
 from shardps.server.coordinator.daemon import CoordinatorDaemon, main
-from tests.harness import poll
+from tests.harness import poll, run_cli
 
 pb = coordinator_pb2
 DEADLINE = rpc.CONTROL_DEADLINE_S
@@ -85,18 +88,37 @@ def test_job_life_cycle_over_grpc(start):
 
     job_id = stub.SubmitJob(pb.SubmitJobRequest(spec_yaml=SPEC), timeout=DEADLINE).job_id
     assert job_id.startswith("digits-mlp-")
-    by_rank = {}
-    for w in workers:
-        a = w.beat().assignment
-        assert (a.job_id, a.world_size, a.epoch) == (job_id, 2, 1)
-        by_rank[a.rank] = w
-    rank0, rank1 = by_rank[0], by_rank[1]
+    rank0, rank1 = _ranks(workers, job_id)
     assert servers[0].beat().jobs == []  # no shard map yet
 
     job = stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=DEADLINE).job
     assert job.state == common_pb2.JOB_STATE_PENDING and job.reason == "initialising"
     assert "max_steps: 10" in job.spec_yaml and "batch_size: 64" in job.spec_yaml  # normalised
 
+    shard_map = _layout_and_activate(stub, servers, job_id, rank0, rank1)
+    for w, loss in ((rank0, 2.0), (rank1, 1.0)):
+        reply = w.report(job_id, steps=[pb.StepReport(step=0, loss=loss, samples=32,
+                                                      duration_ms=5.0)])
+        assert reply.action == pb.WORKER_ACTION_CONTINUE
+    reply = rank0.report(job_id, evals=[pb.EvalPoint(step=5, metric="accuracy", value=0.7,
+                                                     loss=0.9)])
+    assert reply.state == common_pb2.JOB_STATE_RUNNING
+    _check_running_job(stub, servers, job_id, rank0, rank1, shard_map)
+    _finish_job(stub, servers, job_id, rank0, rank1)
+
+
+def _ranks(workers, job_id):
+    """The two workers' heartbeats carry the new job: (rank 0, rank 1)."""
+    by_rank = {}
+    for w in workers:
+        a = w.beat().assignment
+        assert (a.job_id, a.world_size, a.epoch) == (job_id, 2, 1)
+        by_rank[a.rank] = w
+    return by_rank[0], by_rank[1]
+
+
+def _layout_and_activate(stub, servers, job_id, rank0, rank1):
+    """Only rank 0 sets the layout, and only after it activates; returns the shard map."""
     code, details = abort_of(stub.SetLayout, pb.SetLayoutRequest(
         job_id=job_id, node_id=rank1.node_id, incarnation=1, layout=LAYOUT))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "rank-0" in details
@@ -115,15 +137,11 @@ def test_job_life_cycle_over_grpc(start):
     view = servers[0].beat().jobs[0]
     assert (view.job_id, view.state, view.epoch) == (job_id, common_pb2.JOB_STATE_RUNNING, 1)
     assert list(view.live_workers) == [rank0.node_id, rank1.node_id]
+    return shard_map
 
-    for w, loss in ((rank0, 2.0), (rank1, 1.0)):
-        reply = w.report(job_id, steps=[pb.StepReport(step=0, loss=loss, samples=32,
-                                                      duration_ms=5.0)])
-        assert reply.action == pb.WORKER_ACTION_CONTINUE
-    reply = rank0.report(job_id, evals=[pb.EvalPoint(step=5, metric="accuracy", value=0.7,
-                                                     loss=0.9)])
-    assert reply.state == common_pb2.JOB_STATE_RUNNING
 
+def _check_running_job(stub, servers, job_id, rank0, rank1, shard_map):
+    """GetJob, ListJobs and ListNodes after one step of each worker and an evaluation."""
     job = stub.GetJob(pb.GetJobRequest(job_id=job_id, include_history=True),
                       timeout=DEADLINE).job
     assert [(p.step, p.loss) for p in job.losses] == [(0, 1.5)]
@@ -145,6 +163,9 @@ def test_job_life_cycle_over_grpc(start):
     assert list(nodes[servers[0].node_id].jobs) == [job_id]
     assert nodes[servers[0].node_id].state == pb.NODE_STATE_ALIVE
 
+
+def _finish_job(stub, servers, job_id, rank0, rank1):
+    """Rank 0 finishes: the job completes, its workers are released, and it stays final."""
     reply = rank0.report(job_id, evals=[pb.EvalPoint(step=10, metric="accuracy", value=0.8)],
                          finished=True)
     assert (reply.action, reply.state) == (pb.WORKER_ACTION_STOP, common_pb2.JOB_STATE_COMPLETED)
@@ -155,6 +176,33 @@ def test_job_life_cycle_over_grpc(start):
     assert job.reason == "reached max_steps (10)" and job.ended_ms >= job.created_ms
     cancelled = stub.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=DEADLINE)
     assert cancelled.state == common_pb2.JOB_STATE_COMPLETED  # final states never change
+
+
+def test_listing_more_jobs_than_one_message_could_carry_with_their_specs(start):
+    """Pending jobs with the largest specs, more of them than gRPC's message limit holds
+    with a spec each: ListJobs, the client's list and `shardps status` (text and JSON) list
+    every job; GetJob still has the whole spec."""
+    daemon, stub, _ = start()
+    big = ("name: big\nmodel: {name: mlp, kwargs: {note: '" + "a" * 62_000 + "'}}\n"
+           "data: {dataset: digits}\nstop: {max_steps: 5}\n")
+    count = rpc.MAX_MESSAGE_BYTES // 62_000 + 20
+    ids = [stub.SubmitJob(pb.SubmitJobRequest(spec_yaml=big), timeout=DEADLINE).job_id
+           for _ in range(count)]
+    whole = stub.GetJob(pb.GetJobRequest(job_id=ids[0]), timeout=DEADLINE).job.spec_yaml
+    assert "a" * 62_000 in whole and count * len(whole) > rpc.MAX_MESSAGE_BYTES
+
+    reply = stub.ListJobs(pb.ListJobsRequest(), timeout=DEADLINE)
+    assert [j.job_id for j in reply.jobs] == ids[::-1]  # newest first
+    assert not any(j.spec_yaml or j.layout.params for j in reply.jobs)
+    assert all(j.state == common_pb2.JOB_STATE_PENDING and j.max_steps == 5 for j in reply.jobs)
+    with CoordinatorClient(daemon.address) as client:
+        assert len(client.jobs()) == count
+    text = run_cli("status", "--coordinator", daemon.address)
+    assert text.returncode == 0, text.stderr
+    assert sum(line.startswith("big-") for line in text.stdout.splitlines()) == count
+    listed = run_cli("status", "--coordinator", daemon.address, "--output", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(j["job_id"] for j in json.loads(listed.stdout)) == sorted(ids)
 
 
 def test_cancel_and_unknown_ids(start):
