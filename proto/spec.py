@@ -21,12 +21,12 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
-from yaml.events import AliasEvent, CollectionStartEvent
+from yaml.events import AliasEvent, CollectionStartEvent, Event
 from yaml.resolver import Resolver
 
 from shardps.proto import names
@@ -347,6 +347,8 @@ class _Bounded(Composer):
 
     _spec_depth = 0
     _spec_nodes = 0
+    if TYPE_CHECKING:  # the parser's, which every loader mixes in
+        def peek_event(self) -> Event: ...
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
@@ -373,7 +375,7 @@ class _PyLoader(_Bounded, yaml.SafeLoader):
 
 
 if getattr(yaml, "__with_libyaml__", False):
-    from yaml.cyaml import CParser
+    from yaml._yaml import CParser
 
     class _CLoader(_Bounded, CParser, SafeConstructor, Resolver):  # type: ignore[misc]
         """The safe loader, bounded, with libyaml's scanner and parser (5-10x faster). The

@@ -609,7 +609,7 @@ class Trainer:
 
     # -- ends --
 
-    def _get_job(self, wait_while: int = common_pb2.JOB_STATE_UNSPECIFIED) -> coordinator_pb2.JobInfo:
+    def _get_job(self, wait_while: common_pb2.JobState = common_pb2.JOB_STATE_UNSPECIFIED) -> coordinator_pb2.JobInfo:
         """The job now, or (wait_while) once it has left that state or a long-poll hold has
         passed; `stop()` cuts the hold short."""
         if not wait_while:

@@ -14,7 +14,7 @@ from shardps.proto.spec import METRICS, metric_improves
 class Verdict:
     """A job's end: a final common_pb2.JobState and the reason shown to users."""
 
-    state: int
+    state: common_pb2.JobState
     reason: str
 
 

@@ -54,7 +54,7 @@ class Job:
     job_id: str
     spec: dict[str, Any]  # normalised (shardps.proto.spec.parse_spec)
     created: float
-    state: int = PENDING
+    state: common_pb2.JobState = PENDING
     reason: str = ""
     ended: float | None = None
     servers: list[str] = field(default_factory=list)  # node ids in shard order
@@ -277,7 +277,7 @@ class JobTable:
         return shard_map
 
     def activate(self, job_id: str, node_id: str, incarnation: int, membership: Membership,
-                 now: float) -> int:
+                 now: float) -> common_pb2.JobState:
         """The rank-0 worker has initialised every shard: the job is RUNNING (a repeat is
         harmless). Returns the state.
 
@@ -298,7 +298,7 @@ class JobTable:
     def report_progress(self, job_id: str, node_id: str, incarnation: int,
                         membership: Membership, now: float,
                         steps: Sequence[StepReport] = (), evals: Sequence[Evaluation] = (),
-                        finished: bool = False, failure: str = "", rollback_id: int = 0) -> int:
+                        finished: bool = False, failure: str = "", rollback_id: int = 0) -> common_pb2.JobState:
         """Records a worker's steps and evaluations and decides the job's fate.
 
         Order: steps (a non-finite loss fails the job), the worker's failure, evaluations
@@ -405,7 +405,7 @@ class JobTable:
                 named.append(job)
         return named
 
-    def cancel(self, job_id: str, now: float) -> int:
+    def cancel(self, job_id: str, now: float) -> common_pb2.JobState:
         """Cancels a job; a final job keeps its state. Returns the state after the call."""
         job = self.get(job_id)
         if job.final:
@@ -544,7 +544,7 @@ class JobTable:
             raise JobStateError(f"only the rank-0 worker of job {job.job_id} "
                                 f"({job.workers[0]}) may {action} it, not {node_id}")
 
-    def _end(self, job: Job, verdict: Verdict, now: float, version: int | None = None) -> int:
+    def _end(self, job: Job, verdict: Verdict, now: float, version: int | None = None) -> common_pb2.JobState:
         """Ends a job with `verdict`; `version` is the version the step that decided it
         names (sync: the final weights are there), None if no step did."""
         # Final states never change: the first verdict wins.

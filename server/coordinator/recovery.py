@@ -88,5 +88,5 @@ def resume_servers(n: int, old_servers: Sequence[str], holders: dict[int, list[s
     return chosen, ""
 
 
-def state_is_running(state: int) -> bool:
+def state_is_running(state: common_pb2.JobState) -> bool:
     return state == common_pb2.JOB_STATE_RUNNING
