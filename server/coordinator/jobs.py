@@ -11,11 +11,10 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from shardps.proto import common_pb2, names
 from shardps.proto.layout import check_layout
-from shardps.proto.spec import METRICS, NormalisedSpec, dump_spec, normalise
+from shardps.proto.spec import METRICS, JobSpec, NormalisedSpec, dump_spec, normalise
 from shardps.proto.states import FINAL_STATES, state_name
 
 from . import endings
@@ -52,7 +51,7 @@ class Job:
     """One job. Owned by its JobTable; callers read it, only the table changes it."""
 
     job_id: str
-    spec: dict[str, Any]  # normalised (shardps.proto.spec.parse_spec)
+    spec: JobSpec  # normalised (shardps.proto.spec.parse_spec)
     created: float
     state: common_pb2.JobState = PENDING
     reason: str = ""
@@ -443,7 +442,7 @@ class JobTable:
                     holders.setdefault(index, []).append(node.node_id)
         return holders
 
-    def _check_resumable(self, old_id: str, spec: dict[str, Any],
+    def _check_resumable(self, old_id: str, spec: JobSpec,
                          membership: Membership) -> None:
         old = self._jobs.get(old_id)
         if old is None:
@@ -566,7 +565,7 @@ class JobTable:
         return job.state
 
 
-def _finished_reason(spec: dict[str, Any]) -> str:
+def _finished_reason(spec: JobSpec) -> str:
     stop = spec["stop"]
     if stop["max_steps"]:
         return f"reached max_steps ({stop['max_steps']})"
