@@ -102,7 +102,7 @@ def current_security() -> Security:
     return _security
 
 
-def make_channel(address: str, extra_options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+def make_channel(address: str, extra_options: Sequence[tuple[str, int | str]] = ()) -> grpc.Channel:
     """A channel with shardps's message limits, keepalive, and the process's TLS and token;
     `extra_options` are added to those (PSClient adds its bulk-transfer ones)."""
     sec = _security

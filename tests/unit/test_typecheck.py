@@ -1,6 +1,7 @@
 """`.ci/typecheck.py` checks the parts as the one package `shardps`: an import of ours that
 names a wrong module or attribute, a call with a wrong type across parts, or a write to (or
-a wrong key of) the read-only job spec, is an error."""
+a wrong key of) the read-only job spec, or a worker's coordinator call with the wrong
+request, is an error."""
 
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import shardps.worker.nope  # import-not-found
 from shardps.server.coordinator.membership import Membership
 from shardps.worker import plugins
 from shardps.proto.spec import parse_spec
+from shardps.proto import coordinator_pb2
+from shardps.worker.coordclient import CoordinatorClient
 
 names.check(1, 2)  # arg-type
 plugins.is_allowed(3)  # arg-type
@@ -29,6 +32,11 @@ spec = parse_spec("")
 steps: int = spec["stop"]["max_steps"]
 spec["stop"]["max_steps"] = 1  # typeddict-readonly-mutated
 spec["stop"]["max_step"]  # typeddict-item
+
+
+def ask(coordinator: CoordinatorClient) -> None:
+    coordinator.call("GetJob", coordinator_pb2.SetLayoutRequest())  # call-overload
+    job: coordinator_pb2.JobInfo = coordinator.call("GetJob", coordinator_pb2.GetJobRequest()).job
 """
 
 
