@@ -462,7 +462,7 @@ class _PyLoader(_Bounded, yaml.SafeLoader):
 if getattr(yaml, "__with_libyaml__", False):
     from yaml._yaml import CParser
 
-    class _CLoader(_Bounded, CParser, SafeConstructor, Resolver):  # type: ignore[misc]
+    class _CLoader(_Bounded, CParser, SafeConstructor, Resolver):
         """The safe loader, bounded, with libyaml's scanner and parser (5-10x faster). The
         Python composer comes first in the MRO, so every node passes _Bounded."""
 

@@ -37,6 +37,11 @@ spec["stop"]["max_step"]  # typeddict-item
 def ask(coordinator: CoordinatorClient) -> None:
     coordinator.call("GetJob", coordinator_pb2.SetLayoutRequest())  # call-overload
     job: coordinator_pb2.JobInfo = coordinator.call("GetJob", coordinator_pb2.GetJobRequest()).job
+
+
+# Without annotations, its body is checked all the same (check_untyped_defs).
+def unannotated():
+    names.check("job", 3)  # arg-type
 """
 
 
