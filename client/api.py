@@ -194,7 +194,7 @@ class CoordinatorClient:
         info = None
         while True:
             asked = time.monotonic()
-            last = info.state if info is not None else 0
+            last = info.state if info is not None else None
             if not last:
                 info = self.job(job_id)
             else:

@@ -18,7 +18,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, TypeVar
 
 import torch
 from google.protobuf.message import Message
@@ -52,7 +52,7 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
     common_pb2.DTYPE_BFLOAT16: torch.bfloat16,
     common_pb2.DTYPE_FLOAT16: torch.float16,
 }
-DTYPE_NAMES: dict[str, int] = {
+DTYPE_NAMES: dict[str, common_pb2.DType] = {
     "float32": common_pb2.DTYPE_FLOAT32,
     "bfloat16": common_pb2.DTYPE_BFLOAT16,
     "float16": common_pb2.DTYPE_FLOAT16,
@@ -206,11 +206,14 @@ class Chunk:
     data: memoryview   # raw little-endian elements in the message's dtype (read-only)
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkedMessage:
-    """A bulk message as `message_reader` returns it."""
+M = TypeVar("M", bound=Message)
 
-    message: Any        # the protobuf message with every field but its chunk
+
+@dataclass(frozen=True, slots=True)
+class ChunkedMessage(Generic[M]):
+    """A bulk message (of type M) as `message_reader` returns it."""
+
+    message: M          # the protobuf message with every field but its chunk
     chunk: Chunk | None  # its TensorChunk, None if it carried none
 
 
@@ -347,7 +350,7 @@ def _split(data: bytes, field: int) -> tuple[list[memoryview], Chunk | None]:
     return spans, chunk
 
 
-def message_reader(cls: type[Message], field_name: str = "chunk") -> Callable[[bytes], ChunkedMessage]:
+def message_reader(cls: type[M], field_name: str = "chunk") -> Callable[[bytes], ChunkedMessage[M]]:
     """A gRPC deserializer for messages of type `cls` whose field `field_name` is a TensorChunk.
 
     The chunk's payload stays in the received bytes (a view, no copy); the other fields are
@@ -356,7 +359,7 @@ def message_reader(cls: type[Message], field_name: str = "chunk") -> Callable[[b
     """
     field = cls.DESCRIPTOR.fields_by_name[field_name].number
 
-    def read(data: bytes) -> ChunkedMessage:
+    def read(data: bytes) -> ChunkedMessage[M]:
         try:
             spans, chunk = _split(data, field)
         except (_Unusual, IndexError):
@@ -367,7 +370,7 @@ def message_reader(cls: type[Message], field_name: str = "chunk") -> Callable[[b
     return read
 
 
-def _read_slowly(cls: type[Message], field_name: str, data: bytes) -> ChunkedMessage:
+def _read_slowly(cls: type[M], field_name: str, data: bytes) -> ChunkedMessage[M]:
     message = cls.FromString(data)
     if not message.HasField(field_name):
         return ChunkedMessage(message, None)

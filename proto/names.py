@@ -19,7 +19,7 @@ caller's bytes are never echoed unbounded, into a reply or a log line.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TypeGuard
 
 MAX_LEN = 128
 MAX_JOB_NAME = 63
@@ -32,20 +32,20 @@ class InvalidName(ValueError):
     """An identifier that breaks the rule; the message quotes at most SHOWN characters."""
 
 
-def is_valid(value: Any, max_len: int = MAX_LEN) -> bool:
+def is_valid(value: object, max_len: int = MAX_LEN) -> TypeGuard[str]:
     """Whether `value` is a str that is a valid identifier of at most `max_len` characters."""
     return (isinstance(value, str) and 0 < len(value) <= max_len
             and _ID.fullmatch(value) is not None)
 
 
-def check(value: Any, what: str, max_len: int = MAX_LEN) -> str:
+def check(value: object, what: str, max_len: int = MAX_LEN) -> str:
     """Returns `value` if it is a valid identifier, else raises InvalidName naming `what`."""
     if not is_valid(value, max_len):
         raise InvalidName(f"{what}: must be {RULE.format(n=max_len)}; got {shown(value)}")
     return value
 
 
-def shown(value: Any) -> str:
+def shown(value: object) -> str:
     """`value` for a message: at most SHOWN characters, escaped to printable ASCII, with the
     full length when it was cut."""
     if not isinstance(value, str):

@@ -21,12 +21,13 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import yaml
+from typing_extensions import ReadOnly
 from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
-from yaml.events import AliasEvent, CollectionStartEvent
+from yaml.events import AliasEvent, CollectionStartEvent, Event
 from yaml.resolver import Resolver
 
 from shardps.proto import names
@@ -264,6 +265,90 @@ SCHEMA: dict[str, Any] = {
 }
 
 
+# -- the normalised spec's type ------------------------------------------------------------
+# What parse_spec returns, section by section: the SCHEMA's keys (a unit test checks that the
+# two agree) with the types their checks return. Read-only: a spec is shared (the coordinator's
+# Job, a worker's trainer), so code that needs another spec parses or validates a new one.
+
+
+class ModelSpec(TypedDict):
+    name: ReadOnly[str]  # a built-in model or "package.module:factory"
+    kwargs: ReadOnly[dict[str, object]]  # passed to the factory as they are
+
+
+class DataSpec(TypedDict):
+    dataset: ReadOnly[str]  # a built-in dataset or "package.module:factory"
+    batch_size: ReadOnly[int]
+    shuffle: ReadOnly[bool]
+    kwargs: ReadOnly[dict[str, object]]
+
+
+class ScheduleSpec(TypedDict):
+    name: ReadOnly[str]  # one of SCHEDULES
+    warmup_steps: ReadOnly[int]
+    total_steps: ReadOnly[int]
+    min_lr: ReadOnly[float]
+
+
+class OptimizerSpec(TypedDict):
+    name: ReadOnly[str]  # one of OPTIMIZERS
+    lr: ReadOnly[float]
+    betas: ReadOnly[list[float]]  # two
+    eps: ReadOnly[float]
+    weight_decay: ReadOnly[float]
+    clip_grad_norm: ReadOnly[float]  # 0: no clipping
+    schedule: ReadOnly[ScheduleSpec]
+
+
+class ConsistencySpec(TypedDict):
+    mode: ReadOnly[str]  # one of CONSISTENCY_MODES
+    staleness: ReadOnly[int]
+
+
+class ClusterSpec(TypedDict):
+    servers: ReadOnly[int]
+    workers: ReadOnly[int]
+
+
+class TransportSpec(TypedDict):
+    dtype: ReadOnly[str]  # one of TRANSPORT_DTYPES
+    chunk_bytes: ReadOnly[int]
+
+
+class TargetSpec(TypedDict):
+    metric: ReadOnly[str]  # a key of METRICS
+    value: ReadOnly[float]
+
+
+class StopSpec(TypedDict):
+    max_steps: ReadOnly[int]  # 0: no limit
+    max_epochs: ReadOnly[float]  # 0: no limit
+    target: ReadOnly[TargetSpec | None]  # None: no target
+    patience: ReadOnly[int]
+    min_delta: ReadOnly[float]
+    eval_every: ReadOnly[int]
+
+
+class CheckpointSpec(TypedDict):
+    every_steps: ReadOnly[int]  # 0: never
+    keep: ReadOnly[int]
+
+
+class JobSpec(TypedDict):
+    """A normalised job spec (parse_spec, validate): every key present, defaults filled in."""
+
+    name: ReadOnly[str]
+    seed: ReadOnly[int]
+    model: ReadOnly[ModelSpec]
+    data: ReadOnly[DataSpec]
+    optimizer: ReadOnly[OptimizerSpec]
+    consistency: ReadOnly[ConsistencySpec]
+    cluster: ReadOnly[ClusterSpec]
+    transport: ReadOnly[TransportSpec]
+    stop: ReadOnly[StopSpec]
+    checkpoint: ReadOnly[CheckpointSpec]
+
+
 def _apply(schema: dict[str, Any], data: Any, prefix: str) -> dict[str, Any]:
     if data is None:
         data = {}
@@ -291,7 +376,7 @@ def _apply(schema: dict[str, Any], data: Any, prefix: str) -> dict[str, Any]:
     return out
 
 
-def validate(raw: Any, clamped: list[str] | None = None) -> dict[str, Any]:
+def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
     """Validates a spec given as a (YAML-loaded) mapping; returns the normalised spec.
 
     With `clamped` (a list), numbers out of their range are clamped into it, each noted in
@@ -331,7 +416,7 @@ def validate(raw: Any, clamped: list[str] | None = None) -> dict[str, Any]:
     mode = spec["consistency"]["mode"]
     if mode != "ssp" and spec["consistency"]["staleness"]:
         raise SpecError("consistency.staleness", f"only applies to mode ssp, not {mode}")
-    return spec
+    return cast(JobSpec, spec)  # built by the SCHEMA, which JobSpec mirrors
 
 
 # -- reading YAML within bounds ----------------------------------------------------------------
@@ -347,6 +432,8 @@ class _Bounded(Composer):
 
     _spec_depth = 0
     _spec_nodes = 0
+    if TYPE_CHECKING:  # the parser's, which every loader mixes in
+        def peek_event(self) -> Event: ...
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
@@ -373,9 +460,9 @@ class _PyLoader(_Bounded, yaml.SafeLoader):
 
 
 if getattr(yaml, "__with_libyaml__", False):
-    from yaml.cyaml import CParser
+    from yaml._yaml import CParser
 
-    class _CLoader(_Bounded, CParser, SafeConstructor, Resolver):  # type: ignore[misc]
+    class _CLoader(_Bounded, CParser, SafeConstructor, Resolver):
         """The safe loader, bounded, with libyaml's scanner and parser (5-10x faster). The
         Python composer comes first in the MRO, so every node passes _Bounded."""
 
@@ -412,7 +499,7 @@ def load_yaml(text: str, loader: type | None = None) -> Any:
         reader.dispose()
 
 
-def parse_spec(text: str, clamped: list[str] | None = None) -> dict[str, Any]:
+def parse_spec(text: str, clamped: list[str] | None = None) -> JobSpec:
     """Parses and validates YAML spec text; raises SpecError with the key at fault.
 
     `clamped`: see `validate` (for specs an older version stored, never for a submit).
@@ -427,7 +514,7 @@ def parse_spec(text: str, clamped: list[str] | None = None) -> dict[str, Any]:
 class NormalisedSpec:
     """A validated spec (`parse_spec`'s dict) and its canonical YAML `text`."""
 
-    spec: dict[str, Any]
+    spec: JobSpec
     text: str
 
 
@@ -453,7 +540,7 @@ class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[mi
         return True
 
 
-def dump_spec(spec: dict[str, Any]) -> str:
+def dump_spec(spec: JobSpec) -> str:
     """The canonical YAML text of a normalised spec (key order as in SCHEMA)."""
     return yaml.dump(spec, Dumper=_Dumper, sort_keys=False, default_flow_style=None)
 

@@ -32,7 +32,7 @@ from shardps.runtime import rpc, sslcontext
 _SERVICE = "/shardps.v1.ParameterServer/"
 # Pull streams are read on the calling thread instead of a thread of gRPC's per call (measured:
 # a 2-shard pull of a small model 2.1 -> 1.2 ms); the drain below reads them in turn anyway.
-_CHANNEL_OPTIONS = [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+_CHANNEL_OPTIONS = [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]  # type: ignore[attr-defined, unused-ignore]
 _PUSH_CHUNK = ps_pb2.PushRequest.DESCRIPTOR.fields_by_name["chunk"].number
 _INIT_CHUNK = ps_pb2.InitShardRequest.DESCRIPTOR.fields_by_name["chunk"].number
 _read_pull = codec.message_reader(ps_pb2.PullResponse)
@@ -55,16 +55,17 @@ class _Calls:
     """The bulk RPCs of one channel, with codec (de)serializers instead of protobuf's."""
 
     def __init__(self, channel: grpc.Channel):
-        self.push = channel.stream_unary(
+        # `_registered_method` (as generated stubs pass it) is not in grpc's type stubs.
+        self.push = channel.stream_unary(  # type: ignore[call-arg]
             _SERVICE + "Push", request_serializer=codec.serialized,
             response_deserializer=ps_pb2.PushResponse.FromString, _registered_method=True)
-        self.pull = channel.unary_stream(
+        self.pull = channel.unary_stream(  # type: ignore[call-arg]
             _SERVICE + "Pull", request_serializer=ps_pb2.PullRequest.SerializeToString,
             response_deserializer=_read_pull, _registered_method=True)
-        self.init = channel.stream_unary(
+        self.init = channel.stream_unary(  # type: ignore[call-arg]
             _SERVICE + "InitShard", request_serializer=codec.serialized,
             response_deserializer=ps_pb2.InitShardResponse.FromString, _registered_method=True)
-        self.data_plane = channel.unary_unary(
+        self.data_plane = channel.unary_unary(  # type: ignore[call-arg]
             _SERVICE + "GetDataPlane", request_serializer=ps_pb2.GetDataPlaneRequest.SerializeToString,
             response_deserializer=ps_pb2.GetDataPlaneResponse.FromString, _registered_method=True)
 
@@ -137,7 +138,7 @@ class PSClient:
     """Parallel pull/push of one job's flat vector over its shard map."""
 
     def __init__(self, job_id: str, shard_map: common_pb2.ShardMap, *,
-                 dtype: int = common_pb2.DTYPE_FLOAT32,
+                 dtype: common_pb2.DType = common_pb2.DTYPE_FLOAT32,
                  chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
                  worker_id: str = "", incarnation: int = 0, data_plane: bool = True):
         """`data_plane`: use the servers' data planes where they have one (else gRPC only);

@@ -222,6 +222,8 @@ class CallGuard(grpc.ServerInterceptor):
 def _guarded(handler: grpc.RpcMethodHandler, method: str, pool: futures.ThreadPoolExecutor | None,
              total_wait_s: float) -> grpc.RpcMethodHandler:
     inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    if inner is None:
+        raise ValueError(f"{method}: the handler has no behaviour")
     non_blocking = bool(getattr(inner, "experimental_non_blocking", False))
     unary_request = not handler.request_streaming
     wrap_replies = handler.response_streaming and not non_blocking

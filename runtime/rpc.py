@@ -102,7 +102,7 @@ def current_security() -> Security:
     return _security
 
 
-def make_channel(address: str, extra_options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+def make_channel(address: str, extra_options: Sequence[tuple[str, int | str]] = ()) -> grpc.Channel:
     """A channel with shardps's message limits, keepalive, and the process's TLS and token;
     `extra_options` are added to those (PSClient adds its bulk-transfer ones)."""
     sec = _security
@@ -147,7 +147,7 @@ def make_server(max_workers: int = 16, stream_workers: int | None = None) -> grp
 
 
 class _CallDetails(grpc.ClientCallDetails):
-    def __init__(self, details: grpc.ClientCallDetails, metadata: list[tuple[str, str]]):
+    def __init__(self, details: grpc.ClientCallDetails, metadata: tuple[tuple[str, str | bytes], ...]):
         self.method = details.method
         self.timeout = details.timeout
         self.metadata = metadata
@@ -164,7 +164,7 @@ class _TokenSender(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         self._header = (AUTH_HEADER, f"Bearer {token}")
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return _CallDetails(details, [*(details.metadata or ()), self._header])
+        return _CallDetails(details, (*(details.metadata or ()), self._header))
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)
@@ -192,7 +192,7 @@ class _TokenCheck(grpc.ServerInterceptor):
         if details.method.startswith(HEALTH_PREFIX):
             return continuation(details)
         sent = dict(details.invocation_metadata or ()).get(AUTH_HEADER, "")
-        if hmac.compare_digest(sent.encode(), self._expected):
+        if hmac.compare_digest(sent.encode() if isinstance(sent, str) else sent, self._expected):
             return continuation(details)
         handler = continuation(details)
         if handler is None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Literal, overload
 
 import grpc
+from google.protobuf.message import Message
 
+from shardps.proto import coordinator_pb2 as pb
 from shardps.proto import coordinator_pb2_grpc
 from shardps.runtime import rpc
 
@@ -49,13 +51,32 @@ class CoordinatorClient:
         self._waits: set[grpc.Future] = set()  # cancellable calls in flight
 
     @classmethod
-    def connect(cls, address: str, **kwargs: Any) -> tuple[CoordinatorClient, grpc.Channel]:
+    def connect(cls, address: str, *, stop: threading.Event | None = None
+                ) -> tuple[CoordinatorClient, grpc.Channel]:
         """A client on a new channel to address; the caller closes the channel."""
         channel = rpc.make_channel(address)
-        return cls(coordinator_pb2_grpc.CoordinatorStub(channel), **kwargs), channel
+        return cls(coordinator_pb2_grpc.CoordinatorStub(channel), stop=stop), channel
 
-    def call(self, method: str, request: Any, *, attempts: int | None = None,
-             deadline_s: float | None = None, cancellable: bool = False) -> Any:
+    # The RPCs a worker calls, each with its request and reply types (add one to call another).
+    @overload
+    def call(self, method: Literal["GetJob"], request: pb.GetJobRequest, *,
+             attempts: int | None = None, deadline_s: float | None = None,
+             cancellable: bool = False) -> pb.GetJobResponse: ...
+    @overload
+    def call(self, method: Literal["SetLayout"], request: pb.SetLayoutRequest, *,
+             attempts: int | None = None, deadline_s: float | None = None,
+             cancellable: bool = False) -> pb.SetLayoutResponse: ...
+    @overload
+    def call(self, method: Literal["ActivateJob"], request: pb.ActivateJobRequest, *,
+             attempts: int | None = None, deadline_s: float | None = None,
+             cancellable: bool = False) -> pb.ActivateJobResponse: ...
+    @overload
+    def call(self, method: Literal["ReportProgress"], request: pb.ReportProgressRequest, *,
+             attempts: int | None = None, deadline_s: float | None = None,
+             cancellable: bool = False) -> pb.ReportProgressResponse: ...
+
+    def call(self, method: str, request: Message, *, attempts: int | None = None,
+             deadline_s: float | None = None, cancellable: bool = False) -> Message:
         """Calls stub.<method>(request); retries UNAVAILABLE with doubling pauses.
 
         Retries `attempts` tries if given (here or to the constructor), else for `window_s`
@@ -95,7 +116,7 @@ class CoordinatorClient:
         for future in waits:
             future.cancel()
 
-    def _wait(self, future: grpc.Future) -> Any:
+    def _wait(self, future: grpc.Future) -> Message:
         with self._lock:
             self._waits.add(future)
         try:

@@ -79,7 +79,7 @@ class _Table:
         self.register_parameter("weight", None)  # type: ignore[attr-defined]
     def _init_table(self, init: RowInit | None) -> None:
         if self.num_embeddings is None:
-            self.init = init or RowInit()
+            self.init: RowInit | None = init or RowInit()
         elif init is not None:
             raise ValueError("init is for dynamic tables (num_embeddings=None); a fixed table "
                              "starts from its weight")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
 
 # Module prefixes a job may import factories from; None allows any (set by the worker daemon
 # from --allow-import). Importing a module runs its code on this worker, so whoever may
@@ -24,7 +23,7 @@ def is_allowed(module_name: str) -> bool:
     return any(module_name == p or module_name.startswith(p + ".") for p in _allowed_prefixes)
 
 
-def import_factory(path: str) -> Callable[..., Any]:
+def import_factory(path: str) -> Callable[..., object]:
     """Imports `package.module` and returns its attribute `factory`.
 
     Raises ValueError with the path in the message if the module is not allowed by

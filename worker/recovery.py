@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from shardps.proto import common_pb2, ps_pb2, ps_pb2_grpc, refusals
+from shardps.psclient import PSClient, PullResult
 from shardps.runtime import rpc
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class RemappableClient:
     Owned by one training thread, like the PSClient inside it.
     """
 
-    def __init__(self, factory: Callable[..., Any], job_id: str,
+    def __init__(self, factory: Callable[..., PSClient], job_id: str,
                  shard_map: common_pb2.ShardMap, **kwargs: Any):
         self._factory = factory
         self._job_id = job_id
@@ -102,14 +103,15 @@ class RemappableClient:
         old.close()
         return True
 
-    def pull(self, *args: Any, **kwargs: Any) -> Any:
+    # The arguments are PSClient's (pull, push, init), passed on as they are.
+    def pull(self, *args: Any, **kwargs: Any) -> PullResult:
         return self.client.pull(*args, **kwargs)
 
-    def push(self, *args: Any, **kwargs: Any) -> Any:
+    def push(self, *args: Any, **kwargs: Any) -> list[ps_pb2.PushResponse]:
         return self.client.push(*args, **kwargs)
 
-    def init(self, *args: Any, **kwargs: Any) -> Any:
-        return self.client.init(*args, **kwargs)
+    def init(self, *args: Any, **kwargs: Any) -> None:
+        self.client.init(*args, **kwargs)
 
     def close(self) -> None:
         self.client.close()

@@ -89,7 +89,7 @@ def is_eval_step(rank: int, step: int, eval_every: int) -> bool:
     return rank == 0 and step > 0 and eval_every > 0 and step % eval_every == 0
 
 
-def step_budget(stop: dict[str, Any], num_train: int, batch_size: int) -> int:
+def step_budget(stop: spec_lib.StopSpec, num_train: int, batch_size: int) -> int:
     """Global steps to run: stop.max_steps and/or the steps of stop.max_epochs (the smaller if
     both); 0 means unbounded (the job ends on a target or patience verdict)."""
     budgets = [b for b in (stop["max_steps"],
@@ -109,7 +109,7 @@ def worker_ids(job: coordinator_pb2.JobInfo) -> list[str]:
     return [w.node_id for w in ordered]
 
 
-def shard_config(spec: dict[str, Any], workers: Sequence[str], epoch: int, fingerprint: str,
+def shard_config(spec: spec_lib.JobSpec, workers: Sequence[str], epoch: int, fingerprint: str,
                  budget: int) -> ps_pb2.ShardConfig:
     """The job-wide part of every shard's config (PSClient.init fills in the per-shard fields).
 
@@ -140,7 +140,7 @@ def eval_points(step: int, metrics: dict[str, float]) -> list[coordinator_pb2.Ev
             for name, value in metrics.items()]
 
 
-def metric_problem(spec: dict[str, Any], task: str) -> str:
+def metric_problem(spec: spec_lib.JobSpec, task: str) -> str:
     """Why the job's stop target can never be met on this task's metrics ("" if it can)."""
     target = spec["stop"]["target"]
     if target and target["metric"] not in tasks.METRICS[task]:
@@ -223,7 +223,7 @@ class Trainer:
         self._rollback_id = assignment.rollback_id
         self._resync_to: int | None = None
         self._evaluated = 0  # the last step evaluated: replayed steps are not evaluated again
-        self._spec: dict[str, Any] = {}
+        self._spec: spec_lib.JobSpec | None = None
         self.metrics = metrics or WorkerMetrics()
         self._ps_factory = ps_factory
         self._clock = clock
@@ -307,14 +307,14 @@ class Trainer:
             self._connect(spec, self._wait_running(flat.layout.fingerprint).shard_map)
         self._train(spec, data, model, flat, budget)
 
-    def _connect(self, spec: dict[str, Any], shard_map: common_pb2.ShardMap) -> None:
+    def _connect(self, spec: spec_lib.JobSpec, shard_map: common_pb2.ShardMap) -> None:
         self._spec = spec
         self._ps = recovery.RemappableClient(
             self._ps_factory, self.job_id, shard_map, dtype=codec.DTYPE_NAMES[spec["transport"]["dtype"]],
             chunk_bytes=spec["transport"]["chunk_bytes"], worker_id=self.node_id,
             incarnation=self.incarnation)
 
-    def _initialise(self, job: coordinator_pb2.JobInfo, spec: dict[str, Any], flat: FlatParams,
+    def _initialise(self, job: coordinator_pb2.JobInfo, spec: spec_lib.JobSpec, flat: FlatParams,
                     budget: int) -> None:
         """Rank 0: SetLayout, InitShard on every server, ActivateJob."""
         workers = self._guard("job workers", lambda: worker_ids(job))
@@ -367,7 +367,7 @@ class Trainer:
                                         f"(still {common_pb2.JobState.Name(job.state)})")
             self._stop.wait(max(0.0, POLL_INTERVAL_S - (self._clock() - asked)))
 
-    def _train(self, spec: dict[str, Any], data: Dataset, model: torch.nn.Module,
+    def _train(self, spec: spec_lib.JobSpec, data: Dataset, model: torch.nn.Module,
                flat: FlatParams, budget: int) -> None:
         mode = spec["consistency"]["mode"]
         eval_every = spec["stop"]["eval_every"]
@@ -609,7 +609,7 @@ class Trainer:
 
     # -- ends --
 
-    def _get_job(self, wait_while: int = common_pb2.JOB_STATE_UNSPECIFIED) -> coordinator_pb2.JobInfo:
+    def _get_job(self, wait_while: common_pb2.JobState = common_pb2.JOB_STATE_UNSPECIFIED) -> coordinator_pb2.JobInfo:
         """The job now, or (wait_while) once it has left that state or a long-poll hold has
         passed; `stop()` cuts the hold short."""
         if not wait_while:

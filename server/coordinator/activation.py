@@ -43,7 +43,7 @@ def set_layout(job: Job, node_id: str, incarnation: int, layout: common_pb2.Layo
     return shard_map
 
 
-def activate(job: Job, node_id: str, incarnation: int, membership: Membership) -> int:
+def activate(job: Job, node_id: str, incarnation: int, membership: Membership) -> common_pb2.JobState:
     """The rank-0 worker has initialised every shard: the job is RUNNING (a repeat is
     harmless). Returns the state (JobTable.activate says what it raises)."""
     require_rank0(job, node_id, incarnation, membership, "activate")

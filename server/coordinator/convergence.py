@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from shardps.proto import common_pb2
-from shardps.proto.spec import METRICS, metric_improves
+from shardps.proto.spec import METRICS, StopSpec, metric_improves
 
 
 @dataclass(frozen=True)
 class Verdict:
     """A job's end: a final common_pb2.JobState and the reason shown to users."""
 
-    state: int
+    state: common_pb2.JobState
     reason: str
 
 
@@ -36,7 +35,7 @@ class ConvergenceTracker:
         stop: the `stop` section of a normalised spec (see shardps.proto.spec).
     """
 
-    def __init__(self, stop: dict[str, Any]):
+    def __init__(self, stop: StopSpec):
         target = stop.get("target")
         self.metric: str = target["metric"] if target else ""
         self.target: float | None = target["value"] if target else None

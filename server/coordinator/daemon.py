@@ -9,6 +9,7 @@ import os
 import threading
 
 import grpc
+from grpc_health.v1 import health
 
 from shardps.proto import coordinator_pb2_grpc, exitcodes
 from shardps.runtime import daemon, rpc
@@ -56,7 +57,7 @@ class CoordinatorDaemon:
         self.metrics: daemon.MetricsEndpoint | None = None
         self._metrics_port = metrics_port
         self._server: grpc.Server | None = None
-        self._health = None
+        self._health: health.HealthServicer | None = None
         self._stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
 

@@ -8,10 +8,9 @@ change it, under the lock of the table's owner.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from shardps.proto import common_pb2
-from shardps.proto.spec import dump_spec
+from shardps.proto.spec import JobSpec, dump_spec
 from shardps.proto.states import FINAL_STATES
 
 from .convergence import ConvergenceTracker
@@ -41,9 +40,9 @@ class Job:
     """One job. Owned by its JobTable; callers read it, only the table changes it."""
 
     job_id: str
-    spec: dict[str, Any]  # normalised (shardps.proto.spec.parse_spec)
+    spec: JobSpec  # normalised (shardps.proto.spec.parse_spec)
     created: float
-    state: int = PENDING
+    state: common_pb2.JobState = PENDING
     reason: str = ""
     ended: float | None = None
     servers: list[str] = field(default_factory=list)  # node ids in shard order
@@ -92,7 +91,7 @@ class Job:
         return all(w in stats and stats[w].finished for w in self.workers)
 
 
-def finished_reason(spec: dict[str, Any]) -> str:
+def finished_reason(spec: JobSpec) -> str:
     """The reason a job that ran to its stop condition gives."""
     stop = spec["stop"]
     if stop["max_steps"]:

@@ -132,7 +132,7 @@ class JobTable:
         return activation.set_layout(self.get(job_id), node_id, incarnation, layout, membership)
 
     def activate(self, job_id: str, node_id: str, incarnation: int, membership: Membership,
-                 now: float) -> int:
+                 now: float) -> common_pb2.JobState:
         """The rank-0 worker has initialised every shard: the job is RUNNING (a repeat is
         harmless). Returns the state.
 
@@ -145,7 +145,7 @@ class JobTable:
     def report_progress(self, job_id: str, node_id: str, incarnation: int,
                         membership: Membership, now: float,
                         steps: Sequence[StepReport] = (), evals: Sequence[Evaluation] = (),
-                        finished: bool = False, failure: str = "", rollback_id: int = 0) -> int:
+                        finished: bool = False, failure: str = "", rollback_id: int = 0) -> common_pb2.JobState:
         """Records a worker's steps and evaluations and decides the job's fate.
 
         Order: steps (a non-finite loss fails the job), the worker's failure, evaluations
@@ -171,7 +171,7 @@ class JobTable:
         is not named yet. Returns the jobs whose final version this names."""
         return settling.shards_frozen(self._store, node_id, reports)
 
-    def cancel(self, job_id: str, now: float) -> int:
+    def cancel(self, job_id: str, now: float) -> common_pb2.JobState:
         """Cancels a job; a final job keeps its state. Returns the state after the call."""
         job = self.get(job_id)
         if job.final:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from shardps.proto import names
+from shardps.proto import common_pb2, names
 from shardps.proto.states import state_name
 
 from . import endings
@@ -66,7 +66,7 @@ class JobStore:
         """How many non-final jobs this server is assigned to (its load for scheduling)."""
         return sum(node_id in j.servers for j in self.active.values())
 
-    def end(self, job: Job, verdict: Verdict, now: float, version: int | None = None) -> int:
+    def end(self, job: Job, verdict: Verdict, now: float, version: int | None = None) -> common_pb2.JobState:
         """Ends a job with `verdict`; `version` is the version the step that decided it
         names (sync: the final weights are there), None if no step did. Returns the state."""
         # Final states never change: the first verdict wins.

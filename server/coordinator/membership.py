@@ -35,7 +35,7 @@ class Node:
     """One registered daemon. Owned by its Membership; callers must not mutate it."""
 
     node_id: str
-    role: int  # common_pb2.Role
+    role: common_pb2.Role
     address: str
     incarnation: int
     last_seen: float  # monotonic seconds of the last register/heartbeat
@@ -67,7 +67,7 @@ class Membership:
         self._nodes: dict[str, Node] = {}
         self._hold_until = float("-inf")  # no lease expires before this (after a restart)
 
-    def register(self, role: int, address: str, now: float, node_id: str = "",
+    def register(self, role: common_pb2.Role, address: str, now: float, node_id: str = "",
                  metrics_address: str = "", device: str = "", hostname: str = "",
                  stored: list[tuple[str, int]] | None = None) -> Node:
         """Adds a node, or re-registers a known id with a higher incarnation.

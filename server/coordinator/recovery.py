@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from shardps.proto import common_pb2
+from shardps.proto.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def progress_reported(rollback: Rollback, rollback_id: int, steps: Iterable[int]
     return False
 
 
-def joiners(spec: dict[str, Any], workers: Sequence[str], idle: Sequence[str]) -> list[str]:
+def joiners(spec: JobSpec, workers: Sequence[str], idle: Sequence[str]) -> list[str]:
     """The idle workers a running job takes to get back to `cluster.workers` (elastic)."""
     missing = spec["cluster"]["workers"] - len(workers)
     return list(idle[:max(0, missing)])
@@ -88,5 +88,5 @@ def resume_servers(n: int, old_servers: Sequence[str], holders: dict[int, list[s
     return chosen, ""
 
 
-def state_is_running(state: int) -> bool:
+def state_is_running(state: common_pb2.JobState) -> bool:
     return state == common_pb2.JOB_STATE_RUNNING

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from shardps.proto import common_pb2
 from shardps.proto.spec import METRICS
 
 from . import settling
@@ -46,7 +47,7 @@ class Report:
 
 
 def report_progress(store: JobStore, job: Job, node_id: str, incarnation: int,
-                    membership: Membership, now: float, report: Report) -> int:
+                    membership: Membership, now: float, report: Report) -> common_pb2.JobState:
     """Records a worker's report and decides the job's fate; returns the state
     (JobTable.report_progress says the rules and what it raises)."""
     if job.final:
@@ -110,7 +111,7 @@ def _record_steps(job: Job, node_id: str, report: Report,
 
 
 def _finished(store: JobStore, job: Job, node_id: str, evals: Sequence[Evaluation],
-              now: float) -> int:
+              now: float) -> common_pb2.JobState:
     """A worker finished training: from rank 0, or from the last live worker still
     training, that completes the job."""
     job.history.worker(node_id).finished = True

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
 
 from shardps.proto import common_pb2, names
-from shardps.proto.spec import NormalisedSpec, normalise
+from shardps.proto.spec import JobSpec, NormalisedSpec, normalise
 from shardps.proto.states import state_name
 
 from .history import JobHistory
@@ -132,7 +131,7 @@ def _holders(job_id: str, membership: Membership) -> dict[int, list[str]]:
     return holders
 
 
-def _check_resumable(store: JobStore, old_id: str, spec: dict[str, Any],
+def _check_resumable(store: JobStore, old_id: str, spec: JobSpec,
                      membership: Membership) -> None:
     old = store.all.get(old_id)
     if old is None:

@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from shardps.proto import common_pb2
-from shardps.proto.spec import SpecError, parse_spec
+from shardps.proto.spec import JobSpec, SpecError, parse_spec
 
 from .endings import Ending
 from .history import Evaluation, JobHistory, WorkerStats, _OpenStep
@@ -174,7 +174,7 @@ def restore(doc: dict[str, Any], membership: Membership, jobs: JobTable, now: fl
     jobs.load(loaded)
 
 
-def _restored_spec(job_id: str, text: str) -> dict[str, Any] | None:
+def _restored_spec(job_id: str, text: str) -> JobSpec | None:
     """The stored spec, validated (numbers clamped into range), or None if it is refused."""
     try:
         return parse_spec(text)

@@ -144,10 +144,10 @@ class BulkOps:
             wire = codec.torch_dtype(header.dtype)
         except codec.CodecError as exc:
             raise self._reject(exc, "bad_dtype") from None
-        fields = dict(worker_id=header.worker_id, incarnation=header.incarnation,
-                      step=header.step, batch_size=header.batch_size)
         try:
-            early = shard.check_push(length=header.length, **fields)
+            early = shard.check_push(length=header.length, worker_id=header.worker_id,
+                                     incarnation=header.incarnation, step=header.step,
+                                     batch_size=header.batch_size)
         except ShardError as exc:
             raise self._reject(exc, exc.reason) from None
         if early is not None:
@@ -171,7 +171,9 @@ class BulkOps:
         applying = time.perf_counter()
         try:
             # push takes `grad` over, also when it raises.
-            result = shard.push(grad, base_version=header.base_version, checked=True, **fields)
+            result = shard.push(grad, base_version=header.base_version, checked=True,
+                                worker_id=header.worker_id, incarnation=header.incarnation,
+                                step=header.step, batch_size=header.batch_size)
         except ShardError as exc:
             raise self._reject(exc, exc.reason) from None
         if result.apply_seconds is not None:  # this push ran a step: time all of its apply
@@ -180,7 +182,7 @@ class BulkOps:
             self.metrics.staleness.labels(shard.job_id).observe(result.staleness)
         return self._pushed(shard, result.status, result.version, start)
 
-    def _pushed(self, shard: Shard, status: int, version: int,
+    def _pushed(self, shard: Shard, status: ps_pb2.PushStatus, version: int,
                 start: float) -> ps_pb2.PushResponse:
         self.metrics.pushes.labels(shard.job_id, _STATUS_NAMES[status]).inc()
         self.metrics.push_seconds.observe(time.perf_counter() - start)

@@ -37,7 +37,7 @@ import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import torch
@@ -101,7 +101,7 @@ class ShardState:
     version: int
     adam_step: int
     pushes_applied: int
-    job_state: int
+    job_state: common_pb2.JobState
     epoch: int
     workers: list[str]
     tensors: dict[str, torch.Tensor]
@@ -401,7 +401,7 @@ def read(path: Path, expect: Expect | None = None) -> ShardState:
     tensors = _tensors(path, m["files"], config.length)
     return ShardState(
         config=config, version=version, adam_step=_int(m, "adam_step", *_COUNT),
-        pushes_applied=_int(m, "pushes_applied", *_COUNT), job_state=job_state,
+        pushes_applied=_int(m, "pushes_applied", *_COUNT), job_state=cast(common_pb2.JobState, job_state),
         epoch=_int(m, "epoch", *_INT64), workers=_workers(m["workers"]), tensors=tensors,
         incarnations=_table(m, "incarnations", *_INT64), departed=_table(m, "departed", *_INT64),
         clocks=_table(m, "clocks", 0, 2**64 - 1), applied=_applied(m["applied"]),

@@ -37,7 +37,8 @@ class Fencing:
                 self.departed[worker] = max(self.departed.get(worker, 0), old)
         self.incarnations = dict(live)
 
-    def check(self, worker: str, incarnation: int, step: int, live: Sequence[str]) -> int | None:
+    def check(self, worker: str, incarnation: int, step: int,
+              live: Sequence[str]) -> ps_pb2.PushStatus | None:
         """DUPLICATE if this incarnation already pushed `step` (or a later one), else None.
 
         Raises:

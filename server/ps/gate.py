@@ -55,7 +55,7 @@ class Gate:
 
     # -- pushes -----------------------------------------------------------------------------
 
-    def check(self, worker: str, step: int, version: int) -> int | None:
+    def check(self, worker: str, step: int, version: int) -> ps_pb2.PushStatus | None:
         """Sync: the push's outcome if already decided (STALE, DUPLICATE), else None.
 
         Raises:

@@ -15,8 +15,8 @@ ListCheckpoints results, whose purpose that is.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from typing import Any, NoReturn
+from collections.abc import Iterator, Sequence
+from typing import NoReturn, TypeVar
 
 import grpc
 import torch
@@ -56,7 +56,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     # -- InitShard ----------------------------------------------------------------------
 
-    def InitShard(self, request_iterator: Iterator[codec.ChunkedMessage],
+    def InitShard(self, request_iterator: Iterator[codec.ChunkedMessage[ps_pb2.InitShardRequest]],
                   context: grpc.ServicerContext) -> ps_pb2.InitShardResponse:
         messages = _chunked(request_iterator)
         first = next(messages, None)
@@ -95,7 +95,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     # -- Push ---------------------------------------------------------------------------
 
-    def Push(self, request_iterator: Iterator[codec.ChunkedMessage],
+    def Push(self, request_iterator: Iterator[codec.ChunkedMessage[ps_pb2.PushRequest]],
              context: grpc.ServicerContext) -> ps_pb2.PushResponse:
         messages = _chunked(request_iterator)
         first = next(messages, None)
@@ -197,16 +197,19 @@ class _HandlerCapture:
     """Stands in for a grpc.Server to collect the generated method handlers."""
 
     def __init__(self) -> None:
-        self.handlers: dict[str, Any] = {}
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
 
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         pass
 
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         self.handlers.update(handlers)
 
 
-def _chunked(messages: Iterator[Any]) -> Iterator[codec.ChunkedMessage]:
+_Bulk = TypeVar("_Bulk", ps_pb2.PushRequest, ps_pb2.InitShardRequest)  # the chunked requests
+
+
+def _chunked(messages: Iterator[_Bulk | codec.ChunkedMessage[_Bulk]]) -> Iterator[codec.ChunkedMessage[_Bulk]]:
     """The stream as ChunkedMessages; a servicer registered with the generated code instead of
     `add_to_server` receives protobuf messages, which are wrapped here."""
     for message in messages:

@@ -50,7 +50,7 @@ class PushResult:
         apply_seconds: time spent in Adam (and the sync mean) if this push ran a step.
     """
 
-    status: int
+    status: ps_pb2.PushStatus
     version: int
     staleness: int | None = None
     apply_seconds: float | None = None
@@ -154,7 +154,7 @@ class Shard:
         """Bytes of fp32 weights plus Adam's m and v (once the first step created them)."""
         return self._updater.resident_bytes()
 
-    def set_job_state(self, state: int, final_version: int | None = None) -> bool:
+    def set_job_state(self, state: common_pb2.JobState, final_version: int | None = None) -> bool:
         """Records the coordinator's view of the job; returns True if this call froze the shard.
 
         A final state is sticky: later states are ignored. Freezing wakes every waiting pull
@@ -329,7 +329,7 @@ class Shard:
         self._staging.release(grad)
 
     def check_push(self, *, worker_id: str, incarnation: int = 0, step: int, length: int,
-                   batch_size: int = 1) -> int | None:
+                   batch_size: int = 1) -> ps_pb2.PushStatus | None:
         """Checks a push header before its chunks are read.
 
         Returns the outcome if it is already decided (JOB_DONE, DUPLICATE, STALE; none of
@@ -392,7 +392,7 @@ class Shard:
                 self._staging.release(grad)
 
     def _check(self, worker_id: str, incarnation: int, step: int, length: int,
-               batch_size: int) -> int | None:
+               batch_size: int) -> ps_pb2.PushStatus | None:
         if self._closed:
             raise ShardClosedError("shard was dropped or replaced")
         _check_header(length, self.length, step, batch_size)
