@@ -33,7 +33,7 @@ from shardps.proto import names
 
 # Built-in model and dataset names; the worker's registries must define exactly these
 # (a unit test checks it). Anything else must be an import path "package.module:factory".
-BUILTIN_MODELS = ("mlp", "cnn", "gru", "transformer")
+BUILTIN_MODELS = ("mlp", "cnn", "gru", "transformer", "dlrm")
 BUILTIN_DATASETS = ("digits", "regression", "text", "files")
 FILE_FORMATS = ("ctr",)  # record schemas of file datasets (docs/data.md): ctr = the click log
 
