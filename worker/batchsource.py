@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,8 +72,10 @@ def load_data(data_spec: Mapping[str, Any], seed: int) -> Dataset | filedataset.
 
 
 def open_source(data: TrainData, data_spec: Mapping[str, Any], seed: int,
-                stats: ReadStats | None = None) -> BatchSource:
-    """The batch source for `data` under the spec's batch size and shuffle."""
+                file_opened: Callable[[], None] | None = None) -> BatchSource:
+    """The batch source for `data` under the spec's batch size and shuffle; `file_opened` is
+    called (on the reader thread) each time a training file is opened (a metric's inc)."""
+    stats = ReadStats(on_open=lambda path: file_opened()) if file_opened else None
     if isinstance(data, filedataset.FileDataset):
         return FileSource(data, data_spec["batch_size"], data_spec["shuffle"], seed, stats)
     if isinstance(data, Dataset):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,11 +49,14 @@ class ReadStats:
     bytes_read: int = 0
     rows_read: int = 0
     skipped: list[str] = field(default_factory=list)  # "path: problem" per skipped file
+    on_open: Callable[[str], None] | None = field(default=None, repr=False, compare=False)  # e.g. a metric
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def opened(self, path: str) -> None:
         with self._lock:
             self.files_opened.append(path)
+        if self.on_open is not None:
+            self.on_open(path)
 
     def read(self, rows: int, nbytes: int) -> None:
         with self._lock:

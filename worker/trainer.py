@@ -374,7 +374,8 @@ class Trainer:
         mode = spec["consistency"]["mode"]
         eval_every = spec["stop"]["eval_every"]
         clip = spec["optimizer"]["clip_grad_norm"]
-        source = self._source = batchsource.open_source(data, spec["data"], spec["seed"])
+        source = self._source = batchsource.open_source(
+            data, spec["data"], spec["seed"], self.metrics.files_read.labels(job=self.job_id).inc)
         hist = self.metrics.step_seconds
         model.train()
         step = 0
