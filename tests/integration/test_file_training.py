@@ -102,7 +102,7 @@ def reference_weights(path, steps, world=3, batch_size=30, seed=3):
 def test_three_sync_workers_on_two_servers_equal_one_process_reading_the_files(log):
     # 6 train files of ~71 rows: each rank reads 2 (~143 rows) in batches of 10, 15 steps an
     # epoch, so 18 steps cross into epoch 1 (a new assignment) and batches span two files.
-    cluster = Cluster(servers=2, lease_ms=1000)
+    cluster = Cluster(servers=2, lease_ms=5000)  # leases that a loaded machine keeps
     try:
         job_id, trainers, outcomes = run_job(cluster, spec_text(log, workers=3), workers=3)
         assert [o.kind for o in outcomes] == ["finished"] * 3, outcomes
@@ -119,7 +119,7 @@ def test_four_workers_each_open_only_their_own_files(tmp_path):
     # 9 train files, 4 ranks: 3, 2, 2, 2 files; 7 rows a step each, ~3 epochs in 40 steps.
     path = tmp_path / "log"
     ctrdata.write_ctr(path, rows=400, files=10, seed=2)
-    cluster = Cluster(servers=1, lease_ms=1000)
+    cluster = Cluster(servers=1, lease_ms=5000)
     try:
         job_id, trainers, outcomes = run_job(
             cluster, spec_text(path, workers=4, servers=1, steps=40, batch_size=28, shuffle=True), workers=4)
@@ -166,7 +166,7 @@ def test_a_bad_file_fails_the_job_naming_it_and_no_worker_retries(tmp_path, dama
     ctrdata.write_ctr(path, rows=300, files=5, seed=3)
     bad = str(path / "part-00002.npy")
     damage(bad)
-    cluster = Cluster(servers=1, workers=2, lease_ms=1000)
+    cluster = Cluster(servers=1, workers=2)
     try:
         job_id = cluster.submit(spec_text(path, workers=2, servers=1, steps=200))
         job = cluster.wait(job_id, timeout=120)
@@ -175,7 +175,7 @@ def test_a_bad_file_fails_the_job_naming_it_and_no_worker_retries(tmp_path, dama
         # The workers stay up, registered once, and idle: the failed job is not started again.
         poll(cluster.idle, 30, interval=0.1, what="workers idle")
         incarnations = [w.incarnation for w in cluster.workers]
-        time.sleep(2.5)  # a few lease periods (1 s) in which a crash loop would show
+        time.sleep(3)  # more than a lease period (2 s), in which a crash loop would show
         assert [w.incarnation for w in cluster.workers] == incarnations
         assert cluster.idle()
         assert sum(n.state == ALIVE for n in cluster.client.nodes()) == 3
@@ -188,7 +188,7 @@ def test_skip_bad_trains_around_a_bad_file(tmp_path):
     ctrdata.write_ctr(path, rows=300, files=5, seed=3)
     corrupt(path / "part-00001.npy")
     text = spec_text(path, workers=2, servers=1, steps=12, skip_bad=True)
-    cluster = Cluster(servers=1, workers=2, lease_ms=1000)
+    cluster = Cluster(servers=1, workers=2)
     try:
         job = cluster.wait(cluster.submit(text), timeout=120)
         assert job.state == common_pb2.JOB_STATE_COMPLETED, job.reason
