@@ -42,8 +42,12 @@ class ReadStats:
     """What one worker has read, across epochs: the files it opened, bytes and rows, files skipped.
 
     Thread-safe: the reader thread adds, anyone may read. One per worker, passed to each
-    epoch's stream, so a metric can show that a worker opens only its own files.
+    epoch's stream, so a metric can show that a worker opens only its own files. A job of many
+    epochs opens files without end: the lists keep the newest MAX_KEPT entries (the counts
+    and `on_open` see every one).
     """
+
+    MAX_KEPT = 100_000
 
     files_opened: list[str] = field(default_factory=list)
     bytes_read: int = 0
@@ -55,6 +59,8 @@ class ReadStats:
     def opened(self, path: str) -> None:
         with self._lock:
             self.files_opened.append(path)
+            if len(self.files_opened) > self.MAX_KEPT:
+                del self.files_opened[: len(self.files_opened) - self.MAX_KEPT]
         if self.on_open is not None:
             self.on_open(path)
 
@@ -66,6 +72,8 @@ class ReadStats:
     def skip(self, error: records.DataFileError) -> None:
         with self._lock:
             self.skipped.append(str(error))
+            if len(self.skipped) > self.MAX_KEPT:
+                del self.skipped[: len(self.skipped) - self.MAX_KEPT]
 
 
 _END = object()  # the reader finished the epoch

@@ -184,3 +184,12 @@ def test_bad_paths_and_holdouts_are_named(log, tmp_path):
     np.save(paths[2], np.zeros(3, dtype=[("label", "u1")]))
     with pytest.raises(records.DataFileError, match=f"^{paths[2]}: schema mismatch"):
         filedataset.load(files_spec(directory)["files"])
+
+
+def test_read_stats_keep_the_newest_paths_only(monkeypatch):
+    seen = []
+    stats = ReadStats(on_open=seen.append)
+    monkeypatch.setattr(ReadStats, "MAX_KEPT", 3)
+    for i in range(5):
+        stats.opened(f"f{i}")
+    assert stats.files_opened == ["f2", "f3", "f4"] and seen == [f"f{i}" for i in range(5)]
