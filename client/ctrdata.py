@@ -20,8 +20,8 @@ import numpy as np
 from shardps.client import ctrmodel
 from shardps.proto import exitcodes, records
 
-MANIFEST = "manifest.json"
-FORMAT = "shardps.records/1"
+MANIFEST = records.MANIFEST
+FORMAT = records.MANIFEST_FORMAT
 AUC_BINS = 1 << 20
 
 

@@ -15,6 +15,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+MANIFEST = "manifest.json"           # a dataset directory's description of its files
+MANIFEST_FORMAT = "shardps.records/1"  # its "format": this module's files and that manifest
 DENSE_FEATURES = 13        # Criteo's integer features
 CATEGORICAL_FEATURES = 26  # Criteo's categorical features
 

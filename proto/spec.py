@@ -34,11 +34,13 @@ from shardps.proto import names
 
 # Built-in model and dataset names; the worker's registries must define exactly these
 # (a unit test checks it). Anything else must be an import path "package.module:factory".
-BUILTIN_MODELS = ("mlp", "cnn", "gru", "transformer")
-BUILTIN_DATASETS = ("digits", "regression", "text")
+BUILTIN_MODELS = ("mlp", "cnn", "gru", "transformer", "dlrm")
+BUILTIN_DATASETS = ("digits", "regression", "text", "files")
+FILE_FORMATS = ("ctr",)  # record schemas of file datasets (docs/data.md): ctr = the click log
 
 # Evaluation metrics and whether bigger is better.
-METRICS = {"accuracy": True, "loss": False, "mse": False, "perplexity": False}
+METRICS = {"accuracy": True, "loss": False, "mse": False, "perplexity": False,
+           "auc": True, "logloss": False}  # auc, logloss: binary tasks (clicks)
 
 CONSISTENCY_MODES = ("sync", "ssp", "async")
 OPTIMIZERS = ("adam", "adamw")
@@ -190,6 +192,12 @@ def _factory(builtins: tuple[str, ...], what: str) -> Check:
     return check
 
 
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise SpecError(key, f"must be a string, got {show(value)}")
+    return value
+
+
 def _kwargs(key: str, value: Any) -> dict:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise SpecError(key, f"must be a mapping with string keys, got {show(value)}")
@@ -220,6 +228,15 @@ SCHEMA: dict[str, Any] = {
         "batch_size": (_int(1, 1 << 20), 64),
         "shuffle": (_bool, True),
         "kwargs": (_kwargs, {}),
+        # dataset "files": shard files on disk, each worker reading its own (docs/data.md).
+        "files": {
+            "path": (_text, ""),            # a directory (its manifest or *.npy) or a glob
+            "format": (_choice(FILE_FORMATS), "ctr"),
+            "test": (_text, ""),            # held-out files; "" = the last `holdout` of path
+            "holdout": (_int(0, 1 << 20), 1),
+            "prefetch": (_int(1, 1024), 4),  # batches read ahead per worker
+            "skip_bad": (_bool, False),      # leave a bad file out instead of failing the job
+        },
     },
     "optimizer": {
         "name": (_choice(OPTIMIZERS), "adam"),
@@ -276,11 +293,21 @@ class ModelSpec(TypedDict):
     kwargs: ReadOnly[dict[str, object]]  # passed to the factory as they are
 
 
+class FilesSpec(TypedDict):
+    path: ReadOnly[str]  # a directory (its manifest or *.npy) or a glob; "" unless dataset files
+    format: ReadOnly[str]  # one of FILE_FORMATS
+    test: ReadOnly[str]  # held-out files; "" = the last `holdout` of path
+    holdout: ReadOnly[int]
+    prefetch: ReadOnly[int]  # batches read ahead per worker
+    skip_bad: ReadOnly[bool]  # leave a bad file out instead of failing the job
+
+
 class DataSpec(TypedDict):
     dataset: ReadOnly[str]  # a built-in dataset or "package.module:factory"
     batch_size: ReadOnly[int]
     shuffle: ReadOnly[bool]
     kwargs: ReadOnly[dict[str, object]]
+    files: ReadOnly[FilesSpec]  # dataset "files" (docs/data.md)
 
 
 class ScheduleSpec(TypedDict):
@@ -392,10 +419,11 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
         stop["target"] = None
     if not (stop["max_steps"] or stop["max_epochs"] or stop["target"]):
         raise SpecError("stop", "needs at least one of max_steps, max_epochs or target.value")
-    if stop["target"] and stop["target"]["metric"] == "accuracy" and stop["target"]["value"] > 1:
-        raise SpecError("stop.target.value", "accuracy is a fraction in [0, 1]")
+    if stop["target"] and stop["target"]["metric"] in ("accuracy", "auc") and stop["target"]["value"] > 1:
+        raise SpecError("stop.target.value", f"{stop['target']['metric']} is a fraction in [0, 1]")
     if stop["target"] and stop["target"]["metric"] == "perplexity" and stop["target"]["value"] < 1:
         raise SpecError("stop.target.value", "perplexity is at least 1")
+    _check_files(spec["data"])
     opt = spec["optimizer"]
     sched = opt["schedule"]
     if sched["name"] == "cosine":
@@ -417,6 +445,20 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
     if mode != "ssp" and spec["consistency"]["staleness"]:
         raise SpecError("consistency.staleness", f"only applies to mode ssp, not {mode}")
     return cast(JobSpec, spec)  # built by the SCHEMA, which JobSpec mirrors
+
+
+def _check_files(data: dict[str, Any]) -> None:
+    """data.files is used by dataset "files" alone, which needs its path (test or holdout)."""
+    files = data["files"]
+    if data["dataset"] != "files":
+        if files["path"] or files["test"]:
+            key = "data.files.path" if files["path"] else "data.files.test"
+            raise SpecError(key, f"only applies to dataset files, not {show(data['dataset'])}")
+        return
+    if not files["path"]:
+        raise SpecError("data.files.path", "is required for dataset files (a directory or a glob)")
+    if not files["test"] and not files["holdout"]:
+        raise SpecError("data.files.test", "dataset files needs test files or holdout >= 1")
 
 
 # -- reading YAML within bounds ----------------------------------------------------------------

@@ -10,7 +10,7 @@ import gzip
 import importlib.util
 import math
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ class Dataset:
     input shape) for feature data, `num_classes` for classification, `num_outputs` for
     regression, `vocab_size` and `seq_len` for language models. Missing keys are derived from
     the tensors. Tensors are converted on construction: inputs float32 (int64 token ids for
-    language_model), targets int64 (float32 for regression).
+    language_model), targets int64 (float32 for regression and binary, whose targets are 0/1).
     """
 
     train_x: torch.Tensor
@@ -43,7 +43,7 @@ class Dataset:
         tasks.check_task(self.task)
         token_inputs = self.task == "language_model"
         x_dtype = torch.int64 if token_inputs else torch.float32
-        y_dtype = torch.float32 if self.task == "regression" else torch.int64
+        y_dtype = torch.float32 if self.task in ("regression", "binary") else torch.int64
         self.train_x = torch.as_tensor(self.train_x).to(x_dtype).contiguous()
         self.test_x = torch.as_tensor(self.test_x).to(x_dtype).contiguous()
         self.train_y = torch.as_tensor(self.train_y).to(y_dtype).contiguous()
@@ -57,6 +57,11 @@ class Dataset:
     @property
     def num_train(self) -> int:
         return len(self.train_x)
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+        """The test split in order, as (model inputs, targets) of at most batch_size samples."""
+        for start in range(0, len(self.test_x), batch_size):
+            yield (self.test_x[start : start + batch_size],), self.test_y[start : start + batch_size]
 
 
 def _derived_info(data: Dataset) -> dict[str, Any]:
@@ -187,7 +192,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "regression": regression,
     "text": text,
 }
-assert tuple(DATASETS) == spec_lib.BUILTIN_DATASETS
+# "files" (shard files on disk) is loaded by worker/filedataset.py, streamed, not built here.
+assert (*DATASETS, "files") == spec_lib.BUILTIN_DATASETS
 
 
 def load_dataset(name: str, kwargs: dict[str, Any] | None = None, seed: int = 0) -> Dataset:

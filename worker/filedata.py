@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +32,8 @@ class CtrBatch:
     @staticmethod
     def from_records(rows: np.ndarray) -> CtrBatch:
         return CtrBatch(dense=torch.from_numpy(rows["dense"].astype(np.float32)),
-                        cat=torch.from_numpy(np.ascontiguousarray(rows["cat"])),
+                        # astype copies: a view of one packed row has strides torch refuses
+                        cat=torch.from_numpy(rows["cat"].astype(np.int64)),
                         label=torch.from_numpy(rows["label"].astype(np.float32)))
 
 
@@ -41,18 +42,27 @@ class ReadStats:
     """What one worker has read, across epochs: the files it opened, bytes and rows, files skipped.
 
     Thread-safe: the reader thread adds, anyone may read. One per worker, passed to each
-    epoch's stream, so a metric can show that a worker opens only its own files.
+    epoch's stream, so a metric can show that a worker opens only its own files. A job of many
+    epochs opens files without end: the lists keep the newest MAX_KEPT entries (the counts
+    and `on_open` see every one).
     """
+
+    MAX_KEPT = 100_000
 
     files_opened: list[str] = field(default_factory=list)
     bytes_read: int = 0
     rows_read: int = 0
     skipped: list[str] = field(default_factory=list)  # "path: problem" per skipped file
+    on_open: Callable[[str], None] | None = field(default=None, repr=False, compare=False)  # e.g. a metric
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def opened(self, path: str) -> None:
         with self._lock:
             self.files_opened.append(path)
+            if len(self.files_opened) > self.MAX_KEPT:
+                del self.files_opened[: len(self.files_opened) - self.MAX_KEPT]
+        if self.on_open is not None:
+            self.on_open(path)
 
     def read(self, rows: int, nbytes: int) -> None:
         with self._lock:
@@ -62,6 +72,8 @@ class ReadStats:
     def skip(self, error: records.DataFileError) -> None:
         with self._lock:
             self.skipped.append(str(error))
+            if len(self.skipped) > self.MAX_KEPT:
+                del self.skipped[: len(self.skipped) - self.MAX_KEPT]
 
 
 _END = object()  # the reader finished the epoch
@@ -82,19 +94,22 @@ class FileBatchStream:
     or with `skip_bad` is left out and noted in `stats.skipped`. Every wait has a timeout:
     a consumer that gets no batch for `timeout_s` gets TimeoutError; a reader that cannot
     hand a batch over for `timeout_s` (the consumer went away without close()) stops.
-    The consumer side is for one thread.
+    `skip_rows` starts the stream that many rows in, without reading them (a file wholly
+    skipped is not opened): batch j of the epoch is the first batch after skip_rows = j *
+    batch_size. The consumer side is for one thread.
     """
 
     def __init__(self, files: Sequence[str], batch_size: int, *, epoch: int = 0, seed: int = 0,
                  shuffle: bool = False, drop_last: bool = False, prefetch: int = 4, skip_bad: bool = False,
-                 timeout_s: float = 60.0, stats: ReadStats | None = None):
-        if batch_size < 1 or prefetch < 1 or timeout_s <= 0:
-            raise ValueError(f"need batch_size >= 1, prefetch >= 1, timeout_s > 0; got {batch_size}, "
-                             f"{prefetch}, {timeout_s}")
+                 timeout_s: float = 60.0, stats: ReadStats | None = None, skip_rows: int = 0):
+        if batch_size < 1 or prefetch < 1 or timeout_s <= 0 or skip_rows < 0:
+            raise ValueError(f"need batch_size >= 1, prefetch >= 1, timeout_s > 0, skip_rows >= 0; got "
+                             f"{batch_size}, {prefetch}, {timeout_s}, {skip_rows}")
         self.files = list(files)
         self.batch_size, self.epoch, self.seed = batch_size, epoch, seed
         self.shuffle, self.drop_last, self.skip_bad = shuffle, drop_last, skip_bad
         self.prefetch, self.timeout_s = prefetch, timeout_s
+        self._skip = skip_rows  # rows of the epoch's sequence still to pass over unread (reader thread)
         self.stats = stats if stats is not None else ReadStats()
         self.max_ahead = 0  # most batches produced and not yet taken, ever (bounded by prefetch + 1)
         self._produced = 0
@@ -182,7 +197,10 @@ class FileBatchStream:
 
     def _read_file(self, header: records.RecordFileHeader, pending: list[np.ndarray]) -> list[np.ndarray] | None:
         """Reads one file's blocks into batches; returns the rows left over, None if stopped."""
-        blocks = fileorder.block_order(header.path, header.rows, self.batch_size, self.epoch, self.seed, self.shuffle)
+        blocks = self._unskipped(fileorder.block_order(header.path, header.rows, self.batch_size, self.epoch,
+                                                       self.seed, self.shuffle))
+        if not blocks:
+            return pending
         try:
             with open(header.path, "rb") as f:
                 self.stats.opened(header.path)
@@ -210,6 +228,16 @@ class FileBatchStream:
                 raise
             self.stats.skip(e)
         return pending
+
+    def _unskipped(self, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The (start, count) ranges left to read once the rows still to skip are passed over."""
+        kept = []
+        for start, count in blocks:
+            passed = min(self._skip, count)
+            self._skip -= passed
+            if count > passed:
+                kept.append((start + passed, count - passed))
+        return kept
 
     def _put(self, item: object) -> bool:
         """Hands an item to the consumer; False if stopped or nobody took it within timeout_s."""

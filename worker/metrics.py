@@ -39,6 +39,9 @@ class WorkerMetrics:
         self.rollbacks = Counter("shardps_worker_rollbacks",
                                  "sync rollbacks taken: a server restored a checkpoint and this "
                                  "worker resumed at its version", ["job"], registry=registry)
+        self.files_read = Counter("shardps_worker_data_files_read",
+                                  "Data files this worker opened to train on (dataset files), per "
+                                  "job: each worker reads only its own", ["job"], registry=registry)
         self.info = Gauge("shardps_worker_info", "Constant 1, labelled with the worker's device",
                           ["device"], registry=registry)
         for phase in PHASES:  # export every phase from the start, even before a job runs

@@ -16,6 +16,7 @@ from torch import nn
 
 from shardps.proto import spec as spec_lib
 from shardps.worker import plugins
+from shardps.worker.dlrm import dlrm
 
 
 def _outputs(info: dict[str, Any]) -> int:
@@ -169,6 +170,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": cnn,
     "gru": gru,
     "transformer": transformer,
+    "dlrm": dlrm,  # worker/dlrm.py: click models on a ctr file dataset
 }
 assert tuple(MODELS) == spec_lib.BUILTIN_MODELS
 

@@ -13,6 +13,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("accuracy", "loss"),  # cross-entropy over classes
     "regression": ("mse", "loss"),  # mean squared error (mse == loss)
     "language_model": ("perplexity", "accuracy", "loss"),  # next-token cross-entropy
+    "binary": ("auc", "logloss", "loss"),  # one logit per sample, target 0/1 (a click)
 }
 TASKS = tuple(METRICS)
 
@@ -36,7 +37,11 @@ def loss(task: str, output: torch.Tensor, target: torch.Tensor,
     classification: output (N, C) logits, target (N,) class ids.
     language_model: output (N, L, V) logits, target (N, L) token ids; averaged over tokens.
     regression: output of target's number of elements (e.g. (N, 1) for target (N,)).
+    binary: logits of target's number of elements, target (N,) float 0/1; binary cross-entropy.
     """
+    if task == "binary":
+        return F.binary_cross_entropy_with_logits(output.reshape(target.shape), target,
+                                                  reduction=reduction)
     if task == "regression":
         return F.mse_loss(output.reshape(target.shape), target, reduction=reduction)
     if task == "language_model":

@@ -20,10 +20,9 @@ from shardps.proto import codec, common_pb2, coordinator_pb2, ps_pb2
 from shardps.proto import spec as spec_lib
 from shardps.proto.states import FINAL_STATES, MODE_VALUES
 from shardps.psclient import client as psclient
-from shardps.worker import recovery, tasks
-from shardps.worker.batches import BatchOrder, steps_for_epochs
+from shardps.worker import batchsource, recovery, tasks
+from shardps.worker.batches import steps_for_epochs
 from shardps.worker.coordclient import Cancelled, CoordinatorClient, Unreachable
-from shardps.worker.datasets import Dataset, load_dataset
 from shardps.worker.evaluate import evaluate
 from shardps.worker.flat import FlatParams
 from shardps.worker.metrics import WorkerMetrics
@@ -236,6 +235,7 @@ class Trainer:
         self._reports = ReportBuffer()
         self._ps: Any = None
         self.flat: FlatParams | None = None  # exposed for tests and the final weights
+        self._source: batchsource.BatchSource | None = None
 
     # -- control from other threads --
 
@@ -279,6 +279,8 @@ class Trainer:
         finally:
             if self._ps is not None:
                 self._ps.close()
+            if self._source is not None:
+                self._source.close()
         log = logger.info if outcome.kind in ("finished", "stopped") else logger.warning
         log("job %s %s: %s", self.job_id, outcome.kind, outcome.reason)
         return outcome
@@ -288,8 +290,8 @@ class Trainer:
         self._end_if_final(job)
         spec = self._guard("job spec", lambda: spec_lib.parse_spec(job.spec_yaml))
         data_spec = spec["data"]
-        data: Dataset = self._guard(f"dataset {data_spec['dataset']!r}", lambda: load_dataset(
-            data_spec["dataset"], data_spec["kwargs"], spec["seed"]))
+        data: batchsource.TrainData = self._guard(f"dataset {data_spec['dataset']!r}", lambda: (
+            batchsource.load_data(data_spec, spec["seed"])))
         if problem := metric_problem(spec, data.task):
             raise self._fail(problem)
         if self.device.type == "cuda":  # kernels and streams of this thread go to our device
@@ -367,13 +369,13 @@ class Trainer:
                                         f"(still {common_pb2.JobState.Name(job.state)})")
             self._stop.wait(max(0.0, POLL_INTERVAL_S - (self._clock() - asked)))
 
-    def _train(self, spec: spec_lib.JobSpec, data: Dataset, model: torch.nn.Module,
+    def _train(self, spec: spec_lib.JobSpec, data: batchsource.TrainData, model: torch.nn.Module,
                flat: FlatParams, budget: int) -> None:
         mode = spec["consistency"]["mode"]
         eval_every = spec["stop"]["eval_every"]
         clip = spec["optimizer"]["clip_grad_norm"]
-        order = BatchOrder(data.num_train, spec["data"]["batch_size"], spec["data"]["shuffle"],
-                           spec["seed"])
+        source = self._source = batchsource.open_source(
+            data, spec["data"], spec["seed"], self.metrics.files_read.labels(job=self.job_id).inc)
         hist = self.metrics.step_seconds
         model.train()
         step = 0
@@ -401,13 +403,12 @@ class Trainer:
                 self._check_stop()  # a verdict on this evaluation: stop without pushing
             pulled = self._clock()
 
-            index = order.slice(step, assignment.rank, assignment.world_size)
+            batch = source.take(step, assignment.rank, assignment.world_size)
             flat.zero_grad()
             loss = math.nan
-            if len(index):
-                x = data.train_x[index].to(self.device)
-                y = data.train_y[index].to(self.device)
-                loss_t = tasks.loss(data.task, model(x), y)
+            if len(batch):
+                loss_t = tasks.loss(data.task, model(*batch.inputs_on(self.device)),
+                                    batch.target.to(self.device))
                 loss = float(loss_t.detach())
                 if not math.isfinite(loss):
                     raise self._fail(f"non-finite training loss {loss} at step {step}")
@@ -430,7 +431,7 @@ class Trainer:
             try:
                 replies = self._ps_call("push", functools.partial(
                     self._ps.push, grad, step=step, base_version=list(versions),
-                    batch_size=len(index), then_pull=then_pull))
+                    batch_size=len(batch), then_pull=then_pull))
             except _Rewind as rewind:
                 step = step if rewind.step is None else rewind.step
                 continue
@@ -444,18 +445,18 @@ class Trainer:
             hist.labels(phase="compute").observe(computed - pulled)
             hist.labels(phase="push").observe(pushed - computed)
             self.metrics.steps.labels(job=self.job_id).inc()
-            if len(index):
-                self.metrics.samples.labels(job=self.job_id).inc(len(index))
+            if len(batch):
+                self.metrics.samples.labels(job=self.job_id).inc(len(batch))
                 self.metrics.loss.labels(job=self.job_id).set(loss)
                 self._reports.add(coordinator_pb2.StepReport(
-                    step=step, loss=loss, samples=len(index),
+                    step=step, loss=loss, samples=len(batch),
                     duration_ms=(pushed - started) * 1000.0))
             if self._reports.due(pushed):
                 self._report()
             step += 1
         self._finish(mode, step, data, model, flat)
 
-    def _finish(self, mode: str, step: int, data: Dataset, model: torch.nn.Module,
+    def _finish(self, mode: str, step: int, data: batchsource.TrainData, model: torch.nn.Module,
                 flat: FlatParams) -> None:
         """At the step budget: rank 0 evaluates the final version; every rank reports finished."""
         if self.assignment().rank != 0 and (late := _late_finish_s()):

@@ -53,8 +53,19 @@ def test_normalised_spec_round_trips_through_its_yaml():
     ("model: {name: mlp}\ndata: {dataset: digits}\n", "stop: needs at least one of"),
     ("model: {name: mlp}\ndata: {dataset: digits}\nstop: {target: {metric: accuracy, value: 97}}\n",
      "stop.target.value: accuracy is a fraction"),
-    ("model: {name: mlp}\ndata: {dataset: digits}\nstop: {target: {metric: auc, value: 0.9}}\n",
+    ("model: {name: mlp}\ndata: {dataset: digits}\nstop: {target: {metric: f1, value: 0.9}}\n",
      "stop.target.metric: must be one of"),
+    ("model: {name: mlp}\ndata: {dataset: digits}\nstop: {target: {metric: auc, value: 1.5}}\n",
+     "stop.target.value: auc is a fraction in [0, 1]"),
+    (MINIMAL + "data: {dataset: files}\n", "data.files.path: is required for dataset files"),
+    (MINIMAL + "data: {dataset: files, files: {path: d, holdout: 0}}\n",
+     "data.files.test: dataset files needs test files or holdout >= 1"),
+    (MINIMAL + "data: {dataset: digits, files: {path: d}}\n", "data.files.path: only applies to dataset files"),
+    (MINIMAL + "data: {dataset: digits, files: {test: d}}\n", "data.files.test: only applies to dataset files"),
+    (MINIMAL + "data: {dataset: files, files: {path: 7}}\n", "data.files.path: must be a string"),
+    (MINIMAL + "data: {dataset: files, files: {path: d, format: parquet}}\n",
+     "data.files.format: must be one of ctr"),
+    (MINIMAL + "data: {dataset: files, files: {path: d, skip_bad: 1}}\n", "data.files.skip_bad: must be true or false"),
     ("model: [mlp]\ndata: {dataset: digits}\nstop: {max_steps: 1}\n", "model: must be a mapping"),
     ("- just\n- a list\n", "a job spec must be a YAML mapping"),
     ("model: {name: mlp\n", "not valid YAML"),
@@ -62,6 +73,16 @@ def test_normalised_spec_round_trips_through_its_yaml():
 ])
 def test_bad_specs_are_refused_naming_the_key(text, message):
     assert message in error_of(text)
+
+
+def test_a_file_dataset_and_binary_metrics():
+    s = spec.parse_spec("model: {name: mlp}\ndata: {dataset: files, files: {path: data/ctr}}\n"
+                        "stop: {target: {metric: auc, value: 0.7}}\n")
+    assert s["data"]["files"] == {"path": "data/ctr", "format": "ctr", "test": "", "holdout": 1,
+                                  "prefetch": 4, "skip_bad": False}
+    assert s["stop"]["target"] == {"metric": "auc", "value": 0.7}
+    assert spec.metric_improves("auc", 0.71, 0.7) and not spec.metric_improves("auc", 0.69, 0.7)
+    assert spec.metric_improves("logloss", 0.4, 0.5) and not spec.metric_improves("logloss", 0.6, 0.5)
 
 
 def test_import_paths_are_accepted_for_models_and_data():
@@ -191,6 +212,8 @@ RANGES = [
     ("stop.eval_every", str(2**31 - 1), str(2**31)), ("stop.eval_every", "1", "0"),
     ("checkpoint.every_steps", str(2**31 - 1), str(2**63)),
     ("checkpoint.keep", "1000", "1001"),
+    ("data.files.holdout", "0", "-1"), ("data.files.holdout", str(1 << 20), str((1 << 20) + 1)),
+    ("data.files.prefetch", "1", "0"), ("data.files.prefetch", "1024", "1025"),
 ]
 
 

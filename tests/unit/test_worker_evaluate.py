@@ -77,3 +77,21 @@ def test_primary_metric_leads():
     for task, metrics in tasks.METRICS.items():
         assert tasks.primary_metric(task) == metrics[0]
         assert metrics[-1] == "loss"
+
+
+def test_binary_reports_exact_auc_and_logloss_over_batches():
+    # Scores with ties across batch boundaries: AUC is computed over the whole split.
+    scores = torch.tensor([0.5, -1.0, 2.0, 0.5, 0.5, -3.0, 1.0, 0.0, 0.5])
+    labels = torch.tensor([1, 0, 1, 0, 1, 0, 0, 1, 0])
+    index = torch.arange(9, dtype=torch.float32).unsqueeze(1)
+    data = Dataset(index, labels, index, labels, "binary")
+    assert data.test_y.dtype == torch.float32
+    result = evaluate(FixedLogits(scores), data, batch_size=4)
+    assert list(result) == ["auc", "logloss", "loss"]
+    # By hand: 4 positives x 5 negatives; count pairs where the positive scores higher (ties 1/2).
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    wins = sum(float((p > n) + 0.5 * (p == n)) for p in pos for n in neg)
+    assert result["auc"] == pytest.approx(wins / 20, abs=1e-12)
+    expected = float(nn.functional.binary_cross_entropy_with_logits(scores, labels.float()))
+    assert result["logloss"] == pytest.approx(expected, rel=1e-6) == result["loss"]
+    assert tasks.loss("binary", scores.unsqueeze(1), labels.float()) == pytest.approx(expected)

@@ -1,0 +1,38 @@
+"""The README's click-log commands as a user runs them: `shardps data ctr` writes a log, then
+`shardps local examples/dlrm.yaml` trains on it (here shortened: a small log, few steps)."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from shardps.proto import spec
+from tests import harness
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def shardps(cwd, *args, timeout):
+    return subprocess.run([*harness.script("shardps"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def test_generate_a_click_log_and_train_the_dlrm_example_on_it(tmp_path):
+    made = shardps(tmp_path, "data", "ctr", "data/ctr", "--rows", "6000", "--files", "5", "--seed", "7",
+                   timeout=120)
+    assert made.returncode == 0, made.stdout + made.stderr
+    bound = float(re.search(r"Bayes AUC (\d\.\d+)", made.stdout).group(1))
+    raw = yaml.safe_load((ROOT / "examples" / "dlrm.yaml").read_text())
+    assert raw["data"]["files"]["path"] == "data/ctr"  # relative: the directory we run in
+    raw["stop"] = {"max_steps": 60, "eval_every": 30}
+    raw["optimizer"]["schedule"] = {"name": "constant"}
+    raw["data"]["batch_size"] = 64
+    spec.parse_spec(yaml.safe_dump(raw))
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(raw))
+    done = shardps(tmp_path, "local", "small.yaml", "--interval", "0.2", timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    verdict = re.search(r"COMPLETED after 60 steps .*: auc (\d\.\d+)", done.stdout)
+    assert verdict, done.stdout
+    auc = float(verdict.group(1))
+    assert 0.55 < auc < bound, (auc, bound)  # it learns, and the generator's bound holds
