@@ -20,6 +20,7 @@ from shardps.proto import codec, common_pb2, coordinator_pb2, ps_pb2
 from shardps.proto import spec as spec_lib
 from shardps.proto.states import FINAL_STATES, MODE_VALUES
 from shardps.psclient import client as psclient
+from shardps.runtime.backoff import Backoff
 from shardps.worker import recovery, tasks
 from shardps.worker.batches import BatchOrder, steps_for_epochs
 from shardps.worker.coordclient import Cancelled, CoordinatorClient, Unreachable
@@ -517,7 +518,7 @@ class Trainer:
         ends the call. A fenced push ends the job here (the daemon registers again); a push
         ahead of a restored shard's round rewinds to a pull.
         """
-        backoff = recovery.Backoff(PS_BACKOFF_S, PS_MAX_BACKOFF_S, PS_OUTAGE_S, self._clock)
+        backoff = Backoff(PS_BACKOFF_S, PS_MAX_BACKOFF_S, PS_OUTAGE_S, self._clock)
         while True:
             try:
                 return fn()

@@ -109,7 +109,7 @@ def test_idle_workers_long_poll_start_their_job_at_once_and_stop_cancels_the_pol
         idle = next(w for w in cluster.workers if not w._ended)
         assert metrics.held_calls._value.get() == 1  # the other one is still held
         idle.stop(grace=2)
-        assert idle._heartbeats is not None and not idle._heartbeats.is_alive()
+        assert idle.link is not None and not idle.link.running
         assert node_at(cluster.client, idle.address).state == DEAD  # and it said goodbye
     finally:
         cluster.close()
