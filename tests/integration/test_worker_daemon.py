@@ -38,7 +38,9 @@ def test_registers_heartbeats_serves_health_and_says_goodbye(coordinators):
             reply = health.Check(health_pb2.HealthCheckRequest(service="shardps.v1.Worker"),
                                  timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        node = poll(lambda: node_at(client, worker.address), what="registration")
+        # The coordinator lists the node before the worker has read its reply: wait for both.
+        node = poll(lambda: worker.node_id and node_at(client, worker.address),
+                    what="registration")
         registered = time.monotonic()
         assert (node.role, node.state, node.device) == (common_pb2.ROLE_WORKER, ALIVE, "cpu")
         assert node.metrics_address == worker.metrics_address
