@@ -64,9 +64,23 @@ def test_sync_job_finishes_with_the_others_after_a_worker_is_killed():
     ranks = {w.node_id: (w.rank, w.alive) for w in final.workers}
     assert ranks == {by_rank[0]: (0, True), by_rank[1]: (-1, False), by_rank[2]: (1, True)}
 
-    # Every server dropped the dead worker; those holding a round it never pushed completed
-    # that round with the two left and said so in their log and metrics. (A worker killed
-    # mid-push may have reached some shards: their round was complete.)
+    check_servers(servers, job_id)
+    check_survivors(workers, victim, address, by_rank, running.step, job_id)
+    print(f"daemons ready to job end {time.monotonic() - started:.1f} s")
+    stopping = time.monotonic()
+    for daemon in (*workers, *servers, coord):
+        if daemon is not victim:
+            daemon.signal(signal.SIGTERM)
+    for daemon in (*workers, *servers, coord):
+        if daemon is not victim:
+            assert daemon.wait(30) == 0, daemon.output()
+    print(f"stopping took {time.monotonic() - stopping:.1f} s")
+
+
+def check_servers(servers, job_id):
+    """Every server dropped the dead worker; those holding a round it never pushed completed
+    that round with the two left and said so in their log and metrics. (A worker killed
+    mid-push may have reached some shards: their round was complete.)"""
     short_rounds = 0
     for server in servers:
         assert server.has_line(r"workers worker-\w+,worker-\w+ \(epoch 2\)"), server.output()
@@ -79,8 +93,10 @@ def test_sync_job_finishes_with_the_others_after_a_worker_is_killed():
         assert total(text, "shardps_ps_version", job=job_id) == STEPS
     assert short_rounds >= 1
 
-    # The survivors re-ranked (0 and 1 of 2) and from then on each took half of every global
-    # batch: their sample counts are exactly old slice x steps before + 32 x steps after.
+
+def check_survivors(workers, victim, address, by_rank, killed_at, job_id):
+    """The survivors re-ranked (0 and 1 of 2) and from then on each took half of every global
+    batch: their sample counts are exactly old slice x steps before + 32 x steps after."""
     old_slice = {by_rank[0]: 22, by_rank[2]: 21}  # 64 samples over 3 ranks
     for daemon in workers:
         if daemon is victim:
@@ -91,15 +107,6 @@ def test_sync_job_finishes_with_the_others_after_a_worker_is_killed():
                     for m in daemon.matches(rf"rank {new_rank} of 2 from step (\d+)")]
         assert len(switches) == 1, daemon.output()
         switch = switches[0]
-        assert running.step <= switch < STEPS
+        assert killed_at <= switch < STEPS
         samples = daemon.metric("shardps_worker_samples_total", job=job_id)
         assert samples == old_slice[node] * switch + (BATCH // 2) * (STEPS - switch)
-    print(f"daemons ready to job end {time.monotonic() - started:.1f} s")
-    stopping = time.monotonic()
-    for daemon in (*workers, *servers, coord):
-        if daemon is not victim:
-            daemon.signal(signal.SIGTERM)
-    for daemon in (*workers, *servers, coord):
-        if daemon is not victim:
-            assert daemon.wait(30) == 0, daemon.output()
-    print(f"stopping took {time.monotonic() - stopping:.1f} s")
