@@ -4,8 +4,8 @@ retries of transient (UNAVAILABLE) errors."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
-import time
 from typing import Literal, overload
 
 import grpc
@@ -14,11 +14,12 @@ from google.protobuf.message import Message
 from shardps.proto import coordinator_pb2 as pb
 from shardps.proto import coordinator_pb2_grpc
 from shardps.runtime import rpc
+from shardps.runtime.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 
 RETRY_WINDOW_S = 60.0  # an unavailable coordinator is retried this long (it may be restarting)
-RETRY_BACKOFF_S = 0.5  # first pause between tries; doubles each time up to RETRY_MAX_PAUSE_S
+RETRY_BACKOFF_S = 0.5  # first pause between tries; doubles (a Backoff) up to RETRY_MAX_PAUSE_S
 RETRY_MAX_PAUSE_S = 4.0
 
 
@@ -86,11 +87,9 @@ class CoordinatorClient:
         is set and `cancel_waits()` called.
         """
         tries = attempts or self.attempts
-        pause = self.backoff_s
-        started = time.monotonic()
-        attempt = 0
+        backoff = Backoff(self.backoff_s, RETRY_MAX_PAUSE_S,
+                          math.inf if tries else self.window_s)
         while True:
-            attempt += 1
             try:
                 timeout = deadline_s or self.deadline_s
                 if cancellable:
@@ -99,15 +98,16 @@ class CoordinatorClient:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                if (attempt >= tries) if tries else (time.monotonic() - started >= self.window_s):
+                attempt = backoff.tries + 1
+                if (attempt >= tries) if tries else backoff.expired():
                     raise Unreachable(f"coordinator {method}: unavailable after {attempt} tries "
                                       f"({exc.details()})") from None
+                pause = backoff.next()
                 if attempt == 1 or attempt % 5 == 0:
                     logger.warning("coordinator %s unavailable (%s); retrying (try %d) in %.1f s",
                                    method, exc.details(), attempt, pause)
                 if self.stop.wait(pause):
                     raise Unreachable(f"coordinator {method}: unavailable, and stopping") from None
-                pause = min(pause * 2, RETRY_MAX_PAUSE_S)
 
     def cancel_waits(self) -> None:
         """Cancels the cancellable calls in flight; set `stop` first (any thread)."""

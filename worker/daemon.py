@@ -9,15 +9,17 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
-from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, exitcodes
+from shardps.proto import common_pb2, coordinator_pb2, exitcodes
 from shardps.runtime import daemon as daemon_lib
 from shardps.runtime import rpc
+from shardps.runtime.nodelink import NodeLink
 from shardps.worker import plugins
 from shardps.worker.metrics import WorkerMetrics
 from shardps.worker.trainer import Trainer
@@ -25,10 +27,7 @@ from shardps.worker.trainer import Trainer
 logger = logging.getLogger(__name__)
 
 HEALTH_SERVICE = "shardps.v1.Worker"
-DEFAULT_LEASE_MS = 5000      # until the coordinator tells us its lease
-MAX_BACKOFF_S = 10.0         # cap of the retry pause while the coordinator is unreachable
 RETRY_ABANDONED_S = 10.0     # an abandoned job that is still assigned to us is retried after this
-FINAL_HEARTBEAT_S = 2.0      # deadline of the shutting_down heartbeat
 _DEVICE = re.compile(r"^cuda(?::(\d+))?$")
 
 
@@ -68,10 +67,12 @@ class WorkerDaemon:
     """A worker process: gRPC health, heartbeats, metrics and one training thread at a time.
 
     `start()` binds (port 0 picks a free port; raises OSError if it cannot bind) and returns;
-    registration and heartbeats run in a background thread that retries an unreachable
-    coordinator with backoff forever (logged). `stop(grace)` is thread-safe and idempotent.
-    `step_delay_ms` > 0 makes every training step that much slower (a straggler on purpose);
-    it applies to jobs started after it is set.
+    registration and heartbeats run on a NodeLink (runtime/nodelink.py) that retries an
+    unreachable coordinator with backoff forever. The daemon is the link's NodeRole: an idle
+    worker's heartbeat is a long-poll held until it has an assignment, and every reply's
+    assignment starts, updates or stops the training thread. `stop(grace)` is thread-safe and
+    idempotent. `step_delay_ms` > 0 makes every training step that much slower (a straggler
+    on purpose); it applies to jobs started after it is set.
     """
 
     def __init__(self, coordinator: str, host: str = "127.0.0.1", port: int = 0,
@@ -90,10 +91,7 @@ class WorkerDaemon:
         self.step_delay_ms = step_delay_ms
         self.registry = registry if registry is not None else daemon_lib.new_registry()
         self.metrics = WorkerMetrics(self.registry)
-        self.node_id = ""
-        self.incarnation = 0
-        self.lease_ms = DEFAULT_LEASE_MS
-        self._registered = False
+        self.link: NodeLink | None = None
         self._lock = threading.Lock()
         self._job: _Job | None = None
         self._ended: dict[str, tuple[str, float]] = {}  # job id -> (outcome kind, when ended)
@@ -101,10 +99,6 @@ class WorkerDaemon:
         self._stopped = threading.Event()
         self._server: grpc.Server | None = None
         self._metrics_endpoint: daemon_lib.MetricsEndpoint | None = None
-        self._channel: grpc.Channel | None = None
-        self._stub: coordinator_pb2_grpc.CoordinatorStub | None = None
-        self._heartbeats: threading.Thread | None = None
-        self._heartbeat_call: grpc.Future | None = None  # the one in flight, cancelled by stop()
 
     @property
     def address(self) -> str:
@@ -114,8 +108,17 @@ class WorkerDaemon:
     def metrics_address(self) -> str:
         return self._metrics_endpoint.address if self._metrics_endpoint else ""
 
+    @property
+    def node_id(self) -> str:
+        """The id the coordinator gave this worker ("" until it has registered)."""
+        return self.link.node_id if self.link else ""
+
+    @property
+    def incarnation(self) -> int:
+        return self.link.incarnation if self.link else 0
+
     def start(self) -> None:
-        """Binds and starts serving; registration follows in the heartbeat thread."""
+        """Binds and starts serving; registration follows on the link's thread."""
         if self.threads > 0:
             torch.set_num_threads(self.threads)
         self._server = rpc.make_server(max_workers=4)
@@ -130,26 +133,18 @@ class WorkerDaemon:
             raise
         self._server.start()
         self.metrics.info.labels(device=self.device).set(1)
-        self._channel = rpc.make_channel(self.coordinator_address)
-        self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
-        self._heartbeats = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
-                                            daemon=True)
-        self._heartbeats.start()
+        self.link = NodeLink(self.coordinator_address, self).start()
         logger.info("worker on %s (device %s), coordinator %s", self.address, self.device,
                     self.coordinator_address)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stops training, says goodbye to the coordinator and shuts the server down."""
         with self._lock:
-            if self._stopping.is_set():
-                already = True
-            else:
-                already = False
-                self._stopping.set()
+            already = self._stopping.is_set()
+            self._stopping.set()
             job = self._job
-            heartbeat_call = self._heartbeat_call
-        if heartbeat_call is not None:  # an idle worker's long-poll: end it now
-            heartbeat_call.cancel()
+        if self.link is not None:  # an idle worker's long-poll ends now
+            self.link.halt()
         if already:
             self._stopped.wait(grace + rpc.CONTROL_DEADLINE_S)
             return
@@ -160,95 +155,46 @@ class WorkerDaemon:
             if job.thread.is_alive():
                 logger.warning("training thread of job %s did not stop within %.1f s",
                                job.trainer.job_id, grace)
-        if self._heartbeats is not None:
-            self._heartbeats.join(rpc.CONTROL_DEADLINE_S)
-        if self._registered and self._stub is not None:
-            try:
-                self._stub.Heartbeat(coordinator_pb2.HeartbeatRequest(
-                    node_id=self.node_id, incarnation=self.incarnation, shutting_down=True),
-                    timeout=FINAL_HEARTBEAT_S, wait_for_ready=True)  # ride out a reconnect backoff
-            except grpc.RpcError as exc:
-                logger.warning("final heartbeat failed: %s", exc.code().name)
+        if self.link is not None:  # after the trainer's last reports: goodbye marks us DEAD
+            self.link.stop()
         if self._server is not None:
             self._server.stop(grace).wait(grace)
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.shutdown()
-        if self._channel is not None:
-            self._channel.close()
         self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once the daemon has stopped; waits up to timeout."""
         return self._stopped.wait(timeout)
 
-    # -- heartbeat thread --
+    # -- the NodeRole: called on the link's thread --
 
-    def _heartbeat_loop(self) -> None:
-        """Heartbeats every lease/4 (from the start of one to the start of the next). An idle
-        worker's heartbeat is a long-poll held up to that interval until it has an assignment,
-        so it starts a job as soon as the coordinator assigns one."""
-        backoff = 0.5
-        while not self._stopping.is_set():
-            started = time.monotonic()
-            try:
-                if not self._registered:
-                    self._register()
-                reply = self._heartbeat()
-            except grpc.RpcError as exc:
-                logger.warning("coordinator %s: %s (%s); retrying in %.1f s",
-                               self.coordinator_address, exc.code().name, exc.details(), backoff)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
-                continue
-            if reply is None:
-                break  # stopping
-            backoff = 0.5
-            if reply.unknown_node:
-                logger.warning("the coordinator does not know %s incarnation %d; registering "
-                               "again", self.node_id, self.incarnation)
-                self._registered = False
-                self._stop_job("the coordinator no longer knows this worker")
-                continue
-            if reply.lease_ms > 0:
-                self.lease_ms = reply.lease_ms
-            self._on_assignment(reply.assignment)
-            self._stopping.wait(max(0.0, self.lease_ms / 4000.0 - (time.monotonic() - started)))
+    def registration(self) -> coordinator_pb2.RegisterNodeRequest:
+        metrics = (f"{self.advertise_host}:{self._metrics_endpoint.port}"
+                   if self._metrics_endpoint else "")
+        return coordinator_pb2.RegisterNodeRequest(
+            role=common_pb2.ROLE_WORKER, address=f"{self.advertise_host}:{self.port}",
+            metrics_address=metrics, device=self.device)
 
-    def _register(self) -> None:
-        assert self._stub is not None  # start() made it
-        reply = self._stub.RegisterNode(coordinator_pb2.RegisterNodeRequest(
-            role=common_pb2.ROLE_WORKER, address=f"{self.advertise_host}:{self.port}", node_id=self.node_id,
-            metrics_address=(f"{self.advertise_host}:{self._metrics_endpoint.port}"
-                             if self._metrics_endpoint else ""), device=self.device,
-            hostname=socket.gethostname()), timeout=rpc.CONTROL_DEADLINE_S)
-        self.node_id, self.incarnation = reply.node_id, reply.incarnation
-        daemon_lib.set_log_node(self.node_id)
-        if reply.lease_ms > 0:
-            self.lease_ms = reply.lease_ms
-        self._registered = True
-        logger.info("registered as %s incarnation %d (lease %d ms)", self.node_id,
-                    self.incarnation, self.lease_ms)
+    def registered(self, reply: coordinator_pb2.RegisterNodeResponse) -> None:
+        pass  # a job of an earlier incarnation is stopped by the next reply's assignment
 
-    def _heartbeat(self) -> coordinator_pb2.HeartbeatResponse | None:
-        # A heartbeat older than the lease is useless; never wait longer than that for one
-        # (plus the hold of a long-poll).
-        deadline = min(rpc.CONTROL_DEADLINE_S, max(self.lease_ms / 1000.0, 0.5))
-        hold_ms = self.lease_ms // 4 if self._idle() else 0
-        assert self._stub is not None
-        with self._lock:
-            if self._stopping.is_set():
-                return None  # stop() is under way: no call it could not cancel
-            call = self._heartbeat_call = self._stub.Heartbeat.future(
-                coordinator_pb2.HeartbeatRequest(node_id=self.node_id, incarnation=self.incarnation,
-                                                 wait_for_assignment_ms=hold_ms),
-                timeout=deadline + hold_ms / 1000.0)
-        try:
-            return call.result()
-        except grpc.FutureCancelledError:
-            return None  # by stop()
-        finally:
-            with self._lock:
-                self._heartbeat_call = None
+    def heartbeat(self, lease_ms: int) -> coordinator_pb2.HeartbeatRequest:
+        """An idle worker's heartbeat is a long-poll held up to lease/4 until it has an
+        assignment, so it starts a job as soon as the coordinator assigns one."""
+        return coordinator_pb2.HeartbeatRequest(
+            wait_for_assignment_ms=lease_ms // 4 if self._idle() else 0)
+
+    def answered(self, reply: coordinator_pb2.HeartbeatResponse) -> None:
+        self._on_assignment(reply.assignment)
+
+    def forgotten(self) -> None:
+        self._stop_job("the coordinator no longer knows this worker")
+
+    def undelivered(self, restored: Sequence[coordinator_pb2.ShardVersion]) -> None:
+        pass  # a worker restores nothing
+
+    # -- the training thread --
 
     def _idle(self) -> bool:
         """No training thread runs (one that has ended may still be listed)."""
@@ -257,6 +203,8 @@ class WorkerDaemon:
 
     def _on_assignment(self, assignment: coordinator_pb2.WorkerAssignment) -> None:
         """Starts, updates or stops the training thread to match the coordinator's assignment."""
+        assert self.link is not None  # start() made it; the link calls us
+        incarnation = self.link.incarnation
         with self._lock:
             if self._stopping.is_set():
                 return
@@ -264,10 +212,10 @@ class WorkerDaemon:
             if job is not None and not job.thread.is_alive():
                 self._job = job = None
             if job is not None:
-                if job.trainer.incarnation != self.incarnation:
+                if job.trainer.incarnation != incarnation:
                     job.stopped_by_daemon = True
                     job.trainer.stop(f"this worker registered again (incarnation "
-                                     f"{self.incarnation})")
+                                     f"{incarnation})")
                 elif assignment.job_id != job.trainer.job_id:
                     job.stopped_by_daemon = True
                     job.trainer.stop(f"assignment changed to {assignment.job_id or 'idle'}")
@@ -276,7 +224,7 @@ class WorkerDaemon:
                 return  # a new job starts once the old thread has ended (a later heartbeat)
             if not assignment.job_id or not self._may_start(assignment.job_id):
                 return
-            trainer = Trainer(self._stub, self.node_id, self.incarnation, assignment,
+            trainer = Trainer(self.link.stub, self.link.node_id, incarnation, assignment,
                               self.device, self.metrics, step_delay_s=self.step_delay_ms / 1000)
             thread = threading.Thread(target=self._train, args=(trainer,), daemon=True,
                                       name=f"train-{assignment.job_id}")
@@ -301,9 +249,9 @@ class WorkerDaemon:
             job = self._job
             if outcome.kind == "fenced":
                 # A server refused this incarnation: the coordinator declared it dead. Register
-                # again (unless the heartbeat thread already has) and rejoin when assigned.
-                if trainer.incarnation == self.incarnation:
-                    self._registered = False
+                # again (unless the link already has) and rejoin when assigned.
+                if self.link is not None:
+                    self.link.register_again(trainer.incarnation)
                 logger.warning("job %s: incarnation %d fenced; rejoining as a new incarnation",
                                trainer.job_id, trainer.incarnation)
                 return

@@ -1,17 +1,18 @@
-"""How a worker rides out failures: which parameter-server errors to retry, the backoff, a
-PSClient that follows shard-map changes, and the resume version (docs/architecture.md,
+"""How a worker rides out failures: which parameter-server errors to retry, a PSClient that
+follows shard-map changes, and the resume version (docs/architecture.md,
 "Failures")."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
+import torch
 
-from shardps.proto import common_pb2, ps_pb2, ps_pb2_grpc, refusals
-from shardps.psclient import PSClient, PullResult
+from shardps.proto import codec, common_pb2, ps_pb2, ps_pb2_grpc, refusals
+from shardps.psclient import PullResult
 from shardps.runtime import rpc
 
 logger = logging.getLogger(__name__)
@@ -54,29 +55,26 @@ def stale_incarnation(code: grpc.StatusCode, details: str | None) -> bool:
             and (details or "").endswith("register again"))
 
 
-class Backoff:
-    """Doubling pauses from `first_s` up to `max_s`, until `window_s` after the first failure.
+class ShardClient(Protocol):
+    """What the training loop calls on a job's parameter servers (psclient.PSClient)."""
 
-    Pure: takes a clock.
-    """
+    def pull(self, dest: torch.Tensor, *, min_version: int = 0, timeout_s: float = 30.0,
+             clock: int = 0) -> PullResult: ...
 
-    def __init__(self, first_s: float, max_s: float, window_s: float,
-                 clock: Callable[[], float]):
-        self.first_s, self.max_s, self.window_s = first_s, max_s, window_s
-        self._clock = clock
-        self._pause = first_s
-        self.started = clock()
-        self.tries = 0
+    def push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
+             batch_size: int, then_pull: dict[str, Any] | None = None,
+             ) -> list[ps_pb2.PushResponse]: ...
 
-    def expired(self) -> bool:
-        return self._clock() - self.started >= self.window_s
+    def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None: ...
 
-    def next(self) -> float:
-        """The pause before the next try (never past the window's end)."""
-        self.tries += 1
-        pause = min(self._pause, max(0.0, self.window_s - (self._clock() - self.started)))
-        self._pause = min(self._pause * 2, self.max_s)
-        return pause
+    def close(self) -> None: ...
+
+
+class ShardClientFactory(Protocol):
+    """Makes a ShardClient for one job's shard map (psclient.PSClient's constructor)."""
+
+    def __call__(self, job_id: str, shard_map: common_pb2.ShardMap, *, dtype: common_pb2.DType,
+                 chunk_bytes: int, worker_id: str, incarnation: int) -> ShardClient: ...
 
 
 class RemappableClient:
@@ -86,32 +84,36 @@ class RemappableClient:
     Owned by one training thread, like the PSClient inside it.
     """
 
-    def __init__(self, factory: Callable[..., PSClient], job_id: str,
-                 shard_map: common_pb2.ShardMap, **kwargs: Any):
-        self._factory = factory
-        self._job_id = job_id
-        self._kwargs = kwargs
+    def __init__(self, factory: ShardClientFactory, job_id: str,
+                 shard_map: common_pb2.ShardMap, *, dtype: common_pb2.DType = common_pb2.DTYPE_FLOAT32,
+                 chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, worker_id: str = "",
+                 incarnation: int = 0):
+        self._connect = functools.partial(factory, job_id, dtype=dtype, chunk_bytes=chunk_bytes,
+                                          worker_id=worker_id, incarnation=incarnation)
         self.shard_map = shard_map
-        self.client = factory(job_id, shard_map, **kwargs)
+        self.client = self._connect(shard_map)
 
     def remap(self, shard_map: common_pb2.ShardMap) -> bool:
         """Switches to `shard_map` if it differs (e.g. a server came back elsewhere)."""
         if not shard_map.shards or shard_map == self.shard_map:
             return False
-        old, self.client = self.client, self._factory(self._job_id, shard_map, **self._kwargs)
+        old, self.client = self.client, self._connect(shard_map)
         self.shard_map = shard_map
         old.close()
         return True
 
-    # The arguments are PSClient's (pull, push, init), passed on as they are.
-    def pull(self, *args: Any, **kwargs: Any) -> PullResult:
-        return self.client.pull(*args, **kwargs)
+    def pull(self, dest: torch.Tensor, *, min_version: int = 0, timeout_s: float = 30.0,
+             clock: int = 0) -> PullResult:
+        return self.client.pull(dest, min_version=min_version, timeout_s=timeout_s, clock=clock)
 
-    def push(self, *args: Any, **kwargs: Any) -> list[ps_pb2.PushResponse]:
-        return self.client.push(*args, **kwargs)
+    def push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
+             batch_size: int, then_pull: dict[str, Any] | None = None,
+             ) -> list[ps_pb2.PushResponse]:
+        return self.client.push(grad, step=step, base_version=base_version,
+                                batch_size=batch_size, then_pull=then_pull)
 
-    def init(self, *args: Any, **kwargs: Any) -> None:
-        self.client.init(*args, **kwargs)
+    def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None:
+        self.client.init(weights, config)
 
     def close(self) -> None:
         self.client.close()

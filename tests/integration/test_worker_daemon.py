@@ -38,7 +38,9 @@ def test_registers_heartbeats_serves_health_and_says_goodbye(coordinators):
             reply = health.Check(health_pb2.HealthCheckRequest(service="shardps.v1.Worker"),
                                  timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        node = poll(lambda: node_at(client, worker.address), what="registration")
+        # The coordinator lists the node before the worker has read its reply: wait for both.
+        node = poll(lambda: worker.node_id and node_at(client, worker.address),
+                    what="registration")
         registered = time.monotonic()
         assert (node.role, node.state, node.device) == (common_pb2.ROLE_WORKER, ALIVE, "cpu")
         assert node.metrics_address == worker.metrics_address
@@ -109,7 +111,7 @@ def test_idle_workers_long_poll_start_their_job_at_once_and_stop_cancels_the_pol
         idle = next(w for w in cluster.workers if not w._ended)
         assert metrics.held_calls._value.get() == 1  # the other one is still held
         idle.stop(grace=2)
-        assert idle._heartbeats is not None and not idle._heartbeats.is_alive()
+        assert idle.link is not None and not idle.link.running
         assert node_at(cluster.client, idle.address).state == DEAD  # and it said goodbye
     finally:
         cluster.close()

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from shardps.proto import common_pb2
-from shardps.worker import tasks, trainer
+from shardps.worker import jobsetup, shards, tasks
 from shardps.worker.batches import BatchOrder
 from shardps.worker.datasets import load_dataset
 from shardps.worker.evaluate import evaluate
@@ -238,7 +238,7 @@ def test_stop_cancels_the_getjob_long_poll_of_a_rank_waiting_for_the_job_to_star
     poll(lambda: setup.cluster.coordinator.servicer.metrics.held_calls._value.get() == 1, 30,
          interval=0.02, what="rank 1's GetJob held")
     tr.stop("assignment cleared")
-    thread.join(trainer.WAIT_RUNNING_HOLD_S + 5)
+    thread.join(jobsetup.WAIT_RUNNING_HOLD_S + 5)
     assert not thread.is_alive()
     assert result[0].kind == "stopped" and result[0].reason == "assignment cleared"
     # The call was cancelled, not left to run out its hold.
@@ -262,7 +262,7 @@ def waiting_after_step_0(setup):
 def test_stop_interrupts_a_pull_that_waits_for_other_workers(setup):
     _, tr, thread, result = waiting_after_step_0(setup)
     tr.stop("assignment cleared")
-    thread.join(trainer.PULL_SLICE_S + 5)
+    thread.join(shards.PULL_SLICE_S + 5)
     assert not thread.is_alive()
     assert result[0].kind == "stopped" and result[0].reason == "assignment cleared"
 

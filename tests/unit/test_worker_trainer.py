@@ -8,33 +8,33 @@ import torch
 
 from shardps.proto import common_pb2, coordinator_pb2
 from shardps.proto import spec as spec_lib
-from shardps.worker import tasks, trainer
+from shardps.worker import decisions, tasks
 from shardps.worker.batches import BatchOrder
 from shardps.worker.datasets import load_dataset
 from shardps.worker.evaluate import evaluate
 from shardps.worker.flat import FlatParams
 from shardps.worker.models import build_model
-from shardps.worker.trainer import ReportBuffer
+from shardps.worker.reports import ReportBuffer
 
 # -- pure decisions -------------------------------------------------------------------------
 
 
 def test_pull_args_per_mode():
-    assert trainer.pull_args("sync", 7) == {"min_version": 7, "clock": 0}
-    assert trainer.pull_args("async", 7) == {"min_version": 0, "clock": 0}
-    assert trainer.pull_args("ssp", 7) == {"min_version": 0, "clock": 7}
+    assert decisions.pull_args("sync", 7) == {"min_version": 7, "clock": 0}
+    assert decisions.pull_args("async", 7) == {"min_version": 0, "clock": 0}
+    assert decisions.pull_args("ssp", 7) == {"min_version": 0, "clock": 7}
 
 
 def test_sync_jumps_to_the_servers_round_other_modes_keep_their_clock():
-    assert trainer.step_after_pull("sync", 3, [3, 3]) == 3
-    assert trainer.step_after_pull("sync", 3, [9, 8]) == 8  # counted out of rounds 3..7
-    assert trainer.step_after_pull("async", 3, [90, 80]) == 3
-    assert trainer.step_after_pull("ssp", 3, [90]) == 3
+    assert decisions.step_after_pull("sync", 3, [3, 3]) == 3
+    assert decisions.step_after_pull("sync", 3, [9, 8]) == 8  # counted out of rounds 3..7
+    assert decisions.step_after_pull("async", 3, [90, 80]) == 3
+    assert decisions.step_after_pull("ssp", 3, [90]) == 3
 
 
 def test_eval_steps():
-    assert [t for t in range(0, 301) if trainer.is_eval_step(0, t, 100)] == [100, 200, 300]
-    assert not trainer.is_eval_step(1, 100, 100)  # only rank 0 evaluates
+    assert [t for t in range(0, 301) if decisions.is_eval_step(0, t, 100)] == [100, 200, 300]
+    assert not decisions.is_eval_step(1, 100, 100)  # only rank 0 evaluates
 
 
 def spec(**overrides):
@@ -49,10 +49,10 @@ def spec(**overrides):
 
 
 def test_step_budget_takes_the_smaller_bound():
-    assert trainer.step_budget({"max_steps": 30, "max_epochs": 0.0}, 1000, 64) == 30
-    assert trainer.step_budget({"max_steps": 0, "max_epochs": 2.0}, 1000, 64) == 32
-    assert trainer.step_budget({"max_steps": 10, "max_epochs": 2.0}, 1000, 64) == 10
-    assert trainer.step_budget({"max_steps": 0, "max_epochs": 0.0}, 1000, 64) == 0
+    assert decisions.step_budget({"max_steps": 30, "max_epochs": 0.0}, 1000, 64) == 30
+    assert decisions.step_budget({"max_steps": 0, "max_epochs": 2.0}, 1000, 64) == 32
+    assert decisions.step_budget({"max_steps": 10, "max_epochs": 2.0}, 1000, 64) == 10
+    assert decisions.step_budget({"max_steps": 0, "max_epochs": 0.0}, 1000, 64) == 0
 
 
 def test_worker_ids_are_the_live_workers_in_rank_order():
@@ -60,9 +60,9 @@ def test_worker_ids_are_the_live_workers_in_rank_order():
         coordinator_pb2.WorkerProgress(node_id="worker-b", rank=1, alive=True),
         coordinator_pb2.WorkerProgress(node_id="worker-lost", rank=-1, alive=False),
         coordinator_pb2.WorkerProgress(node_id="worker-a", rank=0, alive=True)])
-    assert trainer.worker_ids(job) == ["worker-a", "worker-b"]
+    assert decisions.worker_ids(job) == ["worker-a", "worker-b"]
     with pytest.raises(ValueError, match="ranks"):
-        trainer.worker_ids(coordinator_pb2.JobInfo(workers=[
+        decisions.worker_ids(coordinator_pb2.JobInfo(workers=[
             coordinator_pb2.WorkerProgress(node_id="w", rank=1, alive=True)]))
 
 
@@ -70,7 +70,7 @@ def test_shard_config_carries_optimizer_mode_and_workers():
     s = spec(optimizer__name="adamw", optimizer__lr=0.01, optimizer__betas=[0.8, 0.9],
              optimizer__weight_decay=0.1, optimizer__schedule={"name": "cosine", "warmup_steps": 5},
              consistency={"mode": "ssp", "staleness": 2})
-    config = trainer.shard_config(s, ["w0", "w1"], epoch=3, fingerprint="abc", budget=30)
+    config = decisions.shard_config(s, ["w0", "w1"], epoch=3, fingerprint="abc", budget=30)
     opt = config.optimizer
     assert (opt.name, opt.lr, opt.beta1, opt.beta2, opt.weight_decay) == ("adamw", 0.01, 0.8, 0.9,
                                                                           0.1)
@@ -79,19 +79,19 @@ def test_shard_config_carries_optimizer_mode_and_workers():
     assert list(config.workers) == ["w0", "w1"] and config.epoch == 3
     assert config.layout_fingerprint == "abc"
     explicit = spec(optimizer__schedule={"name": "cosine", "total_steps": 99})
-    assert trainer.shard_config(explicit, ["w"], 0, "", 30).optimizer.total_steps == 99
+    assert decisions.shard_config(explicit, ["w"], 0, "", 30).optimizer.total_steps == 99
 
 
 def test_eval_points_one_per_metric_primary_first():
-    points = trainer.eval_points(100, {"accuracy": 0.9, "loss": 0.3})
+    points = decisions.eval_points(100, {"accuracy": 0.9, "loss": 0.3})
     assert [(p.step, p.metric, p.value, p.loss) for p in points] == [
         (100, "accuracy", 0.9, 0.3), (100, "loss", 0.3, 0.3)]
 
 
 def test_metric_problem_names_unavailable_targets():
-    assert trainer.metric_problem(spec(stop={"max_steps": 3, "target": {
+    assert decisions.metric_problem(spec(stop={"max_steps": 3, "target": {
         "metric": "accuracy", "value": 0.9}}), "classification") == ""
-    problem = trainer.metric_problem(spec(stop={"max_steps": 3, "target": {
+    problem = decisions.metric_problem(spec(stop={"max_steps": 3, "target": {
         "metric": "mse", "value": 0.1}}), "classification")
     assert "stop.target.metric 'mse'" in problem
 

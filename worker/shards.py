@@ -1,0 +1,185 @@
+"""One job's parameter servers as the training loop sees them: pull and push that ride out
+outages with a Backoff, follow the shard map when a server moves, map refusals to outcomes,
+and turn a rollback (a server restored an older version) into a Rewind."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from shardps.proto import coordinator_pb2, ps_pb2
+from shardps.proto.common_pb2 import DType, ShardMap
+from shardps.runtime.backoff import Backoff
+from shardps.worker import recovery
+from shardps.worker.coordclient import Unreachable
+from shardps.worker.decisions import pull_args
+from shardps.worker.flat import FlatParams
+from shardps.worker.jobcontext import JobContext
+from shardps.worker.outcome import End
+
+logger = logging.getLogger(__name__)
+
+PULL_SLICE_S = 1.0        # one pull waits on the servers at most this long, then we look at stop
+PULL_PATIENCE_S = 600.0   # no weights of the wanted version for this long: abandon the job
+RESYNC_POLL_S = 0.25      # after a rollback, a shard not yet back is asked again after this
+# A pull or push that fails transiently (both are idempotent) is retried with doubling pauses
+# from PS_BACKOFF_S up to PS_MAX_BACKOFF_S for PS_OUTAGE_S: long enough for a server to be
+# restarted and restore its checkpoint, and for the coordinator to move it in the shard map.
+PS_BACKOFF_S = 0.25
+PS_MAX_BACKOFF_S = 2.0
+PS_OUTAGE_S = 180.0
+
+_T = TypeVar("_T")
+
+
+class Rewind(Exception):
+    """sync: go back to `step` (a rollback), or, if None, pull the same step again."""
+
+    def __init__(self, step: int | None):
+        super().__init__(f"rewind to step {step}")
+        self.step = step
+
+
+class JobShards:
+    """Pull, push and init of one job on its servers, for the training thread that owns it.
+
+    Rollbacks (docs/architecture.md, "Failures"): the context's assignment announces one;
+    the next pull or push raises Rewind to its version, and pulls then wait until every shard
+    is back at that version before training goes on.
+    """
+
+    def __init__(self, ctx: JobContext, factory: recovery.ShardClientFactory,
+                 shard_map: ShardMap, *, dtype: DType, chunk_bytes: int):
+        self._ctx = ctx
+        self._client = recovery.RemappableClient(
+            factory, ctx.job_id, shard_map, dtype=dtype, chunk_bytes=chunk_bytes,
+            worker_id=ctx.node_id, incarnation=ctx.incarnation)
+        self._resync_to: int | None = None  # while a rollback is taken: the version to reach
+
+    def close(self) -> None:
+        self._client.close()
+
+    def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None:
+        """InitShard on every server (rank 0 of a new job)."""
+        self.call("InitShard", functools.partial(self._client.init, weights, config))
+
+    def push(self, grad: torch.Tensor, step: int, versions: list[int], batch_size: int,
+             then_pull: dict[str, Any] | None) -> list[ps_pb2.PushResponse]:
+        """Pushes step's gradient; may raise Rewind (a rollback, or a server behind us)."""
+        return self.call("push", functools.partial(
+            self._client.push, grad, step=step, base_version=versions, batch_size=batch_size,
+            then_pull=then_pull))
+
+    def pull(self, mode: str, step: int, flat: FlatParams) -> list[int]:
+        """Pulls the weights for `step` into the model, waiting in slices; returns the versions."""
+        ctx = self._ctx
+        kwargs = pull_args(mode, step)
+        since = ctx.clock()
+        hist = ctx.metrics.step_seconds
+        while True:
+            ctx.check_stop()
+            self.check_rollback()
+            dest = flat.host_weights
+            begun = ctx.clock()
+            result = self.call("pull", functools.partial(
+                self._client.pull, dest, timeout_s=PULL_SLICE_S, **kwargs))
+            if result.ready and self._resync_to is not None:
+                if any(v != self._resync_to for v in result.versions):
+                    # Some shard has not rolled back yet: its weights belong to another step.
+                    ctx.pause(RESYNC_POLL_S)
+                    continue
+                logger.info("job %s: every shard is back at version %d", ctx.job_id,
+                            self._resync_to)
+                self._resync_to = None
+            if result.ready:
+                flat.upload()
+                hist.labels(phase="pull").observe(ctx.clock() - begun)
+                return list(result.versions)
+            hist.labels(phase="wait").observe(ctx.clock() - begun)
+            if result.job_done:
+                raise End("stopped", "the servers say the job has ended")
+            now = ctx.clock()
+            if now - since > PULL_PATIENCE_S:
+                raise End("abandoned", f"no weights for step {step} ({kwargs}) within "
+                                       f"{PULL_PATIENCE_S:.0f} s; versions {result.versions}")
+            if ctx.reports.buffer.due(now):  # keep the coordinator informed while we wait
+                ctx.reports.send()
+
+    def call(self, what: str, fn: Callable[[], _T]) -> _T:
+        """Runs a parameter-server call; rides out outages, maps refusals to outcomes.
+
+        Transient errors (a server down, restarting, or not yet told of a membership change)
+        are retried with backoff for PS_OUTAGE_S; between tries the shard map is re-read, so
+        a server that came back at another address is followed, and (pull/push) a rollback
+        ends the call. A fenced push ends the job here (the daemon registers again); a push
+        ahead of a restored shard's round rewinds to a pull.
+        """
+        ctx = self._ctx
+        backoff = Backoff(PS_BACKOFF_S, PS_MAX_BACKOFF_S, PS_OUTAGE_S, ctx.clock)
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+                self._refused(what, code, details)
+                if backoff.expired():
+                    raise End("abandoned", f"{what} failed: {code.name}: {details}"
+                              + (f" (for {PS_OUTAGE_S:.0f} s)" if backoff.tries else "")) from None
+                pause = backoff.next()
+                ctx.metrics.retries.labels(call=what, code=code.name).inc()
+                if backoff.tries == 1 or backoff.tries % 10 == 0:
+                    logger.warning("job %s: %s %s (%s); retrying for up to %.0f s (try %d)",
+                                   ctx.job_id, what, code.name, details, PS_OUTAGE_S,
+                                   backoff.tries)
+                if ctx.pause(pause):
+                    ctx.check_stop()
+                self._refresh_shard_map()
+                if what in ("pull", "push"):
+                    self.check_rollback()
+
+    def _refused(self, what: str, code: grpc.StatusCode, details: str) -> None:
+        """Raises what a failed call means; returns only for a transient error (retry it)."""
+        ctx = self._ctx
+        action = recovery.classify(code, details)
+        if action == recovery.INVALID:  # we sent something wrong
+            raise ctx.fail(f"server rejected {what}: {details}") from None
+        if action == recovery.FENCED:
+            ctx.metrics.refused.labels(reason="fenced").inc()
+            raise End("fenced", f"{what} refused: {details}") from None
+        if action == recovery.RESYNC:
+            ctx.metrics.refused.labels(reason="step_ahead").inc()
+            logger.info("job %s: %s refused (%s); pulling again", ctx.job_id, what, details)
+            raise Rewind(None) from None
+        if action == recovery.ABANDON:
+            raise End("abandoned", f"{what} failed: {code.name}: {details}") from None
+
+    def _refresh_shard_map(self) -> None:
+        """Follows the coordinator's shard map (best effort: it may be down as well)."""
+        ctx = self._ctx
+        try:
+            job = ctx.coordinator.call("GetJob", coordinator_pb2.GetJobRequest(
+                job_id=ctx.job_id), attempts=1).job
+        except (grpc.RpcError, Unreachable):
+            return
+        if self._client.remap(job.shard_map):
+            logger.info("job %s: shard map version %d: %s", ctx.job_id, job.shard_map.version,
+                        ", ".join(f"{s.index}@{s.address}" for s in job.shard_map.shards))
+
+    def check_rollback(self) -> None:
+        """Raises Rewind if the coordinator has announced a rollback we have not taken."""
+        ctx = self._ctx
+        assignment = ctx.assignment()
+        if assignment.rollback_id <= ctx.reports.rollback_id:
+            return
+        ctx.reports.rollback_id = assignment.rollback_id
+        self._resync_to = assignment.rollback_version
+        ctx.metrics.rollbacks.labels(job=ctx.job_id).inc()
+        logger.warning("job %s: rollback %d: a server restored version %d; resuming at step %d "
+                       "(the steps after it are replayed)", ctx.job_id, assignment.rollback_id,
+                       assignment.rollback_version, assignment.rollback_version)
+        raise Rewind(assignment.rollback_version)
