@@ -27,7 +27,8 @@ from .bulk import BulkOps, DropReplies, Refused, refusal
 from .errors import ShardError
 from .metrics import PSMetrics
 from .registry import ShardRegistry
-from .shard import Shard, validate_config
+from .shard import Shard
+from .shard_config import validate_config
 
 log = logging.getLogger("shardps.ps")
 
