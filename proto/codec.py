@@ -4,24 +4,18 @@ Every byte of tensor data that crosses the wire goes through here. Senders slice
 tensor into chunks of at most `chunk_bytes` (no gRPC message limit is ever reached);
 receivers decode each chunk straight into place in a preallocated flat tensor.
 
-Bulk messages (a PushRequest, InitShardRequest or PullResponse carrying one TensorChunk) are
-written and read here byte by byte rather than through protobuf objects, which would copy
-the payload into the message, again to serialize it and again to parse it: `chunk_messages`
-builds each message with one copy, `message_reader` hands the payload on as a view into the
-received bytes. The bytes are exactly the protobuf encoding of the .proto messages, so any
-protobuf peer interoperates (tests/unit/test_codec.py checks both directions).
+Bulk messages of the RPCs (PushRequest, InitShardRequest, PullResponse) carry one TensorChunk
+each and are plain protobuf messages; the data plane (proto/dataplane.py) sends the same
+elements as raw bytes.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from collections.abc import Iterator
 
 import torch
-from google.protobuf.message import Message
 
 from shardps.proto import common_pb2
 
@@ -115,7 +109,7 @@ def chunk_elements(wire_dtype: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> i
     return max(1, chunk_bytes // element_size(wire_dtype))
 
 
-def write_chunk(dest: torch.Tensor, chunk: common_pb2.TensorChunk | Chunk, wire_dtype: int) -> int:
+def write_chunk(dest: torch.Tensor, chunk: common_pb2.TensorChunk, wire_dtype: int) -> int:
     """Decodes a chunk into dest[offset:offset+n] (casting to dest's dtype); returns n.
 
     Raises CodecError, leaving dest untouched, if the chunk does not fit inside dest.
@@ -148,7 +142,7 @@ class ChunkAssembler:
         self.check_finite = check_finite
         self.all_finite = True
 
-    def add(self, chunk: common_pb2.TensorChunk | Chunk) -> None:
+    def add(self, chunk: common_pb2.TensorChunk) -> None:
         if chunk.offset != self.received:
             raise CodecError(f"chunk at offset {chunk.offset}, expected {self.received}")
         n = write_chunk(self.dest, chunk, self.wire_dtype)
@@ -191,195 +185,3 @@ def pushable(t: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(t)
     return -MAX_GRADIENT <= float(low) and float(high) <= MAX_GRADIENT
-
-
-# -- bulk messages, byte by byte -----------------------------------------------------------
-
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5  # protobuf wire types
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """A TensorChunk read off the wire without a copy: `data` views the received message."""
-
-    offset: int        # first element, relative to the start of the tensor
-    data: memoryview   # raw little-endian elements in the message's dtype (read-only)
-
-
-M = TypeVar("M", bound=Message)
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkedMessage(Generic[M]):
-    """A bulk message (of type M) as `message_reader` returns it."""
-
-    message: M          # the protobuf message with every field but its chunk
-    chunk: Chunk | None  # its TensorChunk, None if it carried none
-
-
-def _varint_bytes(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative int64s are ten-byte two's complement varints
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def chunk_header(field: int, offset: int, nbytes: int) -> bytes:
-    """The bytes that precede `nbytes` of payload in a message whose field `field` is the
-    TensorChunk {offset, data}; the payload follows directly."""
-    inner = (b"\x08" + _varint_bytes(offset) if offset else b"") + b"\x12" + _varint_bytes(nbytes)
-    return _varint_bytes(field << 3 | _LEN) + _varint_bytes(len(inner) + nbytes) + inner
-
-
-def chunk_message(piece: torch.Tensor, wire_dtype: int, field: int, offset: int,
-                  first: bytes = b"", scratch: torch.Tensor | None = None) -> bytes:
-    """One serialized message carrying `piece` (a 1-D CPU tensor, cast to the wire dtype) as the
-    TensorChunk {offset, data} in field `field`, after `first` (see chunk_messages).
-
-    One copy of the payload into the message; a cast goes through `scratch` (a reusable buffer
-    of the wire dtype, at least as long) when given, else a temporary.
-    """
-    dtype = torch_dtype(wire_dtype)
-    if piece.dtype != dtype:
-        target = scratch[: piece.numel()] if scratch is not None else torch.empty(piece.numel(), dtype=dtype)
-        piece = target.copy_(piece)
-    elif not piece.is_contiguous():
-        piece = piece.contiguous()
-    payload = piece.view(torch.uint8).numpy().data  # a memoryview of the tensor's bytes
-    return b"".join((first, chunk_header(field, offset, payload.nbytes), payload))
-
-
-def chunk_messages(flat: torch.Tensor, wire_dtype: int, field: int,
-                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, first: bytes = b"") -> Iterator[bytes]:
-    """Serialized messages covering a 1-D tensor, each carrying one chunk in field `field`.
-
-    Each message costs one copy of its payload (plus the cast, into a reused scratch buffer,
-    when the wire dtype differs). `first`, a serialized message of the same type (a header),
-    is merged into the first message; protobuf parses concatenated messages as one. An empty
-    tensor yields just `first`, if any.
-    """
-    if flat.dim() != 1:
-        raise CodecError(f"expected a 1-D tensor, got shape {tuple(flat.shape)}")
-    dtype = torch_dtype(wire_dtype)
-    src = flat.detach()
-    if src.device.type != "cpu":
-        src = src.cpu()
-    step = chunk_elements(wire_dtype, chunk_bytes)
-    n = src.numel()
-    if n == 0:
-        if first:
-            yield first
-        return
-    scratch = None if src.dtype == dtype else torch.empty(min(step, n), dtype=dtype)
-    for start in range(0, n, step):
-        yield chunk_message(src[start : start + step], wire_dtype, field, start, first, scratch)
-        first = b""
-
-
-class _Unusual(Exception):
-    """Bytes the fast reader leaves to protobuf (repeated or unknown chunk fields, groups)."""
-
-
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]  # IndexError when truncated
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise _Unusual
-
-
-def _read_chunk(buf: memoryview) -> Chunk:
-    offset, data, pos = None, None, 0
-    while pos < len(buf):
-        tag, pos = _read_varint(buf, pos)
-        if tag == 0x08 and offset is None:
-            offset, pos = _read_varint(buf, pos)
-            if offset >= 1 << 64:
-                raise _Unusual
-            if offset >= 1 << 63:
-                offset -= 1 << 64
-        elif tag == 0x12 and data is None:
-            size, pos = _read_varint(buf, pos)
-            data = buf[pos : pos + size]
-            pos += size
-        else:
-            raise _Unusual
-    if pos != len(buf):
-        raise _Unusual
-    return Chunk(offset or 0, data if data is not None else memoryview(b""))
-
-
-def _split(data: bytes, field: int) -> tuple[list[memoryview], Chunk | None]:
-    """The spans of every top-level field but `field`, and `field` read as a TensorChunk."""
-    buf = memoryview(data)
-    spans: list[memoryview] = []
-    chunk = None
-    pos, end = 0, len(buf)
-    while pos < end:
-        start = pos
-        tag, pos = _read_varint(buf, pos)
-        number, wire = tag >> 3, tag & 7
-        if wire == _VARINT:
-            _, pos = _read_varint(buf, pos)
-        elif wire == _I64:
-            pos += 8
-        elif wire == _I32:
-            pos += 4
-        elif wire == _LEN:
-            size, pos = _read_varint(buf, pos)
-            if number == field:
-                if chunk is not None or pos + size > end:
-                    raise _Unusual
-                chunk = _read_chunk(buf[pos : pos + size])
-                pos += size
-                continue
-            pos += size
-        else:
-            raise _Unusual
-        if pos > end:
-            raise _Unusual
-        spans.append(buf[start:pos])
-    return spans, chunk
-
-
-def message_reader(cls: type[M], field_name: str = "chunk") -> Callable[[bytes], ChunkedMessage[M]]:
-    """A gRPC deserializer for messages of type `cls` whose field `field_name` is a TensorChunk.
-
-    The chunk's payload stays in the received bytes (a view, no copy); the other fields are
-    parsed by protobuf. Anything the fast path does not expect goes through protobuf whole,
-    so the result is always what protobuf would parse, and bytes protobuf rejects raise.
-    """
-    field = cls.DESCRIPTOR.fields_by_name[field_name].number
-
-    def read(data: bytes) -> ChunkedMessage[M]:
-        try:
-            spans, chunk = _split(data, field)
-        except (_Unusual, IndexError):
-            return _read_slowly(cls, field_name, data)
-        message = cls.FromString(b"".join(spans)) if spans else cls()
-        return ChunkedMessage(message, chunk)
-
-    return read
-
-
-def _read_slowly(cls: type[M], field_name: str, data: bytes) -> ChunkedMessage[M]:
-    message = cls.FromString(data)
-    if not message.HasField(field_name):
-        return ChunkedMessage(message, None)
-    chunk = getattr(message, field_name)
-    found = Chunk(chunk.offset, memoryview(chunk.data))
-    message.ClearField(field_name)
-    return ChunkedMessage(message, found)
-
-
-def serialized(message: Message | bytes) -> bytes:
-    """A gRPC serializer for streams that mix protobuf messages and `chunk_messages` bytes."""
-    return message if isinstance(message, bytes) else message.SerializeToString()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import grpc
 import torch
@@ -26,6 +28,8 @@ from shardps.proto.dataplane import (
     status_code,
     tune,
 )
+
+_T = TypeVar("_T")
 
 
 class Connection:
@@ -122,7 +126,7 @@ class Connection:
             self._guard(lambda sock: _recv_into(sock, dest, codec.torch_dtype(request.dtype)))
         return head
 
-    def _send(self, send, timeout: float) -> None:
+    def _send(self, send: Callable[[socket.socket], None], timeout: float) -> None:
         def timed(sock: socket.socket) -> None:
             sock.settimeout(timeout)
             send(sock)
@@ -140,7 +144,7 @@ class Connection:
             raise DataPlaneError(status_code(code), body.decode("utf-8", "replace"))
         return body
 
-    def _guard(self, fn):
+    def _guard(self, fn: Callable[[socket.socket], _T]) -> _T:
         sock = self._sock
         if sock is None:
             raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"data plane {self.address}: closed")
@@ -156,7 +160,7 @@ class Connection:
                                  f"data plane {self.address}: {exc}") from None
 
 
-def _wire_pieces(part: torch.Tensor, dtype: torch.dtype):
+def _wire_pieces(part: torch.Tensor, dtype: torch.dtype) -> Iterator[memoryview]:
     """Byte views of `part` in `dtype`: the tensor itself when it already is (no copy), else
     casts of IO_BYTES at a time into one reused buffer."""
     part = part.detach()

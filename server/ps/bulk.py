@@ -36,8 +36,10 @@ from .errors import (
     UnknownWorkerError,
 )
 from .metrics import PSMetrics
+from .pushes import unpushable
 from .registry import ShardRegistry
-from .shard import Shard, Snapshot, unpushable
+from .shard import Shard
+from .snapshots import Snapshot
 
 log = logging.getLogger("shardps.ps")
 

@@ -1,5 +1,6 @@
-"""Checkpoint capture: what of a shard's tables a checkpoint holds, and forced captures that
-wait for a version (the Checkpoint RPC's `at_version`).
+"""Checkpoint capture: what of a shard a checkpoint holds (`capture_locked`), forced captures
+that wait for a version (the Checkpoint RPC's `at_version`), and loading a checkpoint back
+into a live shard (`load_state`: rollback, resume).
 
 A forced capture is a `CaptureRequest` registered under the shard's condition; the push path
 fulfils it, under the same condition, right after the version it waits for is applied, so the
@@ -13,8 +14,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from .checkpoint import ShardState
+
+if TYPE_CHECKING:
+    from .core import ShardCore  # core.py imports this module
 
 
 def without_open_round(applied: dict[tuple[str, int], int], clocks: dict[str, int],
@@ -98,3 +103,58 @@ class ForcedCaptures:
             if request.state is None:
                 request.fill(capture)
             return request
+
+
+def capture_locked(core: ShardCore) -> ShardState:
+    """A consistent copy of everything a checkpoint holds; the caller holds `core.cond`.
+
+    A sync round still open is not part of the state (see without_open_round).
+    """
+    fencing, gate = core.fencing, core.gate
+    applied, clocks = without_open_round(fencing.applied, gate.clocks, gate.round, core.version)
+    return ShardState(
+        config=core.config, version=core.version, adam_step=core.adam_step,
+        pushes_applied=core.pushes_applied, job_state=core.job_state, epoch=core.epoch,
+        workers=list(core.workers), tensors=core.updater.copy_tensors(),
+        incarnations=dict(fencing.incarnations), departed=dict(fencing.departed),
+        clocks=clocks, applied=applied, rollback_id=core.rollback_id)
+
+
+def capture_at(core: ShardCore, at_version: int, timeout: float) -> tuple[ShardState, float]:
+    """A capture at exactly `at_version`, waiting up to `timeout` s for a push to reach it;
+    the current state if it is reached already, the job was frozen when asked, or the wait
+    times out. Returns the state and the seconds its copy held the lock. Takes `core.cond`."""
+    # A freeze during the wait does not end it: a sync round held at the freeze may still
+    # close when the final version is named.
+    request = core.captures.wait(at_version,
+                                 lambda: core.version < at_version and not core.frozen,
+                                 lambda: core.closed, lambda: capture_locked(core), timeout)
+    assert request.state is not None  # wait() always fills it
+    return request.state, request.copy_seconds
+
+
+def load_state(core: ShardCore, state: ShardState, tables: bool = True) -> None:
+    """Replaces weights, Adam state and version with a checkpoint's. Takes `core.cond`.
+
+    `tables` also takes its workers, epoch, clocks and applied-push and fencing tables
+    (False for a resumed job, which starts them afresh). An open sync round is dropped;
+    waiting pulls re-check. The job state stays the coordinator's.
+
+    Raises:
+        InvalidConfigError: the checkpoint is of a different length.
+    """
+    with core.cond:
+        core.updater.check(state.tensors)
+        core.snapshots.detach_readers_locked()
+        core.updater.load(state.tensors)
+        core.version, core.adam_step = state.version, state.adam_step
+        core.pushes_applied = state.pushes_applied
+        core.rollback_id = state.rollback_id
+        if tables:
+            core.epoch = state.epoch
+            core.workers = list(state.workers)
+            core.fencing.load(state.incarnations, state.departed, state.applied)
+            core.gate.clocks = dict(state.clocks)
+        core.gate.drop_round()
+        core.snapshots.clear_locked()
+        core.cond.notify_all()

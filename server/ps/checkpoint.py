@@ -47,6 +47,7 @@ from shardps.proto import common_pb2, names, ps_pb2
 
 from . import paths
 from .errors import ShardError
+from .shard_config import validate_config
 
 log = logging.getLogger("shardps.ps")
 
@@ -453,8 +454,6 @@ def _read_file(directory: Path, name: str, limit: int) -> bytes:
 
 
 def _config(m: dict) -> ps_pb2.ShardConfig:
-    from .shard import validate_config  # shard.py imports this module
-
     if not isinstance(m["config"], bytes):
         raise CheckpointError("config is not bytes")
     try:

@@ -9,7 +9,7 @@ import threading
 
 import torch
 
-from shardps.proto import exitcodes
+from shardps.proto import exitcodes, ps_pb2_grpc
 from shardps.runtime import daemon, rpc
 
 from .checkpoint_servicer import CheckpointingServicer
@@ -19,7 +19,7 @@ from .errors import ShardError
 from .heartbeat import CoordinatorLink
 from .metrics import PSMetrics
 from .registry import ShardRegistry
-from .servicer import SERVICE_NAME, add_to_server
+from .servicer import SERVICE_NAME
 
 log = logging.getLogger("shardps.ps")
 
@@ -72,7 +72,7 @@ class ParameterServerDaemon:
         self.link: CoordinatorLink | None = None
         self._grpc_workers = grpc_workers
         self._server = rpc.make_server(grpc_workers)
-        add_to_server(self.servicer, self._server)  # codec (de)serializers for bulk messages
+        ps_pb2_grpc.add_ParameterServerServicer_to_server(self.servicer, self._server)
         self._health = rpc.add_health(self._server, SERVICE_NAME)
         self.data_server: DataServer | None = None
         self._stopped = threading.Event()

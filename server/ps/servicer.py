@@ -1,10 +1,11 @@
 """The ParameterServer gRPC service: translates messages into ShardRegistry/Shard calls.
 
-Bulk messages skip protobuf objects both ways (`add_to_server` installs the codec's reader
-for Push and InitShard and sends Pull's messages as built by codec.chunk_messages): a pushed
-chunk is decoded from the received bytes straight into the staging gradient, and a pulled
-chunk is copied once from the snapshot into its message. Push and Pull share their handling
-with the data plane (bulk.py, dataserver.py).
+Registered with the generated code and standard protobuf serialization, so any client that
+speaks ps.proto works (this is the fallback bulk path and the way clients in other languages
+come in; PSClient prefers a server's data plane, dataserver.py). Push and Pull share their
+handling with the data plane (bulk.py): a pushed chunk is decoded into the staging gradient
+as it arrives, and a pulled chunk is copied once under the shard's lock, from the snapshot
+into the bytes of its message.
 
 Every identifier a request carries (job ids, worker ids) is checked against the one rule of
 proto/names.py before anything else happens (INVALID_ARGUMENT, quoting at most a bounded,
@@ -15,8 +16,8 @@ ListCheckpoints results, whose purpose that is.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from typing import NoReturn, TypeVar
+from collections.abc import Iterator
+from typing import NoReturn
 
 import grpc
 import torch
@@ -27,13 +28,12 @@ from .bulk import BulkOps, DropReplies, Refused, refusal
 from .errors import ShardError
 from .metrics import PSMetrics
 from .registry import ShardRegistry
-from .shard import Shard, validate_config
+from .shard import Shard
+from .shard_config import validate_config
 
 log = logging.getLogger("shardps.ps")
 
 SERVICE_NAME = "shardps.v1.ParameterServer"
-_PULL_CHUNK = ps_pb2.PullResponse.DESCRIPTOR.fields_by_name["chunk"].number
-_NO_CHUNK = codec.Chunk(0, memoryview(b""))  # what protobuf reads for a message without one
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
@@ -41,6 +41,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     Thread-safety: handlers run concurrently on the gRPC thread pool; the registry and the
     shards do their own locking, and each stream's ChunkAssembler is local to its handler.
+    Register it with `ps_pb2_grpc.add_ParameterServerServicer_to_server`.
     """
 
     def __init__(self, shards: ShardRegistry, metrics: PSMetrics, faults: DropReplies | None = None):
@@ -56,14 +57,13 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     # -- InitShard ----------------------------------------------------------------------
 
-    def InitShard(self, request_iterator: Iterator[codec.ChunkedMessage[ps_pb2.InitShardRequest]],
+    def InitShard(self, request_iterator: Iterator[ps_pb2.InitShardRequest],
                   context: grpc.ServicerContext) -> ps_pb2.InitShardResponse:
-        messages = _chunked(request_iterator)
-        first = next(messages, None)
-        if first is None or not first.message.HasField("config"):
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("config"):
             _fail(context, grpc.StatusCode.INVALID_ARGUMENT,
                   "first message must carry the config")
-        config = first.message.config
+        config = first.config
         try:
             check_config_ids(config)
         except names.InvalidName as exc:
@@ -75,11 +75,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             except RuntimeError:
                 _fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                       "cannot allocate the shard")
-            target = codec.ChunkAssembler(weights, first.message.dtype)
-            if first.chunk is not None:
-                target.add(first.chunk)
-            for message in messages:
-                target.add(message.chunk or _NO_CHUNK)
+            target = codec.ChunkAssembler(weights, first.dtype)
+            _assemble(target, first, request_iterator)
             shard = Shard(config, target.finish())
             self.shards.put(shard)  # with a data dir, this may resume from a checkpoint
         except (ShardError, codec.CodecError) as exc:
@@ -95,31 +92,24 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     # -- Push ---------------------------------------------------------------------------
 
-    def Push(self, request_iterator: Iterator[codec.ChunkedMessage[ps_pb2.PushRequest]],
+    def Push(self, request_iterator: Iterator[ps_pb2.PushRequest],
              context: grpc.ServicerContext) -> ps_pb2.PushResponse:
-        messages = _chunked(request_iterator)
-        first = next(messages, None)
-        if first is None or not first.message.HasField("header"):
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
             self.metrics.rejected.labels("bad_header").inc()
             _fail(context, grpc.StatusCode.INVALID_ARGUMENT,
                   "first message must carry the header")
+        header = first.header
 
         def fill(grad: torch.Tensor) -> tuple[int, bool]:
             # Each chunk is checked for NaN/inf as it lands, while it is in cache.
-            target = codec.ChunkAssembler(grad, first.message.header.dtype, check_finite=True)
-            received = 0
-            if first.chunk is not None:
-                received += len(first.chunk.data)
-                target.add(first.chunk)
-            for message in messages:
-                chunk = message.chunk or _NO_CHUNK
-                received += len(chunk.data)
-                target.add(chunk)
+            target = codec.ChunkAssembler(grad, header.dtype, check_finite=True)
+            _assemble(target, first, request_iterator)
             target.finish()
-            return received, target.all_finite
+            return target.received * grad.element_size(), target.all_finite
 
         try:
-            reply = self.bulk.push(first.message.header, fill)
+            reply = self.bulk.push(header, fill)
         except Refused as exc:
             _refuse(context, exc)
         if self.bulk.faults.drop(reply):
@@ -129,7 +119,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     # -- Pull ---------------------------------------------------------------------------
 
     def Pull(self, request: ps_pb2.PullRequest,
-             context: grpc.ServicerContext) -> Iterator[ps_pb2.PullResponse | bytes]:
+             context: grpc.ServicerContext) -> Iterator[ps_pb2.PullResponse]:
         try:
             plan = self.bulk.pull(request, context.is_active, context.add_callback)
         except Refused as exc:
@@ -139,19 +129,18 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             return
         sent = 0
         try:
-            head = plan.head.SerializeToString()
             step = codec.chunk_elements(request.dtype, request.chunk_bytes or codec.DEFAULT_CHUNK_BYTES)
-            scratch = (torch.empty(min(step, plan.shard.length), dtype=plan.dtype)
-                       if plan.dtype != torch.float32 else None)
 
-            def message(lo: int, view: torch.Tensor) -> bytes:
-                # One copy, from the weights (or the snapshot's copy) into the message.
-                return codec.chunk_message(view, request.dtype, _PULL_CHUNK, lo,
-                                           first=head if lo == 0 else b"", scratch=scratch)
+            def encoded(lo: int, view: torch.Tensor) -> tuple[int, bytes]:
+                # One copy (and the cast), under the lock, from the weights or the snapshot.
+                return lo, codec.encode(view, request.dtype)
 
-            for piece in self.bulk.pieces(plan, step, message):
-                yield piece
-                sent += len(piece)
+            reply = plan.head  # the first message carries the head's fields and the first chunk
+            for lo, data in self.bulk.pieces(plan, step, encoded):
+                reply.chunk.offset, reply.chunk.data = lo, data
+                yield reply
+                reply = ps_pb2.PullResponse()
+                sent += len(data)
         finally:
             # Also runs when the client goes away and gRPC closes this generator.
             self.bulk.pulled(plan, sent)
@@ -174,52 +163,15 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return ps_pb2.GetDataPlaneResponse(port=self.data_port, protocol=dataplane.PROTOCOL)
 
 
-def add_to_server(servicer: ps_pb2_grpc.ParameterServerServicer, server: grpc.Server) -> None:
-    """Registers the servicer as the generated code would, but with the codec's reader for
-    Push and InitShard messages and raw bytes for Pull's (see the module docstring)."""
-    capture = _HandlerCapture()
-    ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, capture)
-    handlers = dict(capture.handlers)
-    handlers["Push"] = grpc.stream_unary_rpc_method_handler(
-        servicer.Push, request_deserializer=codec.message_reader(ps_pb2.PushRequest),
-        response_serializer=ps_pb2.PushResponse.SerializeToString)
-    handlers["InitShard"] = grpc.stream_unary_rpc_method_handler(
-        servicer.InitShard, request_deserializer=codec.message_reader(ps_pb2.InitShardRequest),
-        response_serializer=ps_pb2.InitShardResponse.SerializeToString)
-    handlers["Pull"] = grpc.unary_stream_rpc_method_handler(
-        servicer.Pull, request_deserializer=ps_pb2.PullRequest.FromString,
-        response_serializer=codec.serialized)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
-class _HandlerCapture:
-    """Stands in for a grpc.Server to collect the generated method handlers."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        self.handlers.update(handlers)
-
-
-_Bulk = TypeVar("_Bulk", ps_pb2.PushRequest, ps_pb2.InitShardRequest)  # the chunked requests
-
-
-def _chunked(messages: Iterator[_Bulk | codec.ChunkedMessage[_Bulk]]) -> Iterator[codec.ChunkedMessage[_Bulk]]:
-    """The stream as ChunkedMessages; a servicer registered with the generated code instead of
-    `add_to_server` receives protobuf messages, which are wrapped here."""
-    for message in messages:
-        if isinstance(message, codec.ChunkedMessage):
-            yield message
-        elif message.HasField("chunk"):
-            yield codec.ChunkedMessage(message, codec.Chunk(message.chunk.offset,
-                                                            memoryview(message.chunk.data)))
-        else:
-            yield codec.ChunkedMessage(message, None)
+def _assemble(target: codec.ChunkAssembler, first: ps_pb2.PushRequest | ps_pb2.InitShardRequest,
+              rest: Iterator[ps_pb2.PushRequest] | Iterator[ps_pb2.InitShardRequest]) -> None:
+    """Adds the chunks of a bulk stream in order: the first message's, if it has one, then one
+    per later message (a later message without one adds an empty chunk at offset 0, which
+    fails the offset check unless nothing came before)."""
+    if first.HasField("chunk"):
+        target.add(first.chunk)
+    for message in rest:
+        target.add(message.chunk)
 
 
 def check_config_ids(config: ps_pb2.ShardConfig) -> None:

@@ -160,15 +160,20 @@ def pulls_served(server) -> float:
                if s.name == "shardps_ps_pulls_total")
 
 
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
 @pytest.mark.parametrize("total", [10_000, 700_000], ids=["pipelined", "a-thread-per-shard"])
-def test_a_pull_sent_ahead_by_push_is_read_by_the_matching_pull_and_dropped_by_another(total):
+def test_a_pull_sent_ahead_by_push_is_read_by_the_matching_pull_and_dropped_by_another(
+        total, data_plane):
+    # Over gRPC nothing is sent ahead (the RPC transport sends the pull when asked): the
+    # servers serve, and the client reads, exactly the same.
     servers = [started(), started()]
     try:
         gen = torch.Generator().manual_seed(3)
         init = torch.randn(total, generator=gen)
         grads = [torch.randn(total, generator=gen) for _ in range(3)]
         dest = torch.empty(total)
-        with PSClient("job", shard_map(servers, total), worker_id="w0") as client:
+        with PSClient("job", shard_map(servers, total), worker_id="w0",
+                      data_plane=data_plane) as client:
             client.init(init, shard_config(SYNC))
             before = [pulls_served(s) for s in servers]
             client.push(grads[0], step=0, base_version=0, batch_size=1,
@@ -195,3 +200,18 @@ def test_a_pull_sent_ahead_by_push_is_read_by_the_matching_pull_and_dropped_by_a
     finally:
         for server in servers:
             server.stop(0)
+
+
+def test_a_pull_sent_ahead_with_an_unknown_keyword_is_refused_before_anything_is_sent():
+    server = started()
+    try:
+        with PSClient("job", shard_map([server], 100), worker_id="w0") as client:
+            client.init(torch.zeros(100), shard_config(SYNC))
+            with pytest.raises(TypeError, match="then_pull takes"):
+                client.push(torch.ones(100), step=0, base_version=0, batch_size=1,
+                            then_pull={"min_versoin": 1})
+            assert server.shards.get("job", 0).version == 0  # no push arrived (one worker: it would apply)
+            client.push(torch.ones(100), step=0, base_version=0, batch_size=1)
+            assert client.pull(torch.empty(100), min_version=1, timeout_s=5).versions == [1]
+    finally:
+        server.stop(0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from shardps.proto import codec, common_pb2, ps_pb2
+from shardps.proto import codec, common_pb2
 
 DTYPES = [common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16, common_pb2.DTYPE_FLOAT16]
 
@@ -80,70 +80,6 @@ def test_unknown_dtype_is_an_error():
 
 
 # -- bulk messages, byte by byte: exactly protobuf's encoding, both ways ---------------------
-
-HEADER = ps_pb2.PushHeader(job_id="job", shard_index=1, worker_id="w", step=7, length=3000,
-                           dtype=common_pb2.DTYPE_BFLOAT16)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_chunk_messages_are_the_bytes_protobuf_would_write(dtype):
-    flat = torch.randn(3000, generator=torch.Generator().manual_seed(3))
-    first = ps_pb2.PushRequest(header=HEADER).SerializeToString()
-    messages = list(codec.chunk_messages(flat, dtype, 2, 4096, first))
-    chunks = list(codec.iter_chunks(flat, dtype, 4096))
-    assert len(messages) == len(chunks) > 1
-    for i, (data, chunk) in enumerate(zip(messages, chunks, strict=True)):
-        expected = ps_pb2.PushRequest(chunk=chunk)
-        if i == 0:
-            expected.header.CopyFrom(HEADER)
-        assert data == expected.SerializeToString()
-
-
-def test_a_header_alone_is_sent_for_an_empty_tensor():
-    first = ps_pb2.PushRequest(header=HEADER).SerializeToString()
-    assert list(codec.chunk_messages(torch.empty(0), common_pb2.DTYPE_FLOAT32, 2, first=first)) == [first]
-
-
-@pytest.mark.parametrize("message", [
-    ps_pb2.PushRequest(header=HEADER, chunk=common_pb2.TensorChunk(offset=5, data=b"abcdefgh")),
-    ps_pb2.PushRequest(chunk=common_pb2.TensorChunk(offset=0, data=b"\x00\x00\x80\x3f")),
-    ps_pb2.PushRequest(chunk=common_pb2.TensorChunk(offset=-3, data=b"")),
-    ps_pb2.PushRequest(chunk=common_pb2.TensorChunk(offset=2**40)),
-    ps_pb2.PushRequest(header=HEADER),
-    ps_pb2.PushRequest(),
-], ids=["header+chunk", "chunk", "negative-offset", "no-data", "header", "empty"])
-def test_the_reader_reads_what_protobuf_writes(message):
-    read = codec.message_reader(ps_pb2.PushRequest)(message.SerializeToString())
-    assert read.message.header == message.header
-    assert read.message.HasField("header") == message.HasField("header")
-    if message.HasField("chunk"):
-        assert (read.chunk.offset, bytes(read.chunk.data)) == (message.chunk.offset, message.chunk.data)
-    else:
-        assert read.chunk is None
-
-
-def test_unusual_encodings_read_as_protobuf_reads_them():
-    # Two chunk fields merge (the later offset wins), unknown fields are kept, not misread.
-    data = (ps_pb2.PushRequest(chunk=common_pb2.TensorChunk(offset=1, data=b"ab")).SerializeToString()
-            + ps_pb2.PushRequest(chunk=common_pb2.TensorChunk(offset=4)).SerializeToString()
-            + b"\x98\x06\x01")  # field 99, varint 1: unknown to PushRequest
-    parsed = ps_pb2.PushRequest.FromString(data)
-    read = codec.message_reader(ps_pb2.PushRequest)(data)
-    assert (read.chunk.offset, bytes(read.chunk.data)) == (parsed.chunk.offset, parsed.chunk.data) == (4, b"ab")
-
-
-def test_bytes_protobuf_rejects_raise():
-    with pytest.raises(Exception):  # noqa: B017 - protobuf's DecodeError; gRPC answers INTERNAL
-        codec.message_reader(ps_pb2.PushRequest)(b"\x12\xff\xff\xff\x0f")
-
-
-def test_pull_response_header_and_first_chunk_in_one_message():
-    head = ps_pb2.PullResponse(ready=True, version=9, length=3, job_done=True).SerializeToString()
-    (data,) = codec.chunk_messages(torch.tensor([1.0, 2.0, 3.0]), common_pb2.DTYPE_FLOAT32, 5, first=head)
-    read = codec.message_reader(ps_pb2.PullResponse)(data)
-    assert (read.message.ready, read.message.version, read.message.length, read.message.job_done) == (True, 9, 3, True)
-    assert torch.equal(codec.decode(read.chunk.data, common_pb2.DTYPE_FLOAT32), torch.tensor([1.0, 2.0, 3.0]))
-
 
 def test_assembler_checks_each_chunk_for_non_finite_values_as_it_lands():
     out = torch.empty(8)

@@ -225,20 +225,21 @@ def test_a_forced_capture_that_times_out_while_the_push_copies_for_it_takes_that
     shard = new_shard(mode=common_pb2.CONSISTENCY_ASYNC, workers=("w0",))
     ShardRegistry(cp.attach).put(shard)
     timeout = 0.2
-    copy, copied_on = shard.capture_locked, []
+    updater = shard._core.updater
+    copy, copied_on = updater.copy_tensors, []
 
     def slow_copy():
         copied_on.append(threading.current_thread().name)
         time.sleep(5 * timeout)  # a copy that outlasts the wait (a big shard, a loaded machine)
         return copy()
 
-    shard.capture_locked = slow_copy
+    updater.copy_tensors = slow_copy  # type: ignore[method-assign]
     results = []
     waiter = threading.Thread(name="checkpoint-rpc", target=lambda: results.append(
         cp.checkpoint_now(shard, at_version=1, timeout=timeout)))
     waiter.start()
     # The request is registered (and the waiter blocked) before the push comes.
-    poll(lambda: shard._captures._pending, 10, interval=0.01, what="a pending capture")
+    poll(lambda: shard._core.captures._pending, 10, interval=0.01, what="a pending capture")
     result = shard.push(grad(0), worker_id="w0", incarnation=1, step=0)
     waiter.join(30)
     assert (result.status, shard.version) == (ps_pb2.PUSH_STATUS_APPLIED, 1)
@@ -256,7 +257,7 @@ def test_a_forced_capture_that_no_push_reaches_takes_the_current_state(tmp_path)
     shard.push(grad(0), worker_id="w0", incarnation=1, step=0)
     version, path = cp.checkpoint_now(shard, at_version=5, timeout=0.05)
     assert version == 1 and checkpoint.read(path).version == 1
-    assert not shard._captures._pending  # the timed-out request is gone
+    assert not shard._core.captures._pending  # the timed-out request is gone
     cp.shutdown()
 
 

@@ -1,0 +1,131 @@
+"""The fallback transport: Push and Pull as ps.proto's RPCs, with the generated stub and plain
+protobuf messages, exactly what a client in any other language sends and reads. PSClient uses
+it for servers without a data plane (`--data-port -1`, or a server from before it) and where
+`data_plane=False`; the data plane (plane.py) is the fast path. It also makes the control
+calls PSClient needs on every server: InitShard and GetDataPlane.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TypeVar, cast
+
+import grpc
+import torch
+
+from shardps.proto import codec, common_pb2, dataplane, ps_pb2, ps_pb2_grpc
+from shardps.runtime import rpc
+
+_Bulk = TypeVar("_Bulk", ps_pb2.PushRequest, ps_pb2.InitShardRequest)
+
+
+class RpcTransport:
+    """One server's ParameterServer service over one channel. Thread-safe, as the channel is."""
+
+    def __init__(self, address: str, chunk_bytes: int):
+        """`chunk_bytes` sizes the messages of the streams it sends (InitShard, Push)."""
+        self.channel = rpc.make_channel(address)
+        self._stub = ps_pb2_grpc.ParameterServerStub(self.channel)
+        self._chunk_bytes = chunk_bytes
+
+    def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor,
+                   then_pull: ps_pb2.PullRequest | None = None) -> _RpcPush:
+        """Starts the Push stream (gRPC's threads send it). Never sends `then_pull`: a Pull
+        of its own would only hold a server thread waiting."""
+        messages = _stream(ps_pb2.PushRequest(header=header), part, header.dtype, self._chunk_bytes)
+        future = self._stub.Push.future(messages, timeout=rpc.TRANSFER_DEADLINE_S)
+        return _RpcPush(future)
+
+    def start_pull(self, request: ps_pb2.PullRequest) -> _RpcPull:
+        stream = self._stub.Pull(request, timeout=request.timeout_ms / 1000 + rpc.TRANSFER_DEADLINE_S)
+        return _RpcPull(request, stream)
+
+    def init(self, config: ps_pb2.ShardConfig, weights: torch.Tensor) -> ps_pb2.InitShardResponse:
+        """Creates the shard `config` describes from its fp32 initial weights."""
+        first = ps_pb2.InitShardRequest(config=config, dtype=common_pb2.DTYPE_FLOAT32)
+        messages = _stream(first, weights, common_pb2.DTYPE_FLOAT32, self._chunk_bytes)
+        reply = self._stub.InitShard(messages, timeout=rpc.TRANSFER_DEADLINE_S)
+        return cast(ps_pb2.InitShardResponse, reply)
+
+    def data_port(self) -> int:
+        """The server's data port; 0 if it has none, speaks another protocol, or predates it."""
+        try:
+            reply = self._stub.GetDataPlane(ps_pb2.GetDataPlaneRequest(),
+                                            timeout=rpc.CONTROL_DEADLINE_S)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # a server from before it
+                raise
+            return 0
+        return int(reply.port) if reply.protocol == dataplane.PROTOCOL else 0
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _stream(first: _Bulk, flat: torch.Tensor, wire_dtype: int, chunk_bytes: int) -> Iterator[_Bulk]:
+    """A bulk stream: `first` (the header or config) carrying the first chunk of `flat` in the
+    wire dtype, then one message of its type per chunk (codec.chunk_elements elements each)."""
+    step = codec.chunk_elements(wire_dtype, chunk_bytes)
+    message = first
+    for lo in range(0, flat.numel(), step):
+        message.chunk.offset = lo
+        message.chunk.data = codec.encode(flat[lo : lo + step], wire_dtype)
+        yield message
+        message = type(first)()
+    if message is first:  # nothing to carry
+        yield first
+
+
+class _RpcPush:
+    """A Push call in flight."""
+
+    def __init__(self, future: grpc.Future):
+        self._future = future
+
+    def finish(self) -> tuple[ps_pb2.PushResponse, None]:
+        return cast(ps_pb2.PushResponse, self._future.result()), None
+
+    def cancel(self) -> None:
+        self._future.cancel()
+
+
+class _RpcPull:
+    """A Pull call in flight; its messages are read by `finish` on the caller's thread."""
+
+    def __init__(self, request: ps_pb2.PullRequest, stream: Iterator[ps_pb2.PullResponse]):
+        self._request = request
+        self._stream = stream
+
+    @property
+    def request(self) -> ps_pb2.PullRequest:
+        return self._request
+
+    def finish(self, dest: torch.Tensor) -> ps_pb2.PullResponse:
+        try:
+            return self._drain(dest)
+        finally:
+            self.cancel()  # a no-op once finished; ends it on error
+
+    def cancel(self) -> None:
+        cast(grpc.Call, self._stream).cancel()
+
+    def _drain(self, dest: torch.Tensor) -> ps_pb2.PullResponse:
+        index = self._request.shard_index
+        head = next(self._stream, None)
+        if head is None:
+            raise codec.CodecError(f"shard {index}: empty pull stream")
+        if not head.ready:
+            return head
+        if head.length != dest.numel():
+            raise codec.CodecError(f"shard {index}: server holds {head.length} elements, "
+                                   f"map says {dest.numel()}")
+        target = codec.ChunkAssembler(dest, self._request.dtype)
+        if head.HasField("chunk"):
+            target.add(head.chunk)
+        for reply in self._stream:
+            if not reply.HasField("chunk"):
+                raise codec.CodecError(f"shard {index}: a pull message without a chunk")
+            target.add(reply.chunk)
+        target.finish()
+        head.ClearField("chunk")
+        return head
