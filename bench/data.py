@@ -15,7 +15,7 @@ Bounded (--bounded): writes a log of `--log-mib`, starts a local cluster (a coor
 and samples each worker's VmRSS and VmHWM from /proc while it runs.
 
   python -m bench.data                  # 200,000 rows in 8 files, 3 rounds of one epoch each
-  python -m bench.data --bounded        # 2 GiB log, 2 workers, batch 16384, limit 512 MiB each
+  python -m bench.data --bounded --files 16   # 2 GiB log, 2 workers, batch 8192, limit 512 MiB each
   python -m bench.data --small          # 6000 rows, a few steps (what CI runs)
 """
 
@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--bounded", action="store_true", help="the memory run instead (see above)")
     parser.add_argument("--log-mib", type=float, default=2048)
     parser.add_argument("--limit-mib", type=int, default=512, help="each worker's RSS limit")
-    parser.add_argument("--bounded-batch", type=int, default=16384, help="the global batch of --bounded")
+    parser.add_argument("--bounded-batch", type=int, default=8192, help="the global batch of --bounded")
     parser.add_argument("--servers", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800)
