@@ -110,3 +110,12 @@ def test_a_joiner_waits_for_the_next_epoch(data):
     for epoch in (2, 3):
         assert set(rows["a", epoch] + rows["b", epoch] + rows["d", epoch]) == everything
         assert rows["d", epoch]
+
+
+def test_only_the_newest_changes_are_kept(monkeypatch):
+    monkeypatch.setattr(EpochPlaces, "MAX_CHANGES", 3)
+    places = EpochPlaces()
+    for epoch in range(10):  # a new world size every epoch
+        assert places.place(epoch, 0, Place(0, 1 + epoch % 2)) == Place(0, 1 + epoch % 2)
+    assert len(places.fixed()) == 3
+    assert [places.place(e, 0, Place(0, 9)) for e in (7, 8, 9)] == [Place(0, 2), Place(0, 1), Place(0, 2)]
