@@ -2,29 +2,30 @@
 this worker's own shard files, streamed. One interface, `take(step, rank, world)`.
 
 In memory (`MemorySource`): rank r's slice of global batch t (`worker/batches.py`).
-From files (`FileSource`): the global batch size B is split as in memory (rank r gets
-`slice_bounds(B, r, K)` rows, b_r); rank r of K reads the files `assign_files(train, range(K),
-e, seed)[r]` of its epoch e as a `FileBatchStream` of batches of b_r rows, epoch after epoch;
-step t takes the t-th batch of that sequence. Each rank counts its own epochs: epoch e lasts
-max(1, ceil(rows_r(e) / b_r)) steps (a rank with no rows that epoch takes one empty step).
-`docs/data.md` ("Training from files") states it with what happens when membership changes.
+From files (`FileSource`): epoch e is the global steps [e * L, (e + 1) * L), L = ceil(train rows /
+B) for every rank and world size (`worker/fileplan.py`). A worker reads epoch e with the place
+(rank r, world K) it held at its first step in the epoch: the files `assign_files(train,
+range(K), e, seed)[r]`, R rows in all, as a `FileBatchStream` of batches of ceil(R / L) rows;
+step e * L + j takes batch j, or nothing once the batches run out. `docs/data.md` ("Training
+from files", "Assignment when workers join or leave").
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from shardps.proto import records
-from shardps.worker import filedataset, fileorder
-from shardps.worker.batches import BatchOrder, slice_bounds
+from shardps.worker import filedataset, fileorder, fileplan
+from shardps.worker.batches import BatchOrder
 from shardps.worker.datasets import Dataset, load_dataset
 from shardps.worker.filedata import FileBatchStream, ReadStats
+from shardps.worker.fileplan import Place
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +102,10 @@ class MemorySource:
 class FileSource:
     """Rank r's batches from its own files, read ahead; see the module docstring for the order.
 
-    Keeps one open stream; a step that is not the stream's next batch (a rewind, a jump, a
-    new rank or world size) closes it and opens the right epoch at the right row, reading
-    nothing before it. Before a stream opens, its files' headers are checked against the
-    rows the dataset promised (DataFileError naming the file). Not thread-safe; `close()`
+    Keeps one open stream; a step that is not the stream's next batch (a rewind, a jump, an
+    epoch read with another place) closes it and opens the right epoch at the right row,
+    reading nothing before it. Before a stream opens, its files' headers are checked against
+    the rows the dataset promised (DataFileError naming the file). Not thread-safe; `close()`
     stops the reader.
     """
 
@@ -113,54 +114,52 @@ class FileSource:
         self.data = data
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.stats = stats if stats is not None else ReadStats()
+        self.steps_per_epoch = fileplan.epoch_length(data.num_train, batch_size)
+        self.places = fileplan.EpochPlaces()
+        self.max_ahead = 0  # most batches any of its streams held read ahead of the loop
         self._stream: FileBatchStream | None = None
-        self._at: tuple[int, int, int, int] | None = None  # (rank, world, epoch, next batch)
-        self._cursor: tuple[int, int, int, int] = (-1, 0, 0, 0)  # (rank, world, epoch, its first step)
+        self._at: tuple[Place, int, int] | None = None  # (place, epoch, next batch) of the stream
+        self._plans: dict[tuple[Place, int], EpochPlan] = {}
 
-    def files_of(self, rank: int, world: int, epoch: int) -> list[str]:
-        return fileorder.assign_files(self.data.train_files, range(world), epoch, self.seed)[rank]
-
-    def epoch_steps(self, rank: int, world: int, epoch: int) -> int:
-        """Steps rank spends in its epoch: its batches, or one (empty) if it has no rows."""
-        rows = sum(self.data.rows[f] for f in self.files_of(rank, world, epoch))
-        return max(1, math.ceil(rows / slice_size(self.batch_size, rank, world)))
-
-    def locate(self, step: int, rank: int, world: int) -> tuple[int, int]:
-        """(epoch, batch within it) of `step` for this rank, as if (rank, world) held from step 0."""
-        r, k, epoch, first = self._cursor
-        if (r, k) != (rank, world) or step < first:
-            epoch, first = 0, 0
-        while step >= first + (length := self.epoch_steps(rank, world, epoch)):
-            first += length
-            epoch += 1
-        self._cursor = (rank, world, epoch, first)
-        return epoch, step - first
+    def plan(self, place: Place, epoch: int) -> EpochPlan:
+        """What `place` reads in `epoch`: its files, rows a batch and batches."""
+        key = (place, epoch)
+        if key not in self._plans:
+            if len(self._plans) > 64:  # a few epochs and places are asked for again, not more
+                self._plans.clear()
+            files = fileorder.assign_files(self.data.train_files, range(place.world), epoch,
+                                           self.seed)[place.rank]
+            self._plans[key] = EpochPlan.of(files, self.data.rows, self.steps_per_epoch)
+        return self._plans[key]
 
     def take(self, step: int, rank: int, world: int) -> Batch:
-        b = slice_size(self.batch_size, rank, world)
-        if b == 0:  # more ranks than samples in a global batch
+        epoch, index = divmod(step, self.steps_per_epoch)
+        place = self.places.place(epoch, index, Place(rank, world))
+        if place is None:  # joined inside this epoch: the others read its files
             return _empty(self.data.dtype)
-        epoch, index = self.locate(step, rank, world)
-        if self._at != (rank, world, epoch, index):
-            self._open(rank, world, epoch, index, b)
+        plan = self.plan(place, epoch)
+        if index >= plan.batches:  # no rows left this epoch
+            return _empty(self.data.dtype)
+        if self._at != (place, epoch, index):
+            self._open(place, epoch, index, plan)
         assert self._stream is not None
-        self._at = (rank, world, epoch, index + 1)
+        self._at = (place, epoch, index + 1)
         try:
             got = next(self._stream)
-        except StopIteration:  # no rows this epoch, or skip_bad left some files out
+        except StopIteration:  # skip_bad left some files out
             return _empty(self.data.dtype)
         return Batch((got.dense, got.cat), got.label)
 
-    def _open(self, rank: int, world: int, epoch: int, index: int, b: int) -> None:
+    def _open(self, place: Place, epoch: int, index: int, plan: EpochPlan) -> None:
         self.close()
-        files = self._checked(self.files_of(rank, world, epoch))
+        files = self._checked(plan.files)
         if index:
-            logger.info("rank %d of %d starts epoch %d at its batch %d", rank, world, epoch, index)
-        self._stream = FileBatchStream(files, b, epoch=epoch, seed=self.seed, shuffle=self.shuffle,
+            logger.info("rank %d of %d starts epoch %d at its batch %d", place.rank, place.world, epoch, index)
+        self._stream = FileBatchStream(files, plan.batch_size, epoch=epoch, seed=self.seed, shuffle=self.shuffle,
                                        prefetch=self.data.prefetch, skip_bad=self.data.skip_bad,
-                                       stats=self.stats, skip_rows=index * b)
+                                       stats=self.stats, skip_rows=index * plan.batch_size)
 
-    def _checked(self, files: list[str]) -> list[str]:
+    def _checked(self, files: Sequence[str]) -> list[str]:
         """The files whose headers agree with the rows the dataset was loaded with (a file that
         changed since is bad: the order of every rank depends on those rows)."""
         kept = []
@@ -181,12 +180,26 @@ class FileSource:
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
+            self.max_ahead = max(self.max_ahead, self._stream.max_ahead)
         self._stream, self._at = None, None
 
 
-def slice_size(batch_size: int, rank: int, world: int) -> int:
-    lo, hi = slice_bounds(batch_size, rank, world)
-    return hi - lo
+@dataclass(frozen=True)
+class EpochPlan:
+    """One place's epoch: its files in reading order, rows a batch, batches (the rest of the
+    epoch's steps are empty)."""
+
+    files: tuple[str, ...]
+    rows: int
+    batch_size: int
+    batches: int
+
+    @staticmethod
+    def of(files: Sequence[str], rows_of: Mapping[str, int], steps: int) -> EpochPlan:
+        """Rows a batch = ceil(rows / steps), so that the files last at most the epoch's steps."""
+        rows = sum(rows_of[f] for f in files)
+        size = math.ceil(rows / steps)
+        return EpochPlan(tuple(files), rows, size, math.ceil(rows / size) if rows else 0)
 
 
 def _empty(dtype: Any) -> Batch:

@@ -8,6 +8,7 @@ seek and read (no mmap), so what is resident is those batches, not the files.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -19,6 +20,8 @@ import torch
 
 from shardps.proto import records
 from shardps.worker import fileorder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,8 @@ class FileBatchStream:
             return pending
         try:
             with open(header.path, "rb") as f:
+                # One line a file: a job's files are large, and the log shows who read what when.
+                logger.info("reading %s (epoch %d)", header.path, self.epoch)
                 self.stats.opened(header.path)
                 for start, count in blocks:
                     rows = records.read_rows(f, header, start, count)

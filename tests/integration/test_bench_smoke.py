@@ -19,6 +19,7 @@ BENCHES = {
     "step": ["pull", "compute", "push", "apply", "shardps_step", "local_step", "ratio"],
     "tta": ["system", "tta_s", "startup_s", "train_s", "vs_ddp"],
     "scale": ["params", "loss_decreasing", "servers_within"],
+    "data": ["files_step", "memory_step", "ratio", "max_ahead"],
 }
 
 

@@ -17,6 +17,7 @@ from shardps.proto import spec as spec_lib
 from shardps.worker import batchsource, tasks
 from shardps.worker.filedata import FileBatchStream
 from shardps.worker.fileorder import assign_files
+from shardps.worker.fileplan import Place
 from shardps.worker.models import build_model
 from shardps.worker.trainer import Trainer
 from tests.cluster import ALIVE, Cluster, RegisteredWorker
@@ -72,13 +73,20 @@ def load(path):
     return batchsource.load_data(spec_lib.parse_spec(spec_text(path, 1))["data"], seed=3)
 
 
-def rank_batches(data, rank, world, batch, seed, epochs):
-    """Rank's batches of `epochs` epochs, replayed as docs/data.md says (shuffle off)."""
+def rank_batches(data, rank, world, global_batch, seed, epochs):
+    """Rank's batches of `epochs` epochs, replayed as docs/data.md says (shuffle off): every
+    epoch is L = ceil(rows / B) steps; the rank's R rows of it in batches of ceil(R / L), then
+    empty steps (None) to the epoch's end."""
+    steps = -(-data.num_train // global_batch)
     out = []
     for epoch in range(epochs):
         mine = assign_files(data.train_files, range(world), epoch, seed)[rank]
-        with FileBatchStream(mine, batch, epoch=epoch, seed=seed) as stream:
-            out += list(stream)
+        rows = sum(data.rows[f] for f in mine)
+        got = []
+        if rows:
+            with FileBatchStream(mine, -(-rows // steps), epoch=epoch, seed=seed) as stream:
+                got = list(stream)
+        out += got + [None] * (steps - len(got))
     return out
 
 
@@ -86,12 +94,12 @@ def reference_weights(path, steps, world=3, batch_size=30, seed=3):
     """One process: Adam (fused, as the servers run it) on global batch t = every rank's t-th
     batch, concatenated."""
     data = load(path)
-    per_rank = [rank_batches(data, r, world, batch_size // world, seed, epochs=2) for r in range(world)]
+    per_rank = [rank_batches(data, r, world, batch_size, seed, epochs=2) for r in range(world)]
     torch.manual_seed(seed)
     model = build_model(MODEL["name"], MODEL["kwargs"], data.info)
     opt = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
     for t in range(steps):
-        parts = [batches[t] for batches in per_rank]
+        parts = [batches[t] for batches in per_rank if batches[t] is not None]
         opt.zero_grad()
         out = model(torch.cat([p.dense for p in parts]), torch.cat([p.cat for p in parts]))
         tasks.loss("binary", out, torch.cat([p.label for p in parts])).backward()
@@ -100,8 +108,9 @@ def reference_weights(path, steps, world=3, batch_size=30, seed=3):
 
 
 def test_three_sync_workers_on_two_servers_equal_one_process_reading_the_files(log):
-    # 6 train files of ~71 rows: each rank reads 2 (~143 rows) in batches of 10, 15 steps an
-    # epoch, so 18 steps cross into epoch 1 (a new assignment) and batches span two files.
+    # 6 train files of ~71 rows (428): 15 steps an epoch (ceil(428 / 30)); each rank reads 2
+    # (~143 rows) in batches of 10, so 18 steps cross into epoch 1 (a new assignment) and
+    # batches span two files.
     cluster = Cluster(servers=2, lease_ms=5000)  # leases that a loaded machine keeps
     try:
         job_id, trainers, outcomes = run_job(cluster, spec_text(log, workers=3), workers=3)
@@ -116,7 +125,8 @@ def test_three_sync_workers_on_two_servers_equal_one_process_reading_the_files(l
 
 
 def test_four_workers_each_open_only_their_own_files(tmp_path):
-    # 9 train files, 4 ranks: 3, 2, 2, 2 files; 7 rows a step each, ~3 epochs in 40 steps.
+    # 9 train files of 40 rows, 4 ranks: 3, 2, 2, 2 files; 13 steps an epoch (ceil(360 / 28)),
+    # in batches of 10, 7, 7 and 7 rows; 40 steps reach epoch 3.
     path = tmp_path / "log"
     ctrdata.write_ctr(path, rows=400, files=10, seed=2)
     cluster = Cluster(servers=1, lease_ms=5000)
@@ -127,9 +137,9 @@ def test_four_workers_each_open_only_their_own_files(tmp_path):
         data = load(path)
         source = batchsource.FileSource(data, 28, True, 3)
         for rank, tr in enumerate(trainers):
-            last, _ = source.locate(39, rank, 4)
-            done = [f for e in range(last) for f in source.files_of(rank, 4, e)]
-            own = done + source.files_of(rank, 4, last)
+            last = 39 // source.steps_per_epoch
+            done = [f for e in range(last) for f in source.plan(Place(rank, 4), e).files]
+            own = done + list(source.plan(Place(rank, 4), last).files)
             opened = tr._source.stats.files_opened
             # Its own files, in order, each once an epoch: every file of the epochs it finished,
             # then as far into the last one as it had read (ahead) when the job ended.

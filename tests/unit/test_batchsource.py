@@ -15,6 +15,7 @@ from shardps.worker.batches import BatchOrder
 from shardps.worker.datasets import load_dataset
 from shardps.worker.filedata import FileBatchStream, ReadStats
 from shardps.worker.fileorder import assign_files
+from shardps.worker.fileplan import Place
 from tests.unit.test_filedata import make_files, row_ids
 
 
@@ -60,26 +61,35 @@ def test_a_glob_without_manifest_and_named_test_files(log, tmp_path):
     assert data.rows[paths[5]] == 18 and data.num_train == 101
 
 
-def replay(data, rank, world, batch, seed, shuffle, epochs):
-    """Rank's batches for `epochs` epochs straight from FileBatchStream (docs/data.md)."""
+def replay(data, rank, world, global_batch, seed, shuffle, epochs):
+    """Rank's batches for `epochs` epochs straight from FileBatchStream (docs/data.md): every
+    epoch is L = ceil(rows / B) steps; a rank's R rows of it come in batches of ceil(R / L),
+    then empty steps to the epoch's end."""
+    steps = -(-data.num_train // global_batch)
     out = []
     for epoch in range(epochs):
         mine = assign_files(data.train_files, range(world), epoch, seed)[rank]
-        with FileBatchStream(mine, batch, epoch=epoch, seed=seed, shuffle=shuffle) as stream:
-            got = [row_ids([b]) for b in stream]
-        out += got or [[]]  # a rank without rows that epoch takes one empty step
+        rows = sum(data.rows[f] for f in mine)
+        got = []
+        if rows:
+            with FileBatchStream(mine, -(-rows // steps), epoch=epoch, seed=seed, shuffle=shuffle) as stream:
+                got = [row_ids([b]) for b in stream]
+        assert len(got) <= steps
+        out += got + [[]] * (steps - len(got))
     return out
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_steps_run_through_each_ranks_epochs_and_can_be_taken_again(log, shuffle):
+def test_steps_run_through_the_epochs_and_can_be_taken_again(log, shuffle):
     directory, _ = log
     data = batchsource.load_data(files_spec(directory), seed=0)
-    world, global_batch, seed = 3, 20, 5  # ranks take 7, 7 and 6 rows a step
+    world, global_batch, seed = 3, 20, 5  # 119 rows: 6 steps an epoch
+    per_epoch = []
     for rank in range(world):
         stats = ReadStats()
         source = batchsource.FileSource(data, global_batch, shuffle, seed, stats)
-        expected = replay(data, rank, world, 7 if rank < 2 else 6, seed, shuffle, epochs=4)
+        assert source.steps_per_epoch == 6
+        expected = replay(data, rank, world, global_batch, seed, shuffle, epochs=4)
         steps = len(expected)
         got = [row_ids_of(source.take(t, rank, world)) for t in range(steps)]
         assert got == expected
@@ -89,6 +99,10 @@ def test_steps_run_through_each_ranks_epochs_and_can_be_taken_again(log, shuffle
         source.close()
         own = {f for e in range(5) for f in assign_files(data.train_files, range(world), e, seed)[rank]}
         assert set(stats.files_opened) <= own
+        per_epoch.append([sorted(sum(expected[e * 6:(e + 1) * 6], [])) for e in range(4)])
+    # Every epoch reads every train row once, across the ranks.
+    for epoch in range(4):
+        assert sorted(sum((p[epoch] for p in per_epoch), [])) == list(range(data.num_train))
 
 
 def row_ids_of(batch):
@@ -103,20 +117,27 @@ def test_a_jump_into_an_epoch_reads_nothing_before_it(log):
     data = batchsource.load_data(files_spec(directory), seed=0)
     stats = ReadStats()
     source = batchsource.FileSource(data, 4, False, 0, stats)
-    steps = source.epoch_steps(0, 1, 0)
-    assert steps == -(-data.num_train // 4)
+    steps = source.steps_per_epoch
+    assert steps == -(-data.num_train // 4) and source.plan(Place(0, 1), 0).batch_size == 4
+    source.take(0, 0, 1)  # its first step: epoch 0 is read with rank 0 of 1
+    source.close()
+    stats.files_opened.clear()
+    stats.rows_read = 0
     first = source.take(steps - 1, 0, 1)  # the last batch of epoch 0
     assert len(first) == data.num_train - 4 * (steps - 1)
     assert stats.rows_read == len(first) and len(stats.files_opened) == 1
     source.close()
 
 
-def test_more_ranks_than_samples_in_a_batch_take_empty_batches(log):
+def test_ranks_without_files_take_empty_batches(log):
     directory, _ = log
     data = batchsource.load_data(files_spec(directory), seed=0)
-    source = batchsource.FileSource(data, 2, False, 0)
-    assert len(source.take(0, 2, 3)) == 0 and len(source.take(0, 1, 3)) == 1
-    source.close()
+    world = len(data.train_files) + 2  # more ranks than files
+    for rank in range(world):
+        source = batchsource.FileSource(data, 2, False, 0)
+        rows = sum(data.rows[f] for f in assign_files(data.train_files, range(world), 0, 0)[rank])
+        assert len(source.take(0, rank, world)) == min(rows, -(-rows // source.steps_per_epoch))
+        source.close()
 
 
 def test_memory_source_is_the_batch_orders_slice():
