@@ -17,7 +17,7 @@ import torch
 
 from shardps.proto import common_pb2, ps_pb2
 
-from . import ending, pulls, pushes
+from . import ending, pulls, pushes, rows
 from .capture import capture_at, capture_locked, load_state
 from .checkpoint import ShardState
 from .core import ShardCore
@@ -271,3 +271,28 @@ class Shard:
     def release(self, snapshot: Snapshot) -> None:
         """Hands back a snapshot; its tensor must not be used afterwards."""
         self._core.snapshots.release(snapshot)
+
+    # -- embedding tables (rows.py) -------------------------------------------------------
+
+    def init_rows(self, table: str, weights: torch.Tensor) -> None:
+        """Sets a fixed table's rows held here, in slot order (rows.init_rows)."""
+        rows.init_rows(self._core, table, weights)
+
+    def pull_rows(self, table: str, ids: torch.Tensor, min_version: int, clock: float,
+                  timeout: float, cancelled: Callable[[], bool] | None = None,
+                  ) -> tuple[bool, int, torch.Tensor | None]:
+        """(ready, version, rows of `ids`) once `min_version` is reached (rows.pull_rows)."""
+        return rows.pull_rows(self._core, table, ids, min_version, clock, timeout, cancelled)
+
+    def push_rows(self, table: str, *, worker: str, step: int, ids: torch.Tensor,
+                  grads: torch.Tensor) -> tuple[ps_pb2.PushStatus, int]:
+        """One worker's row gradient of a table for a step (rows.push_rows)."""
+        return rows.push_rows(self._core, table, worker=worker, step=step, ids=ids, rows=grads)
+
+    def tables_dim(self, table: str) -> int:
+        """A table's row width (UnknownTableError if the job has no such table)."""
+        return self._core.tables.get(table).dim
+
+    def table_rows(self, table: str) -> torch.Tensor:
+        """A copy of a fixed table's rows held here, in slot order (export, tests)."""
+        return self._core.tables.get(table).rows_in_slot_order()

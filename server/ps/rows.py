@@ -1,0 +1,90 @@
+"""Row calls on one shard's tables (ps.proto's InitRows, PullRows, PushRows): what each may
+change and when, under the shard's condition.
+
+Pure core: no gRPC. Functions take the shard's `ShardCore`. Every refusal raises before
+anything changes: TableIdError and TableRowsError (proto/tables.py) for bad ids and rows,
+UnknownTableError, and the dense push's UnknownWorkerError and StepAheadError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from shardps.proto import ps_pb2
+from shardps.proto import tables as tables_lib
+
+from . import pulls
+from .core import ShardCore
+from .errors import InvalidPushError, StepAheadError, UnknownWorkerError
+from .table_shard import TableShard
+
+
+def init_rows(core: ShardCore, name: str, rows: torch.Tensor) -> None:
+    """Sets a fixed table's rows on this shard, in slot order (rank 0 seeds them)."""
+    with core.cond:
+        core.check_open()
+        table = core.tables.get(name)
+        if rows.shape[0] != table.rows:
+            raise tables_lib.TableRowsError(
+                f"table {name!r}: shard {core.config.shard_index} holds {table.rows} rows, "
+                f"got {rows.shape[0]}")
+        table.write_rows(0, rows)
+
+
+def pull_rows(core: ShardCore, name: str, ids: torch.Tensor, min_version: int, clock: float,
+              timeout: float, cancelled: Callable[[], bool] | None = None,
+              ) -> tuple[bool, int, torch.Tensor | None]:
+    """(ready, version, rows of `ids`) once the version reaches `min_version` (and, ssp, the
+    clock gate opens) within `timeout` s; rows None when not ready."""
+    table = core.tables.get(name)
+    tables_lib.check_ids(name, ids, table.config.num_embeddings, unique_sorted=True)
+    ready = pulls.wait_for_pull(core, min_version, clock, timeout, cancelled)
+    with core.cond:
+        core.check_open()
+        if not ready:
+            return False, core.version, None
+        # Under the condition: a round closing now cannot interleave with this read.
+        return True, core.version, table.lookup(ids)
+
+
+def push_rows(core: ShardCore, name: str, *, worker: str, step: int, ids: torch.Tensor,
+              rows: torch.Tensor) -> tuple[ps_pb2.PushStatus, int]:
+    """One worker's row gradient of one table for one step: (status, version after).
+
+    sync: buffered for the step's round (ACCEPTED), STALE once it closed; async and ssp:
+    one optimizer step of the table on arrival (APPLIED). JOB_DONE once the job has ended.
+    """
+    table = core.tables.get(name)
+    tables_lib.check_ids(name, ids, table.config.num_embeddings, unique_sorted=True)
+    tables_lib.check_rows(name, ids, rows, table.dim)
+    if step < 0:
+        raise InvalidPushError(f"step must be >= 0, got {step}", "bad_step")
+    with core.cond:
+        core.check_open()
+        _check_owned(table, ids)
+        if core.frozen:
+            return ps_pb2.PUSH_STATUS_JOB_DONE, core.version
+        if worker not in core.workers:
+            raise UnknownWorkerError("worker is not a live worker of this job")
+        if not core.gate.sync:
+            table.apply(ids, rows)
+            return ps_pb2.PUSH_STATUS_APPLIED, core.version
+        if step < core.version:
+            return ps_pb2.PUSH_STATUS_STALE, core.version
+        if step > core.version:
+            raise StepAheadError(f"step ahead: rows of step {step} are ahead of the open round "
+                                 f"{core.version}")
+        core.tables.buffer_locked(step, worker, name, ids, rows)
+        return ps_pb2.PUSH_STATUS_ACCEPTED, core.version
+
+
+def _check_owned(table: TableShard, ids: torch.Tensor) -> None:
+    """TableIdError unless every id lives on this shard (a lookup of nothing checks it)."""
+    if ids.numel() and table.layout is not None:
+        server, _ = table.layout.place(ids)
+        wrong = (server != table.config.server_index).nonzero()
+        if wrong.numel():
+            raise tables_lib.TableIdError(table.name, int(ids[wrong[0, 0]]),
+                                          f"is not on shard {table.config.server_index}")
