@@ -24,6 +24,7 @@ from .core import ShardCore
 from .pushes import PushResult
 from .shard_config import check_initial_weights, validate_config
 from .snapshots import Snapshot
+from .table_config import TableStats
 
 _T = TypeVar("_T")
 OnApplied = Callable[["Shard", bool], None]
@@ -292,6 +293,10 @@ class Shard:
     def tables_dim(self, table: str) -> int:
         """A table's row width (UnknownTableError if the job has no such table)."""
         return self._core.tables.get(table).dim
+
+    def table_stats(self, table: str) -> TableStats:
+        """A table's counters here (steps, rows held, ...)."""
+        return self._core.tables.get(table).stats()
 
     def table_rows(self, table: str) -> torch.Tensor:
         """A copy of a fixed table's rows held here, in slot order (export, tests)."""

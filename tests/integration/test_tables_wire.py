@@ -3,11 +3,15 @@ training of a model with an Embedding, an EmbeddingBag with offsets and dense la
 one process with torch's modules, SparseAdam on the tables and Adam on the dense part; and the
 row RPCs refuse bad input with INVALID_ARGUMENT, changing nothing."""
 
+import grpc
 import pytest
 import torch
 
-from shardps.proto import common_pb2
+from shardps.proto import common_pb2, ps_pb2, rowcodec
 from shardps.proto.tables import FixedLayout, assemble_fixed
+from shardps.psclient.client import PSClient
+from shardps.psclient.rows import RowClient
+from shardps.server.ps.daemon import ParameterServerDaemon
 from shardps.worker import tasks
 from shardps.worker.batches import BatchOrder
 from shardps.worker.datasets import load_dataset
@@ -85,3 +89,122 @@ def test_sync_tables_match_sparse_adam_single_process(workers, servers, tol):
         assert not torch.equal(served["emb"], initial.emb.weight.detach())
     finally:
         cluster.close()
+
+
+# -- refusals over the wire -------------------------------------------------------------------
+
+DIM, ROWS = 4, 50
+ASYNC = common_pb2.CONSISTENCY_ASYNC
+
+
+@pytest.fixture
+def table_server():
+    """A standalone server holding job "tj" shard 0 (async) with one fixed table "t"
+    [50, 4] seeded with known rows; yields (server, RowClient, seeded rows)."""
+    server = ParameterServerDaemon(coordinator=None, metrics_port=0).start()
+    shard_map = common_pb2.ShardMap(version=1, shards=[common_pb2.ShardRange(
+        index=0, server_id="s0", address=server.address, offset=0, length=8)])
+    config = ps_pb2.ShardConfig(
+        optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.999,
+                                             eps=1e-8),
+        mode=ASYNC, workers=["w0"], epoch=1, layout_fingerprint="test",
+        tables=[ps_pb2.TableSpec(name="t", dim=DIM, num_embeddings=ROWS, num_shards=1,
+                                 optimizer="lazy_adam", lr=0.01, beta1=0.9, beta2=0.999,
+                                 eps=1e-8)])
+    rows = torch.arange(ROWS * DIM, dtype=torch.float32).view(ROWS, DIM) / 100
+    with PSClient("tj", shard_map, data_plane=False) as ps:
+        ps.init(torch.zeros(8), config)
+    client = RowClient("tj", shard_map, worker_id="w0", incarnation=0)
+    client.init_rows("t", 0, rows[FixedLayout("t", ROWS, 1).ids_on(0)])
+    yield server, client, rows
+    client.close()
+    server.stop(0)
+
+
+def push(client: RowClient, **fields) -> ps_pb2.PushRowsResponse:
+    """A PushRows as a hostile client may send it: `fields` replace a valid request's."""
+    ids = torch.tensor([1, 5, 7])
+    request = ps_pb2.PushRowsRequest(
+        job_id="tj", shard_index=0, table="t", worker_id="w0", step=0, batch_size=1,
+        ids=rowcodec.encode_ids(ids), rows=rowcodec.encode_rows(torch.ones(3, DIM)),
+        dtype=common_pb2.DTYPE_FLOAT32)
+    for key, value in fields.items():
+        setattr(request, key, value)
+    return client._stubs[0].PushRows(request, timeout=10)
+
+
+HOSTILE = {
+    "wrong dim": ({"rows": rowcodec.encode_rows(torch.ones(3, DIM + 1))}, "fp32 [n, 4]"),
+    "row count": ({"rows": rowcodec.encode_rows(torch.ones(2, DIM))}, "fp32[3, 4]"),
+    "NaN rows": ({"rows": rowcodec.encode_rows(torch.full((3, DIM), float("nan")))},
+                 "non-finite"),
+    "inf rows": ({"rows": rowcodec.encode_rows(torch.full((3, DIM), float("inf")))},
+                 "non-finite"),
+    "rows dtype": ({"dtype": common_pb2.DTYPE_BFLOAT16}, "DTYPE_FLOAT32"),
+    "int32 ids": ({"ids": torch.tensor([1, 5, 7], dtype=torch.int32).numpy().tobytes()},
+                  "int64"),
+    "unsorted ids": ({"ids": rowcodec.encode_ids(torch.tensor([5, 1, 7]))}, "strictly increasing"),
+    "duplicate ids": ({"ids": rowcodec.encode_ids(torch.tensor([1, 5, 5]))},
+                      "strictly increasing"),
+    "id out of range": ({"ids": rowcodec.encode_ids(torch.tensor([1, 5, 50]))},
+                        "id 50 is out of range [0, 50)"),
+    "negative id": ({"ids": rowcodec.encode_ids(torch.tensor([-3, 1, 5]))}, "id -3"),
+    "unknown table": ({"table": "nope"}, "unknown table 'nope'"),
+    "unknown worker": ({"worker_id": "w9"}, "not a live worker"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_push_rows_is_refused_and_changes_nothing(table_server, case):
+    server, client, rows = table_server
+    fields, message = HOSTILE[case]
+    with pytest.raises(grpc.RpcError) as refused:
+        push(client, **fields)
+    code = (grpc.StatusCode.FAILED_PRECONDITION if case == "unknown worker"
+            else grpc.StatusCode.INVALID_ARGUMENT)
+    assert refused.value.code() == code and message in refused.value.details()
+    if case != "unknown worker":
+        table = fields.get("table", "t")
+        assert f"table {table!r}" in refused.value.details()
+    shard = server.shards.get("tj", 0)
+    ids = torch.arange(ROWS)
+    reply, now = client.pull_rows("t", 0, ids, DIM, timeout_s=5)
+    assert reply.ready and torch.equal(now, rows) and shard.table_stats("t").steps == 0
+    # The same push, well formed, applies at once (async): the test can see a change.
+    assert push(client).status == ps_pb2.PUSH_STATUS_APPLIED
+    _, after = client.pull_rows("t", 0, ids, DIM, timeout_s=5)
+    changed = (after != rows).any(1).nonzero().flatten().tolist()
+    assert changed == [1, 5, 7] and shard.table_stats("t").steps == 1
+
+
+@pytest.mark.parametrize(("ids", "table", "message"), [
+    (torch.tensor([3, 2]), "t", "strictly increasing"),
+    (torch.tensor([0, 60]), "t", "id 60 is out of range"),
+    (torch.tensor([1]), "nope", "unknown table 'nope'"),
+])
+def test_hostile_pull_rows_is_refused(table_server, ids, table, message):
+    _, client, _ = table_server
+    with pytest.raises(grpc.RpcError) as refused:
+        client.pull_rows(table, 0, ids, DIM, timeout_s=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in refused.value.details()
+
+
+def test_bad_table_config_and_seed_rows_are_refused(table_server):
+    server, client, rows = table_server
+    with pytest.raises(grpc.RpcError) as refused:  # the shard holds 50 rows
+        client.init_rows("t", 0, torch.zeros(49, DIM))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "holds 50 rows, got 49" in refused.value.details()
+    shard_map = client.shard_map
+    bad = ps_pb2.ShardConfig(
+        optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.999,
+                                             eps=1e-8),
+        mode=ASYNC, workers=["w0"], epoch=1,
+        tables=[ps_pb2.TableSpec(name="t", dim=DIM, num_embeddings=ROWS, num_shards=1,
+                                 optimizer="sgd", lr=0.01)])
+    with PSClient("tj2", shard_map, data_plane=False) as ps, pytest.raises(grpc.RpcError) as refused:
+        ps.init(torch.zeros(8), bad)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "table 't': optimizer must be one of" in refused.value.details()
+    assert server.shards.shards("tj2") == []
