@@ -39,9 +39,13 @@ class TableSync:
         the servers with.
 
         Raises:
-            ValueError: a dynamic table (not served over the wire yet).
+            ValueError: a dynamic table (not served over the wire yet), or gradient clipping
+                (it would clip the dense part only).
         """
         self.modules: list[tuple[str, Embedding | EmbeddingBag]] = table_modules(model)
+        if self.modules and spec["optimizer"]["clip_grad_norm"] > 0:
+            raise ValueError("optimizer.clip_grad_norm is not supported with embedding tables "
+                             "yet (it would clip the dense gradient only)")
         self.initial: dict[str, torch.Tensor] = {}
         for name, module in self.modules:
             if module.num_embeddings is None:

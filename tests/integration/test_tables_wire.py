@@ -110,6 +110,19 @@ def test_tables_train_in_async_and_ssp(mode):
         cluster.close()
 
 
+def test_gradient_clipping_with_tables_fails_the_job_at_set_up():
+    """Clipping would reach the dense gradient only: the job fails, saying why."""
+    cluster = Cluster(servers=1, workers=1)
+    try:
+        raw = spec(1, 1)
+        raw["optimizer"]["clip_grad_norm"] = 1.0
+        job = cluster.wait(cluster.submit(raw))
+        assert job.state == common_pb2.JOB_STATE_FAILED, job
+        assert "clip_grad_norm is not supported with embedding tables" in job.reason
+    finally:
+        cluster.close()
+
+
 # -- refusals over the wire -------------------------------------------------------------------
 
 DIM, ROWS = 4, 50
