@@ -54,7 +54,7 @@ class TableSync:
             weight = module.attach(self, name)
             assert weight is not None
             self.initial[name] = weight.cpu()
-        self._opt = spec["optimizer"]
+        self._opt, self._tables = spec["optimizer"], spec["tables"]
         self._client: RowClient | None = None
         self._caller: Caller | None = None
         self._layouts: dict[str, FixedLayout] = {}
@@ -63,12 +63,16 @@ class TableSync:
         return bool(self.modules)
 
     def specs(self, num_shards: int) -> list[ps_pb2.TableSpec]:
-        """The tables' part of the shard config: lazy Adam with the job's lr, betas, eps."""
-        opt = self._opt
+        """The tables' part of the shard config: the spec's `tables` section, its zeros
+        taken from the job's optimizer (lr, eps; lazy Adam's betas are always the job's)."""
+        opt, tab = self._opt, self._tables
         return [ps_pb2.TableSpec(
             name=name, dim=m.embedding_dim, num_embeddings=m.num_embeddings,
-            num_shards=num_shards, optimizer="lazy_adam", lr=opt["lr"], beta1=opt["betas"][0],
-            beta2=opt["betas"][1], eps=opt["eps"]) for name, m in self.modules]
+            num_shards=num_shards, optimizer=tab["optimizer"], lr=tab["lr"] or opt["lr"],
+            beta1=opt["betas"][0], beta2=opt["betas"][1], eps=tab["eps"] or opt["eps"],
+            weight_decay=tab["weight_decay"],
+            initial_accumulator_value=tab["initial_accumulator_value"])
+            for name, m in self.modules]
 
     def bind(self, client: RowClient, caller: Caller) -> None:
         """Fetches and pushes go through `client`, each call through `caller`."""

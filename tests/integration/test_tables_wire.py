@@ -25,24 +25,52 @@ MODEL = "tests.integration.tablemodel:table_model"
 TABLES = ("emb", "bag")
 
 
-def spec(workers: int, servers: int, mode: str = "sync", steps: int = STEPS) -> dict:
+def spec(workers: int, servers: int, mode: str = "sync", steps: int = STEPS,
+         table_opt: str = "lazy_adam") -> dict:
     # Evaluations mid-way (rank 0 fetches rows without gradients) must not disturb training.
     return {"seed": SEED, "model": {"name": MODEL},
             "data": {"dataset": "digits", "batch_size": BATCH, "shuffle": False},
             "optimizer": {"lr": LR}, "consistency": {"mode": mode},
             "cluster": {"servers": servers, "workers": workers},
-            "stop": {"max_steps": steps, "eval_every": 4}}
+            "stop": {"max_steps": steps, "eval_every": 4},
+            "tables": {"optimizer": table_opt}}
 
 
-def reference() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One process: torch's modules (sparse=True), SparseAdam on the tables, fused Adam (as
-    the servers run it) on the dense part. Returns the dense flat vector and the tables."""
+class RowwiseAdagrad:
+    """The row-wise Adagrad reference (FBGEMM's exact row-wise Adagrad) on torch's sparse
+    gradients: per touched row, acc += mean(g^2); row -= lr * g / (sqrt(acc) + eps)."""
+
+    def __init__(self, tables: list[torch.nn.Parameter], lr: float, eps: float = 1e-8):
+        self.tables, self.lr, self.eps = tables, lr, eps
+        self.acc = [torch.zeros(t.shape[0]) for t in tables]
+
+    def zero_grad(self) -> None:
+        for t in self.tables:
+            t.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for table, acc in zip(self.tables, self.acc, strict=True):
+            grad = table.grad.coalesce()
+            rows, g = grad.indices()[0], grad.values()
+            total = acc.index_select(0, rows) + g.pow(2).mean(1)
+            acc.index_copy_(0, rows, total)
+            scale = self.lr / (total.sqrt() + self.eps)
+            table.index_copy_(0, rows, table.index_select(0, rows) - scale[:, None] * g)
+
+
+def reference(table_opt: str = "lazy_adam") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One process: torch's modules (sparse=True), SparseAdam (or the row-wise Adagrad
+    reference) on the tables, fused Adam (as the servers run it) on the dense part. Returns
+    the dense flat vector and the tables."""
     data = load_dataset("digits", {}, SEED)
     torch.manual_seed(SEED)
     model = table_model(data.info, sparse=True)
     tables = [p for n, p in model.named_parameters() if n.split(".")[0] in TABLES]
     dense = [p for n, p in model.named_parameters() if n.split(".")[0] not in TABLES]
-    opts = [torch.optim.SparseAdam(tables, lr=LR), torch.optim.Adam(dense, lr=LR, fused=True)]
+    table_step = (torch.optim.SparseAdam(tables, lr=LR) if table_opt == "lazy_adam"
+                  else RowwiseAdagrad(tables, lr=LR))
+    opts = [table_step, torch.optim.Adam(dense, lr=LR, fused=True)]
     order = BatchOrder(data.num_train, BATCH, False, SEED)
     for t in range(STEPS):
         for opt in opts:
@@ -67,21 +95,23 @@ def served_tables(cluster: Cluster, job_id: str) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize(("workers", "servers", "tol"), [(1, 1, 1e-6), (3, 2, 1e-5)])
-def test_sync_tables_match_sparse_adam_single_process(workers, servers, tol):
+@pytest.mark.parametrize(("workers", "servers", "tol", "table_opt"), [
+    (1, 1, 1e-6, "lazy_adam"), (3, 2, 1e-5, "lazy_adam"), (1, 1, 1e-6, "adagrad"),
+    (3, 2, 1e-5, "adagrad")])
+def test_sync_tables_match_the_single_process_reference(workers, servers, tol, table_opt):
     cluster = Cluster(servers=servers, workers=workers)
     try:
-        job_id = cluster.submit(spec(workers, servers))
+        job_id = cluster.submit(spec(workers, servers, table_opt=table_opt))
         job = cluster.wait(job_id)
         assert job.state == common_pb2.JOB_STATE_COMPLETED, job
         # Every worker pushed every step to every shard.
         assert [i.pushes_applied for i in cluster.shard_infos(job_id)] == [STEPS * workers] * servers
-        flat, tables = reference()
+        flat, tables = reference(table_opt)
         served = served_tables(cluster, job_id)
         dense = cluster.weights(job_id)
         dense_diff = float((dense - flat).abs().max())
         table_diff = {n: float((served[n] - tables[n]).abs().max()) for n in TABLES}
-        print(f"{workers} workers, {servers} servers: dense {dense_diff:.3g}, tables {table_diff}")
+        print(f"{table_opt}, {workers} workers, {servers} servers: dense {dense_diff:.3g}, tables {table_diff}")
         assert dense.numel() == flat.numel()  # the tables stayed out of the flat layout
         assert dense_diff <= tol and max(table_diff.values()) <= tol
         # The tables moved: a frozen table would equal its initial rows.
