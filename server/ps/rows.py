@@ -53,8 +53,10 @@ def push_rows(core: ShardCore, name: str, *, worker: str, step: int, ids: torch.
               rows: torch.Tensor) -> tuple[ps_pb2.PushStatus, int]:
     """One worker's row gradient of one table for one step: (status, version after).
 
-    sync: buffered for the step's round (ACCEPTED), STALE once it closed; async and ssp:
-    one optimizer step of the table on arrival (APPLIED). JOB_DONE once the job has ended.
+    sync: buffered for the step's round (ACCEPTED; a retry replaces it), STALE once it
+    closed; async and ssp: one optimizer step of the table on arrival (APPLIED), DUPLICATE
+    for a step of this worker and table at or before one already applied (a retry). JOB_DONE
+    once the job has ended.
     """
     table = core.tables.get(name)
     tables_lib.check_ids(name, ids, table.config.num_embeddings, unique_sorted=True)
@@ -69,7 +71,10 @@ def push_rows(core: ShardCore, name: str, *, worker: str, step: int, ids: torch.
         if worker not in core.workers:
             raise UnknownWorkerError("worker is not a live worker of this job")
         if not core.gate.sync:
+            if step <= core.tables.applied.get((worker, name), -1):
+                return ps_pb2.PUSH_STATUS_DUPLICATE, core.version
             table.apply(ids, rows)
+            core.tables.applied[(worker, name)] = step
             return ps_pb2.PUSH_STATUS_APPLIED, core.version
         if step < core.version:
             return ps_pb2.PUSH_STATUS_STALE, core.version

@@ -91,6 +91,9 @@ class ShardTables:
             for spec in config.tables}
         # sync: step -> worker -> table -> (ids, rows) pushed for that step's round.
         self.pending: dict[int, dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
+        # async, ssp: (worker, table) -> the last step applied, so a retried push (its reply
+        # lost) is not applied twice.
+        self.applied: dict[tuple[str, str], int] = {}
 
     def __bool__(self) -> bool:
         return bool(self.tables)
