@@ -182,7 +182,7 @@ class GetShardInfoRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("job_id", "shard_index", "offset", "length", "version", "adam_step", "state", "pushes_applied", "worker_clocks", "max_clock_spread", "short_rounds", "live_workers", "epoch")
+    __slots__ = ("job_id", "shard_index", "offset", "length", "version", "adam_step", "state", "pushes_applied", "worker_clocks", "max_clock_spread", "short_rounds", "live_workers", "epoch", "tables")
     class WorkerClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,7 @@ class ShardInfo(_message.Message):
     SHORT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     offset: int
@@ -216,7 +217,8 @@ class ShardInfo(_message.Message):
     short_rounds: int
     live_workers: _containers.RepeatedScalarFieldContainer[str]
     epoch: int
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., version: _Optional[int] = ..., adam_step: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., pushes_applied: _Optional[int] = ..., worker_clocks: _Optional[_Mapping[str, int]] = ..., max_clock_spread: _Optional[int] = ..., short_rounds: _Optional[int] = ..., live_workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[TableSpec]
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., version: _Optional[int] = ..., adam_step: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., pushes_applied: _Optional[int] = ..., worker_clocks: _Optional[_Mapping[str, int]] = ..., max_clock_spread: _Optional[int] = ..., short_rounds: _Optional[int] = ..., live_workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ...) -> None: ...
 
 class GetShardInfoResponse(_message.Message):
     __slots__ = ("shards",)

@@ -11,6 +11,7 @@ import grpc
 import torch
 
 from shardps.proto import common_pb2, ps_pb2, ps_pb2_grpc, rowcodec
+from shardps.proto.tables import FixedLayout
 from shardps.runtime import rpc
 
 
@@ -75,3 +76,27 @@ class RowClient:
             incarnation=self.incarnation, step=step, batch_size=batch_size,
             ids=rowcodec.encode_ids(ids), rows=rowcodec.encode_rows(rows),
             dtype=common_pb2.DTYPE_FLOAT32), timeout=rpc.TRANSFER_DEADLINE_S)
+
+
+# Rows per PullRows when a whole table is read (export): about this many bytes per message.
+READ_BYTES = 1 << 20
+
+
+def read_table(client: RowClient, spec: ps_pb2.TableSpec, versions: list[int],
+               timeout_s: float = rpc.CONTROL_DEADLINE_S) -> torch.Tensor | None:
+    """A fixed table's rows [num_embeddings, dim] in id order, from every shard, each read at
+    the version given for it (`versions`, by shard index: the dense pull's); None if some
+    shard has moved past it (read again)."""
+    layout = FixedLayout(spec.name, spec.num_embeddings, spec.num_shards)
+    step = max(1, READ_BYTES // (4 * spec.dim))
+    out = torch.empty((spec.num_embeddings, spec.dim), dtype=torch.float32)
+    for shard in range(spec.num_shards):
+        ids = torch.sort(layout.ids_on(shard)).values  # the wire takes ids sorted
+        for lo in range(0, ids.numel(), step):
+            piece = ids[lo : lo + step]
+            reply, rows = client.pull_rows(spec.name, shard, piece, spec.dim,
+                                           min_version=versions[shard], timeout_s=timeout_s)
+            if rows is None or reply.version != versions[shard]:
+                return None
+            out[piece] = rows
+    return out

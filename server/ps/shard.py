@@ -141,7 +141,8 @@ class Shard:
                 length=self.length, version=core.version, adam_step=core.adam_step,
                 state=core.job_state, pushes_applied=core.pushes_applied,
                 worker_clocks=dict(core.gate.clocks), max_clock_spread=core.gate.max_clock_spread,
-                short_rounds=core.gate.short_rounds, live_workers=core.workers, epoch=core.epoch)
+                short_rounds=core.gate.short_rounds, live_workers=core.workers, epoch=core.epoch,
+                tables=self.config.tables)
 
     def resident_bytes(self) -> int:
         """Bytes of fp32 weights plus Adam's m and v (once the first step created them)."""

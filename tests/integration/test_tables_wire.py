@@ -98,7 +98,8 @@ def served_tables(cluster: Cluster, job_id: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("workers", "servers", "tol", "table_opt"), [
     (1, 1, 1e-6, "lazy_adam"), (3, 2, 1e-5, "lazy_adam"), (1, 1, 1e-6, "adagrad"),
     (3, 2, 1e-5, "adagrad")])
-def test_sync_tables_match_the_single_process_reference(workers, servers, tol, table_opt):
+def test_sync_tables_match_the_single_process_reference(workers, servers, tol, table_opt,
+                                                       tmp_path):
     cluster = Cluster(servers=servers, workers=workers)
     try:
         job_id = cluster.submit(spec(workers, servers, table_opt=table_opt))
@@ -118,6 +119,15 @@ def test_sync_tables_match_the_single_process_reference(workers, servers, tol, t
         torch.manual_seed(SEED)
         initial = table_model(load_dataset("digits", {}, SEED).info)
         assert not torch.equal(served["emb"], initial.emb.weight.detach())
+        # Export writes the tables as the torch modules' weights: they load as they are.
+        path = tmp_path / "model.pt"
+        cluster.client.export_to(job_id, path)
+        initial.load_state_dict(torch.load(path, weights_only=True), strict=True)
+        for name in TABLES:
+            assert torch.equal(getattr(initial, name).weight.detach(), served[name])
+        loaded = [p.detach().flatten() for n, p in initial.named_parameters()
+                  if n.split(".")[0] not in TABLES]
+        assert torch.equal(torch.cat(loaded), dense)
     finally:
         cluster.close()
 
