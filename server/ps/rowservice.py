@@ -25,13 +25,16 @@ class RowService:
         self.shards = shards
         self.stopping = False
 
-    def _shard(self, job_id: str, index: int) -> Shard:
+    def _shard(self, job_id: str, index: int, table: str) -> Shard:
+        """The shard, once the request's identifiers pass names.check (a table name is a
+        module path: the same rule), so no reply echoes a caller's bytes unbounded."""
         names.check(job_id, "job_id")
+        names.check(table, "table")
         return self.shards.get(job_id, index)
 
     def init_rows(self, request: ps_pb2.InitRowsRequest) -> ps_pb2.InitRowsResponse:
         try:
-            shard = self._shard(request.job_id, request.shard_index)
+            shard = self._shard(request.job_id, request.shard_index, request.table)
             dim = shard.tables_dim(request.table)
             shard.init_rows(request.table, rowcodec.decode_rows(request.table, request.rows, dim))
         except _REFUSED as exc:
@@ -41,7 +44,7 @@ class RowService:
     def pull_rows(self, request: ps_pb2.PullRowsRequest,
                   is_active: Callable[[], bool]) -> ps_pb2.PullRowsResponse:
         try:
-            shard = self._shard(request.job_id, request.shard_index)
+            shard = self._shard(request.job_id, request.shard_index, request.table)
             ids = rowcodec.decode_ids(request.table, request.ids)
             clock = request.clock if shard.mode == common_pb2.CONSISTENCY_SSP else 0
             timeout = min(max(request.timeout_ms, 0) / 1000, MAX_PULL_WAIT_S)
@@ -58,7 +61,7 @@ class RowService:
     def push_rows(self, request: ps_pb2.PushRowsRequest) -> ps_pb2.PushRowsResponse:
         try:
             names.check(request.worker_id, "worker_id")
-            shard = self._shard(request.job_id, request.shard_index)
+            shard = self._shard(request.job_id, request.shard_index, request.table)
             if request.dtype != common_pb2.DTYPE_FLOAT32:
                 raise TableRowsError(f"table {request.table!r}: rows must be DTYPE_FLOAT32, got "
                                      f"{common_pb2.DType.Name(request.dtype)}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shardps.proto import names as names_lib
 from shardps.proto import ps_pb2
 from shardps.proto.tables import FixedLayout
 
@@ -70,6 +71,10 @@ def make_optimizer(spec: ps_pb2.TableSpec) -> RowOptimizer:
 
 def validate_tables(config: ps_pb2.ShardConfig) -> None:
     """Raises InvalidConfigError unless every table of the config can be built."""
+    for spec in config.tables:
+        if not names_lib.is_valid(spec.name):
+            raise InvalidConfigError(f"bad table name {names_lib.shown(spec.name)}: "
+                                     f"{names_lib.RULE.format(n=names_lib.MAX_LEN)}")
     names = [t.name for t in config.tables]
     if len(set(names)) != len(names):
         raise InvalidConfigError("table names are not unique")
