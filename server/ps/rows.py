@@ -3,7 +3,7 @@ change and when, under the shard's condition.
 
 Pure core: no gRPC. Functions take the shard's `ShardCore`. Every refusal raises before
 anything changes: TableIdError and TableRowsError (proto/tables.py) for bad ids and rows,
-UnknownTableError, and the dense push's UnknownWorkerError and StepAheadError.
+UnknownTableError, and the dense push's FencedError, UnknownWorkerError and StepAheadError.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from shardps.proto import tables as tables_lib
 
 from . import pulls
 from .core import ShardCore
-from .errors import InvalidPushError, StepAheadError, UnknownWorkerError
+from .errors import InvalidPushError, StepAheadError
 from .table_shard import TableShard
 
 
@@ -49,8 +49,8 @@ def pull_rows(core: ShardCore, name: str, ids: torch.Tensor, min_version: int, c
         return True, core.version, table.lookup(ids)
 
 
-def push_rows(core: ShardCore, name: str, *, worker: str, step: int, ids: torch.Tensor,
-              rows: torch.Tensor) -> tuple[ps_pb2.PushStatus, int]:
+def push_rows(core: ShardCore, name: str, *, worker: str, incarnation: int = 0, step: int,
+              ids: torch.Tensor, rows: torch.Tensor) -> tuple[ps_pb2.PushStatus, int]:
     """One worker's row gradient of one table for one step: (status, version after).
 
     sync: buffered for the step's round (ACCEPTED; a retry replaces it), STALE once it
@@ -68,8 +68,10 @@ def push_rows(core: ShardCore, name: str, *, worker: str, step: int, ids: torch.
         _check_owned(table, ids)
         if core.frozen:
             return ps_pb2.PUSH_STATUS_JOB_DONE, core.version
-        if worker not in core.workers:
-            raise UnknownWorkerError("worker is not a live worker of this job")
+        # A fenced incarnation is refused, a step its dense push already applied is a retry.
+        early = core.fencing.check(worker, incarnation, step, core.workers)
+        if early is not None:
+            return early, core.version
         if not core.gate.sync:
             if step <= core.tables.applied.get((worker, name), -1):
                 return ps_pb2.PUSH_STATUS_DUPLICATE, core.version

@@ -70,8 +70,9 @@ class RowService:
             dim = shard.tables_dim(request.table)
             ids = rowcodec.decode_ids(request.table, request.ids)
             rows = rowcodec.decode_rows(request.table, request.rows, dim)
-            status, version = shard.push_rows(request.table, worker=request.worker_id,
-                                              step=request.step, ids=ids, grads=rows)
+            status, version = shard.push_rows(
+                request.table, worker=request.worker_id, incarnation=request.incarnation,
+                step=request.step, ids=ids, grads=rows)
         except _REFUSED as exc:
             raise refusal(exc) from None
         return ps_pb2.PushRowsResponse(status=status, version=version)

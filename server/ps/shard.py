@@ -286,10 +286,11 @@ class Shard:
         """(ready, version, rows of `ids`) once `min_version` is reached (rows.pull_rows)."""
         return rows.pull_rows(self._core, table, ids, min_version, clock, timeout, cancelled)
 
-    def push_rows(self, table: str, *, worker: str, step: int, ids: torch.Tensor,
-                  grads: torch.Tensor) -> tuple[ps_pb2.PushStatus, int]:
+    def push_rows(self, table: str, *, worker: str, incarnation: int = 0, step: int,
+                  ids: torch.Tensor, grads: torch.Tensor) -> tuple[ps_pb2.PushStatus, int]:
         """One worker's row gradient of a table for a step (rows.push_rows)."""
-        return rows.push_rows(self._core, table, worker=worker, step=step, ids=ids, rows=grads)
+        return rows.push_rows(self._core, table, worker=worker, incarnation=incarnation,
+                              step=step, ids=ids, rows=grads)
 
     def tables_dim(self, table: str) -> int:
         """A table's row width (UnknownTableError if the job has no such table)."""

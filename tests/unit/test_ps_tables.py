@@ -7,7 +7,12 @@ import torch
 
 from shardps.proto import common_pb2, ps_pb2
 from shardps.proto.tables import FixedLayout, TableIdError, TableRowsError
-from shardps.server.ps.errors import InvalidConfigError, StepAheadError, UnknownWorkerError
+from shardps.server.ps.errors import (
+    FencedError,
+    InvalidConfigError,
+    StepAheadError,
+    UnknownWorkerError,
+)
 from shardps.server.ps.shard import Shard
 from shardps.server.ps.table_optim import LazyAdam, RowGrads, combine
 from shardps.server.ps.tables import UnknownTableError
@@ -56,11 +61,13 @@ def test_sync_round_applies_the_batch_weighted_rows_when_the_dense_round_closes(
     LazyAdam(lr=0.1).step(expected, {"exp_avg": torch.zeros_like(expected),
                                       "exp_avg_sq": torch.zeros_like(expected)}, gids, grads)
     assert torch.equal(rows_of(shard, ids), expected)
-    # The round has closed: a late push is STALE, one beyond the open round ahead.
+    # The round has closed: a retry is DUPLICATE (its dense push was applied), a push beyond
+    # the open round ahead; neither changes anything.
     assert shard.push_rows("t", worker="a", step=0, ids=ga[0], grads=ga[1])[0] == (
-        ps_pb2.PUSH_STATUS_STALE)
+        ps_pb2.PUSH_STATUS_DUPLICATE)
     with pytest.raises(StepAheadError):
         shard.push_rows("t", worker="a", step=5, ids=ga[0], grads=ga[1])
+    assert torch.equal(rows_of(shard, ids), expected) and shard.table_stats("t").steps == 1
 
 
 def test_sync_round_without_rows_still_counts_a_table_step():
@@ -101,6 +108,18 @@ def test_refused_pushes_change_nothing(kwargs, error, message):
     with pytest.raises(error, match=message):
         shard.push_rows(call.pop("table"), step=0, **call)
     assert torch.equal(rows_of(shard, ids), before) and shard.table_stats("t").steps == 0
+
+
+def test_a_fenced_incarnation_is_refused_and_a_step_already_pushed_is_a_duplicate():
+    shard = make_shard(ASYNC)
+    ids, grads = torch.tensor([2]), torch.ones(1, DIM)
+    shard.fence({"w0": 2})
+    with pytest.raises(FencedError):
+        shard.push_rows("t", worker="w0", incarnation=1, step=0, ids=ids, grads=grads)
+    shard.push(torch.zeros(N), worker_id="w0", incarnation=2, step=0)
+    assert shard.push_rows("t", worker="w0", incarnation=2, step=0, ids=ids, grads=grads)[0] == (
+        ps_pb2.PUSH_STATUS_DUPLICATE)
+    assert shard.table_stats("t").steps == 0
 
 
 def test_ids_of_another_shard_are_refused_naming_the_id():
