@@ -234,7 +234,10 @@ class CoordinatorClient:
             versions = self._pull_weights(job_id, info, flat)
             problem = mixed_versions(info, versions)
             if not problem:
-                return layout.unflatten(flat, info.layout), versions
+                tables = self._pull_tables(job_id, info, versions)
+                if tables is not None:  # fixed tables: "<module>.weight", as in the model
+                    return {**layout.unflatten(flat, info.layout), **tables}, versions
+                problem = "a shard moved on while its tables were read"
             if time.monotonic() > deadline:
                 raise ClientError(f"job {job_id}: {problem}; refusing to export a mixed model")
             time.sleep(0.25)
@@ -252,6 +255,36 @@ class CoordinatorClient:
         if not result.ready:
             raise ClientError(f"servers of {job_id} did not serve its weights in time")
         return list(result.versions)
+
+    def _pull_tables(self, job_id: str, info: coordinator_pb2.JobInfo,
+                     versions: list[int]) -> dict[str, torch.Tensor] | None:
+        """The job's embedding tables (docs/tables.md) as `<name>.weight` tensors, each shard
+        read at its version in `versions`; None if one has moved on since."""
+        from shardps.psclient import rows as psrows
+
+        at = {s.index: v for s, v in zip(info.shard_map.shards, versions, strict=True)}
+        first = info.shard_map.shards[0]
+        try:
+            with rpc.make_channel(first.address) as channel:
+                shards = ps_pb2_grpc.ParameterServerStub(channel).GetShardInfo(
+                    ps_pb2.GetShardInfoRequest(job_id=job_id), timeout=rpc.CONTROL_DEADLINE_S).shards
+            specs = [t for s in shards if s.shard_index == first.index for t in s.tables]
+            if not specs:
+                return {}
+            client = psrows.RowClient(job_id, info.shard_map)
+            try:
+                out = {}
+                for spec in specs:
+                    table = psrows.read_table(client, spec, [at[i] for i in range(len(at))])
+                    if table is None:
+                        return None
+                    out[f"{spec.name}.weight"] = table
+                return out
+            finally:
+                client.close()
+        except grpc.RpcError as exc:
+            raise ClientError(f"reading the tables of {job_id} failed: "
+                              f"{exc.details() or exc.code().name}", exc.code()) from None
 
     def export_to(self, job_id: str, path: Path) -> tuple[int, int, list[int]]:
         """Writes the job's weights to `path` as a state_dict (atomically: temp file, rename).

@@ -74,6 +74,21 @@ class ParameterServerStub:
                 request_serializer=shardps_dot_v1_dot_ps__pb2.GetDataPlaneRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_ps__pb2.GetDataPlaneResponse.FromString,
                 _registered_method=True)
+        self.InitRows = channel.unary_unary(
+                '/shardps.v1.ParameterServer/InitRows',
+                request_serializer=shardps_dot_v1_dot_ps__pb2.InitRowsRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.InitRowsResponse.FromString,
+                _registered_method=True)
+        self.PullRows = channel.unary_unary(
+                '/shardps.v1.ParameterServer/PullRows',
+                request_serializer=shardps_dot_v1_dot_ps__pb2.PullRowsRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.PullRowsResponse.FromString,
+                _registered_method=True)
+        self.PushRows = channel.unary_unary(
+                '/shardps.v1.ParameterServer/PushRows',
+                request_serializer=shardps_dot_v1_dot_ps__pb2.PushRowsRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.PushRowsResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -145,6 +160,32 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InitRows(self, request, context):
+        """Embedding tables (docs/tables.md): rows held row-sharded beside the job's dense shards;
+        each table's rows are spread over the job's shards by proto/tables.py (FixedLayout), the
+        table's "server" index being the shard index. Over gRPC only for now (no data plane).
+        Sets a fixed table's initial rows on one shard (rank 0, after InitShard).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullRows(self, request, context):
+        """Reads rows by id once the shard's version reaches min_version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushRows(self, request, context):
+        """Sends one worker's coalesced row gradient of one table for one step. sync: buffered and
+        applied when the step's round closes (the dense Push of the last worker closes it, so a
+        worker sends PushRows before its dense Push); async and ssp: applied on arrival.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +228,21 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.GetDataPlane,
                     request_deserializer=shardps_dot_v1_dot_ps__pb2.GetDataPlaneRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_ps__pb2.GetDataPlaneResponse.SerializeToString,
+            ),
+            'InitRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitRows,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.InitRowsRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.InitRowsResponse.SerializeToString,
+            ),
+            'PullRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullRows,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.PullRowsRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.PullRowsResponse.SerializeToString,
+            ),
+            'PushRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushRows,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.PushRowsRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.PushRowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -405,6 +461,87 @@ class ParameterServer:
             '/shardps.v1.ParameterServer/GetDataPlane',
             shardps_dot_v1_dot_ps__pb2.GetDataPlaneRequest.SerializeToString,
             shardps_dot_v1_dot_ps__pb2.GetDataPlaneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ParameterServer/InitRows',
+            shardps_dot_v1_dot_ps__pb2.InitRowsRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.InitRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ParameterServer/PullRows',
+            shardps_dot_v1_dot_ps__pb2.PullRowsRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.PullRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ParameterServer/PushRows',
+            shardps_dot_v1_dot_ps__pb2.PushRowsRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.PushRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,7 @@ METRICS = {"accuracy": True, "loss": False, "mse": False, "perplexity": False,
 CONSISTENCY_MODES = ("sync", "ssp", "async")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "linear_warmup", "cosine")
+TABLE_OPTIMIZERS = ("lazy_adam", "adagrad")  # embedding tables' row-wise optimizers
 TRANSPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 # -- limits ----------------------------------------------------------------------------------
@@ -279,6 +280,15 @@ SCHEMA: dict[str, Any] = {
         "every_steps": (_int(0, MAX_STEPS), 0),
         "keep": (_int(1, 1000), 3),
     },
+    # The model's embedding tables (docs/tables.md). lr and eps 0 take the job's optimizer
+    # values; a non-zero eps is at least MIN_EPS, as the optimizer's.
+    "tables": {
+        "optimizer": (_choice(TABLE_OPTIMIZERS), "lazy_adam"),
+        "lr": (_float(0.0, FP32_MAX), 0.0),
+        "eps": (_float(0.0, FP32_MAX), 0.0),
+        "weight_decay": (_float(0.0, MAX_WEIGHT_DECAY), 0.0),  # adagrad only
+        "initial_accumulator_value": (_float(0.0, FP32_MAX), 0.0),  # adagrad only
+    },
 }
 
 
@@ -361,6 +371,14 @@ class CheckpointSpec(TypedDict):
     keep: ReadOnly[int]
 
 
+class TablesSpec(TypedDict):
+    optimizer: ReadOnly[str]  # one of TABLE_OPTIMIZERS
+    lr: ReadOnly[float]  # 0: optimizer.lr
+    eps: ReadOnly[float]  # 0: optimizer.eps
+    weight_decay: ReadOnly[float]  # adagrad: L2 added to the row gradient
+    initial_accumulator_value: ReadOnly[float]  # adagrad
+
+
 class JobSpec(TypedDict):
     """A normalised job spec (parse_spec, validate): every key present, defaults filled in."""
 
@@ -374,6 +392,7 @@ class JobSpec(TypedDict):
     transport: ReadOnly[TransportSpec]
     stop: ReadOnly[StopSpec]
     checkpoint: ReadOnly[CheckpointSpec]
+    tables: ReadOnly[TablesSpec]
 
 
 def _apply(schema: dict[str, Any], data: Any, prefix: str) -> dict[str, Any]:
@@ -441,6 +460,9 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
         # Decoupled decay scales every weight by 1 - lr * weight_decay per step.
         raise SpecError("optimizer.weight_decay",
                         f"adamw needs lr * weight_decay <= 1, got {opt['lr'] * opt['weight_decay']:g}")
+    if 0 < spec["tables"]["eps"] < MIN_EPS:
+        raise SpecError("tables.eps", f"must be 0 (the job's) or at least {MIN_EPS:g}, got "
+                                      f"{spec['tables']['eps']:g}")
     mode = spec["consistency"]["mode"]
     if mode != "ssp" and spec["consistency"]["staleness"]:
         raise SpecError("consistency.staleness", f"only applies to mode ssp, not {mode}")

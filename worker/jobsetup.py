@@ -15,7 +15,7 @@ import torch
 from shardps.proto import common_pb2, coordinator_pb2
 from shardps.proto import spec as spec_lib
 from shardps.proto.states import FINAL_STATES
-from shardps.worker import batchsource, recovery
+from shardps.worker import batchsource, recovery, tablesync
 from shardps.worker.coordclient import Cancelled
 from shardps.worker.decisions import metric_problem, shard_config, step_budget, worker_ids
 from shardps.worker.flat import FlatParams
@@ -50,6 +50,7 @@ class Prepared:
     model: torch.nn.Module
     flat: FlatParams
     budget: int
+    tables: tablesync.TableSync | None = None  # the model's embedding tables, attached
 
 
 def get_job(ctx: JobContext,
@@ -87,9 +88,11 @@ def prepare(ctx: JobContext, job: coordinator_pb2.JobInfo) -> Prepared:
         torch.manual_seed(spec["seed"])
         model = ctx.guard(f"model {spec['model']['name']!r}", lambda: build_model(
             spec["model"]["name"], spec["model"]["kwargs"], data.info))
+    # Tables first: an attached table gives up its weight, which so stays out of the flat layout.
+    tables = ctx.guard("embedding tables", lambda: tablesync.attach(model, spec))
     flat = FlatParams(model, ctx.device)
     budget = step_budget(spec["stop"], data.num_train, data_spec["batch_size"])
-    return Prepared(spec, data, model, flat, budget)
+    return Prepared(spec, data, model, flat, budget, tables)
 
 
 def initialise(ctx: JobContext, job: coordinator_pb2.JobInfo, prepared: Prepared,
@@ -118,7 +121,12 @@ def initialise(ctx: JobContext, job: coordinator_pb2.JobInfo, prepared: Prepared
         logger.info("job %s resumes job %s from checkpoint version %s", ctx.job_id,
                     job.resume_from, config.resume_version if config.resume_version >= 0
                     else "newest")
+    if prepared.tables:
+        config.tables.extend(prepared.tables.specs(len(shard_map.shards)))
     shards.init(flat.weights_cpu(), config)
+    if prepared.tables:
+        prepared.tables.bind(shards.rows, shards)
+        prepared.tables.seed()
     reply = ctx.coordinator.call("ActivateJob", coordinator_pb2.ActivateJobRequest(
         job_id=ctx.job_id, node_id=ctx.node_id, incarnation=ctx.incarnation))
     if reply.state != common_pb2.JOB_STATE_RUNNING:

@@ -14,6 +14,7 @@ import torch
 
 from shardps.proto import coordinator_pb2, ps_pb2
 from shardps.proto.common_pb2 import DType, ShardMap
+from shardps.psclient.rows import RowClient
 from shardps.runtime.backoff import Backoff
 from shardps.worker import recovery
 from shardps.worker.coordclient import Unreachable
@@ -60,9 +61,13 @@ class JobShards:
             factory, ctx.job_id, shard_map, dtype=dtype, chunk_bytes=chunk_bytes,
             worker_id=ctx.node_id, incarnation=ctx.incarnation)
         self._resync_to: int | None = None  # while a rollback is taken: the version to reach
+        # The embedding tables' row calls (worker/tablesync.py), following the same map.
+        self.rows = RowClient(ctx.job_id, shard_map, worker_id=ctx.node_id,
+                              incarnation=ctx.incarnation)
 
     def close(self) -> None:
         self._client.close()
+        self.rows.close()
 
     def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None:
         """InitShard on every server (rank 0 of a new job)."""
@@ -166,6 +171,7 @@ class JobShards:
                 job_id=ctx.job_id), attempts=1).job
         except (grpc.RpcError, Unreachable):
             return
+        self.rows.remap(job.shard_map)
         if self._client.remap(job.shard_map):
             logger.info("job %s: shard map version %d: %s", ctx.job_id, job.shard_map.version,
                         ", ".join(f"{s.index}@{s.address}" for s in job.shard_map.shards))

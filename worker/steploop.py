@@ -47,6 +47,8 @@ class StepLoop:
         self.source = batchsource.open_source(
             job.data, spec["data"], spec["seed"], ctx.metrics.files_read.labels(job=ctx.job_id).inc)
         self.evaluated = 0  # the last step evaluated: replayed steps are not evaluated again
+        if job.tables:  # embedding tables fetch and push through the job's row client
+            job.tables.bind(shards.rows, shards)
 
     def run(self) -> None:
         """Steps until the budget (forever if 0), then finishes; raises End otherwise.
@@ -90,6 +92,8 @@ class StepLoop:
         batch = self.source.take(step, assignment.rank, assignment.world_size)
         loss = self._compute(step, batch)
         grad = job.flat.host_grad()
+        if job.tables:  # before the dense push, which may close the sync round
+            job.tables.push(step, len(batch))
         computed = clock()
         # sync: the next step's pull goes out right behind the push (its answer, version
         # step + 1, is one set of weights whenever it is asked for).

@@ -24,6 +24,7 @@ import grpc
 import torch
 
 from shardps.proto import codec, common_pb2, names, ps_pb2
+from shardps.proto.tables import TableIdError, TableRowsError
 
 from .errors import (
     FencedError,
@@ -40,6 +41,7 @@ from .pushes import unpushable
 from .registry import ShardRegistry
 from .shard import Shard
 from .snapshots import Snapshot
+from .tables import UnknownTableError
 
 log = logging.getLogger("shardps.ps")
 
@@ -55,6 +57,10 @@ CODES = {
     StepAheadError: grpc.StatusCode.FAILED_PRECONDITION,
     InvalidPushError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    # Embedding tables (rows.py): the message names the table (and the id).
+    UnknownTableError: grpc.StatusCode.INVALID_ARGUMENT,
+    TableIdError: grpc.StatusCode.INVALID_ARGUMENT,
+    TableRowsError: grpc.StatusCode.INVALID_ARGUMENT,
 }
 _STATUS_NAMES = {
     value: name.removeprefix("PUSH_STATUS_").lower()

@@ -21,9 +21,13 @@ from shardps.proto import coordinator_pb2
 from .ckpt_metrics import CheckpointMetrics
 from .ckpt_writer import CheckpointWriter
 from .datadir import DataDir
+from .errors import InvalidConfigError
 from .recovery import Recovery
 from .reports import RestoreReports
 from .shard import Shard
+
+TABLES_NOT_CHECKPOINTED = ("embedding tables are not checkpointed yet: run a job with tables "
+                           "on servers without --data-dir")
 
 log = logging.getLogger("shardps.ps")
 
@@ -58,6 +62,8 @@ class Checkpointer:
         InvalidConfigError if a job id is not a valid one or a resume checkpoint is missing or
         does not fit, OSError if its directory cannot be created.
         """
+        if shard.config.tables:  # refused, not run unsafely: a restore would lose the rows
+            raise InvalidConfigError(TABLES_NOT_CHECKPOINTED)
         fresh = not shard.restored
         if fresh and shard.config.resume_from_job:
             self.recovery.resume(shard)

@@ -26,6 +26,7 @@ from .errors import ShardClosedError
 from .fencing import Fencing
 from .gate import Gate, round_terms
 from .snapshots import SnapshotCache
+from .tables import Member, ShardTables
 from .updater import Terms, Updater
 
 
@@ -74,6 +75,7 @@ class ShardCore:
         self.snapshots = SnapshotCache(self.cond, self.updater.weights, self.staging)
         self.captures = ForcedCaptures(self.cond)
         self.on_applied: Callable[[bool], None] | None = None
+        self.tables = ShardTables(config)  # the job's embedding tables (tables.py)
 
     @property
     def frozen(self) -> bool:
@@ -95,10 +97,14 @@ class ShardCore:
     def close_round(self) -> float | None:
         """Steps on the open sync round's live contributions; None if none was left (it stays
         open). Returns the seconds spent, the mean and the bookkeeping included."""
+        members = [Member(w, self.gate.round[w].batch_size) for w in self.workers
+                   if w in self.gate.round]
         parts = self.gate.take_round(self.workers, self.version)
         if not parts:
             return None
         start = time.perf_counter()
+        if self.tables:
+            self.tables.close_round_locked(self.version, members)
         self.step(round_terms(parts))
         self.applied(len(parts))
         for part in parts:

@@ -28,6 +28,7 @@ from .bulk import BulkOps, DropReplies, Refused, refusal
 from .errors import ShardError
 from .metrics import PSMetrics
 from .registry import ShardRegistry
+from .rowservice import RowService
 from .shard import Shard
 from .shard_config import validate_config
 
@@ -49,10 +50,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.metrics = metrics
         self.bulk = BulkOps(shards, metrics, faults or DropReplies(""))
         self.data_port = 0  # the data plane's port, once the daemon has one
+        self.rows = RowService(shards)
 
     def shutdown(self) -> None:
         """Ends every waiting pull (UNAVAILABLE); pushes in flight may still finish."""
-        self.bulk.stopping = True
+        self.bulk.stopping = self.rows.stopping = True
         self.shards.wake_all()
 
     # -- InitShard ----------------------------------------------------------------------
@@ -157,6 +159,29 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 context: grpc.ServicerContext) -> ps_pb2.DropJobResponse:
         check_job_id(context, request.job_id)
         return ps_pb2.DropJobResponse(dropped=self.shards.drop(request.job_id))
+
+    # -- embedding tables (rowservice.py) ------------------------------------------------
+
+    def InitRows(self, request: ps_pb2.InitRowsRequest,
+                 context: grpc.ServicerContext) -> ps_pb2.InitRowsResponse:
+        try:
+            return self.rows.init_rows(request)
+        except Refused as exc:
+            _refuse(context, exc)
+
+    def PullRows(self, request: ps_pb2.PullRowsRequest,
+                 context: grpc.ServicerContext) -> ps_pb2.PullRowsResponse:
+        try:
+            return self.rows.pull_rows(request, context.is_active)
+        except Refused as exc:
+            _refuse(context, exc)
+
+    def PushRows(self, request: ps_pb2.PushRowsRequest,
+                 context: grpc.ServicerContext) -> ps_pb2.PushRowsResponse:
+        try:
+            return self.rows.push_rows(request)
+        except Refused as exc:
+            _refuse(context, exc)
 
     def GetDataPlane(self, request: ps_pb2.GetDataPlaneRequest,
                      context: grpc.ServicerContext) -> ps_pb2.GetDataPlaneResponse:

@@ -10,6 +10,7 @@ from shardps.proto.states import MODE_NAMES
 
 from . import schedule
 from .errors import InvalidConfigError
+from .tables import validate_tables
 
 
 def validate_config(config: ps_pb2.ShardConfig) -> None:
@@ -31,6 +32,7 @@ def validate_config(config: ps_pb2.ShardConfig) -> None:
     if len(set(config.workers)) != len(config.workers):
         raise InvalidConfigError("worker ids are not unique")
     schedule.validate(config.optimizer)
+    validate_tables(config)
 
 
 def check_initial_weights(weights: torch.Tensor, length: int) -> None:

@@ -612,6 +612,12 @@ def hostile_calls(stub, bad: str, config, header) -> dict:
         "Pull": lambda: list(stub.Pull(ps_pb2.PullRequest(job_id=bad, timeout_ms=1),
                                        timeout=DEADLINE_S)),
         "Push": lambda: stub.Push(iter([ps_pb2.PushRequest(header=header)]), timeout=DEADLINE_S),
+        "InitRows": lambda: stub.InitRows(ps_pb2.InitRowsRequest(job_id=bad, table=bad),
+                                          timeout=DEADLINE_S),
+        "PullRows": lambda: stub.PullRows(ps_pb2.PullRowsRequest(job_id=bad, table="t"),
+                                          timeout=DEADLINE_S),
+        "PushRows": lambda: stub.PushRows(ps_pb2.PushRowsRequest(
+            job_id=JOB, worker_id=bad, table=bad), timeout=DEADLINE_S),
     }
 
 

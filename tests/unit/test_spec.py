@@ -214,6 +214,9 @@ RANGES = [
     ("checkpoint.keep", "1000", "1001"),
     ("data.files.holdout", "0", "-1"), ("data.files.holdout", str(1 << 20), str((1 << 20) + 1)),
     ("data.files.prefetch", "1", "0"), ("data.files.prefetch", "1024", "1025"),
+    ("tables.lr", str(spec.FP32_MAX), "3.5e+38"), ("tables.lr", "0", "-1"),
+    ("tables.eps", "1.0e-30", "1.0e-31"), ("tables.eps", "0", "-1"), ("tables.weight_decay", "1000", "1000.5"),
+    ("tables.initial_accumulator_value", "0", "-1"),
 ]
 
 

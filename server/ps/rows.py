@@ -1,0 +1,97 @@
+"""Row calls on one shard's tables (ps.proto's InitRows, PullRows, PushRows): what each may
+change and when, under the shard's condition.
+
+Pure core: no gRPC. Functions take the shard's `ShardCore`. Every refusal raises before
+anything changes: TableIdError and TableRowsError (proto/tables.py) for bad ids and rows,
+UnknownTableError, and the dense push's FencedError, UnknownWorkerError and StepAheadError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from shardps.proto import ps_pb2
+from shardps.proto import tables as tables_lib
+
+from . import pulls
+from .core import ShardCore
+from .errors import InvalidPushError, StepAheadError
+from .table_shard import TableShard
+
+
+def init_rows(core: ShardCore, name: str, rows: torch.Tensor) -> None:
+    """Sets a fixed table's rows on this shard, in slot order (rank 0 seeds them)."""
+    with core.cond:
+        core.check_open()
+        table = core.tables.get(name)
+        if rows.shape[0] != table.rows:
+            raise tables_lib.TableRowsError(
+                f"table {name!r}: shard {core.config.shard_index} holds {table.rows} rows, "
+                f"got {rows.shape[0]}")
+        table.write_rows(0, rows)
+
+
+def pull_rows(core: ShardCore, name: str, ids: torch.Tensor, min_version: int, clock: float,
+              timeout: float, cancelled: Callable[[], bool] | None = None,
+              ) -> tuple[bool, int, torch.Tensor | None]:
+    """(ready, version, rows of `ids`) once the version reaches `min_version` (and, ssp, the
+    clock gate opens) within `timeout` s; rows None when not ready."""
+    table = core.tables.get(name)
+    tables_lib.check_ids(name, ids, table.config.num_embeddings, unique_sorted=True)
+    ready = pulls.wait_for_pull(core, min_version, clock, timeout, cancelled)
+    with core.cond:
+        core.check_open()
+        if not ready:
+            return False, core.version, None
+        # Under the condition: a round closing now cannot interleave with this read.
+        return True, core.version, table.lookup(ids)
+
+
+def push_rows(core: ShardCore, name: str, *, worker: str, incarnation: int = 0, step: int,
+              ids: torch.Tensor, rows: torch.Tensor) -> tuple[ps_pb2.PushStatus, int]:
+    """One worker's row gradient of one table for one step: (status, version after).
+
+    sync: buffered for the step's round (ACCEPTED; a retry replaces it), STALE once it
+    closed; async and ssp: one optimizer step of the table on arrival (APPLIED), DUPLICATE
+    for a step of this worker and table at or before one already applied (a retry). JOB_DONE
+    once the job has ended.
+    """
+    table = core.tables.get(name)
+    tables_lib.check_ids(name, ids, table.config.num_embeddings, unique_sorted=True)
+    tables_lib.check_rows(name, ids, rows, table.dim)
+    if step < 0:
+        raise InvalidPushError(f"step must be >= 0, got {step}", "bad_step")
+    with core.cond:
+        core.check_open()
+        _check_owned(table, ids)
+        if core.frozen:
+            return ps_pb2.PUSH_STATUS_JOB_DONE, core.version
+        # A fenced incarnation is refused, a step its dense push already applied is a retry.
+        early = core.fencing.check(worker, incarnation, step, core.workers)
+        if early is not None:
+            return early, core.version
+        if not core.gate.sync:
+            if step <= core.tables.applied.get((worker, name), -1):
+                return ps_pb2.PUSH_STATUS_DUPLICATE, core.version
+            table.apply(ids, rows)
+            core.tables.applied[(worker, name)] = step
+            return ps_pb2.PUSH_STATUS_APPLIED, core.version
+        if step < core.version:
+            return ps_pb2.PUSH_STATUS_STALE, core.version
+        if step > core.version:
+            raise StepAheadError(f"step ahead: rows of step {step} are ahead of the open round "
+                                 f"{core.version}")
+        core.tables.buffer_locked(step, worker, name, ids, rows)
+        return ps_pb2.PUSH_STATUS_ACCEPTED, core.version
+
+
+def _check_owned(table: TableShard, ids: torch.Tensor) -> None:
+    """TableIdError unless every id lives on this shard (a lookup of nothing checks it)."""
+    if ids.numel() and table.layout is not None:
+        server, _ = table.layout.place(ids)
+        wrong = (server != table.config.server_index).nonzero()
+        if wrong.numel():
+            raise tables_lib.TableIdError(table.name, int(ids[wrong[0, 0]]),
+                                          f"is not on shard {table.config.server_index}")

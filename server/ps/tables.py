@@ -1,0 +1,144 @@
+"""A job shard's embedding tables on one server: its part of each of the job's tables
+(ShardConfig.tables), and the sync rounds of their row gradients.
+
+Pure core: no gRPC. A shard's `ShardCore` owns one `ShardTables`; everything here that ends
+in `_locked` expects the caller to hold the core's condition (rows.py takes it), because a
+sync round's row gradients are applied in the same critical section as the dense step that
+closes the round (`ShardCore.close_round`), so a pull that sees version v+1 sees both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from shardps.proto import names as names_lib
+from shardps.proto import ps_pb2
+from shardps.proto.tables import FixedLayout
+
+from .errors import InvalidConfigError, ShardError
+from .table_config import TableConfig
+from .table_optim import LazyAdam, RowGrads, RowOptimizer, RowwiseAdagrad, combine
+from .table_shard import TableShard
+
+# TableSpec.optimizer names.
+OPTIMIZERS = ("lazy_adam", "adagrad")
+
+
+class UnknownTableError(ShardError):
+    """A call names a table the job does not have."""
+
+    reason = "unknown_table"
+
+
+@dataclass(frozen=True)
+class Member:
+    """A worker of a closing sync round and the samples behind its dense push."""
+
+    worker: str
+    batch_size: int
+
+
+def table_config(spec: ps_pb2.TableSpec, shard_index: int) -> TableConfig:
+    """One shard's config of a table; InvalidConfigError naming the table if it is unusable."""
+    try:
+        if spec.num_embeddings < 1:
+            raise ValueError(f"table {spec.name!r}: num_embeddings must be >= 1 (only fixed "
+                             f"tables are served yet), got {spec.num_embeddings}")
+        if spec.num_shards < 1:
+            raise ValueError(f"table {spec.name!r}: num_shards must be >= 1, got {spec.num_shards}")
+        return TableConfig(name=spec.name, dim=spec.dim, num_embeddings=spec.num_embeddings,
+                           num_servers=spec.num_shards, server_index=shard_index)
+    except ValueError as exc:
+        raise InvalidConfigError(str(exc)) from None
+
+
+def make_optimizer(spec: ps_pb2.TableSpec) -> RowOptimizer:
+    """The row optimizer a TableSpec names; InvalidConfigError naming the table if bad."""
+    try:
+        if spec.optimizer == "lazy_adam":
+            return LazyAdam(lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
+        if spec.optimizer == "adagrad":
+            return RowwiseAdagrad(lr=spec.lr, eps=spec.eps, weight_decay=spec.weight_decay,
+                                  initial_accumulator_value=spec.initial_accumulator_value)
+    except ValueError as exc:
+        raise InvalidConfigError(f"table {spec.name!r}: {exc}") from None
+    raise InvalidConfigError(f"table {spec.name!r}: optimizer must be one of {OPTIMIZERS}, "
+                             f"got {spec.optimizer!r}")
+
+
+def validate_tables(config: ps_pb2.ShardConfig) -> None:
+    """Raises InvalidConfigError unless every table of the config can be built."""
+    for spec in config.tables:
+        if not names_lib.is_valid(spec.name):
+            raise InvalidConfigError(f"bad table name {names_lib.shown(spec.name)}: "
+                                     f"{names_lib.RULE.format(n=names_lib.MAX_LEN)}")
+    names = [t.name for t in config.tables]
+    if len(set(names)) != len(names):
+        raise InvalidConfigError("table names are not unique")
+    for spec in config.tables:
+        table_config(spec, config.shard_index)
+        make_optimizer(spec)
+
+
+class ShardTables:
+    """The tables of one job shard, and (sync) the row gradients of the open round.
+
+    Thread-safety: each TableShard locks itself for lookups and applies; `pending` is guarded
+    by the owning core's condition (methods ending in `_locked`).
+    """
+
+    def __init__(self, config: ps_pb2.ShardConfig):
+        self.tables: dict[str, TableShard] = {
+            spec.name: TableShard(table_config(spec, config.shard_index), make_optimizer(spec))
+            for spec in config.tables}
+        # sync: step -> worker -> table -> (ids, rows) pushed for that step's round.
+        self.pending: dict[int, dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
+        # async, ssp: (worker, table) -> the last step applied, so a retried push (its reply
+        # lost) is not applied twice.
+        self.applied: dict[tuple[str, str], int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.tables)
+
+    def get(self, name: str) -> TableShard:
+        table = self.tables.get(name)
+        if table is None:
+            raise UnknownTableError(f"unknown table {name!r} (the job has "
+                                    f"{sorted(self.tables) or 'no tables'})")
+        return table
+
+    def layout(self, name: str) -> FixedLayout:
+        layout = self.get(name).layout
+        assert layout is not None  # only fixed tables are served
+        return layout
+
+    def buffer_locked(self, step: int, worker: str, name: str, ids: torch.Tensor,
+                      rows: torch.Tensor) -> None:
+        """sync: keeps a checked row gradient for step's round (a retry replaces it)."""
+        self.pending.setdefault(step, {}).setdefault(worker, {})[name] = (ids, rows)
+
+    def close_round_locked(self, step: int, members: Sequence[Member]) -> None:
+        """sync: applies step's round to every table, one optimizer step each (even with no
+        rows here: torch counts a step for the whole table), the workers' rows combined and
+        weighted by their dense pushes' batch sizes (table_optim.combine). Drops what was
+        pushed for this step or earlier."""
+        pushed = self.pending.get(step, {})
+        for name, table in self.tables.items():
+            parts = []
+            for member in members:
+                ids, rows = pushed.get(member.worker, {}).get(name, (None, None))
+                if ids is None or rows is None:
+                    ids, rows = torch.empty(0, dtype=torch.int64), torch.empty((0, table.dim))
+                parts.append(RowGrads(ids, rows, member.batch_size))
+            ids, rows = combine(parts) if parts else (torch.empty(0, dtype=torch.int64),
+                                                      torch.empty((0, table.dim)))
+            table.apply(ids, rows)
+        for old in [s for s in self.pending if s <= step]:
+            del self.pending[old]
+
+    def drop_pending_locked(self) -> None:
+        """Forgets every buffered row gradient (the shard's round was dropped)."""
+        self.pending.clear()

@@ -1,0 +1,300 @@
+"""Embedding tables served by real parameter servers over gRPC (docs/tables.md): sync
+training of a model with an Embedding, an EmbeddingBag with offsets and dense layers equals
+one process with torch's modules, SparseAdam on the tables and Adam on the dense part; and the
+row RPCs refuse bad input with INVALID_ARGUMENT, changing nothing."""
+
+import grpc
+import pytest
+import torch
+
+from shardps.proto import common_pb2, ps_pb2, rowcodec
+from shardps.proto.tables import FixedLayout, assemble_fixed
+from shardps.psclient.client import PSClient
+from shardps.psclient.rows import RowClient
+from shardps.server.ps.daemon import ParameterServerDaemon
+from shardps.worker import tasks
+from shardps.worker.batches import BatchOrder
+from shardps.worker.datasets import load_dataset
+from tests.cluster import Cluster
+from tests.integration.tablemodel import table_model
+
+pytestmark = pytest.mark.timeout(180)
+
+STEPS, BATCH, LR, SEED = 10, 32, 0.01, 3
+MODEL = "tests.integration.tablemodel:table_model"
+TABLES = ("emb", "bag")
+
+
+def spec(workers: int, servers: int, mode: str = "sync", steps: int = STEPS,
+         table_opt: str = "lazy_adam") -> dict:
+    # Evaluations mid-way (rank 0 fetches rows without gradients) must not disturb training.
+    return {"seed": SEED, "model": {"name": MODEL},
+            "data": {"dataset": "digits", "batch_size": BATCH, "shuffle": False},
+            "optimizer": {"lr": LR}, "consistency": {"mode": mode},
+            "cluster": {"servers": servers, "workers": workers},
+            "stop": {"max_steps": steps, "eval_every": 4},
+            "tables": {"optimizer": table_opt}}
+
+
+class RowwiseAdagrad:
+    """The row-wise Adagrad reference (FBGEMM's exact row-wise Adagrad) on torch's sparse
+    gradients: per touched row, acc += mean(g^2); row -= lr * g / (sqrt(acc) + eps)."""
+
+    def __init__(self, tables: list[torch.nn.Parameter], lr: float, eps: float = 1e-8):
+        self.tables, self.lr, self.eps = tables, lr, eps
+        self.acc = [torch.zeros(t.shape[0]) for t in tables]
+
+    def zero_grad(self) -> None:
+        for t in self.tables:
+            t.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for table, acc in zip(self.tables, self.acc, strict=True):
+            grad = table.grad.coalesce()
+            rows, g = grad.indices()[0], grad.values()
+            total = acc.index_select(0, rows) + g.pow(2).mean(1)
+            acc.index_copy_(0, rows, total)
+            scale = self.lr / (total.sqrt() + self.eps)
+            table.index_copy_(0, rows, table.index_select(0, rows) - scale[:, None] * g)
+
+
+def reference(table_opt: str = "lazy_adam") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One process: torch's modules (sparse=True), SparseAdam (or the row-wise Adagrad
+    reference) on the tables, fused Adam (as the servers run it) on the dense part. Returns
+    the dense flat vector and the tables."""
+    data = load_dataset("digits", {}, SEED)
+    torch.manual_seed(SEED)
+    model = table_model(data.info, sparse=True)
+    tables = [p for n, p in model.named_parameters() if n.split(".")[0] in TABLES]
+    dense = [p for n, p in model.named_parameters() if n.split(".")[0] not in TABLES]
+    table_step = (torch.optim.SparseAdam(tables, lr=LR) if table_opt == "lazy_adam"
+                  else RowwiseAdagrad(tables, lr=LR))
+    opts = [table_step, torch.optim.Adam(dense, lr=LR, fused=True)]
+    order = BatchOrder(data.num_train, BATCH, False, SEED)
+    for t in range(STEPS):
+        for opt in opts:
+            opt.zero_grad()
+        index = order.batch(t)
+        tasks.loss(data.task, model(data.train_x[index]), data.train_y[index]).backward()
+        for opt in opts:
+            opt.step()
+    flat = torch.cat([p.detach().flatten() for p in dense])
+    return flat, {name: getattr(model, name).weight.detach() for name in TABLES}
+
+
+def served_tables(cluster: Cluster, job_id: str) -> dict[str, torch.Tensor]:
+    """Each table in id order, assembled from the rows every shard holds."""
+    shards = [s for server in cluster.servers for s in server.shards.shards(job_id)]
+    assert sorted(s.index for s in shards) == list(range(len(cluster.servers)))
+    out = {}
+    for name in TABLES:
+        num = {"emb": 17 * 8, "bag": 17 * 32}[name]
+        layout = FixedLayout(name, num, len(shards))
+        out[name] = assemble_fixed(layout, {s.index: s.table_rows(name) for s in shards})
+    return out
+
+
+@pytest.mark.parametrize(("workers", "servers", "tol", "table_opt"), [
+    (1, 1, 1e-6, "lazy_adam"), (3, 2, 1e-5, "lazy_adam"), (1, 1, 1e-6, "adagrad"),
+    (3, 2, 1e-5, "adagrad")])
+def test_sync_tables_match_the_single_process_reference(workers, servers, tol, table_opt,
+                                                       tmp_path):
+    cluster = Cluster(servers=servers, workers=workers)
+    try:
+        job_id = cluster.submit(spec(workers, servers, table_opt=table_opt))
+        job = cluster.wait(job_id)
+        assert job.state == common_pb2.JOB_STATE_COMPLETED, job
+        # Every worker pushed every step to every shard.
+        assert [i.pushes_applied for i in cluster.shard_infos(job_id)] == [STEPS * workers] * servers
+        flat, tables = reference(table_opt)
+        served = served_tables(cluster, job_id)
+        dense = cluster.weights(job_id)
+        dense_diff = float((dense - flat).abs().max())
+        table_diff = {n: float((served[n] - tables[n]).abs().max()) for n in TABLES}
+        print(f"{table_opt}, {workers} workers, {servers} servers: dense {dense_diff:.3g}, tables {table_diff}")
+        assert dense.numel() == flat.numel()  # the tables stayed out of the flat layout
+        assert dense_diff <= tol and max(table_diff.values()) <= tol
+        # The tables moved: a frozen table would equal its initial rows.
+        torch.manual_seed(SEED)
+        initial = table_model(load_dataset("digits", {}, SEED).info)
+        assert not torch.equal(served["emb"], initial.emb.weight.detach())
+        # Export writes the tables as the torch modules' weights: they load as they are.
+        path = tmp_path / "model.pt"
+        cluster.client.export_to(job_id, path)
+        initial.load_state_dict(torch.load(path, weights_only=True), strict=True)
+        for name in TABLES:
+            assert torch.equal(getattr(initial, name).weight.detach(), served[name])
+        loaded = [p.detach().flatten() for n, p in initial.named_parameters()
+                  if n.split(".")[0] not in TABLES]
+        assert torch.equal(torch.cat(loaded), dense)
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_tables_train_in_async_and_ssp(mode):
+    """Pushes apply on arrival: the job completes with a falling loss and moved tables."""
+    cluster = Cluster(servers=2, workers=2)
+    try:
+        job_id = cluster.submit(spec(2, 2, mode, steps=40))
+        job = cluster.wait(job_id)
+        assert job.state == common_pb2.JOB_STATE_COMPLETED, job
+        losses = [p.loss for p in sorted(job.losses, key=lambda p: p.step)]
+        assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8, losses
+        served = served_tables(cluster, job_id)
+        torch.manual_seed(SEED)
+        initial = table_model(load_dataset("digits", {}, SEED).info)
+        assert not torch.equal(served["bag"], initial.bag.weight.detach())
+    finally:
+        cluster.close()
+
+
+def test_gradient_clipping_with_tables_fails_the_job_at_set_up():
+    """Clipping would reach the dense gradient only: the job fails, saying why."""
+    cluster = Cluster(servers=1, workers=1)
+    try:
+        raw = spec(1, 1)
+        raw["optimizer"]["clip_grad_norm"] = 1.0
+        job = cluster.wait(cluster.submit(raw))
+        assert job.state == common_pb2.JOB_STATE_FAILED, job
+        assert "clip_grad_norm is not supported with embedding tables" in job.reason
+    finally:
+        cluster.close()
+
+
+# -- refusals over the wire -------------------------------------------------------------------
+
+DIM, ROWS = 4, 50
+ASYNC = common_pb2.CONSISTENCY_ASYNC
+
+
+def table_shard_config(optimizer: str = "lazy_adam") -> ps_pb2.ShardConfig:
+    """An async shard of 8 dense elements and one fixed table "t" [50, 4] on one shard."""
+    return ps_pb2.ShardConfig(
+        optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.999,
+                                             eps=1e-8),
+        mode=ASYNC, workers=["w0"], epoch=1, layout_fingerprint="test",
+        tables=[ps_pb2.TableSpec(name="t", dim=DIM, num_embeddings=ROWS, num_shards=1,
+                                 optimizer=optimizer, lr=0.01, beta1=0.9, beta2=0.999,
+                                 eps=1e-8)])
+
+
+@pytest.fixture
+def table_server():
+    """A standalone server holding job "tj" shard 0 (async) with one fixed table "t"
+    [50, 4] seeded with known rows; yields (server, RowClient, seeded rows)."""
+    server = ParameterServerDaemon(coordinator=None, metrics_port=0).start()
+    shard_map = common_pb2.ShardMap(version=1, shards=[common_pb2.ShardRange(
+        index=0, server_id="s0", address=server.address, offset=0, length=8)])
+    config = table_shard_config()
+    rows = torch.arange(ROWS * DIM, dtype=torch.float32).view(ROWS, DIM) / 100
+    with PSClient("tj", shard_map, data_plane=False) as ps:
+        ps.init(torch.zeros(8), config)
+    client = RowClient("tj", shard_map, worker_id="w0", incarnation=0)
+    client.init_rows("t", 0, rows[FixedLayout("t", ROWS, 1).ids_on(0)])
+    yield server, client, rows
+    client.close()
+    server.stop(0)
+
+
+def push(client: RowClient, **fields) -> ps_pb2.PushRowsResponse:
+    """A PushRows as a hostile client may send it: `fields` replace a valid request's."""
+    ids = torch.tensor([1, 5, 7])
+    request = ps_pb2.PushRowsRequest(
+        job_id="tj", shard_index=0, table="t", worker_id="w0", step=0, batch_size=1,
+        ids=rowcodec.encode_ids(ids), rows=rowcodec.encode_rows(torch.ones(3, DIM)),
+        dtype=common_pb2.DTYPE_FLOAT32)
+    for key, value in fields.items():
+        setattr(request, key, value)
+    return client._stubs[0].PushRows(request, timeout=10)
+
+
+HOSTILE = {
+    "wrong dim": ({"rows": rowcodec.encode_rows(torch.ones(3, DIM + 1))}, "fp32 [n, 4]"),
+    "row count": ({"rows": rowcodec.encode_rows(torch.ones(2, DIM))}, "fp32[3, 4]"),
+    "NaN rows": ({"rows": rowcodec.encode_rows(torch.full((3, DIM), float("nan")))},
+                 "non-finite"),
+    "inf rows": ({"rows": rowcodec.encode_rows(torch.full((3, DIM), float("inf")))},
+                 "non-finite"),
+    "rows dtype": ({"dtype": common_pb2.DTYPE_BFLOAT16}, "DTYPE_FLOAT32"),
+    "int32 ids": ({"ids": torch.tensor([1, 5, 7], dtype=torch.int32).numpy().tobytes()},
+                  "int64"),
+    "unsorted ids": ({"ids": rowcodec.encode_ids(torch.tensor([5, 1, 7]))}, "strictly increasing"),
+    "duplicate ids": ({"ids": rowcodec.encode_ids(torch.tensor([1, 5, 5]))},
+                      "strictly increasing"),
+    "id out of range": ({"ids": rowcodec.encode_ids(torch.tensor([1, 5, 50]))},
+                        "id 50 is out of range [0, 50)"),
+    "negative id": ({"ids": rowcodec.encode_ids(torch.tensor([-3, 1, 5]))}, "id -3"),
+    "unknown table": ({"table": "nope"}, "unknown table 'nope'"),
+    "unknown worker": ({"worker_id": "w9"}, "not a live worker"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_push_rows_is_refused_and_changes_nothing(table_server, case):
+    server, client, rows = table_server
+    fields, message = HOSTILE[case]
+    with pytest.raises(grpc.RpcError) as refused:
+        push(client, **fields)
+    code = (grpc.StatusCode.FAILED_PRECONDITION if case == "unknown worker"
+            else grpc.StatusCode.INVALID_ARGUMENT)
+    assert refused.value.code() == code and message in refused.value.details()
+    if case != "unknown worker":
+        table = fields.get("table", "t")
+        assert f"table {table!r}" in refused.value.details()
+    shard = server.shards.get("tj", 0)
+    ids = torch.arange(ROWS)
+    reply, now = client.pull_rows("t", 0, ids, DIM, timeout_s=5)
+    assert reply.ready and torch.equal(now, rows) and shard.table_stats("t").steps == 0
+    # The same push, well formed, applies at once (async): the test can see a change.
+    assert push(client).status == ps_pb2.PUSH_STATUS_APPLIED
+    _, after = client.pull_rows("t", 0, ids, DIM, timeout_s=5)
+    changed = (after != rows).any(1).nonzero().flatten().tolist()
+    assert changed == [1, 5, 7] and shard.table_stats("t").steps == 1
+
+
+@pytest.mark.parametrize(("ids", "table", "message"), [
+    (torch.tensor([3, 2]), "t", "strictly increasing"),
+    (torch.tensor([0, 60]), "t", "id 60 is out of range"),
+    (torch.tensor([1]), "nope", "unknown table 'nope'"),
+    (torch.tensor([1]), "../" * 1000, "table"),  # never echoed unbounded
+])
+def test_hostile_pull_rows_is_refused(table_server, ids, table, message):
+    _, client, _ = table_server
+    with pytest.raises(grpc.RpcError) as refused:
+        client.pull_rows(table, 0, ids, DIM, timeout_s=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in refused.value.details() and len(refused.value.details()) < 300
+
+
+def test_bad_table_config_and_seed_rows_are_refused(table_server):
+    server, client, rows = table_server
+    with pytest.raises(grpc.RpcError) as refused:  # the shard holds 50 rows
+        client.init_rows("t", 0, torch.zeros(49, DIM))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "holds 50 rows, got 49" in refused.value.details()
+    shard_map = client.shard_map
+    bad = table_shard_config(optimizer="sgd")
+    with PSClient("tj2", shard_map, data_plane=False) as ps, pytest.raises(grpc.RpcError) as refused:
+        ps.init(torch.zeros(8), bad)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "table 't': optimizer must be one of" in refused.value.details()
+    assert server.shards.shards("tj2") == []
+
+
+def test_a_server_with_a_data_dir_refuses_tables_it_could_not_restore(tmp_path):
+    """Checkpoints do not hold tables yet: rather than restore a shard without its rows, a
+    server with --data-dir refuses the shard, and holds nothing."""
+    server = ParameterServerDaemon(coordinator=None, data_dir=str(tmp_path)).start()
+    try:
+        shard_map = common_pb2.ShardMap(version=1, shards=[common_pb2.ShardRange(
+            index=0, server_id="s0", address=server.address, offset=0, length=8)])
+        config = table_shard_config()
+        with PSClient("tj", shard_map, data_plane=False) as ps, pytest.raises(grpc.RpcError) as refused:
+            ps.init(torch.zeros(8), config)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "embedding tables are not checkpointed yet" in refused.value.details()
+        assert server.shards.shards("tj") == []
+    finally:
+        server.stop(0)
