@@ -168,6 +168,21 @@ def _choice(options: tuple[str, ...]) -> Check:
     return check
 
 
+def _compress(key: str, value: Any) -> str:
+    """transport.compress: "none", or a setting proto/compress.py's `parse` reads."""
+    if value == "none":
+        return value
+    if not isinstance(value, str):
+        raise SpecError(key, f"must be none, topk[:RATIO], int8[:BLOCK] or sign[:BLOCK]; got {show(value)}")
+    from shardps.proto import compress  # imports torch: only for specs that compress
+
+    try:
+        compress.parse(value)
+    except ValueError as exc:
+        raise SpecError(key, str(exc).removeprefix("transport.compress ")) from None
+    return value
+
+
 def _name(key: str, value: Any) -> str:
     # The one identifier rule (proto/names.py): a job id is this name + "-" + 6 hex digits,
     # and servers use job ids as directory names.
@@ -263,6 +278,9 @@ SCHEMA: dict[str, Any] = {
     "transport": {
         "dtype": (_choice(TRANSPORT_DTYPES), "float32"),
         "chunk_bytes": (_int(4096, 16 * 1024 * 1024), 1024 * 1024),
+        # Pushes: "none" (the dtype above), or a lossy encoding with error feedback on the
+        # worker (docs/network.md): topk[:RATIO], int8[:BLOCK], sign[:BLOCK].
+        "compress": (_compress, "none"),
     },
     "stop": {
         "max_steps": (_int(0, MAX_STEPS), 0),
@@ -340,6 +358,7 @@ class ClusterSpec(TypedDict):
 class TransportSpec(TypedDict):
     dtype: ReadOnly[str]  # one of TRANSPORT_DTYPES
     chunk_bytes: ReadOnly[int]
+    compress: ReadOnly[str]  # "none" or a proto/compress.py setting (`compress.parse`)
 
 
 class TargetSpec(TypedDict):

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import torch
 
-from shardps.proto import codec, common_pb2, ps_pb2
+from shardps.proto import codec, common_pb2, compress, ps_pb2
 from shardps.psclient.plane import DataPlaneTransport
 from shardps.psclient.rpcpath import RpcTransport
 from shardps.psclient.transport import PendingPull, PendingPush, Transport
@@ -43,6 +43,16 @@ class PullResult:
     ready: bool         # every shard reached min_version within the timeout
     versions: list[int]  # per-shard version streamed (or current, if not ready)
     job_done: bool       # some server says the job has ended (weights frozen)
+
+
+def _mark_compressed(header: ps_pb2.PushHeader, data: bytes) -> None:
+    """Fills a push header's compression fields (30-39) for the encoding `data`."""
+    codec_number = compress.codec_of(data)
+    if codec_number not in compress.PUSH_COMPRESSIONS:
+        raise ValueError(f"shard {header.shard_index}: not an encoding (codec {codec_number})")
+    header.compression = compress.PUSH_COMPRESSIONS[codec_number]
+    header.compressed_bytes = len(data)
+    header.dtype = common_pb2.DTYPE_FLOAT32  # what the servers decode it to
 
 
 class _Server:
@@ -174,7 +184,8 @@ class PSClient:
     # -- push ---------------------------------------------------------------------------
 
     def push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
-             batch_size: int, then_pull: PullArgs | None = None) -> list[ps_pb2.PushResponse]:
+             batch_size: int, then_pull: PullArgs | None = None,
+             encoded: Sequence[bytes] | None = None) -> list[ps_pb2.PushResponse]:
         """Sends a flat gradient to every shard; returns each server's reply in shard order.
 
         `then_pull` (pull's keywords but dest): over a data plane, the next pull's request is
@@ -182,8 +193,13 @@ class PSClient:
         while the caller does other things; a `pull` with the same arguments then reads that
         answer, and one with other arguments discards it. Only worth it where the answer
         cannot depend on when it is sent (sync: version `min_version` is one set of weights).
+
+        `encoded`: a compressed push, one proto/compress.py encoding per shard, in shard
+        order, sent instead of grad's elements (the servers apply their decode).
         """
         self._check_dest(grad)
+        if encoded is not None and len(encoded) != len(self.shards):
+            raise ValueError(f"{len(encoded)} encodings for {len(self.shards)} shards")
         self._ahead.cancel()
         bases = base_version if isinstance(base_version, list) else [base_version] * len(self.shards)
         headers = [ps_pb2.PushHeader(
@@ -191,12 +207,15 @@ class PSClient:
             incarnation=self.incarnation, step=step, base_version=bases[i],
             dtype=self.dtype, batch_size=batch_size, length=shard.length)
             for i, shard in enumerate(self.shards)]
+        if encoded is not None:
+            for header, data in zip(headers, encoded, strict=True):
+                _mark_compressed(header, data)
         ahead = [self._ahead_request(s, then_pull) for s in self.shards]
         pulls: list[PendingPull | None] = [None] * len(self.shards)
 
         def start(i: int) -> PendingPush:
             shard = self.shards[i]
-            part = grad[shard.offset : shard.offset + shard.length]
+            part = grad[shard.offset : shard.offset + shard.length] if encoded is None else encoded[i]
             return self._servers[i].transport().start_push(headers[i], part, ahead[i])
 
         def finish(i: int, pending: PendingPush) -> ps_pb2.PushResponse:

@@ -100,10 +100,15 @@ class Connection:
     # (PSClient pushes this way; start_push sends `part`, flat and on the CPU, in the wire
     # dtype under `header`).
 
-    def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor, wire_dtype: int,
+    def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor | bytes, wire_dtype: int,
                    timeout: float) -> None:
+        """Sends the header and then `part`: elements in the wire dtype, or a compressed
+        push's encoding (bytes, header.compressed_bytes long) as it is."""
         def send(sock: socket.socket) -> None:
             sock.sendall(frame(PUSH, header.SerializeToString()))
+            if isinstance(part, bytes):
+                sock.sendall(part)
+                return
             for piece in _wire_pieces(part, codec.torch_dtype(wire_dtype)):
                 sock.sendall(piece)
 

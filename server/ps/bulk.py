@@ -25,6 +25,7 @@ import torch
 
 from shardps.proto import codec, common_pb2, names, ps_pb2
 
+from . import compressed
 from .errors import (
     FencedError,
     InvalidConfigError,
@@ -61,9 +62,10 @@ _STATUS_NAMES = {
     for name, value in ps_pb2.PushStatus.items()
 }
 
-# fill(grad) writes the push's elements into grad (the wire dtype) and returns (bytes received,
-# whether every value is codec.pushable: finite and within codec.MAX_GRADIENT); it raises
-# codec.CodecError on bad bytes.
+# fill(grad) writes the push's elements into grad (the wire dtype; fp32 for a compressed push,
+# decoded by compressed.decode_into) and returns (bytes received, whether every value is
+# codec.pushable: finite and within codec.MAX_GRADIENT); it raises codec.CodecError on bad
+# bytes, InvalidPushError on a compressed body that does not decode.
 Fill = Callable[[torch.Tensor], tuple[int, bool]]
 
 
@@ -143,9 +145,14 @@ class BulkOps:
         except UnknownShardError as exc:
             raise self._reject(exc, exc.reason) from None
         try:
-            wire = codec.torch_dtype(header.dtype)
+            wire = compressed.staging_dtype(header)
         except codec.CodecError as exc:
             raise self._reject(exc, "bad_dtype") from None
+        if compressed.is_compressed(header):
+            try:
+                compressed.check_header(header)
+            except InvalidPushError as exc:
+                raise self._reject(exc, exc.reason) from None
         try:
             early = shard.check_push(length=header.length, worker_id=header.worker_id,
                                      incarnation=header.incarnation, step=header.step,
@@ -162,6 +169,9 @@ class BulkOps:
         except codec.CodecError as exc:
             shard.release_staging(grad)
             raise self._reject(exc, "bad_chunks") from None
+        except InvalidPushError as exc:  # a compressed body that does not decode
+            shard.release_staging(grad)
+            raise self._reject(exc, exc.reason) from None
         except BaseException:
             shard.release_staging(grad)
             raise

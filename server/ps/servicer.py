@@ -24,6 +24,7 @@ import torch
 
 from shardps.proto import codec, dataplane, names, ps_pb2, ps_pb2_grpc
 
+from . import compressed
 from .bulk import BulkOps, DropReplies, Refused, refusal
 from .errors import ShardError
 from .metrics import PSMetrics
@@ -102,6 +103,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         header = first.header
 
         def fill(grad: torch.Tensor) -> tuple[int, bool]:
+            if compressed.is_compressed(header):  # size bounded by bulk.push's check_header
+                body = compressed.BodyAssembler(header.compressed_bytes)
+                _assemble(body, first, request_iterator)
+                return compressed.decode_into(header, body.finish(), grad)
             # Each chunk is checked for NaN/inf as it lands, while it is in cache.
             target = codec.ChunkAssembler(grad, header.dtype, check_finite=True)
             _assemble(target, first, request_iterator)
@@ -163,7 +168,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return ps_pb2.GetDataPlaneResponse(port=self.data_port, protocol=dataplane.PROTOCOL)
 
 
-def _assemble(target: codec.ChunkAssembler, first: ps_pb2.PushRequest | ps_pb2.InitShardRequest,
+def _assemble(target: codec.ChunkAssembler | compressed.BodyAssembler,
+              first: ps_pb2.PushRequest | ps_pb2.InitShardRequest,
               rest: Iterator[ps_pb2.PushRequest] | Iterator[ps_pb2.InitShardRequest]) -> None:
     """Adds the chunks of a bulk stream in order: the first message's, if it has one, then one
     per later message (a later message without one adds an empty chunk at offset 0, which
