@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -63,7 +64,7 @@ class ShardClient(Protocol):
 
     def push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
              batch_size: int, then_pull: dict[str, Any] | None = None,
-             ) -> list[ps_pb2.PushResponse]: ...
+             encoded: Sequence[bytes] | None = None) -> list[ps_pb2.PushResponse]: ...
 
     def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None: ...
 
@@ -108,9 +109,9 @@ class RemappableClient:
 
     def push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
              batch_size: int, then_pull: dict[str, Any] | None = None,
-             ) -> list[ps_pb2.PushResponse]:
+             encoded: Sequence[bytes] | None = None) -> list[ps_pb2.PushResponse]:
         return self.client.push(grad, step=step, base_version=base_version,
-                                batch_size=batch_size, then_pull=then_pull)
+                                batch_size=batch_size, then_pull=then_pull, encoded=encoded)
 
     def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None:
         self.client.init(weights, config)
