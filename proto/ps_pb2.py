@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shardps.proto import common_pb2 as shardps_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13shardps/v1/ps.proto\x12\nshardps.v1\x1a\x17shardps/v1/common.proto\"\x8a\x03\n\x0bShardConfig\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\x12\r\n\x05total\x18\x05 \x01(\x03\x12.\n\toptimizer\x18\x06 \x01(\x0b\x32\x1b.shardps.v1.OptimizerConfig\x12)\n\x04mode\x18\x07 \x01(\x0e\x32\x1b.shardps.v1.ConsistencyMode\x12\x11\n\tstaleness\x18\x08 \x01(\x03\x12\x0f\n\x07workers\x18\t \x03(\t\x12\r\n\x05\x65poch\x18\n \x01(\x03\x12\x1a\n\x12layout_fingerprint\x18\x0b \x01(\t\x12\x1e\n\x16\x63heckpoint_every_steps\x18\x14 \x01(\x03\x12\x17\n\x0f\x63heckpoint_keep\x18\x15 \x01(\x05\x12\x17\n\x0fresume_from_job\x18\x16 \x01(\t\x12\x16\n\x0eresume_version\x18\x17 \x01(\x03\x12\x13\n\x0bstep_budget\x18\x18 \x01(\x03\"\x85\x01\n\x10InitShardRequest\x12\'\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.shardps.v1.ShardConfig\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.shardps.v1.DType\x12&\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.shardps.v1.TensorChunk\"$\n\x11InitShardResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x8f\x02\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\x03\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\x03\x12 \n\x05\x64type\x18\x07 \x01(\x0e\x32\x11.shardps.v1.DType\x12\x12\n\nbatch_size\x18\x08 \x01(\x03\x12\x0e\n\x06length\x18\t \x01(\x03\x12\x30\n\x0b\x63ompression\x18\x1e \x01(\x0e\x32\x1b.shardps.v1.PushCompression\x12\x18\n\x10\x63ompressed_bytes\x18\x1f \x01(\x03\"]\n\x0bPushRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.shardps.v1.PushHeader\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.shardps.v1.TensorChunk\"G\n\x0cPushResponse\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.shardps.v1.PushStatus\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xb4\x01\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.shardps.v1.DType\x12\x13\n\x0bmin_version\x18\x04 \x01(\x03\x12\x12\n\ntimeout_ms\x18\x05 \x01(\x03\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\r\n\x05\x63lock\x18\x07 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x08 \x01(\x03\"x\n\x0cPullResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\x10\n\x08job_done\x18\x04 \x01(\x08\x12&\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x17.shardps.v1.TensorChunk\"%\n\x13GetShardInfoRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xfb\x02\n\tShardInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x11\n\tadam_step\x18\x06 \x01(\x03\x12#\n\x05state\x18\x07 \x01(\x0e\x32\x14.shardps.v1.JobState\x12\x16\n\x0epushes_applied\x18\x08 \x01(\x03\x12>\n\rworker_clocks\x18\t \x03(\x0b\x32\'.shardps.v1.ShardInfo.WorkerClocksEntry\x12\x18\n\x10max_clock_spread\x18\n \x01(\x03\x12\x14\n\x0cshort_rounds\x18\x0b \x01(\x03\x12\x14\n\x0clive_workers\x18\x0c \x03(\t\x12\r\n\x05\x65poch\x18\r \x01(\x03\x1a\x33\n\x11WorkerClocksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"=\n\x14GetShardInfoResponse\x12%\n\x06shards\x18\x01 \x03(\x0b\x32\x15.shardps.v1.ShardInfo\" \n\x0e\x44ropJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x0f\x44ropJobResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x05\"K\n\x11\x43heckpointRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nat_version\x18\x02 \x01(\x03\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x03\"U\n\x0fShardCheckpoint\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0c\n\x04path\x18\x04 \x01(\t\"A\n\x12\x43heckpointResponse\x12+\n\x06shards\x18\x01 \x03(\x0b\x32\x1b.shardps.v1.ShardCheckpoint\"(\n\x16ListCheckpointsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"K\n\x17ListCheckpointsResponse\x12\x30\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1b.shardps.v1.ShardCheckpoint\"\x15\n\x13GetDataPlaneRequest\"6\n\x14GetDataPlaneResponse\x12\x0c\n\x04port\x18\x01 \x01(\x05\x12\x10\n\x08protocol\x18\x02 \x01(\x05*\xa8\x01\n\nPushStatus\x12\x1b\n\x17PUSH_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13PUSH_STATUS_APPLIED\x10\x01\x12\x18\n\x14PUSH_STATUS_ACCEPTED\x10\x02\x12\x19\n\x15PUSH_STATUS_DUPLICATE\x10\x03\x12\x15\n\x11PUSH_STATUS_STALE\x10\x04\x12\x18\n\x14PUSH_STATUS_JOB_DONE\x10\x05*}\n\x0fPushCompression\x12\x19\n\x15PUSH_COMPRESSION_NONE\x10\x00\x12\x19\n\x15PUSH_COMPRESSION_TOPK\x10\x01\x12\x19\n\x15PUSH_COMPRESSION_INT8\x10\x02\x12\x19\n\x15PUSH_COMPRESSION_SIGN\x10\x03\x32\xea\x04\n\x0fParameterServer\x12J\n\tInitShard\x12\x1c.shardps.v1.InitShardRequest\x1a\x1d.shardps.v1.InitShardResponse(\x01\x12;\n\x04Push\x12\x17.shardps.v1.PushRequest\x1a\x18.shardps.v1.PushResponse(\x01\x12;\n\x04Pull\x12\x17.shardps.v1.PullRequest\x1a\x18.shardps.v1.PullResponse0\x01\x12Q\n\x0cGetShardInfo\x12\x1f.shardps.v1.GetShardInfoRequest\x1a .shardps.v1.GetShardInfoResponse\x12\x42\n\x07\x44ropJob\x12\x1a.shardps.v1.DropJobRequest\x1a\x1b.shardps.v1.DropJobResponse\x12K\n\nCheckpoint\x12\x1d.shardps.v1.CheckpointRequest\x1a\x1e.shardps.v1.CheckpointResponse\x12Z\n\x0fListCheckpoints\x12\".shardps.v1.ListCheckpointsRequest\x1a#.shardps.v1.ListCheckpointsResponse\x12Q\n\x0cGetDataPlane\x12\x1f.shardps.v1.GetDataPlaneRequest\x1a .shardps.v1.GetDataPlaneResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13shardps/v1/ps.proto\x12\nshardps.v1\x1a\x17shardps/v1/common.proto\"\x8a\x03\n\x0bShardConfig\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\x12\r\n\x05total\x18\x05 \x01(\x03\x12.\n\toptimizer\x18\x06 \x01(\x0b\x32\x1b.shardps.v1.OptimizerConfig\x12)\n\x04mode\x18\x07 \x01(\x0e\x32\x1b.shardps.v1.ConsistencyMode\x12\x11\n\tstaleness\x18\x08 \x01(\x03\x12\x0f\n\x07workers\x18\t \x03(\t\x12\r\n\x05\x65poch\x18\n \x01(\x03\x12\x1a\n\x12layout_fingerprint\x18\x0b \x01(\t\x12\x1e\n\x16\x63heckpoint_every_steps\x18\x14 \x01(\x03\x12\x17\n\x0f\x63heckpoint_keep\x18\x15 \x01(\x05\x12\x17\n\x0fresume_from_job\x18\x16 \x01(\t\x12\x16\n\x0eresume_version\x18\x17 \x01(\x03\x12\x13\n\x0bstep_budget\x18\x18 \x01(\x03\"\x85\x01\n\x10InitShardRequest\x12\'\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.shardps.v1.ShardConfig\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.shardps.v1.DType\x12&\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.shardps.v1.TensorChunk\"$\n\x11InitShardResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x8f\x02\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\x03\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\x03\x12 \n\x05\x64type\x18\x07 \x01(\x0e\x32\x11.shardps.v1.DType\x12\x12\n\nbatch_size\x18\x08 \x01(\x03\x12\x0e\n\x06length\x18\t \x01(\x03\x12\x30\n\x0b\x63ompression\x18\x1e \x01(\x0e\x32\x1b.shardps.v1.PushCompression\x12\x18\n\x10\x63ompressed_bytes\x18\x1f \x01(\x03\"]\n\x0bPushRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.shardps.v1.PushHeader\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.shardps.v1.TensorChunk\"G\n\x0cPushResponse\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.shardps.v1.PushStatus\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xeb\x01\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.shardps.v1.DType\x12\x13\n\x0bmin_version\x18\x04 \x01(\x03\x12\x12\n\ntimeout_ms\x18\x05 \x01(\x03\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\r\n\x05\x63lock\x18\x07 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x08 \x01(\x03\x12\x10\n\x08\x63ompress\x18\x1e \x01(\t\x12\x10\n\x08held_tag\x18\x1f \x01(\x03\x12\x11\n\treply_tag\x18  \x01(\x03\"\xca\x01\n\x0cPullResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\x10\n\x08job_done\x18\x04 \x01(\x08\x12&\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x17.shardps.v1.TensorChunk\x12\x36\n\x11\x64\x65lta_compression\x18\x1e \x01(\x0e\x32\x1b.shardps.v1.PushCompression\x12\x18\n\x10\x63ompressed_bytes\x18\x1f \x01(\x03\"%\n\x13GetShardInfoRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xfb\x02\n\tShardInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x11\n\tadam_step\x18\x06 \x01(\x03\x12#\n\x05state\x18\x07 \x01(\x0e\x32\x14.shardps.v1.JobState\x12\x16\n\x0epushes_applied\x18\x08 \x01(\x03\x12>\n\rworker_clocks\x18\t \x03(\x0b\x32\'.shardps.v1.ShardInfo.WorkerClocksEntry\x12\x18\n\x10max_clock_spread\x18\n \x01(\x03\x12\x14\n\x0cshort_rounds\x18\x0b \x01(\x03\x12\x14\n\x0clive_workers\x18\x0c \x03(\t\x12\r\n\x05\x65poch\x18\r \x01(\x03\x1a\x33\n\x11WorkerClocksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"=\n\x14GetShardInfoResponse\x12%\n\x06shards\x18\x01 \x03(\x0b\x32\x15.shardps.v1.ShardInfo\" \n\x0e\x44ropJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x0f\x44ropJobResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x05\"K\n\x11\x43heckpointRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nat_version\x18\x02 \x01(\x03\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x03\"U\n\x0fShardCheckpoint\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0c\n\x04path\x18\x04 \x01(\t\"A\n\x12\x43heckpointResponse\x12+\n\x06shards\x18\x01 \x03(\x0b\x32\x1b.shardps.v1.ShardCheckpoint\"(\n\x16ListCheckpointsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"K\n\x17ListCheckpointsResponse\x12\x30\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1b.shardps.v1.ShardCheckpoint\"\x15\n\x13GetDataPlaneRequest\"6\n\x14GetDataPlaneResponse\x12\x0c\n\x04port\x18\x01 \x01(\x05\x12\x10\n\x08protocol\x18\x02 \x01(\x05*\xa8\x01\n\nPushStatus\x12\x1b\n\x17PUSH_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13PUSH_STATUS_APPLIED\x10\x01\x12\x18\n\x14PUSH_STATUS_ACCEPTED\x10\x02\x12\x19\n\x15PUSH_STATUS_DUPLICATE\x10\x03\x12\x15\n\x11PUSH_STATUS_STALE\x10\x04\x12\x18\n\x14PUSH_STATUS_JOB_DONE\x10\x05*}\n\x0fPushCompression\x12\x19\n\x15PUSH_COMPRESSION_NONE\x10\x00\x12\x19\n\x15PUSH_COMPRESSION_TOPK\x10\x01\x12\x19\n\x15PUSH_COMPRESSION_INT8\x10\x02\x12\x19\n\x15PUSH_COMPRESSION_SIGN\x10\x03\x32\xea\x04\n\x0fParameterServer\x12J\n\tInitShard\x12\x1c.shardps.v1.InitShardRequest\x1a\x1d.shardps.v1.InitShardResponse(\x01\x12;\n\x04Push\x12\x17.shardps.v1.PushRequest\x1a\x18.shardps.v1.PushResponse(\x01\x12;\n\x04Pull\x12\x17.shardps.v1.PullRequest\x1a\x18.shardps.v1.PullResponse0\x01\x12Q\n\x0cGetShardInfo\x12\x1f.shardps.v1.GetShardInfoRequest\x1a .shardps.v1.GetShardInfoResponse\x12\x42\n\x07\x44ropJob\x12\x1a.shardps.v1.DropJobRequest\x1a\x1b.shardps.v1.DropJobResponse\x12K\n\nCheckpoint\x12\x1d.shardps.v1.CheckpointRequest\x1a\x1e.shardps.v1.CheckpointResponse\x12Z\n\x0fListCheckpoints\x12\".shardps.v1.ListCheckpointsRequest\x1a#.shardps.v1.ListCheckpointsResponse\x12Q\n\x0cGetDataPlane\x12\x1f.shardps.v1.GetDataPlaneRequest\x1a .shardps.v1.GetDataPlaneResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SHARDINFO_WORKERCLOCKSENTRY']._loaded_options = None
   _globals['_SHARDINFO_WORKERCLOCKSENTRY']._serialized_options = b'8\001'
-  _globals['_PUSHSTATUS']._serialized_start=2362
-  _globals['_PUSHSTATUS']._serialized_end=2530
-  _globals['_PUSHCOMPRESSION']._serialized_start=2532
-  _globals['_PUSHCOMPRESSION']._serialized_end=2657
+  _globals['_PUSHSTATUS']._serialized_start=2500
+  _globals['_PUSHSTATUS']._serialized_end=2668
+  _globals['_PUSHCOMPRESSION']._serialized_start=2670
+  _globals['_PUSHCOMPRESSION']._serialized_end=2795
   _globals['_SHARDCONFIG']._serialized_start=61
   _globals['_SHARDCONFIG']._serialized_end=455
   _globals['_INITSHARDREQUEST']._serialized_start=458
@@ -51,35 +51,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHRESPONSE']._serialized_start=1000
   _globals['_PUSHRESPONSE']._serialized_end=1071
   _globals['_PULLREQUEST']._serialized_start=1074
-  _globals['_PULLREQUEST']._serialized_end=1254
-  _globals['_PULLRESPONSE']._serialized_start=1256
-  _globals['_PULLRESPONSE']._serialized_end=1376
-  _globals['_GETSHARDINFOREQUEST']._serialized_start=1378
-  _globals['_GETSHARDINFOREQUEST']._serialized_end=1415
-  _globals['_SHARDINFO']._serialized_start=1418
-  _globals['_SHARDINFO']._serialized_end=1797
-  _globals['_SHARDINFO_WORKERCLOCKSENTRY']._serialized_start=1746
-  _globals['_SHARDINFO_WORKERCLOCKSENTRY']._serialized_end=1797
-  _globals['_GETSHARDINFORESPONSE']._serialized_start=1799
-  _globals['_GETSHARDINFORESPONSE']._serialized_end=1860
-  _globals['_DROPJOBREQUEST']._serialized_start=1862
-  _globals['_DROPJOBREQUEST']._serialized_end=1894
-  _globals['_DROPJOBRESPONSE']._serialized_start=1896
-  _globals['_DROPJOBRESPONSE']._serialized_end=1930
-  _globals['_CHECKPOINTREQUEST']._serialized_start=1932
-  _globals['_CHECKPOINTREQUEST']._serialized_end=2007
-  _globals['_SHARDCHECKPOINT']._serialized_start=2009
-  _globals['_SHARDCHECKPOINT']._serialized_end=2094
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=2096
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=2161
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=2163
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=2203
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=2205
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=2280
-  _globals['_GETDATAPLANEREQUEST']._serialized_start=2282
-  _globals['_GETDATAPLANEREQUEST']._serialized_end=2303
-  _globals['_GETDATAPLANERESPONSE']._serialized_start=2305
-  _globals['_GETDATAPLANERESPONSE']._serialized_end=2359
-  _globals['_PARAMETERSERVER']._serialized_start=2660
-  _globals['_PARAMETERSERVER']._serialized_end=3278
+  _globals['_PULLREQUEST']._serialized_end=1309
+  _globals['_PULLRESPONSE']._serialized_start=1312
+  _globals['_PULLRESPONSE']._serialized_end=1514
+  _globals['_GETSHARDINFOREQUEST']._serialized_start=1516
+  _globals['_GETSHARDINFOREQUEST']._serialized_end=1553
+  _globals['_SHARDINFO']._serialized_start=1556
+  _globals['_SHARDINFO']._serialized_end=1935
+  _globals['_SHARDINFO_WORKERCLOCKSENTRY']._serialized_start=1884
+  _globals['_SHARDINFO_WORKERCLOCKSENTRY']._serialized_end=1935
+  _globals['_GETSHARDINFORESPONSE']._serialized_start=1937
+  _globals['_GETSHARDINFORESPONSE']._serialized_end=1998
+  _globals['_DROPJOBREQUEST']._serialized_start=2000
+  _globals['_DROPJOBREQUEST']._serialized_end=2032
+  _globals['_DROPJOBRESPONSE']._serialized_start=2034
+  _globals['_DROPJOBRESPONSE']._serialized_end=2068
+  _globals['_CHECKPOINTREQUEST']._serialized_start=2070
+  _globals['_CHECKPOINTREQUEST']._serialized_end=2145
+  _globals['_SHARDCHECKPOINT']._serialized_start=2147
+  _globals['_SHARDCHECKPOINT']._serialized_end=2232
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=2234
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=2299
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=2301
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=2341
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=2343
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=2418
+  _globals['_GETDATAPLANEREQUEST']._serialized_start=2420
+  _globals['_GETDATAPLANEREQUEST']._serialized_end=2441
+  _globals['_GETDATAPLANERESPONSE']._serialized_start=2443
+  _globals['_GETDATAPLANERESPONSE']._serialized_end=2497
+  _globals['_PARAMETERSERVER']._serialized_start=2798
+  _globals['_PARAMETERSERVER']._serialized_end=3416
 # @@protoc_insertion_point(module_scope)

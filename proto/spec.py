@@ -281,6 +281,9 @@ SCHEMA: dict[str, Any] = {
         # Pushes: "none" (the dtype above), or a lossy encoding with error feedback on the
         # worker (docs/network.md): topk[:RATIO], int8[:BLOCK], sign[:BLOCK].
         "compress": (_compress, "none"),
+        # Pulls: "none" (the dtype above), or deltas against the worker's copy in that encoding,
+        # with the server's mirror of the copy as error feedback (needs dtype float32).
+        "compress_pull": (_compress, "none"),
     },
     "stop": {
         "max_steps": (_int(0, MAX_STEPS), 0),
@@ -359,6 +362,7 @@ class TransportSpec(TypedDict):
     dtype: ReadOnly[str]  # one of TRANSPORT_DTYPES
     chunk_bytes: ReadOnly[int]
     compress: ReadOnly[str]  # "none" or a proto/compress.py setting (`compress.parse`)
+    compress_pull: ReadOnly[str]  # the same, for pulls (deltas against the worker's copy)
 
 
 class TargetSpec(TypedDict):
@@ -463,6 +467,9 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
     mode = spec["consistency"]["mode"]
     if mode != "ssp" and spec["consistency"]["staleness"]:
         raise SpecError("consistency.staleness", f"only applies to mode ssp, not {mode}")
+    transport = spec["transport"]
+    if transport["compress_pull"] != "none" and transport["dtype"] != "float32":
+        raise SpecError("transport.compress_pull", f"needs dtype float32, not {transport['dtype']}")
     return cast(JobSpec, spec)  # built by the SCHEMA, which JobSpec mirrors
 
 

@@ -22,6 +22,7 @@ from typing import TypeVar
 import torch
 
 from shardps.proto import codec, common_pb2, compress, ps_pb2
+from shardps.psclient.deltas import PulledCopy
 from shardps.psclient.plane import DataPlaneTransport
 from shardps.psclient.rpcpath import RpcTransport
 from shardps.psclient.transport import PendingPull, PendingPush, Transport
@@ -43,6 +44,7 @@ class PullResult:
     ready: bool         # every shard reached min_version within the timeout
     versions: list[int]  # per-shard version streamed (or current, if not ready)
     job_done: bool       # some server says the job has ended (weights frozen)
+    wire_bytes: int = 0  # payload bytes received: elements, or compressed pulls' deltas
 
 
 def _mark_compressed(header: ps_pb2.PushHeader, data: bytes) -> None:
@@ -72,6 +74,17 @@ class _Server:
         self.rpc.close()
 
 
+def _same_pull(a: ps_pb2.PullRequest, b: ps_pb2.PullRequest) -> bool:
+    """Whether two pull requests ask for the same thing (a compressed pull's reply_tag is
+    fresh for every request, so it does not count)."""
+    if a.reply_tag == b.reply_tag:
+        return a == b
+    a, b = ps_pb2.PullRequest.FromString(a.SerializeToString()), ps_pb2.PullRequest.FromString(
+        b.SerializeToString())
+    a.reply_tag = b.reply_tag = 0
+    return a == b
+
+
 class PullsAhead:
     """The pulls `push(then_pull=...)` sent right behind its pushes, one per shard (None where
     the server's transport sent none), until `pull` reads those whose request matches its own
@@ -87,7 +100,7 @@ class PullsAhead:
         if held is None:
             return None
         self._pending[i] = None
-        if held.request == request:
+        if _same_pull(held.request, request):
             return held
         held.cancel()
         return None
@@ -106,9 +119,11 @@ class PSClient:
     def __init__(self, job_id: str, shard_map: common_pb2.ShardMap, *,
                  dtype: common_pb2.DType = common_pb2.DTYPE_FLOAT32,
                  chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                 worker_id: str = "", incarnation: int = 0, data_plane: bool = True):
+                 worker_id: str = "", incarnation: int = 0, data_plane: bool = True,
+                 compress_pull: str = "none"):
         """`data_plane`: use the servers' data planes where they have one (else gRPC only);
-        `chunk_bytes` sizes the gRPC messages."""
+        `chunk_bytes` sizes the gRPC messages; `compress_pull` a proto/compress.py setting
+        for compressed pulls (fp32 only), "none" for dense ones."""
         self.job_id = job_id
         self.shards = list(shard_map.shards)
         self.dtype = dtype
@@ -127,6 +142,7 @@ class PSClient:
                            max(s.length for s in self.shards) * itemsize <= PIPELINE_BYTES)
         self._pool: futures.ThreadPoolExecutor | None = None
         self._ahead = PullsAhead()
+        self._copy = PulledCopy(compress_pull, self.total, dtype) if compress_pull != "none" else None
 
     @property
     def total(self) -> int:
@@ -165,21 +181,30 @@ class PSClient:
 
         def finish(i: int, pending: PendingPull) -> ps_pb2.PullResponse:
             shard = self.shards[i]
-            return pending.finish(dest[shard.offset : shard.offset + shard.length])
+            part = dest[shard.offset : shard.offset + shard.length]
+            if self._copy is None:
+                return pending.finish(part)
+            return self._copy.finish(shard, pending, part)
 
         try:
             heads = self._transfer(start, finish)
         finally:
             ahead.cancel()  # those not taken (an error stopped the pull before them)
+        itemsize = codec.element_size(self.dtype)
+        received = sum(h.compressed_bytes if h.delta_compression else h.length * itemsize
+                       for h in heads if h.ready)
         return PullResult(ready=all(h.ready for h in heads), versions=[h.version for h in heads],
-                          job_done=any(h.job_done for h in heads))
+                          job_done=any(h.job_done for h in heads), wire_bytes=received)
 
     def _pull_request(self, shard: common_pb2.ShardRange, min_version: int = 0,
                       timeout_s: float = 30.0, clock: int = 0) -> ps_pb2.PullRequest:
-        return ps_pb2.PullRequest(
+        request = ps_pb2.PullRequest(
             job_id=self.job_id, shard_index=shard.index, dtype=self.dtype,
             min_version=min_version, timeout_ms=int(timeout_s * 1000),
             worker_id=self.worker_id, clock=clock, chunk_bytes=self.chunk_bytes)
+        if self._copy is not None:
+            self._copy.tag(request)
+        return request
 
     # -- push ---------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import grpc
 import torch
 
 from shardps.proto import codec, common_pb2, dataplane, ps_pb2, ps_pb2_grpc
+from shardps.psclient import deltas
 from shardps.runtime import rpc
 
 _Bulk = TypeVar("_Bulk", ps_pb2.PushRequest, ps_pb2.InitShardRequest)
@@ -136,6 +137,12 @@ class _RpcPull:
         if head.length != dest.numel():
             raise codec.CodecError(f"shard {index}: server holds {head.length} elements, "
                                    f"map says {dest.numel()}")
+        if head.delta_compression:  # a compressed pull: an encoding to add to dest
+            delta = deltas.DeltaAssembler(deltas.delta_bytes(head))
+            _add_chunks(delta, head, self._stream)
+            deltas.apply_delta(dest, delta.finish())
+            head.ClearField("chunk")
+            return head
         target = codec.ChunkAssembler(dest, self._request.dtype)
         if head.HasField("chunk"):
             target.add(head.chunk)
@@ -146,3 +153,13 @@ class _RpcPull:
         target.finish()
         head.ClearField("chunk")
         return head
+
+
+def _add_chunks(target: deltas.DeltaAssembler, head: ps_pb2.PullResponse,
+                rest: Iterator[ps_pb2.PullResponse]) -> None:
+    if head.HasField("chunk"):
+        target.add(head.chunk)
+    for reply in rest:
+        if not reply.HasField("chunk"):
+            raise codec.CodecError("a pull message without a chunk")
+        target.add(reply.chunk)

@@ -75,7 +75,8 @@ class ShardClientFactory(Protocol):
     """Makes a ShardClient for one job's shard map (psclient.PSClient's constructor)."""
 
     def __call__(self, job_id: str, shard_map: common_pb2.ShardMap, *, dtype: common_pb2.DType,
-                 chunk_bytes: int, worker_id: str, incarnation: int) -> ShardClient: ...
+                 chunk_bytes: int, worker_id: str, incarnation: int,
+                 compress_pull: str) -> ShardClient: ...
 
 
 class RemappableClient:
@@ -88,9 +89,10 @@ class RemappableClient:
     def __init__(self, factory: ShardClientFactory, job_id: str,
                  shard_map: common_pb2.ShardMap, *, dtype: common_pb2.DType = common_pb2.DTYPE_FLOAT32,
                  chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, worker_id: str = "",
-                 incarnation: int = 0):
+                 incarnation: int = 0, compress_pull: str = "none"):
         self._connect = functools.partial(factory, job_id, dtype=dtype, chunk_bytes=chunk_bytes,
-                                          worker_id=worker_id, incarnation=incarnation)
+                                          worker_id=worker_id, incarnation=incarnation,
+                                          compress_pull=compress_pull)
         self.shard_map = shard_map
         self.client = self._connect(shard_map)
 

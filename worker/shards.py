@@ -55,13 +55,14 @@ class JobShards:
     """
 
     def __init__(self, ctx: JobContext, factory: recovery.ShardClientFactory,
-                 shard_map: ShardMap, *, dtype: DType, chunk_bytes: int, compress: str = "none"):
-        """`compress`: the spec's transport.compress ("none", or a compressed push with error
-        feedback, wirepush.py)."""
+                 shard_map: ShardMap, *, dtype: DType, chunk_bytes: int, compress: str = "none",
+                 compress_pull: str = "none"):
+        """`compress`, `compress_pull`: the spec's transport settings ("none", or a compressed
+        push with error feedback, wirepush.py; compressed pulls, psclient/deltas.py)."""
         self._ctx = ctx
         self._client = recovery.RemappableClient(
             factory, ctx.job_id, shard_map, dtype=dtype, chunk_bytes=chunk_bytes,
-            worker_id=ctx.node_id, incarnation=ctx.incarnation)
+            worker_id=ctx.node_id, incarnation=ctx.incarnation, compress_pull=compress_pull)
         self._resync_to: int | None = None  # while a rollback is taken: the version to reach
         self.wire = WirePush(compress, dtype, ctx.job_id, ctx.metrics)
 
@@ -105,7 +106,7 @@ class JobShards:
                             self._resync_to)
                 self._resync_to = None
             if result.ready:
-                self.wire.pulled(dest.numel())
+                self.wire.pulled(result.wire_bytes)
                 flat.upload()
                 hist.labels(phase="pull").observe(ctx.clock() - begun)
                 return list(result.versions)

@@ -114,5 +114,6 @@ class Trainer:
         self._shards = JobShards(self._ctx, self._ps_factory, shard_map,
                                  dtype=codec.DTYPE_NAMES[transport["dtype"]],
                                  chunk_bytes=transport["chunk_bytes"],
-                                 compress=transport["compress"])
+                                 compress=transport["compress"],
+                                 compress_pull=transport["compress_pull"])
         return self._shards

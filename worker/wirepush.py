@@ -1,6 +1,6 @@
 """What one job's pushes and pulls put on the wire, as the worker sees it: the compressed
 push (transport.compress) with error feedback, one residual per shard, and the byte counts
-behind shardps_worker_wire_bytes_total and shardps_worker_compression_ratio.
+behind shardps_worker_wire_bytes_total and shardps_worker_compression_ratio (of pushes).
 
 Owned by the job's training thread (as JobShards is); not thread-safe.
 """
@@ -54,6 +54,6 @@ class WirePush:
         if sent:
             self._ratio.set(numel * 4 / sent)  # against fp32
 
-    def pulled(self, numel: int) -> None:
-        """Counts one ready pull's payload."""
-        self._bytes.labels(job=self._job, direction="pull").inc(numel * self._itemsize)
+    def pulled(self, received: int) -> None:
+        """Counts one ready pull's payload bytes (PullResult.wire_bytes)."""
+        self._bytes.labels(job=self._job, direction="pull").inc(received)

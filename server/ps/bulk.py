@@ -23,9 +23,9 @@ from typing import TypeVar
 import grpc
 import torch
 
-from shardps.proto import codec, common_pb2, names, ps_pb2
+from shardps.proto import codec, common_pb2, compress, names, ps_pb2
 
-from . import compressed
+from . import compressed, pull_deltas
 from .errors import (
     FencedError,
     InvalidConfigError,
@@ -37,6 +37,7 @@ from .errors import (
     UnknownWorkerError,
 )
 from .metrics import PSMetrics
+from .pull_deltas import PullMirrors
 from .pushes import unpushable
 from .registry import ShardRegistry
 from .shard import Shard
@@ -113,6 +114,7 @@ class PullPlan:
     snapshot: Snapshot | None
     dtype: torch.dtype
     started: float
+    delta: bytes | None = None  # a compressed pull's delta, sent instead of the elements
 
 
 class BulkOps:
@@ -123,6 +125,7 @@ class BulkOps:
         self.metrics = metrics
         self.faults = faults
         self.stopping = False
+        self.mirrors = PullMirrors()
 
     def _reject(self, exc: Exception, reason: str) -> Refused:
         self.metrics.rejected.labels(reason).inc()
@@ -213,7 +216,10 @@ class BulkOps:
             names.check(request.job_id, "job_id")
             shard = self.shards.get(request.job_id, request.shard_index)
             dtype = codec.torch_dtype(request.dtype)
-        except (ShardError, codec.CodecError, names.InvalidName) as exc:
+            if request.compress:
+                pull_deltas.check_request(request.compress, request.dtype, request.worker_id,
+                                          request.reply_tag)
+        except (ShardError, codec.CodecError, names.InvalidName, ValueError) as exc:
             raise refusal(exc) from None
         clock = request.clock if shard.mode == common_pb2.CONSISTENCY_SSP else 0
         timeout = min(max(request.timeout_ms, 0) / 1000, MAX_PULL_WAIT_S)
@@ -240,7 +246,25 @@ class BulkOps:
             raise refusal(exc) from None
         head = ps_pb2.PullResponse(ready=True, version=snapshot.version, length=shard.length,
                                    job_done=snapshot.job_done)
-        return PullPlan(head, shard, snapshot, dtype, start)
+        plan = PullPlan(head, shard, snapshot, dtype, start)
+        if request.compress:
+            self._plan_delta(plan, request)
+        return plan
+
+    def _plan_delta(self, plan: PullPlan, request: ps_pb2.PullRequest) -> None:
+        """A compressed pull: the delta against the worker's copy, or (no copy at the version
+        it names) dense weights, with the worker's mirror brought to what it will hold."""
+        assert plan.snapshot is not None
+        held = self.mirrors.copies(plan.shard, request.compress)
+
+        def reply(view: torch.Tensor) -> pull_deltas.PullReply:
+            return held.reply(request.worker_id, request.held_tag, view, request.reply_tag)
+
+        answer = plan.shard.read(plan.snapshot, 0, plan.shard.length, reply)
+        if answer.delta is not None:
+            plan.delta = answer.delta
+            plan.head.delta_compression = compress.PUSH_COMPRESSIONS[compress.codec_of(answer.delta)]
+            plan.head.compressed_bytes = len(answer.delta)
 
     def pieces(self, plan: PullPlan, step: int,
                fn: Callable[[int, torch.Tensor], _T]) -> Iterator[_T]:

@@ -267,6 +267,10 @@ class DataServer:
             dataplane.send_all(conn, dataplane.frame(0, plan.head.SerializeToString()), deadline)
             if plan.snapshot is None:
                 return
+            if plan.delta is not None:  # a compressed pull: the encoding instead of elements
+                dataplane.send_all(conn, plan.delta, deadline)
+                sent = len(plan.delta)
+                return
             step = max(1, dataplane.IO_BYTES // plan.dtype.itemsize)
             buf = scratch.get(plan.dtype)
             if buf is None or buf.numel() < min(step, plan.shard.length):

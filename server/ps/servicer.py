@@ -22,7 +22,7 @@ from typing import NoReturn
 import grpc
 import torch
 
-from shardps.proto import codec, dataplane, names, ps_pb2, ps_pb2_grpc
+from shardps.proto import codec, common_pb2, dataplane, names, ps_pb2, ps_pb2_grpc
 
 from . import compressed
 from .bulk import BulkOps, DropReplies, Refused, refusal
@@ -133,6 +133,13 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             yield plan.head
             return
         sent = 0
+        if plan.delta is not None:  # a compressed pull: the encoding's bytes as the chunks
+            try:
+                yield from _delta_stream(plan.head, plan.delta, request.chunk_bytes)
+                sent = len(plan.delta)
+            finally:
+                self.bulk.pulled(plan, sent)
+            return
         try:
             step = codec.chunk_elements(request.dtype, request.chunk_bytes or codec.DEFAULT_CHUNK_BYTES)
 
@@ -166,6 +173,18 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def GetDataPlane(self, request: ps_pb2.GetDataPlaneRequest,
                      context: grpc.ServicerContext) -> ps_pb2.GetDataPlaneResponse:
         return ps_pb2.GetDataPlaneResponse(port=self.data_port, protocol=dataplane.PROTOCOL)
+
+
+def _delta_stream(head: ps_pb2.PullResponse, delta: bytes,
+                  chunk_bytes: int) -> Iterator[ps_pb2.PullResponse]:
+    """A compressed pull's messages: the head with the first chunk of the delta's bytes, then
+    one chunk per message, offsets counting bytes."""
+    step = codec.chunk_elements(common_pb2.DTYPE_FLOAT32, chunk_bytes) * 4
+    reply = head
+    for lo in range(0, len(delta), step):
+        reply.chunk.offset, reply.chunk.data = lo, delta[lo : lo + step]
+        yield reply
+        reply = ps_pb2.PullResponse()
 
 
 def _assemble(target: codec.ChunkAssembler | compressed.BodyAssembler,

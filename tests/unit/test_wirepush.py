@@ -26,7 +26,7 @@ def test_uncompressed_pushes_send_elements_in_the_wire_dtype():
     grad = torch.randn(1000)
     assert wire.encode(grad, SHARDS) is None
     wire.pushed(grad.numel(), None)
-    wire.pulled(1000)
+    wire.pulled(2000)
     assert _sent(metrics, "push") == _sent(metrics, "pull") == 2000
     assert metrics.compression_ratio.labels(job="job")._value.get() == 2.0
 
