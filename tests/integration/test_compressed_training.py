@@ -21,9 +21,9 @@ def _per_step(c: Cluster, job_id: str, direction: str) -> float:
     return sent / steps
 
 
-def _run(c: Cluster, compress: str) -> tuple[common_pb2.JobState, int, str]:
+def _run(c: Cluster, compress: str, compress_pull: str = "none") -> tuple[common_pb2.JobState, int, str]:
     spec = job_spec("sync", workers=2, servers=2, optimizer={"lr": 0.003},
-                    transport={"compress": compress},
+                    transport={"compress": compress, "compress_pull": compress_pull},
                     stop={"max_steps": 400, "eval_every": EVERY,
                           "target": {"metric": "accuracy", "value": TARGET}})
     job = c.wait(c.submit(spec), timeout=240)
@@ -57,3 +57,19 @@ def _check_int8_against_fp32(c: Cluster) -> None:
     for w in c.workers:
         assert 3.8 <= w.metrics.compression_ratio.labels(job=int8_job)._value.get() <= 4.0
         assert w.metrics.compression_ratio.labels(job=fp32_job)._value.get() == 1.0
+
+
+def test_int8_both_ways_converges_like_fp32_with_about_a_quarter_of_the_bytes():
+    c = Cluster(servers=2, workers=2)
+    try:
+        _, fp32_steps, fp32_job = _run(c, "none")
+        _, both_steps, both_job = _run(c, "int8", "int8")
+        ratios = {d: _per_step(c, both_job, d) / _per_step(c, fp32_job, d) for d in ("push", "pull")}
+        print(f"sync digits, int8 pushes and pulls with error feedback: accuracy {TARGET} at "
+              f"step {both_steps} (fp32 {fp32_steps}); bytes vs fp32 {ratios}")
+        assert both_steps <= 1.1 * fp32_steps + EVERY
+        assert 0.25 <= ratios["push"] <= 0.26
+        # Each worker's first pull of each shard is dense; every later one an int8 delta.
+        assert 0.25 <= ratios["pull"] <= 0.30
+    finally:
+        c.close()
