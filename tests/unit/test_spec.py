@@ -53,6 +53,8 @@ def test_normalised_spec_round_trips_through_its_yaml():
     (MINIMAL + "transport: {compress: 'topk:2'}\n", "transport.compress: 'topk:2': topk ratio must be in (0, 1]"),
     (MINIMAL + "transport: {compress: 'int8:x'}\n", "transport.compress: 'int8:x': invalid literal"),
     (MINIMAL + "transport: {compress: 8}\n", "transport.compress: must be none, topk[:RATIO]"),
+    (MINIMAL + "transport: {compress_pull: int8, dtype: bfloat16}\n",
+     "transport.compress_pull: needs dtype float32, not bfloat16"),
     (MINIMAL + "data: {dataset: digits, shuffle: 'yes'}\n", "data.shuffle: must be true or false"),
     ("model: {name: mlp}\ndata: {dataset: digits}\n", "stop: needs at least one of"),
     ("model: {name: mlp}\ndata: {dataset: digits}\nstop: {target: {metric: accuracy, value: 97}}\n",
