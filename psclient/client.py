@@ -79,10 +79,13 @@ def _same_pull(a: ps_pb2.PullRequest, b: ps_pb2.PullRequest) -> bool:
     fresh for every request, so it does not count)."""
     if a.reply_tag == b.reply_tag:
         return a == b
-    a, b = ps_pb2.PullRequest.FromString(a.SerializeToString()), ps_pb2.PullRequest.FromString(
-        b.SerializeToString())
-    a.reply_tag = b.reply_tag = 0
-    return a == b
+    untagged = []
+    for request in (a, b):
+        copy = ps_pb2.PullRequest()
+        copy.CopyFrom(request)
+        copy.reply_tag = 0
+        untagged.append(copy)
+    return untagged[0] == untagged[1]
 
 
 class PullsAhead:
