@@ -140,6 +140,8 @@ class TopK:
 def _blocks(flat: torch.Tensor, block: int) -> torch.Tensor:
     """flat as (blocks, block), the last block padded with zeros."""
     pad = -flat.numel() % block
+    if not pad:  # a view: padding copies the whole tensor
+        return flat.view(-1, block)
     return torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
 
 
@@ -166,7 +168,7 @@ class Int8:
         blocks = _blocks(flat, self.block)
         scales = blocks.abs().amax(dim=1) / 127.0
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        codes = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        codes = (blocks / safe[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         return b"".join((HEADER.pack(CODEC_INT8, 0, 0, self.block, flat.numel()), _as_bytes(scales),
                          _as_bytes(codes.view(-1)[: flat.numel()])))
 
