@@ -256,8 +256,10 @@ class BulkOps:
         it names) dense weights, with the worker's mirror brought to what it will hold."""
         assert plan.snapshot is not None
         held = self.mirrors.copies(plan.shard, request.compress)
+        live = plan.shard.workers
 
         def reply(view: torch.Tensor) -> pull_deltas.PullReply:
+            held.forget_except([*live, request.worker_id])
             return held.reply(request.worker_id, request.held_tag, view, request.reply_tag)
 
         answer = plan.shard.read(plan.snapshot, 0, plan.shard.length, reply)

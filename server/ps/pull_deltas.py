@@ -60,6 +60,12 @@ class HeldCopies:
         """Drops a worker's mirror (it left the job); its next pull is dense."""
         self._held.pop(worker, None)
 
+    def forget_except(self, workers: list[str]) -> None:
+        """Drops the mirrors of workers not in `workers` (the job's live workers: those
+        that left take their copy's memory with them; one that comes back pulls dense)."""
+        for worker in [w for w in self._held if w not in workers]:
+            del self._held[worker]
+
     def held_bytes(self) -> int:
         """Memory the mirrors take."""
         return sum(t.numel() * t.element_size() for _, t in self._held.values())
