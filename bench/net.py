@@ -1,7 +1,8 @@
 """net: steady-state step time on emulated links: 2 workers (and, for shardps, 2 servers), each
 on its own network-namespace host, every host's link shaped to --rate (and --delay where the
 kernel has netem). DDP over gloo in fp32, with fp16_compress_hook and with powerSGD_hook,
-against shardps (sync, uncompressed); ratios against DDP fp32 of the same run. Needs root.
+against shardps (sync; fp32, and int8 with error feedback both ways); ratios against DDP fp32
+of the same run. Needs root.
 
   python -m bench.net                          # ~10M-parameter MLP, 1gbit links
   python -m bench.net --params 100M --rate 10gbit
@@ -26,7 +27,8 @@ SYSTEMS = {  # name: (role, hook)
     "DDP gloo fp32": ("ddp", "none"),
     "DDP fp16_compress_hook": ("ddp", "fp16"),
     "DDP powerSGD_hook (rank 1)": ("ddp", "powersgd"),
-    "shardps fp32 (2 servers)": ("ps", ""),
+    "shardps fp32 (2 servers)": ("ps", "none"),
+    "shardps int8+EF both ways (2 servers)": ("ps", "int8"),  # transport.compress(_pull): int8
 }
 
 
@@ -69,7 +71,7 @@ def run_ddp(net: netns.Network, args, hook: str) -> dict:
         rank0.stop()
 
 
-def run_shardps(net: netns.Network, args) -> dict:
+def run_shardps(net: netns.Network, args, codec: str = "none") -> dict:
     servers = [procs.Child("shardps-server", ["--coordinator", "", "--host", net.address(h), "--port", "0",
                                               "--threads", "1", "--log-level", "WARNING"],
                            timeout=args.timeout, prefix=net.command(h))
@@ -77,7 +79,8 @@ def run_shardps(net: netns.Network, args) -> dict:
     try:
         addresses = ",".join(s.address for s in servers)
         net.run("w0", *_rank_command(args, "ps-init", 0, ["--servers", addresses]), timeout=args.timeout)
-        ranks = [net.popen(h, *_rank_command(args, "ps", r, ["--servers", addresses]), stdout=subprocess.PIPE,
+        extra = ["--servers", addresses, "--compress", codec, "--compress-pull", codec]
+        ranks = [net.popen(h, *_rank_command(args, "ps", r, extra), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=_env()) for r, h in enumerate(("w0", "w1"))]
         return [_result(p, args.timeout * 3) for p in ranks][0]
     finally:
@@ -112,7 +115,7 @@ def main() -> None:
             net.shape(host, rate=args.rate, delay=args.delay or None)
         for name in args.systems.split(","):
             role, hook = SYSTEMS[name]
-            result = run_ddp(net, args, hook) if role == "ddp" else run_shardps(net, args)
+            result = run_ddp(net, args, hook) if role == "ddp" else run_shardps(net, args, hook)
             table.add(system=name, step_ms=result["step_s"] * 1e3,
                       wire_MB_per_step=result["bytes_per_step"] / 1e6)
             print(table.rows[-1], flush=True)

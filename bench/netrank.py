@@ -105,7 +105,7 @@ def _ps_client(args: argparse.Namespace, flat_numel: int, worker: str):
     from shardps.psclient import PSClient
 
     smap = procs.shard_map(args.servers.split(","), flat_numel)
-    return PSClient(JOB, smap, worker_id=worker)
+    return PSClient(JOB, smap, worker_id=worker, compress_pull=args.compress_pull)
 
 
 def run_ps_init(args: argparse.Namespace) -> dict[str, float]:
@@ -123,12 +123,14 @@ def run_ps_init(args: argparse.Namespace) -> dict[str, float]:
 
 
 def run_ps(args: argparse.Namespace) -> dict[str, float]:
-    from shardps.proto import ps_pb2
+    from shardps.proto import compress, ps_pb2
+    from shardps.worker.feedback import ErrorFeedback
     from shardps.worker.flat import FlatParams
 
     model, x, y = model_and_batch(args.params, args.rank)
     flat = FlatParams(model)
     ps = _ps_client(args, flat.numel, f"w{args.rank}")
+    feedback = ErrorFeedback(compress.parse(args.compress)) if args.compress != "none" else None
     version = 0
 
     def step() -> None:  # as a sync worker does: pull, compute, push with the next pull behind it
@@ -139,8 +141,12 @@ def run_ps(args: argparse.Namespace) -> dict[str, float]:
         flat.upload()
         flat.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        replies = ps.push(flat.host_grad(), step=version, base_version=version, batch_size=BATCH,
-                          then_pull={"min_version": version + 1, "timeout_s": args.timeout})
+        grad = flat.host_grad()
+        encoded = None if feedback is None else [  # as a worker with transport.compress does
+            feedback.compress(f"shard{s.index}", grad[s.offset : s.offset + s.length]) for s in ps.shards]
+        replies = ps.push(grad, step=version, base_version=version, batch_size=BATCH,
+                          then_pull={"min_version": version + 1, "timeout_s": args.timeout},
+                          encoded=encoded)
         # The first of the two pushes of a round is accepted, the last one closes it (applied).
         if not all(r.status in (ps_pb2.PUSH_STATUS_ACCEPTED, ps_pb2.PUSH_STATUS_APPLIED) for r in replies):
             raise RuntimeError(f"push not applied: {replies}")
@@ -165,6 +171,8 @@ def main() -> None:
     parser.add_argument("--store", default="", help="ddp: HOST:PORT of rank 0's store (port ignored on rank 0)")
     parser.add_argument("--hook", choices=["none", "fp16", "powersgd"], default="none")
     parser.add_argument("--servers", default="", help="ps: the servers' HOST:PORT, comma-separated")
+    parser.add_argument("--compress", default="none", help="ps: transport.compress (pushes)")
+    parser.add_argument("--compress-pull", default="none", help="ps: transport.compress_pull")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = {"ddp": run_ddp, "ps-init": run_ps_init, "ps": run_ps}[args.role]

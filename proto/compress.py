@@ -25,6 +25,8 @@ from typing import Protocol
 
 import torch
 
+from shardps.proto import ps_pb2
+
 # decode() views immutable bytes and copies out of them at once (as the codec does).
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
@@ -32,6 +34,12 @@ HEADER = struct.Struct("<BBHIQ")
 CODEC_TOPK = 1  # k largest magnitudes, as (index, value) pairs
 CODEC_INT8 = 2  # symmetric int8, scale = max |x| / 127 per block
 CODEC_SIGN = 3  # one bit per element, scale = mean |x| per block
+# A compressed push's header names its codec (PushHeader.compression, ps.proto): the same numbers.
+PUSH_COMPRESSIONS: dict[int, ps_pb2.PushCompression] = {
+    CODEC_TOPK: ps_pb2.PUSH_COMPRESSION_TOPK,
+    CODEC_INT8: ps_pb2.PUSH_COMPRESSION_INT8,
+    CODEC_SIGN: ps_pb2.PUSH_COMPRESSION_SIGN,
+}
 INT32_LIMIT = 2**31
 MAX_BLOCK = 2**32 - 1
 
@@ -132,6 +140,8 @@ class TopK:
 def _blocks(flat: torch.Tensor, block: int) -> torch.Tensor:
     """flat as (blocks, block), the last block padded with zeros."""
     pad = -flat.numel() % block
+    if not pad:  # a view: padding copies the whole tensor
+        return flat.view(-1, block)
     return torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
 
 
@@ -158,7 +168,7 @@ class Int8:
         blocks = _blocks(flat, self.block)
         scales = blocks.abs().amax(dim=1) / 127.0
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        codes = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        codes = (blocks / safe[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         return b"".join((HEADER.pack(CODEC_INT8, 0, 0, self.block, flat.numel()), _as_bytes(scales),
                          _as_bytes(codes.view(-1)[: flat.numel()])))
 
@@ -216,6 +226,25 @@ class Sign:
         bits = (packed[:, None] & _BIT_WEIGHTS).ne(0).view(-1)[:n]
         signs = bits.float() * 2.0 - 1.0
         return (_blocks(signs, block) * scales[:, None]).view(-1)[:n].contiguous()
+
+
+def max_size(numel: int) -> int:
+    """No encoding of numel elements is longer (top-k at ratio 1 with int64 indices is 12 bytes
+    an element; int8 at block 1 is 5): a receiver's bound before it reads one."""
+    return HEADER.size + 12 * numel
+
+
+def codec_of(data: bytes | memoryview) -> int:
+    """The codec number (CODEC_*) in an encoding's header; raises CompressError if too short."""
+    if len(data) < HEADER.size:
+        raise CompressError(f"{len(data)} bytes is shorter than the {HEADER.size}-byte header")
+    return int(data[0])
+
+
+def numel_of(data: bytes | memoryview) -> int:
+    """The element count an encoding's header declares (before decoding it)."""
+    codec_of(data)
+    return int(HEADER.unpack_from(data)[4])
 
 
 def decode(data: bytes | memoryview) -> torch.Tensor:

@@ -17,7 +17,8 @@ Wire format (little-endian); one request at a time per connection:
   hello    client: MAGIC, u32 n, n bytes of token (UTF-8; empty without one)
            server: a reply with code 0 and an empty body, or a refusal and close
   request  u8 kind (PUSH or PULL), u32 n, n bytes of PushHeader or PullRequest (protobuf);
-           a push then sends exactly header.length elements in header.dtype
+           a push then sends exactly header.length elements in header.dtype, or, when
+           compressed, header.compressed_bytes bytes of its encoding (proto/compress.py)
   reply    u8 code (the number of a grpc.StatusCode, 0 = OK), u32 n, n bytes: the
            PushResponse or PullResponse (code 0) or a UTF-8 message (any other code); a
            ready pull's reply is followed by its `length` elements in the requested dtype

@@ -16,12 +16,23 @@ class PushStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PUSH_STATUS_DUPLICATE: _ClassVar[PushStatus]
     PUSH_STATUS_STALE: _ClassVar[PushStatus]
     PUSH_STATUS_JOB_DONE: _ClassVar[PushStatus]
+
+class PushCompression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PUSH_COMPRESSION_NONE: _ClassVar[PushCompression]
+    PUSH_COMPRESSION_TOPK: _ClassVar[PushCompression]
+    PUSH_COMPRESSION_INT8: _ClassVar[PushCompression]
+    PUSH_COMPRESSION_SIGN: _ClassVar[PushCompression]
 PUSH_STATUS_UNSPECIFIED: PushStatus
 PUSH_STATUS_APPLIED: PushStatus
 PUSH_STATUS_ACCEPTED: PushStatus
 PUSH_STATUS_DUPLICATE: PushStatus
 PUSH_STATUS_STALE: PushStatus
 PUSH_STATUS_JOB_DONE: PushStatus
+PUSH_COMPRESSION_NONE: PushCompression
+PUSH_COMPRESSION_TOPK: PushCompression
+PUSH_COMPRESSION_INT8: PushCompression
+PUSH_COMPRESSION_SIGN: PushCompression
 
 class ShardConfig(_message.Message):
     __slots__ = ("job_id", "shard_index", "offset", "length", "total", "optimizer", "mode", "staleness", "workers", "epoch", "layout_fingerprint", "checkpoint_every_steps", "checkpoint_keep", "resume_from_job", "resume_version", "step_budget", "tables")
@@ -104,7 +115,7 @@ class InitShardResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "shard_index", "worker_id", "incarnation", "step", "base_version", "dtype", "batch_size", "length")
+    __slots__ = ("job_id", "shard_index", "worker_id", "incarnation", "step", "base_version", "dtype", "batch_size", "length", "compression", "compressed_bytes")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +125,8 @@ class PushHeader(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_BYTES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     worker_id: str
@@ -123,7 +136,9 @@ class PushHeader(_message.Message):
     dtype: _common_pb2.DType
     batch_size: int
     length: int
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., worker_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., batch_size: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    compression: PushCompression
+    compressed_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., worker_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., batch_size: _Optional[int] = ..., length: _Optional[int] = ..., compression: _Optional[_Union[PushCompression, str]] = ..., compressed_bytes: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -142,7 +157,7 @@ class PushResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[PushStatus, str]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("job_id", "shard_index", "dtype", "min_version", "timeout_ms", "worker_id", "clock", "chunk_bytes")
+    __slots__ = ("job_id", "shard_index", "dtype", "min_version", "timeout_ms", "worker_id", "clock", "chunk_bytes", "compress", "held_tag", "reply_tag")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +166,9 @@ class PullRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESS_FIELD_NUMBER: _ClassVar[int]
+    HELD_TAG_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TAG_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     dtype: _common_pb2.DType
@@ -159,21 +177,28 @@ class PullRequest(_message.Message):
     worker_id: str
     clock: int
     chunk_bytes: int
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., min_version: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    compress: str
+    held_tag: int
+    reply_tag: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., min_version: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., compress: _Optional[str] = ..., held_tag: _Optional[int] = ..., reply_tag: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
-    __slots__ = ("ready", "version", "length", "job_done", "chunk")
+    __slots__ = ("ready", "version", "length", "job_done", "chunk", "delta_compression", "compressed_bytes")
     READY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     JOB_DONE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DELTA_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_BYTES_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     version: int
     length: int
     job_done: bool
     chunk: _common_pb2.TensorChunk
-    def __init__(self, ready: _Optional[bool] = ..., version: _Optional[int] = ..., length: _Optional[int] = ..., job_done: _Optional[bool] = ..., chunk: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+    delta_compression: PushCompression
+    compressed_bytes: int
+    def __init__(self, ready: _Optional[bool] = ..., version: _Optional[int] = ..., length: _Optional[int] = ..., job_done: _Optional[bool] = ..., chunk: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ..., delta_compression: _Optional[_Union[PushCompression, str]] = ..., compressed_bytes: _Optional[int] = ...) -> None: ...
 
 class GetShardInfoRequest(_message.Message):
     __slots__ = ("job_id",)

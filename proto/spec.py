@@ -169,6 +169,21 @@ def _choice(options: tuple[str, ...]) -> Check:
     return check
 
 
+def _compress(key: str, value: Any) -> str:
+    """transport.compress: "none", or a setting proto/compress.py's `parse` reads."""
+    if value == "none":
+        return value
+    if not isinstance(value, str):
+        raise SpecError(key, f"must be none, topk[:RATIO], int8[:BLOCK] or sign[:BLOCK]; got {show(value)}")
+    from shardps.proto import compress  # imports torch: only for specs that compress
+
+    try:
+        compress.parse(value)
+    except ValueError as exc:
+        raise SpecError(key, str(exc).removeprefix("transport.compress ")) from None
+    return value
+
+
 def _name(key: str, value: Any) -> str:
     # The one identifier rule (proto/names.py): a job id is this name + "-" + 6 hex digits,
     # and servers use job ids as directory names.
@@ -264,6 +279,12 @@ SCHEMA: dict[str, Any] = {
     "transport": {
         "dtype": (_choice(TRANSPORT_DTYPES), "float32"),
         "chunk_bytes": (_int(4096, 16 * 1024 * 1024), 1024 * 1024),
+        # Pushes: "none" (the dtype above), or a lossy encoding with error feedback on the
+        # worker (docs/network.md): topk[:RATIO], int8[:BLOCK], sign[:BLOCK].
+        "compress": (_compress, "none"),
+        # Pulls: "none" (the dtype above), or deltas against the worker's copy in that encoding,
+        # with the server's mirror of the copy as error feedback (needs dtype float32).
+        "compress_pull": (_compress, "none"),
     },
     "stop": {
         "max_steps": (_int(0, MAX_STEPS), 0),
@@ -350,6 +371,8 @@ class ClusterSpec(TypedDict):
 class TransportSpec(TypedDict):
     dtype: ReadOnly[str]  # one of TRANSPORT_DTYPES
     chunk_bytes: ReadOnly[int]
+    compress: ReadOnly[str]  # "none" or a proto/compress.py setting (`compress.parse`)
+    compress_pull: ReadOnly[str]  # the same, for pulls (deltas against the worker's copy)
 
 
 class TargetSpec(TypedDict):
@@ -466,6 +489,9 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
     mode = spec["consistency"]["mode"]
     if mode != "ssp" and spec["consistency"]["staleness"]:
         raise SpecError("consistency.staleness", f"only applies to mode ssp, not {mode}")
+    transport = spec["transport"]
+    if transport["compress_pull"] != "none" and transport["dtype"] != "float32":
+        raise SpecError("transport.compress_pull", f"needs dtype float32, not {transport['dtype']}")
     return cast(JobSpec, spec)  # built by the SCHEMA, which JobSpec mirrors
 
 

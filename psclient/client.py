@@ -21,7 +21,8 @@ from typing import TypeVar
 
 import torch
 
-from shardps.proto import codec, common_pb2, ps_pb2
+from shardps.proto import codec, common_pb2, compress, ps_pb2
+from shardps.psclient.deltas import PulledCopy
 from shardps.psclient.plane import DataPlaneTransport
 from shardps.psclient.rpcpath import RpcTransport
 from shardps.psclient.transport import PendingPull, PendingPush, Transport
@@ -43,6 +44,17 @@ class PullResult:
     ready: bool         # every shard reached min_version within the timeout
     versions: list[int]  # per-shard version streamed (or current, if not ready)
     job_done: bool       # some server says the job has ended (weights frozen)
+    wire_bytes: int = 0  # payload bytes received: elements, or compressed pulls' deltas
+
+
+def _mark_compressed(header: ps_pb2.PushHeader, data: bytes) -> None:
+    """Fills a push header's compression fields (30-39) for the encoding `data`."""
+    codec_number = compress.codec_of(data)
+    if codec_number not in compress.PUSH_COMPRESSIONS:
+        raise ValueError(f"shard {header.shard_index}: not an encoding (codec {codec_number})")
+    header.compression = compress.PUSH_COMPRESSIONS[codec_number]
+    header.compressed_bytes = len(data)
+    header.dtype = common_pb2.DTYPE_FLOAT32  # what the servers decode it to
 
 
 class _Server:
@@ -62,6 +74,20 @@ class _Server:
         self.rpc.close()
 
 
+def _same_pull(a: ps_pb2.PullRequest, b: ps_pb2.PullRequest) -> bool:
+    """Whether two pull requests ask for the same thing (a compressed pull's reply_tag is
+    fresh for every request, so it does not count)."""
+    if a.reply_tag == b.reply_tag:
+        return a == b
+    untagged = []
+    for request in (a, b):
+        copy = ps_pb2.PullRequest()
+        copy.CopyFrom(request)
+        copy.reply_tag = 0
+        untagged.append(copy)
+    return untagged[0] == untagged[1]
+
+
 class PullsAhead:
     """The pulls `push(then_pull=...)` sent right behind its pushes, one per shard (None where
     the server's transport sent none), until `pull` reads those whose request matches its own
@@ -77,7 +103,7 @@ class PullsAhead:
         if held is None:
             return None
         self._pending[i] = None
-        if held.request == request:
+        if _same_pull(held.request, request):
             return held
         held.cancel()
         return None
@@ -96,9 +122,11 @@ class PSClient:
     def __init__(self, job_id: str, shard_map: common_pb2.ShardMap, *,
                  dtype: common_pb2.DType = common_pb2.DTYPE_FLOAT32,
                  chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                 worker_id: str = "", incarnation: int = 0, data_plane: bool = True):
+                 worker_id: str = "", incarnation: int = 0, data_plane: bool = True,
+                 compress_pull: str = "none"):
         """`data_plane`: use the servers' data planes where they have one (else gRPC only);
-        `chunk_bytes` sizes the gRPC messages."""
+        `chunk_bytes` sizes the gRPC messages; `compress_pull` a proto/compress.py setting
+        for compressed pulls (fp32 only), "none" for dense ones."""
         self.job_id = job_id
         self.shards = list(shard_map.shards)
         self.dtype = dtype
@@ -117,6 +145,7 @@ class PSClient:
                            max(s.length for s in self.shards) * itemsize <= PIPELINE_BYTES)
         self._pool: futures.ThreadPoolExecutor | None = None
         self._ahead = PullsAhead()
+        self._copy = PulledCopy(compress_pull, self.total, dtype) if compress_pull != "none" else None
 
     @property
     def total(self) -> int:
@@ -155,26 +184,36 @@ class PSClient:
 
         def finish(i: int, pending: PendingPull) -> ps_pb2.PullResponse:
             shard = self.shards[i]
-            return pending.finish(dest[shard.offset : shard.offset + shard.length])
+            part = dest[shard.offset : shard.offset + shard.length]
+            if self._copy is None:
+                return pending.finish(part)
+            return self._copy.finish(shard, pending, part)
 
         try:
             heads = self._transfer(start, finish)
         finally:
             ahead.cancel()  # those not taken (an error stopped the pull before them)
+        itemsize = codec.element_size(self.dtype)
+        received = sum(h.compressed_bytes if h.delta_compression else h.length * itemsize
+                       for h in heads if h.ready)
         return PullResult(ready=all(h.ready for h in heads), versions=[h.version for h in heads],
-                          job_done=any(h.job_done for h in heads))
+                          job_done=any(h.job_done for h in heads), wire_bytes=received)
 
     def _pull_request(self, shard: common_pb2.ShardRange, min_version: int = 0,
                       timeout_s: float = 30.0, clock: int = 0) -> ps_pb2.PullRequest:
-        return ps_pb2.PullRequest(
+        request = ps_pb2.PullRequest(
             job_id=self.job_id, shard_index=shard.index, dtype=self.dtype,
             min_version=min_version, timeout_ms=int(timeout_s * 1000),
             worker_id=self.worker_id, clock=clock, chunk_bytes=self.chunk_bytes)
+        if self._copy is not None:
+            self._copy.tag(request)
+        return request
 
     # -- push ---------------------------------------------------------------------------
 
     def push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
-             batch_size: int, then_pull: PullArgs | None = None) -> list[ps_pb2.PushResponse]:
+             batch_size: int, then_pull: PullArgs | None = None,
+             encoded: Sequence[bytes] | None = None) -> list[ps_pb2.PushResponse]:
         """Sends a flat gradient to every shard; returns each server's reply in shard order.
 
         `then_pull` (pull's keywords but dest): over a data plane, the next pull's request is
@@ -182,8 +221,13 @@ class PSClient:
         while the caller does other things; a `pull` with the same arguments then reads that
         answer, and one with other arguments discards it. Only worth it where the answer
         cannot depend on when it is sent (sync: version `min_version` is one set of weights).
+
+        `encoded`: a compressed push, one proto/compress.py encoding per shard, in shard
+        order, sent instead of grad's elements (the servers apply their decode).
         """
         self._check_dest(grad)
+        if encoded is not None and len(encoded) != len(self.shards):
+            raise ValueError(f"{len(encoded)} encodings for {len(self.shards)} shards")
         self._ahead.cancel()
         bases = base_version if isinstance(base_version, list) else [base_version] * len(self.shards)
         headers = [ps_pb2.PushHeader(
@@ -191,12 +235,15 @@ class PSClient:
             incarnation=self.incarnation, step=step, base_version=bases[i],
             dtype=self.dtype, batch_size=batch_size, length=shard.length)
             for i, shard in enumerate(self.shards)]
+        if encoded is not None:
+            for header, data in zip(headers, encoded, strict=True):
+                _mark_compressed(header, data)
         ahead = [self._ahead_request(s, then_pull) for s in self.shards]
         pulls: list[PendingPull | None] = [None] * len(self.shards)
 
         def start(i: int) -> PendingPush:
             shard = self.shards[i]
-            part = grad[shard.offset : shard.offset + shard.length]
+            part = grad[shard.offset : shard.offset + shard.length] if encoded is None else encoded[i]
             return self._servers[i].transport().start_push(headers[i], part, ahead[i])
 
         def finish(i: int, pending: PendingPush) -> ps_pb2.PushResponse:

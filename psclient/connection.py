@@ -28,6 +28,7 @@ from shardps.proto.dataplane import (
     status_code,
     tune,
 )
+from shardps.psclient import deltas
 
 _T = TypeVar("_T")
 
@@ -100,10 +101,15 @@ class Connection:
     # (PSClient pushes this way; start_push sends `part`, flat and on the CPU, in the wire
     # dtype under `header`).
 
-    def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor, wire_dtype: int,
+    def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor | bytes, wire_dtype: int,
                    timeout: float) -> None:
+        """Sends the header and then `part`: elements in the wire dtype, or a compressed
+        push's encoding (bytes, header.compressed_bytes long) as it is."""
         def send(sock: socket.socket) -> None:
             sock.sendall(frame(PUSH, header.SerializeToString()))
+            if isinstance(part, bytes):
+                sock.sendall(part)
+                return
             for piece in _wire_pieces(part, codec.torch_dtype(wire_dtype)):
                 sock.sendall(piece)
 
@@ -123,6 +129,16 @@ class Connection:
                 self.close()  # its elements are on the way: this connection is out of step
                 raise DataPlaneError(grpc.StatusCode.INTERNAL, f"data plane {self.address}: "
                                      f"{head.length} elements, expected {dest.numel()}")
+            if head.delta_compression:  # a compressed pull: an encoding to add to dest
+                try:
+                    size = deltas.delta_bytes(head)
+                except codec.CodecError:
+                    self.close()  # a body of a size not to read on: out of step
+                    raise
+                body = bytearray(size)
+                self._guard(lambda sock: recv_exact(sock, memoryview(body)))
+                deltas.apply_delta(dest, memoryview(body))
+                return head
             self._guard(lambda sock: _recv_into(sock, dest, codec.torch_dtype(request.dtype)))
         return head
 

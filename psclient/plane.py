@@ -44,7 +44,7 @@ class DataPlaneTransport:
                 self._port = port
         return port != 0
 
-    def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor,
+    def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor | bytes,
                    then_pull: ps_pb2.PullRequest | None = None) -> _PlanePush:
         """Sends the push, and `then_pull` right behind it on the same connection (the server
         answers it once the push is handled)."""

@@ -14,6 +14,7 @@ import grpc
 import torch
 
 from shardps.proto import codec, common_pb2, dataplane, ps_pb2, ps_pb2_grpc
+from shardps.psclient import deltas
 from shardps.runtime import rpc
 
 _Bulk = TypeVar("_Bulk", ps_pb2.PushRequest, ps_pb2.InitShardRequest)
@@ -28,11 +29,13 @@ class RpcTransport:
         self._stub = ps_pb2_grpc.ParameterServerStub(self.channel)
         self._chunk_bytes = chunk_bytes
 
-    def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor,
+    def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor | bytes,
                    then_pull: ps_pb2.PullRequest | None = None) -> _RpcPush:
         """Starts the Push stream (gRPC's threads send it). Never sends `then_pull`: a Pull
         of its own would only hold a server thread waiting."""
-        messages = _stream(ps_pb2.PushRequest(header=header), part, header.dtype, self._chunk_bytes)
+        first = ps_pb2.PushRequest(header=header)
+        messages = (_byte_stream(first, part, self._chunk_bytes) if isinstance(part, bytes)
+                    else _stream(first, part, header.dtype, self._chunk_bytes))
         future = self._stub.Push.future(messages, timeout=rpc.TRANSFER_DEADLINE_S)
         return _RpcPush(future)
 
@@ -73,6 +76,21 @@ def _stream(first: _Bulk, flat: torch.Tensor, wire_dtype: int, chunk_bytes: int)
         yield message
         message = type(first)()
     if message is first:  # nothing to carry
+        yield first
+
+
+def _byte_stream(first: ps_pb2.PushRequest, data: bytes,
+                 chunk_bytes: int) -> Iterator[ps_pb2.PushRequest]:
+    """A compressed push's stream: its encoding in chunks of `chunk_bytes` (clamped as
+    codec.chunk_elements clamps), each chunk's offset counting bytes."""
+    step = codec.chunk_elements(common_pb2.DTYPE_FLOAT32, chunk_bytes) * 4
+    message = first
+    for lo in range(0, len(data), step):
+        message.chunk.offset = lo
+        message.chunk.data = data[lo : lo + step]
+        yield message
+        message = ps_pb2.PushRequest()
+    if message is first:
         yield first
 
 
@@ -119,6 +137,12 @@ class _RpcPull:
         if head.length != dest.numel():
             raise codec.CodecError(f"shard {index}: server holds {head.length} elements, "
                                    f"map says {dest.numel()}")
+        if head.delta_compression:  # a compressed pull: an encoding to add to dest
+            delta = deltas.DeltaAssembler(deltas.delta_bytes(head))
+            _add_chunks(delta, head, self._stream)
+            deltas.apply_delta(dest, delta.finish())
+            head.ClearField("chunk")
+            return head
         target = codec.ChunkAssembler(dest, self._request.dtype)
         if head.HasField("chunk"):
             target.add(head.chunk)
@@ -129,3 +153,13 @@ class _RpcPull:
         target.finish()
         head.ClearField("chunk")
         return head
+
+
+def _add_chunks(target: deltas.DeltaAssembler, head: ps_pb2.PullResponse,
+                rest: Iterator[ps_pb2.PullResponse]) -> None:
+    if head.HasField("chunk"):
+        target.add(head.chunk)
+    for reply in rest:
+        if not reply.HasField("chunk"):
+            raise codec.CodecError("a pull message without a chunk")
+        target.add(reply.chunk)

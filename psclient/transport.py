@@ -51,10 +51,11 @@ class PendingPush(Protocol):
 class Transport(Protocol):
     """One server's bulk path. Thread-safe: several threads may have calls pending at once."""
 
-    def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor,
+    def start_push(self, header: ps_pb2.PushHeader, part: torch.Tensor | bytes,
                    then_pull: ps_pb2.PullRequest | None = None) -> PendingPush:
-        """Sends `part` (flat, CPU) in the wire dtype `header.dtype`; `then_pull` asks for that
-        pull to be sent right behind it where the transport can keep the two in order."""
+        """Sends `part` (flat, CPU) in the wire dtype `header.dtype`, or, for a compressed
+        push (header.compression), its encoding as bytes; `then_pull` asks for that pull to
+        be sent right behind it where the transport can keep the two in order."""
         ...
 
     def start_pull(self, request: ps_pb2.PullRequest) -> PendingPull:

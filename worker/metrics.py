@@ -42,6 +42,14 @@ class WorkerMetrics:
         self.files_read = Counter("shardps_worker_data_files_read",
                                   "Data files this worker opened to train on (dataset files), per "
                                   "job: each worker reads only its own", ["job"], registry=registry)
+        self.wire_bytes = Counter(
+            "shardps_worker_wire_bytes", "Payload bytes this worker's pushes sent and its ready "
+            "pulls received (elements or compressed encodings; frame headers not counted), per "
+            "job and direction (push, pull)", ["job", "direction"], registry=registry)
+        self.compression_ratio = Gauge(
+            "shardps_worker_compression_ratio", "fp32 bytes of the last push's gradient over the "
+            "bytes it put on the wire (1 uncompressed in fp32, 2 in bf16, ~3.9 int8)", ["job"],
+            registry=registry)
         self.info = Gauge("shardps_worker_info", "Constant 1, labelled with the worker's device",
                           ["device"], registry=registry)
         for phase in PHASES:  # export every phase from the start, even before a job runs

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -63,7 +64,7 @@ class ShardClient(Protocol):
 
     def push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
              batch_size: int, then_pull: dict[str, Any] | None = None,
-             ) -> list[ps_pb2.PushResponse]: ...
+             encoded: Sequence[bytes] | None = None) -> list[ps_pb2.PushResponse]: ...
 
     def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None: ...
 
@@ -74,7 +75,8 @@ class ShardClientFactory(Protocol):
     """Makes a ShardClient for one job's shard map (psclient.PSClient's constructor)."""
 
     def __call__(self, job_id: str, shard_map: common_pb2.ShardMap, *, dtype: common_pb2.DType,
-                 chunk_bytes: int, worker_id: str, incarnation: int) -> ShardClient: ...
+                 chunk_bytes: int, worker_id: str, incarnation: int,
+                 compress_pull: str) -> ShardClient: ...
 
 
 class RemappableClient:
@@ -87,9 +89,10 @@ class RemappableClient:
     def __init__(self, factory: ShardClientFactory, job_id: str,
                  shard_map: common_pb2.ShardMap, *, dtype: common_pb2.DType = common_pb2.DTYPE_FLOAT32,
                  chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, worker_id: str = "",
-                 incarnation: int = 0):
+                 incarnation: int = 0, compress_pull: str = "none"):
         self._connect = functools.partial(factory, job_id, dtype=dtype, chunk_bytes=chunk_bytes,
-                                          worker_id=worker_id, incarnation=incarnation)
+                                          worker_id=worker_id, incarnation=incarnation,
+                                          compress_pull=compress_pull)
         self.shard_map = shard_map
         self.client = self._connect(shard_map)
 
@@ -108,9 +111,9 @@ class RemappableClient:
 
     def push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
              batch_size: int, then_pull: dict[str, Any] | None = None,
-             ) -> list[ps_pb2.PushResponse]:
+             encoded: Sequence[bytes] | None = None) -> list[ps_pb2.PushResponse]:
         return self.client.push(grad, step=step, base_version=base_version,
-                                batch_size=batch_size, then_pull=then_pull)
+                                batch_size=batch_size, then_pull=then_pull, encoded=encoded)
 
     def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None:
         self.client.init(weights, config)

@@ -22,6 +22,7 @@ from shardps.worker.decisions import pull_args
 from shardps.worker.flat import FlatParams
 from shardps.worker.jobcontext import JobContext
 from shardps.worker.outcome import End
+from shardps.worker.wirepush import WirePush
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +56,19 @@ class JobShards:
     """
 
     def __init__(self, ctx: JobContext, factory: recovery.ShardClientFactory,
-                 shard_map: ShardMap, *, dtype: DType, chunk_bytes: int):
+                 shard_map: ShardMap, *, dtype: DType, chunk_bytes: int, compress: str = "none",
+                 compress_pull: str = "none"):
+        """`compress`, `compress_pull`: the spec's transport settings ("none", or a compressed
+        push with error feedback, wirepush.py; compressed pulls, psclient/deltas.py)."""
         self._ctx = ctx
         self._client = recovery.RemappableClient(
             factory, ctx.job_id, shard_map, dtype=dtype, chunk_bytes=chunk_bytes,
-            worker_id=ctx.node_id, incarnation=ctx.incarnation)
+            worker_id=ctx.node_id, incarnation=ctx.incarnation, compress_pull=compress_pull)
         self._resync_to: int | None = None  # while a rollback is taken: the version to reach
         # The embedding tables' row calls (worker/tablesync.py), following the same map.
         self.rows = RowClient(ctx.job_id, shard_map, worker_id=ctx.node_id,
                               incarnation=ctx.incarnation)
+        self.wire = WirePush(compress, dtype, ctx.job_id, ctx.metrics)
 
     def close(self) -> None:
         self._client.close()
@@ -75,10 +80,14 @@ class JobShards:
 
     def push(self, grad: torch.Tensor, step: int, versions: list[int], batch_size: int,
              then_pull: dict[str, Any] | None) -> list[ps_pb2.PushResponse]:
-        """Pushes step's gradient; may raise Rewind (a rollback, or a server behind us)."""
-        return self.call("push", functools.partial(
+        """Pushes step's gradient (compressed once, before any try, if the job says so); may
+        raise Rewind (a rollback, or a server behind us)."""
+        encoded = self.wire.encode(grad, self._client.shard_map.shards)
+        replies = self.call("push", functools.partial(
             self._client.push, grad, step=step, base_version=versions, batch_size=batch_size,
-            then_pull=then_pull))
+            then_pull=then_pull, encoded=encoded))
+        self.wire.pushed(grad.numel(), encoded)
+        return replies
 
     def pull(self, mode: str, step: int, flat: FlatParams) -> list[int]:
         """Pulls the weights for `step` into the model, waiting in slices; returns the versions."""
@@ -102,6 +111,7 @@ class JobShards:
                             self._resync_to)
                 self._resync_to = None
             if result.ready:
+                self.wire.pulled(result.wire_bytes)
                 flat.upload()
                 hist.labels(phase="pull").observe(ctx.clock() - begun)
                 return list(result.versions)
@@ -159,6 +169,7 @@ class JobShards:
         if action == recovery.RESYNC:
             ctx.metrics.refused.labels(reason="step_ahead").inc()
             logger.info("job %s: %s refused (%s); pulling again", ctx.job_id, what, details)
+            self.wire.reset()  # the residuals belong to a push that was not applied
             raise Rewind(None) from None
         if action == recovery.ABANDON:
             raise End("abandoned", f"{what} failed: {code.name}: {details}") from None
@@ -188,4 +199,5 @@ class JobShards:
         logger.warning("job %s: rollback %d: a server restored version %d; resuming at step %d "
                        "(the steps after it are replayed)", ctx.job_id, assignment.rollback_id,
                        assignment.rollback_version, assignment.rollback_version)
+        self.wire.reset()  # owed to steps that are replayed from the restored weights
         raise Rewind(assignment.rollback_version)

@@ -113,5 +113,7 @@ class Trainer:
         transport = prepared.spec["transport"]
         self._shards = JobShards(self._ctx, self._ps_factory, shard_map,
                                  dtype=codec.DTYPE_NAMES[transport["dtype"]],
-                                 chunk_bytes=transport["chunk_bytes"])
+                                 chunk_bytes=transport["chunk_bytes"],
+                                 compress=transport["compress"],
+                                 compress_pull=transport["compress_pull"])
         return self._shards

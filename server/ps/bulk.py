@@ -23,9 +23,10 @@ from typing import TypeVar
 import grpc
 import torch
 
-from shardps.proto import codec, common_pb2, names, ps_pb2
+from shardps.proto import codec, common_pb2, compress, names, ps_pb2
 from shardps.proto.tables import TableIdError, TableRowsError
 
+from . import compressed, pull_deltas
 from .errors import (
     FencedError,
     InvalidConfigError,
@@ -37,6 +38,7 @@ from .errors import (
     UnknownWorkerError,
 )
 from .metrics import PSMetrics
+from .pull_deltas import PullMirrors
 from .pushes import unpushable
 from .registry import ShardRegistry
 from .shard import Shard
@@ -67,9 +69,10 @@ _STATUS_NAMES = {
     for name, value in ps_pb2.PushStatus.items()
 }
 
-# fill(grad) writes the push's elements into grad (the wire dtype) and returns (bytes received,
-# whether every value is codec.pushable: finite and within codec.MAX_GRADIENT); it raises
-# codec.CodecError on bad bytes.
+# fill(grad) writes the push's elements into grad (the wire dtype; fp32 for a compressed push,
+# decoded by compressed.decode_into) and returns (bytes received, whether every value is
+# codec.pushable: finite and within codec.MAX_GRADIENT); it raises codec.CodecError on bad
+# bytes, InvalidPushError on a compressed body that does not decode.
 Fill = Callable[[torch.Tensor], tuple[int, bool]]
 
 
@@ -117,6 +120,7 @@ class PullPlan:
     snapshot: Snapshot | None
     dtype: torch.dtype
     started: float
+    delta: bytes | None = None  # a compressed pull's delta, sent instead of the elements
 
 
 class BulkOps:
@@ -127,6 +131,7 @@ class BulkOps:
         self.metrics = metrics
         self.faults = faults
         self.stopping = False
+        self.mirrors = PullMirrors()
 
     def _reject(self, exc: Exception, reason: str) -> Refused:
         self.metrics.rejected.labels(reason).inc()
@@ -149,9 +154,14 @@ class BulkOps:
         except UnknownShardError as exc:
             raise self._reject(exc, exc.reason) from None
         try:
-            wire = codec.torch_dtype(header.dtype)
+            wire = compressed.staging_dtype(header)
         except codec.CodecError as exc:
             raise self._reject(exc, "bad_dtype") from None
+        if compressed.is_compressed(header):
+            try:
+                compressed.check_header(header)
+            except InvalidPushError as exc:
+                raise self._reject(exc, exc.reason) from None
         try:
             early = shard.check_push(length=header.length, worker_id=header.worker_id,
                                      incarnation=header.incarnation, step=header.step,
@@ -168,6 +178,9 @@ class BulkOps:
         except codec.CodecError as exc:
             shard.release_staging(grad)
             raise self._reject(exc, "bad_chunks") from None
+        except InvalidPushError as exc:  # a compressed body that does not decode
+            shard.release_staging(grad)
+            raise self._reject(exc, exc.reason) from None
         except BaseException:
             shard.release_staging(grad)
             raise
@@ -209,7 +222,10 @@ class BulkOps:
             names.check(request.job_id, "job_id")
             shard = self.shards.get(request.job_id, request.shard_index)
             dtype = codec.torch_dtype(request.dtype)
-        except (ShardError, codec.CodecError, names.InvalidName) as exc:
+            if request.compress:
+                pull_deltas.check_request(request.compress, request.dtype, request.worker_id,
+                                          request.reply_tag)
+        except (ShardError, codec.CodecError, names.InvalidName, ValueError) as exc:
             raise refusal(exc) from None
         clock = request.clock if shard.mode == common_pb2.CONSISTENCY_SSP else 0
         timeout = min(max(request.timeout_ms, 0) / 1000, MAX_PULL_WAIT_S)
@@ -236,7 +252,27 @@ class BulkOps:
             raise refusal(exc) from None
         head = ps_pb2.PullResponse(ready=True, version=snapshot.version, length=shard.length,
                                    job_done=snapshot.job_done)
-        return PullPlan(head, shard, snapshot, dtype, start)
+        plan = PullPlan(head, shard, snapshot, dtype, start)
+        if request.compress:
+            self._plan_delta(plan, request)
+        return plan
+
+    def _plan_delta(self, plan: PullPlan, request: ps_pb2.PullRequest) -> None:
+        """A compressed pull: the delta against the worker's copy, or (no copy at the version
+        it names) dense weights, with the worker's mirror brought to what it will hold."""
+        assert plan.snapshot is not None
+        held = self.mirrors.copies(plan.shard, request.compress)
+        live = plan.shard.workers
+
+        def reply(view: torch.Tensor) -> pull_deltas.PullReply:
+            held.forget_except([*live, request.worker_id])
+            return held.reply(request.worker_id, request.held_tag, view, request.reply_tag)
+
+        answer = plan.shard.read(plan.snapshot, 0, plan.shard.length, reply)
+        if answer.delta is not None:
+            plan.delta = answer.delta
+            plan.head.delta_compression = compress.PUSH_COMPRESSIONS[compress.codec_of(answer.delta)]
+            plan.head.compressed_bytes = len(answer.delta)
 
     def pieces(self, plan: PullPlan, step: int,
                fn: Callable[[int, torch.Tensor], _T]) -> Iterator[_T]:

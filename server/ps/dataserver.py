@@ -37,6 +37,7 @@ from google.protobuf.message import DecodeError
 from shardps.proto import codec, dataplane, ps_pb2
 from shardps.runtime import callguard, gate, rpc, sslcontext
 
+from . import compressed
 from .bulk import BulkOps, Refused
 
 log = logging.getLogger("shardps.ps")
@@ -199,15 +200,16 @@ class DataServer:
             self.bulk.metrics.rejected.labels("bad_header").inc()
             _reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, "push header does not parse", deadline)
             raise _Close("bad push header") from None
-        try:
-            declared = header.length * codec.element_size(header.dtype)
-        except codec.CodecError:
-            declared = -1
+        declared = compressed.body_bytes(header)
         consumed = False
 
         def fill(grad: torch.Tensor) -> tuple[int, bool]:
             nonlocal consumed
             consumed = True
+            if compressed.is_compressed(header):  # bytes bounded by bulk.push's check_header
+                body = bytearray(header.compressed_bytes)
+                dataplane.recv_exact(conn, memoryview(body), deadline)
+                return compressed.decode_into(header, body, grad)
             data = dataplane.as_bytes(grad)
             finite, step = True, dataplane.IO_BYTES
             per_piece = step // grad.element_size()
@@ -264,6 +266,10 @@ class DataServer:
         try:
             dataplane.send_all(conn, dataplane.frame(0, plan.head.SerializeToString()), deadline)
             if plan.snapshot is None:
+                return
+            if plan.delta is not None:  # a compressed pull: the encoding instead of elements
+                dataplane.send_all(conn, plan.delta, deadline)
+                sent = len(plan.delta)
                 return
             step = max(1, dataplane.IO_BYTES // plan.dtype.itemsize)
             buf = scratch.get(plan.dtype)

@@ -55,7 +55,7 @@ class InvalidConfigError(ShardError):
 # Every `reason` label of shardps_ps_rejected_pushes_total (metrics export each at 0).
 REJECT_REASONS = ("invalid", "bad_header", "bad_dtype", "bad_chunks", "bad_length", "non_finite",
                   "too_large", "bad_step", "bad_batch_size", "unknown_shard", "shard_closed", "unknown_worker",
-                  "step_ahead", "bad_config", "fenced")
+                  "step_ahead", "bad_config", "fenced", "bad_encoding")
 
 
 class FencedError(ShardError):

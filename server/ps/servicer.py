@@ -22,8 +22,9 @@ from typing import NoReturn
 import grpc
 import torch
 
-from shardps.proto import codec, dataplane, names, ps_pb2, ps_pb2_grpc
+from shardps.proto import codec, common_pb2, dataplane, names, ps_pb2, ps_pb2_grpc
 
+from . import compressed
 from .bulk import BulkOps, DropReplies, Refused, refusal
 from .errors import ShardError
 from .metrics import PSMetrics
@@ -104,6 +105,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         header = first.header
 
         def fill(grad: torch.Tensor) -> tuple[int, bool]:
+            if compressed.is_compressed(header):  # size bounded by bulk.push's check_header
+                body = compressed.BodyAssembler(header.compressed_bytes)
+                _assemble(body, first, request_iterator)
+                return compressed.decode_into(header, body.finish(), grad)
             # Each chunk is checked for NaN/inf as it lands, while it is in cache.
             target = codec.ChunkAssembler(grad, header.dtype, check_finite=True)
             _assemble(target, first, request_iterator)
@@ -130,6 +135,13 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             yield plan.head
             return
         sent = 0
+        if plan.delta is not None:  # a compressed pull: the encoding's bytes as the chunks
+            try:
+                yield from _delta_stream(plan.head, plan.delta, request.chunk_bytes)
+                sent = len(plan.delta)
+            finally:
+                self.bulk.pulled(plan, sent)
+            return
         try:
             step = codec.chunk_elements(request.dtype, request.chunk_bytes or codec.DEFAULT_CHUNK_BYTES)
 
@@ -188,7 +200,20 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return ps_pb2.GetDataPlaneResponse(port=self.data_port, protocol=dataplane.PROTOCOL)
 
 
-def _assemble(target: codec.ChunkAssembler, first: ps_pb2.PushRequest | ps_pb2.InitShardRequest,
+def _delta_stream(head: ps_pb2.PullResponse, delta: bytes,
+                  chunk_bytes: int) -> Iterator[ps_pb2.PullResponse]:
+    """A compressed pull's messages: the head with the first chunk of the delta's bytes, then
+    one chunk per message, offsets counting bytes."""
+    step = codec.chunk_elements(common_pb2.DTYPE_FLOAT32, chunk_bytes) * 4
+    reply = head
+    for lo in range(0, len(delta), step):
+        reply.chunk.offset, reply.chunk.data = lo, delta[lo : lo + step]
+        yield reply
+        reply = ps_pb2.PullResponse()
+
+
+def _assemble(target: codec.ChunkAssembler | compressed.BodyAssembler,
+              first: ps_pb2.PushRequest | ps_pb2.InitShardRequest,
               rest: Iterator[ps_pb2.PushRequest] | Iterator[ps_pb2.InitShardRequest]) -> None:
     """Adds the chunks of a bulk stream in order: the first message's, if it has one, then one
     per later message (a later message without one adds an empty chunk at offset 0, which

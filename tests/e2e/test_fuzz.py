@@ -15,7 +15,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shardps.proto import common_pb2, coordinator_pb2, dataplane, names, ps_pb2, ps_pb2_grpc, spec
+from shardps.proto import common_pb2, compress, coordinator_pb2, dataplane, names, ps_pb2, ps_pb2_grpc, spec
 from shardps.psclient import PSClient
 from shardps.runtime import rpc
 from tests import harness
@@ -297,11 +297,38 @@ def with_bad_value(data: bytes, rng, value: float) -> bytes:
     return bytes(bad)
 
 
+COMPRESSED_FAULTS = ("truncated", "nan_scale", "wrong_codec", "wrong_numel", "unknown", "huge")
+
+
+def bad_compressed(rng) -> tuple[ps_pb2.PushHeader, bytes]:
+    """A compressed push (int8) that is wrong in one way: its body a byte short, a NaN scale,
+    the header naming another codec or declaring an unknown one or an absurd size, or an
+    encoding of another number of elements. Never a valid one: it would change the weights."""
+    header = real_header(rng)
+    body = compress.Int8().encode(torch.ones(TOTAL))
+    fault = rng.choice(COMPRESSED_FAULTS)
+    compression = ps_pb2.PUSH_COMPRESSION_INT8
+    if fault == "truncated":
+        body = body[: rng.randrange(16, len(body))]
+    elif fault == "nan_scale":
+        at = 16 + 4 * rng.randrange(TOTAL // 256)
+        body = body[:at] + struct.pack("<f", math.nan) + body[at + 4:]
+    elif fault == "wrong_codec":
+        compression = rng.choice([ps_pb2.PUSH_COMPRESSION_TOPK, ps_pb2.PUSH_COMPRESSION_SIGN])
+    elif fault == "wrong_numel":
+        body = compress.Int8().encode(torch.ones(TOTAL - rng.randint(1, 100)))
+    header.compression = compression if fault != "unknown" else rng.choice([4, 99, -1])
+    header.compressed_bytes = len(body) if fault != "huge" else rng.choice([2**40, 2**62])
+    return header, body
+
+
 def bad_data_push(rng) -> tuple[bytes, bytes]:
     header = real_header(rng)
     payload = struct.pack(f"<{TOTAL}f", *([1.0] * TOTAL))
-    fault = rng.choice(["short", "nan", "garbage_header", *HEADER_FAULTS])
-    if fault == "short":
+    fault = rng.choice(["short", "nan", "garbage_header", "compressed", *HEADER_FAULTS])
+    if fault == "compressed":
+        header, payload = bad_compressed(rng)
+    elif fault == "short":
         payload = payload[: rng.randrange(0, len(payload), 4)]
     elif fault == "nan":
         payload = with_bad_value(payload, rng, math.nan)
@@ -316,9 +343,12 @@ def bad_push(rng):
     header = real_header(rng)
     data = struct.pack(f"<{TOTAL}f", *([1.0] * TOTAL))
     fault = rng.choice(["short", "long", "nan", "inf", "offset", "odd_bytes", "no_header", "empty",
-                        *HEADER_FAULTS])
+                        "compressed", *HEADER_FAULTS])
     chunks = [common_pb2.TensorChunk(offset=0, data=data)]
-    if fault == "short":
+    if fault == "compressed":
+        header, body = bad_compressed(rng)
+        chunks = [common_pb2.TensorChunk(offset=0, data=body)]
+    elif fault == "short":
         chunks = [common_pb2.TensorChunk(offset=0, data=data[: rng.randrange(0, len(data), 4)])]
     elif fault == "long":
         chunks.append(common_pb2.TensorChunk(offset=TOTAL, data=data[:64]))

@@ -67,3 +67,15 @@ def test_mirrors_are_per_worker():
 def test_a_delta_without_a_copy_is_refused():
     with pytest.raises(ValueError, match="needs the copy"):
         apply_reply(None, PullReply(2, delta=compress.Int8().encode(torch.zeros(4))), compress.Int8())
+
+
+def test_mirrors_of_workers_that_left_are_dropped():
+    copies = HeldCopies(compress.Int8())
+    w = torch.randn(512)
+    copies.reply("w0", 0, w, 1)
+    copies.reply("w1", 0, w, 2)
+    assert copies.held_bytes() == 2 * 512 * 4
+    copies.forget_except(["w1"])
+    assert copies.held_bytes() == 512 * 4
+    assert copies.reply("w0", 1, w, 3).dense is not None  # w0 comes back: dense again
+    assert copies.reply("w1", 2, w, 4).delta is not None

@@ -49,6 +49,12 @@ def test_normalised_spec_round_trips_through_its_yaml():
     (MINIMAL + "consistency: {mode: eventual}\n", "consistency.mode: must be one of sync, ssp, async"),
     (MINIMAL + "consistency: {mode: sync, staleness: 2}\n", "consistency.staleness: only applies to mode ssp"),
     (MINIMAL + "transport: {dtype: int8}\n", "transport.dtype: must be one of"),
+    (MINIMAL + "transport: {compress: gzip}\n", "transport.compress: 'gzip': expected topk[:RATIO]"),
+    (MINIMAL + "transport: {compress: 'topk:2'}\n", "transport.compress: 'topk:2': topk ratio must be in (0, 1]"),
+    (MINIMAL + "transport: {compress: 'int8:x'}\n", "transport.compress: 'int8:x': invalid literal"),
+    (MINIMAL + "transport: {compress: 8}\n", "transport.compress: must be none, topk[:RATIO]"),
+    (MINIMAL + "transport: {compress_pull: int8, dtype: bfloat16}\n",
+     "transport.compress_pull: needs dtype float32, not bfloat16"),
     (MINIMAL + "data: {dataset: digits, shuffle: 'yes'}\n", "data.shuffle: must be true or false"),
     ("model: {name: mlp}\ndata: {dataset: digits}\n", "stop: needs at least one of"),
     ("model: {name: mlp}\ndata: {dataset: digits}\nstop: {target: {metric: accuracy, value: 97}}\n",
@@ -276,3 +282,10 @@ def test_clamping_mode_brings_stored_numbers_into_range_and_says_so():
         spec.parse_spec(MINIMAL.replace("10}", f"{10**30}}}"))
     with pytest.raises(spec.SpecError, match="optimizer.lr: must be > 0"):  # nothing to clamp to
         spec.parse_spec(MINIMAL + "optimizer: {lr: 0}\n", clamped=[])
+
+
+def test_transport_compress_defaults_to_none_and_keeps_a_setting_as_written():
+    assert spec.parse_spec(MINIMAL)["transport"]["compress"] == "none"
+    for setting in ("none", "int8", "int8:128", "topk:0.05", "sign"):
+        text = MINIMAL + f"transport: {{compress: '{setting}'}}\n"
+        assert spec.parse_spec(text)["transport"]["compress"] == setting

@@ -1,0 +1,102 @@
+"""Compressed pushes on the server (PushHeader fields 30-39): what the header must declare,
+and the decode of the body into the shard's fp32 staging buffer. The decoding is
+proto/compress.py's, the same the worker's error feedback subtracts, so the server applies
+exactly what the worker accounted as sent.
+
+Pure: no gRPC, no sockets. Both transports read the body's bytes their own way (the data
+plane from its socket, the Push RPC from its chunks, `BodyAssembler`) and hand them to
+`decode_into`. Every error is an InvalidPushError (reason "bad_encoding"), raised before the
+shard changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shardps.proto import codec, common_pb2, compress, ps_pb2
+
+from .errors import InvalidPushError
+
+REASON = "bad_encoding"
+# A header's compression value -> the codec number its encoding must carry (the same numbers).
+_CODECS = {int(wire): number for number, wire in compress.PUSH_COMPRESSIONS.items()}
+
+
+def is_compressed(header: ps_pb2.PushHeader) -> bool:
+    return header.compression != ps_pb2.PUSH_COMPRESSION_NONE
+
+
+def _refuse(message: str) -> InvalidPushError:
+    return InvalidPushError(f"compressed push: {message}", REASON)
+
+
+def check_header(header: ps_pb2.PushHeader) -> int:
+    """The byte length of a compressed push's body, once the header's compression and
+    compressed_bytes are ones to read (a known codec; at most compress.max_size(length))."""
+    if header.compression not in _CODECS:
+        raise _refuse(f"unknown compression {header.compression}")
+    limit = compress.max_size(max(header.length, 0))
+    if not compress.HEADER.size <= header.compressed_bytes <= limit:
+        raise _refuse(f"compressed_bytes {header.compressed_bytes} is outside "
+                      f"[{compress.HEADER.size}, {limit}] for {header.length} elements")
+    return header.compressed_bytes
+
+
+def body_bytes(header: ps_pb2.PushHeader) -> int:
+    """Bytes that follow a push header on the data plane; -1 when the header cannot say."""
+    if is_compressed(header):
+        return header.compressed_bytes if header.compression in _CODECS else -1
+    try:
+        return header.length * codec.element_size(header.dtype)
+    except codec.CodecError:
+        return -1
+
+
+def staging_dtype(header: ps_pb2.PushHeader) -> torch.dtype:
+    """The dtype a push is staged in: fp32 for a compressed one (what decoding yields), else
+    its wire dtype. Raises codec.CodecError for an unknown dtype."""
+    if is_compressed(header):
+        return torch.float32
+    return codec.torch_dtype(header.dtype)
+
+
+def decode_into(header: ps_pb2.PushHeader, data: bytes | bytearray,
+                grad: torch.Tensor) -> tuple[int, bool]:
+    """Decodes the body into grad (fp32, the shard's length): (bytes received, whether every
+    value is codec.pushable). Raises InvalidPushError, grad then undefined (staging)."""
+    codec_number = _CODECS.get(header.compression)
+    view = memoryview(data)
+    try:
+        got = compress.codec_of(view)
+        if got != codec_number:
+            raise _refuse(f"the encoding's codec is {got}, the header says {codec_number}")
+        numel = compress.numel_of(view)
+        if numel != grad.numel():
+            raise _refuse(f"the encoding holds {numel} elements, the shard {grad.numel()}")
+        values = compress.decode(view)
+    except compress.CompressError as exc:
+        raise _refuse(str(exc)) from None
+    grad.copy_(values)
+    return len(data), codec.pushable(grad)
+
+
+class BodyAssembler:
+    """A compressed body from the Push RPC's chunks: consecutive, offsets counting bytes,
+    `size` bytes in all. Not thread-safe: one per stream."""
+
+    def __init__(self, size: int):
+        self.data = bytearray(size)
+        self.received = 0
+
+    def add(self, chunk: common_pb2.TensorChunk) -> None:
+        n = len(chunk.data)
+        if chunk.offset != self.received or self.received + n > len(self.data):
+            raise _refuse(f"a chunk of {n} bytes at offset {chunk.offset}: expected offset "
+                          f"{self.received}, {len(self.data)} bytes in all")
+        self.data[self.received : self.received + n] = chunk.data
+        self.received += n
+
+    def finish(self) -> bytearray:
+        if self.received != len(self.data):
+            raise _refuse(f"received {self.received} of {len(self.data)} bytes")
+        return self.data

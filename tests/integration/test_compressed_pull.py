@@ -1,0 +1,107 @@
+"""Compressed pulls (PullRequest.compress, fields 30-39) against real servers, over the data
+plane and the Pull RPC: the first pull is dense, later ones are deltas a quarter the size
+(int8), what a delta dropped comes with the next one, and a client whose copy the server
+does not know (a lost reply, a new client) gets dense weights again."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from shardps.proto import common_pb2, ps_pb2, ps_pb2_grpc
+from shardps.psclient import PSClient
+from shardps.runtime import rpc
+from tests.integration.test_compressed_push import two_servers  # noqa: F401 (a fixture)
+from tests.integration.test_ps import ASYNC, shard_config, shard_map
+
+TOTAL = 20_000
+
+
+def _truth(client: PSClient) -> torch.Tensor:
+    dense = torch.empty(TOTAL)
+    assert client.pull(dense).ready
+    return dense
+
+
+def test_pulls_are_deltas_against_the_workers_copy_and_catch_up(two_servers):  # noqa: F811
+    smap = shard_map(two_servers, TOTAL)
+    with PSClient("job", smap, worker_id="w0") as dense, \
+            PSClient("job", smap, worker_id="w0", compress_pull="int8") as client:
+        dense.init(torch.randn(TOTAL), shard_config(ASYNC))
+        dest = torch.empty(TOTAL)
+        first = client.pull(dest)
+        assert first.ready and torch.equal(dest, _truth(dense))  # nothing to delta against
+        assert first.wire_bytes == TOTAL * 4
+        for step in range(3):
+            dense.push(torch.randn(TOTAL), step=step, base_version=step, batch_size=1)
+            result = client.pull(dest, min_version=step + 1)
+            assert result.ready and result.versions == [step + 1] * 2
+            # Two int8 deltas: n codes, a scale per 256, a 16-byte header each.
+            assert result.wire_bytes == sum(16 + 4 * -(-s.length // 256) + s.length
+                                            for s in smap.shards)
+            error = (dest - _truth(dense)).abs().max()
+            assert 0 < error < 1e-3  # lossy, but close (Adam moves each weight ~lr = 0.01)
+        # With no new weights, each pull sends what the last one dropped: the copy converges.
+        errors = []
+        for _ in range(3):
+            assert client.pull(dest, min_version=3).ready
+            errors.append(float((dest - _truth(dense)).abs().max()))
+        assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-8
+    # A new client (its copy unknown to the servers) is sent dense weights.
+    with PSClient("job", smap, worker_id="w0", compress_pull="int8") as again:
+        dest2 = torch.empty(TOTAL)
+        assert again.pull(dest2).wire_bytes == TOTAL * 4
+        with PSClient("job", smap) as dense:
+            assert torch.equal(dest2, _truth(dense))
+
+
+def _converges(client: PSClient, dense: PSClient, dest: torch.Tensor, version: int) -> None:
+    """With no new weights, a few more pulls bring the copy to the weights: it and the
+    server's mirror of it are in step (a copy out of step would keep its offset)."""
+    for _ in range(4):
+        assert client.pull(dest, min_version=version).ready
+    assert float((dest - _truth(dense)).abs().max()) < 1e-8
+
+
+def test_a_pull_sent_ahead_and_dropped_unread_leaves_the_copies_in_step(two_servers):  # noqa: F811
+    smap = shard_map(two_servers, TOTAL)
+    with PSClient("job", smap, worker_id="w0") as dense, \
+            PSClient("job", smap, worker_id="w0", compress_pull="int8") as client:
+        dense.init(torch.randn(TOTAL), shard_config(ASYNC))
+        dest = torch.empty(TOTAL)
+        assert client.pull(dest).ready
+        for step in range(3):
+            # The push sends a pull ahead over the data plane (the first server); a pull with
+            # other arguments drops it unread, whether or not the server has answered it yet
+            # (if it has, its mirror moved on and the next pull from it is dense).
+            client.push(torch.randn(TOTAL), step=step, base_version=step, batch_size=1,
+                        then_pull={"min_version": step + 1})
+            assert client.pull(dest, min_version=0).ready
+            _converges(client, dense, dest, step + 1)
+        # And a pull sent ahead that is taken is a delta like any other.
+        client.push(torch.randn(TOTAL), step=3, base_version=3, batch_size=1,
+                    then_pull={"min_version": 4})
+        result = client.pull(dest, min_version=4)
+        assert result.ready and result.wire_bytes < TOTAL * 4 / 3
+        _converges(client, dense, dest, 4)
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(compress="gzip", reply_tag=1), "gzip"),
+    (dict(compress="int8", reply_tag=1, dtype=common_pb2.DTYPE_BFLOAT16), "FLOAT32"),
+    (dict(compress="int8", reply_tag=0), "reply_tag"),
+    (dict(compress="int8", reply_tag=1, worker_id=""), "worker_id"),
+])
+def test_compressed_pulls_that_cannot_be_served_are_refused(two_servers, fields, words):  # noqa: F811
+    server = two_servers[1]
+    with PSClient("job", shard_map([server], TOTAL), worker_id="w0") as client:
+        client.init(torch.randn(TOTAL), shard_config(ASYNC))
+    request = ps_pb2.PullRequest(**{**dict(job_id="job", shard_index=0, worker_id="w0",
+                                           dtype=common_pb2.DTYPE_FLOAT32, timeout_ms=1000),
+                                    **fields})
+    with rpc.make_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            list(ps_pb2_grpc.ParameterServerStub(channel).Pull(request, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in err.value.details()

@@ -1,0 +1,75 @@
+"""transport.compress on real daemons: a sync digits job whose pushes are int8 with error
+feedback reaches the same accuracy target as fp32 in about the same steps, with about a
+quarter of fp32's push bytes, as the workers' wire metrics count them."""
+
+from __future__ import annotations
+
+from shardps.proto import common_pb2
+from tests.cluster import Cluster
+from tests.integration.test_semantics import job_spec
+
+TARGET = 0.93
+EVERY = 5
+
+
+def _per_step(c: Cluster, job_id: str, direction: str) -> float:
+    """Payload bytes per pushed step, summed over the workers' metrics."""
+    sent = sum(w.metrics.wire_bytes.labels(job=job_id, direction=direction)._value.get()
+               for w in c.workers)
+    steps = sum(w.metrics.steps.labels(job=job_id)._value.get() for w in c.workers)
+    assert steps > 0
+    return sent / steps
+
+
+def _run(c: Cluster, compress: str, compress_pull: str = "none") -> tuple[common_pb2.JobState, int, str]:
+    spec = job_spec("sync", workers=2, servers=2, optimizer={"lr": 0.003},
+                    transport={"compress": compress, "compress_pull": compress_pull},
+                    stop={"max_steps": 400, "eval_every": EVERY,
+                          "target": {"metric": "accuracy", "value": TARGET}})
+    job = c.wait(c.submit(spec), timeout=240)
+    assert job.state == common_pb2.JOB_STATE_CONVERGED, job.reason
+    assert job.best_metric >= TARGET
+    return job.state, job.best_step, job.job_id
+
+
+def test_int8_with_error_feedback_converges_like_fp32_with_a_quarter_of_the_push_bytes():
+    c = Cluster(servers=2, workers=2)
+    try:
+        _check_int8_against_fp32(c)
+    finally:
+        c.close()
+
+
+def _check_int8_against_fp32(c: Cluster) -> None:
+    _, fp32_steps, fp32_job = _run(c, "none")
+    _, int8_steps, int8_job = _run(c, "int8")
+    fp32_push, int8_push = _per_step(c, fp32_job, "push"), _per_step(c, int8_job, "push")
+    ratio = int8_push / fp32_push
+    print(f"sync digits, 2 workers, 2 servers: accuracy {TARGET} at step {fp32_steps} (fp32), "
+          f"{int8_steps} (int8+EF); push bytes per step {fp32_push:.0f} vs {int8_push:.0f} "
+          f"({ratio:.4f}); pull {_per_step(c, int8_job, 'pull'):.0f}")
+    # Same target within 1.1x the steps (and one evaluation interval: targets are seen there).
+    assert int8_steps <= 1.1 * fp32_steps + EVERY
+    # int8 at block 256: n codes + a 4-byte scale per 256 + a 16-byte header per shard.
+    assert 0.25 <= ratio <= 0.26
+    # Pulls stay fp32 (a step's pulls: the weights once, plus the final evaluation's).
+    assert abs(_per_step(c, int8_job, "pull") / _per_step(c, fp32_job, "pull") - 1) < 0.05
+    for w in c.workers:
+        assert 3.8 <= w.metrics.compression_ratio.labels(job=int8_job)._value.get() <= 4.0
+        assert w.metrics.compression_ratio.labels(job=fp32_job)._value.get() == 1.0
+
+
+def test_int8_both_ways_converges_like_fp32_with_about_a_quarter_of_the_bytes():
+    c = Cluster(servers=2, workers=2)
+    try:
+        _, fp32_steps, fp32_job = _run(c, "none")
+        _, both_steps, both_job = _run(c, "int8", "int8")
+        ratios = {d: _per_step(c, both_job, d) / _per_step(c, fp32_job, d) for d in ("push", "pull")}
+        print(f"sync digits, int8 pushes and pulls with error feedback: accuracy {TARGET} at "
+              f"step {both_steps} (fp32 {fp32_steps}); bytes vs fp32 {ratios}")
+        assert both_steps <= 1.1 * fp32_steps + EVERY
+        assert 0.25 <= ratios["push"] <= 0.26
+        # Each worker's first pull of each shard is dense; every later one an int8 delta.
+        assert 0.25 <= ratios["pull"] <= 0.30
+    finally:
+        c.close()

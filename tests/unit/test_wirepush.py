@@ -1,0 +1,53 @@
+"""worker/wirepush.py: one residual per shard, reset drops them, and the wire byte counts."""
+
+from __future__ import annotations
+
+import torch
+
+from shardps.proto import common_pb2, compress
+from shardps.worker.metrics import WorkerMetrics
+from shardps.worker.wirepush import WirePush
+
+SHARDS = [common_pb2.ShardRange(index=0, offset=0, length=600),
+          common_pb2.ShardRange(index=1, offset=600, length=400)]
+
+
+def _wire(setting: str, dtype=common_pb2.DTYPE_FLOAT32) -> tuple[WirePush, WorkerMetrics]:
+    metrics = WorkerMetrics()
+    return WirePush(setting, dtype, "job", metrics), metrics
+
+
+def _sent(metrics: WorkerMetrics, direction: str) -> float:
+    return metrics.wire_bytes.labels(job="job", direction=direction)._value.get()
+
+
+def test_uncompressed_pushes_send_elements_in_the_wire_dtype():
+    wire, metrics = _wire("none", common_pb2.DTYPE_BFLOAT16)
+    grad = torch.randn(1000)
+    assert wire.encode(grad, SHARDS) is None
+    wire.pushed(grad.numel(), None)
+    wire.pulled(2000)
+    assert _sent(metrics, "push") == _sent(metrics, "pull") == 2000
+    assert metrics.compression_ratio.labels(job="job")._value.get() == 2.0
+
+
+def test_each_shard_carries_its_own_residual_and_reset_drops_them():
+    wire, metrics = _wire("topk:0.1")
+    grad = torch.randn(1000)
+    encoded = wire.encode(grad, SHARDS)
+    assert encoded is not None and [compress.numel_of(e) for e in encoded] == [600, 400]
+    # What each shard's encoding dropped is that shard's residual.
+    for shard, data in zip(SHARDS, encoded, strict=True):
+        part = grad[shard.offset : shard.offset + shard.length]
+        assert wire.feedback is not None
+        assert torch.equal(wire.feedback.residual(f"shard{shard.index}"),
+                           part - compress.decode(data))
+    # The next step sends gradient plus residual: with a zero gradient, the residual alone.
+    again = wire.encode(torch.zeros(1000), SHARDS)
+    assert again is not None and compress.decode(again[0]).abs().sum() > 0
+    wire.reset()
+    after = wire.encode(torch.zeros(1000), SHARDS)
+    assert after is not None and all(compress.decode(e).abs().sum() == 0 for e in after)
+    wire.pushed(1000, encoded)
+    assert _sent(metrics, "push") == sum(map(len, encoded)) == 2 * 16 + (60 + 40) * 8
+    assert metrics.compression_ratio.labels(job="job")._value.get() == 4000 / _sent(metrics, "push")
