@@ -5,8 +5,11 @@ shuffle); rank r fetches only its slice, `dataset[i]` for each index, and collat
 Iterable (`StreamSource`): the training stream is the dataset's epochs one after another
 (epoch e is `iter(dataset)` after `dataset.set_epoch(e)` when it has that method); global batch
 t is stream positions [t*B, (t+1)*B), and rank r takes its contiguous slice of them, as for
-in-memory data without shuffling. Every rank reads the stream and keeps only its slice. A step
-behind the stream (a rewind, a rollback) re-creates the stream and skips to the step.
+in-memory data without shuffling. Every rank reads the stream and keeps only its slice, unless
+the dataset shards itself: one with a method `shard_stream(rank, world_size)` gives rank r of
+K its own stream (epoch after epoch likewise), and rank r's slice of batch t is the next
+slice-size samples of it. A step behind the stream (a rewind, a rollback) or a new place
+(rank, world) of a sharding dataset re-creates the stream and skips to the step.
 `docs/data.md` ("Your own torch datasets").
 """
 
@@ -44,22 +47,30 @@ class StreamSource:
     """Slices of global batches of an IterableDataset, read from one stream that moves forward.
 
     `position` is the stream position (samples since epoch 0 began) of the next sample the
-    stream yields. Not thread-safe (one training loop).
+    stream yields; `place` the (rank, world) whose own stream it is, for a dataset that shards
+    itself (None otherwise). Not thread-safe (one training loop).
     """
 
     def __init__(self, data: TorchData, batch_size: int):
         self.data, self.batch_size = data, batch_size
         self.position = 0
         self.epoch = 0
+        self.place: tuple[int, int] | None = None
+        self.shards_itself = callable(getattr(data.train, "shard_stream", None))
         self.recreated = 0  # streams opened after the first (rewinds and epochs)
         self._stream: Iterator[Any] | None = None
 
     def take(self, step: int, rank: int, world: int) -> Batch:
         lo, hi = slice_bounds(self.batch_size, rank, world)
         start, end = step * self.batch_size + lo, step * self.batch_size + hi
+        place = None
+        if self.shards_itself:  # positions in the rank's own stream
+            place, start, end = (rank, world), step * (hi - lo), (step + 1) * (hi - lo)
         if start == end:
             return Batch((), _empty_target(self.data))
-        if self._stream is None or start < self.position:  # first step, a rewind or a rollback
+        # The first step, a rewind or a rollback, or a sharding dataset's new place.
+        if self._stream is None or start < self.position or place != self.place:
+            self.place = place
             self._restart()
         while self.position < start:
             self._next()
@@ -77,7 +88,8 @@ class StreamSource:
         set_epoch = getattr(self.data.train, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(self.epoch)
-        self._stream = iter(self.data.train)
+        train: Any = self.data.train
+        self._stream = iter(train.shard_stream(*self.place) if self.place else train)
 
     def _next(self) -> Any:
         """The next sample of the stream; at the end of an epoch, the first of the next."""

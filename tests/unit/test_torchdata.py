@@ -156,3 +156,31 @@ def test_open_source_picks_the_torch_sources():
     assert isinstance(map_source, MapSource) and map_source.order.shuffle
     stream = batchsource.open_source(load_dataset(f"{__name__}:counting"), data_spec(f"{__name__}:counting"), 0)
     assert isinstance(stream, StreamSource) and stream.batch_size == 4
+
+
+class Dealt(Counting):
+    """Shards itself: rank r of K streams samples r, r + K, ... of each epoch."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.places = []
+
+    def shard_stream(self, rank: int, world_size: int):
+        self.places.append((rank, world_size, self.epoch))
+        return (s for i, s in enumerate(Counting.__iter__(self)) if i % world_size == rank)
+
+
+def test_an_iterable_that_shards_itself_gives_each_rank_only_its_own_stream():
+    data = TorchData(Dealt(10), Counting(3), task="regression")
+    sources = [StreamSource(data, 4) for _ in range(2)]
+    # Rank r's slice of step t: samples [2t, 2t + 2) of its own stream of 5 an epoch.
+    own = {r: [i for e in range(3) for i in range(r, 10, 2)] for r in (0, 1)}
+    for step in range(7):
+        for rank, source in enumerate(sources):
+            got = source.take(step, rank, 2).inputs[0][:, 1].long().tolist()
+            assert got == own[rank][2 * step : 2 * step + 2]
+    assert sorted(data.train.places) == [(r, 2, e) for r in (0, 1) for e in range(3)]
+    # A new place re-creates the stream for it and skips to the step: rank 0 of 1 at step 2
+    # takes samples 8..11 of the whole stream.
+    assert sources[0].take(2, 0, 1).inputs[0][:, 1].long().tolist() == [8, 9, 0, 1]
+    assert sources[0].place == (0, 1)
