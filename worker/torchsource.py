@@ -1,7 +1,8 @@
 """Rank r's part of global batch t from a user's torch dataset (`worker/torchdata.py`).
 
 Map-style (`MapSource`): the same sample indices as in-memory data (`BatchOrder`: seed,
-shuffle); rank r fetches only its slice, `dataset[i]` for each index, and collates it.
+shuffle); rank r fetches only its slice, `dataset[i]` for each index (or one
+`dataset.__getitems__(indices)` where defined), and collates it.
 Iterable (`StreamSource`): the training stream is the dataset's epochs one after another
 (epoch e is `iter(dataset)` after `dataset.set_epoch(e)` when it has that method); global batch
 t is stream positions [t*B, (t+1)*B), and rank r takes its contiguous slice of them, as for
@@ -36,7 +37,11 @@ class MapSource:
         index = self.order.slice(step, rank, world).tolist()
         if not index:  # more ranks than samples in the batch
             return Batch((), _empty_target(self.data))
-        inputs, target = collate([self.data.train[i] for i in index], self.data.task)
+        train: Any = self.data.train
+        # `__getitems__` (torch's DataLoader convention) fetches a slice in one call.
+        getitems = getattr(train, "__getitems__", None)
+        samples = list(getitems(index)) if callable(getitems) else [train[i] for i in index]
+        inputs, target = collate(samples, self.data.task)
         return Batch(inputs, target)
 
     def close(self) -> None:

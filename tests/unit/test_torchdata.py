@@ -184,3 +184,16 @@ def test_an_iterable_that_shards_itself_gives_each_rank_only_its_own_stream():
     # takes samples 8..11 of the whole stream.
     assert sources[0].take(2, 0, 1).inputs[0][:, 1].long().tolist() == [8, 9, 0, 1]
     assert sources[0].place == (0, 1)
+
+
+def test_a_dataset_with_getitems_is_asked_once_for_a_rank_slice():
+    class Batched(Squares):
+        def __getitems__(self, indices):
+            self.read.append(list(indices))
+            return [(torch.tensor([i, i * i], dtype=torch.float64), i % 3) for i in indices]
+
+    data = TorchData(Batched(10), Squares(2))
+    data.train.read.clear()
+    batch = MapSource(data, 4, True, 7).take(1, 1, 2)
+    assert data.train.read == [BatchOrder(10, 4, True, 7).slice(1, 1, 2).tolist()]
+    assert batch.inputs[0][:, 0].long().tolist() == data.train.read[0]
