@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from shardps.proto import records
-from shardps.worker import filedataset, fileorder, fileplan
+from shardps.worker import filedataset, fileorder, fileplan, torchdata
 from shardps.worker.batches import BatchOrder
 from shardps.worker.datasets import Dataset, load_dataset
 from shardps.worker.filedata import FileBatchStream, ReadStats
@@ -65,8 +65,9 @@ class BatchSource(Protocol):
     def close(self) -> None: ...
 
 
-def load_data(data_spec: Mapping[str, Any], seed: int) -> Dataset | filedataset.FileDataset:
-    """The dataset a spec's `data` section names: shard files, or built in memory."""
+def load_data(data_spec: Mapping[str, Any], seed: int) -> Dataset | filedataset.FileDataset | torchdata.TorchData:
+    """The dataset a spec's `data` section names: shard files, built in memory, or a user's
+    torch datasets."""
     if data_spec["dataset"] == "files":
         return filedataset.load(data_spec["files"])
     return load_dataset(data_spec["dataset"], data_spec["kwargs"], seed)
@@ -81,6 +82,12 @@ def open_source(data: TrainData, data_spec: Mapping[str, Any], seed: int,
         return FileSource(data, data_spec["batch_size"], data_spec["shuffle"], seed, stats)
     if isinstance(data, Dataset):
         return MemorySource(data, data_spec["batch_size"], data_spec["shuffle"], seed)
+    if isinstance(data, torchdata.TorchData):
+        from shardps.worker import torchsource  # it imports Batch from here
+
+        if torchdata.is_iterable(data.train):
+            return torchsource.StreamSource(data, data_spec["batch_size"])
+        return torchsource.MapSource(data, data_spec["batch_size"], data_spec["shuffle"], seed)
     raise TypeError(f"no batch source for {type(data).__name__}")
 
 

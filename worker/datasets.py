@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from shardps.proto import spec as spec_lib
-from shardps.worker import plugins, tasks
+from shardps.worker import plugins, tasks, torchdata
 
 
 @dataclass
@@ -196,11 +196,13 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 assert (*DATASETS, "files") == spec_lib.BUILTIN_DATASETS
 
 
-def load_dataset(name: str, kwargs: dict[str, Any] | None = None, seed: int = 0) -> Dataset:
+def load_dataset(name: str, kwargs: dict[str, Any] | None = None,
+                 seed: int = 0) -> Dataset | torchdata.TorchData:
     """Loads a built-in dataset by name or a user's by `package.module:factory` import path.
 
     Built-ins are called as `builtin(seed, **kwargs)`; a user factory as `factory(**kwargs)`
-    and must return a Dataset or a dict with Dataset's fields. Raises ValueError (or the
+    and must return a Dataset, a dict with Dataset's fields, or torch datasets: a
+    `worker.torchdata.TorchData` or a tuple (train, test) of `torch.utils.data` datasets. Raises ValueError (or the
     factory's own exception) when the dataset cannot be built; the trainer reports it as the
     job's failure.
     """
@@ -211,9 +213,12 @@ def load_dataset(name: str, kwargs: dict[str, Any] | None = None, seed: int = 0)
         except TypeError as exc:  # an unknown kwarg: say which dataset rejected it
             raise ValueError(f"dataset {name!r}: {exc}") from None
     made = plugins.import_factory(name)(**kwargs)
+    if (torch_data := torchdata.from_factory(made)) is not None:
+        return torch_data
     if isinstance(made, dict):
         made = Dataset(**made)
     if not isinstance(made, Dataset):
         raise ValueError(f"dataset factory {name!r} returned {type(made).__name__}, "
-                         "expected shardps.worker.datasets.Dataset or a dict of its fields")
+                         "expected shardps.worker.datasets.Dataset, a dict of its fields, "
+                         "shardps.worker.torchdata.TorchData or a tuple (train, test) of torch datasets")
     return made
