@@ -144,24 +144,7 @@ class BulkOps:
         """Handles one push; `fill` is called at most once, only if the push needs its
         elements. Raises Refused (the rejection counted by reason)."""
         start = time.perf_counter()
-        try:
-            names.check(header.job_id, "job_id")
-            names.check(header.worker_id, "worker_id")
-        except names.InvalidName as exc:
-            raise self._reject(exc, "bad_header") from None
-        try:
-            shard = self.shards.get(header.job_id, header.shard_index)
-        except UnknownShardError as exc:
-            raise self._reject(exc, exc.reason) from None
-        try:
-            wire = compressed.staging_dtype(header)
-        except codec.CodecError as exc:
-            raise self._reject(exc, "bad_dtype") from None
-        if compressed.is_compressed(header):
-            try:
-                compressed.check_header(header)
-            except InvalidPushError as exc:
-                raise self._reject(exc, exc.reason) from None
+        shard, wire = self._push_target(header)
         try:
             early = shard.check_push(length=header.length, worker_id=header.worker_id,
                                      incarnation=header.incarnation, step=header.step,
@@ -202,6 +185,29 @@ class BulkOps:
         if result.staleness is not None:
             self.metrics.staleness.labels(shard.job_id).observe(result.staleness)
         return self._pushed(shard, result.status, result.version, start)
+
+    def _push_target(self, header: ps_pb2.PushHeader) -> tuple[Shard, torch.dtype]:
+        """The shard a push header names and the dtype its elements are staged in; Refused
+        for a malformed name, an unknown shard, a bad dtype or a bad compression header."""
+        try:
+            names.check(header.job_id, "job_id")
+            names.check(header.worker_id, "worker_id")
+        except names.InvalidName as exc:
+            raise self._reject(exc, "bad_header") from None
+        try:
+            shard = self.shards.get(header.job_id, header.shard_index)
+        except UnknownShardError as exc:
+            raise self._reject(exc, exc.reason) from None
+        try:
+            wire = compressed.staging_dtype(header)
+        except codec.CodecError as exc:
+            raise self._reject(exc, "bad_dtype") from None
+        if compressed.is_compressed(header):
+            try:
+                compressed.check_header(header)
+            except InvalidPushError as exc:
+                raise self._reject(exc, exc.reason) from None
+        return shard, wire
 
     def _pushed(self, shard: Shard, status: ps_pb2.PushStatus, version: int,
                 start: float) -> ps_pb2.PushResponse:

@@ -18,6 +18,7 @@ from shardps.proto import tables as tables_lib
 from . import pulls
 from .core import ShardCore
 from .errors import InvalidPushError, StepAheadError
+from .table_config import TableStats
 from .table_shard import TableShard
 
 
@@ -95,3 +96,39 @@ def _check_owned(table: TableShard, ids: torch.Tensor) -> None:
         if wrong.numel():
             raise tables_lib.TableIdError(table.name, int(ids[wrong[0, 0]]),
                                           f"is not on shard {table.config.server_index}")
+
+
+class ShardRows:
+    """One shard's row calls (a Shard's `rows`): the functions above bound to its core.
+    Thread-safe as they are."""
+
+    def __init__(self, core: ShardCore):
+        self._core = core
+
+    def init(self, table: str, weights: torch.Tensor) -> None:
+        """Sets a fixed table's rows held here, in slot order (init_rows)."""
+        init_rows(self._core, table, weights)
+
+    def pull(self, table: str, ids: torch.Tensor, min_version: int, clock: float,
+             timeout: float, cancelled: Callable[[], bool] | None = None,
+             ) -> tuple[bool, int, torch.Tensor | None]:
+        """(ready, version, rows of `ids`) once `min_version` is reached (pull_rows)."""
+        return pull_rows(self._core, table, ids, min_version, clock, timeout, cancelled)
+
+    def push(self, table: str, *, worker: str, incarnation: int = 0, step: int,
+             ids: torch.Tensor, grads: torch.Tensor) -> tuple[ps_pb2.PushStatus, int]:
+        """One worker's row gradient of a table for a step (push_rows)."""
+        return push_rows(self._core, table, worker=worker, incarnation=incarnation,
+                         step=step, ids=ids, rows=grads)
+
+    def dim(self, table: str) -> int:
+        """A table's row width (UnknownTableError if the job has no such table)."""
+        return self._core.tables.get(table).dim
+
+    def stats(self, table: str) -> TableStats:
+        """A table's counters here (steps, rows held, ...)."""
+        return self._core.tables.get(table).stats()
+
+    def held(self, table: str) -> torch.Tensor:
+        """A copy of a fixed table's rows held here, in slot order (export, tests)."""
+        return self._core.tables.get(table).rows_in_slot_order()

@@ -35,8 +35,8 @@ class RowService:
     def init_rows(self, request: ps_pb2.InitRowsRequest) -> ps_pb2.InitRowsResponse:
         try:
             shard = self._shard(request.job_id, request.shard_index, request.table)
-            dim = shard.tables_dim(request.table)
-            shard.init_rows(request.table, rowcodec.decode_rows(request.table, request.rows, dim))
+            dim = shard.rows.dim(request.table)
+            shard.rows.init(request.table, rowcodec.decode_rows(request.table, request.rows, dim))
         except _REFUSED as exc:
             raise refusal(exc) from None
         return ps_pb2.InitRowsResponse()
@@ -48,7 +48,7 @@ class RowService:
             ids = rowcodec.decode_ids(request.table, request.ids)
             clock = request.clock if shard.mode == common_pb2.CONSISTENCY_SSP else 0
             timeout = min(max(request.timeout_ms, 0) / 1000, MAX_PULL_WAIT_S)
-            ready, version, rows = shard.pull_rows(
+            ready, version, rows = shard.rows.pull(
                 request.table, ids, request.min_version, clock, timeout,
                 lambda: self.stopping or not is_active())
         except _REFUSED as exc:
@@ -67,10 +67,10 @@ class RowService:
                                      f"{common_pb2.DType.Name(request.dtype)}"
                                      if request.dtype in common_pb2.DType.values() else
                                      f"table {request.table!r}: unknown dtype {request.dtype}")
-            dim = shard.tables_dim(request.table)
+            dim = shard.rows.dim(request.table)
             ids = rowcodec.decode_ids(request.table, request.ids)
             rows = rowcodec.decode_rows(request.table, request.rows, dim)
-            status, version = shard.push_rows(
+            status, version = shard.rows.push(
                 request.table, worker=request.worker_id, incarnation=request.incarnation,
                 step=request.step, ids=ids, grads=rows)
         except _REFUSED as exc:

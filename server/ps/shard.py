@@ -24,7 +24,6 @@ from .core import ShardCore
 from .pushes import PushResult
 from .shard_config import check_initial_weights, validate_config
 from .snapshots import Snapshot
-from .table_config import TableStats
 
 _T = TypeVar("_T")
 OnApplied = Callable[["Shard", bool], None]
@@ -57,6 +56,7 @@ class Shard:
         self.mode = config.mode
         self.restored = False
         self._core = ShardCore(self.config, weights)
+        self.rows = rows.ShardRows(self._core)  # the embedding tables' row calls
         self._on_applied: OnApplied | None = None
 
     # -- state (read without the lock: each is one attribute, always consistent) ----------
@@ -273,33 +273,3 @@ class Shard:
     def release(self, snapshot: Snapshot) -> None:
         """Hands back a snapshot; its tensor must not be used afterwards."""
         self._core.snapshots.release(snapshot)
-
-    # -- embedding tables (rows.py) -------------------------------------------------------
-
-    def init_rows(self, table: str, weights: torch.Tensor) -> None:
-        """Sets a fixed table's rows held here, in slot order (rows.init_rows)."""
-        rows.init_rows(self._core, table, weights)
-
-    def pull_rows(self, table: str, ids: torch.Tensor, min_version: int, clock: float,
-                  timeout: float, cancelled: Callable[[], bool] | None = None,
-                  ) -> tuple[bool, int, torch.Tensor | None]:
-        """(ready, version, rows of `ids`) once `min_version` is reached (rows.pull_rows)."""
-        return rows.pull_rows(self._core, table, ids, min_version, clock, timeout, cancelled)
-
-    def push_rows(self, table: str, *, worker: str, incarnation: int = 0, step: int,
-                  ids: torch.Tensor, grads: torch.Tensor) -> tuple[ps_pb2.PushStatus, int]:
-        """One worker's row gradient of a table for a step (rows.push_rows)."""
-        return rows.push_rows(self._core, table, worker=worker, incarnation=incarnation,
-                              step=step, ids=ids, rows=grads)
-
-    def tables_dim(self, table: str) -> int:
-        """A table's row width (UnknownTableError if the job has no such table)."""
-        return self._core.tables.get(table).dim
-
-    def table_stats(self, table: str) -> TableStats:
-        """A table's counters here (steps, rows held, ...)."""
-        return self._core.tables.get(table).stats()
-
-    def table_rows(self, table: str) -> torch.Tensor:
-        """A copy of a fixed table's rows held here, in slot order (export, tests)."""
-        return self._core.tables.get(table).rows_in_slot_order()

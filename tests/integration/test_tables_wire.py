@@ -91,7 +91,7 @@ def served_tables(cluster: Cluster, job_id: str) -> dict[str, torch.Tensor]:
     for name in TABLES:
         num = {"emb": 17 * 8, "bag": 17 * 32}[name]
         layout = FixedLayout(name, num, len(shards))
-        out[name] = assemble_fixed(layout, {s.index: s.table_rows(name) for s in shards})
+        out[name] = assemble_fixed(layout, {s.index: s.rows.held(name) for s in shards})
     return out
 
 
@@ -246,12 +246,12 @@ def test_hostile_push_rows_is_refused_and_changes_nothing(table_server, case):
     shard = server.shards.get("tj", 0)
     ids = torch.arange(ROWS)
     reply, now = client.pull_rows("t", 0, ids, DIM, timeout_s=5)
-    assert reply.ready and torch.equal(now, rows) and shard.table_stats("t").steps == 0
+    assert reply.ready and torch.equal(now, rows) and shard.rows.stats("t").steps == 0
     # The same push, well formed, applies at once (async): the test can see a change.
     assert push(client).status == ps_pb2.PUSH_STATUS_APPLIED
     _, after = client.pull_rows("t", 0, ids, DIM, timeout_s=5)
     changed = (after != rows).any(1).nonzero().flatten().tolist()
-    assert changed == [1, 5, 7] and shard.table_stats("t").steps == 1
+    assert changed == [1, 5, 7] and shard.rows.stats("t").steps == 1
 
 
 @pytest.mark.parametrize(("ids", "table", "message"), [

@@ -31,13 +31,13 @@ def make_shard(mode=ASYNC, workers=("w0",), shards=1, index=0, **table) -> Shard
                                              eps=1e-8),
         mode=mode, workers=list(workers), epoch=1, tables=[ps_pb2.TableSpec(**{**spec, **table})])
     shard = Shard(config, torch.zeros(N))
-    shard.init_rows("t", torch.arange(shard.table_rows("t").numel(), dtype=torch.float32)
+    shard.rows.init("t", torch.arange(shard.rows.held("t").numel(), dtype=torch.float32)
                     .view(-1, DIM) / 10)
     return shard
 
 
 def rows_of(shard: Shard, ids: torch.Tensor) -> torch.Tensor:
-    ready, _, rows = shard.pull_rows("t", ids, 0, 0, 1.0)
+    ready, _, rows = shard.rows.pull("t", ids, 0, 0, 1.0)
     assert ready and rows is not None
     return rows
 
@@ -48,13 +48,13 @@ def test_sync_round_applies_the_batch_weighted_rows_when_the_dense_round_closes(
     before = rows_of(shard, ids)
     ga = (torch.tensor([1, 4]), torch.ones(2, DIM))
     gb = (torch.tensor([4, 9]), torch.full((2, DIM), 3.0))
-    assert shard.push_rows("t", worker="a", step=0, ids=ga[0], grads=ga[1])[0] == ACCEPTED
-    assert shard.push_rows("t", worker="b", step=0, ids=gb[0], grads=gb[1])[0] == ACCEPTED
+    assert shard.rows.push("t", worker="a", step=0, ids=ga[0], grads=ga[1])[0] == ACCEPTED
+    assert shard.rows.push("t", worker="b", step=0, ids=gb[0], grads=gb[1])[0] == ACCEPTED
     assert torch.equal(rows_of(shard, ids), before)  # buffered until the round closes
     shard.push(torch.zeros(N), worker_id="a", step=0, batch_size=1)
-    assert shard.table_stats("t").steps == 0
+    assert shard.rows.stats("t").steps == 0
     shard.push(torch.zeros(N), worker_id="b", step=0, batch_size=3)
-    assert shard.version == 1 and shard.table_stats("t").steps == 1
+    assert shard.version == 1 and shard.rows.stats("t").steps == 1
     # The reference: combine weighted by the dense pushes' batch sizes, then SparseAdam's step.
     gids, grads = combine([RowGrads(*ga, 1), RowGrads(*gb, 3)])
     expected = before.clone()
@@ -63,29 +63,29 @@ def test_sync_round_applies_the_batch_weighted_rows_when_the_dense_round_closes(
     assert torch.equal(rows_of(shard, ids), expected)
     # The round has closed: a retry is DUPLICATE (its dense push was applied), a push beyond
     # the open round ahead; neither changes anything.
-    assert shard.push_rows("t", worker="a", step=0, ids=ga[0], grads=ga[1])[0] == (
+    assert shard.rows.push("t", worker="a", step=0, ids=ga[0], grads=ga[1])[0] == (
         ps_pb2.PUSH_STATUS_DUPLICATE)
     with pytest.raises(StepAheadError):
-        shard.push_rows("t", worker="a", step=5, ids=ga[0], grads=ga[1])
-    assert torch.equal(rows_of(shard, ids), expected) and shard.table_stats("t").steps == 1
+        shard.rows.push("t", worker="a", step=5, ids=ga[0], grads=ga[1])
+    assert torch.equal(rows_of(shard, ids), expected) and shard.rows.stats("t").steps == 1
 
 
 def test_sync_round_without_rows_still_counts_a_table_step():
     shard = make_shard(SYNC)
     shard.push(torch.zeros(N), worker_id="w0", step=0)
-    assert shard.table_stats("t").steps == 1
+    assert shard.rows.stats("t").steps == 1
 
 
 def test_async_applies_on_arrival_and_drops_a_retried_step():
     shard = make_shard(ASYNC)
     ids = torch.tensor([2, 3])
     before = rows_of(shard, ids)
-    assert shard.push_rows("t", worker="w0", step=0, ids=ids, grads=torch.ones(2, DIM))[0] == APPLIED
+    assert shard.rows.push("t", worker="w0", step=0, ids=ids, grads=torch.ones(2, DIM))[0] == APPLIED
     after = rows_of(shard, ids)
     assert not torch.equal(after, before)
-    assert shard.push_rows("t", worker="w0", step=0, ids=ids, grads=torch.ones(2, DIM))[0] == (
+    assert shard.rows.push("t", worker="w0", step=0, ids=ids, grads=torch.ones(2, DIM))[0] == (
         ps_pb2.PUSH_STATUS_DUPLICATE)
-    assert torch.equal(rows_of(shard, ids), after) and shard.table_stats("t").steps == 1
+    assert torch.equal(rows_of(shard, ids), after) and shard.rows.stats("t").steps == 1
 
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
@@ -106,8 +106,8 @@ def test_refused_pushes_change_nothing(kwargs, error, message):
     before = rows_of(shard, ids)
     call = {"table": "t", "worker": "w0", **kwargs}
     with pytest.raises(error, match=message):
-        shard.push_rows(call.pop("table"), step=0, **call)
-    assert torch.equal(rows_of(shard, ids), before) and shard.table_stats("t").steps == 0
+        shard.rows.push(call.pop("table"), step=0, **call)
+    assert torch.equal(rows_of(shard, ids), before) and shard.rows.stats("t").steps == 0
 
 
 def test_a_fenced_incarnation_is_refused_and_a_step_already_pushed_is_a_duplicate():
@@ -115,11 +115,11 @@ def test_a_fenced_incarnation_is_refused_and_a_step_already_pushed_is_a_duplicat
     ids, grads = torch.tensor([2]), torch.ones(1, DIM)
     shard.fence({"w0": 2})
     with pytest.raises(FencedError):
-        shard.push_rows("t", worker="w0", incarnation=1, step=0, ids=ids, grads=grads)
+        shard.rows.push("t", worker="w0", incarnation=1, step=0, ids=ids, grads=grads)
     shard.push(torch.zeros(N), worker_id="w0", incarnation=2, step=0)
-    assert shard.push_rows("t", worker="w0", incarnation=2, step=0, ids=ids, grads=grads)[0] == (
+    assert shard.rows.push("t", worker="w0", incarnation=2, step=0, ids=ids, grads=grads)[0] == (
         ps_pb2.PUSH_STATUS_DUPLICATE)
-    assert shard.table_stats("t").steps == 0
+    assert shard.rows.stats("t").steps == 0
 
 
 def test_ids_of_another_shard_are_refused_naming_the_id():
@@ -127,10 +127,10 @@ def test_ids_of_another_shard_are_refused_naming_the_id():
     layout = FixedLayout("t", ROWS, 2)
     other = int(layout.ids_on(1)[0])
     with pytest.raises(TableIdError, match=f"id {other} is not on shard 0"):
-        shard.push_rows("t", worker="w0", step=0, ids=torch.tensor([other]),
+        shard.rows.push("t", worker="w0", step=0, ids=torch.tensor([other]),
                         grads=torch.ones(1, DIM))
     with pytest.raises(TableIdError, match=f"id {other}"):
-        shard.pull_rows("t", torch.tensor([other]), 0, 0, 1.0)
+        shard.rows.pull("t", torch.tensor([other]), 0, 0, 1.0)
 
 
 @pytest.mark.parametrize(("table", "message"), [
