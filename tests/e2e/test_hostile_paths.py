@@ -22,7 +22,7 @@ import grpc
 import pytest
 import torch
 
-from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, ps_pb2, ps_pb2_grpc
+from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, exitcodes, ps_pb2, ps_pb2_grpc
 from shardps.psclient import PSClient
 from shardps.runtime import rpc
 from shardps.server.ps import checkpoint
@@ -237,6 +237,33 @@ def test_a_node_id_file_that_is_not_an_id_is_ignored(tmp_path):
                      == nodes[0].node_id, 30, what="node id saved")
     finally:
         s.stop()
+        coord.stop()
+
+
+def test_a_node_id_the_coordinator_refuses_for_good_ends_the_server(tmp_path):
+    """Found closing issue 10: a node id file with a well-formed id of another role
+    ("worker-..."), which the coordinator refuses (INVALID_ARGUMENT) however often it is sent,
+    made the server retry forever, registered nowhere. Now it exits with exitcodes.REFUSED and
+    a message naming the refusal and the file; an unreachable coordinator is still retried."""
+    coord = harness.start("shardps-coordinator", "--port", "0")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "node_id").write_text("worker-0a1b2c\n")
+    s = harness.start("shardps-server", "--port", "0", "--coordinator", coord.address,
+                      "--data-dir", str(tmp_path / "data"))
+    waiting = harness.start("shardps-server", "--port", "0", "--coordinator", "127.0.0.1:1",
+                            "--data-dir", str(tmp_path / "other"))
+    try:
+        assert s.wait(60) == exitcodes.REFUSED, s.output()
+        assert s.has_line(r"error: coordinator .* refuses to register this node as worker-0a1b2c "
+                          r"\(INVALID_ARGUMENT: node_id: .*is not a server id"), s.output()
+        assert s.has_line("remove that file to register as a new node"), s.output()
+        with rpc.make_channel(coord.address) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            assert not stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=10).nodes
+        harness.poll(lambda: waiting.has_line("unreachable .*UNAVAILABLE"), 30, what="an outage")
+        assert waiting.poll() is None, waiting.output()  # UNAVAILABLE: retried
+    finally:
+        waiting.stop()
         coord.stop()
 
 
