@@ -267,6 +267,37 @@ def test_a_node_id_the_coordinator_refuses_for_good_ends_the_server(tmp_path):
         coord.stop()
 
 
+def test_huge_values_a_server_refuses_are_echoed_cut(tmp_path):
+    """Found closing issue 10: InitShard echoed the optimizer name, the schedule name and the
+    layout fingerprint it refused whole (sent 200,000 characters, answered them all, and
+    logged them). Now each is quoted as names.shown does (40 characters, escaped, with its
+    length), and every refusal is cut to 1 KiB."""
+    s = server(tmp_path / "data")
+    assert init_raw(s.address, shard_config("base")) is None
+    with rpc.make_channel(s.address) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        harness.poll(lambda: stub.ListCheckpoints(ps_pb2.ListCheckpointsRequest(job_id="base"),
+                                                  timeout=10).checkpoints, 30, what="checkpoint 0")
+    huge = "\u00e9" + "x" * 200_000
+    bad_name, bad_schedule, bad_layout = shard_config("a"), shard_config("b"), shard_config("c")
+    bad_name.optimizer.name = huge
+    bad_schedule.optimizer.schedule = huge
+    bad_layout.resume_from_job, bad_layout.layout_fingerprint = "base", huge
+    for config, field in ((bad_name, "optimizer.name"), (bad_schedule, "optimizer.schedule"),
+                          (bad_layout, "of layout")):
+        exc = init_raw(s.address, config)
+        assert exc is not None and exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, exc)
+        assert field in exc.details() and len(exc.details()) <= 300, (field, exc.details()[:400])
+        assert "'\\xe9xxx" in exc.details() and "(200001 characters)" in exc.details(), exc.details()
+    assert max(len(line) for line in s.lines) < 1000
+    with rpc.make_channel(s.address) as channel:
+        shards = ps_pb2_grpc.ParameterServerStub(channel).GetShardInfo(
+            ps_pb2.GetShardInfoRequest(), timeout=10).shards
+    assert [shard.job_id for shard in shards] == ["base"]
+    assert s.proc.poll() is None, s.output()
+    s.stop()
+
+
 def test_the_version_0_checkpoint_survives_pruning_and_restores(tmp_path):
     """12: with keep=1 prune deleted version 0 once a newer one existed; with that newer one
     corrupt the shard was then not restored at all."""
