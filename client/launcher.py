@@ -12,6 +12,7 @@ log file and keeps in memory.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import multiprocessing
 import os
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from multiprocessing import forkserver
 from pathlib import Path
@@ -268,6 +270,30 @@ class Forked:
                 pass  # it has just ended; the forkserver is passing its exit code on
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2), <linux/prctl.h>
+PARENT_POLL_S = 1.0   # without prctl: how often a daemon looks for its forkserver
+
+
+def _end_with(parent: int) -> None:
+    """Asks for SIGTERM when the forkserver `parent` dies, so that the daemon shuts down
+    rather than running on, orphaned in a session of its own (the forkserver also exits
+    when the process that started it dies, SIGKILLed or not). On Linux the kernel sends it
+    (PR_SET_PDEATHSIG); elsewhere a thread watches the parent's pid. A parent that died
+    before this runs is caught by the getppid() check."""
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    if libc is not None and libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0:
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def run_forked(module: str, argv: list[str], env: dict[str, str], out: socket.socket) -> None:
     """The forked daemon: what `python -c "import sys; from MODULE import main; sys.exit(main())"
     ARGV` does, in a session of its own, with stdout and stderr unbuffered on `out`.
@@ -277,7 +303,9 @@ def run_forked(module: str, argv: list[str], env: dict[str, str], out: socket.so
     the streams at the end. Unlike a fresh interpreter it runs no atexit functions: the
     daemons register none of their own.
     """
+    parent = os.getppid()  # the forkserver
     os.setsid()
+    _end_with(parent)
     os.dup2(out.fileno(), 1)
     os.dup2(out.fileno(), 2)
     out.close()

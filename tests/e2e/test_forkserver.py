@@ -1,7 +1,8 @@
 """Daemons forked by multiprocessing's forkserver, as `shardps local` starts its servers and
 workers (client/launcher.py, `Forks`): real daemon processes, with their own pid and session,
 their output on their own stream, SIGTERM handled as usual, the exit codes
-`python -c "sys.exit(main())"` would give, and a SIGKILL of one leaves the others running."""
+`python -c "sys.exit(main())"` would give, a SIGKILL of one leaves the others running, and a
+SIGKILL of the forkserver ends them all."""
 
 import os
 import signal
@@ -82,3 +83,33 @@ def test_a_sigkilled_fork_leaves_the_others_and_the_forkserver_running(fork):
     for daemon in (second, third):
         daemon.terminate()
         assert daemon.wait(30) == exitcodes.OK, daemon.output()
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, not yet reaped by whoever inherited it, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_forked_daemons_end_when_the_forkserver_is_sigkilled(fork):
+    """Found closing issue 10: a forked daemon runs in a session of its own, so when the
+    forkserver was SIGKILLed (or `shardps local`, whose forkserver then exits) its daemons ran
+    on for ever, orphaned. Now the kernel sends each SIGTERM when the forkserver dies
+    (PR_SET_PDEATHSIG), and it shuts down as on any SIGTERM."""
+    daemons = [fork("shardps-server", "--port", "0", "--coordinator", "").wait_ready()
+               for _ in range(2)]
+    pids = [daemon.pid for daemon in daemons]
+    forkserver_pid = parent_of(pids[0])
+    assert parent_of(pids[1]) == forkserver_pid != os.getpid()
+    try:
+        os.kill(forkserver_pid, signal.SIGKILL)
+        for daemon in daemons:
+            harness.poll(lambda pid=daemon.pid: not alive(pid), 30, what="the forked daemon ending")
+            assert daemon.has_line("received SIGTERM, shutting down"), daemon.output()
+    finally:
+        for pid in pids:  # the forkserver is gone: no exit code, and the fixture's kill skips them
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
