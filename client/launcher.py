@@ -274,12 +274,26 @@ PR_SET_PDEATHSIG = 1  # prctl(2), <linux/prctl.h>
 PARENT_POLL_S = 1.0   # without prctl: how often a daemon looks for its forkserver
 
 
-def _end_with(parent: int) -> None:
-    """Asks for SIGTERM when the forkserver `parent` dies, so that the daemon shuts down
-    rather than running on, orphaned in a session of its own (the forkserver also exits
-    when the process that started it dies, SIGKILLed or not). On Linux the kernel sends it
-    (PR_SET_PDEATHSIG); elsewhere a thread watches the parent's pid. A parent that died
-    before this runs is caught by the getppid() check."""
+def _end_with(parent: int, out: socket.socket) -> None:
+    """Asks for SIGTERM when the forkserver `parent` dies or the process that asked for the
+    daemon (`shardps local`) closes its end of `out`, as its death does, SIGKILL included: the
+    daemon then shuts down rather than running on, orphaned in a session of its own. (The
+    forkserver outlives the process that started it while any of its forks runs: each holds
+    the pipe whose closing ends it.) The forkserver's death is the kernel's to tell on Linux
+    (PR_SET_PDEATHSIG), else a thread watches the parent's pid; a parent that died before
+    this runs is caught by the getppid() check. `out`'s peer never writes, so a read returns
+    only when it is closed."""
+    watched = socket.socket(fileno=os.dup(out.fileno()))
+
+    def read_to_end() -> None:
+        try:
+            while watched.recv(4096):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=read_to_end, name="starter-watch", daemon=True).start()
     libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
     if libc is not None and libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0:
         if os.getppid() != parent:
@@ -305,7 +319,7 @@ def run_forked(module: str, argv: list[str], env: dict[str, str], out: socket.so
     """
     parent = os.getppid()  # the forkserver
     os.setsid()
-    _end_with(parent)
+    _end_with(parent, out)
     os.dup2(out.fileno(), 1)
     os.dup2(out.fileno(), 2)
     out.close()

@@ -2,10 +2,12 @@
 workers (client/launcher.py, `Forks`): real daemon processes, with their own pid and session,
 their output on their own stream, SIGTERM handled as usual, the exit codes
 `python -c "sys.exit(main())"` would give, a SIGKILL of one leaves the others running, and a
-SIGKILL of the forkserver ends them all."""
+SIGKILL of the forkserver, or of the process that started them, ends them all."""
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -113,3 +115,39 @@ def test_forked_daemons_end_when_the_forkserver_is_sigkilled(fork):
         for pid in pids:  # the forkserver is gone: no exit code, and the fixture's kill skips them
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_forked_daemons_end_when_the_process_that_started_them_is_sigkilled(tmp_path):
+    """Found closing issue 10: a SIGKILLed `shardps local` left its forked servers and workers
+    running for ever, and the forkserver too (it lives while any of its forks does). Now each
+    daemon reads its output stream's far end, held by the process that started it, and gets
+    SIGTERM when that closes."""
+    starter = subprocess.Popen([sys.executable, "-c", STARTER], stdout=subprocess.PIPE, text=True,
+                               cwd=tmp_path, start_new_session=True)
+    pids = []
+    try:
+        assert starter.stdout is not None
+        pids = [int(starter.stdout.readline()) for _ in range(2)]
+        assert all(alive(pid) for pid in pids)
+        starter.kill()
+        starter.wait(30)
+        for pid in pids:
+            harness.poll(lambda pid=pid: not alive(pid), 30, what="the forked daemon ending")
+    finally:
+        starter.kill()
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# Forks two standalone servers as `shardps local` does, prints their pids, then waits.
+STARTER = f"""
+import sys, time
+from shardps.client import launcher
+forks = launcher.Forks([{SERVER!r}])
+daemons = [launcher.Daemon("s", {SERVER!r}, ["--port", "0", "--coordinator", ""], forks=forks).wait_ready()
+           for _ in range(2)]
+for daemon in daemons:
+    print(daemon.pid, flush=True)
+time.sleep(600)
+"""
