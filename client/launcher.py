@@ -28,7 +28,7 @@ from multiprocessing import forkserver
 from pathlib import Path
 from typing import IO, Protocol
 
-from shardps.client import scrape
+from shardps.client import lifeline, scrape
 
 # The console scripts of pyproject.toml, by name: the module whose main() each one runs.
 SCRIPTS = {
@@ -48,8 +48,10 @@ def module_of(program: str) -> str:
 
 def command(program: str) -> list[str]:
     """The command that runs a console script (or a module's main()) with this interpreter,
-    so no script has to be on PATH."""
-    return [sys.executable, "-c", f"import sys; from {module_of(program)} import main; sys.exit(main())"]
+    so no script has to be on PATH; it ends when the process reading its output does
+    (client/lifeline.py)."""
+    return [sys.executable, "-c", "import sys; from shardps.client import lifeline; lifeline.watch(); "
+            f"from {module_of(program)} import main; sys.exit(main())"]
 
 
 class StartError(RuntimeError):
@@ -274,26 +276,12 @@ PR_SET_PDEATHSIG = 1  # prctl(2), <linux/prctl.h>
 PARENT_POLL_S = 1.0   # without prctl: how often a daemon looks for its forkserver
 
 
-def _end_with(parent: int, out: socket.socket) -> None:
-    """Asks for SIGTERM when the forkserver `parent` dies or the process that asked for the
-    daemon (`shardps local`) closes its end of `out`, as its death does, SIGKILL included: the
-    daemon then shuts down rather than running on, orphaned in a session of its own. (The
-    forkserver outlives the process that started it while any of its forks runs: each holds
-    the pipe whose closing ends it.) The forkserver's death is the kernel's to tell on Linux
-    (PR_SET_PDEATHSIG), else a thread watches the parent's pid; a parent that died before
-    this runs is caught by the getppid() check. `out`'s peer never writes, so a read returns
-    only when it is closed."""
-    watched = socket.socket(fileno=os.dup(out.fileno()))
-
-    def read_to_end() -> None:
-        try:
-            while watched.recv(4096):
-                pass
-        except OSError:
-            pass
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=read_to_end, name="starter-watch", daemon=True).start()
+def _end_with_forkserver(parent: int) -> None:
+    """Asks for SIGTERM when the forkserver `parent` dies, so that the daemon shuts down rather
+    than running on, orphaned in a session of its own (the death of the process that asked for
+    the daemon is lifeline's to tell). On Linux the kernel sends it (PR_SET_PDEATHSIG), else a
+    thread watches the parent's pid; a parent that died before this runs is caught by the
+    getppid() check."""
     libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
     if libc is not None and libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0:
         if os.getppid() != parent:
@@ -319,10 +307,11 @@ def run_forked(module: str, argv: list[str], env: dict[str, str], out: socket.so
     """
     parent = os.getppid()  # the forkserver
     os.setsid()
-    _end_with(parent, out)
+    _end_with_forkserver(parent)
     os.dup2(out.fileno(), 1)
     os.dup2(out.fileno(), 2)
     out.close()
+    lifeline.watch(1)  # the forkserver outlives our starter while any of its forks runs
     # As PYTHONUNBUFFERED makes them: raw writes, so lines from threads are never held back.
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), errors="backslashreplace",

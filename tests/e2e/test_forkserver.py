@@ -2,7 +2,8 @@
 workers (client/launcher.py, `Forks`): real daemon processes, with their own pid and session,
 their output on their own stream, SIGTERM handled as usual, the exit codes
 `python -c "sys.exit(main())"` would give, a SIGKILL of one leaves the others running, and a
-SIGKILL of the forkserver, or of the process that started them, ends them all."""
+SIGKILL of the forkserver, or of the process that started them, ends them all (a daemon
+started as a fresh `python` too)."""
 
 import os
 import signal
@@ -117,12 +118,14 @@ def test_forked_daemons_end_when_the_forkserver_is_sigkilled(fork):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_forked_daemons_end_when_the_process_that_started_them_is_sigkilled(tmp_path):
-    """Found closing issue 10: a SIGKILLed `shardps local` left its forked servers and workers
-    running for ever, and the forkserver too (it lives while any of its forks does). Now each
-    daemon reads its output stream's far end, held by the process that started it, and gets
-    SIGTERM when that closes."""
-    starter = subprocess.Popen([sys.executable, "-c", STARTER], stdout=subprocess.PIPE, text=True,
+@pytest.mark.parametrize("how", ["forked", "python"])
+def test_daemons_end_when_the_process_that_started_them_is_sigkilled(tmp_path, how):
+    """Found closing issue 10: a SIGKILLed `shardps local` left its servers and workers
+    running for ever, forked or started as a fresh `python` (its coordinator always is), and
+    the forkserver too (it lives while any of its forks does). Now each daemon watches the far
+    end of its output stream, which only the process that started it holds
+    (client/lifeline.py), and gets SIGTERM when that closes."""
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, how], stdout=subprocess.PIPE, text=True,
                                cwd=tmp_path, start_new_session=True)
     pids = []
     try:
@@ -140,11 +143,12 @@ def test_forked_daemons_end_when_the_process_that_started_them_is_sigkilled(tmp_
                 os.kill(pid, signal.SIGKILL)
 
 
-# Forks two standalone servers as `shardps local` does, prints their pids, then waits.
+# Starts two standalone servers as `shardps local` does (argv[1]: "forked" or "python"),
+# prints their pids, then waits.
 STARTER = f"""
 import sys, time
 from shardps.client import launcher
-forks = launcher.Forks([{SERVER!r}])
+forks = launcher.Forks([{SERVER!r}]) if sys.argv[1] == "forked" else None
 daemons = [launcher.Daemon("s", {SERVER!r}, ["--port", "0", "--coordinator", ""], forks=forks).wait_ready()
            for _ in range(2)]
 for daemon in daemons:
