@@ -12,6 +12,7 @@ log file and keeps in memory.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import multiprocessing
 import os
@@ -21,12 +22,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from multiprocessing import forkserver
 from pathlib import Path
 from typing import IO, Protocol
 
-from shardps.client import scrape
+from shardps.client import lifeline, scrape
 
 # The console scripts of pyproject.toml, by name: the module whose main() each one runs.
 SCRIPTS = {
@@ -46,8 +48,10 @@ def module_of(program: str) -> str:
 
 def command(program: str) -> list[str]:
     """The command that runs a console script (or a module's main()) with this interpreter,
-    so no script has to be on PATH."""
-    return [sys.executable, "-c", f"import sys; from {module_of(program)} import main; sys.exit(main())"]
+    so no script has to be on PATH; it ends when the process reading its output does
+    (client/lifeline.py)."""
+    return [sys.executable, "-c", "import sys; from shardps.client import lifeline; lifeline.watch(); "
+            f"from {module_of(program)} import main; sys.exit(main())"]
 
 
 class StartError(RuntimeError):
@@ -268,6 +272,30 @@ class Forked:
                 pass  # it has just ended; the forkserver is passing its exit code on
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2), <linux/prctl.h>
+PARENT_POLL_S = 1.0   # without prctl: how often a daemon looks for its forkserver
+
+
+def _end_with_forkserver(parent: int) -> None:
+    """Asks for SIGTERM when the forkserver `parent` dies, so that the daemon shuts down rather
+    than running on, orphaned in a session of its own (the death of the process that asked for
+    the daemon is lifeline's to tell). On Linux the kernel sends it (PR_SET_PDEATHSIG), else a
+    thread watches the parent's pid; a parent that died before this runs is caught by the
+    getppid() check."""
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    if libc is not None and libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0:
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def run_forked(module: str, argv: list[str], env: dict[str, str], out: socket.socket) -> None:
     """The forked daemon: what `python -c "import sys; from MODULE import main; sys.exit(main())"
     ARGV` does, in a session of its own, with stdout and stderr unbuffered on `out`.
@@ -277,10 +305,13 @@ def run_forked(module: str, argv: list[str], env: dict[str, str], out: socket.so
     the streams at the end. Unlike a fresh interpreter it runs no atexit functions: the
     daemons register none of their own.
     """
+    parent = os.getppid()  # the forkserver
     os.setsid()
+    _end_with_forkserver(parent)
     os.dup2(out.fileno(), 1)
     os.dup2(out.fileno(), 2)
     out.close()
+    lifeline.watch(1)  # the forkserver outlives our starter while any of its forks runs
     # As PYTHONUNBUFFERED makes them: raw writes, so lines from threads are never held back.
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), errors="backslashreplace",

@@ -13,7 +13,8 @@ The second line of defence, paths resolved and checked to lie under their root b
 are used, is the servers' (server/ps/paths.py).
 
 Messages about a bad identifier quote at most `SHOWN` characters of it, escaped (`shown`): a
-caller's bytes are never echoed unbounded, into a reply or a log line.
+caller's bytes are never echoed unbounded, into a reply or a log line. As a second line, the
+parameter server cuts every error message it sends to `MAX_ERROR` characters (`cut`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TypeGuard
 MAX_LEN = 128
 MAX_JOB_NAME = 63
 SHOWN = 40
+MAX_ERROR = 1024  # characters of an error message a server sends (gRPC clients take 16 KiB)
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)
 RULE = "1-{n} letters, digits, '.', '_' or '-' (ASCII), starting with a letter or digit"
 
@@ -43,6 +45,11 @@ def check(value: object, what: str, max_len: int = MAX_LEN) -> str:
     if not is_valid(value, max_len):
         raise InvalidName(f"{what}: must be {RULE.format(n=max_len)}; got {shown(value)}")
     return value
+
+
+def cut(text: str, limit: int = MAX_ERROR) -> str:
+    """`text`, cut to `limit` characters (the last three "...") if longer."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def shown(value: object) -> str:

@@ -161,7 +161,7 @@ def new_registry() -> CollectorRegistry:
 Route = Callable[[], tuple[str, bytes]]  # () -> (content type, body)
 
 HTTP_DEADLINE_S = 10.0    # a scrape's request head in, and its answer out, from the accept
-HTTP_MAX_PENDING = 64     # connections being read or answered (the oldest make room)
+HTTP_MAX_PENDING = 64     # connections being read or answered (see runtime/gate.py)
 HTTP_MAX_HEAD = 8192      # bytes of request line and headers
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             431: "Request Header Fields Too Large", 500: "Internal Server Error"}

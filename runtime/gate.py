@@ -4,9 +4,11 @@ connection gets a thread, or any other lasting resource, before it has sent what
 One thread per listener accepts connections and, without blocking, runs each one's TLS
 handshake and reads its opening (the data plane's hello, an HTTP request head) under one
 deadline for the whole of it, counted from the accept. At most `max_pending` connections are
-in that state: a new one pushes out the oldest, so that slow or silent clients can hold at
-most that many sockets for at most the deadline, and cannot keep out a client that sends its
-opening at once (it is read as soon as it is accepted, often in the same pass). What happens
+in that state: beyond it, the source that holds the most of them (an IPv4 address, an IPv6
+/64) loses its oldest, so that slow or silent clients can hold at most that many sockets for
+at most the deadline, and one flooding host cannot push out another host's connection while
+it completes its handshake and opening (a host with fewer pending connections than the
+flooder keeps them). What happens
 next is the opening's to say (`opening`): read more, reply and close (the reply is written
 under the same deadline), or hand the socket over (the data plane starts a thread for it).
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import ipaddress
 import logging
 import selectors
 import socket
@@ -56,10 +59,11 @@ Opening = Callable[[bytes], int | Reply | Handoff]
 
 
 class _Pending:
-    __slots__ = ("sock", "deadline", "data", "out", "handshaking", "events")
+    __slots__ = ("sock", "source", "deadline", "data", "out", "handshaking", "events")
 
-    def __init__(self, sock: socket.socket, deadline: float, handshaking: bool):
+    def __init__(self, sock: socket.socket, source: str, deadline: float, handshaking: bool):
         self.sock = sock
+        self.source = source  # source_of(the peer's address)
         self.deadline = deadline
         self.data = bytearray()
         self.out: memoryview | None = None  # a reply being written
@@ -80,13 +84,15 @@ class Gate:
         self._deadline_s = deadline_s
         self._max_pending = max_pending
         self._pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()
+        # The same connections by source, each source's oldest first.
+        self._sources: dict[str, collections.OrderedDict[int, _Pending]] = {}
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned = 0.0
         # Counters, for tests and logs (written by the gate thread only).
-        self.dropped = 0   # pushed out by newer connections
+        self.dropped = 0   # pushed out by newer connections (of the busiest source)
         self.expired = 0   # past the deadline
 
     def start(self) -> None:
@@ -140,7 +146,7 @@ class Gate:
     def _accept(self) -> None:
         for _ in range(_ACCEPTS_PER_PASS):
             try:
-                sock, _ = self._listener.accept()
+                sock, peer = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -149,13 +155,13 @@ class Gate:
                     # readable, so an immediate retry would spin).
                     self._warn(f"cannot accept: {exc.strerror}")
                     if self._pending:
-                        self._drop(next(iter(self._pending.values())))
+                        self._drop(self._victim())
                     else:
                         time.sleep(0.1)
                 return
-            self._admit(sock)
+            self._admit(sock, source_of(peer))
 
-    def _admit(self, sock: socket.socket) -> None:
+    def _admit(self, sock: socket.socket, source: str) -> None:
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -166,15 +172,29 @@ class Gate:
             log.debug("%s: connection lost at accept: %s", self.name, exc)
             sock.close()
             return
-        pending = _Pending(sock, time.monotonic() + self._deadline_s, self._context is not None)
+        pending = _Pending(sock, source, time.monotonic() + self._deadline_s,
+                           self._context is not None)
         self._pending[sock.fileno()] = pending
+        self._sources.setdefault(source, collections.OrderedDict())[sock.fileno()] = pending
         self._selector.register(sock, selectors.EVENT_READ, pending)
         while len(self._pending) > self._max_pending:
+            victim = self._victim()
             self._warn(f"{self._max_pending} connections are in their handshake or opening "
-                       "(slow or hostile clients?): the oldest make room for new ones")
+                       f"(slow or hostile clients?): the oldest of {victim.source}'s "
+                       f"{len(self._sources[victim.source])} make room for new ones")
             self.dropped += 1
-            self._drop(next(iter(self._pending.values())))
-        self._advance(pending)  # what it opens with is often there already
+            self._drop(victim)
+        if self._pending.get(sock.fileno()) is pending:
+            self._advance(pending)  # what it opens with is often there already
+
+    def _victim(self) -> _Pending:
+        """The oldest pending connection of the source that holds the most (of the sources
+        that hold the most, the one whose oldest is oldest). One flooding source loses its
+        own connections, not other sources'; only sources that each hold as many as the
+        busiest (a flood from more than `max_pending` addresses) can push out each other's."""
+        busiest = max(self._sources.values(),
+                      key=lambda queue: (len(queue), -next(iter(queue.values())).deadline))
+        return next(iter(busiest.values()))
 
     def _advance(self, p: _Pending) -> None:
         """Moves a connection on as far as it can go without blocking."""
@@ -245,7 +265,12 @@ class Gate:
         p.sock.close()
 
     def _forget(self, p: _Pending) -> None:
-        self._pending.pop(p.sock.fileno(), None)
+        fileno = p.sock.fileno()
+        if self._pending.pop(fileno, None) is not None:
+            queue = self._sources[p.source]
+            del queue[fileno]
+            if not queue:
+                del self._sources[p.source]
         try:
             self._selector.unregister(p.sock)
         except (KeyError, ValueError):
@@ -263,6 +288,24 @@ class Gate:
         if now - self._warned >= _WARN_EVERY_S:
             self._warned = now
             log.warning("%s: %s", self.name, message)
+
+
+def source_of(peer: object) -> str:
+    """Whom a connection counts against: its IPv4 address, or the /64 of its IPv6 address (the
+    least a host on IPv6 is usually given, so one host cannot pose as many); an IPv4 address
+    mapped into IPv6 counts as itself."""
+    host = peer[0] if isinstance(peer, tuple) and peer else peer
+    if not isinstance(host, str):
+        return ""  # not an IP socket
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def _drain(sock: socket.socket) -> None:

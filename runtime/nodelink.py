@@ -25,6 +25,15 @@ MAX_BACKOFF_S = 5.0        # ... up to this (a restarted coordinator is found wi
 MIN_DEADLINE_S = 0.5       # a heartbeat's deadline is half the lease, but at least this
 GOODBYE_DEADLINE_S = 2.0   # deadline of the last heartbeat (shutting_down)
 
+# Refusals of a registration that no retry can turn around: the request is made of the
+# daemon's own flags and node id, and is sent again unchanged (the coordinator answers a
+# malformed id, another role's id or an over-long address with INVALID_ARGUMENT). Everything
+# else (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNAUTHENTICATED while tokens are
+# being changed, FAILED_PRECONDITION that depends on the coordinator's state) is retried.
+PERMANENT_REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT,
+                                grpc.StatusCode.ALREADY_EXISTS,
+                                grpc.StatusCode.PERMISSION_DENIED})
+
 _Reply = TypeVar("_Reply", coordinator_pb2.RegisterNodeResponse,
                  coordinator_pb2.HeartbeatResponse)
 
@@ -64,6 +73,8 @@ class NodeLink:
 
     An unreachable coordinator is retried with a Backoff (FIRST_BACKOFF_S doubling to
     MAX_BACKOFF_S), forever, with one log line when an outage starts and one when it ends. A
+    registration refused for good (PERMANENT_REFUSALS) ends the link instead, logged and told
+    to `on_refused(message)` (without one, it is retried like an outage). A
     heartbeat with wait_for_assignment_ms is a long-poll the coordinator may hold that long;
     `halt()` cancels the call in flight, so stopping never waits out a hold. A node the
     coordinator has forgotten registers again under its id. Thread-safety: `start`, `halt`,
@@ -72,12 +83,16 @@ class NodeLink:
     """
 
     def __init__(self, coordinator: str, role: NodeRole, node_id: str = "",
-                 thread_name: str = "heartbeat"):
-        """`node_id`: the id to register under ("" the first time; a restarted server's own)."""
+                 thread_name: str = "heartbeat",
+                 on_refused: Callable[[str], None] | None = None):
+        """`node_id`: the id to register under ("" the first time; a restarted server's own).
+        `on_refused(message)`: called on the link's thread, which then ends, when the
+        coordinator refuses the registration for good; the daemon should exit."""
         self.coordinator = coordinator
         self._role = role
         self._lock = threading.Lock()
         self._node_id = node_id
+        self._on_refused = on_refused
         self._incarnation = 0
         self.lease_ms = DEFAULT_LEASE_MS
         self._registered = False
@@ -167,6 +182,8 @@ class NodeLink:
             except grpc.FutureCancelledError:
                 return  # by halt()
             except grpc.RpcError as exc:
+                if self._refused_for_good(exc):
+                    return
                 pause = self._outage(exc)
             except Exception:  # a bug in the role's handling must not end the lease
                 log.exception("handling the coordinator's reply failed")
@@ -231,6 +248,17 @@ class NodeLink:
             self.lease_ms = reply.lease_ms
         self._role.answered(reply)
         return max(0.0, self.lease_ms / 4000 - (time.monotonic() - began))
+
+    def _refused_for_good(self, exc: grpc.RpcError) -> bool:
+        """Whether `exc` refused the registration for good; if so, tells on_refused."""
+        if self._on_refused is None or self.registered or exc.code() not in PERMANENT_REFUSALS:
+            return False
+        node = f" as {self.node_id}" if self.node_id else ""
+        message = (f"coordinator {self.coordinator} refuses to register this node{node} "
+                   f"({exc.code().name}: {exc.details()}); retrying cannot change that")
+        log.error("%s", message)
+        self._on_refused(message)
+        return True
 
     def _reachable(self) -> None:
         self._backoff.reset()

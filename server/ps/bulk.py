@@ -80,7 +80,7 @@ class Refused(Exception):
     """A call refused with a gRPC status code; nothing changed."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
+        super().__init__(names.cut(message))  # sent on gRPC and on the data plane
         self.code = code
 
 

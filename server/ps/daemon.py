@@ -14,6 +14,7 @@ from shardps.runtime import daemon, rpc
 
 from .checkpoint_servicer import CheckpointingServicer
 from .checkpointer import Checkpointer
+from .datadir import NODE_ID_FILE
 from .dataserver import DataServer
 from .errors import ShardError
 from .heartbeat import CoordinatorLink
@@ -31,7 +32,8 @@ class ParameterServerDaemon:
     """One parameter server process: serves ParameterServer on host:port.
 
     Lifecycle: `start()` binds and serves (raises OSError if an address cannot be bound),
-    `stop(grace)` shuts down, `wait(timeout)` reports whether it has stopped. With
+    `stop(grace)` shuts down, `wait(timeout)` reports whether it has stopped or must (the
+    coordinator refused its registration for good: `refusal` says why). With
     `coordinator=None` it runs standalone (no registration; job states only from InitShard).
     Thread-safety: start/stop from one thread; everything else runs on gRPC and
     heartbeat threads.
@@ -76,6 +78,8 @@ class ParameterServerDaemon:
         self._health = rpc.add_health(self._server, SERVICE_NAME)
         self.data_server: DataServer | None = None
         self._stopped = threading.Event()
+        self._ended = threading.Event()  # stopped, or refused by the coordinator
+        self.refusal = ""
         self._stop_lock = threading.Lock()
         self._started = False
 
@@ -125,7 +129,8 @@ class ParameterServerDaemon:
             self.link = CoordinatorLink(
                 self.coordinator, advertised, metrics, self._on_views,
                 node_id=self.checkpointer.node_id() if self.checkpointer else "",
-                checkpoints=self.checkpointer, frozen=self.shards.frozen).start()
+                checkpoints=self.checkpointer, frozen=self.shards.frozen,
+                on_refused=self._refused).start()
         return self
 
     def _on_views(self, views) -> None:
@@ -135,6 +140,13 @@ class ParameterServerDaemon:
         if self.checkpointer:  # the job's final weights: durable before anything else
             for shard in settled:
                 self.checkpointer.final_weights(shard)
+
+    def _refused(self, message: str) -> None:
+        if self.checkpointer and self.checkpointer.node_id():
+            message += (f" (the node id is read from {NODE_ID_FILE} in --data-dir: remove that "
+                        "file to register as a new node)")
+        self.refusal = message
+        self._ended.set()
 
     def _default_advertise(self) -> str:
         if self.host in _WILDCARDS:
@@ -162,10 +174,11 @@ class ParameterServerDaemon:
                 self.metrics_endpoint.shutdown()
             log.info("parameter server stopped")
             self._stopped.set()
+            self._ended.set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Waits up to `timeout` s; True once the daemon has stopped."""
-        return self._stopped.wait(timeout)
+        """Waits up to `timeout` s; True once the daemon has stopped or must (`refusal`)."""
+        return self._ended.wait(timeout)
 
 
 def _hostport(value: str) -> str:
@@ -221,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         rpc.fail(str(exc), exitcodes.BIND_FAILED)
     daemon.run_until_signal(server.stop, server.wait,
                           ready=lambda: rpc.announce(args.host, server.port))
+    if server.refusal:
+        rpc.fail(server.refusal, exitcodes.REFUSED)
     return exitcodes.OK
 
 

@@ -3,8 +3,8 @@ Pull frames of proto/dataplane.py through BulkOps, one thread per authenticated 
 
 A connection gets its thread only after a valid hello: until then it is one of a bounded
 number of sockets that a single thread (runtime/gate.py) takes through the TLS handshake and
-the hello without blocking, under one deadline for both (HELLO_DEADLINE_S), the oldest
-pushed out by newer ones beyond MAX_PENDING. So a client without the token (or without a
+the hello without blocking, under one deadline for both (HELLO_DEADLINE_S), the busiest
+source's oldest pushed out by newer ones beyond MAX_PENDING. So a client without the token (or without a
 client certificate, under mutual TLS) costs at most a socket for a few seconds, never a
 thread, and never one of the `max_connections` slots of authenticated connections.
 
@@ -43,7 +43,7 @@ from .bulk import BulkOps, Refused
 log = logging.getLogger("shardps.ps")
 
 HELLO_DEADLINE_S = 5.0   # TLS handshake and hello, from the accept
-MAX_PENDING = 128        # connections in their handshake or hello (the oldest make room)
+MAX_PENDING = 128        # connections in their handshake or hello (see runtime/gate.py)
 MAX_CONNECTIONS = 256    # authenticated connections, a thread each
 IDLE_S = 600.0           # an authenticated connection's wait for its next request
 MAX_DRAIN_BYTES = 1 << 36  # a push header declaring more is not read on; the connection closes

@@ -77,15 +77,16 @@ class CoordinatorLink(NodeLink):
 
     def __init__(self, coordinator: str, address: str, metrics_address: str, on_views: OnViews,
                  node_id: str = "", checkpoints: Checkpoints | None = None,
-                 frozen: Frozen | None = None):
+                 frozen: Frozen | None = None, on_refused: Callable[[str], None] | None = None):
         """`node_id`: the id to register under (a restarted server's, from its data dir).
         `checkpoints`: the server's Checkpointer, if it has a data dir: the link reports its
         restores and stored shards to the coordinator and persists the node id.
         `frozen`: the shards of ended jobs frozen where they are, reported with every call
-        until the coordinator names their final version."""
+        until the coordinator names their final version.
+        `on_refused(message)`: the coordinator refused the registration for good (NodeLink)."""
         super().__init__(coordinator, ServerRole(address, metrics_address, on_views, checkpoints,
                                                  frozen or (lambda: [])),
-                         node_id=node_id, thread_name="ps-heartbeat")
+                         node_id=node_id, thread_name="ps-heartbeat", on_refused=on_refused)
 
     def start(self) -> CoordinatorLink:
         super().start()

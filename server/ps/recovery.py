@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from shardps.proto import common_pb2, coordinator_pb2
+from shardps.proto import common_pb2, coordinator_pb2, names
 
 from . import checkpoint
 from .checkpoint import Expect
@@ -152,9 +152,9 @@ class Recovery:
                 config.offset, config.length, config.layout_fingerprint):
             raise InvalidConfigError(
                 f"job {config.resume_from_job} shard {shard.index} holds [{old.offset}, "
-                f"{old.offset + old.length}) of layout {old.layout_fingerprint}, not "
-                f"[{config.offset}, {config.offset + config.length}) of "
-                f"{config.layout_fingerprint}")
+                f"{old.offset + old.length}) of layout {names.shown(old.layout_fingerprint)}, "
+                f"not [{config.offset}, {config.offset + config.length}) of layout "
+                f"{names.shown(config.layout_fingerprint)}")
         shard.load_state(loaded.state, tables=False)
         shard.rollback_id = 0
         self._metrics.restores.labels("resume").inc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from shardps.proto import common_pb2
+from shardps.proto import common_pb2, names
 from shardps.proto.spec import FP32_MAX, MAX_WEIGHT_DECAY, MIN_EPS
 
 from .errors import InvalidConfigError
@@ -21,7 +21,7 @@ def validate(config: common_pb2.OptimizerConfig) -> None:
     """Raises InvalidConfigError if the optimizer settings cannot run."""
     name = config.name or "adam"
     if name not in ("adam", "adamw"):
-        raise InvalidConfigError(f"optimizer.name must be adam or adamw, got {name!r}")
+        raise InvalidConfigError(f"optimizer.name must be adam or adamw, got {names.shown(name)}")
     # The job spec's ranges (shardps.proto.spec), which also keep Adam's fp32 state finite:
     # an eps that fp32 rounds to 0 makes 0/0 = NaN of every weight whose gradient is 0.
     if not (math.isfinite(config.lr) and 0 < config.lr <= FP32_MAX):
@@ -37,7 +37,7 @@ def validate(config: common_pb2.OptimizerConfig) -> None:
                                  f"got {config.weight_decay}")
     schedule = schedule_name(config)
     if schedule not in SCHEDULES:
-        raise InvalidConfigError(f"optimizer.schedule must be one of {SCHEDULES}, got {schedule!r}")
+        raise InvalidConfigError(f"optimizer.schedule must be one of {SCHEDULES}, got {names.shown(schedule)}")
     if config.warmup_steps < 0:
         raise InvalidConfigError(f"optimizer.warmup_steps must be >= 0, got {config.warmup_steps}")
     if schedule == "cosine":

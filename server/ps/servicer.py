@@ -251,6 +251,7 @@ def _refuse(context: grpc.ServicerContext, exc: Refused) -> NoReturn:
 
 
 def _fail(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    """Ends the RPC with a status (context.abort raises; this tells type checkers so)."""
-    context.abort(code, message)
+    """Ends the RPC with a status, the message cut to names.MAX_ERROR (context.abort raises;
+    this tells type checkers so)."""
+    context.abort(code, names.cut(message))
     raise AssertionError("context.abort returned")

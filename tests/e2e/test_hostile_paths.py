@@ -22,7 +22,7 @@ import grpc
 import pytest
 import torch
 
-from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, ps_pb2, ps_pb2_grpc
+from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, exitcodes, ps_pb2, ps_pb2_grpc
 from shardps.psclient import PSClient
 from shardps.runtime import rpc
 from shardps.server.ps import checkpoint
@@ -238,6 +238,64 @@ def test_a_node_id_file_that_is_not_an_id_is_ignored(tmp_path):
     finally:
         s.stop()
         coord.stop()
+
+
+def test_a_node_id_the_coordinator_refuses_for_good_ends_the_server(tmp_path):
+    """Found closing issue 10: a node id file with a well-formed id of another role
+    ("worker-..."), which the coordinator refuses (INVALID_ARGUMENT) however often it is sent,
+    made the server retry forever, registered nowhere. Now it exits with exitcodes.REFUSED and
+    a message naming the refusal and the file; an unreachable coordinator is still retried."""
+    coord = harness.start("shardps-coordinator", "--port", "0")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "node_id").write_text("worker-0a1b2c\n")
+    s = harness.start("shardps-server", "--port", "0", "--coordinator", coord.address,
+                      "--data-dir", str(tmp_path / "data"))
+    waiting = harness.start("shardps-server", "--port", "0", "--coordinator", "127.0.0.1:1",
+                            "--data-dir", str(tmp_path / "other"))
+    try:
+        assert s.wait(60) == exitcodes.REFUSED, s.output()
+        assert s.has_line(r"error: coordinator .* refuses to register this node as worker-0a1b2c "
+                          r"\(INVALID_ARGUMENT: node_id: .*is not a server id"), s.output()
+        assert s.has_line("remove that file to register as a new node"), s.output()
+        with rpc.make_channel(coord.address) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            assert not stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=10).nodes
+        harness.poll(lambda: waiting.has_line("unreachable .*UNAVAILABLE"), 30, what="an outage")
+        assert waiting.poll() is None, waiting.output()  # UNAVAILABLE: retried
+    finally:
+        waiting.stop()
+        coord.stop()
+
+
+def test_huge_values_a_server_refuses_are_echoed_cut(tmp_path):
+    """Found closing issue 10: InitShard echoed the optimizer name, the schedule name and the
+    layout fingerprint it refused whole (sent 200,000 characters, answered them all, and
+    logged them). Now each is quoted as names.shown does (40 characters, escaped, with its
+    length), and every refusal is cut to 1 KiB."""
+    s = server(tmp_path / "data")
+    assert init_raw(s.address, shard_config("base")) is None
+    with rpc.make_channel(s.address) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        harness.poll(lambda: stub.ListCheckpoints(ps_pb2.ListCheckpointsRequest(job_id="base"),
+                                                  timeout=10).checkpoints, 30, what="checkpoint 0")
+    huge = "\u00e9" + "x" * 200_000
+    bad_name, bad_schedule, bad_layout = shard_config("a"), shard_config("b"), shard_config("c")
+    bad_name.optimizer.name = huge
+    bad_schedule.optimizer.schedule = huge
+    bad_layout.resume_from_job, bad_layout.layout_fingerprint = "base", huge
+    for config, field in ((bad_name, "optimizer.name"), (bad_schedule, "optimizer.schedule"),
+                          (bad_layout, "of layout")):
+        exc = init_raw(s.address, config)
+        assert exc is not None and exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, exc)
+        assert field in exc.details() and len(exc.details()) <= 300, (field, exc.details()[:400])
+        assert "'\\xe9xxx" in exc.details() and "(200001 characters)" in exc.details(), exc.details()
+    assert max(len(line) for line in s.lines) < 1000
+    with rpc.make_channel(s.address) as channel:
+        shards = ps_pb2_grpc.ParameterServerStub(channel).GetShardInfo(
+            ps_pb2.GetShardInfoRequest(), timeout=10).shards
+    assert [shard.job_id for shard in shards] == ["base"]
+    assert s.proc.poll() is None, s.output()
+    s.stop()
 
 
 def test_the_version_0_checkpoint_survives_pruning_and_restores(tmp_path):

@@ -1,5 +1,6 @@
-"""runtime/gate.py on loopback sockets: the whole-opening deadline, the pending limit (oldest
-out first), replies, and handoffs that leave what follows the opening unread."""
+"""runtime/gate.py on loopback sockets: the whole-opening deadline, the pending limit (the
+busiest source's oldest out first), replies, and handoffs that leave what follows the opening
+unread."""
 
 import socket
 import threading
@@ -103,6 +104,41 @@ def test_beyond_the_pending_limit_the_oldest_are_pushed_out_and_a_prompt_client_
         for s in silent:
             s.close()
     assert g.dropped >= 6
+
+
+def test_a_flooding_source_pushes_out_its_own_connections_not_another_sources(served):
+    """Found closing issue 10: the oldest of all used to go, so a host opening connections
+    fast pushed out another host's connection still in its opening."""
+    g, port = served
+    other = connect(port)  # 127.0.0.1, the oldest, and silent
+    flood = [socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+             for _ in range(10)]
+    try:
+        deadline = time.monotonic() + 5
+        while g.dropped < 7 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert g.dropped == 7 and g.pending == 4
+        assert sum(closed(s, 0.2) for s in flood[:7]) == 7
+        other.sendall(b"HI\x00")  # still pending: it completes its opening
+        deadline = time.monotonic() + 5
+        while not taken and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(taken) == 1
+    finally:
+        other.close()
+        for s in flood:
+            s.close()
+
+
+@pytest.mark.parametrize("peer, source", [
+    (("192.0.2.7", 5000), "192.0.2.7"),
+    (("2001:db8:1:2:aaaa::1", 5000, 0, 0), "2001:db8:1:2::/64"),
+    (("2001:db8:1:2:bbbb::9%eth0", 5000, 0, 0), "2001:db8:1:2::/64"),
+    (("::ffff:192.0.2.7", 5000, 0, 0), "192.0.2.7"),
+    ("", ""),
+])
+def test_sources_are_ipv4_addresses_and_ipv6_slash_64s(peer, source):
+    assert gate.source_of(peer) == source
 
 
 def test_stop_closes_what_is_pending_and_the_listener():
