@@ -268,7 +268,8 @@ def levers(args) -> list[dict]:
 
     With --before-tree, a first row runs shardps from that tree (PYTHONPATH), e.g. the code
     before this bench's changes: `git archive REV | tar -x -C T`, then a T/path/shardps/ with
-    links proto -> T/proto, server -> T/server, worker -> T/worker, client -> T/client.
+    a link to each of the tree's package folders (pyproject's package-dir): proto, runtime,
+    psclient, server, worker and client, e.g. psclient -> T/psclient.
     """
     cases = [case for case in LEVERS if case[2] or case[1]]
     if args.before_tree:
