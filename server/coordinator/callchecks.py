@@ -9,6 +9,7 @@ from typing import NoReturn
 
 import grpc
 
+from shardps.proto.names import cut
 from shardps.proto.spec import SpecError
 
 from .job import JobStateError, UnknownJobError
@@ -45,11 +46,6 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
     id or value the caller sent, of any length)."""
     context.abort(code, cut(message, MAX_ERROR))
     raise AssertionError("context.abort returned")
-
-
-def cut(text: str, limit: int) -> str:
-    """`text`, cut to `limit` characters (the last three "...") if longer."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def required(value: str, name: str) -> str:

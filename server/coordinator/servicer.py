@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import grpc
 from prometheus_client import CollectorRegistry
 
-from shardps.proto import common_pb2, coordinator_pb2_grpc
+from shardps.proto import common_pb2, coordinator_pb2_grpc, names
 from shardps.proto import coordinator_pb2 as pb
 from shardps.proto.spec import SpecError, normalise
 from shardps.proto.states import FINAL_STATES
@@ -231,7 +231,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                        for s in request.steps],
                 evals=[Evaluation(e.step, e.metric, e.value, e.loss) for e in request.evals],
                 finished=request.finished,
-                failure=callchecks.cut(request.failure, MAX_FAILURE_TEXT),
+                failure=names.cut(request.failure, MAX_FAILURE_TEXT),
                 rollback_id=request.rollback_id)
             if self._keeper is not None:
                 self._keeper.dirty = True
