@@ -124,6 +124,29 @@ def write_chunk(dest: torch.Tensor, chunk: common_pb2.TensorChunk, wire_dtype: i
     return n
 
 
+class ByteAssembler:
+    """Receives bytes sent in consecutive chunks whose offsets count bytes (a compressed push
+    body or pull delta over the RPCs), `size` bytes in all; CodecError for a chunk out of
+    place or a short total. Not thread-safe: one assembler per stream."""
+
+    def __init__(self, size: int):
+        self.data = bytearray(size)
+        self.received = 0
+
+    def add(self, chunk: common_pb2.TensorChunk) -> None:
+        n = len(chunk.data)
+        if chunk.offset != self.received or self.received + n > len(self.data):
+            raise CodecError(f"a chunk of {n} bytes at offset {chunk.offset}: expected offset "
+                             f"{self.received}, {len(self.data)} bytes in all")
+        self.data[self.received : self.received + n] = chunk.data
+        self.received += n
+
+    def finish(self) -> bytearray:
+        if self.received != len(self.data):
+            raise CodecError(f"received {self.received} of {len(self.data)} bytes")
+        return self.data
+
+
 class ChunkAssembler:
     """Receives chunks in offset order into a preallocated flat tensor and checks coverage.
 

@@ -33,27 +33,6 @@ def apply_delta(copy: torch.Tensor, data: bytes | memoryview) -> None:
     copy.add_(values)
 
 
-class DeltaAssembler:
-    """A delta's bytes from the Pull RPC's chunks: consecutive, offsets counting bytes."""
-
-    def __init__(self, size: int):
-        self.data = bytearray(size)
-        self.received = 0
-
-    def add(self, chunk: common_pb2.TensorChunk) -> None:
-        n = len(chunk.data)
-        if chunk.offset != self.received or self.received + n > len(self.data):
-            raise codec.CodecError(f"a pull delta chunk of {n} bytes at offset {chunk.offset}: "
-                                   f"expected offset {self.received}, {len(self.data)} bytes in all")
-        self.data[self.received : self.received + n] = chunk.data
-        self.received += n
-
-    def finish(self) -> memoryview:
-        if self.received != len(self.data):
-            raise codec.CodecError(f"pull delta: received {self.received} of {len(self.data)} bytes")
-        return memoryview(self.data)
-
-
 class PulledCopy:
     """A PSClient's own copy of the weights its compressed pulls update, and the tag each
     shard's part of it has (PullRequest.held_tag; 0 while unknown). The copy is PSClient's,

@@ -138,9 +138,9 @@ class _RpcPull:
             raise codec.CodecError(f"shard {index}: server holds {head.length} elements, "
                                    f"map says {dest.numel()}")
         if head.delta_compression:  # a compressed pull: an encoding to add to dest
-            delta = deltas.DeltaAssembler(deltas.delta_bytes(head))
+            delta = codec.ByteAssembler(deltas.delta_bytes(head))
             _add_chunks(delta, head, self._stream)
-            deltas.apply_delta(dest, delta.finish())
+            deltas.apply_delta(dest, memoryview(delta.finish()))
             head.ClearField("chunk")
             return head
         target = codec.ChunkAssembler(dest, self._request.dtype)
@@ -155,7 +155,7 @@ class _RpcPull:
         return head
 
 
-def _add_chunks(target: deltas.DeltaAssembler, head: ps_pb2.PullResponse,
+def _add_chunks(target: codec.ByteAssembler, head: ps_pb2.PullResponse,
                 rest: Iterator[ps_pb2.PullResponse]) -> None:
     if head.HasField("chunk"):
         target.add(head.chunk)

@@ -80,23 +80,18 @@ def decode_into(header: ps_pb2.PushHeader, data: bytes | bytearray,
     return len(data), codec.pushable(grad)
 
 
-class BodyAssembler:
-    """A compressed body from the Push RPC's chunks: consecutive, offsets counting bytes,
-    `size` bytes in all. Not thread-safe: one per stream."""
-
-    def __init__(self, size: int):
-        self.data = bytearray(size)
-        self.received = 0
+class BodyAssembler(codec.ByteAssembler):
+    """A compressed body from the Push RPC's chunks (codec.ByteAssembler), its errors refused
+    as a bad encoding. Not thread-safe: one per stream."""
 
     def add(self, chunk: common_pb2.TensorChunk) -> None:
-        n = len(chunk.data)
-        if chunk.offset != self.received or self.received + n > len(self.data):
-            raise _refuse(f"a chunk of {n} bytes at offset {chunk.offset}: expected offset "
-                          f"{self.received}, {len(self.data)} bytes in all")
-        self.data[self.received : self.received + n] = chunk.data
-        self.received += n
+        try:
+            super().add(chunk)
+        except codec.CodecError as exc:
+            raise _refuse(str(exc)) from None
 
     def finish(self) -> bytearray:
-        if self.received != len(self.data):
-            raise _refuse(f"received {self.received} of {len(self.data)} bytes")
-        return self.data
+        try:
+            return super().finish()
+        except codec.CodecError as exc:
+            raise _refuse(str(exc)) from None
