@@ -97,6 +97,8 @@ class WorkerDaemon:
         self._ended: dict[str, tuple[str, float]] = {}  # job id -> (outcome kind, when ended)
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self._done = threading.Event()  # stopped, or must stop (`refusal`)
+        self.refusal = ""  # why the coordinator refused to register us for good, if it did
         self._server: grpc.Server | None = None
         self._metrics_endpoint: daemon_lib.MetricsEndpoint | None = None
 
@@ -133,7 +135,7 @@ class WorkerDaemon:
             raise
         self._server.start()
         self.metrics.info.labels(device=self.device).set(1)
-        self.link = NodeLink(self.coordinator_address, self).start()
+        self.link = NodeLink(self.coordinator_address, self, on_refused=self._refused).start()
         logger.info("worker on %s (device %s), coordinator %s", self.address, self.device,
                     self.coordinator_address)
 
@@ -162,10 +164,17 @@ class WorkerDaemon:
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.shutdown()
         self._stopped.set()
+        self._done.set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """True once the daemon has stopped; waits up to timeout."""
-        return self._stopped.wait(timeout)
+        """True once the daemon has stopped or must (`refusal`); waits up to timeout."""
+        return self._done.wait(timeout)
+
+    def _refused(self, message: str) -> None:
+        """The link's thread: the coordinator will never register us (e.g. an address over
+        its limit); main() stops the daemon and exits with exitcodes.REFUSED."""
+        self.refusal = message
+        self._done.set()
 
     # -- the NodeRole: called on the link's thread --
 
@@ -317,4 +326,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metrics on {worker.metrics_address}", flush=True)
     daemon_lib.run_until_signal(worker.stop, worker.wait,
                           ready=lambda: rpc.announce(args.host, worker.port))
+    if worker.refusal:
+        rpc.fail(worker.refusal, exitcodes.REFUSED)
     return exitcodes.OK

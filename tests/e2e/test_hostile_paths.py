@@ -267,6 +267,24 @@ def test_a_node_id_the_coordinator_refuses_for_good_ends_the_server(tmp_path):
         coord.stop()
 
 
+def test_a_worker_the_coordinator_refuses_for_good_exits():
+    """The worker daemon's side of the same hole: a registration refused for good (here an
+    --advertise-host over the coordinator's 1024-character limit) made it retry forever. Now
+    it exits with exitcodes.REFUSED and the refusal in its log, and is not registered."""
+    coord = harness.start("shardps-coordinator", "--port", "0")
+    try:
+        w = harness.start("shardps-worker", "--port", "0", "--coordinator", coord.address,
+                          "--device", "cpu", "--advertise-host", "h" * 1100)
+        assert w.wait(60) == exitcodes.REFUSED, w.output()
+        assert w.has_line(r"error: coordinator .* refuses to register this node .*"
+                          r"INVALID_ARGUMENT: address: at most 1024 characters"), w.output()
+        with rpc.make_channel(coord.address) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            assert not stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=10).nodes
+    finally:
+        coord.stop()
+
+
 def test_huge_values_a_server_refuses_are_echoed_cut(tmp_path):
     """Found closing issue 10: InitShard echoed the optimizer name, the schedule name and the
     layout fingerprint it refused whole (sent 200,000 characters, answered them all, and
