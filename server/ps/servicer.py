@@ -16,8 +16,8 @@ ListCheckpoints results, whose purpose that is.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from typing import NoReturn
+from collections.abc import Callable, Iterator
+from typing import NoReturn, TypeVar
 
 import grpc
 import torch
@@ -176,24 +176,15 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def InitRows(self, request: ps_pb2.InitRowsRequest,
                  context: grpc.ServicerContext) -> ps_pb2.InitRowsResponse:
-        try:
-            return self.rows.init_rows(request)
-        except Refused as exc:
-            _refuse(context, exc)
+        return _refusing(context, lambda: self.rows.init_rows(request))
 
     def PullRows(self, request: ps_pb2.PullRowsRequest,
                  context: grpc.ServicerContext) -> ps_pb2.PullRowsResponse:
-        try:
-            return self.rows.pull_rows(request, context.is_active)
-        except Refused as exc:
-            _refuse(context, exc)
+        return _refusing(context, lambda: self.rows.pull_rows(request, context.is_active))
 
     def PushRows(self, request: ps_pb2.PushRowsRequest,
                  context: grpc.ServicerContext) -> ps_pb2.PushRowsResponse:
-        try:
-            return self.rows.push_rows(request)
-        except Refused as exc:
-            _refuse(context, exc)
+        return _refusing(context, lambda: self.rows.push_rows(request))
 
     def GetDataPlane(self, request: ps_pb2.GetDataPlaneRequest,
                      context: grpc.ServicerContext) -> ps_pb2.GetDataPlaneResponse:
@@ -246,8 +237,19 @@ def check_job_id(context: grpc.ServicerContext, job_id: str, allow_empty: bool =
         _fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
+R = TypeVar("R")
+
+
 def _refuse(context: grpc.ServicerContext, exc: Refused) -> NoReturn:
     _fail(context, exc.code, str(exc))
+
+
+def _refusing(context: grpc.ServicerContext, call: Callable[[], R]) -> R:
+    """`call()`'s reply; a Refused ends the RPC with its status."""
+    try:
+        return call()
+    except Refused as exc:
+        _refuse(context, exc)
 
 
 def _fail(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -15,12 +15,11 @@ from shardps.client import ctrdata
 from shardps.proto import common_pb2
 from shardps.proto import spec as spec_lib
 from shardps.worker import batchsource, tasks
-from shardps.worker.filedata import FileBatchStream
-from shardps.worker.fileorder import assign_files
 from shardps.worker.fileplan import Place
 from shardps.worker.models import build_model
 from shardps.worker.trainer import Trainer
 from tests.cluster import ALIVE, Cluster, RegisteredWorker
+from tests.filereplay import rank_batches
 from tests.harness import poll
 
 pytestmark = pytest.mark.timeout(180)
@@ -71,23 +70,6 @@ def run_job(cluster, text, workers):
 
 def load(path):
     return batchsource.load_data(spec_lib.parse_spec(spec_text(path, 1))["data"], seed=3)
-
-
-def rank_batches(data, rank, world, global_batch, seed, epochs):
-    """Rank's batches of `epochs` epochs, replayed as docs/data.md says (shuffle off): every
-    epoch is L = ceil(rows / B) steps; the rank's R rows of it in batches of ceil(R / L), then
-    empty steps (None) to the epoch's end."""
-    steps = -(-data.num_train // global_batch)
-    out = []
-    for epoch in range(epochs):
-        mine = assign_files(data.train_files, range(world), epoch, seed)[rank]
-        rows = sum(data.rows[f] for f in mine)
-        got = []
-        if rows:
-            with FileBatchStream(mine, -(-rows // steps), epoch=epoch, seed=seed) as stream:
-                got = list(stream)
-        out += got + [None] * (steps - len(got))
-    return out
 
 
 def reference_weights(path, steps, world=3, batch_size=30, seed=3):

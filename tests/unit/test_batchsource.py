@@ -13,9 +13,10 @@ from shardps.proto import spec as spec_lib
 from shardps.worker import batchsource, filedataset
 from shardps.worker.batches import BatchOrder
 from shardps.worker.datasets import load_dataset
-from shardps.worker.filedata import FileBatchStream, ReadStats
+from shardps.worker.filedata import ReadStats
 from shardps.worker.fileorder import assign_files
 from shardps.worker.fileplan import Place
+from tests.filereplay import rank_batches
 from tests.unit.test_filedata import make_files, row_ids
 
 
@@ -62,21 +63,9 @@ def test_a_glob_without_manifest_and_named_test_files(log, tmp_path):
 
 
 def replay(data, rank, world, global_batch, seed, shuffle, epochs):
-    """Rank's batches for `epochs` epochs straight from FileBatchStream (docs/data.md): every
-    epoch is L = ceil(rows / B) steps; a rank's R rows of it come in batches of ceil(R / L),
-    then empty steps to the epoch's end."""
-    steps = -(-data.num_train // global_batch)
-    out = []
-    for epoch in range(epochs):
-        mine = assign_files(data.train_files, range(world), epoch, seed)[rank]
-        rows = sum(data.rows[f] for f in mine)
-        got = []
-        if rows:
-            with FileBatchStream(mine, -(-rows // steps), epoch=epoch, seed=seed, shuffle=shuffle) as stream:
-                got = [row_ids([b]) for b in stream]
-        assert len(got) <= steps
-        out += got + [[]] * (steps - len(got))
-    return out
+    """Rank's batches (as row ids; [] for an empty step) replayed as docs/data.md says."""
+    return [row_ids([b]) if b is not None else []
+            for b in rank_batches(data, rank, world, global_batch, seed, epochs, shuffle)]
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
