@@ -73,7 +73,7 @@ class ShardConfig(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., total: _Optional[int] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., staleness: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_keep: _Optional[int] = ..., resume_from_job: _Optional[str] = ..., resume_version: _Optional[int] = ..., step_budget: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ...) -> None: ...
 
 class TableSpec(_message.Message):
-    __slots__ = ("name", "dim", "num_embeddings", "num_shards", "optimizer", "lr", "beta1", "beta2", "eps", "weight_decay", "initial_accumulator_value")
+    __slots__ = ("name", "dim", "num_embeddings", "num_shards", "optimizer", "lr", "beta1", "beta2", "eps", "weight_decay", "initial_accumulator_value", "seed", "init", "init_a", "init_b", "admit_after", "evict_after_steps", "max_rows", "max_bytes", "sketch_width", "sketch_depth", "sketch_halve_every")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     NUM_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,17 @@ class TableSpec(_message.Message):
     EPS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     INITIAL_ACCUMULATOR_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    INIT_A_FIELD_NUMBER: _ClassVar[int]
+    INIT_B_FIELD_NUMBER: _ClassVar[int]
+    ADMIT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    EVICT_AFTER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SKETCH_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    SKETCH_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    SKETCH_HALVE_EVERY_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     num_embeddings: int
@@ -96,7 +107,18 @@ class TableSpec(_message.Message):
     eps: float
     weight_decay: float
     initial_accumulator_value: float
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., num_embeddings: _Optional[int] = ..., num_shards: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ...) -> None: ...
+    seed: int
+    init: str
+    init_a: float
+    init_b: float
+    admit_after: int
+    evict_after_steps: int
+    max_rows: int
+    max_bytes: int
+    sketch_width: int
+    sketch_depth: int
+    sketch_halve_every: int
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., num_embeddings: _Optional[int] = ..., num_shards: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., seed: _Optional[int] = ..., init: _Optional[str] = ..., init_a: _Optional[float] = ..., init_b: _Optional[float] = ..., admit_after: _Optional[int] = ..., evict_after_steps: _Optional[int] = ..., max_rows: _Optional[int] = ..., max_bytes: _Optional[int] = ..., sketch_width: _Optional[int] = ..., sketch_depth: _Optional[int] = ..., sketch_halve_every: _Optional[int] = ...) -> None: ...
 
 class InitShardRequest(_message.Message):
     __slots__ = ("config", "dtype", "chunk")
@@ -384,6 +406,40 @@ class PushRowsRequest(_message.Message):
     rows: bytes
     dtype: _common_pb2.DType
     def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., table: _Optional[str] = ..., worker_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., step: _Optional[int] = ..., batch_size: _Optional[int] = ..., ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ...) -> None: ...
+
+class ExportRowsRequest(_message.Message):
+    __slots__ = ("job_id", "shard_index", "table", "min_version", "timeout_ms", "after_set", "after_id", "max_rows")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SET_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_index: int
+    table: str
+    min_version: int
+    timeout_ms: int
+    after_set: bool
+    after_id: int
+    max_rows: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., table: _Optional[str] = ..., min_version: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., after_set: _Optional[bool] = ..., after_id: _Optional[int] = ..., max_rows: _Optional[int] = ...) -> None: ...
+
+class ExportRowsResponse(_message.Message):
+    __slots__ = ("ready", "version", "ids", "rows", "more")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    version: int
+    ids: bytes
+    rows: bytes
+    more: bool
+    def __init__(self, ready: _Optional[bool] = ..., version: _Optional[int] = ..., ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class PushRowsResponse(_message.Message):
     __slots__ = ("status", "version")

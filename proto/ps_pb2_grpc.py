@@ -89,6 +89,11 @@ class ParameterServerStub:
                 request_serializer=shardps_dot_v1_dot_ps__pb2.PushRowsRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_ps__pb2.PushRowsResponse.FromString,
                 _registered_method=True)
+        self.ExportRows = channel.unary_unary(
+                '/shardps.v1.ParameterServer/ExportRows',
+                request_serializer=shardps_dot_v1_dot_ps__pb2.ExportRowsRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.ExportRowsResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -186,6 +191,15 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportRows(self, request, context):
+        """Reads a dynamic table's rows held by one shard, ascending by id, a page at a time, once
+        the shard's version reaches min_version (export: the ids are not known beforehand).
+        Reading creates, counts and touches nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -243,6 +257,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.PushRows,
                     request_deserializer=shardps_dot_v1_dot_ps__pb2.PushRowsRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_ps__pb2.PushRowsResponse.SerializeToString,
+            ),
+            'ExportRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportRows,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.ExportRowsRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.ExportRowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -542,6 +561,33 @@ class ParameterServer:
             '/shardps.v1.ParameterServer/PushRows',
             shardps_dot_v1_dot_ps__pb2.PushRowsRequest.SerializeToString,
             shardps_dot_v1_dot_ps__pb2.PushRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ParameterServer/ExportRows',
+            shardps_dot_v1_dot_ps__pb2.ExportRowsRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.ExportRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,14 @@ MIN_EPS = 1e-30
 # and times a large weight it could overflow Adam's second moment.
 MAX_WEIGHT_DECAY = 1e3
 
+# Dynamic embedding tables: admission counters saturate at 2**31 - 1; a server holds at most
+# 2**40 rows or bytes of a table (far beyond any machine); the admission sketch of
+# 8 x 2**24 int32 counters is 512 MiB per table and server, the most a spec may ask for.
+MAX_ADMIT_AFTER = 2**31 - 1
+MAX_TABLE_ROWS = 2**40
+MAX_TABLE_BYTES = 2**50
+MAX_SKETCH_WIDTH = 1 << 24
+
 # Matched in full (fullmatch): `$` would also match before a trailing newline.
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
@@ -228,6 +236,25 @@ def _betas(key: str, value: Any) -> list[float]:
 
 REQUIRED = object()  # marks a field without a default
 
+# One embedding table's settings (the spec's `tables:` section, and each entry of its
+# per_table map). lr and eps 0 take the job's optimizer values; a non-zero eps is at least
+# MIN_EPS, as the optimizer's. The rest apply to dynamic tables only (fixed tables ignore
+# them); caps are per server (each server holds at most that much of the table).
+TABLE_SETTINGS: dict[str, Any] = {
+    "optimizer": (_choice(TABLE_OPTIMIZERS), "lazy_adam"),
+    "lr": (_float(0.0, FP32_MAX), 0.0),
+    "eps": (_float(0.0, FP32_MAX), 0.0),
+    "weight_decay": (_float(0.0, MAX_WEIGHT_DECAY), 0.0),  # adagrad only
+    "initial_accumulator_value": (_float(0.0, FP32_MAX), 0.0),  # adagrad only
+    "admit_after": (_int(1, MAX_ADMIT_AFTER), 1),  # sightings before an id gets a row
+    "evict_after_steps": (_int(0, MAX_STEPS), 0),  # 0: rows are never evicted for idleness
+    "max_rows": (_int(0, MAX_TABLE_ROWS), 0),      # rows per server; 0: no cap
+    "max_bytes": (_int(0, MAX_TABLE_BYTES), 0),    # bytes per server; 0: no cap
+    "sketch_width": (_int(64, MAX_SKETCH_WIDTH), 1 << 20),  # admission counters, a power of 2
+    "sketch_depth": (_int(1, 8), 4),
+    "sketch_halve_every": (_int(0, MAX_STEPS), 0),  # steps; 0: admission counts never age
+}
+
 # The schema: key -> (check, default) or a nested schema. Order is the canonical order.
 # Every number has a range. Counts of steps fit the wire's int64 with room to add to them;
 # floats the servers use in fp32 (lr, eps, weight decay) stay finite there; the rest are
@@ -301,15 +328,9 @@ SCHEMA: dict[str, Any] = {
         "every_steps": (_int(0, MAX_STEPS), 0),
         "keep": (_int(1, 1000), 3),
     },
-    # The model's embedding tables (docs/tables.md). lr and eps 0 take the job's optimizer
-    # values; a non-zero eps is at least MIN_EPS, as the optimizer's.
-    "tables": {
-        "optimizer": (_choice(TABLE_OPTIMIZERS), "lazy_adam"),
-        "lr": (_float(0.0, FP32_MAX), 0.0),
-        "eps": (_float(0.0, FP32_MAX), 0.0),
-        "weight_decay": (_float(0.0, MAX_WEIGHT_DECAY), 0.0),  # adagrad only
-        "initial_accumulator_value": (_float(0.0, FP32_MAX), 0.0),  # adagrad only
-    },
+    # The model's embedding tables (docs/tables.md): these settings for every table, and
+    # per_table: {module path: {some of them}} overriding them for one table.
+    "tables": {**TABLE_SETTINGS, "per_table": (_kwargs, {})},
 }
 
 
@@ -394,12 +415,25 @@ class CheckpointSpec(TypedDict):
     keep: ReadOnly[int]
 
 
-class TablesSpec(TypedDict):
+class TableSettings(TypedDict):
     optimizer: ReadOnly[str]  # one of TABLE_OPTIMIZERS
     lr: ReadOnly[float]  # 0: optimizer.lr
     eps: ReadOnly[float]  # 0: optimizer.eps
     weight_decay: ReadOnly[float]  # adagrad: L2 added to the row gradient
     initial_accumulator_value: ReadOnly[float]  # adagrad
+    admit_after: ReadOnly[int]  # dynamic tables: sightings before an id gets a row
+    evict_after_steps: ReadOnly[int]  # dynamic: evict rows untouched this long; 0 = never
+    max_rows: ReadOnly[int]  # dynamic: rows per server; 0 = no cap
+    max_bytes: ReadOnly[int]  # dynamic: bytes per server; 0 = no cap
+    sketch_width: ReadOnly[int]  # dynamic: admission counters per sketch row (power of 2)
+    sketch_depth: ReadOnly[int]  # dynamic: admission sketch rows
+    sketch_halve_every: ReadOnly[int]  # dynamic: halve admission counts every n steps; 0 = never
+
+
+class TablesSpec(TableSettings):
+    # module path -> that table's settings: the job-wide ones above, overridden by the
+    # entry's keys (normalised: every key present).
+    per_table: ReadOnly[dict[str, TableSettings]]
 
 
 class JobSpec(TypedDict):
@@ -454,6 +488,7 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
     token = _clamping.set(clamped)
     try:
         spec = _apply(SCHEMA, raw, "")
+        spec["tables"]["per_table"] = _per_table(spec["tables"])
     finally:
         _clamping.reset(token)
     stop = spec["stop"]
@@ -483,9 +518,7 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
         # Decoupled decay scales every weight by 1 - lr * weight_decay per step.
         raise SpecError("optimizer.weight_decay",
                         f"adamw needs lr * weight_decay <= 1, got {opt['lr'] * opt['weight_decay']:g}")
-    if 0 < spec["tables"]["eps"] < MIN_EPS:
-        raise SpecError("tables.eps", f"must be 0 (the job's) or at least {MIN_EPS:g}, got "
-                                      f"{spec['tables']['eps']:g}")
+    _check_table_settings(spec["tables"], "tables.")
     mode = spec["consistency"]["mode"]
     if mode != "ssp" and spec["consistency"]["staleness"]:
         raise SpecError("consistency.staleness", f"only applies to mode ssp, not {mode}")
@@ -493,6 +526,44 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
     if transport["compress_pull"] != "none" and transport["dtype"] != "float32":
         raise SpecError("transport.compress_pull", f"needs dtype float32, not {transport['dtype']}")
     return cast(JobSpec, spec)  # built by the SCHEMA, which JobSpec mirrors
+
+
+def _per_table(tables: dict[str, Any]) -> dict[str, Any]:
+    """tables.per_table normalised: each entry the job-wide settings with its own keys over
+    them, checked as the job-wide ones are."""
+    base = {k: v for k, v in tables.items() if k != "per_table"}
+    out = {}
+    for name, entry in tables["per_table"].items():
+        key = f"tables.per_table.{name if len(name) <= MAX_SHOWN else name[:MAX_SHOWN] + '...'}"
+        if not names.is_valid(name):
+            raise SpecError(key, f"a table is named by its module path: "
+                                 f"{names.RULE.format(n=names.MAX_LEN)}")
+        if entry is not None and not isinstance(entry, dict):
+            raise SpecError(key, f"must be a mapping, got {show(entry)}")
+        own = {k: v for k, v in (entry or {}).items() if v is not None}
+        settings = _apply(TABLE_SETTINGS, {**base, **own}, f"{key}.")
+        _check_table_settings(settings, f"{key}.")
+        out[name] = settings
+    return out
+
+
+def _check_table_settings(settings: dict[str, Any], prefix: str) -> None:
+    if 0 < settings["eps"] < MIN_EPS:
+        raise SpecError(f"{prefix}eps", f"must be 0 (the job's) or at least {MIN_EPS:g}, got "
+                                        f"{settings['eps']:g}")
+    width = settings["sketch_width"]
+    if width & (width - 1):
+        raise SpecError(f"{prefix}sketch_width", f"must be a power of two, got {width}")
+
+
+def table_settings(spec: JobSpec, table: str) -> TableSettings:
+    """The settings of the table at module path `table`: its per_table entry, else the
+    job-wide ones."""
+    tables = spec["tables"]
+    entry = tables["per_table"].get(table)
+    if entry is not None:
+        return entry
+    return cast(TableSettings, {k: v for k, v in tables.items() if k != "per_table"})
 
 
 def _check_files(data: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """A job's embedding tables on one worker (docs/tables.md): the model's `Embedding` and
-`EmbeddingBag` modules attached to the servers, rows fetched by id through the job's
-RowClient (ids grouped by the shard that holds them) and row gradients pushed each step.
+`EmbeddingBag` modules attached to the servers, fixed or dynamic, rows fetched by id through
+the job's RowClient (ids grouped by the shard that holds them) and row gradients pushed each
+step.
 
 Owned by the training thread, like the model.
 """
@@ -16,7 +17,7 @@ from torch import nn
 
 from shardps.proto import ps_pb2
 from shardps.proto import spec as spec_lib
-from shardps.proto.tables import FixedLayout
+from shardps.proto.tables import FixedLayout, RowInit, dynamic_server_of
 from shardps.psclient.rows import RowClient
 from shardps.worker.embedding import Embedding, EmbeddingBag, table_modules
 
@@ -36,25 +37,28 @@ class TableSync:
     def __init__(self, model: nn.Module, spec: spec_lib.JobSpec):
         """Attaches every table of `model` (before FlatParams is built, so their weights stay
         out of the dense layout) and keeps the fixed tables' initial rows, for rank 0 to seed
-        the servers with.
+        the servers with (a dynamic table's rows start on the servers, from init_rows).
 
         Raises:
-            ValueError: a dynamic table (not served over the wire yet), or gradient clipping
-                (it would clip the dense part only).
+            ValueError: gradient clipping (it would clip the dense part only), or a
+                `tables.per_table` entry for a table the model does not have.
         """
         self.modules: list[tuple[str, Embedding | EmbeddingBag]] = table_modules(model)
         if self.modules and spec["optimizer"]["clip_grad_norm"] > 0:
             raise ValueError("optimizer.clip_grad_norm is not supported with embedding tables "
                              "yet (it would clip the dense gradient only)")
+        unknown = sorted(set(spec["tables"]["per_table"]) - {name for name, _ in self.modules})
+        if unknown:
+            raise ValueError(f"tables.per_table.{unknown[0]}: the model has no table of that "
+                             f"name (its tables: {[name for name, _ in self.modules]})")
         self.initial: dict[str, torch.Tensor] = {}
+        self.dims: dict[str, int] = {}
         for name, module in self.modules:
-            if module.num_embeddings is None:
-                raise ValueError(f"table {name!r}: dynamic tables are not served over the "
-                                 "wire yet")
             weight = module.attach(self, name)
-            assert weight is not None
-            self.initial[name] = weight.cpu()
-        self._opt, self._tables = spec["optimizer"], spec["tables"]
+            if weight is not None:
+                self.initial[name] = weight.cpu()
+            self.dims[name] = module.embedding_dim
+        self._spec = spec
         self._client: RowClient | None = None
         self._caller: Caller | None = None
         self._layouts: dict[str, FixedLayout] = {}
@@ -63,22 +67,44 @@ class TableSync:
         return bool(self.modules)
 
     def specs(self, num_shards: int) -> list[ps_pb2.TableSpec]:
-        """The tables' part of the shard config: the spec's `tables` section, its zeros
-        taken from the job's optimizer (lr, eps; lazy Adam's betas are always the job's)."""
-        opt, tab = self._opt, self._tables
-        return [ps_pb2.TableSpec(
-            name=name, dim=m.embedding_dim, num_embeddings=m.num_embeddings,
+        """The tables' part of the shard config: each table's settings (the spec's `tables`
+        section, or its per_table entry), zeros taken from the job's optimizer (lr, eps; lazy
+        Adam's betas are always the job's); dynamic tables also get the job's seed, their
+        module's init and the admission, eviction and cap settings."""
+        return [self._table_spec(name, module, num_shards) for name, module in self.modules]
+
+    def _table_spec(self, name: str, module: Embedding | EmbeddingBag,
+                    num_shards: int) -> ps_pb2.TableSpec:
+        opt, tab = self._spec["optimizer"], spec_lib.table_settings(self._spec, name)
+        out = ps_pb2.TableSpec(
+            name=name, dim=module.embedding_dim, num_embeddings=module.num_embeddings or 0,
             num_shards=num_shards, optimizer=tab["optimizer"], lr=tab["lr"] or opt["lr"],
             beta1=opt["betas"][0], beta2=opt["betas"][1], eps=tab["eps"] or opt["eps"],
             weight_decay=tab["weight_decay"],
             initial_accumulator_value=tab["initial_accumulator_value"])
-            for name, m in self.modules]
+        if module.dynamic:
+            init = module.init or RowInit()
+            out.MergeFrom(ps_pb2.TableSpec(
+                seed=self._spec["seed"], init=init.kind, init_a=init.a, init_b=init.b,
+                admit_after=tab["admit_after"], evict_after_steps=tab["evict_after_steps"],
+                max_rows=tab["max_rows"], max_bytes=tab["max_bytes"],
+                sketch_width=tab["sketch_width"], sketch_depth=tab["sketch_depth"],
+                sketch_halve_every=tab["sketch_halve_every"]))
+        return out
 
     def bind(self, client: RowClient, caller: Caller) -> None:
         """Fetches and pushes go through `client`, each call through `caller`."""
         self._client, self._caller = client, caller
         self._layouts = {name: FixedLayout(name, m.num_embeddings, client.num_shards)
-                         for name, m in self.modules}
+                         for name, m in self.modules if not m.dynamic}
+
+    def _shards_of(self, table: str, ids: torch.Tensor, num_shards: int) -> torch.Tensor:
+        """The shard holding each id: FixedLayout for a fixed table, dynamic_server_of for a
+        dynamic one (the servers check the same)."""
+        layout = self._layouts.get(table)
+        if layout is not None:
+            return layout.place(ids)[0]
+        return dynamic_server_of(table, ids, num_shards)
 
     def _call(self, what: str, fn: Callable[[], _T]) -> _T:
         assert self._caller is not None, "TableSync.bind first"
@@ -88,7 +114,7 @@ class TableSync:
         """Rank 0: every shard's rows of every table from the model's initial weights."""
         client = self._client
         assert client is not None, "TableSync.bind first"
-        for name, layout in self._layouts.items():
+        for name, layout in self._layouts.items():  # fixed tables only
             for shard in range(client.num_shards):
                 rows = self.initial[name].index_select(0, layout.ids_on(shard))
                 self._call("InitRows", functools.partial(client.init_rows, name, shard, rows))
@@ -98,9 +124,9 @@ class TableSync:
         some of them."""
         client = self._client
         assert client is not None, "TableSync.bind first"
-        dim = self.initial[table].shape[1]
+        dim = self.dims[table]
         out = torch.empty((ids.numel(), dim), dtype=torch.float32)
-        server, _ = self._layouts[table].place(ids)
+        server = self._shards_of(table, ids, client.num_shards)
         for shard in range(client.num_shards):
             mask = server == shard
             if not bool(mask.any()):
@@ -125,7 +151,7 @@ class TableSync:
             if grads is None:
                 continue
             ids, rows = grads
-            server, _ = self._layouts[name].place(ids)
+            server = self._shards_of(name, ids, client.num_shards)
             for shard in range(client.num_shards):
                 mask = server == shard
                 if not bool(mask.any()):

@@ -88,10 +88,32 @@ def push_rows(core: ShardCore, name: str, *, worker: str, incarnation: int = 0, 
         return ps_pb2.PUSH_STATUS_ACCEPTED, core.version
 
 
+def export_rows(core: ShardCore, name: str, after: int | None, limit: int, min_version: int,
+                timeout: float, cancelled: Callable[[], bool] | None = None,
+                ) -> tuple[bool, int, tuple[torch.Tensor, torch.Tensor, bool] | None]:
+    """(ready, version, (ids, rows, more)) of a dynamic table's rows held here with ids
+    greater than `after`, at most `limit` of them, once the version reaches `min_version`
+    within `timeout` s; None when not ready. Creates, counts and touches nothing."""
+    table = core.tables.get(name)
+    if table.layout is not None:
+        raise tables_lib.TableRowsError(f"table {name!r} is fixed: read it with PullRows")
+    if limit < 1:
+        raise tables_lib.TableRowsError(f"table {name!r}: max_rows must be >= 1, got {limit}")
+    ready = pulls.wait_for_pull(core, min_version, float("-inf"), timeout, cancelled)
+    with core.cond:
+        core.check_open()
+        if not ready:
+            return False, core.version, None
+        return True, core.version, table.export_page(after, limit)
+
+
 def _check_owned(table: TableShard, ids: torch.Tensor) -> None:
     """TableIdError unless every id lives on this shard (a lookup of nothing checks it)."""
-    if ids.numel() and table.layout is not None:
-        server, _ = table.layout.place(ids)
+    if ids.numel():
+        if table.layout is not None:
+            server, _ = table.layout.place(ids)
+        else:
+            server = tables_lib.dynamic_server_of(table.name, ids, table.config.num_servers)
         wrong = (server != table.config.server_index).nonzero()
         if wrong.numel():
             raise tables_lib.TableIdError(table.name, int(ids[wrong[0, 0]]),
@@ -120,6 +142,12 @@ class ShardRows:
         """One worker's row gradient of a table for a step (push_rows)."""
         return push_rows(self._core, table, worker=worker, incarnation=incarnation,
                          step=step, ids=ids, rows=grads)
+
+    def export(self, table: str, after: int | None, limit: int, min_version: int,
+               timeout: float, cancelled: Callable[[], bool] | None = None,
+               ) -> tuple[bool, int, tuple[torch.Tensor, torch.Tensor, bool] | None]:
+        """A page of a dynamic table's rows held here, ascending by id (export_rows)."""
+        return export_rows(self._core, table, after, limit, min_version, timeout, cancelled)
 
     def dim(self, table: str) -> int:
         """A table's row width (UnknownTableError if the job has no such table)."""

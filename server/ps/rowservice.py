@@ -1,4 +1,4 @@
-"""The table RPCs (InitRows, PullRows, PushRows) on a ShardRegistry: decode the request's
+"""The table RPCs (InitRows, PullRows, PushRows, ExportRows) on a ShardRegistry: decode the request's
 payloads, call the shard, encode the reply; every refusal is a `Refused` with the status of
 bulk.CODES (INVALID_ARGUMENT naming the table and the id for bad ids and rows)."""
 
@@ -13,6 +13,9 @@ from .bulk import MAX_PULL_WAIT_S, Refused, refusal
 from .errors import ShardError
 from .registry import ShardRegistry
 from .shard import Shard
+
+# The most an ExportRows reply carries (ids and rows), far below gRPC's message limit.
+EXPORT_PAGE_BYTES = 4 << 20
 
 # What a row call may be refused for (everything else is a server bug and propagates).
 _REFUSED = (ShardError, TableIdError, TableRowsError, names.InvalidName)
@@ -57,6 +60,24 @@ class RowService:
             return ps_pb2.PullRowsResponse(ready=False, version=version, job_done=shard.frozen)
         return ps_pb2.PullRowsResponse(ready=True, version=version, job_done=shard.frozen,
                                        rows=rowcodec.encode_rows(rows))
+
+    def export_rows(self, request: ps_pb2.ExportRowsRequest,
+                    is_active: Callable[[], bool]) -> ps_pb2.ExportRowsResponse:
+        try:
+            shard = self._shard(request.job_id, request.shard_index, request.table)
+            dim = shard.rows.dim(request.table)
+            limit = min(request.max_rows, max(1, EXPORT_PAGE_BYTES // (8 + 4 * dim)))
+            timeout = min(max(request.timeout_ms, 0) / 1000, MAX_PULL_WAIT_S)
+            ready, version, page = shard.rows.export(
+                request.table, request.after_id if request.after_set else None, limit,
+                request.min_version, timeout, lambda: self.stopping or not is_active())
+        except _REFUSED as exc:
+            raise refusal(exc) from None
+        if page is None:
+            return ps_pb2.ExportRowsResponse(ready=False, version=version)
+        ids, rows, more = page
+        return ps_pb2.ExportRowsResponse(ready=True, version=version, ids=rowcodec.encode_ids(ids),
+                                         rows=rowcodec.encode_rows(rows), more=more)
 
     def push_rows(self, request: ps_pb2.PushRowsRequest) -> ps_pb2.PushRowsResponse:
         try:

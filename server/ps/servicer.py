@@ -186,6 +186,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                  context: grpc.ServicerContext) -> ps_pb2.PushRowsResponse:
         return _refusing(context, lambda: self.rows.push_rows(request))
 
+    def ExportRows(self, request: ps_pb2.ExportRowsRequest,
+                   context: grpc.ServicerContext) -> ps_pb2.ExportRowsResponse:
+        return _refusing(context, lambda: self.rows.export_rows(request, context.is_active))
+
     def GetDataPlane(self, request: ps_pb2.GetDataPlaneRequest,
                      context: grpc.ServicerContext) -> ps_pb2.GetDataPlaneResponse:
         return ps_pb2.GetDataPlaneResponse(port=self.data_port, protocol=dataplane.PROTOCOL)

@@ -247,6 +247,22 @@ class TableShard:
             ids, order = torch.sort(ids)
             return ids, store.weights.index_select(0, order)
 
+    def export_page(self, after: int | None, limit: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """A dynamic table's (ids ascending, rows) of at most `limit` held ids greater than
+        `after` (None: from the smallest), and whether greater ids remain. O(rows held) per
+        call; reads without counting or touching anything."""
+        if self.layout is not None:
+            raise ValueError(f"table {self.name!r} is fixed: read it by id")
+        with self._lock:
+            store = self._store
+            ids = store.ids[: store.rows]
+            slots = (ids > after).nonzero().flatten() if after is not None else torch.arange(ids.numel())
+            if slots.numel() > limit:
+                chosen = torch.topk(ids.index_select(0, slots), limit, largest=False, sorted=True)
+                return chosen.values, store.weights.index_select(0, slots[chosen.indices]), True
+            page, order = torch.sort(ids.index_select(0, slots))
+            return page, store.weights.index_select(0, slots[order]), False
+
     def rows_in_slot_order(self) -> torch.Tensor:
         """A fixed table's rows as held (proto.tables.assemble_fixed takes them)."""
         with self._lock:

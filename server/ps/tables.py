@@ -16,12 +16,13 @@ import torch
 
 from shardps.proto import names as names_lib
 from shardps.proto import ps_pb2
-from shardps.proto.tables import FixedLayout
+from shardps.proto.tables import FixedLayout, RowInit
 
 from .errors import InvalidConfigError, ShardError
+from .table_admission import DEFAULT_DEPTH, DEFAULT_WIDTH, CountMinSketch
 from .table_config import TableConfig
 from .table_optim import LazyAdam, RowGrads, RowOptimizer, RowwiseAdagrad, combine
-from .table_shard import TableShard
+from .table_shard import INDEX_BYTES_PER_ROW, META_BYTES_PER_ROW, TableShard
 
 # TableSpec.optimizer names.
 OPTIMIZERS = ("lazy_adam", "adagrad")
@@ -41,18 +42,43 @@ class Member:
     batch_size: int
 
 
+# A hostile or mistaken TableSpec must not make a server allocate without bound: the
+# admission sketch is depth * width int32 counters (at most 8 * 2**24 * 4 bytes = 512 MiB).
+MAX_SKETCH_WIDTH = 1 << 24
+
+
 def table_config(spec: ps_pb2.TableSpec, shard_index: int) -> TableConfig:
-    """One shard's config of a table; InvalidConfigError naming the table if it is unusable."""
+    """One shard's config of a table (num_embeddings 0: dynamic); InvalidConfigError naming
+    the table if it is unusable."""
     try:
-        if spec.num_embeddings < 1:
-            raise ValueError(f"table {spec.name!r}: num_embeddings must be >= 1 (only fixed "
-                             f"tables are served yet), got {spec.num_embeddings}")
+        if spec.num_embeddings < 0:
+            raise ValueError(f"table {spec.name!r}: num_embeddings must be >= 1 (fixed) or 0 "
+                             f"(dynamic), got {spec.num_embeddings}")
         if spec.num_shards < 1:
             raise ValueError(f"table {spec.name!r}: num_shards must be >= 1, got {spec.num_shards}")
-        return TableConfig(name=spec.name, dim=spec.dim, num_embeddings=spec.num_embeddings,
-                           num_servers=spec.num_shards, server_index=shard_index)
+        if spec.num_embeddings:
+            return TableConfig(name=spec.name, dim=spec.dim, num_embeddings=spec.num_embeddings,
+                               num_servers=spec.num_shards, server_index=shard_index)
+        width, depth = spec.sketch_width or DEFAULT_WIDTH, spec.sketch_depth or DEFAULT_DEPTH
+        if width > MAX_SKETCH_WIDTH:
+            raise ValueError(f"sketch_width must be <= {MAX_SKETCH_WIDTH}, got {width}")
+        if spec.admit_after > 1:  # checks the sketch's arguments without allocating it
+            CountMinSketch(64, depth, spec.sketch_halve_every)
+            if width < 64 or width & (width - 1):
+                raise ValueError(f"sketch width must be a power of two >= 64, got {width}")
+        init = RowInit(spec.init, spec.init_a, spec.init_b) if spec.init else RowInit()
+        return TableConfig(
+            name=spec.name, dim=spec.dim, num_embeddings=None, num_servers=spec.num_shards,
+            server_index=shard_index, seed=spec.seed, init=init,
+            admit_after=max(1, spec.admit_after), evict_after_steps=spec.evict_after_steps,
+            max_rows=spec.max_rows, max_bytes=spec.max_bytes,
+            sketch_width=width, sketch_depth=depth,
+            sketch_halve_every=spec.sketch_halve_every)
     except ValueError as exc:
-        raise InvalidConfigError(str(exc)) from None
+        message = str(exc)
+        if not message.startswith("table "):
+            message = f"table {spec.name!r}: {message}"
+        raise InvalidConfigError(message) from None
 
 
 def make_optimizer(spec: ps_pb2.TableSpec) -> RowOptimizer:
@@ -79,8 +105,14 @@ def validate_tables(config: ps_pb2.ShardConfig) -> None:
     if len(set(names)) != len(names):
         raise InvalidConfigError("table names are not unique")
     for spec in config.tables:
-        table_config(spec, config.shard_index)
-        make_optimizer(spec)
+        table = table_config(spec, config.shard_index)
+        optimizer = make_optimizer(spec)
+        # TableShard.row_bytes of a dynamic row, which a byte cap must hold at least once.
+        row_bytes = (4 * table.dim + optimizer.state_bytes_per_row(table.dim)
+                     + META_BYTES_PER_ROW + INDEX_BYTES_PER_ROW)
+        if table.max_bytes and table.max_bytes < row_bytes:
+            raise InvalidConfigError(f"table {spec.name!r}: max_bytes {table.max_bytes} holds "
+                                     f"no row of {row_bytes} bytes")
 
 
 class ShardTables:

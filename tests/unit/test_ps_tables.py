@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from shardps.proto import common_pb2, ps_pb2
-from shardps.proto.tables import FixedLayout, TableIdError, TableRowsError
+from shardps.proto.tables import (
+    FixedLayout,
+    RowInit,
+    TableIdError,
+    TableRowsError,
+    dynamic_server_of,
+    init_rows,
+)
 from shardps.server.ps.errors import (
     FencedError,
     InvalidConfigError,
@@ -136,10 +143,101 @@ def test_ids_of_another_shard_are_refused_naming_the_id():
 @pytest.mark.parametrize(("table", "message"), [
     (dict(optimizer="sgd"), "optimizer must be one of"),
     (dict(dim=0), "dim must be >= 1"),
-    (dict(num_embeddings=0), "num_embeddings must be >= 1"),
+    (dict(num_embeddings=-1), "num_embeddings must be >= 1 \\(fixed\\) or 0 \\(dynamic\\)"),
+    (dict(num_embeddings=0, init="gauss"), "row init must be normal, uniform or zeros"),
+    (dict(num_embeddings=0, max_bytes=10), "max_bytes 10 holds no row of"),
+    (dict(num_embeddings=0, sketch_width=1 << 25, admit_after=2), "sketch_width must be <="),
+    (dict(num_embeddings=0, sketch_width=100, admit_after=2), "sketch width must be a power of two"),
+    (dict(num_embeddings=0, evict_after_steps=-1), "bad evict_after_steps"),
     (dict(lr=0.0), "lr must be > 0"),
 ])
 def test_bad_table_specs_are_refused_naming_the_table(table, message):
     with pytest.raises(InvalidConfigError, match=message) as refused:
         make_shard(**table)
     assert "'t'" in str(refused.value)
+
+
+
+# -- dynamic tables (num_embeddings 0) ----------------------------------------------------------
+
+
+def dynamic_shard(mode=ASYNC, workers=("w0",), shards=1, index=0, **table) -> Shard:
+    spec = dict(name="d", dim=DIM, num_embeddings=0, num_shards=shards, optimizer="lazy_adam",
+                lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, seed=5, init="uniform", init_a=-1,
+                init_b=1)
+    config = ps_pb2.ShardConfig(
+        job_id="j", shard_index=index, offset=0, length=N, total=N,
+        optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.999,
+                                             eps=1e-8),
+        mode=mode, workers=list(workers), epoch=1, tables=[ps_pb2.TableSpec(**{**spec, **table})])
+    return Shard(config, torch.zeros(N))
+
+
+def test_a_dynamic_table_spec_builds_the_table_it_describes():
+    shard = dynamic_shard(admit_after=2, evict_after_steps=3, max_rows=7, sketch_width=64,
+                          sketch_depth=2, sketch_halve_every=5)
+    table = shard._core.tables.get("d")
+    config = table.config
+    assert (config.num_embeddings, config.seed, config.init) == (None, 5, RowInit("uniform", -1, 1))
+    assert (config.admit_after, config.evict_after_steps, config.max_rows) == (2, 3, 7)
+    assert (config.sketch_width, config.sketch_depth, config.sketch_halve_every) == (64, 2, 5)
+    assert table.row_cap == 7
+    # Defaults: "" is N(0, 1), zeros are the core's defaults.
+    plain = dynamic_shard(init="", init_a=0, init_b=0)._core.tables.get("d").config
+    assert plain.init == RowInit() and plain.admit_after == 1 and plain.sketch_width == 1 << 20
+
+
+def test_dynamic_rows_start_from_init_rows_and_sync_rounds_apply_them():
+    shard = dynamic_shard(SYNC, workers=("a", "b"))
+    ids = torch.tensor([-(2**63), -5, 12, 2**63 - 1])
+    start = init_rows(5, "d", ids, DIM, RowInit("uniform", -1, 1))
+    assert torch.equal(rows_of_table(shard, "d", ids), start)
+    grads = torch.ones(2, DIM)
+    assert shard.rows.push("d", worker="a", step=0, ids=ids[:2], grads=grads)[0] == ACCEPTED
+    shard.push(torch.zeros(N), worker_id="a", step=0, batch_size=1)
+    shard.push(torch.zeros(N), worker_id="b", step=0, batch_size=1)
+    # One lazy Adam step with the lone contribution: rows move by lr against the gradient sign.
+    after = rows_of_table(shard, "d", ids)
+    assert torch.allclose(after[:2], start[:2] - 0.1, atol=1e-5) and torch.equal(after[2:], start[2:])
+    assert shard.rows.stats("d").steps == 1 and shard.rows.stats("d").admissions == 4
+
+
+def rows_of_table(shard: Shard, table: str, ids: torch.Tensor) -> torch.Tensor:
+    ready, _, rows = shard.rows.pull(table, ids, 0, 0, 1.0)
+    assert ready and rows is not None
+    return rows
+
+
+def test_dynamic_ids_of_another_shard_are_refused_even_when_buffered():
+    shard = dynamic_shard(SYNC, shards=2, index=0)
+    ids = torch.arange(-50, 50)
+    other = ids[dynamic_server_of("d", ids, 2) == 1][:1]
+    with pytest.raises(TableIdError, match=f"id {int(other)} is not on shard 0"):
+        shard.rows.push("d", worker="w0", step=0, ids=other, grads=torch.ones(1, DIM))
+    with pytest.raises(TableIdError, match=f"id {int(other)}"):
+        shard.rows.pull("d", other, 0, 0, 1.0)
+    assert shard._core.tables.pending == {} and shard.rows.stats("d").rows == 0
+
+
+def test_export_pages_through_a_dynamic_table_in_id_order_without_touching_it():
+    shard = dynamic_shard(admit_after=1)
+    ids = torch.tensor([-9, -3, 0, 4, 8, 2**62])
+    rows = rows_of_table(shard, "d", ids)
+    got, after, pages = [], None, 0
+    while True:
+        ready, _, page = shard.rows.export("d", after, 4, 0, 1.0)
+        assert ready and page is not None
+        page_ids, page_rows, more = page
+        got.append((page_ids, page_rows))
+        pages += 1
+        if not more:
+            break
+        after = int(page_ids[-1])
+    assert pages == 2
+    assert torch.equal(torch.cat([g[0] for g in got]), ids)
+    assert torch.equal(torch.cat([g[1] for g in got]), rows)
+    assert shard.rows.stats("d").admissions == ids.numel()  # reading created nothing
+    with pytest.raises(TableRowsError, match="is fixed"):
+        make_shard().rows.export("t", None, 4, 0, 1.0)
+    with pytest.raises(TableRowsError, match="max_rows must be >= 1"):
+        shard.rows.export("d", None, 0, 0, 1.0)

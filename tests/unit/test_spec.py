@@ -223,6 +223,13 @@ RANGES = [
     ("tables.lr", str(spec.FP32_MAX), "3.5e+38"), ("tables.lr", "0", "-1"),
     ("tables.eps", "1.0e-30", "1.0e-31"), ("tables.eps", "0", "-1"), ("tables.weight_decay", "1000", "1000.5"),
     ("tables.initial_accumulator_value", "0", "-1"),
+    ("tables.admit_after", "1", "0"), ("tables.admit_after", str(2**31 - 1), str(2**31)),
+    ("tables.evict_after_steps", "0", "-1"), ("tables.evict_after_steps", str(2**31 - 1), str(2**31)),
+    ("tables.max_rows", "0", "-1"), ("tables.max_rows", str(2**40), str(2**40 + 1)),
+    ("tables.max_bytes", "0", "-1"), ("tables.max_bytes", str(2**50), str(2**50 + 1)),
+    ("tables.sketch_width", "64", "32"), ("tables.sketch_width", str(1 << 24), str(1 << 25)),
+    ("tables.sketch_depth", "1", "0"), ("tables.sketch_depth", "8", "9"),
+    ("tables.sketch_halve_every", "0", "-1"), ("tables.sketch_halve_every", str(2**31 - 1), str(2**31)),
 ]
 
 
@@ -289,3 +296,30 @@ def test_transport_compress_defaults_to_none_and_keeps_a_setting_as_written():
     for setting in ("none", "int8", "int8:128", "topk:0.05", "sign"):
         text = MINIMAL + f"transport: {{compress: '{setting}'}}\n"
         assert spec.parse_spec(text)["transport"]["compress"] == setting
+
+
+def test_per_table_settings_override_the_job_wide_ones_for_their_table():
+    s = spec.parse_spec(MINIMAL + "tables: {max_rows: 100, admit_after: 2, "
+                                  "per_table: {user_emb: {max_rows: 7}, tower.ids: {optimizer: adagrad}}}\n")
+    assert spec.table_settings(s, "user_emb")["max_rows"] == 7
+    assert spec.table_settings(s, "user_emb")["admit_after"] == 2  # the job-wide value
+    assert spec.table_settings(s, "tower.ids")["optimizer"] == "adagrad"
+    assert spec.table_settings(s, "tower.ids")["max_rows"] == 100
+    other = spec.table_settings(s, "other")
+    assert other["max_rows"] == 100 and "per_table" not in other
+    # The normalised text reads back the same (workers parse what the coordinator stored).
+    assert spec.parse_spec(spec.normalise(MINIMAL + "tables: {per_table: {e: {max_rows: 3}}}\n").text)[
+        "tables"]["per_table"]["e"]["max_rows"] == 3
+
+
+@pytest.mark.parametrize("tables, message", [
+    ("{per_table: {emb: {admit_after: 0}}}", "tables.per_table.emb.admit_after: must be >= 1"),
+    ("{per_table: {emb: {nope: 1}}}", "tables.per_table.emb.nope: unknown key"),
+    ("{per_table: {emb: 3}}", "tables.per_table.emb: must be a mapping"),
+    ("{per_table: {'a b': {}}}", "tables.per_table.a b: a table is named by its module path"),
+    ("{per_table: {emb: {eps: 1.0e-31}}}", "tables.per_table.emb.eps: must be 0"),
+    ("{sketch_width: 100}", "tables.sketch_width: must be a power of two, got 100"),
+    ("{per_table: {emb: {sketch_width: 96}}}", "tables.per_table.emb.sketch_width: must be a power of two"),
+])
+def test_bad_table_settings_are_refused_naming_the_key(tables, message):
+    assert error_of(MINIMAL + f"tables: {tables}\n").startswith(message)
