@@ -235,7 +235,7 @@ class CoordinatorClient:
             problem = mixed_versions(info, versions)
             if not problem:
                 tables = self._pull_tables(job_id, info, versions)
-                if tables is not None:  # fixed tables: "<module>.weight", as in the model
+                if tables is not None:  # "<module>.weight" as in the model; dynamic: .ids/.rows
                     return {**layout.unflatten(flat, info.layout), **tables}, versions
                 problem = "a shard moved on while its tables were read"
             if time.monotonic() > deadline:
@@ -258,8 +258,9 @@ class CoordinatorClient:
 
     def _pull_tables(self, job_id: str, info: coordinator_pb2.JobInfo,
                      versions: list[int]) -> dict[str, torch.Tensor] | None:
-        """The job's embedding tables (docs/tables.md) as `<name>.weight` tensors, each shard
-        read at its version in `versions`; None if one has moved on since."""
+        """The job's embedding tables (docs/tables.md): a fixed one as `<name>.weight`, a
+        dynamic one as `<name>.ids` (int64, ascending) and `<name>.rows` (fp32 [len(ids), dim]),
+        each shard read at its version in `versions`; None if one has moved on since."""
         from shardps.psclient import rows as psrows
 
         at = {s.index: v for s, v in zip(info.shard_map.shards, versions, strict=True)}
@@ -275,7 +276,14 @@ class CoordinatorClient:
             try:
                 out = {}
                 for spec in specs:
-                    table = psrows.read_table(client, spec, [at[i] for i in range(len(at))])
+                    versions = [at[i] for i in range(len(at))]
+                    if not spec.num_embeddings:  # dynamic: "<name>.ids" / "<name>.rows"
+                        pair = psrows.read_dynamic(client, spec, versions)
+                        if pair is None:
+                            return None
+                        out[f"{spec.name}.ids"], out[f"{spec.name}.rows"] = pair
+                        continue
+                    table = psrows.read_table(client, spec, versions)
                     if table is None:
                         return None
                     out[f"{spec.name}.weight"] = table

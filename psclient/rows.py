@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from shardps.proto import common_pb2, ps_pb2, ps_pb2_grpc, rowcodec
-from shardps.proto.tables import FixedLayout
+from shardps.proto.tables import FixedLayout, merge_dynamic
 from shardps.runtime import rpc
 
 
@@ -77,6 +77,23 @@ class RowClient:
             ids=rowcodec.encode_ids(ids), rows=rowcodec.encode_rows(rows),
             dtype=common_pb2.DTYPE_FLOAT32), timeout=rpc.TRANSFER_DEADLINE_S)
 
+    def export_rows(self, table: str, shard: int, dim: int, after: int | None, max_rows: int, *,
+                    min_version: int = 0, timeout_s: float = 30.0,
+                    ) -> tuple[ps_pb2.ExportRowsResponse, torch.Tensor | None, torch.Tensor | None]:
+        """A page of a dynamic table's rows held by `shard`, ids ascending and greater than
+        `after` (None: from the smallest): (reply, ids, rows), ids and rows None when not ready."""
+        reply = self._stubs[shard].ExportRows(ps_pb2.ExportRowsRequest(
+            job_id=self.job_id, shard_index=shard, table=table, min_version=min_version,
+            timeout_ms=int(timeout_s * 1000), after_set=after is not None,
+            after_id=after or 0, max_rows=max_rows), timeout=timeout_s + rpc.TRANSFER_DEADLINE_S)
+        if not reply.ready:
+            return reply, None, None
+        ids, rows = rowcodec.decode_ids(table, reply.ids), rowcodec.decode_rows(table, reply.rows, dim)
+        if rows.shape[0] != ids.numel():
+            raise ValueError(f"table {table!r}: shard {shard} sent {rows.shape[0]} rows for "
+                             f"{ids.numel()} ids")
+        return reply, ids, rows
+
 
 # Rows per PullRows when a whole table is read (export): about this many bytes per message.
 READ_BYTES = 1 << 20
@@ -100,3 +117,33 @@ def read_table(client: RowClient, spec: ps_pb2.TableSpec, versions: list[int],
                 return None
             out[piece] = rows
     return out
+
+
+# Pages per shard when a dynamic table is read (export): bounds the loop; 2**20 pages of about
+# READ_BYTES each is a terabyte of rows.
+MAX_EXPORT_PAGES = 1 << 20
+
+
+def read_dynamic(client: RowClient, spec: ps_pb2.TableSpec, versions: list[int],
+                 timeout_s: float = rpc.CONTROL_DEADLINE_S,
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A dynamic table's (ids ascending, rows) held by every shard, each shard read at the
+    version given for it (`versions`, by shard index); None if some shard has moved past it."""
+    per_page = max(1, READ_BYTES // (8 + 4 * spec.dim))
+    parts = []
+    for shard in range(spec.num_shards):
+        after = None
+        for _ in range(MAX_EXPORT_PAGES):
+            reply, ids, rows = client.export_rows(spec.name, shard, spec.dim, after, per_page,
+                                                  min_version=versions[shard], timeout_s=timeout_s)
+            if ids is None or rows is None or reply.version != versions[shard]:
+                return None
+            parts.append((ids, rows))
+            if not reply.more:
+                break
+            after = int(ids[-1])
+        else:
+            raise RuntimeError(f"table {spec.name!r}: shard {shard} sent more than "
+                               f"{MAX_EXPORT_PAGES} pages")
+    return merge_dynamic(parts) if parts else (torch.zeros(0, dtype=torch.int64),
+                                               torch.zeros(0, spec.dim))

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the parameter server (labels: job, status, reason, shard only)."""
+"""Prometheus metrics of the parameter server (labels: job, status, reason, shard, table only)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from .errors import REJECT_REASONS
 from .registry import ShardRegistry
+from .table_metrics import TableCollector
 
 # Wire transfers of up to a few hundred MB; Adam of up to ~1 GB shards.
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -50,6 +51,7 @@ class PSMetrics:
         for reason in REJECT_REASONS:  # export every reason at 0, so rates exist before the first rejection
             self.rejected.labels(reason)
         registry.register(_ShardCollector(shards))
+        registry.register(TableCollector(shards))
 
 
 class _ShardCollector(Collector):
