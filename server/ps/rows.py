@@ -27,6 +27,9 @@ def init_rows(core: ShardCore, name: str, rows: torch.Tensor) -> None:
     with core.cond:
         core.check_open()
         table = core.tables.get(name)
+        if table.layout is None:
+            raise tables_lib.TableRowsError(f"table {name!r} is dynamic: its rows start on the "
+                                            "servers (init_rows), they are not seeded")
         if rows.shape[0] != table.rows:
             raise tables_lib.TableRowsError(
                 f"table {name!r}: shard {core.config.shard_index} holds {table.rows} rows, "

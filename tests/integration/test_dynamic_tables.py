@@ -4,14 +4,18 @@ server's row cap, a falling loss, every server within its cap, admissions and ev
 the servers' /metrics), sync training equal to one process with torch's modules, and
 async training with admission."""
 
+import functools
 import urllib.request
 
+import grpc
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from shardps.proto import common_pb2
-from shardps.proto.tables import RowInit, init_rows
+from shardps.proto import common_pb2, ps_pb2
+from shardps.proto.tables import RowInit, dynamic_server_of, init_rows
+from shardps.psclient.client import PSClient
+from shardps.psclient.rows import RowClient
 from shardps.server.ps.daemon import ParameterServerDaemon
 from shardps.worker import tasks
 from shardps.worker.batches import BatchOrder
@@ -190,3 +194,79 @@ def test_async_training_with_admission_drops_unadmitted_ids_and_learns():
         assert all(10 < s.rows < 200 for s in stats), stats
     finally:
         cluster.close()
+
+
+# -- refusals over the wire -------------------------------------------------------------------
+
+N = 8
+
+
+def dynamic_config(**dynamic) -> ps_pb2.ShardConfig:
+    """Shard 0 of 2 of an async job with a fixed table "t" [10, 4] and a dynamic one "d"."""
+    common = dict(dim=DIM, num_shards=2, optimizer="lazy_adam", lr=0.01, beta1=0.9,
+                  beta2=0.999, eps=1e-8)
+    return ps_pb2.ShardConfig(
+        optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.999,
+                                             eps=1e-8),
+        mode=common_pb2.CONSISTENCY_ASYNC, workers=["w0"], epoch=1, layout_fingerprint="test",
+        tables=[ps_pb2.TableSpec(name="t", num_embeddings=10, **common),
+                ps_pb2.TableSpec(name="d", num_embeddings=0, seed=1, **common, **dynamic)])
+
+
+@pytest.fixture
+def dynamic_server():
+    server = ParameterServerDaemon(coordinator=None).start()
+    shard_map = common_pb2.ShardMap(version=1, shards=[
+        common_pb2.ShardRange(index=i, server_id="s0", address=server.address, offset=i * N // 2,
+                              length=N // 2) for i in range(2)])
+    with PSClient("dj", shard_map, data_plane=False) as ps:
+        ps.init(torch.zeros(N), dynamic_config())
+    client = RowClient("dj", shard_map, worker_id="w0", incarnation=0)
+    yield server, client
+    client.close()
+    server.stop(0)
+
+
+def refused(call) -> str:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    return error.value.details()
+
+
+def test_hostile_dynamic_row_calls_are_refused_and_change_nothing(dynamic_server):
+    server, client = dynamic_server
+    ids = torch.arange(-40, 40)
+    other = int(ids[dynamic_server_of("d", ids, 2) == 1][0])  # held by shard 1
+    mine = ids[dynamic_server_of("d", ids, 2) == 0][:3]
+    push = functools.partial(client.push_rows, "d", 0, step=0, batch_size=1)
+    assert f"table 'd': id {other} is not on shard 0" in refused(
+        lambda: push(torch.tensor([other]), torch.ones(1, DIM)))
+    assert f"id {other}" in refused(lambda: client.pull_rows("d", 0, torch.tensor([other]), DIM))
+    assert "fp32 [n, 4]" in refused(lambda: push(mine, torch.ones(3, DIM + 1)))
+    assert "is dynamic" in refused(lambda: client.init_rows("d", 0, torch.zeros(0, DIM)))
+    assert "'t' is fixed" in refused(lambda: client.export_rows("t", 0, DIM, None, 10))
+    assert "max_rows must be >= 1" in refused(lambda: client.export_rows("d", 0, DIM, None, 0))
+    assert "unknown table 'nope'" in refused(lambda: client.export_rows("nope", 0, DIM, None, 5))
+    stats = server.shards.get("dj", 0).rows.stats("d")
+    assert (stats.rows, stats.steps, stats.admissions) == (0, 0, 0)
+    # Well formed, the same calls work: a pull creates the rows, a push applies.
+    _, rows = client.pull_rows("d", 0, mine, DIM)
+    assert torch.equal(rows, init_rows(1, "d", mine, DIM, RowInit()))
+    assert push(mine, torch.ones(3, DIM)).status == ps_pb2.PUSH_STATUS_APPLIED
+    reply, got_ids, got_rows = client.export_rows("d", 0, DIM, None, 10)
+    assert reply.ready and not reply.more and torch.equal(got_ids, mine)
+    assert torch.allclose(got_rows, rows - 0.01, atol=1e-6)
+
+
+@pytest.mark.parametrize(("dynamic", "message"), [
+    ({"max_bytes": 16}, "table 'd': max_bytes 16 holds no row"),
+    ({"init": "gauss"}, "table 'd': row init must be normal, uniform or zeros"),
+    ({"sketch_width": 1 << 30}, "table 'd': sketch_width must be <="),
+    ({"admit_after": 2, "sketch_depth": 9}, "table 'd': sketch depth must be in [1, 8]"),
+])
+def test_a_bad_dynamic_table_spec_is_refused_and_no_shard_is_made(dynamic_server, dynamic, message):
+    server, client = dynamic_server
+    with PSClient("dj2", client.shard_map, data_plane=False) as ps:
+        assert message in refused(lambda: ps.init(torch.zeros(N), dynamic_config(**dynamic)))
+    assert server.shards.shards("dj2") == []
