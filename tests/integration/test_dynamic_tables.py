@@ -174,13 +174,14 @@ def test_sync_training_with_a_dynamic_table_equals_one_process(workers, servers,
         cluster.close()
 
 
-def test_async_training_with_admission_drops_unadmitted_ids_and_learns():
-    """async, 2 workers, 2 servers, admit_after 2: cold ids (seen once) never get a row, read
-    as zeros and drop their gradient; hot ids are admitted and the loss falls."""
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_training_with_admission_drops_unadmitted_ids_and_learns(mode):
+    """async and ssp, 2 workers, 2 servers, admit_after 2: cold ids (seen once) never get a
+    row, read as zeros and drop their gradient; hot ids are admitted and the loss falls."""
     steps = 80
     cluster = Cluster(servers=2, workers=2)
     try:
-        job_id = cluster.submit(spec(2, 2, steps, mode="async", admit_after=2,
+        job_id = cluster.submit(spec(2, 2, steps, mode=mode, admit_after=2,
                                      sketch_width=1 << 16))
         job = cluster.wait(job_id)
         assert job.state == common_pb2.JOB_STATE_COMPLETED, job
