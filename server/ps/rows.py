@@ -1,5 +1,5 @@
-"""Row calls on one shard's tables (ps.proto's InitRows, PullRows, PushRows): what each may
-change and when, under the shard's condition.
+"""Row calls on one shard's tables (ps.proto's InitRows, PullRows, PushRows, ExportRows):
+what each may change and when, under the shard's condition.
 
 Pure core: no gRPC. Functions take the shard's `ShardCore`. Every refusal raises before
 anything changes: TableIdError and TableRowsError (proto/tables.py) for bad ids and rows,

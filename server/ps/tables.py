@@ -144,7 +144,7 @@ class ShardTables:
 
     def layout(self, name: str) -> FixedLayout:
         layout = self.get(name).layout
-        assert layout is not None  # only fixed tables are served
+        assert layout is not None, f"table {name!r} is dynamic: it has no FixedLayout"
         return layout
 
     def buffer_locked(self, step: int, worker: str, name: str, ids: torch.Tensor,

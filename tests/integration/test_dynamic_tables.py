@@ -271,3 +271,13 @@ def test_a_bad_dynamic_table_spec_is_refused_and_no_shard_is_made(dynamic_server
     with PSClient("dj2", client.shard_map, data_plane=False) as ps:
         assert message in refused(lambda: ps.init(torch.zeros(N), dynamic_config(**dynamic)))
     assert server.shards.shards("dj2") == []
+
+
+def test_a_per_table_entry_for_a_table_the_model_lacks_fails_the_job_at_set_up():
+    cluster = Cluster(servers=1, workers=1)
+    try:
+        job = cluster.wait(cluster.submit(spec(1, 1, 5, per_table={"nope": {"max_rows": 5}})))
+        assert job.state == common_pb2.JOB_STATE_FAILED, job
+        assert "tables.per_table.nope: the model has no table of that name" in job.reason
+    finally:
+        cluster.close()
