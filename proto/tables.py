@@ -258,6 +258,42 @@ def init_rows(seed: int, table: str, ids: torch.Tensor, dim: int, init: RowInit)
     return out
 
 
+# -- server-initialised fixed tables: initial rows ----------------------------------------
+
+INIT_BLOCK_ROWS = 1 << 16  # rows per block of init_fixed_rows (~4 MiB of fp32 rows at dim 16)
+
+
+def init_fixed_rows(seed: int, table: str, num_embeddings: int, dim: int, init: RowInit, *,
+                    padding_idx: int | None = None, layout: FixedLayout | None = None,
+                    server: int = 0, block_rows: int = INIT_BLOCK_ROWS) -> torch.Tensor:
+    """The initial rows of a server-initialised fixed table: row `id` is
+    init_rows(seed, table, [id], dim, init), and zeros for `padding_idx` (as torch zeroes the
+    padding row). Without `layout`: all N rows in id order (one process); with it: server
+    `server`'s rows in slot order (what that server holds). The same values either way,
+    whatever the number of servers.
+
+    Built block by block into the result, so the only temporaries are one block's.
+    """
+    if layout is not None:
+        n = layout.rows_on(server)
+    else:
+        n = num_embeddings
+    out = torch.empty((n, dim), dtype=torch.float32)
+    for start in range(0, n, block_rows):
+        end = min(n, start + block_rows)
+        ids = (layout.ids_on(server, start, end) if layout is not None
+               else torch.arange(start, end, dtype=torch.int64))
+        out[start:end] = init_rows(seed, table, ids, dim, init)
+    if padding_idx is not None:
+        if layout is None:
+            out[padding_idx] = 0.0
+        else:
+            where, slot = layout.place(torch.tensor([padding_idx]))
+            if int(where[0]) == server:
+                out[int(slot[0])] = 0.0
+    return out
+
+
 # -- well-formed batches ----------------------------------------------------------------------
 
 

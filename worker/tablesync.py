@@ -46,18 +46,20 @@ class TableSync:
         if self.modules and spec["optimizer"]["clip_grad_norm"] > 0:
             raise ValueError("optimizer.clip_grad_norm is not supported with embedding tables "
                              "yet (it would clip the dense gradient only)")
-        self.initial: dict[str, torch.Tensor] = {}
+        self.initial: dict[str, torch.Tensor] = {}  # tables seeded by rank 0 (InitRows)
         for name, module in self.modules:
             if module.num_embeddings is None:
                 raise ValueError(f"table {name!r}: dynamic tables are not served over the "
                                  "wire yet")
             weight = module.attach(self, name)
-            assert weight is not None
-            self.initial[name] = weight.cpu()
+            if not module.server_init:  # a server-initialised table's servers fill its rows
+                assert weight is not None
+                self.initial[name] = weight.cpu()
         self._opt, self._tables = spec["optimizer"], spec["tables"]
         self._client: RowClient | None = None
         self._caller: Caller | None = None
         self._layouts: dict[str, FixedLayout] = {}
+        self._dims = {name: m.embedding_dim for name, m in self.modules}
 
     def __bool__(self) -> bool:
         return bool(self.modules)
@@ -71,7 +73,8 @@ class TableSync:
             num_shards=num_shards, optimizer=tab["optimizer"], lr=tab["lr"] or opt["lr"],
             beta1=opt["betas"][0], beta2=opt["betas"][1], eps=tab["eps"] or opt["eps"],
             weight_decay=tab["weight_decay"],
-            initial_accumulator_value=tab["initial_accumulator_value"])
+            initial_accumulator_value=tab["initial_accumulator_value"],
+            server_init=server_init_of(m))
             for name, m in self.modules]
 
     def bind(self, client: RowClient, caller: Caller) -> None:
@@ -89,6 +92,8 @@ class TableSync:
         client = self._client
         assert client is not None, "TableSync.bind first"
         for name, layout in self._layouts.items():
+            if name not in self.initial:
+                continue  # server-initialised
             for shard in range(client.num_shards):
                 rows = self.initial[name].index_select(0, layout.ids_on(shard))
                 self._call("InitRows", functools.partial(client.init_rows, name, shard, rows))
@@ -98,7 +103,7 @@ class TableSync:
         some of them."""
         client = self._client
         assert client is not None, "TableSync.bind first"
-        dim = self.initial[table].shape[1]
+        dim = self._dims[table]
         out = torch.empty((ids.numel(), dim), dtype=torch.float32)
         server, _ = self._layouts[table].place(ids)
         for shard in range(client.num_shards):
@@ -134,6 +139,17 @@ class TableSync:
                     client.push_rows, name, shard, ids[mask], rows[mask], step=step,
                     batch_size=batch_size)))
         return replies
+
+
+def server_init_of(module: Embedding | EmbeddingBag) -> ps_pb2.ServerInit | None:
+    """The TableSpec's server_init of a table built with `init` (None for one seeded by rank
+    0): its RowInit, the seed it was built under, its padding row."""
+    if not module.server_init:
+        return None
+    init = module.init
+    assert init is not None
+    return ps_pb2.ServerInit(kind=init.kind, a=init.a, b=init.b, seed=module.init_seed,
+                             padding_idx=module.padding_idx)
 
 
 def attach(model: nn.Module, spec: spec_lib.JobSpec) -> TableSync | None:

@@ -48,8 +48,9 @@ CAP_SLACK = 64               # evicting for the cap goes 1/64 of the cap below i
 class TableShard:
     def __init__(self, config: TableConfig, optimizer: RowOptimizer,
                  weights: torch.Tensor | None = None):
-        """A fixed table's rows start as `weights` [rows_on(server), dim] (taken over; zeros
-        if None, to be filled with `write_rows`); a dynamic table's start empty.
+        """A fixed table's rows start as `weights` [rows_on(server), dim] (taken over); if
+        None, from init_fixed_rows when `config.server_init`, else zeros to be
+        filled with `write_rows`. A dynamic table's start empty.
 
         Raises:
             ValueError: weights for a dynamic table, or of the wrong shape; a byte cap too
@@ -69,8 +70,14 @@ class TableShard:
         shapes, initial = optimizer.state_shapes(config.dim), optimizer.initial_state()
         if self.layout is not None:
             n = self.layout.rows_on(config.server_index)
-            weights = torch.zeros((n, config.dim)) if weights is None else weights
-            tables_lib.check_rows(self.name, torch.empty(n), weights, config.dim)
+            if weights is None:  # built here: finite by construction, no check over them all
+                weights = (tables_lib.init_fixed_rows(
+                    config.seed, config.name, self.layout.num_embeddings, config.dim, config.init,
+                    padding_idx=config.padding_idx, layout=self.layout,
+                    server=config.server_index) if config.server_init
+                    else torch.zeros((n, config.dim)))
+            else:
+                tables_lib.check_rows(self.name, torch.empty(n), weights, config.dim)
             self._store = RowStore(config.dim, shapes, initial, weights=weights)
             return
         if weights is not None:
