@@ -34,6 +34,7 @@ import torch
 from shardps.proto import tables as tables_lib
 from shardps.proto.tables import FixedLayout, TableIdError
 
+from .errors import TableMemoryError
 from .table_admission import CountMinSketch
 from .table_config import TableConfig, TableState, TableStats
 from .table_index import REBUILT_LOAD
@@ -55,6 +56,7 @@ class TableShard:
         Raises:
             ValueError: weights for a dynamic table, or of the wrong shape; a byte cap too
                 small for one row.
+            TableMemoryError: a fixed table's rows cannot be allocated.
         """
         self.config = config
         self.name = config.name
@@ -70,15 +72,21 @@ class TableShard:
         shapes, initial = optimizer.state_shapes(config.dim), optimizer.initial_state()
         if self.layout is not None:
             n = self.layout.rows_on(config.server_index)
-            if weights is None:  # built here: finite by construction, no check over them all
-                weights = (tables_lib.init_fixed_rows(
-                    config.seed, config.name, self.layout.num_embeddings, config.dim, config.init,
-                    padding_idx=config.padding_idx, layout=self.layout,
-                    server=config.server_index) if config.server_init
-                    else torch.zeros((n, config.dim)))
-            else:
-                tables_lib.check_rows(self.name, torch.empty(n), weights, config.dim)
-            self._store = RowStore(config.dim, shapes, initial, weights=weights)
+            try:
+                if weights is None:  # built here: finite by construction, no check over them all
+                    weights = (tables_lib.init_fixed_rows(
+                        config.seed, config.name, self.layout.num_embeddings, config.dim,
+                        config.init, padding_idx=config.padding_idx, layout=self.layout,
+                        server=config.server_index) if config.server_init
+                        else torch.zeros((n, config.dim)))
+                else:
+                    tables_lib.check_rows(self.name, torch.empty(n), weights, config.dim)
+                self._store = RowStore(config.dim, shapes, initial, weights=weights)
+            except RuntimeError:  # torch's allocator: "can't allocate memory"
+                raise TableMemoryError(
+                    f"table {self.name!r}: cannot allocate its {n} rows on this server "
+                    f"({n * self.row_bytes() / 2**30:.1f} GiB of rows and optimizer state)"
+                    ) from None
             return
         if weights is not None:
             raise ValueError(f"table {self.name!r}: a dynamic table starts empty")

@@ -3,10 +3,14 @@ worker"): the workers build the tables with `init=` (no weight), each server fil
 from init_rows at InitShard, and sync training equals one process with the same model
 materialised (`tableinit.materialize`), torch's modules, SparseAdam and Adam."""
 
+import grpc
 import pytest
 import torch
 
-from shardps.proto import common_pb2
+from shardps.proto import common_pb2, ps_pb2
+from shardps.psclient.client import PSClient
+from shardps.psclient.rows import RowClient
+from shardps.server.ps.daemon import ParameterServerDaemon
 from shardps.worker import tasks
 from shardps.worker.batches import BatchOrder
 from shardps.worker.datasets import load_dataset
@@ -75,3 +79,38 @@ def test_server_initialised_tables_train_like_the_materialised_model(workers, se
         assert exported["bag.weight"].abs().max() <= 0.3 + STEPS * LR * 1.01
     finally:
         cluster.close()
+
+
+def test_a_table_no_server_can_hold_is_refused_with_resource_exhausted():
+    """InitShard of a server-initialised table of 2**50 rows (64 PB): RESOURCE_EXHAUSTED naming
+    the table, no shard created; the server then takes a table it can hold."""
+    server = ParameterServerDaemon(coordinator=None, metrics_port=-1).start()
+    shard_map = common_pb2.ShardMap(version=1, shards=[common_pb2.ShardRange(
+        index=0, server_id="s0", address=server.address, offset=0, length=8)])
+
+    def config(rows: int) -> ps_pb2.ShardConfig:
+        return ps_pb2.ShardConfig(
+            optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.999,
+                                                 eps=1e-8),
+            mode=common_pb2.CONSISTENCY_ASYNC, workers=["w0"], epoch=1,
+            layout_fingerprint="test",
+            tables=[ps_pb2.TableSpec(name="huge", dim=16, num_embeddings=rows, num_shards=1,
+                                     optimizer="adagrad", lr=0.01, eps=1e-8,
+                                     server_init=ps_pb2.ServerInit(kind="normal", b=1.0))])
+
+    try:
+        with PSClient("hj", shard_map, data_plane=False) as ps:
+            with pytest.raises(grpc.RpcError) as refused:
+                ps.init(torch.zeros(8), config(2**50))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "table 'huge': cannot allocate its 1125899906842624 rows" in refused.value.details()
+            assert server.shards.shards("hj") == []
+            ps.init(torch.zeros(8), config(1000))
+        rows = RowClient("hj", shard_map)
+        try:
+            _, got = rows.pull_rows("huge", 0, torch.tensor([0, 999]), 16)
+            assert got is not None and bool(got.ne(0).all())  # filled from init_rows
+        finally:
+            rows.close()
+    finally:
+        server.stop(0)
