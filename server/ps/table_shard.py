@@ -26,6 +26,7 @@ anything changes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 
@@ -280,7 +281,10 @@ class TableShard:
     @classmethod
     def from_state(cls, state: TableState) -> TableShard:
         """The shard as `capture` saw it (ValueError if the tensors do not fit the config)."""
-        shard = cls(state.config, make_optimizer(state.optimizer))
+        # A server-initialised table's rows come from the state: built as zeros, not filled.
+        build = dataclasses.replace(state.config, server_init=False)
+        shard = cls(build, make_optimizer(state.optimizer))
+        shard.config = state.config
         shard._store.load(state.tensors)
         if state.sketch is not None:
             shard.sketch = CountMinSketch.from_state(state.tensors["sketch"], state.sketch)

@@ -240,3 +240,18 @@ def test_init_rows_follow_their_documented_formula():
         expected = torch.tensor([_documented_row(17, "emb", int(i), 6, init) for i in ids],
                                 dtype=torch.float32)
         torch.testing.assert_close(rows, expected, rtol=0, atol=tol)
+
+
+def test_a_server_initialised_shard_restores_from_its_capture():
+    config = TableConfig("t", 4, 5000, 2, 1, seed=3, init=UNIFORM, server_init=True)
+    shard = TableShard(config, LazyAdam(lr=0.1))
+    ids = shard.layout.ids_on(1, 0, 100).sort().values
+    shard.apply(ids, torch.ones(100, 4))
+    state = shard.capture()
+    restored = TableShard.from_state(state)
+    assert restored.config == config
+    assert torch.equal(restored.rows_in_slot_order(), shard.rows_in_slot_order())
+    assert not torch.equal(restored.rows_in_slot_order(), TableShard(config, LazyAdam()).rows_in_slot_order())
+    restored.apply(ids, torch.ones(100, 4))  # one more step: the same rows and optimizer state
+    shard.apply(ids, torch.ones(100, 4))
+    assert torch.equal(restored.rows_in_slot_order(), shard.rows_in_slot_order())
