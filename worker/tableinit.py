@@ -24,8 +24,9 @@ def materialize(model: nn.Module, seed: int | None = None) -> list[str]:
     source) its weight: row `id` is proto.tables.init_rows(seed, path, id), the padding row
     zeros, exactly the rows a job's servers start from. `seed`: the job's seed; default, the
     seed torch had when the module was built (a worker builds the model under the job's
-    seed, so the same factory under the same seed gives the same rows). Returns the paths of
-    the tables built, in module order."""
+    seed, so the same factory under the same seed gives the same rows). Call it on the model
+    the factory returns: a table's name, which its rows depend on, is its path there.
+    Returns the paths of the tables built, in module order."""
     built = []
     for path, module in table_modules(model):
         if not module.server_init or module.weight is not None or module.attached:

@@ -52,8 +52,9 @@ class TableSync:
                 raise ValueError(f"table {name!r}: dynamic tables are not served over the "
                                  "wire yet")
             weight = module.attach(self, name)
-            if not module.server_init:  # a server-initialised table's servers fill its rows
-                assert weight is not None
+            # None: a server-initialised table, whose servers fill its rows. One materialised
+            # here (tableinit.materialize) is seeded like any table: its weight is the truth.
+            if weight is not None:
                 self.initial[name] = weight.cpu()
         self._opt, self._tables = spec["optimizer"], spec["tables"]
         self._client: RowClient | None = None
@@ -74,7 +75,7 @@ class TableSync:
             beta1=opt["betas"][0], beta2=opt["betas"][1], eps=tab["eps"] or opt["eps"],
             weight_decay=tab["weight_decay"],
             initial_accumulator_value=tab["initial_accumulator_value"],
-            server_init=server_init_of(m))
+            server_init=None if name in self.initial else server_init_of(m))
             for name, m in self.modules]
 
     def bind(self, client: RowClient, caller: Caller) -> None:

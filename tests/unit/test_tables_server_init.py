@@ -255,3 +255,21 @@ def test_a_server_initialised_shard_restores_from_its_capture():
     restored.apply(ids, torch.ones(100, 4))  # one more step: the same rows and optimizer state
     shard.apply(ids, torch.ones(100, 4))
     assert torch.equal(restored.rows_in_slot_order(), shard.rows_in_slot_order())
+
+
+def test_a_materialised_table_is_seeded_from_its_weight_like_any_table():
+    """Once materialised (and, say, loaded with pretrained rows), the weight is the truth: the
+    worker sends it with InitRows, and the spec asks the servers for no fill."""
+    from shardps.proto import spec as spec_lib
+    from shardps.worker.tablesync import TableSync
+
+    job = spec_lib.validate({"model": {"name": "mlp"}, "data": {"dataset": "digits"},
+                             "stop": {"max_steps": 1}})
+    model = nn.ModuleDict({"a": Embedding(50, 4, init=UNIFORM), "b": Embedding(60, 4, init=UNIFORM)})
+    materialize(model.a)
+    with torch.no_grad():
+        model.a.weight.fill_(2.0)
+    sync = TableSync(model, job)
+    assert sorted(sync.initial) == ["a"] and sync.initial["a"].eq(2.0).all()
+    specs = {s.name: s for s in sync.specs(2)}
+    assert not specs["a"].HasField("server_init") and specs["b"].HasField("server_init")
