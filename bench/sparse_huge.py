@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from bench import procs, report
-from bench.scale import _self_peak
 from shardps.proto import common_pb2, ps_pb2
 from shardps.proto import spec as spec_lib
 from shardps.proto.tables import FixedLayout, RowInit
@@ -42,6 +41,15 @@ JOB = "bench-sparse-huge"
 SEED = 11
 MB = 1e6
 STATE_BYTES = {"adagrad": lambda dim: 4, "lazy_adam": lambda dim: 8 * dim}  # per row
+
+
+def _self_peak() -> int:
+    """This process's peak resident bytes (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class HugeModel(nn.Module):
