@@ -73,7 +73,7 @@ class ShardConfig(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., total: _Optional[int] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., staleness: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_keep: _Optional[int] = ..., resume_from_job: _Optional[str] = ..., resume_version: _Optional[int] = ..., step_budget: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ...) -> None: ...
 
 class TableSpec(_message.Message):
-    __slots__ = ("name", "dim", "num_embeddings", "num_shards", "optimizer", "lr", "beta1", "beta2", "eps", "weight_decay", "initial_accumulator_value", "seed", "init", "init_a", "init_b", "admit_after", "evict_after_steps", "max_rows", "max_bytes", "sketch_width", "sketch_depth", "sketch_halve_every")
+    __slots__ = ("name", "dim", "num_embeddings", "num_shards", "optimizer", "lr", "beta1", "beta2", "eps", "weight_decay", "initial_accumulator_value", "seed", "init", "init_a", "init_b", "admit_after", "evict_after_steps", "max_rows", "max_bytes", "sketch_width", "sketch_depth", "sketch_halve_every", "server_init")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     NUM_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class TableSpec(_message.Message):
     SKETCH_WIDTH_FIELD_NUMBER: _ClassVar[int]
     SKETCH_DEPTH_FIELD_NUMBER: _ClassVar[int]
     SKETCH_HALVE_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SERVER_INIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     num_embeddings: int
@@ -118,7 +119,22 @@ class TableSpec(_message.Message):
     sketch_width: int
     sketch_depth: int
     sketch_halve_every: int
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., num_embeddings: _Optional[int] = ..., num_shards: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., seed: _Optional[int] = ..., init: _Optional[str] = ..., init_a: _Optional[float] = ..., init_b: _Optional[float] = ..., admit_after: _Optional[int] = ..., evict_after_steps: _Optional[int] = ..., max_rows: _Optional[int] = ..., max_bytes: _Optional[int] = ..., sketch_width: _Optional[int] = ..., sketch_depth: _Optional[int] = ..., sketch_halve_every: _Optional[int] = ...) -> None: ...
+    server_init: ServerInit
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., num_embeddings: _Optional[int] = ..., num_shards: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., seed: _Optional[int] = ..., init: _Optional[str] = ..., init_a: _Optional[float] = ..., init_b: _Optional[float] = ..., admit_after: _Optional[int] = ..., evict_after_steps: _Optional[int] = ..., max_rows: _Optional[int] = ..., max_bytes: _Optional[int] = ..., sketch_width: _Optional[int] = ..., sketch_depth: _Optional[int] = ..., sketch_halve_every: _Optional[int] = ..., server_init: _Optional[_Union[ServerInit, _Mapping]] = ...) -> None: ...
+
+class ServerInit(_message.Message):
+    __slots__ = ("kind", "a", "b", "seed", "padding_idx")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PADDING_IDX_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    a: float
+    b: float
+    seed: int
+    padding_idx: int
+    def __init__(self, kind: _Optional[str] = ..., a: _Optional[float] = ..., b: _Optional[float] = ..., seed: _Optional[int] = ..., padding_idx: _Optional[int] = ...) -> None: ...
 
 class InitShardRequest(_message.Message):
     __slots__ = ("config", "dtype", "chunk")

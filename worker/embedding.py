@@ -77,14 +77,24 @@ class _Table:
         self.max_norm, self.norm_type = max_norm, norm_type
         self.scale_grad_by_freq, self.sparse = scale_grad_by_freq, sparse
         self.register_parameter("weight", None)  # type: ignore[attr-defined]
+    @staticmethod
+    def _weight_device(init: RowInit | None, weight: torch.Tensor | None, device: Any) -> Any:
+        """Where torch's __init__ builds the weight: nowhere ("meta") for a server-initialised
+        fixed table, which then drops it."""
+        if init is None:
+            return device
+        if weight is not None:
+            raise ValueError("a fixed table starts from its weight or from init, not both")
+        return "meta"
+
     def _init_table(self, init: RowInit | None) -> None:
-        if self.num_embeddings is None:
-            self.init: RowInit | None = init or RowInit()
-        elif init is not None:
-            raise ValueError("init is for dynamic tables (num_embeddings=None); a fixed table "
-                             "starts from its weight")
-        else:
-            self.init = None
+        self.init: RowInit | None = (init or RowInit()) if self.num_embeddings is None else init
+        # A server-initialised fixed table: rows init_rows(seed, table, id), built on the servers
+        # (or by `materialize` in one process). The seed is the one torch was given before the
+        # model was built: the job's seed on a worker.
+        self.init_seed = tables_lib.int64_of(torch.initial_seed())
+        if self.server_init:
+            self.register_parameter("weight", None)  # type: ignore[attr-defined]
         self._source: RowSource | None = None
         self.table: str | None = None
         self._trainable = True
@@ -93,6 +103,11 @@ class _Table:
     @property
     def dynamic(self) -> bool:
         return self.num_embeddings is None
+
+    @property
+    def server_init(self) -> bool:
+        """A fixed table whose rows start on the servers (built with `init`)."""
+        return self.num_embeddings is not None and self.init is not None
 
     @property
     def attached(self) -> bool:
@@ -178,6 +193,11 @@ class _Table:
         return every[grad.indices()[0]], grad.values()
 
     def _refuse_local(self) -> None:
+        if self.server_init:
+            raise RuntimeError(f"a server-initialised table ({self.num_embeddings} rows, built "
+                               "with init=) has no weight in this process: attach it to a row "
+                               "source, or build its weight with "
+                               "shardps.worker.tableinit.materialize(model)")
         raise RuntimeError("a dynamic table (num_embeddings=None) has no weight of its own: "
                            "attach a row source first")
 
@@ -193,7 +213,8 @@ class Embedding(_Table, nn.Embedding):
         if num_embeddings is None:
             self._init_dynamic(embedding_dim, _weight, padding_idx, max_norm, norm_type,
                                scale_grad_by_freq, sparse)
-        else:
+        else:  # with `init`, a server-initialised table: torch's checks, no weight built
+            device = self._weight_device(init, _weight, device)
             super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
                              scale_grad_by_freq, sparse, _weight, _freeze, device, dtype)
         self._init_table(init)
@@ -225,7 +246,8 @@ class EmbeddingBag(_Table, nn.EmbeddingBag):
             self._init_dynamic(embedding_dim, _weight, padding_idx, max_norm, norm_type,
                                scale_grad_by_freq, sparse)
             self.mode, self.include_last_offset = mode, include_last_offset
-        else:
+        else:  # with `init`, a server-initialised table: torch's checks, no weight built
+            device = self._weight_device(init, _weight, device)
             super().__init__(num_embeddings, embedding_dim, max_norm, norm_type, scale_grad_by_freq,
                              mode, sparse, _weight, include_last_offset, padding_idx, device, dtype)
         self._init_table(init)

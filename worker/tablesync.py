@@ -55,6 +55,8 @@ class TableSync:
         self.dims: dict[str, int] = {}
         for name, module in self.modules:
             weight = module.attach(self, name)
+            # None: a server-initialised table, whose servers fill its rows. One materialised
+            # here (tableinit.materialize) is seeded like any table: its weight is the truth.
             if weight is not None:
                 self.initial[name] = weight.cpu()
             self.dims[name] = module.embedding_dim
@@ -81,7 +83,8 @@ class TableSync:
             num_shards=num_shards, optimizer=tab["optimizer"], lr=tab["lr"] or opt["lr"],
             beta1=opt["betas"][0], beta2=opt["betas"][1], eps=tab["eps"] or opt["eps"],
             weight_decay=tab["weight_decay"],
-            initial_accumulator_value=tab["initial_accumulator_value"])
+            initial_accumulator_value=tab["initial_accumulator_value"],
+            server_init=None if name in self.initial or module.dynamic else server_init_of(module))
         if module.dynamic:
             init = module.init or RowInit()
             out.MergeFrom(ps_pb2.TableSpec(
@@ -115,6 +118,8 @@ class TableSync:
         client = self._client
         assert client is not None, "TableSync.bind first"
         for name, layout in self._layouts.items():  # fixed tables only
+            if name not in self.initial:
+                continue  # server-initialised
             for shard in range(client.num_shards):
                 rows = self.initial[name].index_select(0, layout.ids_on(shard))
                 self._call("InitRows", functools.partial(client.init_rows, name, shard, rows))
@@ -160,6 +165,17 @@ class TableSync:
                     client.push_rows, name, shard, ids[mask], rows[mask], step=step,
                     batch_size=batch_size)))
         return replies
+
+
+def server_init_of(module: Embedding | EmbeddingBag) -> ps_pb2.ServerInit | None:
+    """The TableSpec's server_init of a table built with `init` (None for one seeded by rank
+    0): its RowInit, the seed it was built under, its padding row."""
+    if not module.server_init:
+        return None
+    init = module.init
+    assert init is not None
+    return ps_pb2.ServerInit(kind=init.kind, a=init.a, b=init.b, seed=module.init_seed,
+                             padding_idx=module.padding_idx)
 
 
 def attach(model: nn.Module, spec: spec_lib.JobSpec) -> TableSync | None:

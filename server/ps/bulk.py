@@ -34,6 +34,7 @@ from .errors import (
     ShardClosedError,
     ShardError,
     StepAheadError,
+    TableMemoryError,
     UnknownShardError,
     UnknownWorkerError,
 )
@@ -59,6 +60,7 @@ CODES = {
     StepAheadError: grpc.StatusCode.FAILED_PRECONDITION,
     InvalidPushError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    TableMemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     # Embedding tables (rows.py): the message names the table (and the id).
     UnknownTableError: grpc.StatusCode.INVALID_ARGUMENT,
     TableIdError: grpc.StatusCode.INVALID_ARGUMENT,

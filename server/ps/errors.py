@@ -46,6 +46,12 @@ class InvalidPushError(ShardError):
         self.reason = reason
 
 
+class TableMemoryError(ShardError):
+    """A table's rows (and their optimizer state) cannot be allocated on this server."""
+
+    reason = "bad_config"
+
+
 class InvalidConfigError(ShardError):
     """An InitShard config or initial weights that cannot make a shard."""
 

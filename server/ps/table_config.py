@@ -20,8 +20,12 @@ class TableConfig:
         dim: row width.
         num_embeddings: N for a fixed table (ids in [0, N)); None for a dynamic one.
         num_servers, server_index: the job's servers and which one this is.
-        seed: the job's seed (dynamic rows' initial values).
-        init: how a dynamic row starts.
+        seed: the job's seed (initial values of dynamic rows, and of a server-initialised
+            fixed table's rows).
+        init: how a dynamic row starts (and a server-initialised fixed table's rows).
+        server_init: a fixed table whose rows this server fills from init_rows (proto.tables
+            init_fixed_rows) rather than receiving them (InitRows).
+        padding_idx: server_init: the id whose row starts as zeros (torch's padding row).
         admit_after: sightings (lookups counted) before a dynamic id gets a row; 1 = first.
         evict_after_steps: evict dynamic rows untouched for this many steps; 0 = never.
         max_rows, max_bytes: cap on this server's rows of the table (0 = none); the byte cap
@@ -43,6 +47,8 @@ class TableConfig:
     sketch_width: int = DEFAULT_WIDTH
     sketch_depth: int = DEFAULT_DEPTH
     sketch_halve_every: int = 0
+    server_init: bool = False
+    padding_idx: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -56,6 +62,12 @@ class TableConfig:
             if (self.admit_after, self.evict_after_steps, self.max_rows, self.max_bytes) != (1, 0, 0, 0):
                 raise ValueError(f"table {self.name!r}: admission, eviction and caps are for "
                                  "dynamic tables (num_embeddings None)")
+            if self.padding_idx is not None and not 0 <= self.padding_idx < self.num_embeddings:
+                raise ValueError(f"table {self.name!r}: padding_idx {self.padding_idx} is out "
+                                 f"of range [0, {self.num_embeddings})")
+        elif self.server_init:
+            raise ValueError(f"table {self.name!r}: server_init is for fixed tables (a dynamic "
+                             "table's rows always start on the servers)")
         for key in ("admit_after", "evict_after_steps", "max_rows", "max_bytes"):
             if getattr(self, key) < (1 if key == "admit_after" else 0):
                 raise ValueError(f"table {self.name!r}: bad {key} {getattr(self, key)}")

@@ -26,6 +26,7 @@ anything changes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 
@@ -34,6 +35,7 @@ import torch
 from shardps.proto import tables as tables_lib
 from shardps.proto.tables import FixedLayout, TableIdError
 
+from .errors import TableMemoryError
 from .table_admission import CountMinSketch
 from .table_config import TableConfig, TableState, TableStats
 from .table_index import REBUILT_LOAD
@@ -48,12 +50,14 @@ CAP_SLACK = 64               # evicting for the cap goes 1/64 of the cap below i
 class TableShard:
     def __init__(self, config: TableConfig, optimizer: RowOptimizer,
                  weights: torch.Tensor | None = None):
-        """A fixed table's rows start as `weights` [rows_on(server), dim] (taken over; zeros
-        if None, to be filled with `write_rows`); a dynamic table's start empty.
+        """A fixed table's rows start as `weights` [rows_on(server), dim] (taken over); if
+        None, from init_fixed_rows when `config.server_init`, else zeros to be
+        filled with `write_rows`. A dynamic table's start empty.
 
         Raises:
             ValueError: weights for a dynamic table, or of the wrong shape; a byte cap too
                 small for one row.
+            TableMemoryError: a fixed table's rows cannot be allocated.
         """
         self.config = config
         self.name = config.name
@@ -69,9 +73,21 @@ class TableShard:
         shapes, initial = optimizer.state_shapes(config.dim), optimizer.initial_state()
         if self.layout is not None:
             n = self.layout.rows_on(config.server_index)
-            weights = torch.zeros((n, config.dim)) if weights is None else weights
-            tables_lib.check_rows(self.name, torch.empty(n), weights, config.dim)
-            self._store = RowStore(config.dim, shapes, initial, weights=weights)
+            try:
+                if weights is None:  # built here: finite by construction, no check over them all
+                    weights = (tables_lib.init_fixed_rows(
+                        config.seed, config.name, self.layout.num_embeddings, config.dim,
+                        config.init, padding_idx=config.padding_idx, layout=self.layout,
+                        server=config.server_index) if config.server_init
+                        else torch.zeros((n, config.dim)))
+                else:
+                    tables_lib.check_rows(self.name, torch.empty(n), weights, config.dim)
+                self._store = RowStore(config.dim, shapes, initial, weights=weights)
+            except RuntimeError:  # torch's allocator: "can't allocate memory"
+                raise TableMemoryError(
+                    f"table {self.name!r}: cannot allocate its {n} rows on this server "
+                    f"({n * self.row_bytes() / 2**30:.1f} GiB of rows and optimizer state)"
+                    ) from None
             return
         if weights is not None:
             raise ValueError(f"table {self.name!r}: a dynamic table starts empty")
@@ -281,7 +297,10 @@ class TableShard:
     @classmethod
     def from_state(cls, state: TableState) -> TableShard:
         """The shard as `capture` saw it (ValueError if the tensors do not fit the config)."""
-        shard = cls(state.config, make_optimizer(state.optimizer))
+        # A server-initialised table's rows come from the state: built as zeros, not filled.
+        build = dataclasses.replace(state.config, server_init=False)
+        shard = cls(build, make_optimizer(state.optimizer))
+        shard.config = state.config
         shard._store.load(state.tensors)
         if state.sketch is not None:
             shard.sketch = CountMinSketch.from_state(state.tensors["sketch"], state.sketch)

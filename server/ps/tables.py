@@ -9,6 +9,7 @@ closes the round (`ShardCore.close_round`), so a pull that sees version v+1 sees
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,8 +58,9 @@ def table_config(spec: ps_pb2.TableSpec, shard_index: int) -> TableConfig:
         if spec.num_shards < 1:
             raise ValueError(f"table {spec.name!r}: num_shards must be >= 1, got {spec.num_shards}")
         if spec.num_embeddings:
-            return TableConfig(name=spec.name, dim=spec.dim, num_embeddings=spec.num_embeddings,
-                               num_servers=spec.num_shards, server_index=shard_index)
+            config = TableConfig(name=spec.name, dim=spec.dim, num_embeddings=spec.num_embeddings,
+                                 num_servers=spec.num_shards, server_index=shard_index)
+            return server_init(config, spec) if spec.HasField("server_init") else config
         width, depth = spec.sketch_width or DEFAULT_WIDTH, spec.sketch_depth or DEFAULT_DEPTH
         if width > MAX_SKETCH_WIDTH:
             raise ValueError(f"sketch_width must be <= {MAX_SKETCH_WIDTH}, got {width}")
@@ -79,6 +81,19 @@ def table_config(spec: ps_pb2.TableSpec, shard_index: int) -> TableConfig:
         if not message.startswith("table "):
             message = f"table {spec.name!r}: {message}"
         raise InvalidConfigError(message) from None
+
+
+def server_init(config: TableConfig, spec: ps_pb2.TableSpec) -> TableConfig:
+    """`config` as a server-initialised fixed table: its rows start from init_rows of the
+    spec's seed (proto.tables.init_fixed_rows); ValueError naming the table if unusable."""
+    given = spec.server_init
+    try:
+        init = RowInit(given.kind, given.a, given.b)
+    except ValueError as exc:
+        raise ValueError(f"table {spec.name!r}: server_init: {exc}") from None
+    padding = given.padding_idx if given.HasField("padding_idx") else None
+    return dataclasses.replace(config, server_init=True, seed=given.seed, init=init,
+                               padding_idx=padding)
 
 
 def make_optimizer(spec: ps_pb2.TableSpec) -> RowOptimizer:

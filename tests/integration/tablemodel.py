@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardps.proto.tables import RowInit
 from shardps.worker.embedding import Embedding, EmbeddingBag
 
 LEVELS = 17  # digits pixels take the values 0/16 .. 16/16
@@ -17,11 +18,13 @@ BAGGED = 32  # the EmbeddingBag pools the non-zero pixels among 24..55, one bag 
 
 
 class TableModel(nn.Module):
-    def __init__(self, num_features: int, num_classes: int, dim: int = 4, sparse: bool = False):
+    def __init__(self, num_features: int, num_classes: int, dim: int = 4, sparse: bool = False,
+                 init: RowInit | None = None, padding_idx: int | None = None):
         super().__init__()
         self.dense = nn.Linear(num_features, 16)
-        self.emb = Embedding(LEVELS * PIXELS, dim, sparse=sparse)
-        self.bag = EmbeddingBag(LEVELS * BAGGED, dim, mode="mean", sparse=sparse)
+        self.emb = Embedding(LEVELS * PIXELS, dim, sparse=sparse, init=init,
+                             padding_idx=padding_idx)
+        self.bag = EmbeddingBag(LEVELS * BAGGED, dim, mode="mean", sparse=sparse, init=init)
         self.head = nn.Linear(16 + PIXELS * dim + dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,5 +39,10 @@ class TableModel(nn.Module):
         return self.head(torch.cat(parts, 1))
 
 
-def table_model(info: dict[str, Any], dim: int = 4, sparse: bool = False) -> nn.Module:
-    return TableModel(info["num_features"], info["num_classes"], dim, sparse)
+def table_model(info: dict[str, Any], dim: int = 4, sparse: bool = False,
+                server_init: dict[str, Any] | None = None, padding_idx: int | None = None
+                ) -> nn.Module:
+    """`server_init` ({"kind", "a", "b"}): tables whose servers start their rows from
+    init_rows (built with `init=`, no weight on the worker)."""
+    init = RowInit(**server_init) if server_init is not None else None
+    return TableModel(info["num_features"], info["num_classes"], dim, sparse, init, padding_idx)

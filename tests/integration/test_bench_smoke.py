@@ -20,6 +20,7 @@ BENCHES = {
     "tta": ["system", "tta_s", "startup_s", "train_s", "vs_ddp"],
     "scale": ["params", "loss_decreasing", "servers_within"],
     "data": ["files_step", "memory_step", "ratio", "max_ahead"],
+    "sparse_huge": ["params", "init_s", "step_s", "worker_peak_MB", "servers_within"],
 }
 
 

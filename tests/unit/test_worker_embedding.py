@@ -301,8 +301,8 @@ def test_unsupported_options_are_refused_at_attach():
         Embedding(10, 2, max_norm=1.0).attach(source, "e")
     with pytest.raises(NotImplementedError, match="max"):
         EmbeddingBag(10, 2, mode="max").attach(source, "e")
-    with pytest.raises(ValueError, match="dynamic"):
-        Embedding(10, 2, init=RowInit())
+    with pytest.raises(ValueError, match="not both"):
+        Embedding(10, 2, init=RowInit(), _weight=torch.zeros(10, 2))
 
 
 def test_frozen_tables_hand_back_no_gradient():
