@@ -72,22 +72,8 @@ class TableShard:
         self.row_cap = 0
         shapes, initial = optimizer.state_shapes(config.dim), optimizer.initial_state()
         if self.layout is not None:
-            n = self.layout.rows_on(config.server_index)
-            try:
-                if weights is None:  # built here: finite by construction, no check over them all
-                    weights = (tables_lib.init_fixed_rows(
-                        config.seed, config.name, self.layout.num_embeddings, config.dim,
-                        config.init, padding_idx=config.padding_idx, layout=self.layout,
-                        server=config.server_index) if config.server_init
-                        else torch.zeros((n, config.dim)))
-                else:
-                    tables_lib.check_rows(self.name, torch.empty(n), weights, config.dim)
-                self._store = RowStore(config.dim, shapes, initial, weights=weights)
-            except RuntimeError:  # torch's allocator: "can't allocate memory"
-                raise TableMemoryError(
-                    f"table {self.name!r}: cannot allocate its {n} rows on this server "
-                    f"({n * self.row_bytes() / 2**30:.1f} GiB of rows and optimizer state)"
-                    ) from None
+            self._store = _fixed_store(config, self.layout, weights, shapes, initial,
+                                       self.row_bytes())
             return
         if weights is not None:
             raise ValueError(f"table {self.name!r}: a dynamic table starts empty")
@@ -306,3 +292,25 @@ class TableShard:
             shard.sketch = CountMinSketch.from_state(state.tensors["sketch"], state.sketch)
         shard._counters.update(state.counters)
         return shard
+
+
+def _fixed_store(config: TableConfig, layout: FixedLayout, weights: torch.Tensor | None,
+                 shapes: dict[str, tuple[int, ...]], initial: dict[str, float],
+                 row_bytes: int) -> RowStore:
+    """A fixed table's store on this server: `weights` (checked, taken over); if None, rows from
+    init_fixed_rows when `config.server_init`, else zeros. TableMemoryError if it cannot be
+    allocated."""
+    n = layout.rows_on(config.server_index)
+    try:
+        if weights is None:  # built here: finite by construction, no check over them all
+            weights = (tables_lib.init_fixed_rows(
+                config.seed, config.name, layout.num_embeddings, config.dim, config.init,
+                padding_idx=config.padding_idx, layout=layout, server=config.server_index)
+                if config.server_init else torch.zeros((n, config.dim)))
+        else:
+            tables_lib.check_rows(config.name, torch.empty(n), weights, config.dim)
+        return RowStore(config.dim, shapes, initial, weights=weights)
+    except RuntimeError:  # torch's allocator: "can't allocate memory"
+        raise TableMemoryError(
+            f"table {config.name!r}: cannot allocate its {n} rows on this server "
+            f"({n * row_bytes / 2**30:.1f} GiB of rows and optimizer state)") from None
