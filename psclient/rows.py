@@ -81,13 +81,13 @@ class RowClient:
             server.close()
         self._by_address = {}
 
-    def init_rows(self, table: str, shard: int, rows: torch.Tensor) -> None:
-        """Sets a fixed table's rows held by `shard` (all of them, in slot order), about
-        INIT_BYTES per call."""
+    def init_rows(self, table: str, shard: int, rows: torch.Tensor, first_row: int = 0) -> None:
+        """Sets a fixed table's rows held by `shard` from slot `first_row` on (all of them by
+        default, in slot order), about INIT_BYTES per call."""
         step = max(1, INIT_BYTES // max(1, 4 * rows[0].numel())) if rows.numel() else 1
         for lo in range(0, max(1, rows.shape[0]), step):
             self._servers[shard].start("InitRows", ps_pb2.InitRowsRequest(
-                job_id=self.job_id, shard_index=shard, table=table, first_row=lo,
+                job_id=self.job_id, shard_index=shard, table=table, first_row=first_row + lo,
                 rows=rowcodec.encode_rows(rows[lo : lo + step])),
                 ps_pb2.InitRowsResponse, rpc.TRANSFER_DEADLINE_S).result()
 
