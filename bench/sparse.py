@@ -117,6 +117,11 @@ class Served:
         assert all(r.status == ps_pb2.PUSH_STATUS_APPLIED for r in replies), replies
         self.step_count += 1
 
+    def pull_push(self, ids: torch.Tensor, grads: torch.Tensor) -> None:
+        """The rows of `ids` pulled, then `grads` pushed for them (applied on arrival)."""
+        self.pull(ids)
+        self.push(ids, grads)
+
     def close(self) -> None:
         self.client.close()
         for server in self.servers:
@@ -182,43 +187,44 @@ def part_a(servers: list[procs.Child], small: int, big: int, stream: IdStream,
 
 
 def part_b(servers: list[procs.Child], rows: int, stream: IdStream) -> report.Table:
-    """Rows per second through the table: shardps (pull + push + lazy Adam on 2 servers)
-    against one process (gather + SparseAdam), the same unique ids and gradients."""
+    """Rows per second through the table: shardps (pull + push + lazy Adam on 2 servers), over
+    the data plane and over the RPCs, against one process (gather + SparseAdam), the same
+    unique ids and gradients; the three alternate step by step (the machine's load moves)."""
     id_sets = [torch.unique(b) for b in stream.batches]
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(ids.numel(), DIM, generator=gen) for ids in id_sets]
-    remote: dict[bool, list[float]] = {True: [], False: []}
-    for data_plane in (True, False):  # the data plane, then the gRPC fallback
-        served = Served(servers, rows, "lazy_adam", data_plane)
-        try:
-            for i, (ids, grad) in enumerate(zip(id_sets, grads, strict=True)):
-                t0 = time.perf_counter()
-                served.pull(ids)
-                served.push(ids, grad)
-                if i:
-                    remote[data_plane].append(ids.numel() / (time.perf_counter() - t0))
-        finally:
-            served.close()
     weight = nn.Parameter(torch.randn(rows, DIM))
     sparse_adam = torch.optim.SparseAdam([weight], lr=0.01)
-    local = []
-    for i, (ids, grad) in enumerate(zip(id_sets, grads, strict=True)):
-        t0 = time.perf_counter()
+
+    def local(ids: torch.Tensor, grad: torch.Tensor) -> None:
         weight.detach().index_select(0, ids)
         weight.grad = torch.sparse_coo_tensor(ids.unsqueeze(0), grad, weight.shape,
                                               check_invariants=False)
         sparse_adam.step()
-        if i:
-            local.append(ids.numel() / (time.perf_counter() - t0))
+
+    plane = Served(servers, rows, "lazy_adam", data_plane=True)
+    fallback = Served(servers, rows, "lazy_adam", data_plane=False)
+    rates: dict[str, list[float]] = {"plane": [], "grpc": [], "local": []}
+    try:
+        for i, (ids, grad) in enumerate(zip(id_sets, grads, strict=True)):
+            for key, fn in (("plane", plane.pull_push), ("grpc", fallback.pull_push),
+                            ("local", local)):
+                t0 = time.perf_counter()
+                fn(ids, grad)
+                if i:
+                    rates[key].append(ids.numel() / (time.perf_counter() - t0))
+    finally:
+        plane.close()
+        fallback.close()
+    rate = {k: report.median(v) for k, v in rates.items()}
     table = report.Table(f"sparse (b): rows/s through the table, {report.human(rows)} rows, dim {DIM}, "
                          "lazy Adam (median)",
                          ["rows", "unique_ids", "shardps_rows_per_s", "sparseadam_rows_per_s", "ratio",
                           "grpc_rows_per_s", "plane_over_grpc"])
-    plane, grpc_path = report.median(remote[True]), report.median(remote[False])
     table.add(rows=report.human(rows), unique_ids=int(report.median([float(i.numel()) for i in id_sets])),
-              shardps_rows_per_s=plane, sparseadam_rows_per_s=report.median(local),
-              ratio=plane / report.median(local), grpc_rows_per_s=grpc_path,
-              plane_over_grpc=plane / grpc_path)
+              shardps_rows_per_s=rate["plane"], sparseadam_rows_per_s=rate["local"],
+              ratio=rate["plane"] / rate["local"], grpc_rows_per_s=rate["grpc"],
+              plane_over_grpc=rate["plane"] / rate["grpc"])
     print(table.rows[-1], flush=True)
     return table
 
