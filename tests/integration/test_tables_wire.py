@@ -4,6 +4,7 @@ Embedding, an EmbeddingBag with offsets and dense layers equals one process with
 modules, SparseAdam on the tables and Adam on the dense part; and the row calls refuse bad
 input with INVALID_ARGUMENT, changing nothing."""
 
+import random
 import socket
 
 import grpc
@@ -402,3 +403,41 @@ def test_hostile_row_frames_are_refused_and_change_nothing(table_server):
         code, body = dataplane.recv_frame(sock)
         assert ps_pb2.PushRowsResponse.FromString(body).status == ps_pb2.PUSH_STATUS_APPLIED
     assert not unchanged(server, client, rows)
+
+
+@pytest.mark.parametrize("table_server", [0], indirect=True, ids=["plane"])
+def test_random_row_frames_get_a_status_each_and_leave_the_rows_as_they_were(table_server):
+    """Fuzzed like the dense path: 300 row frames, each one field or the whole body random, on
+    one connection: every one is answered with a handled status (the connection stays in
+    step), and the rows are what they were."""
+    server, client, rows = table_server
+    rng = random.Random(12)
+    kinds = {dataplane.INIT_ROWS: ps_pb2.InitRowsRequest, dataplane.PULL_ROWS: ps_pb2.PullRowsRequest,
+             dataplane.PUSH_ROWS: ps_pb2.PushRowsRequest}
+    outcomes: dict[grpc.StatusCode, int] = {}
+    with plane_socket(server) as sock:
+        for _ in range(300):
+            kind = rng.choice(list(kinds))
+            message = kinds[kind](job_id=rng.choice(["tj", "tj", "other"]), table=rng.choice(["t", "nope"]),
+                                  shard_index=rng.choice([0, 0, 1]))
+            if kind != dataplane.INIT_ROWS:
+                message.ids = rng.randbytes(rng.choice([0, 7, 8, 16, 24]))
+            if kind != dataplane.PULL_ROWS:
+                message.rows = rng.randbytes(rng.choice([0, 5, 16, 48]))
+            if isinstance(message, ps_pb2.InitRowsRequest):  # never a slot of the shard's rows
+                message.first_row = rng.choice([-2, ROWS, ROWS + 1, 2**40])
+            if isinstance(message, ps_pb2.PushRowsRequest):
+                message.worker_id, message.step = rng.choice(["w0", "w9", ""]), rng.randint(-1, 3)
+                message.dtype = rng.choice([common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16, 99])
+            body = message.SerializeToString()
+            if rng.random() < 0.2:
+                body = rng.randbytes(len(body))
+            sock.sendall(dataplane.frame(kind, body))
+            code, _ = dataplane.recv_frame(sock, dataplane.MAX_ROWS_BODY_BYTES)
+            status = dataplane.status_code(code)
+            outcomes[status] = outcomes.get(status, 0) + 1
+    handled = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+               grpc.StatusCode.FAILED_PRECONDITION}
+    assert set(outcomes) <= handled and outcomes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 100, outcomes
+    _, now = client.pull_rows("t", 0, torch.arange(ROWS), DIM, timeout_s=5)
+    assert torch.equal(now, rows)
