@@ -16,6 +16,7 @@ from shardps.proto.tables import FixedLayout, assemble_fixed
 from shardps.psclient import rows as psrows
 from shardps.psclient.client import PSClient
 from shardps.psclient.rows import RowClient
+from shardps.runtime import rpc
 from shardps.server.ps.daemon import ParameterServerDaemon
 from shardps.worker import tasks
 from shardps.worker.batches import BatchOrder
@@ -441,3 +442,39 @@ def test_random_row_frames_get_a_status_each_and_leave_the_rows_as_they_were(tab
     assert set(outcomes) <= handled and outcomes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 100, outcomes
     _, now = client.pull_rows("t", 0, torch.arange(ROWS), DIM, timeout_s=5)
     assert torch.equal(now, rows)
+
+
+def test_row_calls_on_the_data_plane_take_the_token_and_refuse_a_wrong_one():
+    """A server with a token: the RowClient of a process that has it reads and writes rows over
+    the data plane; a connection with another token is refused at hello (UNAUTHENTICATED),
+    before its row frame is read, and nothing changes."""
+    rpc.configure(rpc.Security(token="s3cret"))
+    server = client = None
+    try:
+        server = ParameterServerDaemon(coordinator=None, metrics_port=0).start()
+        shard_map = common_pb2.ShardMap(version=1, shards=[common_pb2.ShardRange(
+            index=0, server_id="s0", address=server.address, offset=0, length=8)])
+        with PSClient("tj", shard_map, data_plane=False) as ps:
+            ps.init(torch.zeros(8), table_shard_config())
+        client = RowClient("tj", shard_map, worker_id="w0")
+        rows = torch.randn(ROWS, DIM)
+        client.init_rows("t", 0, rows[FixedLayout("t", ROWS, 1).ids_on(0)])
+        _, got = client.pull_rows("t", 0, torch.arange(ROWS), DIM, timeout_s=5)
+        assert torch.equal(got, rows) and client._servers[0].plane._idle  # over the data plane
+        push = ps_pb2.PushRowsRequest(
+            job_id="tj", shard_index=0, table="t", worker_id="w0", step=0, batch_size=1,
+            ids=rowcodec.encode_ids(torch.tensor([1])), rows=rowcodec.encode_rows(torch.ones(1, DIM)),
+            dtype=common_pb2.DTYPE_FLOAT32).SerializeToString()
+        with socket.create_connection(("127.0.0.1", server.data_port), timeout=10) as sock:
+            sock.sendall(dataplane.MAGIC + dataplane.TOKEN_LEN.pack(5) + b"wrong"
+                         + dataplane.frame(dataplane.PUSH_ROWS, push))
+            code, _ = dataplane.recv_frame(sock)
+            assert dataplane.status_code(code) == grpc.StatusCode.UNAUTHENTICATED and closed(sock)
+        _, now = client.pull_rows("t", 0, torch.arange(ROWS), DIM, timeout_s=5)
+        assert torch.equal(now, rows) and server.shards.get("tj", 0).rows.stats("t").steps == 0
+    finally:
+        if client is not None:
+            client.close()
+        if server is not None:
+            server.stop(0)
+        rpc.configure(rpc.Security())
