@@ -23,6 +23,13 @@ Wire format (little-endian); one request at a time per connection:
            PushResponse or PullResponse (code 0) or a UTF-8 message (any other code); a
            ready pull's reply is followed by its `length` elements in the requested dtype
 
+  rows     the embedding tables' calls (ps.proto's InitRows, PullRows, PushRows):
+           request u8 kind (INIT_ROWS, PULL_ROWS or PUSH_ROWS), u32 n, n bytes of the RPC's
+           request message; reply as above, its body the RPC's response message. Ids and
+           rows are the messages' bytes fields (proto/rowcodec.py: int64 ids, fp32 rows,
+           little-endian). Either body may be up to MAX_ROWS_BODY_BYTES, gRPC's message limit,
+           so a call that fits one path fits the other.
+
 With TLS configured (the process's Security) the socket is TLS with the process's certificates and CA,
 as its gRPC channels and servers are; the token is checked at hello. Every blocking socket
 call has a timeout; a connection that fails mid-frame is closed, never reused.
@@ -40,9 +47,12 @@ import torch
 PROTOCOL = 1
 MAGIC = b"SPSDATA1"
 PUSH, PULL = 1, 2
+INIT_ROWS, PULL_ROWS, PUSH_ROWS = 3, 4, 5  # the row calls: a request message per frame
+ROW_KINDS = frozenset({INIT_ROWS, PULL_ROWS, PUSH_ROWS})
 FRAME = struct.Struct("<BI")  # kind or code, body length
 TOKEN_LEN = struct.Struct("<I")
 MAX_BODY_BYTES = 64 * 1024       # headers, replies and error messages are small
+MAX_ROWS_BODY_BYTES = 32 * 1024 * 1024  # a row call's request or reply (runtime/rpc.py's limit)
 MAX_TOKEN_BYTES = 4096
 IO_BYTES = 4 * 1024 * 1024       # bytes per recv_into / per cast slice
 CONNECT_TIMEOUT_S = 5.0
@@ -111,13 +121,13 @@ def send_all(sock: socket.socket, data: bytes | memoryview, deadline: Deadline) 
         sock.sendall(view[lo : lo + IO_BYTES])
 
 
-def recv_frame(sock: socket.socket) -> tuple[int, bytes]:
-    """One frame head and body; raises ConnectionError if the body is over MAX_BODY_BYTES."""
+def recv_frame(sock: socket.socket, limit: int = MAX_BODY_BYTES) -> tuple[int, bytes]:
+    """One frame head and body; raises ConnectionError if the body is over `limit` bytes."""
     head = bytearray(FRAME.size)
     recv_exact(sock, memoryview(head))
     kind, size = FRAME.unpack(head)
-    if size > MAX_BODY_BYTES:
-        raise ConnectionError(f"a frame body of {size} bytes (at most {MAX_BODY_BYTES})")
+    if size > limit:
+        raise ConnectionError(f"a frame body of {size} bytes (at most {limit})")
     body = bytearray(size)
     recv_exact(sock, memoryview(body))
     return kind, bytes(body)

@@ -354,16 +354,18 @@ class GetDataPlaneResponse(_message.Message):
     def __init__(self, port: _Optional[int] = ..., protocol: _Optional[int] = ...) -> None: ...
 
 class InitRowsRequest(_message.Message):
-    __slots__ = ("job_id", "shard_index", "table", "rows")
+    __slots__ = ("job_id", "shard_index", "table", "rows", "first_row")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     TABLE_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ROW_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     table: str
     rows: bytes
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., table: _Optional[str] = ..., rows: _Optional[bytes] = ...) -> None: ...
+    first_row: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., table: _Optional[str] = ..., rows: _Optional[bytes] = ..., first_row: _Optional[int] = ...) -> None: ...
 
 class InitRowsResponse(_message.Message):
     __slots__ = ()

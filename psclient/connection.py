@@ -17,6 +17,7 @@ from shardps.proto.dataplane import (
     CONNECT_TIMEOUT_S,
     IO_BYTES,
     MAGIC,
+    MAX_BODY_BYTES,
     PULL,
     PUSH,
     TOKEN_LEN,
@@ -142,6 +143,14 @@ class Connection:
             self._guard(lambda sock: _recv_into(sock, dest, codec.torch_dtype(request.dtype)))
         return head
 
+    def start_request(self, kind: int, body: bytes, timeout: float) -> None:
+        """Sends one request frame whose body is all of it (the row calls: a message)."""
+        self._send(lambda sock: sock.sendall(frame(kind, body)), timeout)
+
+    def finish_request(self, timeout: float, limit: int) -> bytes:
+        """The body of the reply to start_request, of at most `limit` bytes."""
+        return self._reply(timeout, limit)
+
     def _send(self, send: Callable[[socket.socket], None], timeout: float) -> None:
         def timed(sock: socket.socket) -> None:
             sock.settimeout(timeout)
@@ -149,10 +158,10 @@ class Connection:
 
         self._guard(timed)
 
-    def _reply(self, timeout: float) -> bytes:
+    def _reply(self, timeout: float, limit: int = MAX_BODY_BYTES) -> bytes:
         def timed(sock: socket.socket) -> tuple[int, bytes]:
             sock.settimeout(timeout)
-            return recv_frame(sock)
+            return recv_frame(sock, limit)
 
         code, body = self._guard(timed)
         if code:

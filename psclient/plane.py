@@ -73,6 +73,11 @@ class DataPlaneTransport:
         for conn in idle:
             conn.close()
 
+    def checkout(self) -> Connection:
+        """A connection for one call of the caller's own (rowplane.py): it hands it back with
+        `give_back` once the reply is read, or `failed` if the call raised."""
+        return self._connection()
+
     def _connection(self) -> Connection:
         """An idle connection that is still usable, or a new one."""
         with self._lock:

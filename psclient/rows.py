@@ -1,28 +1,60 @@
-"""RowClient: the table RPCs (InitRows, PullRows, PushRows) of one job, per shard of its map.
+"""RowClient: the table calls (InitRows, PullRows, PushRows) of one job, per shard of its map.
 
-Over gRPC only (the data plane does not carry rows yet). Payloads are encoded by
-proto/rowcodec.py; errors are grpc.RpcErrors. Thread-safety: one RowClient per thread of use,
-like PSClient.
+Each server is reached over its data plane when it has one, else over the RPCs
+(rowplane.py); the batch calls (`pull_many`, `push_many`) send every shard's request before
+they read any reply. Payloads are encoded by proto/rowcodec.py; errors are grpc.RpcErrors.
+Thread-safety: one RowClient per thread of use, like PSClient.
 """
 
 from __future__ import annotations
 
-import grpc
-import torch
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
-from shardps.proto import common_pb2, ps_pb2, ps_pb2_grpc, rowcodec
+import torch
+from google.protobuf.message import Message
+
+from shardps.proto import common_pb2, ps_pb2, rowcodec
 from shardps.proto.tables import FixedLayout, merge_dynamic
+from shardps.psclient.rowplane import PendingRows, RowServer
 from shardps.runtime import rpc
+
+_M = TypeVar("_M", bound=Message)
+# InitRows sends a shard's rows in calls of about this many bytes (gRPC's limit is 32 MiB).
+INIT_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RowPull:
+    """The ids of one table that one shard holds (strictly increasing)."""
+
+    table: str
+    shard: int
+    ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RowPush:
+    """One table's coalesced row gradient for the ids one shard holds."""
+
+    table: str
+    shard: int
+    ids: torch.Tensor
+    rows: torch.Tensor
 
 
 class RowClient:
     """Row calls of one job to the shards of its shard map (`remap` follows a new map)."""
 
     def __init__(self, job_id: str, shard_map: common_pb2.ShardMap, *, worker_id: str = "",
-                 incarnation: int = 0):
+                 incarnation: int = 0, data_plane: bool = True):
+        """`data_plane`: use the servers' data planes where they have one (else gRPC only)."""
         self.job_id, self.worker_id, self.incarnation = job_id, worker_id, incarnation
-        self._channels: dict[str, grpc.Channel] = {}
-        self._stubs: dict[int, ps_pb2_grpc.ParameterServerStub] = {}
+        self._data_plane = data_plane
+        self._by_address: dict[str, RowServer] = {}
+        self._servers: dict[int, RowServer] = {}
         self.shard_map = common_pb2.ShardMap()
         self.remap(shard_map)
 
@@ -31,58 +63,80 @@ class RowClient:
         return len(self.shard_map.shards)
 
     def remap(self, shard_map: common_pb2.ShardMap) -> None:
-        """Reaches each shard at its address in `shard_map` (channels reused per address)."""
+        """Reaches each shard at its address in `shard_map` (servers reused per address)."""
         if shard_map == self.shard_map:
             return
-        channels: dict[str, grpc.Channel] = {}
+        by_address: dict[str, RowServer] = {}
         for shard in shard_map.shards:
-            if shard.address not in channels:
-                old = self._channels.pop(shard.address, None)
-                channels[shard.address] = old if old is not None else rpc.make_channel(shard.address)
+            if shard.address not in by_address:
+                old = self._by_address.pop(shard.address, None)
+                by_address[shard.address] = old or RowServer(shard.address, self._data_plane)
         self.close()
-        self._channels = dict(channels)
-        self._stubs = {s.index: ps_pb2_grpc.ParameterServerStub(channels[s.address])
-                       for s in shard_map.shards}
+        self._by_address = by_address
+        self._servers = {s.index: by_address[s.address] for s in shard_map.shards}
         self.shard_map = shard_map
 
     def close(self) -> None:
-        for channel in self._channels.values():
-            channel.close()
-        self._channels = {}
+        for server in self._by_address.values():
+            server.close()
+        self._by_address = {}
 
-    def init_rows(self, table: str, shard: int, rows: torch.Tensor) -> None:
-        """Sets a fixed table's rows held by `shard` (slot order)."""
-        self._stubs[shard].InitRows(ps_pb2.InitRowsRequest(
-            job_id=self.job_id, shard_index=shard, table=table, rows=rowcodec.encode_rows(rows)),
-            timeout=rpc.TRANSFER_DEADLINE_S)
+    def init_rows(self, table: str, shard: int, rows: torch.Tensor, first_row: int = 0) -> None:
+        """Sets a fixed table's rows held by `shard` from slot `first_row` on (all of them by
+        default, in slot order), about INIT_BYTES per call."""
+        step = max(1, INIT_BYTES // max(1, 4 * rows[0].numel())) if rows.numel() else 1
+        for lo in range(0, max(1, rows.shape[0]), step):
+            self._servers[shard].start("InitRows", ps_pb2.InitRowsRequest(
+                job_id=self.job_id, shard_index=shard, table=table, first_row=first_row + lo,
+                rows=rowcodec.encode_rows(rows[lo : lo + step])),
+                ps_pb2.InitRowsResponse, rpc.TRANSFER_DEADLINE_S).result()
 
     def pull_rows(self, table: str, shard: int, ids: torch.Tensor, dim: int, *,
                   min_version: int = 0, timeout_s: float = 30.0, clock: int = 0,
                   ) -> tuple[ps_pb2.PullRowsResponse, torch.Tensor | None]:
         """The reply and, when ready, the rows [len(ids), dim] of `ids` held by `shard`."""
-        reply = self._stubs[shard].PullRows(ps_pb2.PullRowsRequest(
-            job_id=self.job_id, shard_index=shard, table=table, ids=rowcodec.encode_ids(ids),
-            min_version=min_version, timeout_ms=int(timeout_s * 1000), clock=clock),
-            timeout=timeout_s + rpc.TRANSFER_DEADLINE_S)
-        if not reply.ready:
-            return reply, None
-        return reply, rowcodec.decode_rows(table, reply.rows, dim)
+        return self.pull_many([RowPull(table, shard, ids)], dim, min_version=min_version,
+                              timeout_s=timeout_s, clock=clock)[0]
+
+    def pull_many(self, pulls: Sequence[RowPull], dim: int, *, min_version: int = 0,
+                  timeout_s: float = 30.0, clock: int = 0,
+                  ) -> list[tuple[ps_pb2.PullRowsResponse, torch.Tensor | None]]:
+        """pull_rows for each of `pulls` (tables of row width `dim`), every request sent
+        before any reply is read; the results in the same order."""
+        requests = [ps_pb2.PullRowsRequest(
+            job_id=self.job_id, shard_index=p.shard, table=p.table, ids=rowcodec.encode_ids(p.ids),
+            min_version=min_version, timeout_ms=int(timeout_s * 1000), clock=clock) for p in pulls]
+        replies = _call_all([functools.partial(
+            self._servers[p.shard].start, "PullRows", request, ps_pb2.PullRowsResponse,
+            timeout_s + rpc.TRANSFER_DEADLINE_S) for p, request in zip(pulls, requests, strict=True)])
+        return [(reply, rowcodec.decode_rows(p.table, reply.rows, dim) if reply.ready else None)
+                for p, reply in zip(pulls, replies, strict=True)]
 
     def push_rows(self, table: str, shard: int, ids: torch.Tensor, rows: torch.Tensor, *,
                   step: int, batch_size: int) -> ps_pb2.PushRowsResponse:
         """One step's coalesced row gradient of `table` for the ids `shard` holds."""
-        return self._stubs[shard].PushRows(ps_pb2.PushRowsRequest(
-            job_id=self.job_id, shard_index=shard, table=table, worker_id=self.worker_id,
-            incarnation=self.incarnation, step=step, batch_size=batch_size,
-            ids=rowcodec.encode_ids(ids), rows=rowcodec.encode_rows(rows),
-            dtype=common_pb2.DTYPE_FLOAT32), timeout=rpc.TRANSFER_DEADLINE_S)
+        return self.push_many([RowPush(table, shard, ids, rows)], step=step,
+                              batch_size=batch_size)[0]
+
+    def push_many(self, pushes: Sequence[RowPush], *, step: int,
+                  batch_size: int) -> list[ps_pb2.PushRowsResponse]:
+        """push_rows for each of `pushes` (at most one per table and shard: a second would
+        replace the first in a sync round), every request sent before any reply is read."""
+        return _call_all([functools.partial(
+            self._servers[p.shard].start, "PushRows", ps_pb2.PushRowsRequest(
+                job_id=self.job_id, shard_index=p.shard, table=p.table, worker_id=self.worker_id,
+                incarnation=self.incarnation, step=step, batch_size=batch_size,
+                ids=rowcodec.encode_ids(p.ids), rows=rowcodec.encode_rows(p.rows),
+                dtype=common_pb2.DTYPE_FLOAT32), ps_pb2.PushRowsResponse, rpc.TRANSFER_DEADLINE_S)
+            for p in pushes])
+
 
     def export_rows(self, table: str, shard: int, dim: int, after: int | None, max_rows: int, *,
                     min_version: int = 0, timeout_s: float = 30.0,
                     ) -> tuple[ps_pb2.ExportRowsResponse, torch.Tensor | None, torch.Tensor | None]:
         """A page of a dynamic table's rows held by `shard`, ids ascending and greater than
         `after` (None: from the smallest): (reply, ids, rows), ids and rows None when not ready."""
-        reply = self._stubs[shard].ExportRows(ps_pb2.ExportRowsRequest(
+        reply = self._servers[shard].stub.ExportRows(ps_pb2.ExportRowsRequest(
             job_id=self.job_id, shard_index=shard, table=table, min_version=min_version,
             timeout_ms=int(timeout_s * 1000), after_set=after is not None,
             after_id=after or 0, max_rows=max_rows), timeout=timeout_s + rpc.TRANSFER_DEADLINE_S)
@@ -93,6 +147,28 @@ class RowClient:
             raise ValueError(f"table {table!r}: shard {shard} sent {rows.shape[0]} rows for "
                              f"{ids.numel()} ids")
         return reply, ids, rows
+
+def _call_all(starts: Sequence[Callable[[], PendingRows[_M]]]) -> list[_M]:
+    """Starts every call (sends its request), then reads every reply, in order. Every started
+    call's reply is read before the first error is raised, so no call of the batch is in
+    flight when the caller retries it."""
+    started: list[PendingRows[_M]] = []
+    error: Exception | None = None
+    for start in starts:
+        try:
+            started.append(start())
+        except Exception as exc:
+            error = exc
+            break
+    replies: list[_M] = []
+    for call in started:
+        try:
+            replies.append(call.result())
+        except Exception as exc:
+            error = error or exc
+    if error is not None:
+        raise error
+    return replies
 
 
 # Rows per PullRows when a whole table is read (export): about this many bytes per message.

@@ -35,7 +35,8 @@ class Cluster:
     """
 
     def __init__(self, servers: int = 1, workers: int = 0, lease_ms: int = 2000,
-                 step_delays_ms: list[int] | None = None):
+                 step_delays_ms: list[int] | None = None, data_port: int = 0):
+        """`data_port`: the servers' data planes (0: on, a port each; -1: off, gRPC only)."""
         self.coordinator = CoordinatorDaemon("127.0.0.1", 0, lease_ms=lease_ms,
                                              metrics_port=-1).start()
         self.address = self.coordinator.address
@@ -43,7 +44,7 @@ class Cluster:
         self._channel = rpc.make_channel(self.address)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         # Metrics are read from each daemon's registry, so no endpoints are bound.
-        self.servers = [ParameterServerDaemon(coordinator=self.address).start()
+        self.servers = [ParameterServerDaemon(coordinator=self.address, data_port=data_port).start()
                         for _ in range(servers)]
         self.workers: list[WorkerDaemon] = []
         for delay in step_delays_ms or [0] * workers:

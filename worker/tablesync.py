@@ -1,7 +1,7 @@
 """A job's embedding tables on one worker (docs/tables.md): the model's `Embedding` and
 `EmbeddingBag` modules attached to the servers, fixed or dynamic, rows fetched by id through
-the job's RowClient (ids grouped by the shard that holds them) and row gradients pushed each
-step.
+the job's RowClient (ids grouped by the shard that holds them, every shard asked at once) and
+row gradients pushed each step.
 
 Owned by the training thread, like the model.
 """
@@ -18,7 +18,7 @@ from torch import nn
 from shardps.proto import ps_pb2
 from shardps.proto import spec as spec_lib
 from shardps.proto.tables import FixedLayout, RowInit, dynamic_server_of
-from shardps.psclient.rows import RowClient
+from shardps.psclient.rows import RowClient, RowPull, RowPush
 from shardps.worker.embedding import Embedding, EmbeddingBag, table_modules
 
 _T = TypeVar("_T")
@@ -126,18 +126,18 @@ class TableSync:
 
     def fetch(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         """RowSource: the rows of strictly increasing `ids`, one PullRows per shard holding
-        some of them."""
+        some of them, all sent before any reply is read."""
         client = self._client
         assert client is not None, "TableSync.bind first"
         dim = self.dims[table]
         out = torch.empty((ids.numel(), dim), dtype=torch.float32)
         server = self._shards_of(table, ids, client.num_shards)
-        for shard in range(client.num_shards):
-            mask = server == shard
-            if not bool(mask.any()):
-                continue
-            reply, rows = self._call("pull_rows", functools.partial(
-                client.pull_rows, table, shard, ids[mask], dim, timeout_s=PULL_ROWS_TIMEOUT_S))
+        masks = [(shard, server == shard) for shard in range(client.num_shards)]
+        masks = [(shard, mask) for shard, mask in masks if bool(mask.any())]
+        pulls = [RowPull(table, shard, ids[mask]) for shard, mask in masks]
+        got = self._call("pull_rows", functools.partial(
+            client.pull_many, pulls, dim, timeout_s=PULL_ROWS_TIMEOUT_S))
+        for (shard, mask), (reply, rows) in zip(masks, got, strict=True):
             if rows is None:
                 raise TimeoutError(f"table {table!r}: shard {shard} sent no rows within "
                                    f"{PULL_ROWS_TIMEOUT_S:.0f} s (version {reply.version})")
@@ -146,11 +146,11 @@ class TableSync:
 
     def push(self, step: int, batch_size: int) -> list[ps_pb2.PushRowsResponse]:
         """Pushes every table's row gradient of this step, split by shard (none for a table
-        no forward reached: its round applies an empty step). Before the dense push, which
-        may close the sync round."""
+        no forward reached: its round applies an empty step), every table and shard's request
+        sent before any reply is read. Before the dense push, which may close the sync round."""
         client = self._client
         assert client is not None, "TableSync.bind first"
-        replies = []
+        pushes = []
         for name, module in self.modules:
             grads = module.take_row_grads()
             if grads is None:
@@ -159,12 +159,12 @@ class TableSync:
             server = self._shards_of(name, ids, client.num_shards)
             for shard in range(client.num_shards):
                 mask = server == shard
-                if not bool(mask.any()):
-                    continue
-                replies.append(self._call("push_rows", functools.partial(
-                    client.push_rows, name, shard, ids[mask], rows[mask], step=step,
-                    batch_size=batch_size)))
-        return replies
+                if bool(mask.any()):
+                    pushes.append(RowPush(name, shard, ids[mask], rows[mask]))
+        if not pushes:
+            return []
+        return self._call("push_rows", functools.partial(
+            client.push_many, pushes, step=step, batch_size=batch_size))
 
 
 def server_init_of(module: Embedding | EmbeddingBag) -> ps_pb2.ServerInit | None:

@@ -107,7 +107,8 @@ class ParameterServerDaemon:
             if self.data_port >= 0:
                 # As many connections as the gRPC server takes concurrent calls.
                 self.data_server = DataServer(self.servicer.bulk, rpc.current_security(),
-                                              max_connections=self._grpc_workers * 4)
+                                              max_connections=self._grpc_workers * 4,
+                                              rows=self.servicer.rows)
                 self.data_port = self.data_server.start(self.host, self.data_port)
                 self.servicer.data_port = self.data_port
             self.metrics_endpoint = daemon.start_metrics(self.metrics_registry, self.host,

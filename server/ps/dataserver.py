@@ -1,5 +1,6 @@
 """The data plane's server side: a TCP listener beside the gRPC service, serving the Push and
-Pull frames of proto/dataplane.py through BulkOps, one thread per authenticated connection.
+Pull frames of proto/dataplane.py through BulkOps (and the row calls' frames through
+rowframes.py), one thread per authenticated connection.
 
 A connection gets its thread only after a valid hello: until then it is one of a bounded
 number of sockets that a single thread (runtime/gate.py) takes through the TLS handshake and
@@ -37,8 +38,9 @@ from google.protobuf.message import DecodeError
 from shardps.proto import codec, dataplane, ps_pb2
 from shardps.runtime import callguard, gate, rpc, sslcontext
 
-from . import compressed
+from . import compressed, rowframes
 from .bulk import BulkOps, Refused
+from .rowservice import RowService
 
 log = logging.getLogger("shardps.ps")
 
@@ -64,8 +66,10 @@ class DataServer:
 
     def __init__(self, bulk: BulkOps, security: rpc.Security,
                  max_connections: int = MAX_CONNECTIONS, max_pending: int = MAX_PENDING,
-                 hello_deadline_s: float = HELLO_DEADLINE_S):
+                 hello_deadline_s: float = HELLO_DEADLINE_S, rows: RowService | None = None):
+        """`rows`: the row calls' service (rowframes.py), None to serve Push and Pull only."""
         self.bulk = bulk
+        self.rows = rows
         self.token = security.token.encode() if security.token else None
         self.context = sslcontext.server_context(security)
         self.max_connections = max_connections
@@ -167,11 +171,20 @@ class DataServer:
                 deadline = dataplane.Deadline(rpc.TRANSFER_DEADLINE_S, callguard.CLIENT_WAIT_S)
                 dataplane.recv_exact(conn, view[first:], deadline)
                 kind, size = dataplane.FRAME.unpack(head)
-                if size > dataplane.MAX_BODY_BYTES:
+                rows = self.rows is not None and kind in dataplane.ROW_KINDS
+                limit = dataplane.MAX_ROWS_BODY_BYTES if rows else dataplane.MAX_BODY_BYTES
+                if size > limit:
+                    if rows:  # as gRPC refuses a message over its limit
+                        _reply_error(conn, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"a request of {size} bytes (at most {limit})", deadline)
                     raise _Close(f"a request body of {size} bytes")
                 body = bytearray(size)
                 dataplane.recv_exact(conn, memoryview(body), deadline)
-                if kind == dataplane.PUSH:
+                if rows and self.rows is not None:
+                    reply = rowframes.answer(self.rows, kind, bytes(body),
+                                             lambda: not self._stopping.is_set())
+                    dataplane.send_all(conn, reply, deadline)
+                elif kind == dataplane.PUSH:
                     self._push(conn, bytes(body), deadline)
                 elif kind == dataplane.PULL:
                     self._pull(conn, bytes(body), scratch, deadline)
@@ -287,8 +300,7 @@ class DataServer:
             self.bulk.pulled(plan, sent)
 
 
-def _error(code: grpc.StatusCode, message: str) -> bytes:
-    return dataplane.frame(code.value[0], message.encode()[: dataplane.MAX_BODY_BYTES])
+_error = rowframes.error_frame
 
 
 def _reply_error(conn: socket.socket, code: grpc.StatusCode, message: str,

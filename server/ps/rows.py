@@ -22,19 +22,20 @@ from .table_config import TableStats
 from .table_shard import TableShard
 
 
-def init_rows(core: ShardCore, name: str, rows: torch.Tensor) -> None:
-    """Sets a fixed table's rows on this shard, in slot order (rank 0 seeds them)."""
+def init_rows(core: ShardCore, name: str, rows: torch.Tensor, first: int = 0) -> None:
+    """Sets a fixed table's rows on this shard at slots [first, first + len(rows)), in slot
+    order (rank 0 seeds them, a few MiB per call)."""
     with core.cond:
         core.check_open()
         table = core.tables.get(name)
         if table.layout is None:
             raise tables_lib.TableRowsError(f"table {name!r} is dynamic: its rows start on the "
                                             "servers (init_rows), they are not seeded")
-        if rows.shape[0] != table.rows:
+        if not 0 <= first <= first + rows.shape[0] <= table.rows:
             raise tables_lib.TableRowsError(
                 f"table {name!r}: shard {core.config.shard_index} holds {table.rows} rows, "
-                f"got {rows.shape[0]}")
-        table.write_rows(0, rows)
+                f"got rows [{first}, {first + rows.shape[0]})")
+        table.write_rows(first, rows)
 
 
 def pull_rows(core: ShardCore, name: str, ids: torch.Tensor, min_version: int, clock: float,
@@ -130,9 +131,9 @@ class ShardRows:
     def __init__(self, core: ShardCore):
         self._core = core
 
-    def init(self, table: str, weights: torch.Tensor) -> None:
-        """Sets a fixed table's rows held here, in slot order (init_rows)."""
-        init_rows(self._core, table, weights)
+    def init(self, table: str, weights: torch.Tensor, first: int = 0) -> None:
+        """Sets a fixed table's rows held here from slot `first`, in slot order (init_rows)."""
+        init_rows(self._core, table, weights, first)
 
     def pull(self, table: str, ids: torch.Tensor, min_version: int, clock: float,
              timeout: float, cancelled: Callable[[], bool] | None = None,

@@ -39,7 +39,8 @@ class RowService:
         try:
             shard = self._shard(request.job_id, request.shard_index, request.table)
             dim = shard.rows.dim(request.table)
-            shard.rows.init(request.table, rowcodec.decode_rows(request.table, request.rows, dim))
+            shard.rows.init(request.table, rowcodec.decode_rows(request.table, request.rows, dim),
+                            request.first_row)
         except _REFUSED as exc:
             raise refusal(exc) from None
         return ps_pb2.InitRowsResponse()

@@ -21,6 +21,7 @@ BENCHES = {
     "scale": ["params", "loss_decreasing", "servers_within"],
     "data": ["files_step", "memory_step", "ratio", "max_ahead"],
     "sparse_huge": ["params", "init_s", "step_s", "worker_peak_MB", "servers_within"],
+    "sparse": ["rows", "pull", "compute", "push", "step", "ratio"],
 }
 
 

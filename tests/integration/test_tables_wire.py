@@ -1,16 +1,22 @@
-"""Embedding tables served by real parameter servers over gRPC (docs/tables.md): sync
-training of a model with an Embedding, an EmbeddingBag with offsets and dense layers equals
-one process with torch's modules, SparseAdam on the tables and Adam on the dense part; and the
-row RPCs refuse bad input with INVALID_ARGUMENT, changing nothing."""
+"""Embedding tables served by real parameter servers (docs/tables.md), over the data plane
+and over the gRPC fallback (`--data-port -1`) alike: sync training of a model with an
+Embedding, an EmbeddingBag with offsets and dense layers equals one process with torch's
+modules, SparseAdam on the tables and Adam on the dense part; and the row calls refuse bad
+input with INVALID_ARGUMENT, changing nothing."""
+
+import random
+import socket
 
 import grpc
 import pytest
 import torch
 
-from shardps.proto import common_pb2, ps_pb2, rowcodec
+from shardps.proto import common_pb2, dataplane, ps_pb2, rowcodec
 from shardps.proto.tables import FixedLayout, assemble_fixed
+from shardps.psclient import rows as psrows
 from shardps.psclient.client import PSClient
 from shardps.psclient.rows import RowClient
+from shardps.runtime import rpc
 from shardps.server.ps.daemon import ParameterServerDaemon
 from shardps.worker import tasks
 from shardps.worker.batches import BatchOrder
@@ -23,6 +29,9 @@ pytestmark = pytest.mark.timeout(180)
 STEPS, BATCH, LR, SEED = 10, 32, 0.01, 3
 MODEL = "tests.integration.tablemodel:table_model"
 TABLES = ("emb", "bag")
+# The servers' data port: 0 gives each a data plane (the row calls' default path), -1 none
+# (the RPCs).
+PATHS = pytest.mark.parametrize("data_port", [0, -1], ids=["plane", "grpc"])
 
 
 def spec(workers: int, servers: int, mode: str = "sync", steps: int = STEPS,
@@ -95,12 +104,13 @@ def served_tables(cluster: Cluster, job_id: str) -> dict[str, torch.Tensor]:
     return out
 
 
+@PATHS
 @pytest.mark.parametrize(("workers", "servers", "tol", "table_opt"), [
     (1, 1, 1e-6, "lazy_adam"), (3, 2, 1e-5, "lazy_adam"), (1, 1, 1e-6, "adagrad"),
     (3, 2, 1e-5, "adagrad")])
 def test_sync_tables_match_the_single_process_reference(workers, servers, tol, table_opt,
-                                                       tmp_path):
-    cluster = Cluster(servers=servers, workers=workers)
+                                                       data_port, tmp_path):
+    cluster = Cluster(servers=servers, workers=workers, data_port=data_port)
     try:
         job_id = cluster.submit(spec(workers, servers, table_opt=table_opt))
         job = cluster.wait(job_id)
@@ -132,10 +142,11 @@ def test_sync_tables_match_the_single_process_reference(workers, servers, tol, t
         cluster.close()
 
 
+@PATHS
 @pytest.mark.parametrize("mode", ["async", "ssp"])
-def test_tables_train_in_async_and_ssp(mode):
+def test_tables_train_in_async_and_ssp(mode, data_port):
     """Pushes apply on arrival: the job completes with a falling loss and moved tables."""
-    cluster = Cluster(servers=2, workers=2)
+    cluster = Cluster(servers=2, workers=2, data_port=data_port)
     try:
         job_id = cluster.submit(spec(2, 2, mode, steps=40))
         job = cluster.wait(job_id)
@@ -180,11 +191,13 @@ def table_shard_config(optimizer: str = "lazy_adam") -> ps_pb2.ShardConfig:
                                  eps=1e-8)])
 
 
-@pytest.fixture
-def table_server():
+@pytest.fixture(params=[0, -1], ids=["plane", "grpc"])
+def table_server(request):
     """A standalone server holding job "tj" shard 0 (async) with one fixed table "t"
-    [50, 4] seeded with known rows; yields (server, RowClient, seeded rows)."""
-    server = ParameterServerDaemon(coordinator=None, metrics_port=0).start()
+    [50, 4] seeded with known rows, with a data plane (the client's row calls take it) or
+    without (they take the RPCs); yields (server, RowClient, seeded rows)."""
+    server = ParameterServerDaemon(coordinator=None, metrics_port=0,
+                                   data_port=request.param).start()
     shard_map = common_pb2.ShardMap(version=1, shards=[common_pb2.ShardRange(
         index=0, server_id="s0", address=server.address, offset=0, length=8)])
     config = table_shard_config()
@@ -193,6 +206,8 @@ def table_server():
         ps.init(torch.zeros(8), config)
     client = RowClient("tj", shard_map, worker_id="w0", incarnation=0)
     client.init_rows("t", 0, rows[FixedLayout("t", ROWS, 1).ids_on(0)])
+    # The calls took the path the server offers: an idle data-plane connection, or none.
+    assert bool(client._servers[0].plane._idle) == (request.param == 0)
     yield server, client, rows
     client.close()
     server.stop(0)
@@ -207,7 +222,7 @@ def push(client: RowClient, **fields) -> ps_pb2.PushRowsResponse:
         dtype=common_pb2.DTYPE_FLOAT32)
     for key, value in fields.items():
         setattr(request, key, value)
-    return client._stubs[0].PushRows(request, timeout=10)
+    return client._servers[0].start("PushRows", request, ps_pb2.PushRowsResponse, 10).result()
 
 
 HOSTILE = {
@@ -270,10 +285,16 @@ def test_hostile_pull_rows_is_refused(table_server, ids, table, message):
 
 def test_bad_table_config_and_seed_rows_are_refused(table_server):
     server, client, rows = table_server
-    with pytest.raises(grpc.RpcError) as refused:  # the shard holds 50 rows
-        client.init_rows("t", 0, torch.zeros(49, DIM))
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "holds 50 rows, got 49" in refused.value.details()
+    for first, count in ((0, 51), (40, 11), (-1, 2)):  # the shard holds 50 rows
+        with pytest.raises(grpc.RpcError) as refused:
+            client._servers[0].start("InitRows", ps_pb2.InitRowsRequest(
+                job_id="tj", shard_index=0, table="t", first_row=first,
+                rows=rowcodec.encode_rows(torch.zeros(count, DIM))), ps_pb2.InitRowsResponse,
+                10).result()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"holds 50 rows, got rows [{first}, {first + count})" in refused.value.details()
+    _, now = client.pull_rows("t", 0, torch.arange(ROWS), DIM, timeout_s=5)
+    assert torch.equal(now, rows)
     shard_map = client.shard_map
     bad = table_shard_config(optimizer="sgd")
     with PSClient("tj2", shard_map, data_plane=False) as ps, pytest.raises(grpc.RpcError) as refused:
@@ -298,3 +319,162 @@ def test_a_server_with_a_data_dir_refuses_tables_it_could_not_restore(tmp_path):
         assert server.shards.shards("tj") == []
     finally:
         server.stop(0)
+
+
+def test_init_rows_in_several_calls_sets_every_row(table_server, monkeypatch):
+    """A shard's rows larger than INIT_BYTES go in calls of INIT_BYTES, each at its slot."""
+    server, client, _ = table_server
+    monkeypatch.setattr(psrows, "INIT_BYTES", 3 * DIM * 4)  # 3 rows per call: 17 calls
+    new = torch.randn(ROWS, DIM)
+    client.init_rows("t", 0, new[FixedLayout("t", ROWS, 1).ids_on(0)])
+    _, now = client.pull_rows("t", 0, torch.arange(ROWS), DIM, timeout_s=5)
+    assert torch.equal(now, new)
+
+
+# -- hostile frames on the data plane ---------------------------------------------------------
+
+def plane_socket(server) -> socket.socket:
+    """A raw connection to the server's data plane, past the hello."""
+    sock = socket.create_connection(("127.0.0.1", server.data_port), timeout=10)
+    sock.sendall(dataplane.MAGIC + dataplane.TOKEN_LEN.pack(0))
+    assert dataplane.recv_frame(sock) == (0, b"")
+    return sock
+
+
+def pull_request(ids: torch.Tensor) -> bytes:
+    return ps_pb2.PullRowsRequest(job_id="tj", shard_index=0, table="t", timeout_ms=5000,
+                                  ids=rowcodec.encode_ids(ids)).SerializeToString()
+
+
+def closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionError:
+        return True
+
+
+def unchanged(server, client, rows) -> bool:
+    _, now = client.pull_rows("t", 0, torch.arange(ROWS), DIM, timeout_s=5)
+    return torch.equal(now, rows) and server.shards.get("tj", 0).rows.stats("t").steps == 0
+
+
+@pytest.mark.parametrize("table_server", [0], indirect=True, ids=["plane"])
+def test_hostile_row_frames_are_refused_and_change_nothing(table_server):
+    server, client, rows = table_server
+    # A body that does not parse: refused, and the connection stays in step.
+    with plane_socket(server) as sock:
+        sock.sendall(dataplane.frame(dataplane.PUSH_ROWS, b"\xff\xff\xff"))
+        code, message = dataplane.recv_frame(sock)
+        assert (dataplane.status_code(code), message) == (
+            grpc.StatusCode.INVALID_ARGUMENT, b"PushRows request does not parse")
+        sock.sendall(dataplane.frame(dataplane.PULL_ROWS, pull_request(torch.tensor([2, 9]))))
+        code, body = dataplane.recv_frame(sock, dataplane.MAX_ROWS_BODY_BYTES)
+        reply = ps_pb2.PullRowsResponse.FromString(body)
+        assert code == 0 and torch.equal(rowcodec.decode_rows("t", reply.rows, DIM), rows[[2, 9]])
+    # A body over the limit: refused as gRPC refuses a message over its own, then closed.
+    with plane_socket(server) as sock:
+        sock.sendall(dataplane.FRAME.pack(dataplane.PUSH_ROWS, dataplane.MAX_ROWS_BODY_BYTES + 1))
+        code, message = dataplane.recv_frame(sock)
+        assert dataplane.status_code(code) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert b"at most" in message and closed(sock)
+    # An unknown kind: refused and closed.
+    with plane_socket(server) as sock:
+        sock.sendall(dataplane.frame(9, b""))
+        code, message = dataplane.recv_frame(sock)
+        assert (dataplane.status_code(code), message) == (
+            grpc.StatusCode.INVALID_ARGUMENT, b"unknown request kind 9")
+        assert closed(sock)
+    # A push cut short (the client goes away mid-body): nothing applied.
+    push = ps_pb2.PushRowsRequest(
+        job_id="tj", shard_index=0, table="t", worker_id="w0", step=0, batch_size=1,
+        ids=rowcodec.encode_ids(torch.tensor([1, 5])), rows=rowcodec.encode_rows(torch.ones(2, DIM)),
+        dtype=common_pb2.DTYPE_FLOAT32).SerializeToString()
+    with plane_socket(server) as sock:
+        sock.sendall(dataplane.frame(dataplane.PUSH_ROWS, push)[:-8])
+    # A row frame before the hello is no data-plane client at all.
+    with socket.create_connection(("127.0.0.1", server.data_port), timeout=10) as sock:
+        sock.sendall(dataplane.frame(dataplane.PULL_ROWS, pull_request(torch.tensor([1]))))
+        code, message = dataplane.recv_frame(sock)
+        assert dataplane.status_code(code) == grpc.StatusCode.INVALID_ARGUMENT
+        assert message == b"not a shardps data-plane client" and closed(sock)
+    assert unchanged(server, client, rows)
+    # The same push, whole, applies (the test can see a change).
+    with plane_socket(server) as sock:
+        sock.sendall(dataplane.frame(dataplane.PUSH_ROWS, push))
+        code, body = dataplane.recv_frame(sock)
+        assert ps_pb2.PushRowsResponse.FromString(body).status == ps_pb2.PUSH_STATUS_APPLIED
+    assert not unchanged(server, client, rows)
+
+
+@pytest.mark.parametrize("table_server", [0], indirect=True, ids=["plane"])
+def test_random_row_frames_get_a_status_each_and_leave_the_rows_as_they_were(table_server):
+    """Fuzzed like the dense path: 300 row frames, each one field or the whole body random, on
+    one connection: every one is answered with a handled status (the connection stays in
+    step), and the rows are what they were."""
+    server, client, rows = table_server
+    rng = random.Random(12)
+    kinds = {dataplane.INIT_ROWS: ps_pb2.InitRowsRequest, dataplane.PULL_ROWS: ps_pb2.PullRowsRequest,
+             dataplane.PUSH_ROWS: ps_pb2.PushRowsRequest}
+    outcomes: dict[grpc.StatusCode, int] = {}
+    with plane_socket(server) as sock:
+        for _ in range(300):
+            kind = rng.choice(list(kinds))
+            message = kinds[kind](job_id=rng.choice(["tj", "tj", "other"]), table=rng.choice(["t", "nope"]),
+                                  shard_index=rng.choice([0, 0, 1]))
+            if kind != dataplane.INIT_ROWS:
+                message.ids = rng.randbytes(rng.choice([0, 7, 8, 16, 24]))
+            if kind != dataplane.PULL_ROWS:
+                message.rows = rng.randbytes(rng.choice([0, 5, 16, 48]))
+            if isinstance(message, ps_pb2.InitRowsRequest):  # never a slot of the shard's rows
+                message.first_row = rng.choice([-2, ROWS, ROWS + 1, 2**40])
+            if isinstance(message, ps_pb2.PushRowsRequest):
+                message.worker_id, message.step = rng.choice(["w0", "w9", ""]), rng.randint(-1, 3)
+                message.dtype = rng.choice([common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16, 99])
+            body = message.SerializeToString()
+            if rng.random() < 0.2:
+                body = rng.randbytes(len(body))
+            sock.sendall(dataplane.frame(kind, body))
+            code, _ = dataplane.recv_frame(sock, dataplane.MAX_ROWS_BODY_BYTES)
+            status = dataplane.status_code(code)
+            outcomes[status] = outcomes.get(status, 0) + 1
+    handled = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+               grpc.StatusCode.FAILED_PRECONDITION}
+    assert set(outcomes) <= handled and outcomes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 100, outcomes
+    _, now = client.pull_rows("t", 0, torch.arange(ROWS), DIM, timeout_s=5)
+    assert torch.equal(now, rows)
+
+
+def test_row_calls_on_the_data_plane_take_the_token_and_refuse_a_wrong_one():
+    """A server with a token: the RowClient of a process that has it reads and writes rows over
+    the data plane; a connection with another token is refused at hello (UNAUTHENTICATED),
+    before its row frame is read, and nothing changes."""
+    rpc.configure(rpc.Security(token="s3cret"))
+    server = client = None
+    try:
+        server = ParameterServerDaemon(coordinator=None, metrics_port=0).start()
+        shard_map = common_pb2.ShardMap(version=1, shards=[common_pb2.ShardRange(
+            index=0, server_id="s0", address=server.address, offset=0, length=8)])
+        with PSClient("tj", shard_map, data_plane=False) as ps:
+            ps.init(torch.zeros(8), table_shard_config())
+        client = RowClient("tj", shard_map, worker_id="w0")
+        rows = torch.randn(ROWS, DIM)
+        client.init_rows("t", 0, rows[FixedLayout("t", ROWS, 1).ids_on(0)])
+        _, got = client.pull_rows("t", 0, torch.arange(ROWS), DIM, timeout_s=5)
+        assert torch.equal(got, rows) and client._servers[0].plane._idle  # over the data plane
+        push = ps_pb2.PushRowsRequest(
+            job_id="tj", shard_index=0, table="t", worker_id="w0", step=0, batch_size=1,
+            ids=rowcodec.encode_ids(torch.tensor([1])), rows=rowcodec.encode_rows(torch.ones(1, DIM)),
+            dtype=common_pb2.DTYPE_FLOAT32).SerializeToString()
+        with socket.create_connection(("127.0.0.1", server.data_port), timeout=10) as sock:
+            sock.sendall(dataplane.MAGIC + dataplane.TOKEN_LEN.pack(5) + b"wrong"
+                         + dataplane.frame(dataplane.PUSH_ROWS, push))
+            code, _ = dataplane.recv_frame(sock)
+            assert dataplane.status_code(code) == grpc.StatusCode.UNAUTHENTICATED and closed(sock)
+        _, now = client.pull_rows("t", 0, torch.arange(ROWS), DIM, timeout_s=5)
+        assert torch.equal(now, rows) and server.shards.get("tj", 0).rows.stats("t").steps == 0
+    finally:
+        if client is not None:
+            client.close()
+        if server is not None:
+            server.stop(0)
+        rpc.configure(rpc.Security())
