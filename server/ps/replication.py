@@ -1,0 +1,212 @@
+"""Replicated shards on one server (docs/architecture.md, "Replicated shards"): which replica
+of each shard of a replicated job this server is, from the replica map InitShard brings and
+the coordinator's views update, and the primary's half of the protocol: a worker's push is
+forwarded whole to every backup, and applied here only once every backup has it.
+
+Pushes of one shard take turns on the primary (one lock per shard, held from the forward to
+the apply), so every backup receives them in the order the primary applies them: in async and
+ssp a backup applies the same pushes in the same order, in sync it closes the same rounds
+with the same contributions, so its weights and Adam state are the primary's, bit for bit.
+
+Forwarding uses the worker's own transports (the backup's data plane, else its Push RPC); a
+backup that does not take a push makes the primary refuse it UNAVAILABLE, applying nothing,
+and the worker retries it (a retry that reaches a replica which already has it is answered
+DUPLICATE). Thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from shardps.proto import codec, common_pb2, ps_pb2
+from shardps.psclient.plane import DataPlaneTransport
+from shardps.psclient.rpcpath import RpcTransport
+
+log = logging.getLogger("shardps.ps")
+
+PRIMARY, BACKUP, DROPPED = "primary", "backup", "none"
+# The refusal a worker that pushed to a replica which is not the primary gets (UNAVAILABLE,
+# retried after re-reading the shard map).
+NOT_PRIMARY = "not the primary of"
+
+
+class ReplicaRefused(Exception):
+    """A push this replica must refuse; `code` is the gRPC status (nothing changed)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One shard's replicas as the newest map this server has seen names them."""
+
+    epoch: int                               # ShardRange.replica_epoch (> 0)
+    primary: str                             # node id
+    backups: tuple[tuple[str, str], ...]     # (node id, address), in promotion order
+
+    def role(self, me: str) -> str:
+        if me == self.primary:
+            return PRIMARY
+        return BACKUP if any(b == me for b, _ in self.backups) else DROPPED
+
+
+class _Backup:
+    """One backup server as the primary reaches it: its data plane where it has one, else
+    its Push RPC (as psclient's per-server transport). Thread-safe, as both transports are."""
+
+    def __init__(self, address: str):
+        self.rpc = RpcTransport(address, codec.DEFAULT_CHUNK_BYTES)
+        self.plane = DataPlaneTransport(address, self.rpc.data_port)
+
+    def push(self, header: ps_pb2.PushHeader, grad: torch.Tensor) -> ps_pb2.PushResponse:
+        transport = self.plane if self.plane.available() else self.rpc
+        reply, _ = transport.start_push(header, grad).finish()
+        return reply
+
+    def close(self) -> None:
+        self.plane.close()
+        self.rpc.close()
+
+
+class Replicas:
+    """The placements of this server's replicated shards and their backups' links.
+
+    `self_id()` is this server's node id ("" until it has registered: then it is no one's
+    primary and refuses workers' pushes to replicated shards).
+    """
+
+    def __init__(self, self_id: Callable[[], str]):
+        self._self_id = self_id
+        self._lock = threading.Lock()
+        self._placements: dict[tuple[str, int], Placement] = {}
+        self._turns: dict[tuple[str, int], threading.Lock] = {}
+        self._backups: dict[str, _Backup] = {}
+
+    # -- the map -----------------------------------------------------------------------
+
+    def adopt(self, job_id: str, shard_map: common_pb2.ShardMap) -> None:
+        """Takes each replicated shard's placement from `shard_map` where its epoch is newer
+        than the one known here (an older map, e.g. a late view, changes nothing)."""
+        for shard in shard_map.shards:
+            if shard.replica_epoch <= 0:
+                continue
+            placement = Placement(shard.replica_epoch, shard.server_id, tuple(
+                zip(shard.backup_ids, shard.backup_addresses, strict=True)))
+            key = (job_id, shard.index)
+            with self._lock:
+                known = self._placements.get(key)
+                if known is not None and known.epoch >= placement.epoch:
+                    continue
+                self._placements[key] = placement
+            if known is not None:
+                me = self._self_id()
+                log.info("job %s shard %d: replica epoch %d: %s here (primary %s, backups %s)",
+                         job_id, shard.index, placement.epoch, placement.role(me),
+                         placement.primary, ",".join(b for b, _ in placement.backups) or "none")
+
+    def forget(self, job_id: str) -> None:
+        """The job's shards were dropped here."""
+        with self._lock:
+            for key in [k for k in self._placements if k[0] == job_id]:
+                del self._placements[key]
+                self._turns.pop(key, None)
+
+    def describe(self, job_id: str, index: int) -> tuple[int, str]:
+        """(replica epoch, role) of a shard here; (0, "") for a shard without replicas."""
+        with self._lock:
+            placement = self._placements.get((job_id, index))
+        return (0, "") if placement is None else (placement.epoch, placement.role(self._self_id()))
+
+    # -- pushes ------------------------------------------------------------------------
+
+    def check(self, header: ps_pb2.PushHeader) -> None:
+        """Refuses (ReplicaRefused) a push this replica may not take, before it is read: a
+        worker's push to a replica that is not the shard's primary (UNAVAILABLE: the worker
+        re-reads the map), a forwarded push of an older replica epoch or to a primary of the
+        same epoch (FAILED_PRECONDITION)."""
+        with self._lock:
+            placement = self._placements.get((header.job_id, header.shard_index))
+        if placement is None:
+            return
+        role = placement.role(self._self_id())
+        where = f"job {header.job_id} shard {header.shard_index}"
+        if header.replica_epoch == 0:
+            if role != PRIMARY:
+                raise ReplicaRefused(grpc.StatusCode.UNAVAILABLE, (
+                    f"{NOT_PRIMARY} {where} (replica epoch {placement.epoch}, primary "
+                    f"{placement.primary}); re-read the shard map"))
+            return
+        if header.replica_epoch < placement.epoch or (
+                role == PRIMARY and header.replica_epoch == placement.epoch):
+            raise ReplicaRefused(grpc.StatusCode.FAILED_PRECONDITION, (
+                f"stale replica epoch: a push forwarded at epoch {header.replica_epoch} to "
+                f"{where}, which is at epoch {placement.epoch} here ({role})"))
+
+    @contextlib.contextmanager
+    def turn(self, header: ps_pb2.PushHeader, grad: torch.Tensor) -> Iterator[bool]:
+        """Around the apply of a checked push whose elements are in `grad` (the wire dtype,
+        fp32 for a compressed push): on the shard's primary, takes the shard's turn and
+        forwards the push to every backup first (ReplicaRefused UNAVAILABLE if one does not
+        take it; nothing is applied then). Yields whether a backup answered JOB_DONE (it
+        learned of the job's end first): the primary must not apply the push either.
+        Elsewhere (no replicas, a forwarded push) it just runs the body (yields False)."""
+        key = (header.job_id, header.shard_index)
+        if header.replica_epoch != 0:
+            yield False
+            return
+        with self._lock:
+            placement = self._placements.get(key)
+            turn = self._turns.setdefault(key, threading.Lock()) if placement else None
+        if placement is None or turn is None:
+            yield False
+            return
+        with turn:
+            with self._lock:  # the map may have changed while we waited for the turn
+                placement = self._placements[key] if key in self._placements else placement
+            self.check(header)
+            yield self._forward(header, grad, placement)
+
+    def _forward(self, header: ps_pb2.PushHeader, grad: torch.Tensor,
+                 placement: Placement) -> bool:
+        """Sends the push to every backup; returns whether one answered JOB_DONE."""
+        forwarded = ps_pb2.PushHeader()
+        forwarded.CopyFrom(header)
+        forwarded.replica_epoch = placement.epoch
+        if forwarded.compression != ps_pb2.PUSH_COMPRESSION_NONE:  # decoded here: send fp32
+            forwarded.compression = ps_pb2.PUSH_COMPRESSION_NONE
+            forwarded.compressed_bytes = 0
+            forwarded.dtype = common_pb2.DTYPE_FLOAT32
+        job_done = False
+        for backup_id, address in placement.backups:
+            try:
+                reply = self._backup(address).push(forwarded, grad)
+                job_done |= reply.status == ps_pb2.PUSH_STATUS_JOB_DONE
+            except Exception as exc:  # any failure: the worker retries, nothing applied here
+                code = exc.code().name if isinstance(exc, grpc.RpcError) else type(exc).__name__
+                details = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+                raise ReplicaRefused(grpc.StatusCode.UNAVAILABLE, (
+                    f"backup {backup_id} of job {header.job_id} shard {header.shard_index} "
+                    f"did not take the push ({code}: {details}); retry")) from None
+        return job_done
+
+    def _backup(self, address: str) -> _Backup:
+        with self._lock:
+            backup = self._backups.get(address)
+            if backup is None:
+                backup = self._backups[address] = _Backup(address)
+            return backup
+
+    def close(self) -> None:
+        with self._lock:
+            backups, self._backups = list(self._backups.values()), {}
+        for backup in backups:
+            backup.close()
