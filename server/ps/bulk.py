@@ -41,7 +41,7 @@ from .metrics import PSMetrics
 from .pull_deltas import PullMirrors
 from .pushes import unpushable
 from .registry import ShardRegistry
-from .replication import ReplicaRefused, Replicas
+from .replication import OUT_OF_TOUCH, ReplicaRefused, Replicas
 from .shard import Shard
 from .snapshots import Snapshot
 from .tables import UnknownTableError
@@ -208,6 +208,8 @@ class BulkOps:
         reason = "not_primary" if exc.code == grpc.StatusCode.UNAVAILABLE else "stale_replica"
         if "did not take" in str(exc):
             reason = "backup_failed"
+        elif str(exc).startswith(OUT_OF_TOUCH):
+            reason = "out_of_touch"
         self.metrics.rejected.labels(reason).inc()
         log.debug("push refused (%s): %s", reason, exc)
         return Refused(exc.code, str(exc))

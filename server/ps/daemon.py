@@ -20,7 +20,7 @@ from .errors import ShardError
 from .heartbeat import CoordinatorLink
 from .metrics import PSMetrics
 from .registry import ShardRegistry
-from .replication import Replicas
+from .replication import LEASE_FRACTION, Replicas
 from .servicer import SERVICE_NAME
 
 log = logging.getLogger("shardps.ps")
@@ -71,7 +71,8 @@ class ParameterServerDaemon:
         self.shards = ShardRegistry(self.checkpointer.attach if self.checkpointer else None)
         self.metrics = PSMetrics(self.metrics_registry, self.shards)
         self.servicer = CheckpointingServicer(self.shards, self.metrics, self.checkpointer)
-        self.replicas = Replicas(lambda: self.link.node_id if self.link else "")
+        self.replicas = Replicas(lambda: self.link.node_id if self.link else "",
+                                 lambda: self.link is not None and self.link.in_touch(LEASE_FRACTION))
         self.servicer.bulk.replicas = self.replicas
         self.metrics_endpoint: daemon.MetricsEndpoint | None = None
         self.link: CoordinatorLink | None = None

@@ -58,8 +58,9 @@ REJECT_REASONS = ("invalid", "bad_header", "bad_dtype", "bad_chunks", "bad_lengt
                   "step_ahead", "bad_config", "fenced", "bad_encoding",
                   # replicated shards (replication.py): a worker's push to a replica that is
                   # not the primary, a forwarded push of an older replica epoch, a backup
-                  # that did not take the primary's forward
-                  "not_primary", "stale_replica", "backup_failed")
+                  # that did not take the primary's forward, a primary out of touch with
+                  # the coordinator
+                  "not_primary", "stale_replica", "backup_failed", "out_of_touch")
 
 
 class FencedError(ShardError):

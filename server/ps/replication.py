@@ -35,6 +35,9 @@ PRIMARY, BACKUP, DROPPED = "primary", "backup", "none"
 # The refusal a worker that pushed to a replica which is not the primary gets (UNAVAILABLE,
 # retried after re-reading the shard map).
 NOT_PRIMARY = "not the primary of"
+# A primary not answered by the coordinator for LEASE_FRACTION of a lease stops acknowledging.
+OUT_OF_TOUCH = "the coordinator has not answered this server"
+LEASE_FRACTION = 0.75
 
 
 class ReplicaRefused(Exception):
@@ -81,11 +84,15 @@ class Replicas:
     """The placements of this server's replicated shards and their backups' links.
 
     `self_id()` is this server's node id ("" until it has registered: then it is no one's
-    primary and refuses workers' pushes to replicated shards).
+    primary and refuses workers' pushes to replicated shards). `in_touch()` says whether the
+    coordinator answered this server within the last LEASE_FRACTION of a lease: a primary
+    that is not refuses workers' pushes (UNAVAILABLE), so that once the coordinator may have
+    promoted a backup (a lease after it last heard of us) we no longer acknowledge any.
     """
 
-    def __init__(self, self_id: Callable[[], str]):
+    def __init__(self, self_id: Callable[[], str], in_touch: Callable[[], bool] = lambda: True):
         self._self_id = self_id
+        self._in_touch = in_touch
         self._lock = threading.Lock()
         self._placements: dict[tuple[str, int], Placement] = {}
         self._turns: dict[tuple[str, int], threading.Lock] = {}
@@ -144,6 +151,10 @@ class Replicas:
                 raise ReplicaRefused(grpc.StatusCode.UNAVAILABLE, (
                     f"{NOT_PRIMARY} {where} (replica epoch {placement.epoch}, primary "
                     f"{placement.primary}); re-read the shard map"))
+            if not self._in_touch():
+                raise ReplicaRefused(grpc.StatusCode.UNAVAILABLE, (
+                    f"{OUT_OF_TOUCH} for most of a lease: not acknowledging pushes to {where} "
+                    f"as its primary (replica epoch {placement.epoch})"))
             return
         if header.replica_epoch < placement.epoch or (
                 role == PRIMARY and header.replica_epoch == placement.epoch):
@@ -173,7 +184,9 @@ class Replicas:
             with self._lock:  # the map may have changed while we waited for the turn
                 placement = self._placements[key] if key in self._placements else placement
             self.check(header)
-            yield self._forward(header, grad, placement)
+            job_done = self._forward(header, grad, placement)
+            self.check(header)  # still the primary, and in touch, now that backups have it
+            yield job_done
 
     def _forward(self, header: ps_pb2.PushHeader, grad: torch.Tensor,
                  placement: Placement) -> bool:

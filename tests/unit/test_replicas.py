@@ -150,3 +150,16 @@ def test_a_primary_whose_backup_cannot_be_reached_applies_nothing():
     assert f"backup {S2} of job job shard 0 did not take the push" in str(info.value)
     assert ran == []
     primary.close()
+
+
+def test_a_primary_out_of_touch_with_the_coordinator_stops_acknowledging():
+    touch = [True]
+    primary = Replicas(lambda: S1, lambda: touch[0])
+    primary.adopt("job", replica_map(1, S1, []))
+    primary.check(header())
+    touch[0] = False
+    exc = refused(primary, header())
+    assert exc.code == grpc.StatusCode.UNAVAILABLE
+    assert "not acknowledging pushes to job job shard 0 as its primary" in str(exc)
+    with pytest.raises(ReplicaRefused), primary.turn(header(), torch.zeros(4)):
+        pytest.fail("applied while out of touch")
