@@ -20,6 +20,7 @@ BENCHES = {
     "tta": ["system", "tta_s", "startup_s", "train_s", "vs_ddp"],
     "scale": ["params", "loss_decreasing", "servers_within"],
     "data": ["files_step", "memory_step", "ratio", "max_ahead"],
+    "replicas": ["R", "push_ms", "vs_R1", "rss_MiB_server_A", "rss_MiB_server_B"],
 }
 
 
