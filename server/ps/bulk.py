@@ -159,8 +159,10 @@ class BulkOps:
                                      batch_size=header.batch_size)
         except ShardError as exc:
             raise self._reject(exc, exc.reason) from None
-        if early is not None:
+        if early is not None and not (early == ps_pb2.PUSH_STATUS_DUPLICATE
+                                      and self.replicas.owed(header)):
             # Decided by the header alone (JOB_DONE, DUPLICATE, STALE): the elements are not read.
+            # (A duplicate a backup may lack is read, and forwarded again in the turn below.)
             return self._pushed(shard, early, shard.version, start)
 
         grad = shard.staging(wire)  # kept in the wire dtype
@@ -183,12 +185,10 @@ class BulkOps:
         applying = time.perf_counter()
         handed = False
         try:
-            # A replicated shard's primary forwards the push to its backups first.
-            with self.replicas.turn(header, grad) as job_done:
+            # A replicated shard's primary sends the push to its backups, applies it, and
+            # raises ReplicaRefused (after the apply) unless every backup took it.
+            with self.replicas.turn(header, grad):
                 handed = True  # push takes `grad` over, also when it raises.
-                if job_done:  # a backup froze first: neither applies it
-                    shard.release_staging(grad)
-                    return self._pushed(shard, ps_pb2.PUSH_STATUS_JOB_DONE, shard.version, start)
                 result = shard.push(grad, base_version=header.base_version, checked=True,
                                     worker_id=header.worker_id, incarnation=header.incarnation,
                                     step=header.step, batch_size=header.batch_size)

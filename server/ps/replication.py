@@ -38,6 +38,13 @@ NOT_PRIMARY = "not the primary of"
 # A primary not answered by the coordinator for LEASE_FRACTION of a lease stops acknowledging.
 OUT_OF_TOUCH = "the coordinator has not answered this server"
 LEASE_FRACTION = 0.75
+# Owed pushes remembered per shard (a backup that stays unreachable is dropped from the map
+# within a lease, and then nothing is owed to it).
+MAX_OWED = 4096
+
+
+def _push_id(header: ps_pb2.PushHeader) -> tuple[str, int, int]:
+    return header.worker_id, header.incarnation, header.step
 
 
 class ReplicaRefused(Exception):
@@ -70,10 +77,16 @@ class _Backup:
         self.rpc = RpcTransport(address, codec.DEFAULT_CHUNK_BYTES)
         self.plane = DataPlaneTransport(address, self.rpc.data_port)
 
-    def push(self, header: ps_pb2.PushHeader, grad: torch.Tensor) -> ps_pb2.PushResponse:
-        transport = self.plane if self.plane.available() else self.rpc
-        reply, _ = transport.start_push(header, grad).finish()
-        return reply
+    def start(self, header: ps_pb2.PushHeader,
+              grad: torch.Tensor) -> Callable[[], ps_pb2.PushResponse]:
+        """Sends the push; returns what reads its reply. Over the data plane every byte of
+        `grad` is on its way when this returns, so the caller may hand `grad` on; over the
+        RPCs (whose threads read `grad` while they send it) the reply is read here."""
+        if self.plane.available():
+            pending = self.plane.start_push(header, grad)
+            return lambda: pending.finish()[0]
+        reply, _ = self.rpc.start_push(header, grad).finish()
+        return lambda: reply
 
     def close(self) -> None:
         self.plane.close()
@@ -97,6 +110,9 @@ class Replicas:
         self._placements: dict[tuple[str, int], Placement] = {}
         self._turns: dict[tuple[str, int], threading.Lock] = {}
         self._backups: dict[str, _Backup] = {}
+        # Per shard: pushes (worker, incarnation, step) applied here that a backup has not
+        # confirmed; a retry of one is forwarded again before it is answered DUPLICATE.
+        self._owed: dict[tuple[str, int], set[tuple[str, int, int]]] = {}
 
     # -- the map -----------------------------------------------------------------------
 
@@ -126,6 +142,7 @@ class Replicas:
             for key in [k for k in self._placements if k[0] == job_id]:
                 del self._placements[key]
                 self._turns.pop(key, None)
+                self._owed.pop(key, None)
 
     def describe(self, job_id: str, index: int) -> tuple[int, str]:
         """(replica epoch, role) of a shard here; (0, "") for a shard without replicas."""
@@ -163,34 +180,43 @@ class Replicas:
                 f"{where}, which is at epoch {placement.epoch} here ({role})"))
 
     @contextlib.contextmanager
-    def turn(self, header: ps_pb2.PushHeader, grad: torch.Tensor) -> Iterator[bool]:
+    def turn(self, header: ps_pb2.PushHeader, grad: torch.Tensor) -> Iterator[None]:
         """Around the apply of a checked push whose elements are in `grad` (the wire dtype,
-        fp32 for a compressed push): on the shard's primary, takes the shard's turn and
-        forwards the push to every backup first (ReplicaRefused UNAVAILABLE if one does not
-        take it; nothing is applied then). Yields whether a backup answered JOB_DONE (it
-        learned of the job's end first): the primary must not apply the push either.
-        Elsewhere (no replicas, a forwarded push) it just runs the body (yields False)."""
+        fp32 for a compressed push). On the shard's primary: takes the shard's turn, sends
+        the push to every backup, runs the body (the apply here, while the backups apply
+        theirs), then reads every backup's reply. If one did not take the push, raises
+        ReplicaRefused UNAVAILABLE after the body: the push was applied here but is not
+        acknowledged, and it is *owed* to the backups (`owed`): the worker's retry, which
+        this copy then answers DUPLICATE, is forwarded again before that answer. Elsewhere
+        (no replicas, a forwarded push) it just runs the body."""
         key = (header.job_id, header.shard_index)
         if header.replica_epoch != 0:
-            yield False
+            yield
             return
         with self._lock:
             placement = self._placements.get(key)
             turn = self._turns.setdefault(key, threading.Lock()) if placement else None
         if placement is None or turn is None:
-            yield False
+            yield
             return
         with turn:
             with self._lock:  # the map may have changed while we waited for the turn
                 placement = self._placements[key] if key in self._placements else placement
             self.check(header)
-            job_done = self._forward(header, grad, placement)
+            replies = self._start(header, grad, placement)
             self.check(header)  # still the primary, and in touch, now that backups have it
-            yield job_done
+            try:
+                yield
+            finally:
+                self._finish(header, replies)
 
-    def _forward(self, header: ps_pb2.PushHeader, grad: torch.Tensor,
-                 placement: Placement) -> bool:
-        """Sends the push to every backup; returns whether one answered JOB_DONE."""
+    def owed(self, header: ps_pb2.PushHeader) -> bool:
+        """Whether this push was applied here but not confirmed by every backup."""
+        with self._lock:
+            return _push_id(header) in self._owed.get((header.job_id, header.shard_index), ())
+
+    def _start(self, header: ps_pb2.PushHeader, grad: torch.Tensor,
+               placement: Placement) -> list[tuple[str, Callable[[], ps_pb2.PushResponse] | Exception]]:
         forwarded = ps_pb2.PushHeader()
         forwarded.CopyFrom(header)
         forwarded.replica_epoch = placement.epoch
@@ -198,18 +224,37 @@ class Replicas:
             forwarded.compression = ps_pb2.PUSH_COMPRESSION_NONE
             forwarded.compressed_bytes = 0
             forwarded.dtype = common_pb2.DTYPE_FLOAT32
-        job_done = False
+        started: list[tuple[str, Callable[[], ps_pb2.PushResponse] | Exception]] = []
         for backup_id, address in placement.backups:
             try:
-                reply = self._backup(address).push(forwarded, grad)
-                job_done |= reply.status == ps_pb2.PUSH_STATUS_JOB_DONE
-            except Exception as exc:  # any failure: the worker retries, nothing applied here
+                started.append((backup_id, self._backup(address).start(forwarded, grad)))
+            except Exception as exc:  # read in _finish, after the body
+                started.append((backup_id, exc))
+        return started
+
+    def _finish(self, header: ps_pb2.PushHeader,
+                started: list[tuple[str, Callable[[], ps_pb2.PushResponse] | Exception]]) -> None:
+        failure = None
+        for backup_id, pending in started:
+            try:
+                if isinstance(pending, Exception):
+                    raise pending
+                pending()
+            except Exception as exc:  # any failure: the worker retries
                 code = exc.code().name if isinstance(exc, grpc.RpcError) else type(exc).__name__
                 details = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-                raise ReplicaRefused(grpc.StatusCode.UNAVAILABLE, (
+                failure = failure or (
                     f"backup {backup_id} of job {header.job_id} shard {header.shard_index} "
-                    f"did not take the push ({code}: {details}); retry")) from None
-        return job_done
+                    f"did not take the push ({code}: {details}); retry")
+        key, push = (header.job_id, header.shard_index), _push_id(header)
+        with self._lock:
+            owed = self._owed.setdefault(key, set())
+            if failure is None:
+                owed.discard(push)
+            elif len(owed) < MAX_OWED:
+                owed.add(push)
+        if failure is not None:
+            raise ReplicaRefused(grpc.StatusCode.UNAVAILABLE, failure)
 
     def _backup(self, address: str) -> _Backup:
         with self._lock:

@@ -137,7 +137,7 @@ def test_forwards_of_an_older_epoch_are_fenced_and_maps_never_go_back():
     promoted.check(header())
 
 
-def test_a_primary_whose_backup_cannot_be_reached_applies_nothing():
+def test_a_push_a_backup_did_not_take_is_not_acknowledged_and_is_owed_to_it():
     primary = Replicas(lambda: S1)
     m = replica_map(1, S1, [S2])
     m.shards[0].backup_addresses[0] = "127.0.0.1:1"  # nothing listens there
@@ -145,10 +145,14 @@ def test_a_primary_whose_backup_cannot_be_reached_applies_nothing():
     ran = []
     with pytest.raises(ReplicaRefused) as info:
         with primary.turn(header(), torch.zeros(4)):
-            ran.append(True)
+            ran.append(True)  # the primary applies while its backups apply theirs
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
     assert f"backup {S2} of job job shard 0 did not take the push" in str(info.value)
-    assert ran == []
+    assert ran == [True] and primary.owed(header())  # its retry is forwarded again
+    primary.adopt("job", replica_map(2, S1, []))  # the coordinator dropped the backup
+    with primary.turn(header(), torch.zeros(4)):
+        pass
+    assert not primary.owed(header())
     primary.close()
 
 
