@@ -6,6 +6,7 @@ job goes on without a rollback and ends bitwise where a run without the failure 
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -73,6 +74,8 @@ def test_async_primary_sigkill_loses_no_acknowledged_push(tmp_path):
         assert shards[0].server_id != victim and shards[0].replica_epoch == 2
         assert list(shards[0].backup_ids) == [] and list(shards[2].backup_ids) == []
         assert shards[2].replica_epoch == 2 and shards[1].replica_epoch == 1
+        shown = cluster.cli("status", job_id)  # each shard's primary, backups and epoch
+        assert "BACKUPS" in shown and re.search(rf"{shards[1].backup_ids[0]}\s+1\n", shown), shown
 
         def counts() -> list[tuple[int, float]]:
             """(version, pushes acknowledged) per shard, once every primary has frozen (a
