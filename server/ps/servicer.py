@@ -71,9 +71,6 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             check_config_ids(config)
         except names.InvalidName as exc:
             _fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if config.tables and config.HasField("replica_map"):
-            _fail(context, grpc.StatusCode.INVALID_ARGUMENT,
-                  "config.replica_map: a shard with embedding tables cannot be replicated yet")
         try:
             validate_config(config)
             try:
