@@ -251,6 +251,16 @@ class Network:
         """Brings host's link back up (its address and route return with it)."""
         _in(self.ns(host), "ip", "link", "set", "eth0", "up")
 
+    def cut_from(self, host: str, other: str) -> None:
+        """Partitions host from `other` alone: a blackhole route in host drops everything it
+        sends to other (replies included), so neither reaches the other over TCP while both
+        reach everyone else (this kernel's tc has no filters to drop by peer)."""
+        _in(self.ns(host), "ip", "route", "add", "blackhole", f"{self.address(other)}/32")
+
+    def heal_from(self, host: str, other: str) -> None:
+        """Undoes cut_from(host, other)."""
+        _in(self.ns(host), "ip", "route", "del", "blackhole", f"{self.address(other)}/32")
+
     # -- processes --
 
     def command(self, host: str, *args: str) -> list[str]:

@@ -139,8 +139,8 @@ class CoordinatorClient:
         info = self.job(job_id)
         if not info.shard_map.shards:
             raise ClientError(f"job {job_id} has no weights yet (state {state_name(info.state)})")
-        channels = [rpc.make_channel(address)
-                    for address in dict.fromkeys(s.address for s in info.shard_map.shards)]
+        addresses = list(dict.fromkeys(s.address for s in info.shard_map.shards))
+        channels = [rpc.make_channel(address) for address in addresses]
         servers = [ps_pb2_grpc.ParameterServerStub(channel) for channel in channels]
         try:
             at_version = 0
@@ -156,7 +156,10 @@ class CoordinatorClient:
             # be past at_version (and write a later one) by the time it is asked.
             calls = [server.Checkpoint.future(checkpoint, timeout=timeout_s + self.deadline_s)
                      for server in servers]
-            done = [shard for call in calls for shard in call.result().shards]
+            # A replicated job's server also holds backups: each shard from its primary only.
+            primary = {s.index: s.address for s in info.shard_map.shards}
+            done = [shard for address, call in zip(addresses, calls, strict=True)
+                    for shard in call.result().shards if primary.get(shard.shard_index) == address]
         except grpc.RpcError as exc:
             raise ClientError(f"checkpoint of {job_id} failed: {exc.details() or exc.code().name}",
                               exc.code()) from None

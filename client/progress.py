@@ -115,9 +115,14 @@ def job_detail(job: coordinator_pb2.JobInfo) -> str:
              "yes" if w.alive else "no"] for w in job.workers]))
     if job.shard_map.shards:
         lines.append("")
-        lines.append(table(["SHARD", "SERVER", "ADDRESS", "OFFSET", "LENGTH"], [
-            [str(s.index), s.server_id, s.address, str(s.offset), str(s.length)]
-            for s in job.shard_map.shards]))
+        header = ["SHARD", "SERVER", "ADDRESS", "OFFSET", "LENGTH"]
+        rows = [[str(s.index), s.server_id, s.address, str(s.offset), str(s.length)]
+                for s in job.shard_map.shards]
+        if any(s.replica_epoch for s in job.shard_map.shards):  # replicated: primary first
+            header += ["BACKUPS", "EPOCH"]
+            for row, s in zip(rows, job.shard_map.shards, strict=True):
+                row += [",".join(s.backup_ids) or "-", str(s.replica_epoch)]
+        lines.append(table(header, rows))
     return "\n".join(lines)
 
 

@@ -105,7 +105,7 @@ class WorkerAssignment(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., epoch: _Optional[int] = ..., rollback_id: _Optional[int] = ..., rollback_version: _Optional[int] = ...) -> None: ...
 
 class ServerJobView(_message.Message):
-    __slots__ = ("job_id", "state", "epoch", "live_workers", "live_incarnations", "rollback_id", "rollback_version", "final_version")
+    __slots__ = ("job_id", "state", "epoch", "live_workers", "live_incarnations", "rollback_id", "rollback_version", "final_version", "shard_map")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class ServerJobView(_message.Message):
     ROLLBACK_ID_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINAL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_MAP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: _common_pb2.JobState
     epoch: int
@@ -122,7 +123,8 @@ class ServerJobView(_message.Message):
     rollback_id: int
     rollback_version: int
     final_version: int
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., epoch: _Optional[int] = ..., live_workers: _Optional[_Iterable[str]] = ..., live_incarnations: _Optional[_Iterable[int]] = ..., rollback_id: _Optional[int] = ..., rollback_version: _Optional[int] = ..., final_version: _Optional[int] = ...) -> None: ...
+    shard_map: _common_pb2.ShardMap
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., epoch: _Optional[int] = ..., live_workers: _Optional[_Iterable[str]] = ..., live_incarnations: _Optional[_Iterable[int]] = ..., rollback_id: _Optional[int] = ..., rollback_version: _Optional[int] = ..., final_version: _Optional[int] = ..., shard_map: _Optional[_Union[_common_pb2.ShardMap, _Mapping]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("unknown_node", "assignment", "jobs", "lease_ms")

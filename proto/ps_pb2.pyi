@@ -35,7 +35,7 @@ PUSH_COMPRESSION_INT8: PushCompression
 PUSH_COMPRESSION_SIGN: PushCompression
 
 class ShardConfig(_message.Message):
-    __slots__ = ("job_id", "shard_index", "offset", "length", "total", "optimizer", "mode", "staleness", "workers", "epoch", "layout_fingerprint", "checkpoint_every_steps", "checkpoint_keep", "resume_from_job", "resume_version", "step_budget", "tables")
+    __slots__ = ("job_id", "shard_index", "offset", "length", "total", "optimizer", "mode", "staleness", "workers", "epoch", "layout_fingerprint", "checkpoint_every_steps", "checkpoint_keep", "resume_from_job", "resume_version", "step_budget", "tables", "replica_map")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class ShardConfig(_message.Message):
     RESUME_VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_BUDGET_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_MAP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     offset: int
@@ -70,7 +71,8 @@ class ShardConfig(_message.Message):
     resume_version: int
     step_budget: int
     tables: _containers.RepeatedCompositeFieldContainer[TableSpec]
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., total: _Optional[int] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., staleness: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_keep: _Optional[int] = ..., resume_from_job: _Optional[str] = ..., resume_version: _Optional[int] = ..., step_budget: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ...) -> None: ...
+    replica_map: _common_pb2.ShardMap
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., total: _Optional[int] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., staleness: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., checkpoint_every_steps: _Optional[int] = ..., checkpoint_keep: _Optional[int] = ..., resume_from_job: _Optional[str] = ..., resume_version: _Optional[int] = ..., step_budget: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replica_map: _Optional[_Union[_common_pb2.ShardMap, _Mapping]] = ...) -> None: ...
 
 class TableSpec(_message.Message):
     __slots__ = ("name", "dim", "num_embeddings", "num_shards", "optimizer", "lr", "beta1", "beta2", "eps", "weight_decay", "initial_accumulator_value", "seed", "init", "init_a", "init_b", "admit_after", "evict_after_steps", "max_rows", "max_bytes", "sketch_width", "sketch_depth", "sketch_halve_every", "server_init")
@@ -153,7 +155,7 @@ class InitShardResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "shard_index", "worker_id", "incarnation", "step", "base_version", "dtype", "batch_size", "length", "compression", "compressed_bytes")
+    __slots__ = ("job_id", "shard_index", "worker_id", "incarnation", "step", "base_version", "dtype", "batch_size", "length", "compression", "compressed_bytes", "replica_epoch")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +167,7 @@ class PushHeader(_message.Message):
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     COMPRESSED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_EPOCH_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     worker_id: str
@@ -176,7 +179,8 @@ class PushHeader(_message.Message):
     length: int
     compression: PushCompression
     compressed_bytes: int
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., worker_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., batch_size: _Optional[int] = ..., length: _Optional[int] = ..., compression: _Optional[_Union[PushCompression, str]] = ..., compressed_bytes: _Optional[int] = ...) -> None: ...
+    replica_epoch: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., worker_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., batch_size: _Optional[int] = ..., length: _Optional[int] = ..., compression: _Optional[_Union[PushCompression, str]] = ..., compressed_bytes: _Optional[int] = ..., replica_epoch: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -245,7 +249,7 @@ class GetShardInfoRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("job_id", "shard_index", "offset", "length", "version", "adam_step", "state", "pushes_applied", "worker_clocks", "max_clock_spread", "short_rounds", "live_workers", "epoch", "tables")
+    __slots__ = ("job_id", "shard_index", "offset", "length", "version", "adam_step", "state", "pushes_applied", "worker_clocks", "max_clock_spread", "short_rounds", "live_workers", "epoch", "tables", "replica_epoch", "replica_role")
     class WorkerClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +271,8 @@ class ShardInfo(_message.Message):
     LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ROLE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     offset: int
@@ -281,7 +287,9 @@ class ShardInfo(_message.Message):
     live_workers: _containers.RepeatedScalarFieldContainer[str]
     epoch: int
     tables: _containers.RepeatedCompositeFieldContainer[TableSpec]
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., version: _Optional[int] = ..., adam_step: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., pushes_applied: _Optional[int] = ..., worker_clocks: _Optional[_Mapping[str, int]] = ..., max_clock_spread: _Optional[int] = ..., short_rounds: _Optional[int] = ..., live_workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ...) -> None: ...
+    replica_epoch: int
+    replica_role: str
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., version: _Optional[int] = ..., adam_step: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., pushes_applied: _Optional[int] = ..., worker_clocks: _Optional[_Mapping[str, int]] = ..., max_clock_spread: _Optional[int] = ..., short_rounds: _Optional[int] = ..., live_workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replica_epoch: _Optional[int] = ..., replica_role: _Optional[str] = ...) -> None: ...
 
 class GetShardInfoResponse(_message.Message):
     __slots__ = ("shards",)

@@ -62,6 +62,7 @@ MAX_MESSAGE = 300           # characters of any SpecError message
 MAX_STEPS = 2**31 - 1       # any count of steps or evaluations (the wire's int64 fits them)
 MAX_SEED = 2**63 - 1        # torch generators take < 2**64; seed + epoch stays below
 MAX_EPOCHS = 1e6
+MAX_REPLICAS = 8  # copies of a shard (cluster.replicas)
 FP32_MAX = 3.4028234663852886e38  # the largest finite float32: servers apply Adam in fp32
 # The smallest Adam eps: fp32 flushes anything below ~1.2e-38 to 0, and then a weight whose
 # gradient is 0 gets 0/0 = NaN. 1e-30 keeps far from that edge (torch's default is 1e-8).
@@ -302,6 +303,9 @@ SCHEMA: dict[str, Any] = {
     "cluster": {
         "servers": (_int(1, 1024), 1),
         "workers": (_int(1, 4096), 1),
+        # Copies of each shard: a primary and replicas - 1 backups on other servers
+        # (docs/architecture.md, "Replicated shards"); 1 = no backups.
+        "replicas": (_int(1, MAX_REPLICAS), 1),
     },
     "transport": {
         "dtype": (_choice(TRANSPORT_DTYPES), "float32"),
@@ -387,6 +391,7 @@ class ConsistencySpec(TypedDict):
 class ClusterSpec(TypedDict):
     servers: ReadOnly[int]
     workers: ReadOnly[int]
+    replicas: ReadOnly[int]
 
 
 class TransportSpec(TypedDict):
@@ -522,6 +527,11 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
     mode = spec["consistency"]["mode"]
     if mode != "ssp" and spec["consistency"]["staleness"]:
         raise SpecError("consistency.staleness", f"only applies to mode ssp, not {mode}")
+    cluster = spec["cluster"]
+    if cluster["replicas"] > cluster["servers"]:
+        raise SpecError("cluster.replicas", f"each copy of a shard needs a server of its own: "
+                                            f"{cluster['replicas']} > cluster.servers "
+                                            f"{cluster['servers']}")
     transport = spec["transport"]
     if transport["compress_pull"] != "none" and transport["dtype"] != "float32":
         raise SpecError("transport.compress_pull", f"needs dtype float32, not {transport['dtype']}")

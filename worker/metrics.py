@@ -50,6 +50,13 @@ class WorkerMetrics:
             "shardps_worker_compression_ratio", "fp32 bytes of the last push's gradient over the "
             "bytes it put on the wire (1 uncompressed in fp32, 2 in bf16, ~3.9 int8)", ["job"],
             registry=registry)
+        self.pushes_acked = Counter(
+            "shardps_worker_pushes_acked", "Pushes a shard acknowledged (applied, accepted into "
+            "a sync round, or a duplicate of one it already had), per job and shard index",
+            ["job", "shard"], registry=registry)
+        self.push_wait_max = Gauge(
+            "shardps_worker_push_wait_max_seconds", "The longest a push of this worker took, "
+            "retries included (e.g. across a failover), per job", ["job"], registry=registry)
         self.info = Gauge("shardps_worker_info", "Constant 1, labelled with the worker's device",
                           ["device"], registry=registry)
         for phase in PHASES:  # export every phase from the start, even before a job runs

@@ -116,10 +116,45 @@ class RemappableClient:
                                 batch_size=batch_size, then_pull=then_pull, encoded=encoded)
 
     def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None:
+        """InitShard on every replica of every shard: the primaries through the current
+        client, each layer of backups through a client of its own (replicated jobs, whose
+        shards then carry the map in `replica_map`)."""
+        layers = backup_layers(self.shard_map)
+        if layers:
+            config = _with_replica_map(config, self.shard_map)
         self.client.init(weights, config)
+        for layer in layers:
+            client = self._connect(layer)
+            try:
+                client.init(weights, config)
+            finally:
+                client.close()
 
     def close(self) -> None:
         self.client.close()
+
+
+def backup_layers(shard_map: common_pb2.ShardMap) -> list[common_pb2.ShardMap]:
+    """The shard map with each shard's k-th backup in place of its primary, for k = 0, 1, ...
+    as far as every shard has one (a fresh replicated map: replicas - 1 layers; none for a
+    job without replicas)."""
+    depth = min((len(s.backup_ids) for s in shard_map.shards), default=0)
+    layers = []
+    for k in range(depth):
+        layer = common_pb2.ShardMap()
+        layer.CopyFrom(shard_map)
+        for shard in layer.shards:
+            shard.server_id, shard.address = shard.backup_ids[k], shard.backup_addresses[k]
+        layers.append(layer)
+    return layers
+
+
+def _with_replica_map(config: ps_pb2.ShardConfig,
+                      shard_map: common_pb2.ShardMap) -> ps_pb2.ShardConfig:
+    copy = ps_pb2.ShardConfig()
+    copy.CopyFrom(config)
+    copy.replica_map.CopyFrom(shard_map)
+    return copy
 
 
 def resume_version(shard_map: common_pb2.ShardMap, old_job: str, sync: bool) -> int:

@@ -35,8 +35,13 @@ RESYNC_POLL_S = 0.25      # after a rollback, a shard not yet back is asked agai
 PS_BACKOFF_S = 0.25
 PS_MAX_BACKOFF_S = 2.0
 PS_OUTAGE_S = 180.0
+# A replicated job's shard fails over within about a lease: retry at most this far apart then,
+# so that a worker follows the promoted primary soon after the map names it.
+FAILOVER_MAX_BACKOFF_S = 0.5
 
 _T = TypeVar("_T")
+# Push outcomes that mean the shard has the gradient (shardps_worker_pushes_acked).
+_ACKED = (ps_pb2.PUSH_STATUS_APPLIED, ps_pb2.PUSH_STATUS_ACCEPTED, ps_pb2.PUSH_STATUS_DUPLICATE)
 
 
 class Rewind(Exception):
@@ -69,6 +74,7 @@ class JobShards:
         self.rows = RowClient(ctx.job_id, shard_map, worker_id=ctx.node_id,
                               incarnation=ctx.incarnation)
         self.wire = WirePush(compress, dtype, ctx.job_id, ctx.metrics)
+        self._push_wait_max = 0.0  # seconds: the longest push so far, retries included
 
     def close(self) -> None:
         self._client.close()
@@ -83,11 +89,22 @@ class JobShards:
         """Pushes step's gradient (compressed once, before any try, if the job says so); may
         raise Rewind (a rollback, or a server behind us)."""
         encoded = self.wire.encode(grad, self._client.shard_map.shards)
+        begun = self._ctx.clock()
         replies = self.call("push", functools.partial(
             self._client.push, grad, step=step, base_version=versions, batch_size=batch_size,
             then_pull=then_pull, encoded=encoded))
         self.wire.pushed(grad.numel(), encoded)
+        self._count_acked(replies, self._ctx.clock() - begun)
         return replies
+
+    def _count_acked(self, replies: list[ps_pb2.PushResponse], seconds: float) -> None:
+        metrics, job = self._ctx.metrics, self._ctx.job_id
+        for shard, reply in zip(self._client.shard_map.shards, replies, strict=True):
+            if reply.status in _ACKED:
+                metrics.pushes_acked.labels(job=job, shard=str(shard.index)).inc()
+        if seconds > self._push_wait_max:
+            self._push_wait_max = seconds
+            metrics.push_wait_max.labels(job=job).set(seconds)
 
     def pull(self, mode: str, step: int, flat: FlatParams) -> list[int]:
         """Pulls the weights for `step` into the model, waiting in slices; returns the versions."""
@@ -135,7 +152,9 @@ class JobShards:
         ahead of a restored shard's round rewinds to a pull.
         """
         ctx = self._ctx
-        backoff = Backoff(PS_BACKOFF_S, PS_MAX_BACKOFF_S, PS_OUTAGE_S, ctx.clock)
+        replicated = any(s.replica_epoch for s in self._client.shard_map.shards)
+        backoff = Backoff(PS_BACKOFF_S, FAILOVER_MAX_BACKOFF_S if replicated else PS_MAX_BACKOFF_S,
+                          PS_OUTAGE_S, ctx.clock)
         while True:
             try:
                 return fn()

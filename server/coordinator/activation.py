@@ -15,6 +15,7 @@ from shardps.proto.states import state_name
 
 from .job import RUNNING, Job, JobStateError
 from .membership import Membership
+from .replicas import place_backups
 from .shardmap import build_shard_map
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ def set_layout(job: Job, node_id: str, incarnation: int, layout: common_pb2.Layo
         raise JobStateError(f"job {job.job_id} already has layout {job.layout.fingerprint} "
                             f"({job.layout.total} elements); got {layout.fingerprint} "
                             f"({layout.total} elements)")
-    shard_map = build_shard_map(
-        layout.total, [(s, membership.get(s).address) for s in job.servers])
+    servers = [(s, membership.get(s).address) for s in job.servers]
+    shard_map = build_shard_map(layout.total, servers)
+    place_backups(shard_map, servers, job.spec["cluster"].get("replicas", 1))
     job.layout = common_pb2.Layout()
     job.layout.CopyFrom(layout)
     job.shard_map = shard_map

@@ -14,7 +14,7 @@ import logging
 from shardps.proto import common_pb2
 from shardps.proto.states import state_name
 
-from . import settling
+from . import replicas, settling
 from .convergence import Verdict
 from .job import COMPLETED, FAILED, RUNNING, finished_reason
 from .jobstore import JobStore
@@ -43,8 +43,9 @@ def node_lost(store: JobStore, node_id: str, now: float, why: str) -> None:
     """A worker is gone: every non-final job it worked on drops it, bumps its epoch and
     re-ranks the rest in their order; a job left without workers FAILS, and one whose
     remaining workers have all finished (the lost one was the rank 0 they were waiting for)
-    COMPLETES."""
+    COMPLETES. A lost server's replicated shards fail over (replicas.server_lost)."""
     store.awaiting.discard(node_id)
+    replicas.server_lost(list(store.active.values()), node_id)
     for job in list(store.active.values()):
         if node_id not in job.workers:
             continue
@@ -75,6 +76,8 @@ def node_registered(store: JobStore, node: Node, now: float) -> None:
                  if s.server_id == node.node_id and s.address != node.address]
         for shard in moved:
             shard.address = node.address
+        if replicas.move_backups(job.shard_map, node.node_id, node.address):
+            moved.append(common_pb2.ShardRange())  # counts as a move: the version goes up
         if moved:
             job.shard_map.version += 1
             log.info("job %s: server %s moved to %s (shard map version %d)", job.job_id,

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from shardps.proto import common_pb2
 from shardps.proto.spec import NormalisedSpec
 
-from . import activation, failures, reports, scheduling, settling
+from . import activation, failures, replicas, reports, scheduling, settling
 from .convergence import Verdict
 from .history import MAX_POINTS, Evaluation, StepReport
 from .job import (
@@ -184,6 +184,12 @@ class JobTable:
         """A server restored shard `index` of a job from its checkpoint at `version`; returns
         True if a sync job's new rollback started (failures.shard_restored)."""
         return failures.shard_restored(self._store, job_id, index, version, lost)
+
+    def replica_holds(self, job_id: str, node_id: str, index: int) -> bool:
+        """Whether a server is still a replica of a job's shard (replicas.holds; True for an
+        unknown job or one without replicas)."""
+        job = self._store.all.get(job_id)
+        return job is None or replicas.holds(job.shard_map, node_id, index)
 
     def sweep(self, membership: Membership, now: float) -> list[Node]:
         """Expires leases (dropping dead workers from their jobs) and fails jobs that took

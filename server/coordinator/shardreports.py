@@ -18,6 +18,11 @@ def apply(jobs: JobTable, metrics: CoordinatorMetrics, node_id: str,
           restored: Sequence[pb.ShardVersion], frozen: Sequence[pb.ShardVersion]) -> None:
     """Applies server `node_id`'s shard reports. Caller holds the servicer's lock."""
     for r in restored:
+        if not jobs.replica_holds(r.job_id, node_id, r.shard_index):
+            log.info("server %s restored job %s shard %d at version %d, but is no longer one "
+                     "of its replicas (it failed over): nothing is lost or rolled back",
+                     node_id, r.job_id, r.shard_index, r.version)
+            continue
         log.warning("server %s restored job %s shard %d from its checkpoint at version %d "
                     "(%d update(s) past it lost)", node_id, r.job_id, r.shard_index,
                     r.version, r.lost_updates)

@@ -15,6 +15,7 @@ from shardps.proto import coordinator_pb2 as pb
 from .job import Job
 from .jobs import JobTable
 from .membership import Membership, Node
+from .replicas import replicated
 
 INT64_MAX = 2**63 - 1
 
@@ -66,7 +67,8 @@ def job_summary(job: Job, now: float) -> pb.JobInfo:
 
 def server_views(jobs: JobTable, membership: Membership, node_id: str) -> list[pb.ServerJobView]:
     """What a server must know of each job it hosts: state, live workers with their
-    incarnations (it fences the others), and the job's last rollback."""
+    incarnations (it fences the others), the job's last rollback and, for a replicated job,
+    its shard map (which replica of each shard is the primary, at which epoch)."""
     views = []
     for job in jobs.server_jobs(node_id):
         incarnations = [n.incarnation if (n := membership.find(w)) else 0 for w in job.workers]
@@ -76,6 +78,9 @@ def server_views(jobs: JobTable, membership: Membership, node_id: str) -> list[p
             rollback_version=job.rollback.version)
         if job.final and job.ending.final_version >= 0:
             view.final_version = job.ending.final_version
+        if replicated(job.shard_map):
+            assert job.shard_map is not None
+            view.shard_map.CopyFrom(job.shard_map)
         views.append(view)
     return views
 

@@ -42,6 +42,7 @@ from .metrics import PSMetrics
 from .pull_deltas import PullMirrors
 from .pushes import unpushable
 from .registry import ShardRegistry
+from .replication import OUT_OF_TOUCH, ReplicaRefused, Replicas
 from .shard import Shard
 from .snapshots import Snapshot
 from .tables import UnknownTableError
@@ -128,10 +129,13 @@ class PullPlan:
 class BulkOps:
     """Push and pull on a ShardRegistry, for any transport. Thread-safe (the shards lock)."""
 
-    def __init__(self, shards: ShardRegistry, metrics: PSMetrics, faults: DropReplies):
+    def __init__(self, shards: ShardRegistry, metrics: PSMetrics, faults: DropReplies,
+                 replicas: Replicas | None = None):
         self.shards = shards
         self.metrics = metrics
         self.faults = faults
+        # Replicated shards (replication.py): who is primary, and the forward to backups.
+        self.replicas = replicas if replicas is not None else Replicas(lambda: "")
         self.stopping = False
         self.mirrors = PullMirrors()
 
@@ -148,13 +152,19 @@ class BulkOps:
         start = time.perf_counter()
         shard, wire = self._push_target(header)
         try:
+            self.replicas.check(header)
+        except ReplicaRefused as exc:
+            raise self._replica_refused(exc) from None
+        try:
             early = shard.check_push(length=header.length, worker_id=header.worker_id,
                                      incarnation=header.incarnation, step=header.step,
                                      batch_size=header.batch_size)
         except ShardError as exc:
             raise self._reject(exc, exc.reason) from None
-        if early is not None:
+        if early is not None and not (early == ps_pb2.PUSH_STATUS_DUPLICATE
+                                      and self.replicas.owed(header)):
             # Decided by the header alone (JOB_DONE, DUPLICATE, STALE): the elements are not read.
+            # (A duplicate a backup may lack is read, and forwarded again in the turn below.)
             return self._pushed(shard, early, shard.version, start)
 
         grad = shard.staging(wire)  # kept in the wire dtype
@@ -175,18 +185,36 @@ class BulkOps:
             raise self._reject(why, why.reason) from None
         self.metrics.push_bytes.labels(shard.job_id).inc(received)
         applying = time.perf_counter()
+        handed = False
         try:
-            # push takes `grad` over, also when it raises.
-            result = shard.push(grad, base_version=header.base_version, checked=True,
-                                worker_id=header.worker_id, incarnation=header.incarnation,
-                                step=header.step, batch_size=header.batch_size)
+            # A replicated shard's primary sends the push to its backups, applies it, and
+            # raises ReplicaRefused (after the apply) unless every backup took it.
+            with self.replicas.turn(header, grad):
+                handed = True  # push takes `grad` over, also when it raises.
+                result = shard.push(grad, base_version=header.base_version, checked=True,
+                                    worker_id=header.worker_id, incarnation=header.incarnation,
+                                    step=header.step, batch_size=header.batch_size)
         except ShardError as exc:
             raise self._reject(exc, exc.reason) from None
+        except ReplicaRefused as exc:
+            if not handed:
+                shard.release_staging(grad)
+            raise self._replica_refused(exc) from None
         if result.apply_seconds is not None:  # this push ran a step: time all of its apply
             self.metrics.apply_seconds.observe(time.perf_counter() - applying)
         if result.staleness is not None:
             self.metrics.staleness.labels(shard.job_id).observe(result.staleness)
         return self._pushed(shard, result.status, result.version, start)
+
+    def _replica_refused(self, exc: ReplicaRefused) -> Refused:
+        reason = "not_primary" if exc.code == grpc.StatusCode.UNAVAILABLE else "stale_replica"
+        if "did not take" in str(exc):
+            reason = "backup_failed"
+        elif str(exc).startswith(OUT_OF_TOUCH):
+            reason = "out_of_touch"
+        self.metrics.rejected.labels(reason).inc()
+        log.debug("push refused (%s): %s", reason, exc)
+        return Refused(exc.code, str(exc))
 
     def _push_target(self, header: ps_pb2.PushHeader) -> tuple[Shard, torch.dtype]:
         """The shard a push header names and the dtype its elements are staged in; Refused

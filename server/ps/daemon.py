@@ -20,6 +20,7 @@ from .errors import ShardError
 from .heartbeat import CoordinatorLink
 from .metrics import PSMetrics
 from .registry import ShardRegistry
+from .replication import LEASE_FRACTION, Replicas
 from .servicer import SERVICE_NAME
 
 log = logging.getLogger("shardps.ps")
@@ -70,6 +71,9 @@ class ParameterServerDaemon:
         self.shards = ShardRegistry(self.checkpointer.attach if self.checkpointer else None)
         self.metrics = PSMetrics(self.metrics_registry, self.shards)
         self.servicer = CheckpointingServicer(self.shards, self.metrics, self.checkpointer)
+        self.replicas = Replicas(lambda: self.link.node_id if self.link else "",
+                                 lambda: self.link is not None and self.link.in_touch(LEASE_FRACTION))
+        self.servicer.bulk.replicas = self.replicas
         self.metrics_endpoint: daemon.MetricsEndpoint | None = None
         self.link: CoordinatorLink | None = None
         self._grpc_workers = grpc_workers
@@ -99,6 +103,7 @@ class ParameterServerDaemon:
             for shard in self.checkpointer.restore_all():
                 try:
                     self.shards.put(shard)
+                    self.replicas.adopt(shard.job_id, shard.config.replica_map)
                 except (OSError, ShardError) as exc:  # a data dir is input: never stop here
                     log.error("job %s shard %d restored but not served: %s", shard.job_id,
                               shard.index, exc)
@@ -135,6 +140,9 @@ class ParameterServerDaemon:
         return self
 
     def _on_views(self, views) -> None:
+        for view in views:  # replicated jobs: who is primary now (before any push is taken)
+            if view.HasField("shard_map"):
+                self.replicas.adopt(view.job_id, view.shard_map)
         if self.checkpointer:  # a sync rollback first: it reloads workers and epoch
             self.checkpointer.apply_rollbacks(self.shards.shards(), views)
         settled = self.shards.apply_views(views)
@@ -169,6 +177,7 @@ class ParameterServerDaemon:
                 self.checkpointer.final(self.shards.shards())
                 self.checkpointer.shutdown()
             self.shards.close()
+            self.replicas.close()
             if self.link:
                 self.link.stop()
             if self.metrics_endpoint:

@@ -61,7 +61,12 @@ class InvalidConfigError(ShardError):
 # Every `reason` label of shardps_ps_rejected_pushes_total (metrics export each at 0).
 REJECT_REASONS = ("invalid", "bad_header", "bad_dtype", "bad_chunks", "bad_length", "non_finite",
                   "too_large", "bad_step", "bad_batch_size", "unknown_shard", "shard_closed", "unknown_worker",
-                  "step_ahead", "bad_config", "fenced", "bad_encoding")
+                  "step_ahead", "bad_config", "fenced", "bad_encoding",
+                  # replicated shards (replication.py): a worker's push to a replica that is
+                  # not the primary, a forwarded push of an older replica epoch, a backup
+                  # that did not take the primary's forward, a primary out of touch with
+                  # the coordinator
+                  "not_primary", "stale_replica", "backup_failed", "out_of_touch")
 
 
 class FencedError(ShardError):

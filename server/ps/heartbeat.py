@@ -3,6 +3,7 @@ and feeds it the coordinator's job views."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -36,11 +37,16 @@ class ServerRole:
         self._on_views = on_views
         self._checkpoints = checkpoints
         self._frozen = frozen
+        # Monotonic seconds at which the last call the coordinator answered was sent (the
+        # coordinator saw this server alive no earlier), and of the call now being sent.
+        self.contact: float | None = None
+        self._sending = 0.0
 
     def _restored(self) -> list[coordinator_pb2.ShardVersion]:
         return self._checkpoints.take_reports() if self._checkpoints else []
 
     def registration(self) -> coordinator_pb2.RegisterNodeRequest:
+        self._sending = time.monotonic()
         return coordinator_pb2.RegisterNodeRequest(
             role=common_pb2.ROLE_SERVER, address=self.address,
             metrics_address=self.metrics_address, restored=self._restored(),
@@ -48,15 +54,19 @@ class ServerRole:
             frozen=self._frozen())
 
     def registered(self, reply: coordinator_pb2.RegisterNodeResponse) -> None:
+        self.contact = self._sending
         if self._checkpoints is not None:
             self._checkpoints.save_node_id(reply.node_id)
         if reply.jobs:
             self._on_views(reply.jobs)
 
     def heartbeat(self, lease_ms: int) -> coordinator_pb2.HeartbeatRequest:
+        self._sending = time.monotonic()
         return coordinator_pb2.HeartbeatRequest(restored=self._restored(), frozen=self._frozen())
 
     def answered(self, reply: coordinator_pb2.HeartbeatResponse) -> None:
+        if not reply.unknown_node:
+            self.contact = self._sending
         self._on_views(reply.jobs)
 
     def forgotten(self) -> None:
@@ -84,10 +94,18 @@ class CoordinatorLink(NodeLink):
         `frozen`: the shards of ended jobs frozen where they are, reported with every call
         until the coordinator names their final version.
         `on_refused(message)`: the coordinator refused the registration for good (NodeLink)."""
-        super().__init__(coordinator, ServerRole(address, metrics_address, on_views, checkpoints,
-                                                 frozen or (lambda: [])),
+        self._server_role = ServerRole(address, metrics_address, on_views, checkpoints,
+                                       frozen or (lambda: []))
+        super().__init__(coordinator, self._server_role,
                          node_id=node_id, thread_name="ps-heartbeat", on_refused=on_refused)
 
     def start(self) -> CoordinatorLink:
         super().start()
         return self
+
+    def in_touch(self, fraction: float) -> bool:
+        """Whether the coordinator answered a call this server sent less than `fraction` of
+        a lease ago: until then it cannot have declared this server dead (its lease runs from
+        the call's arrival, which is later). Read from any thread (a float, set whole)."""
+        contact = self._server_role.contact
+        return contact is not None and time.monotonic() - contact < fraction * self.lease_ms / 1000

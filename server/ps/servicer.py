@@ -82,6 +82,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             _assemble(target, first, request_iterator)
             shard = Shard(config, target.finish())
             self.shards.put(shard)  # with a data dir, this may resume from a checkpoint
+            self.bulk.replicas.adopt(config.job_id, config.replica_map)
         except (ShardError, codec.CodecError) as exc:
             log.info("InitShard for job %s shard %d refused: %s", config.job_id,
                      config.shard_index, exc)
@@ -164,12 +165,16 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def GetShardInfo(self, request: ps_pb2.GetShardInfoRequest,
                      context: grpc.ServicerContext) -> ps_pb2.GetShardInfoResponse:
         check_job_id(context, request.job_id, allow_empty=True)
-        return ps_pb2.GetShardInfoResponse(
-            shards=[s.info() for s in self.shards.shards(request.job_id)])
+        infos = [s.info() for s in self.shards.shards(request.job_id)]
+        for info in infos:
+            info.replica_epoch, info.replica_role = self.bulk.replicas.describe(
+                info.job_id, info.shard_index)
+        return ps_pb2.GetShardInfoResponse(shards=infos)
 
     def DropJob(self, request: ps_pb2.DropJobRequest,
                 context: grpc.ServicerContext) -> ps_pb2.DropJobResponse:
         check_job_id(context, request.job_id)
+        self.bulk.replicas.forget(request.job_id)
         return ps_pb2.DropJobResponse(dropped=self.shards.drop(request.job_id))
 
     # -- embedding tables (rowservice.py) ------------------------------------------------

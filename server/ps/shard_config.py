@@ -33,6 +33,32 @@ def validate_config(config: ps_pb2.ShardConfig) -> None:
         raise InvalidConfigError("worker ids are not unique")
     schedule.validate(config.optimizer)
     validate_tables(config)
+    validate_replica_map(config)
+
+
+def validate_replica_map(config: ps_pb2.ShardConfig) -> None:
+    """Raises InvalidConfigError unless `replica_map` (replicated jobs only) names this shard
+    once with a replica epoch, as many backup addresses as backup ids for every shard, and no
+    server twice among a shard's copies. A shard with embedding tables is not replicated."""
+    if not config.HasField("replica_map"):
+        return
+    field = "config.replica_map"
+    if config.tables:
+        raise InvalidConfigError(f"{field}: a shard with embedding tables cannot be "
+                                 "replicated yet")
+    mine = [s for s in config.replica_map.shards if s.index == config.shard_index]
+    if len(mine) != 1 or mine[0].replica_epoch <= 0:
+        raise InvalidConfigError(f"{field}: must name shard {config.shard_index} once, with "
+                                 "replica_epoch > 0")
+    for shard in config.replica_map.shards:
+        if len(shard.backup_ids) != len(shard.backup_addresses):
+            raise InvalidConfigError(
+                f"{field}: shard {shard.index} has {len(shard.backup_ids)} backup_ids and "
+                f"{len(shard.backup_addresses)} backup_addresses")
+        copies = [shard.server_id, *shard.backup_ids]
+        if shard.replica_epoch < 0 or len(set(copies)) != len(copies):
+            raise InvalidConfigError(f"{field}: shard {shard.index} names a server twice "
+                                     "among its copies, or has a negative replica_epoch")
 
 
 def check_initial_weights(weights: torch.Tensor, length: int) -> None:

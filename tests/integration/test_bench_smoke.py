@@ -22,6 +22,7 @@ BENCHES = {
     "data": ["files_step", "memory_step", "ratio", "max_ahead"],
     "sparse_huge": ["params", "init_s", "step_s", "worker_peak_MB", "servers_within"],
     "sparse": ["rows", "pull", "compute", "push", "step", "ratio"],
+    "replicas": ["R", "push_ms", "vs_R1", "rss_MiB_server_A", "rss_MiB_server_B"],
 }
 
 

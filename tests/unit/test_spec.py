@@ -46,6 +46,8 @@ def test_normalised_spec_round_trips_through_its_yaml():
     ("data: {dataset: digits}\nstop: {max_steps: 1}\n", "model.name: is required"),
     (MINIMAL + "cluster: {servers: 0}\n", "cluster.servers: must be >= 1"),
     (MINIMAL + "cluster: {workers: 2.5}\n", "cluster.workers: must be an integer"),
+    (MINIMAL + "cluster: {servers: 2, replicas: 3}\n",
+     "cluster.replicas: each copy of a shard needs a server of its own: 3 > cluster.servers 2"),
     (MINIMAL + "consistency: {mode: eventual}\n", "consistency.mode: must be one of sync, ssp, async"),
     (MINIMAL + "consistency: {mode: sync, staleness: 2}\n", "consistency.staleness: only applies to mode ssp"),
     (MINIMAL + "transport: {dtype: int8}\n", "transport.dtype: must be one of"),
@@ -210,6 +212,7 @@ RANGES = [
     ("optimizer.schedule.min_lr", "0", "-1"),
     ("consistency.staleness", "0", "-1"),
     ("cluster.servers", "1024", "1025"), ("cluster.workers", "4096", "4097"),
+    ("cluster.replicas", "1", "0"), ("cluster.replicas", "8", "9"),
     ("transport.chunk_bytes", "4096", "4095"), ("transport.chunk_bytes", str(16 << 20), str((16 << 20) + 1)),
     ("stop.max_steps", str(2**31 - 1), str(10**30)),
     ("stop.max_epochs", "1000000", "1000000.5"),
@@ -243,6 +246,8 @@ def with_value(key: str, value: str) -> str:
         line = line.replace("data: {", "data: {dataset: digits, ")
     if key == "consistency.staleness":
         line = "consistency: {mode: ssp, staleness: " + value + "}"
+    if key == "cluster.replicas":  # each copy needs a server of its own
+        line = "cluster: {servers: 16, replicas: " + value + "}"
     return text + line + "\n"
 
 

@@ -1,0 +1,143 @@
+"""Replicated shards end to end, every daemon a real process and the fault a real SIGKILL
+(docs/architecture.md, "Replicated shards"): with `cluster.replicas: 2` a primary's death
+promotes its backup, the workers follow the new map, and nothing acknowledged is lost; a sync
+job goes on without a rollback and ends bitwise where a run without the failure ends.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from shardps.proto import common_pb2, ps_pb2, ps_pb2_grpc
+from shardps.proto.states import FINAL_STATES
+from shardps.runtime import rpc
+from tests import harness
+from tests.e2e.test_recovery import Cluster, assert_same_state, checkpointed_state
+
+LEASE_MS = 2000
+
+
+def spec(mode: str, steps: int, replicas: int, name: str = "rep") -> str:
+    return f"""
+name: {name}
+seed: 3
+model: {{name: mlp, kwargs: {{hidden: [32]}}}}
+data: {{dataset: digits, batch_size: 64, shuffle: true}}
+optimizer: {{lr: 0.002}}
+consistency: {{mode: {mode}}}
+cluster: {{servers: 3, workers: 2, replicas: {replicas}}}
+stop: {{max_steps: {steps}, eval_every: 1000}}
+checkpoint: {{every_steps: 0}}
+"""
+
+
+def shard_info(address: str, job_id: str, index: int) -> ps_pb2.ShardInfo:
+    with rpc.make_channel(address) as channel:
+        reply = ps_pb2_grpc.ParameterServerStub(channel).GetShardInfo(
+            ps_pb2.GetShardInfoRequest(job_id=job_id), timeout=rpc.CONTROL_DEADLINE_S)
+    return next(s for s in reply.shards if s.shard_index == index)
+
+
+def kill_primary(cluster: Cluster, job_id: str, index: int) -> tuple[str, float]:
+    """SIGKILLs the server holding shard `index` as primary; returns its node id and when."""
+    shard = cluster.client.job(job_id).shard_map.shards[index]
+    assert shard.replica_epoch == 1 and len(shard.backup_ids) == 1
+    victim = cluster.server_of_shard(job_id, index)
+    cluster.servers[victim].kill()
+    return shard.server_id, time.monotonic()
+
+
+def max_push_wait(cluster: Cluster, job_id: str) -> float:
+    return max(w.metric("shardps_worker_push_wait_max_seconds", job=job_id)
+               for w in cluster.workers)
+
+
+@pytest.mark.timeout(300)
+def test_async_primary_sigkill_loses_no_acknowledged_push(tmp_path):
+    """2 workers, 3 servers, R = 2, async; the primary of shard 0 is SIGKILLed mid-job. Every
+    shard's version (async: pushes applied) equals the pushes the workers saw acknowledged,
+    and no push waited longer than the lease plus 2 s."""
+    cluster = Cluster(tmp_path, servers=3, workers=2, lease_ms=LEASE_MS,
+                      worker_args=[["--step-delay-ms", "10"], ["--step-delay-ms", "10"]])
+    try:
+        job_id = cluster.client.submit(spec("async", 400, replicas=2))
+        cluster.wait_step(job_id, 60)
+        victim, _ = kill_primary(cluster, job_id, 0)
+        final = cluster.final(job_id)
+        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        assert final.rollback_id == 0
+        shards = final.shard_map.shards
+        # Shard 0's backup took over; shard 2 lost its backup (the victim); shard 1 untouched.
+        assert shards[0].server_id != victim and shards[0].replica_epoch == 2
+        assert list(shards[0].backup_ids) == [] and list(shards[2].backup_ids) == []
+        assert shards[2].replica_epoch == 2 and shards[1].replica_epoch == 1
+        shown = cluster.cli("status", job_id)  # each shard's primary, backups and epoch
+        assert "BACKUPS" in shown and re.search(rf"{shards[1].backup_ids[0]}\s+1\n", shown), shown
+
+        def counts() -> list[tuple[int, float]]:
+            """(version, pushes acknowledged) per shard, once every primary has frozen (a
+            frozen shard applies nothing more; a reply may still be on its way)."""
+            infos = [shard_info(s.address, job_id, s.index) for s in shards]
+            assert all(i.replica_role == "primary" for i in infos)
+            if not all(i.state in FINAL_STATES for i in infos):
+                return []
+            return [(i.version, sum(w.metric("shardps_worker_pushes_acked_total", job=job_id,
+                                             shard=str(i.shard_index)) for w in cluster.workers))
+                    for i in infos]
+
+        try:
+            harness.poll(lambda: (c := counts()) and all(v == a for v, a in c), 30,
+                         what="every shard's version equal to its acknowledged pushes")
+        finally:
+            print("per shard (version, pushes acknowledged):", counts())
+        assert all(v > 0 for v, _ in counts())
+        # (Shard 1's backup is not compared with its primary bit for bit here: at the end the
+        # two learn of it at different heartbeats, and one may apply a push after the end
+        # that the other refuses. The sync test below compares the promoted copy's bits.)
+        assert shard_info(shards[1].backup_addresses[0], job_id, 1).replica_role == "backup"
+        waited = max_push_wait(cluster, job_id)
+        print(f"longest push across the failover: {waited:.2f} s (lease {LEASE_MS} ms)")
+        assert waited <= LEASE_MS / 1000 + 2
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(420)
+def test_sync_primary_sigkill_goes_on_without_rollback_bitwise(tmp_path):
+    """The same sync job with R = 1 straight, then with R = 2 and the primary of shard 1
+    SIGKILLed mid-run: no rollback, and the weights and Adam state of every shard end bitwise
+    equal to the straight run's."""
+    steps = 150
+    cluster = Cluster(tmp_path, servers=3, workers=2, lease_ms=LEASE_MS,
+                      worker_args=[["--step-delay-ms", "15"], []])
+    try:
+        straight = cluster.client.submit(spec("sync", steps, replicas=1, name="straight"))
+        assert cluster.final(straight).state == common_pb2.JOB_STATE_COMPLETED
+        reference = checkpointed_state(cluster, straight)
+
+        job_id = cluster.client.submit(spec("sync", steps, replicas=2))
+        cluster.wait_step(job_id, 50)
+        victim, killed = kill_primary(cluster, job_id, 1)
+        final = cluster.final(job_id)
+        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        assert final.rollback_id == 0 and final.step == steps
+        assert final.shard_map.shards[1].server_id != victim
+        for w in cluster.workers:
+            assert w.metric("shardps_worker_rollbacks_total", job=job_id) == 0
+            assert not w.has_line("rollback"), w.output()
+        assert cluster.coord.metric("shardps_coordinator_rollbacks_total") == 0
+        assert cluster.coord.has_line(rf"job {job_id} shard 1: primary {victim} lost; backup "
+                                      r"server-\w+ promoted"), cluster.coord.output()
+        replicated = checkpointed_state(cluster, job_id)
+        for a, b in zip(reference, replicated, strict=True):
+            assert a.version == steps
+            assert_same_state(a, b)
+        waited = max_push_wait(cluster, job_id)
+        print(f"sync: primary SIGKILLed {time.monotonic() - killed:.0f} s before the end; "
+              f"no rollback; longest push {waited:.2f} s")
+        assert waited <= LEASE_MS / 1000 + 2
+    finally:
+        cluster.stop()

@@ -1,0 +1,148 @@
+"""A replicated shard's primary partitioned from the coordinator but not from the workers or
+the other servers, on network namespaces (bench/netns.py: the coordinator, three servers and
+the workers each on a host of their own). Needs root and iproute2; skipped otherwise."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+
+from bench import netns
+from tests import harness
+
+_why = netns.why_unavailable()
+pytestmark = pytest.mark.skipif(_why is not None, reason=f"network namespaces unavailable: {_why}")
+
+LEASE_MS = 2000
+FINAL = ("JOB_STATE_COMPLETED", "JOB_STATE_CONVERGED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
+# Prints GetShardInfo of one job's shards on one server as JSON (run inside a host).
+SHARD_INFO = """
+import json, sys
+from google.protobuf import json_format
+from shardps.proto import ps_pb2, ps_pb2_grpc
+from shardps.runtime import rpc
+with rpc.make_channel(sys.argv[1]) as channel:
+    reply = ps_pb2_grpc.ParameterServerStub(channel).GetShardInfo(
+        ps_pb2.GetShardInfoRequest(job_id=sys.argv[2]), timeout=10)
+print(json.dumps([json_format.MessageToDict(s, preserving_proto_field_name=True,
+                  always_print_fields_with_no_presence=True) for s in reply.shards]))
+"""
+# Prints the sum of a metric's samples with label=value pairs at a metrics address.
+METRIC = """
+import sys
+from shardps.client.scrape import scrape, total
+labels = dict(a.split("=", 1) for a in sys.argv[3:])
+print(total(scrape(sys.argv[1]), sys.argv[2], **labels))
+"""
+
+
+class Hosts:
+    """A coordinator on host co, servers on s1-s3 and two workers on wk."""
+
+    def __init__(self, net: netns.Network):
+        self.net = net
+        co = net.address("co")
+        self.coord = harness.start("shardps-coordinator", "--host", co, "--port", "0",
+                                   "--lease-ms", str(LEASE_MS), prefix=net.command("co"))
+        self.servers = {h: harness.start(
+            "shardps-server", "--host", net.address(h), "--port", "0", "--metrics-port", "0",
+            "--coordinator", self.coord.address, prefix=net.command(h)) for h in ("s1", "s2", "s3")}
+        self.workers = [harness.start(
+            "shardps-worker", "--host", net.address("wk"), "--port", "0", "--metrics-port", "0",
+            "--coordinator", self.coord.address, "--threads", "1", "--step-delay-ms", "10",
+            prefix=net.command("wk")) for _ in range(2)]
+
+    def cli(self, *args: str) -> dict:
+        out = self.net.run("co", *harness.script("shardps"), *args, "--coordinator",
+                           self.coord.address, "--output", "json", timeout=120)
+        return json.loads(out.stdout)
+
+    def shards(self, address: str, job_id: str) -> dict[int, dict]:
+        """GetShardInfo of a server, asked from the workers' host (which reaches every server)."""
+        out = self.net.run("wk", sys.executable, "-c", SHARD_INFO, address, job_id, timeout=60)
+        return {int(s["shard_index"]): s for s in json.loads(out.stdout)}
+
+    def metric(self, daemon: harness.Daemon, name: str, **labels: str) -> float:
+        host = next(h for h in ("s1", "s2", "s3", "wk")
+                    if daemon.address.startswith(self.net.address(h) + ":"))
+        out = self.net.run(host, sys.executable, "-c", METRIC, daemon.metrics_address, name,
+                           *(f"{k}={v}" for k, v in labels.items()), timeout=60)
+        return float(out.stdout)
+
+    def stop(self) -> None:
+        for d in (*self.workers, *self.servers.values(), self.coord):
+            d.stop()
+
+
+@pytest.fixture
+def hosts():
+    with netns.Network(["co", "s1", "s2", "s3", "wk"]) as net:
+        made = Hosts(net)
+        try:
+            yield made
+        finally:
+            made.stop()
+
+
+@pytest.mark.timeout(400)
+def test_a_primary_cut_off_from_the_coordinator_stops_acknowledging_and_is_replaced(hosts):
+    spec = ("name: part\nseed: 1\nmodel: {name: mlp, kwargs: {hidden: [32]}}\n"
+            "data: {dataset: digits, batch_size: 64}\noptimizer: {lr: 0.002}\n"
+            "consistency: {mode: async}\ncluster: {servers: 3, workers: 2, replicas: 2}\n"
+            "stop: {max_steps: 600, eval_every: 1000}\n")
+    path = f"/tmp/part-{time.monotonic_ns()}.yaml"
+    with open(path, "w") as f:
+        f.write(spec)
+    job_id = hosts.cli("submit", path)["job_id"]
+    harness.poll(lambda: int(hosts.cli("status", job_id).get("step", 0)) >= 40, 180,
+                 interval=0.5, what="step 40")
+    shard = hosts.cli("status", job_id)["shard_map"]["shards"][0]
+    old_id, old_address = shard["server_id"], shard["address"]
+    old_host = next(h for h, d in hosts.servers.items() if d.address == old_address)
+    old = hosts.servers[old_host]
+
+    hosts.net.cut_from(old_host, "co")  # its heartbeats stop; the workers still reach it
+    cut = time.monotonic()
+
+    def promoted() -> dict | None:
+        s = hosts.cli("status", job_id)["shard_map"]["shards"][0]
+        return s if s["server_id"] != old_id else None
+
+    new = harness.poll(promoted, 60, interval=0.2, what="a backup promoted")
+    promoted_s = time.monotonic() - cut
+    assert int(new["replica_epoch"]) == 2
+    # The old primary stopped acknowledging before the new epoch began: from then on it
+    # applies nothing more of shard 0, though workers reached it until they followed the map.
+    frozen_at = int(hosts.shards(old_address, job_id)[0]["version"])
+    refused = hosts.metric(old, "shardps_ps_rejected_pushes_total", reason="out_of_touch")
+    assert refused >= 1, old.output()
+
+    hosts.net.heal_from(old_host, "co")
+    harness.poll(lambda: hosts.shards(old_address, job_id)[0]["replica_role"] == "none", 60,
+                 interval=0.5, what="the old primary learning it was replaced")
+    final = harness.poll(lambda: (j := hosts.cli("status", job_id))["state"] in FINAL and j, 300,
+                         interval=0.5, what="job final")
+    assert final["state"] == "JOB_STATE_COMPLETED", final
+    assert int(hosts.shards(old_address, job_id)[0]["version"]) == frozen_at
+    # Nothing acknowledged was lost: each shard's version is the pushes the workers saw
+    # acknowledged (a frozen shard applies nothing more; a reply may still be on its way).
+
+    def counts() -> list[tuple[int, float]]:
+        out = []
+        for s in final["shard_map"]["shards"]:
+            info = hosts.shards(s["address"], job_id)[int(s.get("index", 0))]
+            if info["state"] not in FINAL:
+                return []
+            acked = sum(hosts.metric(w, "shardps_worker_pushes_acked_total", job=job_id,
+                                     shard=str(s.get("index", 0))) for w in hosts.workers)
+            out.append((int(info["version"]), acked))
+        return out
+
+    harness.poll(lambda: (c := counts()) and all(v == a for v, a in c), 60, interval=0.5,
+                 what="every shard's version equal to its acknowledged pushes")
+    print(f"cut {old_host} from the coordinator: backup promoted after {promoted_s:.1f} s "
+          f"(lease {LEASE_MS} ms); the old primary refused {refused:.0f} push(es) and stayed at "
+          f"version {frozen_at}; per shard (version, acknowledged): {counts()}")
