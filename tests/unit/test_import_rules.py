@@ -2,8 +2,8 @@
 
 proto/ (the wire contract) imports nothing of ours but itself; runtime/ (process plumbing)
 the contract; psclient/ (the PS client library) the contract and the runtime; server/,
-worker/ and client/ each the contract and the runtime, workers and the client the PS client
-library as well, and none of the three another. docs/layout.md states the same rules.
+worker/ and client/ each the contract, the runtime and the PS client library (servers to
+forward pushes to backups), and none of the three another. docs/layout.md states the same rules.
 """
 
 import ast
@@ -14,7 +14,7 @@ ALLOWED = {
     "proto": {"proto"},
     "runtime": {"proto", "runtime"},
     "psclient": {"proto", "runtime", "psclient"},
-    "server": {"proto", "runtime", "server"},
+    "server": {"proto", "runtime", "psclient", "server"},  # a primary forwards to its backups
     "worker": {"proto", "runtime", "psclient", "worker"},
     "client": {"proto", "runtime", "psclient", "client"},
 }
