@@ -23,9 +23,11 @@ import torch
 
 from shardps.proto import codec, common_pb2, compress, ps_pb2
 from shardps.psclient.deltas import PulledCopy
+from shardps.psclient.inflight import PullInFlight
+from shardps.psclient.overlapped import Lane, OverlappedPush
 from shardps.psclient.plane import DataPlaneTransport
 from shardps.psclient.rpcpath import RpcTransport
-from shardps.psclient.transport import PendingPull, PendingPush, Transport
+from shardps.psclient.transport import PendingPull, PendingPush, PullWatch, Transport
 
 _P = TypeVar("_P", PendingPush, PendingPull)
 _T = TypeVar("_T")
@@ -199,6 +201,25 @@ class PSClient:
         return PullResult(ready=all(h.ready for h in heads), versions=[h.version for h in heads],
                           job_done=any(h.job_done for h in heads), wire_bytes=received)
 
+    def start_pull(self, dest: torch.Tensor, *, min_version: int = 0, timeout_s: float = 30.0,
+                   clock: int = 0) -> PullInFlight:
+        """`pull`, read on background threads (psclient/inflight.py): its heads, then dest
+        range by range as the elements land. Dense pulls only (not with compress_pull)."""
+        self._check_dest(dest)
+        if self._copy is not None:
+            raise ValueError("an overlapped pull is dense: this client compresses pulls")
+        requests = [self._pull_request(s, min_version, timeout_s, clock) for s in self.shards]
+        ahead, self._ahead = self._ahead, PullsAhead()
+        held = [ahead.take(i, requests[i]) for i in range(len(self.shards))]
+        ahead.cancel()
+
+        def read(i: int, watch: PullWatch) -> ps_pb2.PullResponse:
+            pending = held[i] or self._servers[i].transport().start_pull(requests[i])
+            shard = self.shards[i]
+            return pending.finish(dest[shard.offset : shard.offset + shard.length], watch)
+
+        return PullInFlight(self.shards, read, codec.element_size(self.dtype), timeout_s)
+
     def _pull_request(self, shard: common_pb2.ShardRange, min_version: int = 0,
                       timeout_s: float = 30.0, clock: int = 0) -> ps_pb2.PullRequest:
         request = ps_pb2.PullRequest(
@@ -229,12 +250,7 @@ class PSClient:
         if encoded is not None and len(encoded) != len(self.shards):
             raise ValueError(f"{len(encoded)} encodings for {len(self.shards)} shards")
         self._ahead.cancel()
-        bases = base_version if isinstance(base_version, list) else [base_version] * len(self.shards)
-        headers = [ps_pb2.PushHeader(
-            job_id=self.job_id, shard_index=shard.index, worker_id=self.worker_id,
-            incarnation=self.incarnation, step=step, base_version=bases[i],
-            dtype=self.dtype, batch_size=batch_size, length=shard.length)
-            for i, shard in enumerate(self.shards)]
+        headers = self._push_headers(step, base_version, batch_size)
         if encoded is not None:
             for header, data in zip(headers, encoded, strict=True):
                 _mark_compressed(header, data)
@@ -254,6 +270,36 @@ class PSClient:
             return self._transfer(start, finish)
         finally:
             self._ahead = PullsAhead(pulls)
+
+    def begin_push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
+                   batch_size: int, buckets: Sequence[tuple[int, int]],
+                   then_pull: PullArgs | None = None,
+                   on_wait: Callable[[float], None] | None = None) -> OverlappedPush:
+        """Opens a push of `grad` whose buckets (flat ranges covering it) are sent as
+        `ready(bucket)` says they are final, while the caller still writes the others
+        (psclient/overlapped.py); its `finish` returns what `push` returns. Raises
+        grpc.RpcError if a server cannot be reached (nothing is left open then)."""
+        self._check_dest(grad)
+        self._ahead.cancel()
+        self._ahead = PullsAhead()
+        headers = self._push_headers(step, base_version, batch_size)
+        lanes = [Lane(shard, headers[i], self._servers[i].transport(),
+                      self._ahead_request(shard, then_pull))
+                 for i, shard in enumerate(self.shards)]
+
+        def done(pulls: list[PendingPull | None]) -> None:
+            self._ahead = PullsAhead(pulls)
+
+        return OverlappedPush(grad, lanes, buckets, done, on_wait)
+
+    def _push_headers(self, step: int, base_version: int | list[int],
+                      batch_size: int) -> list[ps_pb2.PushHeader]:
+        bases = base_version if isinstance(base_version, list) else [base_version] * len(self.shards)
+        return [ps_pb2.PushHeader(
+            job_id=self.job_id, shard_index=shard.index, worker_id=self.worker_id,
+            incarnation=self.incarnation, step=step, base_version=bases[i],
+            dtype=self.dtype, batch_size=batch_size, length=shard.length)
+            for i, shard in enumerate(self.shards)]
 
     def _ahead_request(self, shard: common_pb2.ShardRange,
                        args: PullArgs | None) -> ps_pb2.PullRequest | None:

@@ -50,7 +50,20 @@ class WorkerMetrics:
             "shardps_worker_compression_ratio", "fp32 bytes of the last push's gradient over the "
             "bytes it put on the wire (1 uncompressed in fp32, 2 in bf16, ~3.9 int8)", ["job"],
             registry=registry)
+        self.bucket_wait = Histogram(
+            "shardps_worker_bucket_wait_seconds", "Overlap (transport.overlap): how long each "
+            "bucket waited; push: a piece of the gradient from final (autograd done with it) "
+            "to its send; pull: the forward waiting for a module's weights to land",
+            ["direction"], buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                    0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry)
+        self.overlap_pieces = Counter(
+            "shardps_worker_overlap_pieces", "Pieces of overlapped pushes sent, by whether "
+            "backward was still running (during) or had returned (after)", ["sent"],
+            registry=registry)
         self.info = Gauge("shardps_worker_info", "Constant 1, labelled with the worker's device",
                           ["device"], registry=registry)
         for phase in PHASES:  # export every phase from the start, even before a job runs
             self.step_seconds.labels(phase=phase)
+        for direction in ("push", "pull"):
+            self.bucket_wait.labels(direction=direction)
