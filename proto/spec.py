@@ -286,8 +286,9 @@ SCHEMA: dict[str, Any] = {
         # with the server's mirror of the copy as error feedback (needs dtype float32).
         "compress_pull": (_compress, "none"),
         # Overlap the wire with compute (docs/network.md, "Overlap"): buckets of the gradient
-        # pushed while backward runs, the forward started on weights as they land.
-        "overlap": (_bool, True),
+        # pushed while backward runs, the forward started on weights as they land. Off by
+        # default: on loopback with torch on every core it slowed 10M steps (bench.step).
+        "overlap": (_bool, False),
         # A bucket of the overlapped push closes at this many bytes of gradient.
         "bucket_bytes": (_int(4096, 1 << 30), 4 * 1024 * 1024),
     },

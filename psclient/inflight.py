@@ -12,7 +12,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import grpc
+
 from shardps.proto import codec, common_pb2, ps_pb2
+from shardps.proto.dataplane import DataPlaneError
 from shardps.psclient.transport import PullWatch
 from shardps.runtime import rpc
 
@@ -114,7 +117,7 @@ class PullInFlight:
         their way, and a reader left behind would write into dest later."""
         try:
             self._wait_for(lambda w: w.done)
-        except TimeoutError:
+        except DataPlaneError:
             pass
 
     def _raise(self) -> None:
@@ -133,5 +136,6 @@ class PullInFlight:
             while not cond():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError("an overlapped pull's readers did not finish")
+                    raise DataPlaneError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                         "an overlapped pull's readers did not finish")
                 self._cond.wait(left)

@@ -21,9 +21,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import grpc
 import torch
 
 from shardps.proto import common_pb2, ps_pb2
+from shardps.proto.dataplane import DataPlaneError
 from shardps.psclient.plane import DataPlaneTransport, PlanePieces
 from shardps.psclient.transport import PendingPull, Transport
 from shardps.runtime import rpc
@@ -143,7 +145,8 @@ class OverlappedPush:
                 if lane.thread is not None:
                     lane.thread.join(max(0.0, deadline - time.monotonic()))
                     if lane.thread.is_alive():
-                        raise TimeoutError("an overlapped push's sender did not finish")
+                        raise DataPlaneError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                             "an overlapped push's sender did not finish")
                 if lane.error is not None:
                     raise lane.error
             replies: list[ps_pb2.PushResponse] = []
@@ -184,7 +187,8 @@ class OverlappedPush:
                 with self._cond:
                     while not lane.queue and not self._stopped:
                         if time.monotonic() > deadline:
-                            raise TimeoutError("an overlapped push waited too long for a bucket")
+                            raise DataPlaneError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                 "an overlapped push waited too long for a bucket")
                         self._cond.wait(_POLL_S)
                     if self._stopped:
                         return

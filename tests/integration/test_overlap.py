@@ -126,7 +126,7 @@ def _metric(worker, name: str, **labels: str) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-SMALL_BUCKETS = {"bucket_bytes": 4096}  # the digits MLP in 3 buckets
+SMALL_BUCKETS = {"overlap": True, "bucket_bytes": 4096}  # small buckets: several per model
 
 
 def test_sync_with_overlap_is_single_process_adam_bitwise_and_pushes_leave_during_backward(
