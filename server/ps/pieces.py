@@ -47,21 +47,25 @@ def fill(conn: socket.socket, header: ps_pb2.PushHeader, grad: torch.Tensor,
     spans: list[tuple[int, int]] = []
     error: str | None = None
     finite = True
+    received = 0  # elements read so far
     for left in range(header.pieces, 0, -1):
         dataplane.recv_exact(conn, memoryview(head), deadline)
         offset, count = dataplane.PIECE.unpack(head)
-        if count == 0 or offset + count > grad.numel():
+        # Past the end, or more elements than the shard has: never read beyond the header's
+        # length (what is left of it is drained).
+        if count == 0 or offset + count > grad.numel() or received + count > grad.numel():
             error = f"piece [{offset}, {offset + count}) of {grad.numel()} elements"
-            received = sum(n for _, n in spans)
             _drain(conn, (grad.numel() - received) * size
                    + (left - 1) * dataplane.PIECE.size, deadline)
             break
-        view = data[offset * size : (offset + count) * size]
-        for lo in range(0, len(view), dataplane.IO_BYTES):
-            dataplane.recv_exact(conn, view[lo : lo + dataplane.IO_BYTES], deadline)
-        if finite:
-            finite = codec.pushable(grad[offset : offset + count])
+        per_io = max(1, dataplane.IO_BYTES // size)
+        for lo in range(offset, offset + count, per_io):
+            hi = min(lo + per_io, offset + count)
+            dataplane.recv_exact(conn, data[lo * size : hi * size], deadline)
+            if finite:  # each few MiB while it is in cache, as an in-order push is checked
+                finite = codec.pushable(grad[lo:hi])
         spans.append((offset, count))
+        received += count
     if error is None:
         error = _coverage_error(spans, grad.numel())
     if error is not None:
