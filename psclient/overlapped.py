@@ -44,6 +44,11 @@ class Lane:
         transport: the server's transport (for a whole push when `pieces` is None).
         then_pull: the pull to send behind the push, or None.
         pieces: the open data-plane push, or None (sent whole at `finish`).
+        queue: pieces ready and not yet sent, a heap of (offset in the shard, count,
+            monotonic time it became ready): the lowest offset goes first.
+        sent, total: pieces sent so far, and in all.
+        error: what stopped the sender thread, for `finish` to raise.
+        thread: the sender thread (None for a whole push).
     """
 
     shard: common_pb2.ShardRange
@@ -51,7 +56,7 @@ class Lane:
     transport: Transport
     then_pull: ps_pb2.PullRequest | None
     pieces: PlanePieces | None = None
-    queue: list[tuple[int, int, float]] = field(default_factory=list)  # (offset, count, ready at)
+    queue: list[tuple[int, int, float]] = field(default_factory=list)
     sent: int = 0
     total: int = 0
     error: BaseException | None = None

@@ -7,7 +7,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Phases of a training step timed by shardps_worker_step_seconds:
 PHASES = (
     "wait",     # pull slices that came back not ready: waiting for other workers / the barrier
-    "pull",     # the pull that delivered weights, plus the upload to the device
+    "pull",     # the pull that delivered weights, plus the upload to the device (with
+                # transport.overlap: until the last weights landed, beside the forward)
     "compute",  # forward, backward, clipping and the copy of the gradient to the host
     "push",     # sending the gradient to every shard
 )
