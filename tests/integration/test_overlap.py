@@ -52,6 +52,26 @@ def test_a_push_in_pieces_sent_out_of_order_is_applied_as_the_whole_push():
         off.stop(0)
 
 
+def test_a_push_abandoned_half_way_changes_nothing_and_the_whole_push_then_applies():
+    server = started()
+    try:
+        init, grad = torch.randn(TOTAL), torch.randn(TOTAL)
+        with PSClient("job", shard_map([server], TOTAL), worker_id="w0") as client:
+            client.init(init, shard_config(SYNC))
+            push = client.begin_push(grad, step=0, base_version=0, batch_size=1, buckets=BUCKETS)
+            push.ready(3)
+            push.ready(2)  # backward fails here (a NaN loss, a stop): the push is dropped
+            push.cancel()
+            # Applied, not a duplicate: the server recorded nothing of the broken push.
+            assert [r.status for r in client.push(grad, step=0, base_version=0,
+                                                  batch_size=1)] == [APPLIED]
+            dest = torch.empty(TOTAL)
+            assert client.pull(dest, min_version=1, timeout_s=10).ready
+        assert torch.equal(dest, reference_adam(init, [grad]))
+    finally:
+        server.stop(0)
+
+
 def _pieces_push(port: int, pieces: list[tuple[int, int]], length: int,
                  then_pull: bool = True) -> dataplane.DataPlaneError:
     """Sends one push of ones in `pieces` (header: `length` elements) on a fresh data
