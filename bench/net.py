@@ -1,7 +1,8 @@
 """net: steady-state step time on emulated links: 2 workers (and, for shardps, 2 servers), each
 on its own network-namespace host, every host's link shaped to --rate (and --delay where the
 kernel has netem). DDP over gloo in fp32, with fp16_compress_hook and with powerSGD_hook,
-against shardps (sync; fp32, and int8 with error feedback both ways); ratios against DDP fp32
+against shardps (sync; fp32, fp32 with transport.overlap, and int8 with error feedback both
+ways); ratios against DDP fp32
 of the same run. Needs root.
 
   python -m bench.net                          # ~10M-parameter MLP, 1gbit links
@@ -28,6 +29,7 @@ SYSTEMS = {  # name: (role, hook)
     "DDP fp16_compress_hook": ("ddp", "fp16"),
     "DDP powerSGD_hook (rank 1)": ("ddp", "powersgd"),
     "shardps fp32 (2 servers)": ("ps", "none"),
+    "shardps fp32 overlap (2 servers)": ("ps", "overlap"),  # transport.overlap: true
     "shardps int8+EF both ways (2 servers)": ("ps", "int8"),  # transport.compress(_pull): int8
 }
 
@@ -79,7 +81,8 @@ def run_shardps(net: netns.Network, args, codec: str = "none") -> dict:
     try:
         addresses = ",".join(s.address for s in servers)
         net.run("w0", *_rank_command(args, "ps-init", 0, ["--servers", addresses]), timeout=args.timeout)
-        extra = ["--servers", addresses, "--compress", codec, "--compress-pull", codec]
+        extra = (["--servers", addresses, "--overlap"] if codec == "overlap" else
+                 ["--servers", addresses, "--compress", codec, "--compress-pull", codec])
         ranks = [net.popen(h, *_rank_command(args, "ps", r, extra), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=_env()) for r, h in enumerate(("w0", "w1"))]
         return [_result(p, args.timeout * 3) for p in ranks][0]

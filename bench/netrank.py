@@ -153,9 +153,52 @@ def run_ps(args: argparse.Namespace) -> dict[str, float]:
         version += 1
 
     try:
-        return timed(step, args.warmup, args.steps)
+        return timed(OverlappedStep(ps, model, flat, x, y, args.timeout) if args.overlap else step,
+                     args.warmup, args.steps)
     finally:
         ps.close()
+
+
+class OverlappedStep:
+    """Steps as a worker with transport.overlap takes them (worker/overlap.py): the forward on
+    weights as they land, each bucket pushed as backward finishes it."""
+
+    def __init__(self, ps, model: nn.Module, flat, x: torch.Tensor, y: torch.Tensor,
+                 timeout: float):
+        from shardps.worker.overlap import Overlap
+
+        self.ps, self.model, self.flat, self.x, self.y = ps, model, flat, x, y
+        self.timeout = timeout
+        self.hooks = Overlap(model, flat.layout)
+        self.version = 0
+
+    def __call__(self) -> None:
+        from shardps.proto import ps_pb2
+
+        ps, hooks, version = self.ps, self.hooks, self.version
+        inflight = ps.start_pull(self.flat.host_weights, min_version=version, timeout_s=self.timeout)
+        if not inflight.heads()[0]:
+            raise RuntimeError(f"version {version} not ready within {self.timeout}s")
+        hooks.arm_pull(inflight)
+        try:
+            out = self.model(self.x)
+        finally:
+            hooks.disarm_pull()
+        inflight.finish()
+        self.flat.zero_grad()
+        loss = nn.functional.cross_entropy(out, self.y)
+        push = ps.begin_push(self.flat.grad, step=version, base_version=version, batch_size=BATCH,
+                             buckets=hooks.buckets,
+                             then_pull={"min_version": version + 1, "timeout_s": self.timeout})
+        hooks.arm_push(push)
+        try:
+            loss.backward()
+        finally:
+            hooks.disarm_push()
+        replies = push.finish()
+        if not all(r.status in (ps_pb2.PUSH_STATUS_ACCEPTED, ps_pb2.PUSH_STATUS_APPLIED) for r in replies):
+            raise RuntimeError(f"push not applied: {replies}")
+        self.version += 1
 
 
 def main() -> None:
@@ -173,6 +216,7 @@ def main() -> None:
     parser.add_argument("--servers", default="", help="ps: the servers' HOST:PORT, comma-separated")
     parser.add_argument("--compress", default="none", help="ps: transport.compress (pushes)")
     parser.add_argument("--compress-pull", default="none", help="ps: transport.compress_pull")
+    parser.add_argument("--overlap", action="store_true", help="ps: transport.overlap (fp32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = {"ddp": run_ddp, "ps-init": run_ps_init, "ps": run_ps}[args.role]

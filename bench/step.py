@@ -7,13 +7,15 @@ waits for the server's Adam, which the server's metrics time). The baseline runs
 forward/backward and `torch.optim.Adam(fused=True)` in one process. Steps alternate between
 the two; medians.
 
-  python -m bench.step                  # 10M and 100M
+  python -m bench.step                  # 10M and 100M, overlap off and on
+  python -m bench.step --overlap on     # only the overlapped worker step
   python -m bench.step --params digits --servers 2 --steps 200   # the tta job's model
   python -m bench.step --small
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import time
 
@@ -24,6 +26,7 @@ from bench import procs, report
 from shardps.proto import common_pb2, ps_pb2
 from shardps.psclient import PSClient
 from shardps.worker.flat import FlatParams
+from shardps.worker.overlap import Overlap
 
 JOB = "bench-step"
 BATCH = 32
@@ -62,11 +65,13 @@ def digits_mlp() -> tuple[nn.Module, int]:
 
 
 class Shardps:
-    """A worker's step against real servers: pull -> forward/backward -> push."""
+    """A worker's step against real servers: pull -> forward/backward -> push; `overlapped`
+    as a worker with transport.overlap does it (worker/overlap.py)."""
 
     def __init__(self, model: nn.Module, servers: list[procs.Child], chunk_bytes: int):
         self.flat = FlatParams(model)
         self.model = model
+        self.hooks = Overlap(model, self.flat.layout)
         self.servers = servers
         smap = procs.shard_map([s.address for s in servers], self.flat.numel)
         self.ps = PSClient(JOB, smap, worker_id="w0", chunk_bytes=chunk_bytes)
@@ -98,7 +103,45 @@ class Shardps:
         return {"pull": t1 - t0, "compute": t2 - t1, "push": t4 - t3 - apply, "apply": apply,
                 "total": (t2 - t0) + (t4 - t3)}
 
+    def overlapped(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """The same step with overlap: the forward starts on weights as they land, backward
+        hands each bucket to a push already open. `pull`: until every head was in, plus the
+        forward's waits for weights; `push`: from backward's end to the last reply, less
+        the server's apply; `total`: the whole step."""
+        applied = [s.metric("shardps_ps_apply_seconds_sum") for s in self.servers]
+        t0 = time.perf_counter()
+        inflight = self.ps.start_pull(self.flat.host_weights, min_version=self.version,
+                                      timeout_s=60)
+        assert inflight.heads()[0]
+        t1 = time.perf_counter()
+        self.hooks.arm_pull(inflight)
+        try:
+            out = self.model(x)
+        finally:
+            self.hooks.disarm_pull()
+        inflight.finish()
+        self.flat.zero_grad()
+        loss = nn.functional.cross_entropy(out, y)
+        push = self.ps.begin_push(self.flat.grad, step=self.version, base_version=self.version,
+                                  batch_size=len(x), buckets=self.hooks.buckets,
+                                  then_pull={"min_version": self.version + 1, "timeout_s": 60})
+        self.hooks.arm_push(push)
+        try:
+            loss.backward()
+        finally:
+            self.hooks.disarm_push()
+        t2 = time.perf_counter()
+        replies = push.finish()
+        t3 = time.perf_counter()
+        apply = max(s.metric("shardps_ps_apply_seconds_sum") - a for s, a in zip(self.servers, applied, strict=True))
+        assert all(r.status == ps_pb2.PUSH_STATUS_APPLIED for r in replies), replies
+        self.version += 1
+        waited = self.hooks.waited_s
+        return {"pull": t1 - t0 + waited, "compute": t2 - t1 - waited, "push": t3 - t2 - apply,
+                "apply": apply, "total": t3 - t0}
+
     def close(self) -> None:
+        self.hooks.close()
         self.ps.close()
 
 
@@ -108,6 +151,9 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="timed steps each (after a warm-up)")
     parser.add_argument("--chunk-bytes", default="1M")
+    parser.add_argument("--overlap", default="off,on",
+                        help="worker steps to time, interleaved: off (pull, compute, push in "
+                             "turn), on (transport.overlap)")
     parser.add_argument("--worker-threads", type=int, default=0,
                         help="torch threads of this (worker) process; 0 = every core")
     args = parser.parse_args()
@@ -115,8 +161,11 @@ def main() -> None:
         args.params, args.steps = "1M", 2
     if args.worker_threads:
         torch.set_num_threads(args.worker_threads)
+    modes = args.overlap.split(",")
+    if not modes or not set(modes) <= {"off", "on"}:
+        parser.error(f"--overlap takes off and/or on, got {args.overlap!r}")
     table = report.Table(f"step: one training step, 1 worker + {args.servers} server(s) vs no server (ms, median)",
-                         ["params", "pull", "compute", "push", "apply", "shardps_step",
+                         ["params", "overlap", "pull", "compute", "push", "apply", "shardps_step",
                           "local_compute", "local_adam", "local_step", "ratio"])
     for size in args.params.split(","):
         torch.manual_seed(0)
@@ -125,28 +174,42 @@ def main() -> None:
         x, y = torch.randn(BATCH, width), torch.randint(0, 10, (BATCH,))
         servers = procs.start_servers(args.servers, threads=1, metrics=True)
         try:
-            local = Baseline(copy.deepcopy(model))
-            remote = Shardps(model, servers, report.parse_bytes(args.chunk_bytes))
-            local.step(x, y)
-            remote.step(x, y)  # warm-up: Adam state, buffers, connections
-            phases: dict[str, list[float]] = {}
-            for _ in range(args.steps):
-                for key, value in remote.step(x, y).items():
-                    phases.setdefault(key, []).append(value)
-                compute, adam = local.step(x, y)
-                phases.setdefault("local_compute", []).append(compute)
-                phases.setdefault("local_adam", []).append(adam)
-                phases.setdefault("local_step", []).append(compute + adam)
-            remote.close()
+            phases = _measure(model, servers, x, y, modes, args)
         finally:
             procs.stop_all(servers)
         ms = {k: report.median(v) * 1e3 for k, v in phases.items()}
-        table.add(params=report.human(params), pull=ms["pull"], compute=ms["compute"], push=ms["push"],
-                  apply=ms["apply"], shardps_step=ms["total"], local_compute=ms["local_compute"],
-                  local_adam=ms["local_adam"], local_step=ms["local_step"],
-                  ratio=ms["total"] / ms["local_step"])
-        print(table.rows[-1], flush=True)
+        for mode in modes:
+            table.add(params=report.human(params), overlap=mode, pull=ms[f"{mode}.pull"],
+                      compute=ms[f"{mode}.compute"], push=ms[f"{mode}.push"],
+                      apply=ms[f"{mode}.apply"], shardps_step=ms[f"{mode}.total"],
+                      local_compute=ms["local_compute"], local_adam=ms["local_adam"],
+                      local_step=ms["local_step"], ratio=ms[f"{mode}.total"] / ms["local_step"])
+            print(table.rows[-1], flush=True)
     report.write("step", [table], vars(args), out_dir=args.out_dir)
+
+
+def _measure(model: nn.Module, servers: list[procs.Child], x: torch.Tensor, y: torch.Tensor,
+             modes: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Steps of every mode and of the local baseline, interleaved: each phase's samples."""
+    local = Baseline(copy.deepcopy(model))
+    remote = Shardps(model, servers, report.parse_bytes(args.chunk_bytes))
+    steps = {"off": remote.step, "on": remote.overlapped}
+    try:
+        local.step(x, y)
+        for mode in modes:  # warm-up: Adam state, buffers, connections
+            steps[mode](x, y)
+        phases: dict[str, list[float]] = {}
+        for _ in range(args.steps):
+            for mode in modes:
+                for key, value in steps[mode](x, y).items():
+                    phases.setdefault(f"{mode}.{key}", []).append(value)
+            compute, adam = local.step(x, y)
+            phases.setdefault("local_compute", []).append(compute)
+            phases.setdefault("local_adam", []).append(adam)
+            phases.setdefault("local_step", []).append(compute + adam)
+    finally:
+        remote.close()
+    return phases
 
 
 if __name__ == "__main__":

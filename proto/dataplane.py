@@ -18,7 +18,10 @@ Wire format (little-endian); one request at a time per connection:
            server: a reply with code 0 and an empty body, or a refusal and close
   request  u8 kind (PUSH or PULL), u32 n, n bytes of PushHeader or PullRequest (protobuf);
            a push then sends exactly header.length elements in header.dtype, or, when
-           compressed, header.compressed_bytes bytes of its encoding (proto/compress.py)
+           compressed, header.compressed_bytes bytes of its encoding (proto/compress.py);
+           with header.pieces > 0 (an overlapped push) the elements come as that many
+           pieces, each a PIECE head (u64 offset, u64 count, in elements) and then count
+           elements, covering [0, length) exactly once in any order
   reply    u8 code (the number of a grpc.StatusCode, 0 = OK), u32 n, n bytes: the
            PushResponse or PullResponse (code 0) or a UTF-8 message (any other code); a
            ready pull's reply is followed by its `length` elements in the requested dtype
@@ -50,6 +53,8 @@ PUSH, PULL = 1, 2
 INIT_ROWS, PULL_ROWS, PUSH_ROWS = 3, 4, 5  # the row calls: a request message per frame
 ROW_KINDS = frozenset({INIT_ROWS, PULL_ROWS, PUSH_ROWS})
 FRAME = struct.Struct("<BI")  # kind or code, body length
+PIECE = struct.Struct("<QQ")  # an overlapped push's piece: offset, count (elements)
+MAX_PIECES = 1 << 16          # pieces one push may come in
 TOKEN_LEN = struct.Struct("<I")
 MAX_BODY_BYTES = 64 * 1024       # headers, replies and error messages are small
 MAX_ROWS_BODY_BYTES = 32 * 1024 * 1024  # a row call's request or reply (runtime/rpc.py's limit)

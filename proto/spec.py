@@ -316,6 +316,12 @@ SCHEMA: dict[str, Any] = {
         # Pulls: "none" (the dtype above), or deltas against the worker's copy in that encoding,
         # with the server's mirror of the copy as error feedback (needs dtype float32).
         "compress_pull": (_compress, "none"),
+        # Overlap the wire with compute (docs/network.md, "Overlap"): buckets of the gradient
+        # pushed while backward runs, the forward started on weights as they land. Off by
+        # default: on loopback with torch on every core it slowed 10M steps (bench.step).
+        "overlap": (_bool, False),
+        # A bucket of the overlapped push closes at this many bytes of gradient.
+        "bucket_bytes": (_int(4096, 1 << 30), 4 * 1024 * 1024),
     },
     "stop": {
         "max_steps": (_int(0, MAX_STEPS), 0),
@@ -399,6 +405,8 @@ class TransportSpec(TypedDict):
     chunk_bytes: ReadOnly[int]
     compress: ReadOnly[str]  # "none" or a proto/compress.py setting (`compress.parse`)
     compress_pull: ReadOnly[str]  # the same, for pulls (deltas against the worker's copy)
+    overlap: ReadOnly[bool]  # buckets pushed during backward, pulls landing during forward
+    bucket_bytes: ReadOnly[int]  # the overlapped push's buckets close at this size
 
 
 class TargetSpec(TypedDict):

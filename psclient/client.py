@@ -23,9 +23,11 @@ import torch
 
 from shardps.proto import codec, common_pb2, compress, ps_pb2
 from shardps.psclient.deltas import PulledCopy
+from shardps.psclient.inflight import PullInFlight
+from shardps.psclient.overlapped import Lane, OverlappedPush
 from shardps.psclient.plane import DataPlaneTransport
 from shardps.psclient.rpcpath import RpcTransport
-from shardps.psclient.transport import PendingPull, PendingPush, Transport
+from shardps.psclient.transport import PendingPull, PendingPush, PullWatch, Transport
 
 _P = TypeVar("_P", PendingPush, PendingPull)
 _T = TypeVar("_T")
@@ -116,6 +118,24 @@ class PullsAhead:
                 held.cancel()
 
 
+def _push_headers(client: PSClient, step: int, base_version: int | list[int],
+                  batch_size: int) -> list[ps_pb2.PushHeader]:
+    """Each shard's push header, in shard order."""
+    shards = client.shards
+    bases = base_version if isinstance(base_version, list) else [base_version] * len(shards)
+    return [ps_pb2.PushHeader(
+        job_id=client.job_id, shard_index=shard.index, worker_id=client.worker_id,
+        incarnation=client.incarnation, step=step, base_version=bases[i],
+        dtype=client.dtype, batch_size=batch_size, length=shard.length)
+        for i, shard in enumerate(shards)]
+
+
+def _check_flat(flat: torch.Tensor, total: int) -> None:
+    if flat.dim() != 1 or flat.numel() != total or flat.device.type != "cpu":
+        raise ValueError(
+            f"expected a flat CPU tensor of {total} elements, got {tuple(flat.shape)} on {flat.device}")
+
+
 class PSClient:
     """Parallel pull/push of one job's flat vector over its shard map."""
 
@@ -174,7 +194,7 @@ class PSClient:
         leave their part of dest untouched and the result is not ready. A pull that `push`
         sent ahead with the same arguments is read instead of sending another.
         """
-        self._check_dest(dest)
+        _check_flat(dest, self.total)
         requests = [self._pull_request(s, min_version, timeout_s, clock) for s in self.shards]
         ahead, self._ahead = self._ahead, PullsAhead()
 
@@ -198,6 +218,24 @@ class PSClient:
                        for h in heads if h.ready)
         return PullResult(ready=all(h.ready for h in heads), versions=[h.version for h in heads],
                           job_done=any(h.job_done for h in heads), wire_bytes=received)
+
+    def start_pull(self, dest: torch.Tensor, *, min_version: int = 0, timeout_s: float = 30.0,
+                   clock: int = 0) -> PullInFlight:
+        """`pull`, read on background threads (psclient/inflight.py): its heads, then dest
+        range by range as the elements land. Dense pulls only."""
+        _check_flat(dest, self.total)
+        if self._copy is not None:  # a compressed pull's deltas land whole
+            raise ValueError("an overlapped pull is dense: this client compresses pulls")
+        requests = [self._pull_request(s, min_version, timeout_s, clock) for s in self.shards]
+        ahead, self._ahead = self._ahead, PullsAhead()
+        held = [ahead.take(i, requests[i]) for i in range(len(self.shards))]
+        ahead.cancel()
+
+        def read(i: int, watch: PullWatch) -> ps_pb2.PullResponse:
+            pending = held[i] or self._servers[i].transport().start_pull(requests[i])
+            return pending.finish(dest[self.shards[i].offset :][: self.shards[i].length], watch)
+
+        return PullInFlight(self.shards, read, codec.element_size(self.dtype), timeout_s)
 
     def _pull_request(self, shard: common_pb2.ShardRange, min_version: int = 0,
                       timeout_s: float = 30.0, clock: int = 0) -> ps_pb2.PullRequest:
@@ -225,16 +263,11 @@ class PSClient:
         `encoded`: a compressed push, one proto/compress.py encoding per shard, in shard
         order, sent instead of grad's elements (the servers apply their decode).
         """
-        self._check_dest(grad)
+        _check_flat(grad, self.total)
         if encoded is not None and len(encoded) != len(self.shards):
             raise ValueError(f"{len(encoded)} encodings for {len(self.shards)} shards")
         self._ahead.cancel()
-        bases = base_version if isinstance(base_version, list) else [base_version] * len(self.shards)
-        headers = [ps_pb2.PushHeader(
-            job_id=self.job_id, shard_index=shard.index, worker_id=self.worker_id,
-            incarnation=self.incarnation, step=step, base_version=bases[i],
-            dtype=self.dtype, batch_size=batch_size, length=shard.length)
-            for i, shard in enumerate(self.shards)]
+        headers = _push_headers(self, step, base_version, batch_size)
         if encoded is not None:
             for header, data in zip(headers, encoded, strict=True):
                 _mark_compressed(header, data)
@@ -254,6 +287,23 @@ class PSClient:
             return self._transfer(start, finish)
         finally:
             self._ahead = PullsAhead(pulls)
+
+    def begin_push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
+                   batch_size: int, buckets: Sequence[tuple[int, int]],
+                   then_pull: PullArgs | None = None,
+                   on_wait: Callable[[float], None] | None = None) -> OverlappedPush:
+        """A push of `grad` sent bucket by bucket (flat ranges covering it) as the caller
+        marks them final (psclient/overlapped.py); its `finish` returns what `push` does.
+        Raises grpc.RpcError if a server cannot be reached (nothing is left open then)."""
+        _check_flat(grad, self.total)
+        self._ahead.cancel()
+        self._ahead, headers = PullsAhead(), _push_headers(self, step, base_version, batch_size)
+        lanes = [Lane(shard, headers[i], self._servers[i].transport(),
+                      self._ahead_request(shard, then_pull)) for i, shard in enumerate(self.shards)]
+        return OverlappedPush(grad, lanes, buckets, self._pulls_ahead, on_wait)
+
+    def _pulls_ahead(self, pulls: list[PendingPull | None]) -> None:
+        self._ahead = PullsAhead(pulls)
 
     def _ahead_request(self, shard: common_pb2.ShardRange,
                        args: PullArgs | None) -> ps_pb2.PullRequest | None:
@@ -324,7 +374,7 @@ class PSClient:
 
     def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None:
         """Creates every shard from the flat initial weights; config's per-shard fields are filled in."""
-        self._check_dest(weights)
+        _check_flat(weights, self.total)
 
         def one(i: int) -> ps_pb2.InitShardResponse:
             shard = self.shards[i]
@@ -336,8 +386,3 @@ class PSClient:
             return self._servers[i].rpc.init(cfg, part)
 
         self._each(one)
-
-    def _check_dest(self, flat: torch.Tensor) -> None:
-        if flat.dim() != 1 or flat.numel() != self.total or flat.device.type != "cpu":
-            raise ValueError(
-                f"expected a flat CPU tensor of {self.total} elements, got {tuple(flat.shape)} on {flat.device}")

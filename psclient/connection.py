@@ -18,6 +18,7 @@ from shardps.proto.dataplane import (
     IO_BYTES,
     MAGIC,
     MAX_BODY_BYTES,
+    PIECE,
     PULL,
     PUSH,
     TOKEN_LEN,
@@ -30,6 +31,7 @@ from shardps.proto.dataplane import (
     tune,
 )
 from shardps.psclient import deltas
+from shardps.psclient.transport import PullWatch
 
 _T = TypeVar("_T")
 
@@ -116,6 +118,22 @@ class Connection:
 
         self._send(send, timeout)
 
+    def start_pieces(self, header: ps_pb2.PushHeader, timeout: float) -> None:
+        """Sends an overlapped push's header (header.pieces > 0); its pieces follow, one
+        `send_piece` each, then `finish_push`."""
+        self._send(lambda sock: sock.sendall(frame(PUSH, header.SerializeToString())), timeout)
+
+    def send_piece(self, offset: int, part: torch.Tensor, wire_dtype: int,
+                   timeout: float) -> None:
+        """Sends one piece of an overlapped push: its head, then `part`'s elements in the wire
+        dtype (`offset`: where `part` starts in the shard, in elements)."""
+        def send(sock: socket.socket) -> None:
+            sock.sendall(PIECE.pack(offset, part.numel()))
+            for piece in _wire_pieces(part, codec.torch_dtype(wire_dtype)):
+                sock.sendall(piece)
+
+        self._send(send, timeout)
+
     def finish_push(self, timeout: float) -> ps_pb2.PushResponse:
         return ps_pb2.PushResponse.FromString(self._reply(timeout))
 
@@ -123,7 +141,9 @@ class Connection:
         self._send(lambda sock: sock.sendall(frame(PULL, request.SerializeToString())), timeout)
 
     def finish_pull(self, request: ps_pb2.PullRequest, dest: torch.Tensor,
-                    timeout: float) -> ps_pb2.PullResponse:
+                    timeout: float, watch: PullWatch | None = None) -> ps_pb2.PullResponse:
+        """Reads a pull's reply into `dest`; `watch` hears of the head and of every few MiB of
+        a dense reply's elements as they land (a compressed one's all at once, at the end)."""
         head = ps_pb2.PullResponse.FromString(self._reply(timeout))
         if head.ready:
             if head.length != dest.numel():
@@ -140,7 +160,10 @@ class Connection:
                 self._guard(lambda sock: recv_exact(sock, memoryview(body)))
                 deltas.apply_delta(dest, memoryview(body))
                 return head
-            self._guard(lambda sock: _recv_into(sock, dest, codec.torch_dtype(request.dtype)))
+            if watch is not None:
+                watch.head(head)
+            self._guard(lambda sock: _recv_into(sock, dest, codec.torch_dtype(request.dtype),
+                                                watch))
         return head
 
     def start_request(self, kind: int, body: bytes, timeout: float) -> None:
@@ -199,14 +222,23 @@ def _wire_pieces(part: torch.Tensor, dtype: torch.dtype) -> Iterator[memoryview]
         yield as_bytes(scratch[: piece.numel()].copy_(piece))
 
 
-def _recv_into(sock: socket.socket, dest: torch.Tensor, dtype: torch.dtype) -> None:
-    """Receives dest.numel() elements of `dtype` into dest (straight in when dtypes match)."""
-    if dest.dtype == dtype:
-        recv_exact(sock, as_bytes(dest))
-        return
+def _recv_into(sock: socket.socket, dest: torch.Tensor, dtype: torch.dtype,
+               watch: PullWatch | None = None) -> None:
+    """Receives dest.numel() elements of `dtype` into dest (straight in when dtypes match),
+    telling `watch` after each IO_BYTES."""
     step = max(1, IO_BYTES // dtype.itemsize)
+    if dest.dtype == dtype:
+        if watch is None:
+            recv_exact(sock, as_bytes(dest))
+            return
+        for lo in range(0, dest.numel(), step):
+            recv_exact(sock, as_bytes(dest[lo : lo + step]))
+            watch.received(min(lo + step, dest.numel()))
+        return
     scratch = torch.empty(min(step, dest.numel()), dtype=dtype)
     for lo in range(0, dest.numel(), step):
         piece = dest[lo : lo + step]
         recv_exact(sock, as_bytes(scratch[: piece.numel()]))
         piece.copy_(scratch[: piece.numel()])
+        if watch is not None:
+            watch.received(lo + piece.numel())

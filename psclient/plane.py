@@ -11,6 +11,7 @@ import torch
 
 from shardps.proto import dataplane, ps_pb2
 from shardps.psclient.connection import Connection
+from shardps.psclient.transport import PullWatch
 from shardps.runtime import rpc, sslcontext
 
 
@@ -66,6 +67,18 @@ class DataPlaneTransport:
             self.failed(conn)
             raise
         return _PlanePull(self, conn, request)
+
+    def start_pieces(self, header: ps_pb2.PushHeader,
+                     then_pull: ps_pb2.PullRequest | None = None) -> PlanePieces:
+        """Sends an overlapped push's header (header.pieces > 0); its pieces follow on the
+        same connection, sent through the returned PlanePieces."""
+        conn = self._connection()
+        try:
+            conn.start_pieces(header, rpc.TRANSFER_DEADLINE_S)
+        except BaseException:
+            self.failed(conn)
+            raise
+        return PlanePieces(self, conn, header.dtype, then_pull)
 
     def close(self) -> None:
         with self._lock:
@@ -151,9 +164,10 @@ class _PlanePull:
     def request(self) -> ps_pb2.PullRequest:
         return self._request
 
-    def finish(self, dest: torch.Tensor) -> ps_pb2.PullResponse:
+    def finish(self, dest: torch.Tensor, watch: PullWatch | None = None) -> ps_pb2.PullResponse:
         try:
-            head = self._conn.finish_pull(self._request, dest, _pull_deadline(self._request))
+            head = self._conn.finish_pull(self._request, dest, _pull_deadline(self._request),
+                                          watch)
         except BaseException:
             self._plane.failed(self._conn)
             raise
@@ -162,3 +176,33 @@ class _PlanePull:
 
     def cancel(self) -> None:
         self._conn.close()  # its answer is still on its way: out of step
+
+
+class PlanePieces:
+    """An overlapped push on a checked-out connection: `send` each piece (one thread at a
+    time), then `finish`, which sends `then_pull` behind the last piece and reads the reply;
+    or `cancel`."""
+
+    def __init__(self, plane: DataPlaneTransport, conn: Connection, wire_dtype: int,
+                 then_pull: ps_pb2.PullRequest | None):
+        self._plane, self._conn, self._dtype, self._then_pull = plane, conn, wire_dtype, then_pull
+
+    def send(self, offset: int, part: torch.Tensor) -> None:
+        """Sends `part` (CPU, contiguous) as the piece at `offset` elements into the shard."""
+        try:
+            self._conn.send_piece(offset, part, self._dtype, rpc.TRANSFER_DEADLINE_S)
+        except BaseException:
+            self._plane.failed(self._conn)
+            raise
+
+    def finish(self) -> tuple[ps_pb2.PushResponse, _PlanePull | None]:
+        if self._then_pull is not None:
+            try:
+                self._conn.start_pull(self._then_pull, rpc.TRANSFER_DEADLINE_S)
+            except BaseException:
+                self._plane.failed(self._conn)
+                raise
+        return _PlanePush(self._plane, self._conn, self._then_pull).finish()
+
+    def cancel(self) -> None:
+        self._conn.close()  # pieces or the reply still owed: out of step

@@ -15,6 +15,7 @@ import torch
 
 from shardps.proto import codec, common_pb2, dataplane, ps_pb2, ps_pb2_grpc
 from shardps.psclient import deltas
+from shardps.psclient.transport import PullWatch
 from shardps.runtime import rpc
 
 _Bulk = TypeVar("_Bulk", ps_pb2.PushRequest, ps_pb2.InitShardRequest)
@@ -118,7 +119,8 @@ class _RpcPull:
     def request(self) -> ps_pb2.PullRequest:
         return self._request
 
-    def finish(self, dest: torch.Tensor) -> ps_pb2.PullResponse:
+    def finish(self, dest: torch.Tensor, watch: PullWatch | None = None) -> ps_pb2.PullResponse:
+        """`watch` is not told: the reply counts once it is read whole."""
         try:
             return self._drain(dest)
         finally:

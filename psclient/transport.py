@@ -17,6 +17,19 @@ import torch
 from shardps.proto import ps_pb2
 
 
+class PullWatch(Protocol):
+    """Told of a pull's progress as its reply arrives (an overlapped pull, psclient/inflight.py),
+    on the thread that reads it. A transport that cannot tell calls neither."""
+
+    def head(self, head: ps_pb2.PullResponse) -> None:
+        """The reply's head has been read (its elements, if ready, follow)."""
+        ...
+
+    def received(self, elements: int) -> None:
+        """The first `elements` elements of dest have landed."""
+        ...
+
+
 class PendingPull(Protocol):
     """A pull whose request is sent and whose reply is not yet read. Owned by one thread;
     exactly one of `finish` and `cancel` is called."""
@@ -24,9 +37,10 @@ class PendingPull(Protocol):
     @property
     def request(self) -> ps_pb2.PullRequest: ...
 
-    def finish(self, dest: torch.Tensor) -> ps_pb2.PullResponse:
+    def finish(self, dest: torch.Tensor, watch: PullWatch | None = None) -> ps_pb2.PullResponse:
         """Reads the reply: its head (ready, version, job_done); a ready reply's elements land
-        in `dest` (flat, CPU, the shard's length, fp32 or the wire dtype)."""
+        in `dest` (flat, CPU, the shard's length, fp32 or the wire dtype). `watch`, where
+        the transport can tell, hears of the head and of the elements as they land."""
         ...
 
     def cancel(self) -> None:

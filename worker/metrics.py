@@ -7,7 +7,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Phases of a training step timed by shardps_worker_step_seconds:
 PHASES = (
     "wait",     # pull slices that came back not ready: waiting for other workers / the barrier
-    "pull",     # the pull that delivered weights, plus the upload to the device
+    "pull",     # the pull that delivered weights, plus the upload to the device (with
+                # transport.overlap: until the last weights landed, beside the forward)
     "compute",  # forward, backward, clipping and the copy of the gradient to the host
     "push",     # sending the gradient to every shard
 )
@@ -57,7 +58,20 @@ class WorkerMetrics:
         self.push_wait_max = Gauge(
             "shardps_worker_push_wait_max_seconds", "The longest a push of this worker took, "
             "retries included (e.g. across a failover), per job", ["job"], registry=registry)
+        self.bucket_wait = Histogram(
+            "shardps_worker_bucket_wait_seconds", "Overlap (transport.overlap): how long each "
+            "bucket waited; push: a piece of the gradient from final (autograd done with it) "
+            "to its send; pull: the forward waiting for a module's weights to land",
+            ["direction"], buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                    0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry)
+        self.overlap_pieces = Counter(
+            "shardps_worker_overlap_pieces", "Pieces of overlapped pushes sent, by whether "
+            "backward was still running (during) or had returned (after)", ["sent"],
+            registry=registry)
         self.info = Gauge("shardps_worker_info", "Constant 1, labelled with the worker's device",
                           ["device"], registry=registry)
         for phase in PHASES:  # export every phase from the start, even before a job runs
             self.step_seconds.labels(phase=phase)
+        for direction in ("push", "pull"):
+            self.bucket_wait.labels(direction=direction)

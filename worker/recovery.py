@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -14,6 +14,8 @@ import torch
 
 from shardps.proto import codec, common_pb2, ps_pb2, ps_pb2_grpc, refusals
 from shardps.psclient import PullResult
+from shardps.psclient.inflight import PullInFlight
+from shardps.psclient.overlapped import OverlappedPush
 from shardps.runtime import rpc
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,14 @@ class ShardClient(Protocol):
              batch_size: int, then_pull: dict[str, Any] | None = None,
              encoded: Sequence[bytes] | None = None) -> list[ps_pb2.PushResponse]: ...
 
+    def begin_push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
+                   batch_size: int, buckets: Sequence[tuple[int, int]],
+                   then_pull: dict[str, Any] | None = None,
+                   on_wait: Callable[[float], None] | None = None) -> OverlappedPush: ...
+
+    def start_pull(self, dest: torch.Tensor, *, min_version: int = 0, timeout_s: float = 30.0,
+                   clock: int = 0) -> PullInFlight: ...
+
     def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None: ...
 
     def close(self) -> None: ...
@@ -114,6 +124,19 @@ class RemappableClient:
              encoded: Sequence[bytes] | None = None) -> list[ps_pb2.PushResponse]:
         return self.client.push(grad, step=step, base_version=base_version,
                                 batch_size=batch_size, then_pull=then_pull, encoded=encoded)
+
+    def begin_push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
+                   batch_size: int, buckets: Sequence[tuple[int, int]],
+                   then_pull: dict[str, Any] | None = None,
+                   on_wait: Callable[[float], None] | None = None) -> OverlappedPush:
+        return self.client.begin_push(grad, step=step, base_version=base_version,
+                                      batch_size=batch_size, buckets=buckets,
+                                      then_pull=then_pull, on_wait=on_wait)
+
+    def start_pull(self, dest: torch.Tensor, *, min_version: int = 0, timeout_s: float = 30.0,
+                   clock: int = 0) -> PullInFlight:
+        return self.client.start_pull(dest, min_version=min_version, timeout_s=timeout_s,
+                                      clock=clock)
 
     def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None:
         """InitShard on every replica of every shard: the primaries through the current

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 import torch
 
-from shardps.proto import coordinator_pb2, ps_pb2
+from shardps.proto import codec, coordinator_pb2, ps_pb2
 from shardps.proto.common_pb2 import DType, ShardMap
+from shardps.psclient import PullResult
+from shardps.psclient.inflight import PullInFlight
+from shardps.psclient.overlapped import OverlappedPush
 from shardps.psclient.rows import RowClient
 from shardps.runtime.backoff import Backoff
 from shardps.worker import recovery
@@ -52,6 +56,18 @@ class Rewind(Exception):
         self.step = step
 
 
+@dataclass
+class Landing:
+    """A pull whose reply heads are in and whose weights may still be landing."""
+
+    inflight: PullInFlight
+    begun: float  # the training clock when the pull was sent
+
+    def result(self) -> PullResult:
+        ready, versions, job_done = self.inflight.heads()
+        return PullResult(ready=ready, versions=versions, job_done=job_done)
+
+
 class JobShards:
     """Pull, push and init of one job on its servers, for the training thread that owns it.
 
@@ -84,10 +100,40 @@ class JobShards:
         """InitShard on every server (rank 0 of a new job)."""
         self.call("InitShard", functools.partial(self._client.init, weights, config))
 
+    def begin_push(self, grad: torch.Tensor, step: int, versions: list[int], batch_size: int,
+                   then_pull: dict[str, Any] | None,
+                   buckets: Sequence[tuple[int, int]]) -> OverlappedPush | None:
+        """Opens an overlapped push of `grad` (worker/overlap.py fills it in), or None where
+        it cannot be (a compressed push comes whole; a server not reachable now: `push`
+        then sends it whole, with its retries)."""
+        if self.wire.feedback is not None:
+            return None
+        wait = self._ctx.metrics.bucket_wait.labels(direction="push").observe
+        try:
+            return self._client.begin_push(grad, step=step, base_version=versions,
+                                           batch_size=batch_size, buckets=buckets,
+                                           then_pull=then_pull, on_wait=wait)
+        except grpc.RpcError as exc:
+            logger.debug("job %s: overlapped push not opened (%s); pushing whole",
+                         self._ctx.job_id, exc)
+            return None
+
     def push(self, grad: torch.Tensor, step: int, versions: list[int], batch_size: int,
-             then_pull: dict[str, Any] | None) -> list[ps_pb2.PushResponse]:
+             then_pull: dict[str, Any] | None,
+             overlapped: OverlappedPush | None = None) -> list[ps_pb2.PushResponse]:
         """Pushes step's gradient (compressed once, before any try, if the job says so); may
-        raise Rewind (a rollback, or a server behind us)."""
+        raise Rewind (a rollback, or a server behind us). `overlapped`: the push opened by
+        `begin_push`, finished here; if it fails, the gradient is pushed whole (pushes are
+        idempotent), through the retries and refusals of any push."""
+        if overlapped is not None:
+            try:
+                replies = overlapped.finish()
+            except grpc.RpcError as exc:
+                logger.info("job %s: overlapped push of step %d failed (%s: %s); pushing whole",
+                            self._ctx.job_id, step, exc.code().name, exc.details())
+            else:
+                self.wire.pushed(grad.numel(), None)
+                return replies
         encoded = self.wire.encode(grad, self._client.shard_map.shards)
         begun = self._ctx.clock()
         replies = self.call("push", functools.partial(
@@ -108,6 +154,40 @@ class JobShards:
 
     def pull(self, mode: str, step: int, flat: FlatParams) -> list[int]:
         """Pulls the weights for `step` into the model, waiting in slices; returns the versions."""
+        versions, landing = self._pull(mode, step, flat, overlap=False)
+        assert landing is None
+        return versions
+
+    def pull_landing(self, mode: str, step: int,
+                     flat: FlatParams) -> tuple[list[int], Landing]:
+        """`pull`, returning once every shard's reply head is in (the versions) while the
+        weights are still landing (worker/overlap.py lets the forward wait for them module
+        by module); call `land` once the forward is done. CPU, dense pulls only."""
+        versions, landing = self._pull(mode, step, flat, overlap=True)
+        assert landing is not None
+        return versions, landing
+
+    def land(self, landing: Landing, flat: FlatParams) -> None:
+        """Waits until the rest of a `pull_landing` pull has landed. Raises Rewind (pull the
+        step again) if the transfer broke off."""
+        try:
+            received = landing.inflight.finish()
+        except (grpc.RpcError, TimeoutError, codec.CodecError) as exc:
+            raise self.broken(exc) from None
+        self.wire.pulled(received)
+        flat.upload()
+        self._ctx.metrics.step_seconds.labels(phase="pull").observe(
+            self._ctx.clock() - landing.begun)
+
+    def broken(self, exc: BaseException) -> Rewind:
+        """A pull whose weights broke off while landing: pull the step again (the next pull
+        goes through `call`, which rides out an outage)."""
+        logger.info("job %s: a pull broke off while landing (%s); pulling again",
+                    self._ctx.job_id, exc)
+        return Rewind(None)
+
+    def _pull(self, mode: str, step: int, flat: FlatParams,
+              overlap: bool) -> tuple[list[int], Landing | None]:
         ctx = self._ctx
         kwargs = pull_args(mode, step)
         since = ctx.clock()
@@ -117,21 +197,33 @@ class JobShards:
             self.check_rollback()
             dest = flat.host_weights
             begun = ctx.clock()
-            result = self.call("pull", functools.partial(
-                self._client.pull, dest, timeout_s=PULL_SLICE_S, **kwargs))
+            landing: Landing | None = None
+            if overlap:
+                landing = Landing(self.call("pull", functools.partial(
+                    self._start_pull, dest, kwargs)), begun)
+                result = landing.result()
+            else:
+                result = self.call("pull", functools.partial(
+                    self._client.pull, dest, timeout_s=PULL_SLICE_S, **kwargs))
             if result.ready and self._resync_to is not None:
                 if any(v != self._resync_to for v in result.versions):
                     # Some shard has not rolled back yet: its weights belong to another step.
+                    if landing is not None:
+                        landing.inflight.cancel()
                     ctx.pause(RESYNC_POLL_S)
                     continue
                 logger.info("job %s: every shard is back at version %d", ctx.job_id,
                             self._resync_to)
                 self._resync_to = None
+            if result.ready and landing is not None:
+                return list(result.versions), landing
             if result.ready:
                 self.wire.pulled(result.wire_bytes)
                 flat.upload()
                 hist.labels(phase="pull").observe(ctx.clock() - begun)
-                return list(result.versions)
+                return list(result.versions), None
+            if landing is not None:
+                landing.inflight.cancel()  # not ready: no weights follow; readers done
             hist.labels(phase="wait").observe(ctx.clock() - begun)
             if result.job_done:
                 raise End("stopped", "the servers say the job has ended")
@@ -141,6 +233,12 @@ class JobShards:
                                        f"{PULL_PATIENCE_S:.0f} s; versions {result.versions}")
             if ctx.reports.buffer.due(now):  # keep the coordinator informed while we wait
                 ctx.reports.send()
+
+    def _start_pull(self, dest: torch.Tensor, kwargs: dict[str, int]) -> PullInFlight:
+        """An overlapped pull once its heads are in (its readers stopped if it failed)."""
+        inflight = self._client.start_pull(dest, timeout_s=PULL_SLICE_S, **kwargs)
+        inflight.heads()
+        return inflight
 
     def call(self, what: str, fn: Callable[[], _T]) -> _T:
         """Runs a parameter-server call; rides out outages, maps refusals to outcomes.

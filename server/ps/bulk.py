@@ -26,7 +26,7 @@ import torch
 from shardps.proto import codec, common_pb2, compress, names, ps_pb2
 from shardps.proto.tables import TableIdError, TableRowsError
 
-from . import compressed, pull_deltas
+from . import compressed, pieces, pull_deltas
 from .errors import (
     FencedError,
     InvalidConfigError,
@@ -232,11 +232,12 @@ class BulkOps:
             wire = compressed.staging_dtype(header)
         except codec.CodecError as exc:
             raise self._reject(exc, "bad_dtype") from None
-        if compressed.is_compressed(header):
-            try:
+        try:
+            if compressed.is_compressed(header):
                 compressed.check_header(header)
-            except InvalidPushError as exc:
-                raise self._reject(exc, exc.reason) from None
+            pieces.check_header(header, compressed.is_compressed(header))
+        except InvalidPushError as exc:
+            raise self._reject(exc, exc.reason) from None
         return shard, wire
 
     def _pushed(self, shard: Shard, status: ps_pb2.PushStatus, version: int,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from shardps.proto import codec, common_pb2, compress, ps_pb2
+from shardps.proto import codec, common_pb2, compress, dataplane, ps_pb2
 
 from .errors import InvalidPushError
 
@@ -47,9 +47,10 @@ def body_bytes(header: ps_pb2.PushHeader) -> int:
     if is_compressed(header):
         return header.compressed_bytes if header.compression in _CODECS else -1
     try:
-        return header.length * codec.element_size(header.dtype)
+        elements = header.length * codec.element_size(header.dtype)
     except codec.CodecError:
         return -1
+    return elements + header.pieces * dataplane.PIECE.size  # an overlapped push's heads
 
 
 def staging_dtype(header: ps_pb2.PushHeader) -> torch.dtype:

@@ -38,7 +38,7 @@ from google.protobuf.message import DecodeError
 from shardps.proto import codec, dataplane, ps_pb2
 from shardps.runtime import callguard, gate, rpc, sslcontext
 
-from . import compressed, rowframes
+from . import compressed, pieces, rowframes
 from .bulk import BulkOps, Refused
 from .rowservice import RowService
 
@@ -223,6 +223,8 @@ class DataServer:
                 body = bytearray(header.compressed_bytes)
                 dataplane.recv_exact(conn, memoryview(body), deadline)
                 return compressed.decode_into(header, body, grad)
+            if header.pieces:  # an overlapped push: pieces in any order
+                return pieces.fill(conn, header, grad, deadline)
             data = dataplane.as_bytes(grad)
             finite, step = True, dataplane.IO_BYTES
             per_piece = step // grad.element_size()

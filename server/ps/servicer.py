@@ -24,7 +24,7 @@ import torch
 
 from shardps.proto import codec, common_pb2, dataplane, names, ps_pb2, ps_pb2_grpc
 
-from . import compressed
+from . import compressed, pieces
 from .bulk import BulkOps, DropReplies, Refused, refusal
 from .errors import ShardError
 from .metrics import PSMetrics
@@ -104,6 +104,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             _fail(context, grpc.StatusCode.INVALID_ARGUMENT,
                   "first message must carry the header")
         header = first.header
+        if header.pieces:  # the Push RPC's chunks carry their own offsets
+            self.metrics.rejected.labels(pieces.REASON).inc()
+            _fail(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  "pieces: a data-plane push field; over the Push RPC send chunks")
 
         def fill(grad: torch.Tensor) -> tuple[int, bool]:
             if compressed.is_compressed(header):  # size bounded by bulk.push's check_header
