@@ -220,6 +220,7 @@ class Replicas:
         forwarded = ps_pb2.PushHeader()
         forwarded.CopyFrom(header)
         forwarded.replica_epoch = placement.epoch
+        forwarded.pieces = 0  # an overlapped push's pieces are whole in `grad` by now
         if forwarded.compression != ps_pb2.PUSH_COMPRESSION_NONE:  # decoded here: send fp32
             forwarded.compression = ps_pb2.PUSH_COMPRESSION_NONE
             forwarded.compressed_bytes = 0

@@ -20,8 +20,9 @@ from tests.e2e.test_recovery import Cluster, assert_same_state, checkpointed_sta
 LEASE_MS = 2000
 
 
-def spec(mode: str, steps: int, replicas: int, name: str = "rep") -> str:
+def spec(mode: str, steps: int, replicas: int, name: str = "rep", overlap: bool = False) -> str:
     return f"""
+transport: {{overlap: {str(overlap).lower()}}}
 name: {name}
 seed: 3
 model: {{name: mlp, kwargs: {{hidden: [32]}}}}
@@ -109,7 +110,8 @@ def test_async_primary_sigkill_loses_no_acknowledged_push(tmp_path):
 def test_sync_primary_sigkill_goes_on_without_rollback_bitwise(tmp_path):
     """The same sync job with R = 1 straight, then with R = 2 and the primary of shard 1
     SIGKILLed mid-run: no rollback, and the weights and Adam state of every shard end bitwise
-    equal to the straight run's."""
+    equal to the straight run's. The replicated run pushes overlapped (transport.overlap: its
+    pieces reach the backups as one whole push), the straight one does not."""
     steps = 150
     cluster = Cluster(tmp_path, servers=3, workers=2, lease_ms=LEASE_MS,
                       worker_args=[["--step-delay-ms", "15"], []])
@@ -118,7 +120,7 @@ def test_sync_primary_sigkill_goes_on_without_rollback_bitwise(tmp_path):
         assert cluster.final(straight).state == common_pb2.JOB_STATE_COMPLETED
         reference = checkpointed_state(cluster, straight)
 
-        job_id = cluster.client.submit(spec("sync", steps, replicas=2))
+        job_id = cluster.client.submit(spec("sync", steps, replicas=2, overlap=True))
         cluster.wait_step(job_id, 50)
         victim, killed = kill_primary(cluster, job_id, 1)
         final = cluster.final(job_id)
