@@ -43,7 +43,7 @@ from .pushes import unpushable
 from .registry import ShardRegistry
 from .shard import Shard
 from .snapshots import Snapshot
-from .tables import UnknownTableError
+from .tables import RowsAfterStartError, UnknownTableError
 
 log = logging.getLogger("shardps.ps")
 
@@ -63,6 +63,7 @@ CODES = {
     UnknownTableError: grpc.StatusCode.INVALID_ARGUMENT,
     TableIdError: grpc.StatusCode.INVALID_ARGUMENT,
     TableRowsError: grpc.StatusCode.INVALID_ARGUMENT,
+    RowsAfterStartError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 _STATUS_NAMES = {
     value: name.removeprefix("PUSH_STATUS_").lower()

@@ -20,10 +20,13 @@ from .core import ShardCore
 from .errors import InvalidPushError, StepAheadError
 from .table_config import TableStats
 from .table_shard import TableShard
+from .tables import RowsAfterStartError
 
 
 def init_rows(core: ShardCore, name: str, rows: torch.Tensor) -> None:
-    """Sets a fixed table's rows on this shard, in slot order (rank 0 seeds them)."""
+    """Sets a fixed table's rows on this shard, in slot order (rank 0 seeds them before the
+    job runs); then `core.on_rows_set` (a new base checkpoint). Refused once the shard has
+    taken a step."""
     with core.cond:
         core.check_open()
         table = core.tables.get(name)
@@ -31,7 +34,13 @@ def init_rows(core: ShardCore, name: str, rows: torch.Tensor) -> None:
             raise tables_lib.TableRowsError(
                 f"table {name!r}: shard {core.config.shard_index} holds {table.rows} rows, "
                 f"got {rows.shape[0]}")
+        if core.version or core.frozen:
+            raise RowsAfterStartError(f"table {name!r}: rows are set before the first step; "
+                                      f"shard {core.config.shard_index} is at version "
+                                      f"{core.version}")
         table.write_rows(0, rows)
+        if core.on_rows_set is not None:
+            core.on_rows_set()
 
 
 def pull_rows(core: ShardCore, name: str, ids: torch.Tensor, min_version: int, clock: float,
@@ -120,6 +129,12 @@ class ShardRows:
         """One worker's row gradient of a table for a step (push_rows)."""
         return push_rows(self._core, table, worker=worker, incarnation=incarnation,
                          step=step, ids=ids, rows=grads)
+
+    def on_set(self, hook: Callable[[], None] | None) -> None:
+        """Calls `hook` under the shard's lock after InitRows set a table's rows (before the
+        first step: checkpoints take a new base there); it must not block."""
+        with self._core.cond:
+            self._core.on_rows_set = hook
 
     def dim(self, table: str) -> int:
         """A table's row width (UnknownTableError if the job has no such table)."""

@@ -266,8 +266,47 @@ class TableShard:
     def from_state(cls, state: TableState) -> TableShard:
         """The shard as `capture` saw it (ValueError if the tensors do not fit the config)."""
         shard = cls(state.config, make_optimizer(state.optimizer))
-        shard._store.load(state.tensors)
-        if state.sketch is not None:
-            shard.sketch = CountMinSketch.from_state(state.tensors["sketch"], state.sketch)
-        shard._counters.update(state.counters)
+        shard.restore(state)
         return shard
+
+    def restore(self, state: TableState) -> None:
+        """Takes a capture of a table of this config in place (a rollback or a restart): its
+        rows, optimizer state and step count, counters and admission sketch. The config and
+        the optimizer's hyper-parameters stay this table's. Raises ValueError, changing
+        nothing, if the capture does not fit (`check`)."""
+        with self._lock:
+            sketch = _restorable(self, self._store, state)
+            self._store.load(state.tensors)
+            self.sketch = sketch
+            self.optimizer.steps = int(state.optimizer["steps"])
+            self._counters = {k: int(state.counters.get(k, 0)) for k in self._counters}
+
+    def check(self, state: TableState) -> None:
+        """ValueError unless `restore` can take `state`; changes nothing."""
+        with self._lock:
+            _restorable(self, self._store, state)
+
+
+def _restorable(table: TableShard, store: RowStore, state: TableState) -> CountMinSketch | None:
+    """Checks a capture against a table (its lock held) and its store; returns the sketch it
+    restores to. ValueError naming the table if it does not fit."""
+    want = {"weights", *(f"state.{k}" for k in store.state)}
+    want |= {"ids", "last"} if store.dynamic else set()
+    want |= {"sketch"} if table.sketch is not None else set()
+    if not want - {"sketch"} <= set(state.tensors):
+        raise ValueError(f"table {table.name!r}: checkpoint tensors {sorted(state.tensors)}, "
+                         f"expected {sorted(want)}")
+    store.check(state.tensors)
+    if set(state.tensors) != want:
+        raise ValueError(f"table {table.name!r}: checkpoint tensors {sorted(state.tensors)}, "
+                         f"expected {sorted(want)}")
+    rows = state.tensors["weights"].shape[0]
+    if table.row_cap and rows > table.row_cap:
+        raise ValueError(f"table {table.name!r}: checkpoint holds {rows} rows, over the cap of "
+                         f"{table.row_cap}")
+    if table.sketch is None:
+        return None
+    meta = {"width": table.sketch.width, "depth": table.sketch.depth,
+            "halve_every": table.sketch.halve_every,
+            "halved_at": (state.sketch or {}).get("halved_at", 0)}
+    return CountMinSketch.from_state(state.tensors["sketch"], meta)

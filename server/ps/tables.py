@@ -19,7 +19,7 @@ from shardps.proto import ps_pb2
 from shardps.proto.tables import FixedLayout
 
 from .errors import InvalidConfigError, ShardError
-from .table_config import TableConfig
+from .table_config import TableConfig, TableState
 from .table_optim import LazyAdam, RowGrads, RowOptimizer, RowwiseAdagrad, combine
 from .table_shard import TableShard
 
@@ -31,6 +31,12 @@ class UnknownTableError(ShardError):
     """A call names a table the job does not have."""
 
     reason = "unknown_table"
+
+
+class RowsAfterStartError(ShardError):
+    """InitRows once the shard has taken a step: the rows are training (and checkpointed)."""
+
+    reason = "rows_after_start"
 
 
 @dataclass(frozen=True)
@@ -141,4 +147,33 @@ class ShardTables:
 
     def drop_pending_locked(self) -> None:
         """Forgets every buffered row gradient (the shard's round was dropped)."""
+        self.pending.clear()
+
+    # -- checkpoints (capture.py) -----------------------------------------------------------
+
+    def capture_locked(self) -> tuple[dict[str, TableState], dict[tuple[str, str], int]]:
+        """Copies of every table and of the applied-push table. The open sync round's row
+        gradients (`pending`) are not part of it: like its dense pushes, they are pushed again."""
+        return ({name: table.capture() for name, table in self.tables.items()},
+                dict(self.applied))
+
+    def check_states(self, states: dict[str, TableState]) -> None:
+        """InvalidConfigError unless `states` are captures of exactly these tables (names,
+        dims, rows, optimizer state) that `load_locked` can take."""
+        if sorted(states) != sorted(self.tables):
+            raise InvalidConfigError(f"the checkpoint holds tables {sorted(states)}, the shard "
+                                     f"{sorted(self.tables)}")
+        for name, table in self.tables.items():
+            try:
+                table.check(states[name])
+            except ValueError as exc:
+                raise InvalidConfigError(str(exc)) from None
+
+    def load_locked(self, states: dict[str, TableState],
+                    applied: dict[tuple[str, str], int]) -> None:
+        """Takes checked captures (check_states) in place, and the applied-push table; forgets
+        the buffered row gradients (the round they belonged to was dropped)."""
+        for name, table in self.tables.items():
+            table.restore(states[name])
+        self.applied = dict(applied)
         self.pending.clear()

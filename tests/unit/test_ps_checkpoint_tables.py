@@ -1,0 +1,280 @@
+"""Embedding tables in shard checkpoints (server/ps/ckpt_tables.py): rows, optimizer state and
+step counts round-trip exactly and training continues bitwise; the open sync round's row
+gradients are not in a checkpoint and a rollback drops them; InitRows writes a new base
+checkpoint and is refused once training started; a torn or tampered table part is refused
+like a dense one, and the previous checkpoint is used."""
+
+import hashlib
+import struct
+
+import pytest
+import torch
+
+from shardps.proto import common_pb2, ps_pb2
+from shardps.server.ps import checkpoint
+from shardps.server.ps.checkpointer import Checkpointer
+from shardps.server.ps.errors import InvalidConfigError
+from shardps.server.ps.shard import Shard
+from shardps.server.ps.tables import RowsAfterStartError
+from tests import tamper
+
+ROWS, DIM, WORKERS = 50, 4, ("w0", "w1")
+
+
+def config(mode=common_pb2.CONSISTENCY_SYNC, every=0, job_id="job"):
+    """Dense length 10 and two fixed tables on one shard: "emb" (lazy Adam), "acc" (Adagrad)."""
+    def table(name, optimizer):
+        return ps_pb2.TableSpec(name=name, dim=DIM, num_embeddings=ROWS, num_shards=1,
+                                optimizer=optimizer, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8)
+    return ps_pb2.ShardConfig(
+        job_id=job_id, shard_index=0, offset=0, length=10, total=10,
+        optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.999,
+                                             eps=1e-8, schedule="constant"),
+        mode=mode, workers=list(WORKERS), epoch=1, layout_fingerprint="fp",
+        checkpoint_every_steps=every, checkpoint_keep=3,
+        tables=[table("emb", "lazy_adam"), table("acc", "adagrad")])
+
+
+def seeded(**kw) -> Shard:
+    shard = Shard(config(**kw), torch.linspace(-1, 1, 10))
+    for i, name in enumerate(("emb", "acc")):
+        shard.rows.init(name, torch.arange(ROWS * DIM, dtype=torch.float32).view(ROWS, DIM)
+                        / (100 + i))
+    return shard
+
+
+def row_grad(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.unique(torch.randint(0, ROWS, (6,), generator=gen))
+    return ids, torch.randn(ids.numel(), DIM, generator=gen)
+
+
+def push_step(shard: Shard, step: int, workers=WORKERS, dense=True) -> None:
+    """Every worker's row gradients of both tables, then (dense) its dense push."""
+    for i, worker in enumerate(workers):
+        for t, name in enumerate(("emb", "acc")):
+            ids, rows = row_grad(step * 100 + i * 10 + t)
+            shard.rows.push(name, worker=worker, incarnation=1, step=step, ids=ids, grads=rows)
+        if dense:
+            grad = torch.randn(10, generator=torch.Generator().manual_seed(step * 10 + i))
+            shard.push(grad, worker_id=worker, incarnation=1, step=step)
+
+
+def held(shard: Shard) -> dict[str, torch.Tensor]:
+    return {name: shard.rows.held(name) for name in ("emb", "acc")}
+
+
+def assert_same(a: Shard, b: Shard) -> None:
+    sa, sb = a.capture(), b.capture()
+    assert (sa.version, sa.adam_step) == (sb.version, sb.adam_step)
+    for name in sa.tensors:
+        assert torch.equal(sa.tensors[name], sb.tensors[name]), name
+    assert sa.tables.keys() == sb.tables.keys() == {"emb", "acc"}
+    for name, ta in sa.tables.items():
+        tb = sb.tables[name]
+        assert ta.optimizer == tb.optimizer and ta.counters == tb.counters
+        assert ta.tensors.keys() == tb.tensors.keys()
+        for key in ta.tensors:
+            assert torch.equal(ta.tensors[key], tb.tensors[key]), (name, key)
+
+
+def test_tables_round_trip_exactly_and_training_continues_bitwise(tmp_path):
+    straight, resumed = seeded(), seeded()
+    for step in range(3):
+        push_step(straight, step)
+        push_step(resumed, step)
+    path = checkpoint.write(tmp_path, resumed.capture(), keep=3)
+    assert {p.name for p in path.iterdir()} >= {
+        "table-0.weights.bin", "table-0.state.exp_avg.bin", "table-0.state.exp_avg_sq.bin",
+        "table-1.weights.bin", "table-1.state.sum.bin"}
+    state = checkpoint.load(tmp_path).state
+    assert {n: t.optimizer["steps"] for n, t in state.tables.items()} == {"emb": 3, "acc": 3}
+    restored = Shard.from_state(state)
+    assert_same(restored, resumed)
+    for step in range(3, 6):
+        push_step(straight, step)
+        push_step(restored, step)
+    assert_same(restored, straight)
+    assert not torch.equal(held(restored)["emb"], held(seeded())["emb"])  # it trained
+
+
+def test_the_open_rounds_rows_are_not_checkpointed_and_a_rollback_drops_them(tmp_path):
+    """Rows of the open round (step 2) are pushed again after a restore or a rollback; rows
+    buffered from the abandoned timeline must not leak into the replayed round."""
+    straight, shard = seeded(), seeded()
+    for step in range(2):
+        push_step(straight, step)
+        push_step(shard, step)
+    base = shard.capture()
+    push_step(shard, 2, workers=("w0",), dense=False)  # rows of round 2 buffered
+    state = shard.capture()
+    assert state.version == 2
+    assert all(torch.equal(state.tables[n].tensors["weights"], base.tables[n].tensors["weights"])
+               for n in state.tables)
+    push_step(shard, 2)  # round 2 closes
+    push_step(shard, 3, workers=("w1",), dense=False)  # and round 3 buffers w1's rows
+    shard.load_state(state)  # the rollback to version 2
+    assert_same(shard, Shard.from_state(state))
+    # Replayed: round 2, then round 3 where w1 pushes no rows this time.
+    for s in (shard, straight):
+        push_step(s, 2)
+        push_step(s, 3, workers=("w0",))
+        s.push(torch.ones(10), worker_id="w1", incarnation=1, step=3)
+    assert_same(shard, straight)
+
+
+def test_async_applied_rows_survive_a_restore_so_a_retry_is_a_duplicate(tmp_path):
+    shard = seeded(mode=common_pb2.CONSISTENCY_ASYNC)
+    ids, rows = row_grad(1)
+    assert shard.rows.push("emb", worker="w0", incarnation=1, step=0, ids=ids,
+                           grads=rows)[0] == ps_pb2.PUSH_STATUS_APPLIED
+    checkpoint.write(tmp_path, shard.capture(), keep=3)
+    restored = Shard.from_state(checkpoint.load(tmp_path).state)
+    assert restored.rows.push("emb", worker="w0", incarnation=1, step=0, ids=ids,
+                              grads=rows)[0] == ps_pb2.PUSH_STATUS_DUPLICATE
+    assert torch.equal(held(restored)["emb"], held(shard)["emb"])
+    assert restored.rows.stats("emb").steps == 1
+
+
+def test_init_rows_writes_a_new_base_and_a_rollback_to_zero_finds_the_seeded_rows(tmp_path):
+    cp = Checkpointer(tmp_path)
+    shard = Shard(config(every=2), torch.linspace(-1, 1, 10))
+    cp.attach(shard)
+    rows = torch.rand(ROWS, DIM)
+    shard.rows.init("emb", rows)
+    shard.rows.init("acc", rows * 2)
+    assert cp.writer.flush()  # (three copies queued at once: a periodic one may be dropped)
+    for step in range(4):
+        push_step(shard, step)
+    assert cp.writer.flush()
+    directory = cp.data_dir.shard_dir("job", 0)
+    # The InitShard base and one per InitRows, all kept as the base; then versions 2 and 4.
+    assert [v for v, _ in checkpoint.committed(directory)] == [4, 2, 0, 0, 0]
+    cp.recovery.rollback(shard, rollback_id=1, version=0)
+    assert shard.version == 0
+    assert torch.equal(held(shard)["emb"], rows) and torch.equal(held(shard)["acc"], rows * 2)
+    assert shard.rows.stats("emb").steps == 0
+    push_step(shard, 0)
+    with pytest.raises(RowsAfterStartError, match="rows are set before the first step"):
+        shard.rows.init("emb", rows)
+    cp.shutdown()
+
+
+def test_a_checkpoint_of_other_tables_is_refused_before_anything_changes(tmp_path):
+    shard = seeded()
+    push_step(shard, 0)
+    other = ps_pb2.ShardConfig()
+    other.CopyFrom(config())
+    other.tables[1].name = "other"
+    stranger = Shard(other, torch.zeros(10))
+    before = shard.capture()
+    with pytest.raises(InvalidConfigError, match="tables"):
+        shard.load_state(stranger.capture())
+    assert_same(shard, Shard.from_state(before))
+
+
+# -- torn and tampered table parts ----------------------------------------------------------
+
+
+def two_checkpoints(data_dir):
+    """Version 1 and 2 checkpoints of a shard with tables; (shard dir, state 1, path 2)."""
+    shard = seeded()
+    directory = checkpoint.shard_dir(data_dir, "job", 0)
+    push_step(shard, 0)
+    first = shard.capture()
+    checkpoint.write(directory, first, keep=3)
+    push_step(shard, 1)
+    return directory, first, checkpoint.write(directory, shard.capture(), keep=3)
+
+
+def rewrite(stem: str, make):
+    """Rewrites a table file and its manifest entry, checksum recomputed."""
+    def change(ckpt, outside):
+        body = tamper.read_body(ckpt)
+        index, key = stem.removeprefix("table-").split(".", 1)
+        entry = body["tables"][int(index)]["files"][key]
+        data, overrides = make((ckpt / f"{stem}.bin").read_bytes(), entry)
+        (ckpt / f"{stem}.bin").write_bytes(data)
+        entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest(), **overrides)
+        tamper.write_body(ckpt, body)
+    return change
+
+
+def flip(stem: str):
+    def change(ckpt, outside):
+        data = bytearray((ckpt / f"{stem}.bin").read_bytes())
+        data[3] ^= 0x40
+        (ckpt / f"{stem}.bin").write_bytes(bytes(data))
+    return change
+
+
+def truncate(stem: str):
+    def change(ckpt, outside):
+        (ckpt / f"{stem}.bin").write_bytes((ckpt / f"{stem}.bin").read_bytes()[:-4])
+    return change
+
+
+def nan(old, entry):
+    return struct.pack("<f", float("nan")) + old[4:], {}
+
+
+def negative(old, entry):
+    return tamper.floats([-1.0] * (len(old) // 4)), {}
+
+
+def fewer_rows(old, entry):
+    return old[: len(old) // 2], {"shape": [entry["shape"][0] // 2, *entry["shape"][1:]]}
+
+
+def set_entry(key, value):
+    return tamper.edit(lambda body: body["tables"][0].__setitem__(key, value))
+
+
+TABLE_TAMPERINGS = {
+    "weights_flipped": (flip("table-0.weights"), "table-0.weights: checksum mismatch"),
+    "state_torn": (truncate("table-1.state.sum"), "table-1.state.sum: 196 bytes, manifest"),
+    "weights_nan": (rewrite("table-0.weights", nan), "table 'emb': weights: non-finite"),
+    "exp_avg_sq_negative": (rewrite("table-0.state.exp_avg_sq", negative),
+                            "table 'emb': state.exp_avg_sq: non-finite or negative"),
+    "fewer_rows": (rewrite("table-1.weights", fewer_rows), "table-1.weights: shape [25, 4]"),
+    "int_weights": (rewrite("table-0.weights", lambda old, e: (old, {"dtype": "int32"})),
+                    "table-0.weights: dtype 'int32', expected float32"),
+    "no_tables": (tamper.edit(lambda body: body.__delitem__("tables")), "manifest lacks tables"),
+    "tables_swapped": (tamper.edit(lambda body: body["tables"].reverse()),
+                       "table 'emb': entry is of table 'acc'"),
+    "unknown_tensor": (tamper.edit(lambda body: body["tables"][0]["files"].__setitem__(
+        "evil", body["tables"][0]["files"]["weights"])), "tensor 'evil' unknown"),
+    "steps_negative": (set_entry("steps", -1), "table 'emb': steps -1 is not an integer"),
+    "counter_unknown": (set_entry("counters", {"evil": 1}), "counters must be a map of"),
+    "applied_malformed": (tamper.edit(lambda body: body.__setitem__(
+        "table_applied", [["w0", "nope", 1]])), "table_applied: an entry"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TABLE_TAMPERINGS))
+def test_a_torn_or_tampered_table_part_is_refused_and_the_previous_one_used(tmp_path, case):
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    outside.mkdir()
+    directory, first, newest = two_checkpoints(data)
+    change, reason = TABLE_TAMPERINGS[case]
+    change(newest, outside)
+    loaded = checkpoint.load(directory, expect=checkpoint.Expect("job", 0))
+    assert loaded.state.version == 1
+    assert [p for p, _ in loaded.skipped] == [newest]
+    assert reason in loaded.skipped[0][1], loaded.skipped[0][1]
+    cp = Checkpointer(data)
+    [restored] = cp.restore_all()
+    assert restored.version == 1
+    for name in ("emb", "acc"):
+        assert torch.equal(restored.rows.held(name), first.tables[name].tensors["weights"])
+    cp.shutdown()
+
+
+def test_tables_in_a_checkpoint_whose_config_has_none_are_refused(tmp_path):
+    directory, _, newest = two_checkpoints(tmp_path)
+
+    def strip(config, body):
+        del config.tables[:]
+    tamper.edit_config(strip)(newest, tmp_path)
+    loaded = checkpoint.load(directory)
+    assert "manifest has table_applied, its config has no tables" in loaded.skipped[0][1]
