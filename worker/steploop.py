@@ -116,6 +116,8 @@ class StepLoop:
         """Forward and backward on this rank's slice of the batch; the loss (nan if empty)."""
         ctx, job = self.ctx, self.job
         job.flat.zero_grad()
+        if job.tables:  # a step rewound after its backward left row gradients behind
+            job.tables.forget()
         loss = math.nan
         if len(batch):
             loss_t = tasks.loss(job.data.task, job.model(*batch.inputs_on(ctx.device)),
