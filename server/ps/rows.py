@@ -34,6 +34,7 @@ def init_rows(core: ShardCore, name: str, rows: torch.Tensor) -> None:
             raise tables_lib.TableRowsError(
                 f"table {name!r}: shard {core.config.shard_index} holds {table.rows} rows, "
                 f"got {rows.shape[0]}")
+        tables_lib.check_rows(name, torch.empty(table.rows), rows, table.dim)  # bad input first
         if core.version or core.frozen:
             raise RowsAfterStartError(f"table {name!r}: rows are set before the first step; "
                                       f"shard {core.config.shard_index} is at version "
