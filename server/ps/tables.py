@@ -167,7 +167,8 @@ class ShardTables:
             try:
                 table.check(states[name])
             except ValueError as exc:
-                raise InvalidConfigError(str(exc)) from None
+                raise InvalidConfigError(f"the checkpoint's table {name!r} does not fit the "
+                                         f"shard's: {exc}") from None
 
     def load_locked(self, states: dict[str, TableState],
                     applied: dict[tuple[str, str], int]) -> None:

@@ -173,6 +173,33 @@ def test_a_checkpoint_of_other_tables_is_refused_before_anything_changes(tmp_pat
     assert_same(shard, Shard.from_state(before))
 
 
+def test_a_resumed_job_takes_the_old_jobs_tables_and_refuses_other_ones(tmp_path):
+    cp = Checkpointer(tmp_path)
+    old = Shard(config(job_id="old"), torch.linspace(-1, 1, 10))
+    cp.attach(old)
+    for name in ("emb", "acc"):
+        old.rows.init(name, torch.rand(ROWS, DIM))
+    for step in range(3):
+        push_step(old, step)
+    cp.checkpoint_now(old)
+    resumed = config(job_id="new")
+    resumed.resume_from_job, resumed.resume_version = "old", 3
+    new = Shard(resumed, torch.zeros(10))
+    cp.attach(new)
+    assert new.version == 3
+    assert all(torch.equal(held(new)[n], held(old)[n]) for n in ("emb", "acc"))
+    assert new.rows.stats("emb").steps == 3
+    push_step(old, 3)
+    push_step(new, 3)
+    assert_same(new, old)  # and it trains on exactly as the old job would have
+    other = config(job_id="other")
+    other.resume_from_job, other.resume_version = "old", 3
+    other.tables[0].num_embeddings = ROWS + 1
+    with pytest.raises(InvalidConfigError, match="table 'emb'"):
+        cp.attach(Shard(other, torch.zeros(10)))
+    cp.shutdown()
+
+
 # -- torn and tampered table parts ----------------------------------------------------------
 
 
