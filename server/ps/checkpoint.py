@@ -2,8 +2,9 @@
 
 Pure: no gRPC, no threads. One checkpoint is a directory
 `<data_dir>/jobs/<job>/shard-<i>/ckpt-<version>-<seq>/` holding each tensor as raw
-little-endian bytes (`<name>.bin`, never pickle) and `manifest.msgpack` (counters, tables,
-config and a size + sha256 per file; the manifest carries its own sha256). It is written
+little-endian bytes (`<name>.bin`, never pickle), each embedding table's tensors
+(`table-<i>.<key>.bin`, ckpt_tables.py) and `manifest.msgpack` (counters, tables, config
+and a size + sha256 per file; the manifest carries its own sha256). It is written
 into a `.tmp-*` directory (each file fsynced, then the directory), renamed into place (the
 commit point) and the parent directory fsynced. Loading walks the committed directories
 newest first and takes the first that verifies, logging why it skipped the others.
@@ -17,7 +18,8 @@ before anything uses it: every field of the manifest (present, of its type, in i
 no others), the ShardConfig (as InitShard would), the job id, shard index and version against
 the directory it lies in, each tensor file (exactly `<name>.bin`, resolved inside the
 checkpoint directory, a regular file of the declared size), dtype fp32, shapes against the
-shard's length, and finite values. Identifiers that become paths follow proto/names.py, and
+shard's length, and finite values; the embedding tables' files against their TableSpecs
+(ckpt_tables.py). Identifiers that become paths follow proto/names.py, and
 every path is resolved and checked to lie under its root before it is opened or removed.
 
 Crash testing: `SHARDPS_CHECKPOINT_CRASH_AT=POINT[@N]` makes the N-th write (default 1) of
