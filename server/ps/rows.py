@@ -25,8 +25,8 @@ from .tables import RowsAfterStartError
 
 def init_rows(core: ShardCore, name: str, rows: torch.Tensor) -> None:
     """Sets a fixed table's rows on this shard, in slot order (rank 0 seeds them before the
-    job runs); then `core.on_rows_set` (a new base checkpoint). Refused once the shard has
-    taken a step."""
+    job runs); once every fixed table is set, `core.on_rows_set` (a new base checkpoint: one
+    per seeding, not one per table). Refused once the shard has taken a step."""
     with core.cond:
         core.check_open()
         table = core.tables.get(name)
@@ -40,7 +40,8 @@ def init_rows(core: ShardCore, name: str, rows: torch.Tensor) -> None:
                                       f"shard {core.config.shard_index} is at version "
                                       f"{core.version}")
         table.write_rows(0, rows)
-        if core.on_rows_set is not None:
+        core.tables.seeded.add(name)
+        if core.on_rows_set is not None and core.tables.all_seeded():
             core.on_rows_set()
 
 

@@ -105,9 +105,14 @@ class ShardTables:
         # async, ssp: (worker, table) -> the last step applied, so a retried push (its reply
         # lost) is not applied twice.
         self.applied: dict[tuple[str, str], int] = {}
+        self.seeded: set[str] = set()  # fixed tables whose rows InitRows has set
 
     def __bool__(self) -> bool:
         return bool(self.tables)
+
+    def all_seeded(self) -> bool:
+        """Whether InitRows has set the rows of every fixed table (rank 0 seeds them all)."""
+        return all(name in self.seeded for name, t in self.tables.items() if t.layout is not None)
 
     def get(self, name: str) -> TableShard:
         table = self.tables.get(name)

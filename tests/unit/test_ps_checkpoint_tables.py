@@ -143,13 +143,13 @@ def test_init_rows_writes_a_new_base_and_a_rollback_to_zero_finds_the_seeded_row
     rows = torch.rand(ROWS, DIM)
     shard.rows.init("emb", rows)
     shard.rows.init("acc", rows * 2)
-    assert cp.writer.flush()  # (three copies queued at once: a periodic one may be dropped)
+    assert cp.writer.flush()  # (copies queued at once: a periodic one may be dropped)
     for step in range(4):
         push_step(shard, step)
     assert cp.writer.flush()
     directory = cp.data_dir.shard_dir("job", 0)
-    # The InitShard base and one per InitRows, all kept as the base; then versions 2 and 4.
-    assert [v for v, _ in checkpoint.committed(directory)] == [4, 2, 0, 0, 0]
+    # The InitShard base and one once both tables are seeded, both kept; then versions 2, 4.
+    assert [v for v, _ in checkpoint.committed(directory)] == [4, 2, 0, 0]
     cp.recovery.rollback(shard, rollback_id=1, version=0)
     assert shard.version == 0
     assert torch.equal(held(shard)["emb"], rows) and torch.equal(held(shard)["acc"], rows * 2)
