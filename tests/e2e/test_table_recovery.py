@@ -1,9 +1,10 @@
 """Embedding tables survive a server's SIGKILL (issue 12, "Recovery"; docs/tables.md,
-"Checkpoints"): a sync job of a model with two fixed tables and dense layers, its server of
-shard 1 SIGKILLed mid-run and restarted on its data dir, ends with an exported model and
+"What is durable"): a sync job of a model with two fixed tables and dense layers, its server
+of shard 1 SIGKILLed mid-run and restarted on its data dir, ends with an exported model and
 checkpointed rows, optimizer state and step counts bitwise equal to the same job run without
-the failure. Every daemon is a real process, the fault a real signal (the helpers of
-tests/e2e/test_recovery.py)."""
+the failure; and a job cancelled mid-run and resumed (`shardps resume`) ends bitwise where
+the straight run does. Every daemon is a real process, the fault a real signal (the helpers
+of tests/e2e/test_recovery.py)."""
 
 from __future__ import annotations
 
@@ -82,5 +83,39 @@ def test_a_sync_job_with_tables_restores_after_sigkill_bitwise(tmp_path):
             assert torch.equal(tensor, model[key]), key
         print(f"tables: SIGKILL at step ~45, rolled back to version {final.rollback_version}; "
               f"completed {recovered_s:.1f} s after the kill, bitwise equal to the straight run")
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(480)
+def test_a_cancelled_sync_job_with_tables_resumed_ends_bitwise_as_the_straight_run(tmp_path):
+    """The resumed job's servers load the tables (rows, moments, step counts) from the old
+    job's checkpoint, rank 0 does not seed them again, and the workers go on from that step
+    of the data order."""
+    steps = 60
+    cluster = Cluster(tmp_path, servers=2, workers=2,
+                      worker_args=[["--step-delay-ms", "15"], []])
+    try:
+        straight = cluster.client.submit(spec(steps, every=0))
+        assert cluster.final(straight).state == common_pb2.JOB_STATE_COMPLETED
+        reference = exported(cluster, straight, tmp_path / "straight.pt")
+
+        old = cluster.client.submit(spec(steps, every=0))
+        cluster.wait_step(old, 25)
+        cluster.cli("cancel", old)
+        stopped = cluster.final(old)
+        assert stopped.state == common_pb2.JOB_STATE_CANCELLED and stopped.step < steps
+        new = cluster.cli("resume", old).strip()
+        final = cluster.final(new)
+        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        assert final.resume_from == old and final.step == steps
+        first = min(p.step for p in final.losses)
+        assert first >= 25  # it went on from the old job's checkpoint, not from scratch
+        model = exported(cluster, new, tmp_path / "resumed.pt")
+        assert model.keys() == reference.keys() and "bag.weight" in model
+        for key, tensor in reference.items():
+            assert torch.equal(tensor, model[key]), key
+        print(f"tables: cancelled at step {stopped.step}, resumed as {new} at step {first}: "
+              f"bitwise equal to the straight run")
     finally:
         cluster.stop()
