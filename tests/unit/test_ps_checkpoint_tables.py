@@ -1,20 +1,26 @@
 """Embedding tables in shard checkpoints (server/ps/ckpt_tables.py): rows, optimizer state and
 step counts round-trip exactly and training continues bitwise; the open sync round's row
 gradients are not in a checkpoint and a rollback drops them; InitRows writes a new base
-checkpoint and is refused once training started; a torn or tampered table part is refused
-like a dense one, and the previous checkpoint is used."""
+checkpoint and is refused once training started; a resumed job takes the old job's tables; a
+torn or tampered table part is refused like a dense one, and the previous checkpoint is used;
+a dynamic table's part (ids, last-touched steps, sketch) restores exactly and is validated."""
 
 import hashlib
 import struct
+from dataclasses import replace
 
 import pytest
 import torch
 
 from shardps.proto import common_pb2, ps_pb2
-from shardps.server.ps import checkpoint
+from shardps.proto import tables as tables_lib
+from shardps.server.ps import checkpoint, ckpt_tables
 from shardps.server.ps.checkpointer import Checkpointer
 from shardps.server.ps.errors import InvalidConfigError
 from shardps.server.ps.shard import Shard
+from shardps.server.ps.table_config import TableConfig
+from shardps.server.ps.table_optim import RowwiseAdagrad
+from shardps.server.ps.table_shard import TableShard
 from shardps.server.ps.tables import RowsAfterStartError
 from tests import tamper
 
@@ -305,3 +311,60 @@ def test_tables_in_a_checkpoint_whose_config_has_none_are_refused(tmp_path):
     tamper.edit_config(strip)(newest, tmp_path)
     loaded = checkpoint.load(directory)
     assert "manifest has table_applied, its config has no tables" in loaded.skipped[0][1]
+
+
+# -- dynamic tables (their wire form is not served yet: the checkpoint's table part alone) ----
+
+
+def dynamic_table() -> TableShard:
+    """A dynamic table's shard 0 of 2 (admission after 2 sightings, eviction, a cap) after a
+    few steps of ids drawn from the int64 range."""
+    config = TableConfig("dyn", DIM, None, num_servers=2, server_index=0, seed=1, admit_after=2,
+                         evict_after_steps=3, max_rows=100, sketch_width=1 << 12,
+                         sketch_halve_every=4)
+    table = TableShard(config, RowwiseAdagrad(lr=0.1, initial_accumulator_value=0.5))
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(8):
+        ids = torch.unique(torch.randint(-(2**62), 2**62, (300,), generator=gen) % 400)
+        ids = ids[tables_lib.dynamic_server_of("dyn", ids, 2) == 0]
+        table.lookup(ids)
+        table.apply(ids, torch.randn(ids.numel(), DIM, generator=gen))
+    return table
+
+
+def test_a_dynamic_tables_checkpoint_part_restores_exactly_and_is_validated():
+    table = dynamic_table()
+    state = table.capture()
+    assert state.tensors.keys() == {"weights", "state.sum", "ids", "last", "sketch"}
+    assert 0 < state.tensors["ids"].numel() <= 100
+    raw = ckpt_tables.entry(state, files={})
+    optimizer = RowwiseAdagrad(lr=0.1, initial_accumulator_value=0.5)
+    read = ckpt_tables.table_state(table.config, optimizer, raw, dict(state.tensors))
+    again = TableShard(table.config, RowwiseAdagrad(lr=0.1, initial_accumulator_value=0.5))
+    again.restore(read)
+    restored = again.capture()
+    assert (restored.optimizer, restored.counters, restored.sketch) == (
+        state.optimizer, state.counters, state.sketch)
+    for key, tensor in state.tensors.items():
+        assert torch.equal(restored.tensors[key], tensor), key
+    ids = state.tensors["ids"]
+    candidates = torch.arange(10**6, 10**6 + 64)
+    elsewhere = candidates[tables_lib.dynamic_server_of("dyn", candidates, 2) == 1][:1]
+    bad = {
+        "unsorted": ({"ids": ids.flip(0)}, {}, "strictly increasing"),
+        "another server's id": ({"ids": torch.cat([ids[:-1], elsewhere])}, {},
+                                "not on server 0"),
+        "touched in the future": ({"last": state.tensors["last"] + 1000}, {}, "last: steps"),
+        "negative sketch": ({"sketch": -state.tensors["sketch"] - 1}, {}, "negative counts"),
+        "halved in the future": ({}, {"halved_at": 10**6}, "halved_at"),
+        "NaN accumulator": ({"state.sum": torch.full_like(state.tensors["state.sum"],
+                                                          float("nan"))}, {}, "state.sum"),
+    }
+    for tensors, fields, message in bad.values():
+        with pytest.raises(ValueError, match=message):
+            ckpt_tables.table_state(table.config, optimizer, {**raw, **fields},
+                                    {**state.tensors, **tensors})
+    small = TableShard(replace(table.config, max_rows=ids.numel() - 1),
+                       RowwiseAdagrad(lr=0.1, initial_accumulator_value=0.5))
+    with pytest.raises(ValueError, match="over the cap"):
+        small.restore(read)
