@@ -68,7 +68,9 @@ def push_rows(core: ShardCore, name: str, *, worker: str, incarnation: int = 0, 
     sync: buffered for the step's round (ACCEPTED; a retry replaces it), STALE once it
     closed; async and ssp: one optimizer step of the table on arrival (APPLIED), DUPLICATE
     for a step of this worker and table at or before one already applied (a retry). JOB_DONE
-    once the job has ended.
+    once the job has ended; sync, until its final version is named, rows for the open round
+    are still buffered (and answered JOB_DONE), as its dense pushes are held: naming the final
+    version may close that round, and then with the same rows as on the other shards.
     """
     table = core.tables.get(name)
     tables_lib.check_ids(name, ids, table.config.num_embeddings, unique_sorted=True)
@@ -79,6 +81,9 @@ def push_rows(core: ShardCore, name: str, *, worker: str, incarnation: int = 0, 
         core.check_open()
         _check_owned(table, ids)
         if core.frozen:
+            if core.final_version is None and core.gate.holds(worker, step, core.version,
+                                                               core.workers):
+                core.tables.buffer_locked(step, worker, name, ids, rows)
             return ps_pb2.PUSH_STATUS_JOB_DONE, core.version
         # A fenced incarnation is refused, a step its dense push already applied is a retry.
         early = core.fencing.check(worker, incarnation, step, core.workers)

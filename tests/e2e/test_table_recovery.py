@@ -8,6 +8,7 @@ of tests/e2e/test_recovery.py)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -93,16 +94,22 @@ def test_a_cancelled_sync_job_with_tables_resumed_ends_bitwise_as_the_straight_r
     job's checkpoint, rank 0 does not seed them again, and the workers go on from that step
     of the data order."""
     steps = 60
+    # 100 ms a step: the cancel (after step 20) lands well before the job's end.
     cluster = Cluster(tmp_path, servers=2, workers=2,
-                      worker_args=[["--step-delay-ms", "15"], []])
+                      worker_args=[["--step-delay-ms", "100"], []])
     try:
         straight = cluster.client.submit(spec(steps, every=0))
         assert cluster.final(straight).state == common_pb2.JOB_STATE_COMPLETED
         reference = exported(cluster, straight, tmp_path / "straight.pt")
 
         old = cluster.client.submit(spec(steps, every=0))
-        cluster.wait_step(old, 25)
-        cluster.cli("cancel", old)
+        cluster.wait_step(old, 20)
+        # A forced checkpoint first: the final-version ones of a cancel are written a
+        # heartbeat or so later, and a resume before they land takes the newest common one.
+        forced = json.loads(cluster.cli("checkpoint", old, "--output", "json"))
+        version = int(forced[0]["version"])  # int64 is a string in protobuf JSON
+        assert [int(c["version"]) for c in forced] == [version, version] and version > 20
+        cluster.client.cancel(old)
         stopped = cluster.final(old)
         assert stopped.state == common_pb2.JOB_STATE_CANCELLED and stopped.step < steps
         new = cluster.cli("resume", old).strip()
@@ -110,7 +117,7 @@ def test_a_cancelled_sync_job_with_tables_resumed_ends_bitwise_as_the_straight_r
         assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
         assert final.resume_from == old and final.step == steps
         first = min(p.step for p in final.losses)
-        assert first >= 25  # it went on from the old job's checkpoint, not from scratch
+        assert first >= version  # it went on from the old job's checkpoint, not from scratch
         model = exported(cluster, new, tmp_path / "resumed.pt")
         assert model.keys() == reference.keys() and "bag.weight" in model
         for key, tensor in reference.items():

@@ -368,3 +368,23 @@ def test_a_dynamic_tables_checkpoint_part_restores_exactly_and_is_validated():
                        RowwiseAdagrad(lr=0.1, initial_accumulator_value=0.5))
     with pytest.raises(ValueError, match="over the cap"):
         small.restore(read)
+
+
+def test_rows_pushed_after_the_job_ended_count_if_the_final_version_closes_their_round():
+    """A cancel reaches one shard between a worker's row push and its dense push: the dense
+    push is held for the open round, so the rows must be too; when the final version named
+    closes that round, the shard ends as one that closed it before the cancel."""
+    straight, ended = seeded(), seeded()
+    for shard in (straight, ended):
+        push_step(shard, 0)
+        push_step(shard, 1, workers=("w0",))
+    push_step(straight, 1, workers=("w1",))
+    assert ended.set_job_state(common_pb2.JOB_STATE_CANCELLED)
+    ids, rows = row_grad(100 + 10)
+    status, _ = ended.rows.push("emb", worker="w1", incarnation=1, step=1, ids=ids, grads=rows)
+    assert status == ps_pb2.PUSH_STATUS_JOB_DONE
+    push_step(ended, 1, workers=("w1",))  # every push held: JOB_DONE, nothing applied
+    assert ended.version == 1
+    ended.set_job_state(common_pb2.JOB_STATE_CANCELLED, final_version=2)
+    assert ended.version == 2
+    assert_same(ended, straight)
