@@ -141,9 +141,8 @@ def load_state(core: ShardCore, state: ShardState, membership: bool = True) -> N
 
     `membership` also takes its workers, epoch, clocks and applied-push and fencing tables,
     the rows' applied-push table included (False for a resumed job, which starts them
-    afresh). An open
-    sync round is dropped, its buffered row gradients with it; waiting pulls re-check. The
-    job state stays the coordinator's.
+    afresh). An open sync round is dropped, its buffered row gradients with it; waiting
+    pulls re-check. The job state stays the coordinator's.
 
     Raises:
         InvalidConfigError: the checkpoint is of a different length, or its tables are not

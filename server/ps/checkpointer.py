@@ -84,8 +84,8 @@ class Checkpointer:
             self.writer.queue(state, "periodic")
 
     def _on_rows_set(self, shard: Shard) -> None:
-        """Under the shard's lock, after InitRows seeded a table (version 0): a new base
-        checkpoint, never dropped, so a rollback to version 0 finds the seeded rows."""
+        """Under the shard's lock, once InitRows has seeded every table (version 0): a new
+        base checkpoint, never dropped, so a rollback to version 0 finds the seeded rows."""
         self.writer.queue(shard.capture_locked(), "initial")
 
     def checkpoint_now(self, shard: Shard, at_version: int = 0,
