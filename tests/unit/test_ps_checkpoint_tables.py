@@ -6,7 +6,11 @@ torn or tampered table part is refused like a dense one, and the previous checkp
 a dynamic table's part (ids, last-touched steps, sketch) restores exactly and is validated."""
 
 import hashlib
+import os
+import pathlib
 import struct
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -388,3 +392,32 @@ def test_rows_pushed_after_the_job_ended_count_if_the_final_version_closes_their
     ended.set_job_state(common_pb2.JOB_STATE_CANCELLED, final_version=2)
     assert ended.version == 2
     assert_same(ended, straight)
+
+
+TABLE_CRASHER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from shardps.server.ps import checkpoint
+from tests.unit.test_ps_checkpoint_tables import push_step, seeded
+shard = seeded()
+for step in range(3):
+    push_step(shard, step)
+    checkpoint.write(sys.argv[1], shard.capture(), keep=2)
+print("finished")
+"""
+
+
+@pytest.mark.parametrize("point", ["partial:table-0.weights", "file:table-0.state.exp_avg",
+                                   "partial:table-1.state.sum", "manifest"])
+def test_a_crash_inside_a_table_part_leaves_the_previous_complete_checkpoint(tmp_path, point):
+    """The third write (version 3) exits while writing a table file (as a SIGKILL would):
+    the newest loadable checkpoint is version 2, tables and all, and nothing is skipped."""
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    env = {**os.environ, checkpoint.CRASH_ENV: f"{point}@3"}
+    done = subprocess.run([sys.executable, "-c", TABLE_CRASHER, str(tmp_path), root], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == checkpoint.CRASH_EXIT, done.stderr
+    loaded = checkpoint.load(tmp_path)
+    assert loaded.skipped == [] and loaded.state.version == 2
+    assert {n: t.optimizer["steps"] for n, t in loaded.state.tables.items()} == {"emb": 2, "acc": 2}
+    assert list(tmp_path.glob(".tmp-*"))  # the torn write is left in its temp dir
