@@ -124,7 +124,7 @@ def initialise(ctx: JobContext, job: coordinator_pb2.JobInfo, prepared: Prepared
     if prepared.tables:
         config.tables.extend(prepared.tables.specs(len(shard_map.shards)))
     shards.init(flat.weights_cpu(), config)
-    if prepared.tables:
+    if prepared.tables and not job.resume_from:  # a resumed job's rows come from its checkpoint
         prepared.tables.bind(shards.rows, shards)
         prepared.tables.seed()
     reply = ctx.coordinator.call("ActivateJob", coordinator_pb2.ActivateJobRequest(

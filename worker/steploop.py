@@ -170,6 +170,8 @@ class StepLoop:
         then_pull."""
         ctx, job = self.ctx, self.job
         job.flat.zero_grad()
+        if job.tables:  # a step rewound after its backward left row gradients behind
+            job.tables.forget()
         loss = math.nan
         overlapped = None
         if len(batch):

@@ -144,6 +144,13 @@ class TableSync:
             out[mask] = rows
         return out
 
+    def forget(self) -> None:
+        """Drops the batches and row gradients a step left behind when it did not reach its
+        pushes (a rewind: a server died, a rollback), so the step run next pushes only its
+        own, as FlatParams.zero_grad does for the dense gradient."""
+        for _, module in self.modules:
+            module.take_row_grads()
+
     def push(self, step: int, batch_size: int) -> list[ps_pb2.PushRowsResponse]:
         """Pushes every table's row gradient of this step, split by shard (none for a table
         no forward reached: its round applies an empty step), every table and shard's request

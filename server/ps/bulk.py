@@ -45,7 +45,7 @@ from .registry import ShardRegistry
 from .replication import OUT_OF_TOUCH, ReplicaRefused, Replicas
 from .shard import Shard
 from .snapshots import Snapshot
-from .tables import UnknownTableError
+from .tables import RowsAfterStartError, UnknownTableError
 
 log = logging.getLogger("shardps.ps")
 
@@ -66,6 +66,7 @@ CODES = {
     UnknownTableError: grpc.StatusCode.INVALID_ARGUMENT,
     TableIdError: grpc.StatusCode.INVALID_ARGUMENT,
     TableRowsError: grpc.StatusCode.INVALID_ARGUMENT,
+    RowsAfterStartError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 _STATUS_NAMES = {
     value: name.removeprefix("PUSH_STATUS_").lower()

@@ -112,12 +112,14 @@ def capture_locked(core: ShardCore) -> ShardState:
     """
     fencing, gate = core.fencing, core.gate
     applied, clocks = without_open_round(fencing.applied, gate.clocks, gate.round, core.version)
+    tables, table_applied = core.tables.capture_locked()
     return ShardState(
         config=core.config, version=core.version, adam_step=core.adam_step,
         pushes_applied=core.pushes_applied, job_state=core.job_state, epoch=core.epoch,
         workers=list(core.workers), tensors=core.updater.copy_tensors(),
         incarnations=dict(fencing.incarnations), departed=dict(fencing.departed),
-        clocks=clocks, applied=applied, rollback_id=core.rollback_id)
+        clocks=clocks, applied=applied, rollback_id=core.rollback_id, tables=tables,
+        table_applied=table_applied)
 
 
 def capture_at(core: ShardCore, at_version: int, timeout: float) -> tuple[ShardState, float]:
@@ -133,24 +135,29 @@ def capture_at(core: ShardCore, at_version: int, timeout: float) -> tuple[ShardS
     return request.state, request.copy_seconds
 
 
-def load_state(core: ShardCore, state: ShardState, tables: bool = True) -> None:
-    """Replaces weights, Adam state and version with a checkpoint's. Takes `core.cond`.
+def load_state(core: ShardCore, state: ShardState, membership: bool = True) -> None:
+    """Replaces weights, Adam state, embedding tables and version with a checkpoint's. Takes
+    `core.cond`.
 
-    `tables` also takes its workers, epoch, clocks and applied-push and fencing tables
-    (False for a resumed job, which starts them afresh). An open sync round is dropped;
-    waiting pulls re-check. The job state stays the coordinator's.
+    `membership` also takes its workers, epoch, clocks and applied-push and fencing tables,
+    the rows' applied-push table included (False for a resumed job, which starts them
+    afresh). An open sync round is dropped, its buffered row gradients with it; waiting
+    pulls re-check. The job state stays the coordinator's.
 
     Raises:
-        InvalidConfigError: the checkpoint is of a different length.
+        InvalidConfigError: the checkpoint is of a different length, or its tables are not
+            the shard's. Nothing has changed then.
     """
     with core.cond:
         core.updater.check(state.tensors)
+        core.tables.check_states(state.tables)
         core.snapshots.detach_readers_locked()
         core.updater.load(state.tensors)
+        core.tables.load_locked(state.tables, state.table_applied if membership else {})
         core.version, core.adam_step = state.version, state.adam_step
         core.pushes_applied = state.pushes_applied
         core.rollback_id = state.rollback_id
-        if tables:
+        if membership:
             core.epoch = state.epoch
             core.workers = list(state.workers)
             core.fencing.load(state.incarnations, state.departed, state.applied)

@@ -2,8 +2,9 @@
 
 Pure: no gRPC, no threads. One checkpoint is a directory
 `<data_dir>/jobs/<job>/shard-<i>/ckpt-<version>-<seq>/` holding each tensor as raw
-little-endian bytes (`<name>.bin`, never pickle) and `manifest.msgpack` (counters, tables,
-config and a size + sha256 per file; the manifest carries its own sha256). It is written
+little-endian bytes (`<name>.bin`, never pickle), each embedding table's tensors
+(`table-<i>.<key>.bin`, ckpt_tables.py) and `manifest.msgpack` (counters, tables, config
+and a size + sha256 per file; the manifest carries its own sha256). It is written
 into a `.tmp-*` directory (each file fsynced, then the directory), renamed into place (the
 commit point) and the parent directory fsynced. Loading walks the committed directories
 newest first and takes the first that verifies, logging why it skipped the others.
@@ -17,7 +18,8 @@ before anything uses it: every field of the manifest (present, of its type, in i
 no others), the ShardConfig (as InitShard would), the job id, shard index and version against
 the directory it lies in, each tensor file (exactly `<name>.bin`, resolved inside the
 checkpoint directory, a regular file of the declared size), dtype fp32, shapes against the
-shard's length, and finite values. Identifiers that become paths follow proto/names.py, and
+shard's length, and finite values; the embedding tables' files against their TableSpecs
+(ckpt_tables.py). Identifiers that become paths follow proto/names.py, and
 every path is resolved and checked to lie under its root before it is opened or removed.
 
 Crash testing: `SHARDPS_CHECKPOINT_CRASH_AT=POINT[@N]` makes the N-th write (default 1) of
@@ -45,9 +47,10 @@ from google.protobuf.message import DecodeError
 
 from shardps.proto import common_pb2, names, ps_pb2
 
-from . import paths
+from . import ckpt_tables, paths
 from .errors import ShardError
 from .shard_config import validate_config
+from .table_config import TableState
 
 log = logging.getLogger("shardps.ps")
 
@@ -81,6 +84,8 @@ _MANIFEST_KEYS = frozenset({
     "format", "byteorder", "job_id", "shard_index", "version", "adam_step", "pushes_applied",
     "job_state", "epoch", "workers", "incarnations", "departed", "clocks", "applied",
     "rollback_id", "config", "files"})
+# Present exactly when the config has embedding tables (ckpt_tables.py).
+_TABLE_KEYS = frozenset({"tables", "table_applied"})
 _FILE_KEYS = frozenset({"file", "size", "sha256", "dtype", "shape"})
 _JOB_STATES = frozenset(common_pb2.JobState.values())
 _warned: set[str] = set()  # directory entries already logged as ignored
@@ -111,6 +116,10 @@ class ShardState:
     clocks: dict[str, int] = field(default_factory=dict)        # worker -> steps pushed
     applied: dict[tuple[str, int], int] = field(default_factory=dict)  # (worker, inc) -> step
     rollback_id: int = 0
+    # The embedding tables (TableShard.capture), by name, and the async applied-push table
+    # of rows ((worker, table) -> step; ShardTables.applied).
+    tables: dict[str, TableState] = field(default_factory=dict)
+    table_applied: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @property
     def job_id(self) -> str:
@@ -243,7 +252,8 @@ def write(directory: Path | str, state: ShardState, keep: int) -> Path:
             continue
         files[name] = _write_tensor(tmp / f"{name}.bin", tensor, crash, name)
         crash.at(f"file:{name}")
-    body = msgpack.packb(_manifest(state, files), use_bin_type=True)
+    tables = _write_tables(tmp, state, crash)
+    body = msgpack.packb(_manifest(state, files, tables), use_bin_type=True)
     _write_file(tmp / MANIFEST, msgpack.packb(
         {"body": body, "sha256": hashlib.sha256(body).hexdigest()}, use_bin_type=True))
     crash.at("manifest")
@@ -257,6 +267,21 @@ def write(directory: Path | str, state: ShardState, keep: int) -> Path:
     prune(directory, keep)
     crash.at("pruned")
     return final
+
+
+def _write_tables(tmp: Path, state: ShardState, crash: _Crash) -> list[dict]:
+    """Writes each table's tensors (ckpt_tables.file_name) in the config's order; returns
+    their manifest entries. The crash hook's points are `partial:` and `file:` + the stem."""
+    entries = []
+    for index, spec in enumerate(state.config.tables):
+        table = state.tables[spec.name]
+        files = {}
+        for key, tensor in table.tensors.items():
+            name = ckpt_tables.file_name(index, key)
+            files[key] = _write_tensor(tmp / f"{name}.bin", tensor, crash, name)
+            crash.at(f"file:{name}")
+        entries.append(ckpt_tables.entry(table, files))
+    return entries
 
 
 def _next_name(directory: Path, version: int) -> Path:
@@ -298,8 +323,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _manifest(state: ShardState, files: dict) -> dict:
+def _manifest(state: ShardState, files: dict, tables: list[dict]) -> dict:
+    extra = {"tables": tables, "table_applied": ckpt_tables.applied_entry(state.table_applied)}
     return {
+        **(extra if state.config.tables else {}),
         "format": FORMAT,
         "byteorder": "little",
         "job_id": state.job_id,
@@ -371,10 +398,15 @@ def read(path: Path, expect: Expect | None = None) -> ShardState:
     missing = sorted(_MANIFEST_KEYS - m.keys())
     if missing:
         raise CheckpointError(f"manifest lacks {', '.join(missing)}")
-    extra = [k for k in m if k not in _MANIFEST_KEYS]
+    extra = [k for k in m if k not in _MANIFEST_KEYS | _TABLE_KEYS]
     if extra:
         raise CheckpointError(f"manifest has unknown field {_show(extra[0])}")
     config = _config(m)
+    tables_here = sorted(_TABLE_KEYS & m.keys())
+    if config.tables and len(tables_here) != len(_TABLE_KEYS):
+        raise CheckpointError(f"manifest lacks {', '.join(sorted(_TABLE_KEYS - m.keys()))}")
+    if not config.tables and tables_here:
+        raise CheckpointError(f"manifest has {tables_here[0]}, its config has no tables")
     job_id = m["job_id"]
     if not names.is_valid(job_id) or job_id != config.job_id:
         raise CheckpointError(f"job_id {_show(job_id)} is not a valid id equal to the config's")
@@ -400,13 +432,14 @@ def read(path: Path, expect: Expect | None = None) -> ShardState:
     if type(job_state) is not int or job_state not in _JOB_STATES:
         raise CheckpointError(f"job_state {_show(job_state)} is not a job state")
     tensors = _tensors(path, m["files"], config.length)
+    tables, table_applied = _tables(path, m, config)
     return ShardState(
         config=config, version=version, adam_step=_int(m, "adam_step", *_COUNT),
         pushes_applied=_int(m, "pushes_applied", *_COUNT), job_state=cast(common_pb2.JobState, job_state),
         epoch=_int(m, "epoch", *_INT64), workers=_workers(m["workers"]), tensors=tensors,
         incarnations=_table(m, "incarnations", *_INT64), departed=_table(m, "departed", *_INT64),
         clocks=_table(m, "clocks", 0, 2**64 - 1), applied=_applied(m["applied"]),
-        rollback_id=_int(m, "rollback_id", *_COUNT))
+        rollback_id=_int(m, "rollback_id", *_COUNT), tables=tables, table_applied=table_applied)
 
 
 def _read_manifest(path: Path) -> bytes:
@@ -502,16 +535,42 @@ def _tensors(path: Path, files: Any, length: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _read_tensor(path: Path, name: str, meta: Any, shape: list[int]) -> torch.Tensor:
+def _tables(path: Path, m: dict, config: ps_pb2.ShardConfig,
+            ) -> tuple[dict[str, TableState], dict[tuple[str, str], int]]:
+    """The tables' states and applied-push table, checked against the config's TableSpecs."""
+    if not config.tables:
+        return {}, {}
+    raw = m["tables"]
+    if not isinstance(raw, list) or len(raw) != len(config.tables):
+        raise CheckpointError(f"tables is not a list of {len(config.tables)} entries")
+    tables = {}
+    try:
+        for index, (spec, entry) in enumerate(zip(config.tables, raw, strict=True)):
+            table, optimizer, want = ckpt_tables.expected(spec, config.shard_index, entry)
+            tensors = {key: _read_tensor(path, ckpt_tables.file_name(index, key),
+                                         entry["files"][key], shape, dtype)
+                       for key, (dtype, shape) in want.items()}
+            tables[spec.name] = ckpt_tables.table_state(table, optimizer, entry, tensors)
+        applied = ckpt_tables.read_applied(m["table_applied"], list(tables))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    return tables, applied
+
+
+_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
+
+
+def _read_tensor(path: Path, name: str, meta: Any, shape: list[int],
+                 dtype: str = "float32") -> torch.Tensor:
     if not isinstance(meta, dict) or set(meta) != _FILE_KEYS:
         raise CheckpointError(f"{name}: file entry must have exactly {', '.join(sorted(_FILE_KEYS))}")
     if meta["file"] != f"{name}.bin":
         raise CheckpointError(f"{name}: file {_show(meta['file'])}, expected {name}.bin")
-    if meta["dtype"] != "float32":
-        raise CheckpointError(f"{name}: dtype {_show(meta['dtype'])}, expected float32")
+    if meta["dtype"] != dtype:
+        raise CheckpointError(f"{name}: dtype {_show(meta['dtype'])}, expected {dtype}")
     if meta["shape"] != shape or not all(type(d) is int for d in meta["shape"]):
         raise CheckpointError(f"{name}: shape {_show(meta['shape'])}, expected {shape}")
-    size = math.prod(shape) * 4
+    size = math.prod(shape) * _DTYPES[dtype].itemsize
     if meta["size"] != size or type(meta["size"]) is not int:
         raise CheckpointError(f"{name}: size {_show(meta['size'])}, expected {size}")
     if not isinstance(meta["sha256"], str) or not _SHA256.fullmatch(meta["sha256"]):
@@ -526,8 +585,8 @@ def _read_tensor(path: Path, name: str, meta: Any, shape: list[int]) -> torch.Te
         raise CheckpointError(f"{name}: {len(data)} bytes, manifest says {size} (torn write)")
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise CheckpointError(f"{name}: checksum mismatch")
-    flat = (torch.frombuffer(bytearray(data), dtype=torch.float32) if data
-            else torch.empty(0, dtype=torch.float32))
+    flat = (torch.frombuffer(bytearray(data), dtype=_DTYPES[dtype]) if data
+            else torch.empty(0, dtype=_DTYPES[dtype]))
     return flat.reshape(shape)
 
 

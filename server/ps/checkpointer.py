@@ -21,13 +21,9 @@ from shardps.proto import coordinator_pb2
 from .ckpt_metrics import CheckpointMetrics
 from .ckpt_writer import CheckpointWriter
 from .datadir import DataDir
-from .errors import InvalidConfigError
 from .recovery import Recovery
 from .reports import RestoreReports
 from .shard import Shard
-
-TABLES_NOT_CHECKPOINTED = ("embedding tables are not checkpointed yet: run a job with tables "
-                           "on servers without --data-dir")
 
 log = logging.getLogger("shardps.ps")
 
@@ -62,8 +58,6 @@ class Checkpointer:
         InvalidConfigError if a job id is not a valid one or a resume checkpoint is missing or
         does not fit, OSError if its directory cannot be created.
         """
-        if shard.config.tables:  # refused, not run unsafely: a restore would lose the rows
-            raise InvalidConfigError(TABLES_NOT_CHECKPOINTED)
         fresh = not shard.restored
         if fresh and shard.config.resume_from_job:
             self.recovery.resume(shard)
@@ -73,6 +67,7 @@ class Checkpointer:
             self.writer.drop_newer(directory, -1)
         self.data_dir.open_mark(shard.job_id, shard.index)
         shard.on_applied = self._on_applied
+        shard.rows.on_set(lambda: self._on_rows_set(shard))
         if fresh:
             self.writer.queue(shard.capture(), "initial")
         self.data_dir.write_mark(shard.job_id, shard.index, shard.version)
@@ -87,6 +82,11 @@ class Checkpointer:
             state = shard.capture_locked()
             self.metrics.copy_seconds.observe(time.perf_counter() - start)
             self.writer.queue(state, "periodic")
+
+    def _on_rows_set(self, shard: Shard) -> None:
+        """Under the shard's lock, once InitRows has seeded every table (version 0): a new
+        base checkpoint, never dropped, so a rollback to version 0 finds the seeded rows."""
+        self.writer.queue(shard.capture_locked(), "initial")
 
     def checkpoint_now(self, shard: Shard, at_version: int = 0,
                        timeout: float = 30.0) -> tuple[int, Path | None]:

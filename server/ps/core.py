@@ -53,6 +53,8 @@ class ShardCore:
         waiting_pulls: pulls blocked in pulls.wait_for_pull right now.
         on_applied: called under the lock after every version change, with whether a forced
             capture was just taken there; it must not block.
+        on_rows_set: called under the lock after InitRows set a table's rows (version 0);
+            it must not block.
     """
 
     def __init__(self, config: ps_pb2.ShardConfig, weights: torch.Tensor):
@@ -75,6 +77,7 @@ class ShardCore:
         self.snapshots = SnapshotCache(self.cond, self.updater.weights, self.staging)
         self.captures = ForcedCaptures(self.cond)
         self.on_applied: Callable[[bool], None] | None = None
+        self.on_rows_set: Callable[[], None] | None = None
         self.tables = ShardTables(config)  # the job's embedding tables (tables.py)
 
     @property

@@ -155,7 +155,7 @@ class Recovery:
                 f"{old.offset + old.length}) of layout {names.shown(old.layout_fingerprint)}, "
                 f"not [{config.offset}, {config.offset + config.length}) of layout "
                 f"{names.shown(config.layout_fingerprint)}")
-        shard.load_state(loaded.state, tables=False)
+        shard.load_state(loaded.state, membership=False)
         shard.rollback_id = 0
         self._metrics.restores.labels("resume").inc()
         log.info("job %s shard %d resumes job %s from %s: version %d, Adam step %d",

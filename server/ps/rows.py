@@ -20,11 +20,14 @@ from .core import ShardCore
 from .errors import InvalidPushError, StepAheadError
 from .table_config import TableStats
 from .table_shard import TableShard
+from .tables import RowsAfterStartError
 
 
 def init_rows(core: ShardCore, name: str, rows: torch.Tensor, first: int = 0) -> None:
     """Sets a fixed table's rows on this shard at slots [first, first + len(rows)), in slot
-    order (rank 0 seeds them, a few MiB per call)."""
+    order (rank 0 seeds them before the job runs, a few MiB per call, in slot order); once the
+    last slot of every fixed table is set, `core.on_rows_set` (a new base checkpoint: one per
+    seeding, not one per table or call). Refused once the shard has taken a step."""
     with core.cond:
         core.check_open()
         table = core.tables.get(name)
@@ -35,7 +38,16 @@ def init_rows(core: ShardCore, name: str, rows: torch.Tensor, first: int = 0) ->
             raise tables_lib.TableRowsError(
                 f"table {name!r}: shard {core.config.shard_index} holds {table.rows} rows, "
                 f"got rows [{first}, {first + rows.shape[0]})")
+        tables_lib.check_rows(name, torch.empty(rows.shape[0]), rows, table.dim)  # bad input first
+        if core.version or core.frozen:
+            raise RowsAfterStartError(f"table {name!r}: rows are set before the first step; "
+                                      f"shard {core.config.shard_index} is at version "
+                                      f"{core.version}")
         table.write_rows(first, rows)
+        if first + rows.shape[0] == table.rows:  # the last call of a seeding
+            core.tables.seeded.add(name)
+        if core.on_rows_set is not None and core.tables.all_seeded():
+            core.on_rows_set()
 
 
 def pull_rows(core: ShardCore, name: str, ids: torch.Tensor, min_version: int, clock: float,
@@ -61,7 +73,9 @@ def push_rows(core: ShardCore, name: str, *, worker: str, incarnation: int = 0, 
     sync: buffered for the step's round (ACCEPTED; a retry replaces it), STALE once it
     closed; async and ssp: one optimizer step of the table on arrival (APPLIED), DUPLICATE
     for a step of this worker and table at or before one already applied (a retry). JOB_DONE
-    once the job has ended.
+    once the job has ended; sync, until its final version is named, rows for the open round
+    are still buffered (and answered JOB_DONE), as its dense pushes are held: naming the final
+    version may close that round, and then with the same rows as on the other shards.
     """
     table = core.tables.get(name)
     tables_lib.check_ids(name, ids, table.config.num_embeddings, unique_sorted=True)
@@ -72,6 +86,9 @@ def push_rows(core: ShardCore, name: str, *, worker: str, incarnation: int = 0, 
         core.check_open()
         _check_owned(table, ids)
         if core.frozen:
+            if core.final_version is None and core.gate.holds(worker, step, core.version,
+                                                               core.workers):
+                core.tables.buffer_locked(step, worker, name, ids, rows)
             return ps_pb2.PUSH_STATUS_JOB_DONE, core.version
         # A fenced incarnation is refused, a step its dense push already applied is a retry.
         early = core.fencing.check(worker, incarnation, step, core.workers)
@@ -152,6 +169,12 @@ class ShardRows:
                ) -> tuple[bool, int, tuple[torch.Tensor, torch.Tensor, bool] | None]:
         """A page of a dynamic table's rows held here, ascending by id (export_rows)."""
         return export_rows(self._core, table, after, limit, min_version, timeout, cancelled)
+
+    def on_set(self, hook: Callable[[], None] | None) -> None:
+        """Calls `hook` under the shard's lock after InitRows set a table's rows (before the
+        first step: checkpoints take a new base there); it must not block."""
+        with self._core.cond:
+            self._core.on_rows_set = hook
 
     def dim(self, table: str) -> int:
         """A table's row width (UnknownTableError if the job has no such table)."""

@@ -194,9 +194,10 @@ class Shard:
         current state; and the seconds its copy held the lock (capture.capture_at)."""
         return capture_at(self._core, at_version, timeout)
 
-    def load_state(self, state: ShardState, tables: bool = True) -> None:
-        """Replaces weights, Adam state and version with a checkpoint's (capture.load_state)."""
-        load_state(self._core, state, tables)
+    def load_state(self, state: ShardState, membership: bool = True) -> None:
+        """Replaces weights, Adam state, embedding tables and version with a checkpoint's
+        (capture.load_state)."""
+        load_state(self._core, state, membership)
 
     @classmethod
     def from_state(cls, state: ShardState) -> Shard:

@@ -165,7 +165,24 @@ class RowStore:
         return {k: t.index_select(0, order) for k, t in out.items()}
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Takes the rows `sorted_tensors` gave (ValueError if their shapes do not fit)."""
+        """Takes the rows `sorted_tensors` gave (ValueError, before any change, if their
+        shapes do not fit: `check`)."""
+        self.check(tensors)
+        n = tensors["weights"].shape[0]
+        if self.dynamic:
+            if n > self.capacity:
+                self._resize(n)
+            self.ids[:n], self.last[:n] = tensors["ids"], tensors["last"]
+            self.index.clear()
+            self.index.insert(tensors["ids"], torch.arange(n))
+            self.oldest = int(tensors["last"].min()) if n else math.inf
+        self.rows = n
+        self.weights[:n] = tensors["weights"]
+        for key, tensor in self.state.items():
+            tensor[:n] = tensors[f"state.{key}"]
+
+    def check(self, tensors: dict[str, torch.Tensor]) -> None:
+        """ValueError unless `load` can take these tensors."""
         n = tensors["weights"].shape[0]
         for key, tensor in [("weights", self.weights), *((f"state.{k}", t) for k, t in self.state.items())]:
             saved = tensors[key]
@@ -177,13 +194,3 @@ class RowStore:
             if tensors["ids"].dtype != torch.int64 or tensors["ids"].shape != (n,) or \
                     tensors["last"].shape != (n,):
                 raise ValueError("checkpoint ids and steps do not match its rows")
-            if n > self.capacity:
-                self._resize(n)
-            self.ids[:n], self.last[:n] = tensors["ids"], tensors["last"]
-            self.index.clear()
-            self.index.insert(tensors["ids"], torch.arange(n))
-            self.oldest = int(tensors["last"].min()) if n else math.inf
-        self.rows = n
-        self.weights[:n] = tensors["weights"]
-        for key, tensor in self.state.items():
-            tensor[:n] = tensors[f"state.{key}"]

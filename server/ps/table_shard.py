@@ -77,19 +77,11 @@ class TableShard:
             return
         if weights is not None:
             raise ValueError(f"table {self.name!r}: a dynamic table starts empty")
-        self.row_cap = self._row_cap(config)
+        self.row_cap = _row_cap(config, self.row_bytes())
         self._store = RowStore(config.dim, shapes, initial, max_rows=self.row_cap)
         if config.admit_after > 1:
             self.sketch = CountMinSketch(config.sketch_width, config.sketch_depth,
                                          config.sketch_halve_every)
-
-    def _row_cap(self, config: TableConfig) -> int:
-        by_bytes = config.max_bytes // self.row_bytes()
-        if config.max_bytes and not by_bytes:
-            raise ValueError(f"table {self.name!r}: max_bytes {config.max_bytes} holds no row "
-                             f"of {self.row_bytes()} bytes")
-        caps = [c for c in (config.max_rows, by_bytes) if c]
-        return min(caps) if caps else 0
 
     # -- sizes ------------------------------------------------------------------------------
 
@@ -256,14 +248,7 @@ class TableShard:
         if self.layout is not None:
             raise ValueError(f"table {self.name!r} is fixed: read it by id")
         with self._lock:
-            store = self._store
-            ids = store.ids[: store.rows]
-            slots = (ids > after).nonzero().flatten() if after is not None else torch.arange(ids.numel())
-            if slots.numel() > limit:
-                chosen = torch.topk(ids.index_select(0, slots), limit, largest=False, sorted=True)
-                return chosen.values, store.weights.index_select(0, slots[chosen.indices]), True
-            page, order = torch.sort(ids.index_select(0, slots))
-            return page, store.weights.index_select(0, slots[order]), False
+            return _page(self._store, after, limit)
 
     def rows_in_slot_order(self) -> torch.Tensor:
         """A fixed table's rows as held (proto.tables.assemble_fixed takes them)."""
@@ -287,11 +272,50 @@ class TableShard:
         build = dataclasses.replace(state.config, server_init=False)
         shard = cls(build, make_optimizer(state.optimizer))
         shard.config = state.config
-        shard._store.load(state.tensors)
-        if state.sketch is not None:
-            shard.sketch = CountMinSketch.from_state(state.tensors["sketch"], state.sketch)
-        shard._counters.update(state.counters)
+        shard.restore(state)
         return shard
+
+    def restore(self, state: TableState) -> None:
+        """Takes a capture of a table of this config in place (a rollback or a restart): its
+        rows, optimizer state and step count, counters and admission sketch. The config and
+        the optimizer's hyper-parameters stay this table's. Raises ValueError, changing
+        nothing, if the capture does not fit (`check`)."""
+        with self._lock:
+            sketch = _restorable(self, self._store, state)
+            self._store.load(state.tensors)
+            self.sketch = sketch
+            self.optimizer.steps = int(state.optimizer["steps"])
+            self._counters = {k: int(state.counters.get(k, 0)) for k in self._counters}
+
+    def check(self, state: TableState) -> None:
+        """ValueError unless `restore` can take `state`; changes nothing."""
+        with self._lock:
+            _restorable(self, self._store, state)
+
+
+def _restorable(table: TableShard, store: RowStore, state: TableState) -> CountMinSketch | None:
+    """Checks a capture against a table (its lock held) and its store; returns the sketch it
+    restores to. ValueError naming the table if it does not fit."""
+    want = {"weights", *(f"state.{k}" for k in store.state)}
+    want |= {"ids", "last"} if store.dynamic else set()
+    want |= {"sketch"} if table.sketch is not None else set()
+    if not want - {"sketch"} <= set(state.tensors):
+        raise ValueError(f"table {table.name!r}: checkpoint tensors {sorted(state.tensors)}, "
+                         f"expected {sorted(want)}")
+    store.check(state.tensors)
+    if set(state.tensors) != want:
+        raise ValueError(f"table {table.name!r}: checkpoint tensors {sorted(state.tensors)}, "
+                         f"expected {sorted(want)}")
+    rows = state.tensors["weights"].shape[0]
+    if table.row_cap and rows > table.row_cap:
+        raise ValueError(f"table {table.name!r}: checkpoint holds {rows} rows, over the cap of "
+                         f"{table.row_cap}")
+    if table.sketch is None:
+        return None
+    meta = {"width": table.sketch.width, "depth": table.sketch.depth,
+            "halve_every": table.sketch.halve_every,
+            "halved_at": (state.sketch or {}).get("halved_at", 0)}
+    return CountMinSketch.from_state(state.tensors["sketch"], meta)
 
 
 def _fixed_store(config: TableConfig, layout: FixedLayout, weights: torch.Tensor | None,
@@ -314,3 +338,25 @@ def _fixed_store(config: TableConfig, layout: FixedLayout, weights: torch.Tensor
         raise TableMemoryError(
             f"table {config.name!r}: cannot allocate its {n} rows on this server "
             f"({n * row_bytes / 2**30:.1f} GiB of rows and optimizer state)") from None
+
+
+def _page(store: RowStore, after: int | None, limit: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """TableShard.export_page over a dynamic table's store (its lock held)."""
+    ids = store.ids[: store.rows]
+    slots = (ids > after).nonzero().flatten() if after is not None else torch.arange(ids.numel())
+    if slots.numel() > limit:
+        chosen = torch.topk(ids.index_select(0, slots), limit, largest=False, sorted=True)
+        return chosen.values, store.weights.index_select(0, slots[chosen.indices]), True
+    page, order = torch.sort(ids.index_select(0, slots))
+    return page, store.weights.index_select(0, slots[order]), False
+
+
+def _row_cap(config: TableConfig, row_bytes: int) -> int:
+    """A dynamic table's cap on this server's rows (0: none): the least of max_rows and the
+    rows max_bytes holds. ValueError if max_bytes holds no row."""
+    by_bytes = config.max_bytes // row_bytes
+    if config.max_bytes and not by_bytes:
+        raise ValueError(f"table {config.name!r}: max_bytes {config.max_bytes} holds no row "
+                         f"of {row_bytes} bytes")
+    caps = [c for c in (config.max_rows, by_bytes) if c]
+    return min(caps) if caps else 0

@@ -21,7 +21,7 @@ from shardps.proto.tables import FixedLayout, RowInit
 
 from .errors import InvalidConfigError, ShardError
 from .table_admission import DEFAULT_DEPTH, DEFAULT_WIDTH, CountMinSketch
-from .table_config import TableConfig
+from .table_config import TableConfig, TableState
 from .table_optim import LazyAdam, RowGrads, RowOptimizer, RowwiseAdagrad, combine
 from .table_shard import INDEX_BYTES_PER_ROW, META_BYTES_PER_ROW, TableShard
 
@@ -33,6 +33,12 @@ class UnknownTableError(ShardError):
     """A call names a table the job does not have."""
 
     reason = "unknown_table"
+
+
+class RowsAfterStartError(ShardError):
+    """InitRows once the shard has taken a step: the rows are training (and checkpointed)."""
+
+    reason = "rows_after_start"
 
 
 @dataclass(frozen=True)
@@ -146,9 +152,16 @@ class ShardTables:
         # async, ssp: (worker, table) -> the last step applied, so a retried push (its reply
         # lost) is not applied twice.
         self.applied: dict[tuple[str, str], int] = {}
+        self.seeded: set[str] = set()  # fixed tables whose rows InitRows has set
 
     def __bool__(self) -> bool:
         return bool(self.tables)
+
+    def all_seeded(self) -> bool:
+        """Whether InitRows has set the rows of every fixed table rank 0 seeds (not the
+        server-initialised ones: their servers fill them at InitShard)."""
+        return all(name in self.seeded for name, t in self.tables.items()
+                   if t.layout is not None and not t.config.server_init)
 
     def get(self, name: str) -> TableShard:
         table = self.tables.get(name)
@@ -188,4 +201,34 @@ class ShardTables:
 
     def drop_pending_locked(self) -> None:
         """Forgets every buffered row gradient (the shard's round was dropped)."""
+        self.pending.clear()
+
+    # -- checkpoints (capture.py) -----------------------------------------------------------
+
+    def capture_locked(self) -> tuple[dict[str, TableState], dict[tuple[str, str], int]]:
+        """Copies of every table and of the applied-push table. The open sync round's row
+        gradients (`pending`) are not part of it: like its dense pushes, they are pushed again."""
+        return ({name: table.capture() for name, table in self.tables.items()},
+                dict(self.applied))
+
+    def check_states(self, states: dict[str, TableState]) -> None:
+        """InvalidConfigError unless `states` are captures of exactly these tables (names,
+        dims, rows, optimizer state) that `load_locked` can take."""
+        if sorted(states) != sorted(self.tables):
+            raise InvalidConfigError(f"the checkpoint holds tables {sorted(states)}, the shard "
+                                     f"{sorted(self.tables)}")
+        for name, table in self.tables.items():
+            try:
+                table.check(states[name])
+            except ValueError as exc:
+                raise InvalidConfigError(f"the checkpoint's table {name!r} does not fit the "
+                                         f"shard's: {exc}") from None
+
+    def load_locked(self, states: dict[str, TableState],
+                    applied: dict[tuple[str, str], int]) -> None:
+        """Takes checked captures (check_states) in place, and the applied-push table; forgets
+        the buffered row gradients (the round they belonged to was dropped)."""
+        for name, table in self.tables.items():
+            table.restore(states[name])
+        self.applied = dict(applied)
         self.pending.clear()

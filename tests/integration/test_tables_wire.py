@@ -304,23 +304,6 @@ def test_bad_table_config_and_seed_rows_are_refused(table_server):
     assert server.shards.shards("tj2") == []
 
 
-def test_a_server_with_a_data_dir_refuses_tables_it_could_not_restore(tmp_path):
-    """Checkpoints do not hold tables yet: rather than restore a shard without its rows, a
-    server with --data-dir refuses the shard, and holds nothing."""
-    server = ParameterServerDaemon(coordinator=None, data_dir=str(tmp_path)).start()
-    try:
-        shard_map = common_pb2.ShardMap(version=1, shards=[common_pb2.ShardRange(
-            index=0, server_id="s0", address=server.address, offset=0, length=8)])
-        config = table_shard_config()
-        with PSClient("tj", shard_map, data_plane=False) as ps, pytest.raises(grpc.RpcError) as refused:
-            ps.init(torch.zeros(8), config)
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "embedding tables are not checkpointed yet" in refused.value.details()
-        assert server.shards.shards("tj") == []
-    finally:
-        server.stop(0)
-
-
 def test_init_rows_in_several_calls_sets_every_row(table_server, monkeypatch):
     """A shard's rows larger than INIT_BYTES go in calls of INIT_BYTES, each at its slot."""
     server, client, _ = table_server
