@@ -99,7 +99,10 @@ BAD_PULLS = {
     "unknown table": ({"table": "nope"}, INVALID, "unknown table 'nope'"),
 }
 BAD_INITS = {
-    "fewer rows": ({"rows": rows_bytes(ROWS - 1)}, INVALID, "holds 50 rows, got 49"),
+    "rows past the end": ({"rows": rows_bytes(ROWS - 1), "first_row": 2}, INVALID,
+                          "holds 50 rows, got rows [2, 51)"),
+    "negative first row": ({"rows": rows_bytes(ROWS), "first_row": -1}, INVALID,
+                           "got rows [-1, 49)"),
     "wider rows": ({"rows": rows_bytes(ROWS, DIM + 1)}, INVALID, "table 't'"),
     "NaN rows": ({"rows": rows_bytes(ROWS, value=float("nan"))}, INVALID, "non-finite"),
     "truncated rows": ({"rows": rows_bytes(ROWS)[:-1]}, INVALID, "table 't'"),
