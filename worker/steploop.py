@@ -11,6 +11,7 @@ import time
 
 from shardps.proto import coordinator_pb2, ps_pb2
 from shardps.worker import batchsource, tasks
+from shardps.worker.clipping import clip_grad_norm
 from shardps.worker.decisions import eval_points, is_eval_step, pull_args, step_after_pull
 from shardps.worker.evaluate import evaluate
 from shardps.worker.jobcontext import JobContext
@@ -116,6 +117,8 @@ class StepLoop:
         """Forward and backward on this rank's slice of the batch; the loss (nan if empty)."""
         ctx, job = self.ctx, self.job
         job.flat.zero_grad()
+        if job.tables:  # admission counts a step's training pulls once
+            job.tables.start_step(step)
         loss = math.nan
         if len(batch):
             loss_t = tasks.loss(job.data.task, job.model(*batch.inputs_on(ctx.device)),
@@ -124,7 +127,7 @@ class StepLoop:
             if not math.isfinite(loss):
                 raise ctx.fail(f"non-finite training loss {loss} at step {step}")
             loss_t.backward()
-            norm = job.flat.clip_grad_norm(self.clip)
+            norm = clip_grad_norm(job.flat, job.tables, self.clip)  # dense and row gradients
             if not math.isfinite(norm):
                 raise ctx.fail(f"non-finite gradient (norm {norm}) at step {step}")
         # else: more workers than samples in a batch; push a zero gradient of weight 0
