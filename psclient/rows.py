@@ -58,11 +58,13 @@ class RowClient:
 
     def pull_rows(self, table: str, shard: int, ids: torch.Tensor, dim: int, *,
                   min_version: int = 0, timeout_s: float = 30.0, clock: int = 0,
-                  ) -> tuple[ps_pb2.PullRowsResponse, torch.Tensor | None]:
-        """The reply and, when ready, the rows [len(ids), dim] of `ids` held by `shard`."""
+                  count: bool = True) -> tuple[ps_pb2.PullRowsResponse, torch.Tensor | None]:
+        """The reply and, when ready, the rows [len(ids), dim] of `ids` held by `shard`;
+        `count` False: the read is no sighting for a dynamic table's admission."""
         reply = self._stubs[shard].PullRows(ps_pb2.PullRowsRequest(
             job_id=self.job_id, shard_index=shard, table=table, ids=rowcodec.encode_ids(ids),
-            min_version=min_version, timeout_ms=int(timeout_s * 1000), clock=clock),
+            min_version=min_version, timeout_ms=int(timeout_s * 1000), clock=clock,
+            no_count=not count),
             timeout=timeout_s + rpc.TRANSFER_DEADLINE_S)
         if not reply.ready:
             return reply, None
