@@ -382,7 +382,7 @@ class InitRowsResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PullRowsRequest(_message.Message):
-    __slots__ = ("job_id", "shard_index", "table", "ids", "min_version", "timeout_ms", "clock")
+    __slots__ = ("job_id", "shard_index", "table", "ids", "min_version", "timeout_ms", "clock", "no_count")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     TABLE_FIELD_NUMBER: _ClassVar[int]
@@ -390,6 +390,7 @@ class PullRowsRequest(_message.Message):
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
+    NO_COUNT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     table: str
@@ -397,7 +398,8 @@ class PullRowsRequest(_message.Message):
     min_version: int
     timeout_ms: int
     clock: int
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., table: _Optional[str] = ..., ids: _Optional[bytes] = ..., min_version: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., clock: _Optional[int] = ...) -> None: ...
+    no_count: bool
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., table: _Optional[str] = ..., ids: _Optional[bytes] = ..., min_version: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., clock: _Optional[int] = ..., no_count: _Optional[bool] = ...) -> None: ...
 
 class PullRowsResponse(_message.Message):
     __slots__ = ("ready", "version", "rows", "job_done")

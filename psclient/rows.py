@@ -93,19 +93,21 @@ class RowClient:
 
     def pull_rows(self, table: str, shard: int, ids: torch.Tensor, dim: int, *,
                   min_version: int = 0, timeout_s: float = 30.0, clock: int = 0,
-                  ) -> tuple[ps_pb2.PullRowsResponse, torch.Tensor | None]:
-        """The reply and, when ready, the rows [len(ids), dim] of `ids` held by `shard`."""
+                  count: bool = True) -> tuple[ps_pb2.PullRowsResponse, torch.Tensor | None]:
+        """The reply and, when ready, the rows [len(ids), dim] of `ids` held by `shard`;
+        `count` False: the read is no sighting for a dynamic table's admission."""
         return self.pull_many([RowPull(table, shard, ids)], dim, min_version=min_version,
-                              timeout_s=timeout_s, clock=clock)[0]
+                              timeout_s=timeout_s, clock=clock, count=count)[0]
 
     def pull_many(self, pulls: Sequence[RowPull], dim: int, *, min_version: int = 0,
-                  timeout_s: float = 30.0, clock: int = 0,
+                  timeout_s: float = 30.0, clock: int = 0, count: bool = True,
                   ) -> list[tuple[ps_pb2.PullRowsResponse, torch.Tensor | None]]:
         """pull_rows for each of `pulls` (tables of row width `dim`), every request sent
         before any reply is read; the results in the same order."""
         requests = [ps_pb2.PullRowsRequest(
             job_id=self.job_id, shard_index=p.shard, table=p.table, ids=rowcodec.encode_ids(p.ids),
-            min_version=min_version, timeout_ms=int(timeout_s * 1000), clock=clock) for p in pulls]
+            min_version=min_version, timeout_ms=int(timeout_s * 1000), clock=clock,
+            no_count=not count) for p in pulls]
         replies = _call_all([functools.partial(
             self._servers[p.shard].start, "PullRows", request, ps_pb2.PullRowsResponse,
             timeout_s + rpc.TRANSFER_DEADLINE_S) for p, request in zip(pulls, requests, strict=True)])

@@ -19,6 +19,10 @@ and after backward `take_row_grads()` hands back the table's gradient as coalesc
 `sparse=True` module (torch coalesces its sparse gradient the same way), with padding rows
 left out as torch leaves them out. docs/tables.md has the model.
 
+On a CUDA input, fetched rows reach the device through the module's pinned staging buffer
+and the row gradient comes back through another (worker/staging.py); on the CPU, and without
+CUDA, they are used where they are.
+
 `Embedding(None, dim)` is a dynamic table: any int64 id, rows created by the servers (see
 proto.tables.init_rows and `init`); it has no weight and needs a source before forward. Its
 `padding_idx` is an id like any other (not counted from the end): it always reads as zeros and
@@ -39,6 +43,7 @@ from torch import nn
 
 from shardps.proto import tables as tables_lib
 from shardps.proto.tables import RowInit
+from shardps.worker.staging import Staging
 
 __all__ = ["Embedding", "EmbeddingBag", "RowSource", "table_modules"]
 
@@ -99,6 +104,7 @@ class _Table:
         self.table: str | None = None
         self._trainable = True
         self._fetched: list[tuple[torch.Tensor, torch.Tensor, int | None]] = []  # ids, rows, padding
+        self._rows_in, self._grads_out = Staging(), Staging()  # host <-> device (CUDA inputs)
 
     @property
     def dynamic(self) -> bool:
@@ -156,7 +162,7 @@ class _Table:
                                f"for {fetch.numel()} ids of dim {self.embedding_dim}")
         if padding is not None and (fetch is not ids or not present):  # a zero row at `padding`
             rows = torch.cat([rows[:padding], rows.new_zeros(1, self.embedding_dim), rows[padding:]])
-        rows = rows.to(device=input.device, dtype=torch.float32, non_blocking=True)
+        rows = self._rows_in.to_device(rows.to(torch.float32), input.device)
         if self._trainable and torch.is_grad_enabled():
             rows.requires_grad_(True)
             self._fetched.append((ids, rows, padding))
@@ -173,12 +179,12 @@ class _Table:
             if grad is None:
                 continue
             if grad.is_sparse:
-                parts.append((ids[grad._indices()[0].cpu()], grad._values().cpu()))
+                parts.append((ids[grad._indices()[0].cpu()], grad._values()))
             else:  # scale_grad_by_freq: a dense gradient over the fetched rows, padding left out
                 keep = torch.arange(ids.numel())
                 if padding is not None and padding < ids.numel():
                     keep = keep[keep != padding]
-                parts.append((ids[keep], grad.cpu()[keep]))
+                parts.append((ids[keep], grad[keep.to(grad.device)]))
         self._fetched = []
         if not parts:
             return None
@@ -187,7 +193,8 @@ class _Table:
         # accumulates them; the map from ids to positions keeps their order, so coalescing
         # sums each row's entries exactly as torch's coalesce of the whole table would.
         indices = torch.cat([torch.searchsorted(every, ids) for ids, _ in parts])
-        values = torch.cat([values for _, values in parts])
+        # One copy to the host for all the batches' rows (through pinned memory on CUDA).
+        values = self._grads_out.to_host(torch.cat([values for _, values in parts]))
         grad = torch.sparse_coo_tensor(indices[None], values, (every.numel(), self.embedding_dim),
                                        check_invariants=False).coalesce()
         return every[grad.indices()[0]], grad.values()

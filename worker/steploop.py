@@ -15,6 +15,7 @@ import torch
 from shardps.proto import coordinator_pb2, ps_pb2
 from shardps.psclient.overlapped import OverlappedPush
 from shardps.worker import batchsource, tasks
+from shardps.worker.clipping import clip_grad_norm
 from shardps.worker.decisions import eval_points, is_eval_step, pull_args, step_after_pull
 from shardps.worker.evaluate import evaluate
 from shardps.worker.jobcontext import JobContext
@@ -170,8 +171,9 @@ class StepLoop:
         then_pull."""
         ctx, job = self.ctx, self.job
         job.flat.zero_grad()
-        if job.tables:  # a step rewound after its backward left row gradients behind
+        if job.tables:  # a rewound step's row gradients are dropped; admission counts once
             job.tables.forget()
+            job.tables.start_step(step)
         loss = math.nan
         overlapped = None
         if len(batch):
@@ -185,7 +187,7 @@ class StepLoop:
                 loss_t.backward()
                 if overlapped is not None:
                     overlapped.backward_done()
-                norm = job.flat.clip_grad_norm(self.clip)
+                norm = clip_grad_norm(job.flat, job.tables, self.clip)  # dense and row gradients
                 if not math.isfinite(norm):
                     raise ctx.fail(f"non-finite gradient (norm {norm}) at step {step}")
             except BaseException:

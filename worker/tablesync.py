@@ -3,6 +3,10 @@
 the job's RowClient (ids grouped by the shard that holds them, every shard asked at once) and
 row gradients pushed each step.
 
+Admission counting: a training forward's pull counts as a sighting of its ids once per step;
+rank 0's evaluation (no gradient), a retry of a failed PullRows, and a step replayed after a
+rewind read with PullRowsRequest.no_count.
+
 Owned by the training thread, like the model.
 """
 
@@ -40,13 +44,9 @@ class TableSync:
         the servers with (a dynamic table's rows start on the servers, from init_rows).
 
         Raises:
-            ValueError: gradient clipping (it would clip the dense part only), or a
-                `tables.per_table` entry for a table the model does not have.
+            ValueError: a `tables.per_table` entry for a table the model does not have.
         """
         self.modules: list[tuple[str, Embedding | EmbeddingBag]] = table_modules(model)
-        if self.modules and spec["optimizer"]["clip_grad_norm"] > 0:
-            raise ValueError("optimizer.clip_grad_norm is not supported with embedding tables "
-                             "yet (it would clip the dense gradient only)")
         unknown = sorted(set(spec["tables"]["per_table"]) - {name for name, _ in self.modules})
         if unknown:
             raise ValueError(f"tables.per_table.{unknown[0]}: the model has no table of that "
@@ -64,6 +64,10 @@ class TableSync:
         self._client: RowClient | None = None
         self._caller: Caller | None = None
         self._layouts: dict[str, FixedLayout] = {}
+        self._step = -1  # the step being computed (start_step)
+        self._fetches: dict[str, int] = {}  # fetches of each table so far in this step
+        self._counted: dict[str, tuple[int, int]] = {}  # the last (step, fetch) that counted
+        self._grads: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # take_grads
 
     def __bool__(self) -> bool:
         return bool(self.modules)
@@ -124,19 +128,45 @@ class TableSync:
                 rows = self.initial[name].index_select(0, layout.ids_on(shard))
                 self._call("InitRows", functools.partial(client.init_rows, name, shard, rows))
 
+    def start_step(self, step: int) -> None:
+        """The training forward that follows computes step `step` (admission counting)."""
+        self._step, self._fetches = step, {}
+        self._grads = None
+
+    def _counts(self, table: str) -> bool:
+        """Whether this fetch of `table` is a sighting: a training fetch (gradients on) that
+        no earlier computation of the same step made (a replay after a rewind does not)."""
+        if not torch.is_grad_enabled():  # evaluation
+            return False
+        nth = self._fetches.get(table, 0)
+        self._fetches[table] = nth + 1
+        key = (self._step, nth)
+        if key <= self._counted.get(table, (-1, -1)):
+            return False
+        self._counted[table] = key
+        return True
+
     def fetch(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         """RowSource: the rows of strictly increasing `ids`, one PullRows per shard holding
-        some of them, all sent before any reply is read."""
+        some of them, all sent before any reply is read. Only a call's first try may count as a
+        sighting (a retry's earlier try may have counted already: a sighting lost with a
+        failed try is not made up)."""
         client = self._client
         assert client is not None, "TableSync.bind first"
         dim = self.dims[table]
+        count = self._counts(table)
         out = torch.empty((ids.numel(), dim), dtype=torch.float32)
         server = self._shards_of(table, ids, client.num_shards)
         masks = [(shard, server == shard) for shard in range(client.num_shards)]
         masks = [(shard, mask) for shard, mask in masks if bool(mask.any())]
         pulls = [RowPull(table, shard, ids[mask]) for shard, mask in masks]
-        got = self._call("pull_rows", functools.partial(
-            client.pull_many, pulls, dim, timeout_s=PULL_ROWS_TIMEOUT_S))
+        tries = [count]  # True until the first try has gone out
+
+        def pull() -> list[tuple[ps_pb2.PullRowsResponse, torch.Tensor | None]]:
+            first, tries[0] = tries[0], False
+            return client.pull_many(pulls, dim, count=first, timeout_s=PULL_ROWS_TIMEOUT_S)
+
+        got = self._call("pull_rows", pull)
         for (shard, mask), (reply, rows) in zip(masks, got, strict=True):
             if rows is None:
                 raise TimeoutError(f"table {table!r}: shard {shard} sent no rows within "
@@ -148,8 +178,26 @@ class TableSync:
         """Drops the batches and row gradients a step left behind when it did not reach its
         pushes (a rewind: a server died, a rollback), so the step run next pushes only its
         own, as FlatParams.zero_grad does for the dense gradient."""
+        self._grads = None
         for _, module in self.modules:
             module.take_row_grads()
+
+    def take_grads(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every table's row gradient of this step, coalesced (ids, rows), taken from the
+        modules once after backward (tables no forward reached are absent); `push` sends
+        these, with any scaling `scale_grads` applied."""
+        if self._grads is None:
+            self._grads = {}
+            for name, module in self.modules:
+                grads = module.take_row_grads()
+                if grads is not None:
+                    self._grads[name] = grads
+        return self._grads
+
+    def scale_grads(self, coef: float) -> None:
+        """Multiplies the taken row gradients by `coef` (gradient clipping)."""
+        for _, rows in self.take_grads().values():
+            rows.mul_(coef)
 
     def push(self, step: int, batch_size: int) -> list[ps_pb2.PushRowsResponse]:
         """Pushes every table's row gradient of this step, split by shard (none for a table
@@ -158,11 +206,8 @@ class TableSync:
         client = self._client
         assert client is not None, "TableSync.bind first"
         pushes = []
-        for name, module in self.modules:
-            grads = module.take_row_grads()
-            if grads is None:
-                continue
-            ids, rows = grads
+        taken, self._grads = self.take_grads(), None
+        for name, (ids, rows) in taken.items():
             server = self._shards_of(name, ids, client.num_shards)
             for shard in range(client.num_shards):
                 mask = server == shard

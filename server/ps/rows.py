@@ -51,10 +51,11 @@ def init_rows(core: ShardCore, name: str, rows: torch.Tensor, first: int = 0) ->
 
 
 def pull_rows(core: ShardCore, name: str, ids: torch.Tensor, min_version: int, clock: float,
-              timeout: float, cancelled: Callable[[], bool] | None = None,
+              timeout: float, cancelled: Callable[[], bool] | None = None, *, count: bool = True,
               ) -> tuple[bool, int, torch.Tensor | None]:
     """(ready, version, rows of `ids`) once the version reaches `min_version` (and, ssp, the
-    clock gate opens) within `timeout` s; rows None when not ready."""
+    clock gate opens) within `timeout` s; rows None when not ready. `count` False: the read
+    is not a sighting for admission (TableShard.lookup)."""
     table = core.tables.get(name)
     tables_lib.check_ids(name, ids, table.config.num_embeddings, unique_sorted=True)
     ready = pulls.wait_for_pull(core, min_version, clock, timeout, cancelled)
@@ -63,7 +64,7 @@ def pull_rows(core: ShardCore, name: str, ids: torch.Tensor, min_version: int, c
         if not ready:
             return False, core.version, None
         # Under the condition: a round closing now cannot interleave with this read.
-        return True, core.version, table.lookup(ids)
+        return True, core.version, table.lookup(ids, count=count)
 
 
 def push_rows(core: ShardCore, name: str, *, worker: str, incarnation: int = 0, step: int,
@@ -153,10 +154,11 @@ class ShardRows:
         init_rows(self._core, table, weights, first)
 
     def pull(self, table: str, ids: torch.Tensor, min_version: int, clock: float,
-             timeout: float, cancelled: Callable[[], bool] | None = None,
+             timeout: float, cancelled: Callable[[], bool] | None = None, *, count: bool = True,
              ) -> tuple[bool, int, torch.Tensor | None]:
         """(ready, version, rows of `ids`) once `min_version` is reached (pull_rows)."""
-        return pull_rows(self._core, table, ids, min_version, clock, timeout, cancelled)
+        return pull_rows(self._core, table, ids, min_version, clock, timeout, cancelled,
+                         count=count)
 
     def push(self, table: str, *, worker: str, incarnation: int = 0, step: int,
              ids: torch.Tensor, grads: torch.Tensor) -> tuple[ps_pb2.PushStatus, int]:

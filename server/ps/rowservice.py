@@ -54,7 +54,7 @@ class RowService:
             timeout = min(max(request.timeout_ms, 0) / 1000, MAX_PULL_WAIT_S)
             ready, version, rows = shard.rows.pull(
                 request.table, ids, request.min_version, clock, timeout,
-                lambda: self.stopping or not is_active())
+                lambda: self.stopping or not is_active(), count=not request.no_count)
         except _REFUSED as exc:
             raise refusal(exc) from None
         if rows is None:

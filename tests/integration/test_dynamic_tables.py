@@ -10,9 +10,11 @@ import urllib.request
 import grpc
 import pytest
 import torch
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardps.proto import common_pb2, ps_pb2
+from shardps.proto import spec as spec_lib
 from shardps.proto.tables import RowInit, dynamic_server_of, init_rows
 from shardps.psclient.client import PSClient
 from shardps.psclient.rows import RowClient
@@ -20,7 +22,9 @@ from shardps.server.ps.daemon import ParameterServerDaemon
 from shardps.worker import tasks
 from shardps.worker.batches import BatchOrder
 from shardps.worker.datasets import load_dataset
+from shardps.worker.embedding import Embedding
 from shardps.worker.exported import load_exported
+from shardps.worker.tablesync import TableSync
 from tests.cluster import Cluster
 from tests.harness import poll
 from tests.integration.dynmodel import dyn_model, ids_of
@@ -279,5 +283,109 @@ def test_a_per_table_entry_for_a_table_the_model_lacks_fails_the_job_at_set_up()
         job = cluster.wait(cluster.submit(spec(1, 1, 5, per_table={"nope": {"max_rows": 5}})))
         assert job.state == common_pb2.JOB_STATE_FAILED, job
         assert "tables.per_table.nope: the model has no table of that name" in job.reason
+    finally:
+        cluster.close()
+
+
+# -- what counts as a sighting ----------------------------------------------------------------
+
+@pytest.fixture
+def admitting_server():
+    """The `dynamic_server` shards with admit_after 3 on the dynamic table "d"."""
+    server = ParameterServerDaemon(coordinator=None).start()
+    shard_map = common_pb2.ShardMap(version=1, shards=[
+        common_pb2.ShardRange(index=i, server_id="s0", address=server.address, offset=i * N // 2,
+                              length=N // 2) for i in range(2)])
+    with PSClient("dj", shard_map, data_plane=False) as ps:
+        ps.init(torch.zeros(N), dynamic_config(admit_after=3, sketch_width=1 << 12))
+    client = RowClient("dj", shard_map, worker_id="w0", incarnation=0)
+    yield server, client
+    client.close()
+    server.stop(0)
+
+
+def admissions(server: ParameterServerDaemon) -> int:
+    return sum(server.shards.get("dj", i).rows.stats("d").admissions for i in range(2))
+
+
+def test_a_pull_with_no_count_is_no_sighting(admitting_server):
+    server, client = admitting_server
+    ids = torch.arange(-40, 40)
+    mine = ids[dynamic_server_of("d", ids, 2) == 0][:5]
+    for _ in range(4):  # never counted: never admitted, however often read
+        _, rows = client.pull_rows("d", 0, mine, DIM, count=False)
+        assert torch.equal(rows, torch.zeros(5, DIM))
+    for _ in range(2):  # two sightings
+        _, rows = client.pull_rows("d", 0, mine, DIM)
+        assert torch.equal(rows, torch.zeros(5, DIM))
+    assert admissions(server) == 0
+    _, rows = client.pull_rows("d", 0, mine, DIM)  # the third: admitted, rows start
+    assert torch.equal(rows, init_rows(1, "d", mine, DIM, RowInit()))
+    assert admissions(server) == 5
+
+
+class Direct:
+    """TableSync's caller without retries (JobShards.call is the worker's)."""
+
+    def call(self, what, fn):
+        return fn()
+
+
+class LostReply:
+    """A caller whose first try's reply is lost after the server answered: it tries again,
+    as JobShards.call does after a transient error."""
+
+    def call(self, what, fn):
+        fn()
+        return fn()
+
+
+def test_the_worker_counts_a_steps_training_pull_once(admitting_server):
+    """Evaluation (no gradient), a step computed again after a rewind, and a retried pull are
+    no sightings; each step's first training pull is one."""
+    server, client = admitting_server
+    model = torch.nn.ModuleDict({"d": Embedding(None, DIM)})
+    tables = TableSync(model, spec_lib.parse_spec(yaml.safe_dump(spec(1, 2, 10))))
+    ids = torch.sort(torch.arange(-40, 40)).values
+    tables.bind(client, Direct())
+    with torch.no_grad():
+        for _ in range(3):
+            tables.fetch("d", ids)
+    tables.start_step(0)
+    tables.fetch("d", ids)  # sighting 1
+    tables.start_step(0)  # the same step again (a rewind)
+    tables.fetch("d", ids)
+    tables.bind(client, LostReply())
+    tables.start_step(1)
+    tables.fetch("d", ids)  # sighting 2, tried twice
+    assert admissions(server) == 0
+    tables.bind(client, Direct())
+    tables.start_step(2)
+    rows = tables.fetch("d", ids)  # sighting 3: admitted
+    assert admissions(server) == ids.numel()
+    assert torch.equal(rows, init_rows(1, "d", ids, DIM, RowInit()))
+
+
+def test_evaluation_does_not_change_what_training_admits():
+    """sync, admit_after 4: evaluating every 2 steps (rank 0 reads the test split's ids, the
+    same hot ids as training's) trains the same weights, bitwise, as evaluating never."""
+    cluster = Cluster(servers=2, workers=1)
+    try:
+        results = []
+        for eval_every in (2, 1000):
+            raw = spec(1, 2, 12, admit_after=4, sketch_width=1 << 16)
+            raw["stop"]["eval_every"] = eval_every
+            job_id = cluster.submit(raw)
+            job = cluster.wait(job_id)
+            assert job.state == common_pb2.JOB_STATE_COMPLETED, job
+            exported = cluster.client.export(job_id)[0]
+            stats = [s.rows.stats("bag") for server in cluster.servers
+                     for s in server.shards.shards(job_id)]
+            results.append((exported, sum(s.admissions for s in stats)))
+        (evaluated, admitted), (quiet, admitted_quiet) = results
+        assert admitted == admitted_quiet > 0
+        assert evaluated.keys() == quiet.keys()
+        for key in quiet:
+            assert torch.equal(evaluated[key], quiet[key]), key
     finally:
         cluster.close()

@@ -161,15 +161,69 @@ def test_tables_train_in_async_and_ssp(mode, data_port):
         cluster.close()
 
 
-def test_gradient_clipping_with_tables_fails_the_job_at_set_up():
-    """Clipping would reach the dense gradient only: the job fails, saying why."""
-    cluster = Cluster(servers=1, workers=1)
+CLIP = 0.5  # below the step's gradient norm in every step of this job (checked below)
+
+
+def clipped_reference(clip_tables: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """`reference` with the whole gradient clipped to norm CLIP each step, as
+    torch.nn.utils.clip_grad_norm_ would over all the parameters; torch refuses sparse
+    gradients there, so the norm is computed by hand the same way: the L2 norm of the
+    parameters' norms, a sparse gradient's norm over its coalesced values. clip_tables False
+    clips the dense part only (what the test must tell apart). Also returns how many steps
+    were clipped."""
+    data = load_dataset("digits", {}, SEED)
+    torch.manual_seed(SEED)
+    model = table_model(data.info, sparse=True)
+    tables = [p for n, p in model.named_parameters() if n.split(".")[0] in TABLES]
+    dense = [p for n, p in model.named_parameters() if n.split(".")[0] not in TABLES]
+    opts = [torch.optim.SparseAdam(tables, lr=LR), torch.optim.Adam(dense, lr=LR, fused=True)]
+    order = BatchOrder(data.num_train, BATCH, False, SEED)
+    clipped = 0
+    for t in range(STEPS):
+        for opt in opts:
+            opt.zero_grad()
+        index = order.batch(t)
+        tasks.loss(data.task, model(data.train_x[index]), data.train_y[index]).backward()
+        for p in tables:
+            p.grad = p.grad.coalesce()
+        parts = [torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in dense]))]
+        parts += [torch.linalg.vector_norm(p.grad.values()) for p in tables]
+        norm = float(torch.linalg.vector_norm(torch.stack(parts if clip_tables else parts[:1])))
+        coef = CLIP / (norm + 1e-6)
+        if coef < 1.0:
+            clipped += 1
+            for p in dense + (tables if clip_tables else []):
+                p.grad.mul_(coef)
+        for opt in opts:
+            opt.step()
+    flat = torch.cat([p.detach().flatten() for p in dense])
+    return flat, {name: getattr(model, name).weight.detach() for name in TABLES}, clipped
+
+
+@pytest.mark.parametrize("servers", [1, 2])
+def test_gradient_clipping_covers_the_tables_rows(servers):
+    """optimizer.clip_grad_norm with tables: one norm over the dense gradient and the row
+    gradients, both scaled by the same factor; sync training equals one process that clips
+    all its parameters. (One worker: with several, each clips its own slice's gradient, as
+    the dense path always has.)"""
+    cluster = Cluster(servers=servers, workers=1)
     try:
-        raw = spec(1, 1)
-        raw["optimizer"]["clip_grad_norm"] = 1.0
-        job = cluster.wait(cluster.submit(raw))
-        assert job.state == common_pb2.JOB_STATE_FAILED, job
-        assert "clip_grad_norm is not supported with embedding tables" in job.reason
+        raw = spec(1, servers)
+        raw["optimizer"]["clip_grad_norm"] = CLIP
+        job_id = cluster.submit(raw)
+        job = cluster.wait(job_id)
+        assert job.state == common_pb2.JOB_STATE_COMPLETED, job
+        flat, tables, clipped = clipped_reference()
+        assert clipped == STEPS  # every step was clipped: the test exercises the clip
+        served, dense = served_tables(cluster, job_id), cluster.weights(job_id)
+        diffs = [float((dense - flat).abs().max())]
+        diffs += [float((served[n] - tables[n]).abs().max()) for n in TABLES]
+        assert max(diffs) <= 1e-5, diffs
+        # Clipping the dense part alone gives other weights: the rows' norm counted.
+        flat_dense_only, tables_dense_only, _ = clipped_reference(clip_tables=False)
+        apart = max(float((dense - flat_dense_only).abs().max()),
+                    *(float((served[n] - tables_dense_only[n]).abs().max()) for n in TABLES))
+        assert apart > 1e-4, apart
     finally:
         cluster.close()
 

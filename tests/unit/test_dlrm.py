@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from shardps.proto.tables import RowInit
 from shardps.worker import filedataset
+from shardps.worker.embedding import Embedding
 from shardps.worker.models import build_model
 
 
@@ -41,3 +43,36 @@ def test_dlrm_needs_a_click_log():
         build_model("dlrm", {}, {"num_features": 64, "num_classes": 10})
     with pytest.raises(ValueError, match="dlrm needs buckets >= 1"):
         build_model("dlrm", {"buckets": 0}, dict(filedataset.CTR_INFO))
+
+
+def test_dlrm_with_server_tables_computes_the_dense_models_function():
+    """tables: server holds feature f's `buckets` rows at f * buckets + id mod buckets of one
+    shardps Embedding: with those rows, the same logits as the per-feature EmbeddingBags."""
+    info = dict(filedataset.CTR_INFO)
+    kwargs = {"buckets": 16, "dim": 4, "bottom": [8], "top": [8]}
+    torch.manual_seed(0)
+    dense = build_model("dlrm", kwargs, info)
+    served = build_model("dlrm", {**kwargs, "tables": "server"}, info)
+    assert isinstance(served.table, Embedding) and not served.tables
+    state = {k: v for k, v in dense.state_dict().items() if not k.startswith("tables.")}
+    state["table.weight"] = torch.cat([bag.weight.detach() for bag in dense.tables])
+    served.load_state_dict(state, strict=True)
+    x, cat = torch.randint(0, 1000, (6, 13)).float(), torch.randint(-2**62, 2**62, (6, 26))
+    torch.testing.assert_close(served(x, cat), dense(x, cat))
+
+
+def test_dlrm_with_a_dynamic_table_keys_rows_by_feature_and_raw_id():
+    model = build_model("dlrm", {"tables": "dynamic", "dim": 4}, dict(filedataset.CTR_INFO))
+    assert model.table.dynamic and model.table.embedding_dim == 4
+    assert model.table.init == RowInit("normal", 0.0, 0.05)
+    assert not [p for n, p in model.named_parameters() if n.startswith("table")]  # rows: servers'
+    cat = torch.full((1, 26), 12345, dtype=torch.int64)
+    ids = torch.bitwise_xor(cat, model.keys)
+    assert ids.unique().numel() == 26  # one id, 26 features: 26 rows
+    with pytest.raises(RuntimeError, match="attach a row source first"):
+        model(torch.zeros(1, 13), cat)
+
+
+def test_dlrm_refuses_an_unknown_table_place():
+    with pytest.raises(ValueError, match="dlrm tables must be one of dense, server, dynamic, got 'gpu'"):
+        build_model("dlrm", {"tables": "gpu"}, dict(filedataset.CTR_INFO))

@@ -375,6 +375,8 @@ def test_rows_land_on_the_input_device():
     got_ids, grads = ours.take_row_grads()
     expected = ref.weight.grad.coalesce()
     assert torch.equal(got_ids, expected.indices()[0].cpu()) and torch.equal(grads, expected.values().cpu())
+    # Both ways through the module's pinned staging buffers.
+    assert ours._rows_in._buffer.is_pinned() and ours._grads_out._buffer.is_pinned()
 
 
 def test_a_dynamic_table_with_ten_times_more_ids_than_its_cap_learns_within_the_cap():
