@@ -75,3 +75,5 @@ class WorkerMetrics:
             self.step_seconds.labels(phase=phase)
         for direction in ("push", "pull"):
             self.bucket_wait.labels(direction=direction)
+        for sent in ("during", "after"):
+            self.overlap_pieces.labels(sent=sent)

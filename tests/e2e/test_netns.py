@@ -197,10 +197,12 @@ def test_bench_net_runs_in_its_small_configuration(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = next(iter(json.loads((tmp_path / "net.json").read_text())["tables"].values()))
     assert [r["system"] for r in rows] == ["DDP gloo fp32", "DDP fp16_compress_hook", "DDP powerSGD_hook (rank 1)",
-                                           "shardps fp32 (2 servers)", "shardps int8+EF both ways (2 servers)"]
+                                           "shardps fp32 (2 servers)", "shardps fp32 overlap (2 servers)",
+                                           "shardps int8+EF both ways (2 servers)"]
     assert rows[0]["vs_ddp_fp32"] == 1.0
     fp32, fp16 = rows[0]["wire_MB_per_step"], rows[1]["wire_MB_per_step"]
     assert 0.4 * fp32 < fp16 < 0.7 * fp32  # half the bytes, give or take headers
-    ps32, ps8 = rows[3]["wire_MB_per_step"], rows[4]["wire_MB_per_step"]
+    ps32, overlapped, ps8 = (rows[i]["wire_MB_per_step"] for i in (3, 4, 5))
+    assert 0.8 * ps32 < overlapped < 1.25 * ps32  # the same bytes, in pieces
     assert 0.2 * ps32 < ps8 < 0.4 * ps32  # a quarter of the bytes, give or take headers
     assert set(netns.namespaces()) <= before
