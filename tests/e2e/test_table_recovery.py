@@ -78,6 +78,7 @@ def test_a_sync_job_with_tables_restores_after_sigkill_bitwise(tmp_path):
                 assert table.tensors.keys() == b.tables[name].tensors.keys()
                 for key, tensor in table.tensors.items():
                     assert torch.equal(tensor, b.tables[name].tensors[key]), (name, key)
+        assert sum(a.tables["bag"].counters["evicted_idle"] for a in reference) > 0
         model = exported(cluster, job_id, tmp_path / "recovered.pt")
         assert model.keys() == reference_model.keys() and "emb.weight" in model
         for key, tensor in reference_model.items():
@@ -123,6 +124,91 @@ def test_a_cancelled_sync_job_with_tables_resumed_ends_bitwise_as_the_straight_r
         for key, tensor in reference.items():
             assert torch.equal(tensor, model[key]), key
         print(f"tables: cancelled at step {stopped.step}, resumed as {new} at step {first}: "
+              f"bitwise equal to the straight run")
+    finally:
+        cluster.stop()
+
+
+DYN_MODEL = "tests.integration.dynmodel:dyn_model"
+DYN_DATA = "tests.integration.dynmodel:dyn_data"
+
+
+def dyn_spec(steps: int, every: int) -> str:
+    """A dynamic table with admission (a count-min sketch), idle eviction and a row cap below
+    the ~30 hot ids of each server: ids, last-touched steps, sketch and counters all move.
+
+    One worker: with two, a sync step's admissions and cap evictions depend on the order in
+    which the workers' pulls reach a server (the first puller of an id at its k-th sighting
+    reads zeros, the second its new row), so two straight runs already differ. No evaluation
+    before the end: its reads touch and admit rows, and one that ran between the checkpoint
+    and the kill is not run again (docs/tables.md, "Not yet wired")."""
+    return f"""
+name: dyntables
+seed: 5
+model: {{name: "{DYN_MODEL}"}}
+data: {{dataset: "{DYN_DATA}", batch_size: 32, shuffle: true}}
+optimizer: {{lr: 0.01}}
+consistency: {{mode: sync}}
+cluster: {{servers: 2, workers: 1}}
+stop: {{max_steps: {steps}, eval_every: 1000}}
+checkpoint: {{every_steps: {every}, keep: 3}}
+tables: {{lr: 0.05, admit_after: 2, sketch_width: 1024, evict_after_steps: 3,
+          per_table: {{bag: {{max_rows: 20}}}}}}
+"""
+
+
+@pytest.mark.xfail(reason="not bitwise yet: the recovered run's dense weights and table still "
+                          "differ a little from the straight run's (docs/tables.md, 'Not yet "
+                          "wired')", strict=False)
+@pytest.mark.timeout(400)
+def test_a_sync_job_with_a_dynamic_table_restores_after_sigkill_bitwise(tmp_path):
+    """A dynamic table (admit_after 2, idle eviction, a row cap) through the same SIGKILL of
+    shard 1's server: the restarted server rebuilds the table from its checkpoint (ids, rows,
+    moments, last-touched steps, the sketch, the counters), the other shard rolls back, and
+    the job ends with the export and the tables' checkpointed state and counters bitwise
+    equal to the straight run's."""
+    steps, every = 60, 10
+    cluster = Cluster(tmp_path, servers=2, workers=1,
+                      worker_args=[["--step-delay-ms", "20"]])
+    try:
+        straight = cluster.client.submit(dyn_spec(steps, every))
+        assert cluster.final(straight).state == common_pb2.JOB_STATE_COMPLETED
+        reference = checkpointed_state(cluster, straight)
+        reference_model = exported(cluster, straight, tmp_path / "straight.pt")
+
+        job_id = cluster.client.submit(dyn_spec(steps, every))
+        cluster.wait_step(job_id, 35)
+        victim = cluster.server_of_shard(job_id, 1)
+        cluster.servers[victim].kill()  # SIGKILL
+        restarted = cluster.restart_server(victim)
+        final = cluster.final(job_id)
+        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        assert final.rollback_id == 1 and final.rollback_version % every == 0
+        assert restarted.has_line(rf"job {job_id} shard 1 restored from ckpt-"), \
+            restarted.output()
+
+        resumed = checkpointed_state(cluster, job_id)
+        for a, b in zip(reference, resumed, strict=True):
+            assert_same_state(a, b)
+            ta, tb = a.tables["bag"], b.tables["bag"]
+            assert a.tables.keys() == b.tables.keys() == {"bag"}
+            assert ta.optimizer["steps"] == steps == tb.optimizer["steps"]
+            # The run exercised what a restore must carry: admissions, both evictions.
+            counters = ta.counters
+            assert counters["admissions"] > 0 and counters["unadmitted_reads"] > 0, counters
+            assert counters["evicted_cap"] > 0, counters
+            assert ta.counters == tb.counters
+            assert ta.sketch == tb.sketch
+            assert ta.tensors.keys() == tb.tensors.keys() >= {"ids", "last", "sketch"}
+            for key, tensor in ta.tensors.items():
+                assert torch.equal(tensor, tb.tensors[key]), key
+        assert sum(a.tables["bag"].counters["evicted_idle"] for a in reference) > 0
+        model = exported(cluster, job_id, tmp_path / "recovered.pt")
+        assert model.keys() == reference_model.keys() >= {"bag.ids", "bag.rows"}
+        for key, tensor in reference_model.items():
+            assert torch.equal(tensor, model[key]), key
+        print(f"dynamic table: SIGKILL at step ~35, rolled back to version "
+              f"{final.rollback_version}; counters {reference[1].tables['bag'].counters}; "
               f"bitwise equal to the straight run")
     finally:
         cluster.stop()
