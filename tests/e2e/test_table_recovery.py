@@ -78,7 +78,6 @@ def test_a_sync_job_with_tables_restores_after_sigkill_bitwise(tmp_path):
                 assert table.tensors.keys() == b.tables[name].tensors.keys()
                 for key, tensor in table.tensors.items():
                     assert torch.equal(tensor, b.tables[name].tensors[key]), (name, key)
-        assert sum(a.tables["bag"].counters["evicted_idle"] for a in reference) > 0
         model = exported(cluster, job_id, tmp_path / "recovered.pt")
         assert model.keys() == reference_model.keys() and "emb.weight" in model
         for key, tensor in reference_model.items():
