@@ -101,6 +101,8 @@ class StepLoop:
             try:
                 step = self._step(step, assignment)
             except Rewind as rewind:
+                if rewind.step is not None and self.job.tables:  # a rollback
+                    self.job.tables.rolled_back(rewind.step)
                 step = step if rewind.step is None else rewind.step
         self._finish(step)
 

@@ -5,7 +5,8 @@ row gradients pushed each step.
 
 Admission counting: a training forward's pull counts as a sighting of its ids once per step;
 rank 0's evaluation (no gradient), a retry of a failed PullRows, and a step replayed after a
-rewind read with PullRowsRequest.no_count.
+rewind read with PullRowsRequest.no_count; after a rollback the servers' counts are the
+checkpoint's, so the replayed steps from it count again.
 
 Owned by the training thread, like the model.
 """
@@ -173,6 +174,11 @@ class TableSync:
                                    f"{PULL_ROWS_TIMEOUT_S:.0f} s (version {reply.version})")
             out[mask] = rows
         return out
+
+    def rolled_back(self, step: int) -> None:
+        """The servers rolled back to checkpoint `step`, their admission counts with them: the
+        steps from `step` on, replayed next, count their sightings again."""
+        self._counted = {t: key for t, key in self._counted.items() if key < (step, 0)}
 
     def forget(self) -> None:
         """Drops the batches and row gradients a step left behind when it did not reach its

@@ -293,7 +293,9 @@ def _next_name(directory: Path, version: int) -> Path:
 
 def _write_tensor(path: Path, tensor: torch.Tensor, crash: _Crash, name: str) -> dict:
     array = tensor.detach().cpu().contiguous().numpy()
-    data = memoryview(array).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
+    # Flat first: memoryview cannot cast an empty view of more than one dimension (a
+    # dynamic table's [0, dim] rows before its first admission).
+    data = memoryview(array.reshape(-1)).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
     digest = hashlib.sha256(data).hexdigest()
     with open(path, "xb") as f:
         if crash.armed and crash.point == f"partial:{name}":

@@ -9,6 +9,10 @@ halves when under a quarter used, so its memory follows the rows held.
 Evicting moves the last rows into the freed slots: no free list, the rows held are always a
 prefix (what a checkpoint copies), and nothing depends on which slot a row sits in.
 
+A fixed table's store also tracks which slots changed (`changed`, a bool per slot) since the
+last `clear_changed`, for incremental checkpoints (table_delta.py): `mark` after an update,
+and `load` and writes of whole ranges mark theirs.
+
 Policy (what to create or evict, when) is the TableShard's; this is storage only. Not
 thread-safe: the shard's lock guards it.
 """
@@ -40,6 +44,7 @@ class RowStore:
             self.weights = weights.contiguous()
             self.state = self._alloc_state(self.rows)
             self.fill_state(0, self.rows)
+            self.changed = torch.ones(self.rows, dtype=torch.bool)  # nothing captured yet
             return
         self.rows = 0
         capacity = min(MIN_CAPACITY, max_rows) if max_rows else MIN_CAPACITY
@@ -150,6 +155,32 @@ class RowStore:
         self.oldest = int(self.last[: self.rows].min()) if self.rows else math.inf
         return victims.numel()
 
+    # -- changed slots (fixed tables) -----------------------------------------------------
+
+    def mark(self, slots: torch.Tensor) -> None:
+        """Slots whose row or optimizer state was just written (no-op for a dynamic store)."""
+        if not self.dynamic:
+            self.changed.index_fill_(0, slots, True)
+
+    def mark_range(self, start: int, end: int) -> None:
+        if not self.dynamic:
+            self.changed[start:end] = True
+
+    def clear_changed(self) -> None:
+        """Every slot counts as unchanged from now on (a full capture was just taken)."""
+        if not self.dynamic:
+            self.changed.zero_()
+
+    def changed_tensors(self) -> dict[str, torch.Tensor]:
+        """A fixed store's changed slots ("slots", int64 ascending) and copies of their rows
+        ("weights", "state.<name>"): what `sorted_tensors` would add since the last
+        `clear_changed`. Marks nothing."""
+        if self.dynamic:
+            raise ValueError("a dynamic table's changes are not tracked: capture it in full")
+        slots = self.changed.nonzero().flatten()
+        return {"slots": slots, "weights": self.weights.index_select(0, slots),
+                **{f"state.{k}": t.index_select(0, slots) for k, t in self.state.items()}}
+
     # -- checkpoints ----------------------------------------------------------------------
 
     def sorted_tensors(self) -> dict[str, torch.Tensor]:
@@ -176,6 +207,8 @@ class RowStore:
             self.index.clear()
             self.index.insert(tensors["ids"], torch.arange(n))
             self.oldest = int(tensors["last"].min()) if n else math.inf
+        else:
+            self.changed.fill_(True)  # a load replaces every row: the next capture is full
         self.rows = n
         self.weights[:n] = tensors["weights"]
         for key, tensor in self.state.items():

@@ -208,6 +208,7 @@ class TableShard:
                     slots, grads = slots.index_select(0, held), grads.index_select(0, held)
                 store.touch(slots, self.optimizer.steps)
             self.optimizer.step(store.weights, store.state, slots, grads, lr)
+            store.mark(slots)
             if store.dynamic:
                 if self.config.evict_after_steps:
                     before = self.optimizer.steps - self.config.evict_after_steps
@@ -227,6 +228,7 @@ class TableShard:
                 raise ValueError(f"table {self.name!r}: slots [{start}, {start + rows.shape[0]}) "
                                  f"outside [0, {self._store.rows})")
             self._store.weights[start : start + rows.shape[0]] = rows
+            self._store.mark_range(start, start + rows.shape[0])
 
     # -- export and checkpoints -------------------------------------------------------------
 
@@ -255,11 +257,15 @@ class TableShard:
         with self._lock:
             return self._store.weights[: self._store.rows].clone()
 
-    def capture(self) -> TableState:
+    def capture(self, changed_only: bool = False, new_base: bool = False) -> TableState:
         """A copy of everything a checkpoint holds; a dynamic table's rows sorted by id, so
-        equal tables capture equal tensors."""
+        equal tables capture equal tensors. A fixed table's `changed_only`: only the slots
+        changed since the last `new_base` capture (table_delta.py), which starts that anew."""
         with self._lock:
-            tensors = self._store.sorted_tensors()
+            store = self._store
+            tensors = store.changed_tensors() if changed_only else store.sorted_tensors()
+            if new_base:
+                store.clear_changed()
             sketch = None
             if self.sketch is not None:
                 tensors["sketch"], sketch = self.sketch.state()

@@ -421,3 +421,18 @@ def test_a_crash_inside_a_table_part_leaves_the_previous_complete_checkpoint(tmp
     assert loaded.skipped == [] and loaded.state.version == 2
     assert {n: t.optimizer["steps"] for n, t in loaded.state.tables.items()} == {"emb": 2, "acc": 2}
     assert list(tmp_path.glob(".tmp-*"))  # the torn write is left in its temp dir
+
+
+def test_an_empty_dynamic_table_round_trips(tmp_path):
+    """A dynamic table before its first admission holds [0, dim] rows: the base checkpoint
+    writes and reads them (a multi-dimensional empty tensor once killed the writer)."""
+    dyn = ps_pb2.TableSpec(name="dyn", dim=DIM, num_embeddings=0, num_shards=1,
+                           optimizer="lazy_adam", lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8,
+                           admit_after=2, sketch_width=64)
+    cfg = config()
+    cfg.tables.append(dyn)
+    shard = Shard(cfg, torch.linspace(-1, 1, 10))
+    checkpoint.write(tmp_path, shard.capture(), keep=3)
+    table = checkpoint.load(tmp_path).state.tables["dyn"]
+    assert table.tensors["weights"].shape == (0, DIM)
+    assert table.tensors["ids"].shape == (0,) and table.tensors["sketch"].shape == (4, 64)
