@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from shardps.proto.tables import RowInit
+from shardps.worker import tasks
+from shardps.worker.batches import BatchOrder
 from shardps.worker.embedding import Embedding, EmbeddingBag
 
 LEVELS = 17  # digits pixels take the values 0/16 .. 16/16
@@ -46,3 +48,23 @@ def table_model(info: dict[str, Any], dim: int = 4, sparse: bool = False,
     init_rows (built with `init=`, no weight on the worker)."""
     init = RowInit(**server_init) if server_init is not None else None
     return TableModel(info["num_features"], info["num_classes"], dim, sparse, init, padding_idx)
+
+
+def train_in_one_process(model: nn.Module, data: Any, table_step: Any, *, steps: int,
+                         batch: int, lr: float, seed: int) -> list[torch.Tensor]:
+    """The single-process reference of a sync job of table_model: `table_step(params)` (e.g.
+    torch.optim.SparseAdam) on the tables' parameters (modules `emb` and `bag`), fused Adam
+    (as the servers run it) on the rest, batches in BatchOrder without shuffling. Returns the
+    dense parameters, in order."""
+    tables = [p for n, p in model.named_parameters() if n.split(".")[0] in ("emb", "bag")]
+    dense = [p for n, p in model.named_parameters() if n.split(".")[0] not in ("emb", "bag")]
+    opts = [table_step(tables), torch.optim.Adam(dense, lr=lr, fused=True)]
+    order = BatchOrder(data.num_train, batch, False, seed)
+    for t in range(steps):
+        for opt in opts:
+            opt.zero_grad()
+        index = order.batch(t)
+        tasks.loss(data.task, model(data.train_x[index]), data.train_y[index]).backward()
+        for opt in opts:
+            opt.step()
+    return dense

@@ -3,6 +3,8 @@ worker"): the workers build the tables with `init=` (no weight), each server fil
 from init_rows at InitShard, and sync training equals one process with the same model
 materialised (`tableinit.materialize`), torch's modules, SparseAdam and Adam."""
 
+import functools
+
 import grpc
 import pytest
 import torch
@@ -11,12 +13,10 @@ from shardps.proto import common_pb2, ps_pb2
 from shardps.psclient.client import PSClient
 from shardps.psclient.rows import RowClient
 from shardps.server.ps.daemon import ParameterServerDaemon
-from shardps.worker import tasks
-from shardps.worker.batches import BatchOrder
 from shardps.worker.datasets import load_dataset
 from shardps.worker.tableinit import materialize
 from tests.cluster import Cluster
-from tests.integration.tablemodel import table_model
+from tests.integration.tablemodel import table_model, train_in_one_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -42,17 +42,8 @@ def reference() -> torch.nn.Module:
     torch.manual_seed(SEED)
     model = table_model(data.info, sparse=True, **KWARGS)
     assert materialize(model) == list(TABLES)
-    tables = [p for n, p in model.named_parameters() if n.split(".")[0] in TABLES]
-    dense = [p for n, p in model.named_parameters() if n.split(".")[0] not in TABLES]
-    opts = [torch.optim.SparseAdam(tables, lr=LR), torch.optim.Adam(dense, lr=LR, fused=True)]
-    order = BatchOrder(data.num_train, BATCH, False, SEED)
-    for t in range(STEPS):
-        for opt in opts:
-            opt.zero_grad()
-        index = order.batch(t)
-        tasks.loss(data.task, model(data.train_x[index]), data.train_y[index]).backward()
-        for opt in opts:
-            opt.step()
+    train_in_one_process(model, data, functools.partial(torch.optim.SparseAdam, lr=LR),
+                         steps=STEPS, batch=BATCH, lr=LR, seed=SEED)
     return model
 
 

@@ -4,6 +4,7 @@ Embedding, an EmbeddingBag with offsets and dense layers equals one process with
 modules, SparseAdam on the tables and Adam on the dense part; and the row calls refuse bad
 input with INVALID_ARGUMENT, changing nothing."""
 
+import functools
 import random
 import socket
 
@@ -22,7 +23,7 @@ from shardps.worker import tasks
 from shardps.worker.batches import BatchOrder
 from shardps.worker.datasets import load_dataset
 from tests.cluster import Cluster
-from tests.integration.tablemodel import table_model
+from tests.integration.tablemodel import table_model, train_in_one_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -75,19 +76,10 @@ def reference(table_opt: str = "lazy_adam") -> tuple[torch.Tensor, dict[str, tor
     data = load_dataset("digits", {}, SEED)
     torch.manual_seed(SEED)
     model = table_model(data.info, sparse=True)
-    tables = [p for n, p in model.named_parameters() if n.split(".")[0] in TABLES]
-    dense = [p for n, p in model.named_parameters() if n.split(".")[0] not in TABLES]
-    table_step = (torch.optim.SparseAdam(tables, lr=LR) if table_opt == "lazy_adam"
-                  else RowwiseAdagrad(tables, lr=LR))
-    opts = [table_step, torch.optim.Adam(dense, lr=LR, fused=True)]
-    order = BatchOrder(data.num_train, BATCH, False, SEED)
-    for t in range(STEPS):
-        for opt in opts:
-            opt.zero_grad()
-        index = order.batch(t)
-        tasks.loss(data.task, model(data.train_x[index]), data.train_y[index]).backward()
-        for opt in opts:
-            opt.step()
+    table_step = (functools.partial(torch.optim.SparseAdam, lr=LR) if table_opt == "lazy_adam"
+                  else functools.partial(RowwiseAdagrad, lr=LR))
+    dense = train_in_one_process(model, data, table_step, steps=STEPS, batch=BATCH, lr=LR,
+                                 seed=SEED)
     flat = torch.cat([p.detach().flatten() for p in dense])
     return flat, {name: getattr(model, name).weight.detach() for name in TABLES}
 
