@@ -51,11 +51,13 @@ def table_model(info: dict[str, Any], dim: int = 4, sparse: bool = False,
 
 
 def train_in_one_process(model: nn.Module, data: Any, table_step: Any, *, steps: int,
-                         batch: int, lr: float, seed: int) -> list[torch.Tensor]:
+                         batch: int, lr: float, seed: int,
+                         after_backward: Any = None) -> list[torch.Tensor]:
     """The single-process reference of a sync job of table_model: `table_step(params)` (e.g.
     torch.optim.SparseAdam) on the tables' parameters (modules `emb` and `bag`), fused Adam
-    (as the servers run it) on the rest, batches in BatchOrder without shuffling. Returns the
-    dense parameters, in order."""
+    (as the servers run it) on the rest, batches in BatchOrder without shuffling;
+    `after_backward(tables, dense)` runs between each backward and the optimizer steps (e.g.
+    clipping). Returns the dense parameters, in order."""
     tables = [p for n, p in model.named_parameters() if n.split(".")[0] in ("emb", "bag")]
     dense = [p for n, p in model.named_parameters() if n.split(".")[0] not in ("emb", "bag")]
     opts = [table_step(tables), torch.optim.Adam(dense, lr=lr, fused=True)]
@@ -65,6 +67,8 @@ def train_in_one_process(model: nn.Module, data: Any, table_step: Any, *, steps:
             opt.zero_grad()
         index = order.batch(t)
         tasks.loss(data.task, model(data.train_x[index]), data.train_y[index]).backward()
+        if after_backward is not None:
+            after_backward(tables, dense)
         for opt in opts:
             opt.step()
     return dense

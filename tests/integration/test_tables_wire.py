@@ -19,8 +19,6 @@ from shardps.psclient.client import PSClient
 from shardps.psclient.rows import RowClient
 from shardps.runtime import rpc
 from shardps.server.ps.daemon import ParameterServerDaemon
-from shardps.worker import tasks
-from shardps.worker.batches import BatchOrder
 from shardps.worker.datasets import load_dataset
 from tests.cluster import Cluster
 from tests.integration.tablemodel import table_model, train_in_one_process
@@ -166,16 +164,10 @@ def clipped_reference(clip_tables: bool = True) -> tuple[torch.Tensor, dict[str,
     data = load_dataset("digits", {}, SEED)
     torch.manual_seed(SEED)
     model = table_model(data.info, sparse=True)
-    tables = [p for n, p in model.named_parameters() if n.split(".")[0] in TABLES]
-    dense = [p for n, p in model.named_parameters() if n.split(".")[0] not in TABLES]
-    opts = [torch.optim.SparseAdam(tables, lr=LR), torch.optim.Adam(dense, lr=LR, fused=True)]
-    order = BatchOrder(data.num_train, BATCH, False, SEED)
     clipped = 0
-    for t in range(STEPS):
-        for opt in opts:
-            opt.zero_grad()
-        index = order.batch(t)
-        tasks.loss(data.task, model(data.train_x[index]), data.train_y[index]).backward()
+
+    def clip(tables: list[torch.Tensor], dense: list[torch.Tensor]) -> None:
+        nonlocal clipped
         for p in tables:
             p.grad = p.grad.coalesce()
         parts = [torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in dense]))]
@@ -186,8 +178,9 @@ def clipped_reference(clip_tables: bool = True) -> tuple[torch.Tensor, dict[str,
             clipped += 1
             for p in dense + (tables if clip_tables else []):
                 p.grad.mul_(coef)
-        for opt in opts:
-            opt.step()
+
+    dense = train_in_one_process(model, data, functools.partial(torch.optim.SparseAdam, lr=LR),
+                                 steps=STEPS, batch=BATCH, lr=LR, seed=SEED, after_backward=clip)
     flat = torch.cat([p.detach().flatten() for p in dense])
     return flat, {name: getattr(model, name).weight.detach() for name in TABLES}, clipped
 
