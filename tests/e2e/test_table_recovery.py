@@ -40,6 +40,13 @@ def exported(cluster: Cluster, job_id: str, path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
 
+def assert_same_export(model: dict, reference: dict, table_key: str) -> None:
+    """Two exported state_dicts with the same keys (a table's among them), bitwise equal."""
+    assert model.keys() == reference.keys() and table_key in model
+    for key, tensor in reference.items():
+        assert torch.equal(tensor, model[key]), key
+
+
 @pytest.mark.timeout(480)
 def test_a_sync_job_with_tables_restores_after_sigkill_bitwise(tmp_path):
     """The same job twice: straight, and with the server of shard 1 SIGKILLed at step ~45
@@ -78,10 +85,8 @@ def test_a_sync_job_with_tables_restores_after_sigkill_bitwise(tmp_path):
                 assert table.tensors.keys() == b.tables[name].tensors.keys()
                 for key, tensor in table.tensors.items():
                     assert torch.equal(tensor, b.tables[name].tensors[key]), (name, key)
-        model = exported(cluster, job_id, tmp_path / "recovered.pt")
-        assert model.keys() == reference_model.keys() and "emb.weight" in model
-        for key, tensor in reference_model.items():
-            assert torch.equal(tensor, model[key]), key
+        assert_same_export(exported(cluster, job_id, tmp_path / "recovered.pt"), reference_model,
+                           "emb.weight")
         print(f"tables: SIGKILL at step ~45, rolled back to version {final.rollback_version}; "
               f"completed {recovered_s:.1f} s after the kill, bitwise equal to the straight run")
     finally:
@@ -118,10 +123,7 @@ def test_a_cancelled_sync_job_with_tables_resumed_ends_bitwise_as_the_straight_r
         assert final.resume_from == old and final.step == steps
         first = min(p.step for p in final.losses)
         assert first >= version  # it went on from the old job's checkpoint, not from scratch
-        model = exported(cluster, new, tmp_path / "resumed.pt")
-        assert model.keys() == reference.keys() and "bag.weight" in model
-        for key, tensor in reference.items():
-            assert torch.equal(tensor, model[key]), key
+        assert_same_export(exported(cluster, new, tmp_path / "resumed.pt"), reference, "bag.weight")
         print(f"tables: cancelled at step {stopped.step}, resumed as {new} at step {first}: "
               f"bitwise equal to the straight run")
     finally:

@@ -218,18 +218,24 @@ def dynamic_config(**dynamic) -> ps_pb2.ShardConfig:
                 ps_pb2.TableSpec(name="d", num_embeddings=0, seed=1, **common, **dynamic)])
 
 
-@pytest.fixture
-def dynamic_server():
+def serve(**dynamic):
+    """One server holding both shards of job "dj" (dynamic_config(**dynamic)), and a
+    RowClient to it."""
     server = ParameterServerDaemon(coordinator=None).start()
     shard_map = common_pb2.ShardMap(version=1, shards=[
         common_pb2.ShardRange(index=i, server_id="s0", address=server.address, offset=i * N // 2,
                               length=N // 2) for i in range(2)])
     with PSClient("dj", shard_map, data_plane=False) as ps:
-        ps.init(torch.zeros(N), dynamic_config())
+        ps.init(torch.zeros(N), dynamic_config(**dynamic))
     client = RowClient("dj", shard_map, worker_id="w0", incarnation=0)
     yield server, client
     client.close()
     server.stop(0)
+
+
+@pytest.fixture
+def dynamic_server():
+    yield from serve()
 
 
 def refused(call) -> str:
@@ -292,16 +298,7 @@ def test_a_per_table_entry_for_a_table_the_model_lacks_fails_the_job_at_set_up()
 @pytest.fixture
 def admitting_server():
     """The `dynamic_server` shards with admit_after 3 on the dynamic table "d"."""
-    server = ParameterServerDaemon(coordinator=None).start()
-    shard_map = common_pb2.ShardMap(version=1, shards=[
-        common_pb2.ShardRange(index=i, server_id="s0", address=server.address, offset=i * N // 2,
-                              length=N // 2) for i in range(2)])
-    with PSClient("dj", shard_map, data_plane=False) as ps:
-        ps.init(torch.zeros(N), dynamic_config(admit_after=3, sketch_width=1 << 12))
-    client = RowClient("dj", shard_map, worker_id="w0", incarnation=0)
-    yield server, client
-    client.close()
-    server.stop(0)
+    yield from serve(admit_after=3, sketch_width=1 << 12)
 
 
 def admissions(server: ParameterServerDaemon) -> int:
