@@ -89,11 +89,12 @@ def test_a_sigkilled_fork_leaves_the_others_and_the_forkserver_running(fork):
 
 
 def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, not yet reaped by whoever inherited it, does not)."""
+    """Whether `pid` runs (a zombie, not yet reaped by whoever inherited it, does not). A
+    process reaped between the open and the read of its stat file reads as ESRCH."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
 
 
