@@ -80,7 +80,8 @@ class ParameterServerDaemon:
         # joining copy receiving (joining.py).
         self.joining = Joining(self.shards, self._node_id)
         self.servicer.bulk.joining = self.joining
-        self.transfers = TransferSender(self.replicas, self.shards, self._node_id)
+        self.transfers = TransferSender(self.replicas, self.shards, self._node_id,
+                                        lambda result: self.metrics.transfers.labels(result).inc())
         self.replicas.on_placement += [self.joining.placement_changed,
                                        self.transfers.placement_changed]
         self.metrics_endpoint: daemon.MetricsEndpoint | None = None

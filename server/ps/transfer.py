@@ -44,18 +44,19 @@ RETRY_PAUSE_S = 0.005
 class TransferSender:
     """Starts one transfer per (shard, joiner, join epoch) this server is primary of.
 
-    `placement_changed` is a Replicas.on_placement hook; `results` counts finished transfers
-    by outcome ("done", "failed"), read by the metrics.
+    `placement_changed` is a Replicas.on_placement hook; `count(result)` counts a finished
+    transfer ("done", "failed"; shardps_ps_transfers_total).
     """
 
-    def __init__(self, replicas: Replicas, shards: ShardRegistry, self_id: Callable[[], str]):
+    def __init__(self, replicas: Replicas, shards: ShardRegistry, self_id: Callable[[], str],
+                 count: Callable[[str], None] = lambda result: None):
         self._replicas = replicas
         self._shards = shards
         self._self_id = self_id
         self._lock = threading.Lock()
         self._started: set[tuple[str, int, str, int]] = set()
         self._stopping = threading.Event()
-        self.results: dict[str, int] = {"done": 0, "failed": 0}
+        self._count = count
 
     def placement_changed(self, job_id: str, index: int, placement: Placement) -> None:
         if placement.primary != self._self_id() or not placement.joiners:
@@ -88,10 +89,6 @@ class TransferSender:
         log.info("job %s shard %d: transferred version %d to %s in %.2f s (it replayed %d "
                  "queued push(es))", job_id, index, state.version, joiner_id,
                  time.monotonic() - start, reply.drained)
-
-    def _count(self, result: str) -> None:
-        with self._lock:
-            self.results[result] += 1
 
     def _capture_and_arm(self, job_id: str, index: int,
                          joiner: tuple[str, str, int]) -> ShardState:
