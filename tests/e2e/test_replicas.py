@@ -1,7 +1,9 @@
 """Replicated shards end to end, every daemon a real process and the fault a real SIGKILL
 (docs/architecture.md, "Replicated shards"): with `cluster.replicas: 2` a primary's death
 promotes its backup, the workers follow the new map, and nothing acknowledged is lost; a sync
-job goes on without a rollback and ends bitwise where a run without the failure ends.
+job goes on without a rollback and ends bitwise where a run without the failure ends. A shard
+left one copy short gets a new one by transfer while the job runs, and a restarted primary
+rejoins as a backup, so a second SIGKILL loses nothing either.
 """
 
 from __future__ import annotations
