@@ -26,8 +26,8 @@ import torch
 from shardps.proto import common_pb2
 
 # The frozen denominator's floor, as a fraction of its mean over the shard. Measured on
-# digits (2 workers, batch 64, warm-up 10): sign with EF 401+ steps (never) with no floor,
-# 97-114 at 0.1, 53-67 at 0.5 (fp32: 63-71); top-k 10% 60-66 at each.
+# digits (2 workers, batch 64, warm-up 10, a block per tensor): sign with EF 100-106 steps
+# with no floor, 97-114 at 0.1, 53-67 at 0.5 (fp32: 63-71); top-k 10% 60-67 at each.
 FLOOR = 0.5
 
 
