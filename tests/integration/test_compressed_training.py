@@ -79,7 +79,7 @@ def test_int8_both_ways_converges_like_fp32_with_about_a_quarter_of_the_bytes():
         c.close()
 
 
-WARMUP = 10  # uncompressed steps, then frozen variance (docs/network.md, "Top-k under Adam")
+WARMUP = 10  # uncompressed steps, then frozen variance (docs/network.md, "Top-k and sign under Adam")
 
 
 def _steps(c: Cluster, job_id: str) -> float:
