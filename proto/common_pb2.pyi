@@ -118,7 +118,7 @@ class TensorChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class OptimizerConfig(_message.Message):
-    __slots__ = ("name", "lr", "beta1", "beta2", "eps", "weight_decay", "schedule", "warmup_steps", "total_steps", "min_lr")
+    __slots__ = ("name", "lr", "beta1", "beta2", "eps", "weight_decay", "schedule", "warmup_steps", "total_steps", "min_lr", "freeze_variance_after")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BETA1_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class OptimizerConfig(_message.Message):
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     MIN_LR_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_VARIANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
     name: str
     lr: float
     beta1: float
@@ -139,4 +140,5 @@ class OptimizerConfig(_message.Message):
     warmup_steps: int
     total_steps: int
     min_lr: float
-    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ...) -> None: ...
+    freeze_variance_after: int
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ..., freeze_variance_after: _Optional[int] = ...) -> None: ...

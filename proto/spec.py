@@ -289,6 +289,9 @@ SCHEMA: dict[str, Any] = {
         "eps": (_float(MIN_EPS, FP32_MAX), 1e-8),
         "weight_decay": (_float(0.0, MAX_WEIGHT_DECAY), 0.0),
         "clip_grad_norm": (_float(0.0, FP32_MAX), 0.0),
+        # Frozen-variance Adam after this many steps (0: never); with compress_warmup_steps,
+        # what top-k and sign pushes need under Adam (docs/network.md).
+        "freeze_variance_after": (_int(0, MAX_STEPS), 0),
         "schedule": {
             "name": (_choice(SCHEDULES), "constant"),
             "warmup_steps": (_int(0, MAX_STEPS), 0),
@@ -316,6 +319,8 @@ SCHEMA: dict[str, Any] = {
         # Pulls: "none" (the dtype above), or deltas against the worker's copy in that encoding,
         # with the server's mirror of the copy as error feedback (needs dtype float32).
         "compress_pull": (_compress, "none"),
+        # The job's first steps push uncompressed (pushes only; pulls follow compress_pull).
+        "compress_warmup_steps": (_int(0, MAX_STEPS), 0),
         # Overlap the wire with compute (docs/network.md, "Overlap"): buckets of the gradient
         # pushed while backward runs, the forward started on weights as they land. Off by
         # default: on loopback with torch on every core it slowed 10M steps (bench.step).
@@ -386,6 +391,7 @@ class OptimizerSpec(TypedDict):
     eps: ReadOnly[float]
     weight_decay: ReadOnly[float]
     clip_grad_norm: ReadOnly[float]  # 0: no clipping
+    freeze_variance_after: ReadOnly[int]  # 0: plain Adam throughout
     schedule: ReadOnly[ScheduleSpec]
 
 
@@ -405,6 +411,7 @@ class TransportSpec(TypedDict):
     chunk_bytes: ReadOnly[int]
     compress: ReadOnly[str]  # "none" or a proto/compress.py setting (`compress.parse`)
     compress_pull: ReadOnly[str]  # the same, for pulls (deltas against the worker's copy)
+    compress_warmup_steps: ReadOnly[int]  # steps 0..N-1 push uncompressed
     overlap: ReadOnly[bool]  # buckets pushed during backward, pulls landing during forward
     bucket_bytes: ReadOnly[int]  # the overlapped push's buckets close at this size
 
@@ -543,6 +550,8 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
     transport = spec["transport"]
     if transport["compress_pull"] != "none" and transport["dtype"] != "float32":
         raise SpecError("transport.compress_pull", f"needs dtype float32, not {transport['dtype']}")
+    if transport["compress_warmup_steps"] and transport["compress"] == "none":
+        raise SpecError("transport.compress_warmup_steps", "needs transport.compress, not none")
     return cast(JobSpec, spec)  # built by the SCHEMA, which JobSpec mirrors
 
 

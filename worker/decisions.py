@@ -68,7 +68,7 @@ def shard_config(spec: spec_lib.JobSpec, workers: Sequence[str], epoch: int, fin
             name=opt["name"], lr=opt["lr"], beta1=opt["betas"][0], beta2=opt["betas"][1],
             eps=opt["eps"], weight_decay=opt["weight_decay"], schedule=sched["name"],
             warmup_steps=sched["warmup_steps"], total_steps=sched["total_steps"] or budget,
-            min_lr=sched["min_lr"]),
+            min_lr=sched["min_lr"], freeze_variance_after=opt["freeze_variance_after"]),
         mode=MODE_VALUES[spec["consistency"]["mode"]],
         staleness=spec["consistency"]["staleness"],
         workers=list(workers),

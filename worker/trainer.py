@@ -115,5 +115,6 @@ class Trainer:
                                  dtype=codec.DTYPE_NAMES[transport["dtype"]],
                                  chunk_bytes=transport["chunk_bytes"],
                                  compress=transport["compress"],
-                                 compress_pull=transport["compress_pull"])
+                                 compress_pull=transport["compress_pull"],
+                                 compress_warmup_steps=transport["compress_warmup_steps"])
         return self._shards

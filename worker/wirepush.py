@@ -20,25 +20,29 @@ class WirePush:
     """One job's wire form of its gradient and the bytes its transfers carry.
 
     `setting` is the spec's transport.compress: "none" pushes the gradient in `dtype`;
-    anything else encodes each shard's slice with error feedback (`encode`), and `reset`
+    anything else encodes each shard's slice with error feedback (`encode`) from step
+    `warmup_steps` on (transport.compress_warmup_steps; before it, pushes are uncompressed
+    and the residuals untouched), and `reset`
     drops the residuals when the job's weights are replaced (a rollback or a rewind), since
     they are owed to steps that will be replayed.
     """
 
     def __init__(self, setting: str, dtype: common_pb2.DType, job_id: str,
-                 metrics: WorkerMetrics):
+                 metrics: WorkerMetrics, warmup_steps: int = 0):
+        self.warmup_steps = warmup_steps  # steps 0..warmup_steps-1 push in `dtype`
         self.feedback = None if setting == "none" else ErrorFeedback(compress.parse(setting))
         self._itemsize = codec.element_size(dtype)
         self._bytes = metrics.wire_bytes
         self._ratio = metrics.compression_ratio.labels(job=job_id)
         self._job = job_id
 
-    def encode(self, grad: torch.Tensor,
-               shards: Sequence[common_pb2.ShardRange]) -> list[bytes] | None:
+    def encode(self, grad: torch.Tensor, shards: Sequence[common_pb2.ShardRange],
+               step: int) -> list[bytes] | None:
         """Each shard's slice of grad (flat fp32) in the compressed wire form, the residual
-        carried in and the new one kept; None when pushes are not compressed. Called once a
-        step: retries of that push resend the same bytes (so a DUPLICATE costs nothing)."""
-        if self.feedback is None:
+        carried in and the new one kept; None when pushes are not compressed (or `step` is in
+        the warm-up). Called once a step: retries of that push resend the same bytes (so a
+        DUPLICATE costs nothing)."""
+        if self.feedback is None or step < self.warmup_steps:
             return None
         return [self.feedback.compress(f"shard{s.index}", grad[s.offset : s.offset + s.length])
                 for s in shards]

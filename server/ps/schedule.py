@@ -35,6 +35,9 @@ def validate(config: common_pb2.OptimizerConfig) -> None:
     if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay <= MAX_WEIGHT_DECAY):
         raise InvalidConfigError(f"optimizer.weight_decay must be in [0, {MAX_WEIGHT_DECAY:g}], "
                                  f"got {config.weight_decay}")
+    if config.freeze_variance_after < 0:
+        raise InvalidConfigError(f"optimizer.freeze_variance_after must be >= 0, got "
+                                 f"{config.freeze_variance_after}")
     schedule = schedule_name(config)
     if schedule not in SCHEDULES:
         raise InvalidConfigError(f"optimizer.schedule must be one of {SCHEDULES}, got {names.shown(schedule)}")

@@ -1,5 +1,6 @@
 """The Adam step of one shard: torch's fused kernel (adam.FusedAdam) over the fp32 weights,
-fed whole or block by block; torch.optim where this torch has no fused CPU kernel.
+fed whole or block by block; torch.optim where this torch has no fused CPU kernel; and, once
+the config's `freeze_variance_after` steps are done, frozen-variance Adam (frozen_adam.py).
 
 Thread-safety: none of its own; the shard's lock guards every call. Ownership: it owns the
 weights tensor and Adam's state; gradients passed to `step` stay the caller's.
@@ -14,6 +15,7 @@ import torch
 from shardps.proto import common_pb2
 
 from . import adam as adam_lib
+from . import frozen_adam
 from .errors import InvalidConfigError
 
 # One step's gradient: sum(grad * weight) over the terms in order, or the one grad as is when
@@ -34,6 +36,7 @@ class Updater:
 
     def __init__(self, opt: common_pb2.OptimizerConfig, weights: torch.Tensor):
         self.weights = weights.contiguous()
+        self._config = opt
         self.fused = fused_adam_available()
         self._optimizer: adam_lib.FusedAdam | torch.optim.Optimizer
         if self.fused:  # torch's fused kernel without torch.optim (see adam.py for why)
@@ -60,6 +63,10 @@ class Updater:
         arithmetic as whole-vector ops (bitwise: test_ps_adam.py).
         """
         self._group["lr"] = lr
+        state = self._optimizer.state.get(self.weights)
+        if state is not None and frozen_adam.frozen(self._config, state):
+            frozen_adam.step(self._config, state, self.weights, _formed(terms), lr)
+            return
         first, weight = terms[0]
         if isinstance(self._optimizer, adam_lib.FusedAdam) and (
                 len(terms) > 1 or weight is not None or first.dtype != torch.float32):
@@ -122,3 +129,14 @@ class Updater:
         extra = sum(t.numel() * t.element_size() for k, t in state.items()
                     if k in ("exp_avg", "exp_avg_sq"))
         return self.length * 4 + extra
+
+
+def _formed(terms: Terms) -> torch.Tensor:
+    """The step's gradient as a new fp32 tensor (a frozen step needs it whole)."""
+    first, weight = terms[0]
+    grad = first.to(torch.float32, copy=True)
+    if weight is not None:
+        grad.mul_(weight)
+    for other, w in terms[1:]:
+        grad.add_(other, alpha=w)
+    return grad

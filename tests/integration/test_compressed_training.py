@@ -1,10 +1,11 @@
 """transport.compress on real daemons: a sync digits job whose pushes are int8 with error
 feedback reaches the same accuracy target as fp32 in about the same steps, with about a
-quarter of fp32's push bytes, as the workers' wire metrics count them."""
+quarter of fp32's push bytes, as the workers' wire metrics count them;
+top-k does too with an uncompressed warm-up and frozen-variance Adam on the servers."""
 
 from __future__ import annotations
 
-from shardps.proto import common_pb2
+from shardps.proto import common_pb2, compress
 from tests.cluster import Cluster
 from tests.integration.test_semantics import job_spec
 
@@ -21,9 +22,12 @@ def _per_step(c: Cluster, job_id: str, direction: str) -> float:
     return sent / steps
 
 
-def _run(c: Cluster, compress: str, compress_pull: str = "none") -> tuple[common_pb2.JobState, int, str]:
-    spec = job_spec("sync", workers=2, servers=2, optimizer={"lr": 0.003},
-                    transport={"compress": compress, "compress_pull": compress_pull},
+def _run(c: Cluster, compress: str, compress_pull: str = "none",
+         warmup: int = 0) -> tuple[common_pb2.JobState, int, str]:
+    spec = job_spec("sync", workers=2, servers=2,
+                    optimizer={"lr": 0.003, "freeze_variance_after": warmup},
+                    transport={"compress": compress, "compress_pull": compress_pull,
+                               "compress_warmup_steps": warmup},
                     stop={"max_steps": 400, "eval_every": EVERY,
                           "target": {"metric": "accuracy", "value": TARGET}})
     job = c.wait(c.submit(spec), timeout=240)
@@ -71,5 +75,33 @@ def test_int8_both_ways_converges_like_fp32_with_about_a_quarter_of_the_bytes():
         assert 0.25 <= ratios["push"] <= 0.26
         # Each worker's first pull of each shard is dense; every later one an int8 delta.
         assert 0.25 <= ratios["pull"] <= 0.30
+    finally:
+        c.close()
+
+
+WARMUP = 10  # uncompressed steps, then frozen variance (docs/network.md, "Top-k and sign under Adam")
+
+
+def _steps(c: Cluster, job_id: str) -> float:
+    return sum(w.metrics.steps.labels(job=job_id)._value.get() for w in c.workers) / len(c.workers)
+
+
+def test_topk_with_frozen_variance_adam_reaches_the_target_within_1_1x_the_steps_of_fp32():
+    # Sign does not, under this scheme (tests/unit/test_frozen_adam_convergence.py).
+    c = Cluster(servers=2, workers=2)
+    try:
+        _, fp32_steps, fp32_job = _run(c, "none")
+        _, steps, job = _run(c, "topk:0.1", warmup=WARMUP)
+        fp32_push, push = _per_step(c, fp32_job, "push"), _per_step(c, job, "push")
+        # What the encodings weigh: each shard's part encoded, after WARMUP dense steps.
+        encoded = sum(compress.TopK(0.1).size(s.length) for s in c.job(job).shard_map.shards)
+        pushed = _steps(c, job)
+        expected = (WARMUP * fp32_push + (pushed - WARMUP) * encoded) / pushed
+        print(f"sync digits, top-k 10% with EF after {WARMUP} dense steps, frozen variance: "
+              f"accuracy {TARGET} at step {steps} (fp32 {fp32_steps}); push bytes per step "
+              f"{push:.0f} vs {fp32_push:.0f} ({push / fp32_push:.4f}; {encoded} once warm)")
+        assert steps <= 1.1 * fp32_steps + EVERY
+        assert abs(push / expected - 1) < 0.02
+        assert push < 0.5 * fp32_push
     finally:
         c.close()

@@ -2,7 +2,9 @@
 without error feedback, against uncompressed fp32 (one process, full-batch Adam, fixed seed).
 
 Full-batch gradients make the trajectory deterministic and smooth, so the step at which the
-target is first met is a stable number rather than a draw from minibatch noise.
+target is first met is a stable number rather than a draw from minibatch noise. The scheme
+that brings top-k within 1.1x under Adam (frozen-variance Adam, the servers' own Updater) is
+in tests/unit/test_frozen_adam_convergence.py.
 """
 
 import pytest
@@ -62,17 +64,15 @@ def test_int8_with_error_feedback_reaches_the_target_within_1_1x_the_steps_of_fp
     assert steps_to_target(data, compress.Int8(256)) <= 1.1 * fp32_steps
 
 
-# Measured with these settings (fp32: 28 steps): top-k 10% with EF 53, without 46; top-k 30%
-# with EF 33, without 31; sign with EF 40, without 31. Adam divides each coordinate by its own
-# running magnitude, so a residual released in one burst by top-k or sign moves that weight by
-# a full step at once; error feedback as specified does not meet 1.1x here. Strict xfail: if a
-# change makes them meet it, these fail and the marks must go.
-@pytest.mark.xfail(strict=True, reason="top-k and sign with EF under Adam take 1.2-1.9x the steps "
-                                       "of fp32 on digits (measured, see comment)")
+# Measured with these settings (fp32: 28 steps), the servers' plain Adam: top-k 10% with EF
+# 53, without 46; top-k 30% with EF 33, without 31; sign with EF 40, without 31. Adam divides
+# each coordinate by its own running magnitude, so a residual released in one burst moves that
+# weight by a full step at once: error feedback alone does not meet 1.1x under Adam. What does
+# for top-k is below (frozen-variance Adam after an uncompressed warm-up).
 @pytest.mark.parametrize("comp", [compress.TopK(0.1), compress.TopK(0.3), compress.Sign(4096)],
                          ids=["topk0.1", "topk0.3", "sign"])
-def test_sparse_and_sign_with_error_feedback_within_1_1x_the_steps_of_fp32(data, fp32_steps, comp):
-    assert steps_to_target(data, comp) <= 1.1 * fp32_steps
+def test_under_plain_adam_sparse_and_sign_with_error_feedback_take_more_than_1_1x(data, fp32_steps, comp):
+    assert steps_to_target(data, comp) > 1.1 * fp32_steps
 
 
 @pytest.mark.parametrize("comp", [compress.TopK(0.1), compress.Sign(4096)], ids=["topk0.1", "sign"])

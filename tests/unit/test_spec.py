@@ -20,7 +20,7 @@ def error_of(text: str) -> str:
 def test_minimal_spec_gets_every_default():
     s = spec.parse_spec(MINIMAL)
     assert s["optimizer"] == {"name": "adam", "lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-8,
-                              "weight_decay": 0.0, "clip_grad_norm": 0.0,
+                              "weight_decay": 0.0, "clip_grad_norm": 0.0, "freeze_variance_after": 0,
                               "schedule": {"name": "constant", "warmup_steps": 0,
                                            "total_steps": 0, "min_lr": 0.0}}
     assert s["consistency"] == {"mode": "sync", "staleness": 0}
@@ -58,6 +58,12 @@ def test_normalised_spec_round_trips_through_its_yaml():
     (MINIMAL + "transport: {compress_pull: int8, dtype: bfloat16}\n",
      "transport.compress_pull: needs dtype float32, not bfloat16"),
     (MINIMAL + "transport: {overlap: 'on'}\n", "transport.overlap: must be true or false"),
+    (MINIMAL + "transport: {compress_warmup_steps: 5}\n",
+     "transport.compress_warmup_steps: needs transport.compress, not none"),
+    (MINIMAL + "transport: {compress: sign, compress_warmup_steps: -1}\n",
+     "transport.compress_warmup_steps: must be >= 0"),
+    (MINIMAL + "optimizer: {freeze_variance_after: 1.5}\n",
+     "optimizer.freeze_variance_after: must be an integer"),
     (MINIMAL + "data: {dataset: digits, shuffle: 'yes'}\n", "data.shuffle: must be true or false"),
     ("model: {name: mlp}\ndata: {dataset: digits}\n", "stop: needs at least one of"),
     ("model: {name: mlp}\ndata: {dataset: digits}\nstop: {target: {metric: accuracy, value: 97}}\n",
@@ -223,6 +229,8 @@ RANGES = [
     ("stop.eval_every", str(2**31 - 1), str(2**31)), ("stop.eval_every", "1", "0"),
     ("checkpoint.every_steps", str(2**31 - 1), str(2**63)),
     ("checkpoint.keep", "1000", "1001"),
+    ("optimizer.freeze_variance_after", str(2**31 - 1), "-1"),
+    ("transport.compress_warmup_steps", str(2**31 - 1), "-1"),
     ("data.files.holdout", "0", "-1"), ("data.files.holdout", str(1 << 20), str((1 << 20) + 1)),
     ("data.files.prefetch", "1", "0"), ("data.files.prefetch", "1024", "1025"),
     ("tables.lr", str(spec.FP32_MAX), "3.5e+38"), ("tables.lr", "0", "-1"),
@@ -248,6 +256,8 @@ def with_value(key: str, value: str) -> str:
         line = line.replace("data: {", "data: {dataset: digits, ")
     if key == "consistency.staleness":
         line = "consistency: {mode: ssp, staleness: " + value + "}"
+    if key == "transport.compress_warmup_steps":  # needs a compressed push
+        line = "transport: {compress: sign, compress_warmup_steps: " + value + "}"
     if key == "cluster.replicas":  # each copy needs a server of its own
         line = "cluster: {servers: 16, replicas: " + value + "}"
     return text + line + "\n"

@@ -24,7 +24,7 @@ def _sent(metrics: WorkerMetrics, direction: str) -> float:
 def test_uncompressed_pushes_send_elements_in_the_wire_dtype():
     wire, metrics = _wire("none", common_pb2.DTYPE_BFLOAT16)
     grad = torch.randn(1000)
-    assert wire.encode(grad, SHARDS) is None
+    assert wire.encode(grad, SHARDS, 0) is None
     wire.pushed(grad.numel(), None)
     wire.pulled(2000)
     assert _sent(metrics, "push") == _sent(metrics, "pull") == 2000
@@ -34,7 +34,7 @@ def test_uncompressed_pushes_send_elements_in_the_wire_dtype():
 def test_each_shard_carries_its_own_residual_and_reset_drops_them():
     wire, metrics = _wire("topk:0.1")
     grad = torch.randn(1000)
-    encoded = wire.encode(grad, SHARDS)
+    encoded = wire.encode(grad, SHARDS, 0)
     assert encoded is not None and [compress.numel_of(e) for e in encoded] == [600, 400]
     # What each shard's encoding dropped is that shard's residual.
     for shard, data in zip(SHARDS, encoded, strict=True):
@@ -43,11 +43,21 @@ def test_each_shard_carries_its_own_residual_and_reset_drops_them():
         assert torch.equal(wire.feedback.residual(f"shard{shard.index}"),
                            part - compress.decode(data))
     # The next step sends gradient plus residual: with a zero gradient, the residual alone.
-    again = wire.encode(torch.zeros(1000), SHARDS)
+    again = wire.encode(torch.zeros(1000), SHARDS, 1)
     assert again is not None and compress.decode(again[0]).abs().sum() > 0
     wire.reset()
-    after = wire.encode(torch.zeros(1000), SHARDS)
+    after = wire.encode(torch.zeros(1000), SHARDS, 1)
     assert after is not None and all(compress.decode(e).abs().sum() == 0 for e in after)
     wire.pushed(1000, encoded)
     assert _sent(metrics, "push") == sum(map(len, encoded)) == 2 * 16 + (60 + 40) * 8
     assert metrics.compression_ratio.labels(job="job")._value.get() == 4000 / _sent(metrics, "push")
+
+
+def test_the_warm_up_steps_push_uncompressed_and_leave_no_residual():
+    metrics = WorkerMetrics()
+    wire = WirePush("sign", common_pb2.DTYPE_FLOAT32, "job", metrics, warmup_steps=3)
+    grad = torch.randn(1000)
+    assert [wire.encode(grad, SHARDS, step) for step in range(3)] == [None] * 3
+    assert wire.feedback is not None and wire.feedback.residual("shard0") is None
+    encoded = wire.encode(grad, SHARDS, 3)
+    assert encoded is not None and [compress.codec_of(e) for e in encoded] == [compress.CODEC_SIGN] * 2

@@ -1,0 +1,173 @@
+"""Top-k and sign pushes with error feedback under the servers' own Adam (the shard's Updater,
+so frozen-variance Adam as server/ps/frozen_adam.py runs it): steps to a target against fp32,
+with an uncompressed warm-up of WARMUP steps and the variance frozen after it.
+
+One process stands in for a sync job: 2 workers, each its own minibatch (a fixed generator,
+so every run is deterministic), its own error feedback per shard; the servers' 2 shards step
+once on the mean of the decoded pushes, as a sync round does. Digits (accuracy) with full
+batches too; a small transformer on `text` (perplexity). Bytes per step are averaged over the
+whole run, warm-up included, against fp32's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from shardps.proto import common_pb2, compress
+from shardps.server.ps.updater import Updater
+from shardps.worker import tasks
+from shardps.worker.datasets import Dataset, digits, text
+from shardps.worker.feedback import ErrorFeedback
+from shardps.worker.models import transformer
+
+WARMUP = 10  # uncompressed steps; the servers freeze Adam's variance after as many
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One convergence problem: the data, a model factory, the batch (None: full batch), lr,
+    the target and whether it is a perplexity (lower is better) or an accuracy."""
+
+    data: Dataset
+    model: str
+    batch: int | None
+    lr: float
+    target: float
+    max_steps: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    steps: int  # the first step at which the target was met (max_steps + 1: never)
+    bytes_ratio: float  # push bytes per step over the run, against fp32's
+
+
+def _model(setup: Setup) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if setup.model == "mlp":
+        return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    return transformer(setup.data.info, d_model=32, n_layers=1, n_heads=2)
+
+
+def _met(setup: Setup, model: torch.nn.Module) -> bool:
+    data = setup.data
+    with torch.no_grad():
+        if data.task == "classification":
+            return (model(data.test_x).argmax(1) == data.test_y).float().mean().item() >= setup.target
+        return math.exp(tasks.loss(data.task, model(data.test_x[:64]), data.test_y[:64]).item()) <= setup.target
+
+
+def _gradient(setup: Setup, model: torch.nn.Module, params: list[torch.Tensor],
+              gen: torch.Generator) -> torch.Tensor:
+    data = setup.data
+    if setup.batch is None:
+        x, y = data.train_x, data.train_y
+    else:
+        index = torch.randint(0, data.num_train, (setup.batch,), generator=gen)
+        x, y = data.train_x[index], data.train_y[index]
+    model.zero_grad()
+    tasks.loss(data.task, model(x), y).backward()
+    return torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+
+
+def run(setup: Setup, comp: compress.Compressor | None, error_feedback: bool = True,
+        warmup: int = WARMUP, workers: int = 2, max_steps: int | None = None) -> Outcome:
+    """Trains until the target is met or max_steps (default: the setup's) have run."""
+    max_steps = max_steps or setup.max_steps
+    model = _model(setup)
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    shards = [(0, flat.numel() // 2), (flat.numel() // 2, flat.numel() - flat.numel() // 2)]
+    config = common_pb2.OptimizerConfig(name="adam", lr=setup.lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                                        freeze_variance_after=warmup if comp else 0)
+    servers = [Updater(config, flat[o : o + n].clone()) for o, n in shards]
+    feedback = [ErrorFeedback(comp, error_feedback) if comp else None for _ in range(workers)]
+    gen = torch.Generator().manual_seed(0)
+    sent = 0
+    for step in range(max_steps + 1):
+        torch.nn.utils.vector_to_parameters(torch.cat([s.weights for s in servers]), params)
+        if step and _met(setup, model):
+            return Outcome(step, sent / step / (4 * flat.numel() * workers))
+        pushes = []
+        for ef in feedback:
+            grad = _gradient(setup, model, params, gen)
+            if ef is None or step < warmup:
+                sent += 4 * grad.numel()
+                pushes.append([grad[o : o + n] for o, n in shards])
+                continue
+            encoded = [ef.compress(f"shard{i}", grad[o : o + n]) for i, (o, n) in enumerate(shards)]
+            sent += sum(map(len, encoded))
+            pushes.append([compress.decode(e) for e in encoded])
+        for i, server in enumerate(servers):
+            server.step([(push[i], 1 / workers) for push in pushes], setup.lr)
+        if step == max_steps:
+            break
+    return Outcome(max_steps + 1, sent / max_steps / (4 * flat.numel() * workers))
+
+
+DIGITS = digits(0)
+SETUPS = {
+    "digits-full-batch": Setup(DIGITS, "mlp", None, 0.01, 0.95, 300),
+    "digits-minibatch": Setup(DIGITS, "mlp", 64, 0.003, 0.93, 400),
+}
+
+
+@pytest.fixture(scope="module", params=list(SETUPS))
+def setup_and_fp32(request) -> tuple[Setup, Outcome]:
+    setup = SETUPS[request.param]
+    fp32 = run(setup, None)
+    assert fp32.steps <= setup.max_steps // 3, "the baseline itself no longer reaches the target quickly"
+    return setup, fp32
+
+
+def test_topk_with_error_feedback_and_frozen_variance_reaches_the_target_within_1_1x(setup_and_fp32):
+    setup, fp32 = setup_and_fp32
+    with_ef = run(setup, compress.TopK(0.1))
+    print(f"fp32 {fp32.steps}, top-k 10% + EF {with_ef.steps} ({with_ef.bytes_ratio:.3f} of the bytes)")
+    assert with_ef.steps <= 1.1 * fp32.steps
+    # Honest bytes: the warm-up is dense, the rest 8 bytes (index, value) per kept element.
+    assert with_ef.bytes_ratio < 0.5
+    # Contrast: the same scheme without error feedback is slower.
+    assert run(setup, compress.TopK(0.1), error_feedback=False).steps > with_ef.steps
+
+
+def test_sign_with_error_feedback_and_frozen_variance_within_1_1x_on_full_batches():
+    setup = SETUPS["digits-full-batch"]
+    fp32 = run(setup, None)
+    assert run(setup, compress.Sign(4096), max_steps=int(1.1 * fp32.steps)).steps <= 1.1 * fp32.steps
+
+
+# With minibatches sign does not meet it. Measured (steps to target; fp32 in brackets): here 72
+# (63), 89 without EF; on real daemons with the 128-64 MLP of tests/integration/
+# test_compressed_training.py (fp32: 90 steps) it never reached 0.93 in 400 steps (the loss
+# ended at chance), and in one process on that model it oscillates between 0.6 and 0.85.
+# A 4096-element block spans coordinates of very different gradient magnitudes, which the sign
+# flattens to one scale; with the variance frozen those errors are not normalised away. A
+# per-coordinate scale must come before the sign (compress g / sqrt(v), which needs the frozen
+# v on the worker: not wired).
+@pytest.mark.xfail(strict=True, reason="sign with EF under frozen-variance Adam does not reach "
+                                       "the minibatch target within 1.1x (see comment)")
+def test_sign_with_error_feedback_and_frozen_variance_within_1_1x_on_minibatches():
+    setup = SETUPS["digits-minibatch"]
+    fp32 = run(setup, None)
+    assert run(setup, compress.Sign(4096), max_steps=int(1.1 * fp32.steps)).steps <= 1.1 * fp32.steps
+
+
+TEXT = Setup(text(0, max_chars=60_000, seq_len=32), "transformer", 32, 0.01, 10.0, 200)
+
+
+# The text target is not met. Measured (perplexity 10; fp32 80 and 68 steps on two batch
+# orders): top-k 10% with EF and warm-up 10: 121, 301+; 20: 107, 109; 30: 111, 102; 40: 112,
+# 100; 50: 108, 101; sign worse (138-222). A transformer's gradient scales keep moving after
+# the first steps, so a variance frozen early misscales later steps.
+@pytest.mark.xfail(strict=True, reason="top-k under frozen-variance Adam takes 1.3-1.6x fp32's "
+                                       "steps to the text target (see comment)")
+def test_topk_with_frozen_variance_reaches_the_text_target_within_1_1x():
+    fp32 = run(TEXT, None)
+    assert fp32.steps <= TEXT.max_steps // 2
+    limit = int(1.1 * fp32.steps)
+    assert run(TEXT, compress.TopK(0.1), warmup=20, max_steps=limit).steps <= limit
