@@ -52,6 +52,10 @@ _SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Clients ping idle channels (keepalive_permit_without_calls above); a server that does
+    # not permit that counts each such ping as a strike and, after two, closes the channel
+    # with GOAWAY too_many_pings, so an idle worker's next call found it gone.
+    ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.so_reuseport", 0),  # port 0 must give a port nobody else holds
     # A connection that has not finished its TLS (or HTTP/2) handshake by then is closed.
     ("grpc.server_handshake_timeout_ms", 10_000),
@@ -104,9 +108,10 @@ def current_security() -> Security:
 
 def make_channel(address: str, extra_options: Sequence[tuple[str, int | str]] = ()) -> grpc.Channel:
     """A channel with shardps's message limits, keepalive, and the process's TLS and token;
-    `extra_options` are added to those (PSClient adds its bulk-transfer ones)."""
+    `extra_options` are added to those and replace any of the same name (gRPC would keep the
+    first of two)."""
     sec = _security
-    options = [*_OPTIONS, *extra_options]
+    options = list({**dict(_OPTIONS), **dict(extra_options)}.items())
     if sec.tls:
         creds = grpc.ssl_channel_credentials(root_certificates=sec.ca, private_key=sec.key,
                                              certificate_chain=sec.cert)
