@@ -107,7 +107,7 @@ def test_a_primary_cut_off_from_the_coordinator_stops_acknowledging_is_replaced_
     spec = ("name: part\nseed: 1\nmodel: {name: mlp, kwargs: {hidden: [32]}}\n"
             "data: {dataset: digits, batch_size: 64}\noptimizer: {lr: 0.002}\n"
             "consistency: {mode: async}\ncluster: {servers: 2, workers: 2, replicas: 2}\n"
-            "stop: {max_steps: 600, eval_every: 1000}\n")
+            "stop: {max_steps: 1000000, eval_every: 1000000}\n")  # runs until cancelled below
     path = f"/tmp/part-{time.monotonic_ns()}.yaml"
     with open(path, "w") as f:
         f.write(spec)
@@ -146,9 +146,15 @@ def test_a_primary_cut_off_from_the_coordinator_stops_acknowledging_is_replaced_
                  interval=0.5, what="the old primary a backup of its old shard")
     rejoined = hosts.cli("status", job_id)["shard_map"]["shards"][0]
     assert rejoined["backup_ids"] == [old_id] and int(rejoined["replica_epoch"]) >= 4
+    # The job runs on with the rejoined copy taking every push (the job has no step budget, so
+    # it cannot end before the rejoin however slow the machine is): 40 more steps, then stop.
+    at = int(hosts.cli("status", job_id)["step"])
+    harness.poll(lambda: int(hosts.cli("status", job_id)["step"]) >= at + 40, 120, interval=0.5,
+                 what="40 steps after the rejoin")
+    hosts.cli("cancel", job_id)
     final = harness.poll(lambda: (j := hosts.cli("status", job_id))["state"] in FINAL and j, 300,
                          interval=0.5, what="job final")
-    assert final["state"] == "JOB_STATE_COMPLETED", final
+    assert final["state"] == "JOB_STATE_CANCELLED", final
     # Nothing acknowledged was lost: each shard's version is the pushes the workers saw
     # acknowledged (a frozen shard applies nothing more; a reply may still be on its way).
     counts = functools.partial(acked_counts, hosts, job_id, final["shard_map"]["shards"])
