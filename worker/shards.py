@@ -233,6 +233,10 @@ class JobShards:
                                        f"{PULL_PATIENCE_S:.0f} s; versions {result.versions}")
             if ctx.reports.buffer.due(now):  # keep the coordinator informed while we wait
                 ctx.reports.send()
+            if any(s.replica_epoch for s in self._client.shard_map.shards):
+                # A copy that has since given its shard up (a failover, a reshard) keeps
+                # answering pulls but never reaches the version: follow the map.
+                self._refresh_shard_map()
 
     def _start_pull(self, dest: torch.Tensor, kwargs: dict[str, int]) -> PullInFlight:
         """An overlapped pull once its heads are in (its readers stopped if it failed)."""
@@ -253,12 +257,20 @@ class JobShards:
         replicated = any(s.replica_epoch for s in self._client.shard_map.shards)
         backoff = Backoff(PS_BACKOFF_S, FAILOVER_MAX_BACKOFF_S if replicated else PS_MAX_BACKOFF_S,
                           PS_OUTAGE_S, ctx.clock)
+        followed = False  # the last retry went at once to a new map
         while True:
             try:
                 return fn()
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 self._refused(what, code, details)
+                # A replicated shard that moved (failover, reshard) is on the new map at
+                # once: retry there without a pause, once in a row.
+                if replicated and not followed and self._refresh_shard_map():
+                    followed = True
+                    ctx.metrics.retries.labels(call=what, code=code.name).inc()
+                    continue
+                followed = False
                 if backoff.expired():
                     raise End("abandoned", f"{what} failed: {code.name}: {details}"
                               + (f" (for {PS_OUTAGE_S:.0f} s)" if backoff.tries else "")) from None
@@ -291,18 +303,21 @@ class JobShards:
         if action == recovery.ABANDON:
             raise End("abandoned", f"{what} failed: {code.name}: {details}") from None
 
-    def _refresh_shard_map(self) -> None:
-        """Follows the coordinator's shard map (best effort: it may be down as well)."""
+    def _refresh_shard_map(self) -> bool:
+        """Follows the coordinator's shard map (best effort: it may be down as well);
+        returns whether it changed."""
         ctx = self._ctx
         try:
             job = ctx.coordinator.call("GetJob", coordinator_pb2.GetJobRequest(
                 job_id=ctx.job_id), attempts=1).job
         except (grpc.RpcError, Unreachable):
-            return
+            return False
         self.rows.remap(job.shard_map)
-        if self._client.remap(job.shard_map):
-            logger.info("job %s: shard map version %d: %s", ctx.job_id, job.shard_map.version,
-                        ", ".join(f"{s.index}@{s.address}" for s in job.shard_map.shards))
+        if not self._client.remap(job.shard_map):
+            return False
+        logger.info("job %s: shard map version %d: %s", ctx.job_id, job.shard_map.version,
+                    ", ".join(f"{s.index}@{s.address}" for s in job.shard_map.shards))
+        return True
 
     def check_rollback(self) -> None:
         """Raises Rewind if the coordinator has announced a rollback we have not taken."""
