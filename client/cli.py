@@ -1,4 +1,5 @@
-"""`shardps`: the command line client (submit, status, watch, cancel, nodes, export, local)."""
+"""`shardps`: the command line client (submit, status, watch, cancel, reshard, nodes, export,
+local)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from shardps.client import api, progress
 from shardps.client.api import ClientError, CoordinatorClient
 from shardps.client.cliparser import build_parser
-from shardps.proto import exitcodes
+from shardps.proto import coordinator_pb2, exitcodes
 from shardps.proto.states import SUCCESS_STATES, state_name
 from shardps.runtime import daemon
 
@@ -118,6 +119,23 @@ def cmd_cancel(args) -> int:
     return exitcodes.OK
 
 
+def cmd_reshard(args) -> int:
+    with CoordinatorClient(args.coordinator) as client:
+        reshard = client.reshard(args.job, args.servers)
+        if args.wait:
+            try:
+                reshard = client.wait_reshard(args.job, args.timeout)
+            except TimeoutError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return exitcodes.TIMEOUT
+    if args.output == "json":
+        _emit(progress.to_json(reshard))
+    else:
+        print("\n".join(progress.reshard_lines(reshard)))
+    failed = reshard.state == coordinator_pb2.RESHARD_STATE_FAILED
+    return exitcodes.FAILURE if failed else exitcodes.OK
+
+
 def cmd_nodes(args) -> int:
     with CoordinatorClient(args.coordinator) as client:
         nodes = client.nodes()
@@ -187,6 +205,7 @@ def cmd_local(args) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "submit": cmd_submit, "resume": cmd_resume, "checkpoint": cmd_checkpoint,
     "status": cmd_status, "watch": cmd_watch, "cancel": cmd_cancel, "nodes": cmd_nodes,
+    "reshard": cmd_reshard,
     "export": cmd_export, "plot": cmd_plot, "certs": cmd_certs, "local": cmd_local,
     "data": cmd_data,
 }
