@@ -122,7 +122,8 @@ def job_detail(job: coordinator_pb2.JobInfo) -> str:
         if any(s.replica_epoch for s in job.shard_map.shards):  # replicated: primary first
             header += ["BACKUPS", "EPOCH"]
             for row, s in zip(rows, job.shard_map.shards, strict=True):
-                row += [",".join(s.backup_ids) or "-", str(s.replica_epoch)]
+                copies = [*s.backup_ids, *(f"{j}(joining)" for j in s.joining_ids)]
+                row += [",".join(copies) or "-", str(s.replica_epoch)]
         lines.append(table(header, rows))
     return "\n".join(lines)
 

@@ -76,7 +76,7 @@ class Layout(_message.Message):
     def __init__(self, params: _Optional[_Iterable[_Union[ParamEntry, _Mapping]]] = ..., total: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class ShardRange(_message.Message):
-    __slots__ = ("index", "server_id", "address", "offset", "length", "backup_ids", "backup_addresses", "replica_epoch")
+    __slots__ = ("index", "server_id", "address", "offset", "length", "backup_ids", "backup_addresses", "replica_epoch", "joining_ids", "joining_addresses", "joining_epochs")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,9 @@ class ShardRange(_message.Message):
     BACKUP_IDS_FIELD_NUMBER: _ClassVar[int]
     BACKUP_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     REPLICA_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    JOINING_IDS_FIELD_NUMBER: _ClassVar[int]
+    JOINING_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    JOINING_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     index: int
     server_id: str
     address: str
@@ -93,7 +96,10 @@ class ShardRange(_message.Message):
     backup_ids: _containers.RepeatedScalarFieldContainer[str]
     backup_addresses: _containers.RepeatedScalarFieldContainer[str]
     replica_epoch: int
-    def __init__(self, index: _Optional[int] = ..., server_id: _Optional[str] = ..., address: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., backup_ids: _Optional[_Iterable[str]] = ..., backup_addresses: _Optional[_Iterable[str]] = ..., replica_epoch: _Optional[int] = ...) -> None: ...
+    joining_ids: _containers.RepeatedScalarFieldContainer[str]
+    joining_addresses: _containers.RepeatedScalarFieldContainer[str]
+    joining_epochs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, index: _Optional[int] = ..., server_id: _Optional[str] = ..., address: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., backup_ids: _Optional[_Iterable[str]] = ..., backup_addresses: _Optional[_Iterable[str]] = ..., replica_epoch: _Optional[int] = ..., joining_ids: _Optional[_Iterable[str]] = ..., joining_addresses: _Optional[_Iterable[str]] = ..., joining_epochs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShardMap(_message.Message):
     __slots__ = ("version", "shards")

@@ -84,20 +84,22 @@ class RegisterNodeResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., lease_ms: _Optional[int] = ..., jobs: _Optional[_Iterable[_Union[ServerJobView, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "incarnation", "shutting_down", "wait_for_assignment_ms", "restored", "frozen")
+    __slots__ = ("node_id", "incarnation", "shutting_down", "wait_for_assignment_ms", "restored", "frozen", "caught_up")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     SHUTTING_DOWN_FIELD_NUMBER: _ClassVar[int]
     WAIT_FOR_ASSIGNMENT_MS_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
+    CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     incarnation: int
     shutting_down: bool
     wait_for_assignment_ms: int
     restored: _containers.RepeatedCompositeFieldContainer[ShardVersion]
     frozen: _containers.RepeatedCompositeFieldContainer[ShardVersion]
-    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., shutting_down: _Optional[bool] = ..., wait_for_assignment_ms: _Optional[int] = ..., restored: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ...) -> None: ...
+    caught_up: _containers.RepeatedCompositeFieldContainer[ShardVersion]
+    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., shutting_down: _Optional[bool] = ..., wait_for_assignment_ms: _Optional[int] = ..., restored: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ..., caught_up: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ...) -> None: ...
 
 class WorkerAssignment(_message.Message):
     __slots__ = ("job_id", "rank", "world_size", "epoch", "rollback_id", "rollback_version")

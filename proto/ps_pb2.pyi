@@ -478,3 +478,41 @@ class PushRowsResponse(_message.Message):
     status: PushStatus
     version: int
     def __init__(self, status: _Optional[_Union[PushStatus, str]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class TransferShardRequest(_message.Message):
+    __slots__ = ("job_id", "shard_index", "join_epoch", "file", "offset", "data")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    JOIN_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_index: int
+    join_epoch: int
+    file: str
+    offset: int
+    data: bytes
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., join_epoch: _Optional[int] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class JoinShardRequest(_message.Message):
+    __slots__ = ("job_id", "shard_index", "join_epoch")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    JOIN_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_index: int
+    join_epoch: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., join_epoch: _Optional[int] = ...) -> None: ...
+
+class JoinShardResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TransferShardResponse(_message.Message):
+    __slots__ = ("version", "drained")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    drained: int
+    def __init__(self, version: _Optional[int] = ..., drained: _Optional[int] = ...) -> None: ...

@@ -94,6 +94,16 @@ class ParameterServerStub:
                 request_serializer=shardps_dot_v1_dot_ps__pb2.ExportRowsRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_ps__pb2.ExportRowsResponse.FromString,
                 _registered_method=True)
+        self.TransferShard = channel.stream_unary(
+                '/shardps.v1.ParameterServer/TransferShard',
+                request_serializer=shardps_dot_v1_dot_ps__pb2.TransferShardRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.TransferShardResponse.FromString,
+                _registered_method=True)
+        self.JoinShard = channel.unary_unary(
+                '/shardps.v1.ParameterServer/JoinShard',
+                request_serializer=shardps_dot_v1_dot_ps__pb2.JoinShardRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.JoinShardResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -200,6 +210,23 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TransferShard(self, request_iterator, context):
+        """A replicated shard's primary sends a joining copy the shard's whole state (the files of a
+        checkpoint, in chunks; docs/architecture.md, "Catch-up by transfer"). The first message
+        names the shard and the join; every message may carry a chunk of one file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JoinShard(self, request, context):
+        """Sent by the primary under the shard's turn, just before it captures the state and starts
+        forwarding pushes to the joining copy: from now on it queues them (a fresh queue).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -262,6 +289,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.ExportRows,
                     request_deserializer=shardps_dot_v1_dot_ps__pb2.ExportRowsRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_ps__pb2.ExportRowsResponse.SerializeToString,
+            ),
+            'TransferShard': grpc.stream_unary_rpc_method_handler(
+                    servicer.TransferShard,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.TransferShardRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.TransferShardResponse.SerializeToString,
+            ),
+            'JoinShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinShard,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.JoinShardRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.JoinShardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -588,6 +625,60 @@ class ParameterServer:
             '/shardps.v1.ParameterServer/ExportRows',
             shardps_dot_v1_dot_ps__pb2.ExportRowsRequest.SerializeToString,
             shardps_dot_v1_dot_ps__pb2.ExportRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferShard(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shardps.v1.ParameterServer/TransferShard',
+            shardps_dot_v1_dot_ps__pb2.TransferShardRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.TransferShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ParameterServer/JoinShard',
+            shardps_dot_v1_dot_ps__pb2.JoinShardRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.JoinShardResponse.FromString,
             options,
             channel_credentials,
             insecure,

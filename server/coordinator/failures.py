@@ -14,7 +14,7 @@ import logging
 from shardps.proto import common_pb2
 from shardps.proto.states import state_name
 
-from . import replicas, settling
+from . import replicas, rereplication, settling
 from .convergence import Verdict
 from .job import COMPLETED, FAILED, RUNNING, finished_reason
 from .jobstore import JobStore
@@ -28,7 +28,8 @@ def sweep(store: JobStore, membership: Membership, now: float,
           init_timeout_s: float) -> list[Node]:
     """Expires leases (dropping dead workers from their jobs), fails jobs assigned longer
     than `init_timeout_s` ago and not activated, and settles ended jobs whose late reports
-    no longer count. Returns the nodes that just died."""
+    no longer count, and gives replicated shards short of copies a joining copy
+    (rereplication.rereplicate). Returns the nodes that just died."""
     dead = membership.expire(now)
     for node in dead:
         node_lost(store, node.node_id, now, "lease expired")
@@ -36,6 +37,12 @@ def sweep(store: JobStore, membership: Membership, now: float,
         if job.initialising and now - (job.assigned_at or now) > init_timeout_s:
             store.end(job, Verdict(FAILED, "initialisation timed out"), now)
     settling.settle_due(store, now)
+
+    def alive(node_id: str) -> str | None:
+        node = membership.find(node_id)
+        return node.address if node is not None and node.alive else None
+
+    rereplication.rereplicate(list(store.active.values()), alive, store.joins, now)
     return dead
 
 

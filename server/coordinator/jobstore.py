@@ -17,6 +17,7 @@ from shardps.proto.states import state_name
 from . import endings
 from .convergence import Verdict
 from .job import Job, UnknownJobError
+from .rereplication import Joins
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,14 @@ class JobStore:
         settling: ended jobs whose late step reports still count.
         awaiting: workers alive in a restored state that have not been heard from since: their
             jobs take no new workers until they are back or lost (docs: "A full stop").
+        joins: when each joining copy of a replicated shard was added (rereplication.py).
     """
 
     all: dict[str, Job] = field(default_factory=dict)
     active: dict[str, Job] = field(default_factory=dict)
     settling: dict[str, Job] = field(default_factory=dict)
     awaiting: set[str] = field(default_factory=set)
+    joins: Joins = field(default_factory=Joins)
 
     def load(self, jobs: list[Job]) -> None:
         """Takes over saved jobs in submit order (coordinator restart); the store must be

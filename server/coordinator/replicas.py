@@ -74,20 +74,29 @@ def server_lost(jobs: Iterable[Job], node_id: str) -> int:
                 log.warning("job %s shard %d: backup %s lost (replica epoch %d, %d backup(s) "
                             "left)", job.job_id, shard.index, node_id, shard.replica_epoch,
                             len(shard.backup_ids))
+            if node_id in shard.joining_ids:  # a joining copy (rereplication.py)
+                k = list(shard.joining_ids).index(node_id)
+                del shard.joining_ids[k], shard.joining_addresses[k], shard.joining_epochs[k]
+                shard.replica_epoch += 1
+                changed = True
+                log.warning("job %s shard %d: joining copy %s lost (replica epoch %d)",
+                            job.job_id, shard.index, node_id, shard.replica_epoch)
         if changed:
             job.shard_map.version += 1
     return promoted
 
 
 def move_backups(shard_map: common_pb2.ShardMap, node_id: str, address: str) -> bool:
-    """A restarted server registered at a new address: its backup entries follow it.
-    Returns whether anything moved."""
+    """A restarted server registered at a new address: its backup (and joining) entries
+    follow it. Returns whether anything moved."""
     moved = False
     for shard in shard_map.shards:
-        for k, backup in enumerate(shard.backup_ids):
-            if backup == node_id and shard.backup_addresses[k] != address:
-                shard.backup_addresses[k] = address
-                moved = True
+        for ids, addresses in ((shard.backup_ids, shard.backup_addresses),
+                               (shard.joining_ids, shard.joining_addresses)):
+            for k, copy in enumerate(ids):
+                if copy == node_id and addresses[k] != address:
+                    addresses[k] = address
+                    moved = True
     return moved
 
 
@@ -97,5 +106,6 @@ def holds(shard_map: common_pb2.ShardMap | None, node_id: str, index: int) -> bo
     if not replicated(shard_map):
         return True
     assert shard_map is not None
-    return any(s.index == index and (s.server_id == node_id or node_id in s.backup_ids)
+    return any(s.index == index and (s.server_id == node_id or node_id in s.backup_ids
+                                     or node_id in s.joining_ids)
                for s in shard_map.shards)

@@ -138,6 +138,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 self._jobs.node_seen(node_id)
                 shardreports.apply(self._jobs, self.metrics, node_id, request.restored,
                                    request.frozen)
+                shardreports.caught_up(self._jobs, node_id, request.caught_up)
                 self._jobs.schedule(self._membership, now)
                 if self._membership.get(node_id).role == common_pb2.ROLE_WORKER:
                     self._worker_heartbeat(request, context, wait_ms, reply)

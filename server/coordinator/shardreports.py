@@ -1,5 +1,6 @@
 """What a server's RegisterNode and Heartbeat say of its shards (restored from checkpoints,
-frozen after a job's end), applied to the job table and counted in the metrics."""
+frozen after a job's end, joining copies caught up), applied to the job table and counted in
+the metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Sequence
 
 from shardps.proto import coordinator_pb2 as pb
 
+from . import rereplication
+from .job import UnknownJobError
 from .jobs import JobTable
 from .metrics import CoordinatorMetrics
 
@@ -32,3 +35,19 @@ def apply(jobs: JobTable, metrics: CoordinatorMetrics, node_id: str,
             metrics.rollbacks.inc()
     if frozen:
         jobs.shards_frozen(node_id, [(f.job_id, f.shard_index, f.version) for f in frozen])
+
+
+def caught_up(jobs: JobTable, node_id: str, reports: Sequence[pb.ShardVersion]) -> None:
+    """Joining copies on server `node_id` caught up with their primaries (`version` = join
+    epoch): each becomes a backup (rereplication.copy_caught_up; a report of a join that is
+    no longer current changes nothing). Caller holds the servicer's lock."""
+    for r in reports:
+        try:
+            job = jobs.get(r.job_id)
+        except UnknownJobError:
+            continue
+        if not job.final:
+            try:
+                rereplication.copy_caught_up(job, r.shard_index, node_id, r.version)
+            except rereplication.CopyError as exc:
+                log.info("server %s: caught-up report ignored: %s", node_id, exc)

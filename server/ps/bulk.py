@@ -38,6 +38,7 @@ from .errors import (
     UnknownShardError,
     UnknownWorkerError,
 )
+from .joining import Joining, TransferRefused
 from .metrics import PSMetrics
 from .pull_deltas import PullMirrors
 from .pushes import unpushable
@@ -51,6 +52,7 @@ log = logging.getLogger("shardps.ps")
 
 MAX_PULL_WAIT_S = 60.0  # a pull never holds a server thread longer than this
 DROP_REPLY_ENV = "SHARDPS_FAULT_DROP_PUSH_REPLY"
+MAX_QUEUED_LENGTH = 2**32  # elements of a push queued by a joining copy (its shard unknown yet)
 _T = TypeVar("_T")
 
 CODES = {
@@ -137,6 +139,8 @@ class BulkOps:
         self.faults = faults
         # Replicated shards (replication.py): who is primary, and the forward to backups.
         self.replicas = replicas if replicas is not None else Replicas(lambda: "")
+        # Joining copies (joining.py): forwarded pushes queued until the state arrives.
+        self.joining = Joining(shards, lambda: "")
         self.stopping = False
         self.mirrors = PullMirrors()
 
@@ -151,6 +155,9 @@ class BulkOps:
         """Handles one push; `fill` is called at most once, only if the push needs its
         elements. Raises Refused (the rejection counted by reason)."""
         start = time.perf_counter()
+        queued = self._queue_joining(header, fill)
+        if queued is not None:
+            return queued
         shard, wire = self._push_target(header)
         try:
             self.replicas.check(header)
@@ -206,6 +213,22 @@ class BulkOps:
         if result.staleness is not None:
             self.metrics.staleness.labels(shard.job_id).observe(result.staleness)
         return self._pushed(shard, result.status, result.version, start)
+
+    def _queue_joining(self, header: ps_pb2.PushHeader, fill: Fill) -> ps_pb2.PushResponse | None:
+        """A forwarded push to a shard joining here, queued until its state arrives."""
+        if header.replica_epoch == 0:
+            return None
+        try:
+            names.check(header.job_id, "job_id")
+            names.check(header.worker_id, "worker_id")
+            if not 0 <= header.length <= MAX_QUEUED_LENGTH:
+                raise InvalidPushError(f"length {header.length} out of range", "bad_length")
+            compressed.staging_dtype(header)
+            return self.joining.queue(header, fill)
+        except (names.InvalidName, InvalidPushError, codec.CodecError) as exc:
+            raise self._reject(exc, "bad_header") from None
+        except TransferRefused as exc:
+            raise Refused(exc.code, str(exc)) from None
 
     def _replica_refused(self, exc: ReplicaRefused) -> Refused:
         reason = "not_primary" if exc.code == grpc.StatusCode.UNAVAILABLE else "stale_replica"

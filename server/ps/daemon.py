@@ -18,10 +18,12 @@ from .datadir import NODE_ID_FILE
 from .dataserver import DataServer
 from .errors import ShardError
 from .heartbeat import CoordinatorLink
+from .joining import Joining
 from .metrics import PSMetrics
 from .registry import ShardRegistry
 from .replication import LEASE_FRACTION, Replicas
 from .servicer import SERVICE_NAME
+from .transfer import TransferSender
 
 log = logging.getLogger("shardps.ps")
 
@@ -74,6 +76,14 @@ class ParameterServerDaemon:
         self.replicas = Replicas(lambda: self.link.node_id if self.link else "",
                                  lambda: self.link is not None and self.link.in_touch(LEASE_FRACTION))
         self.servicer.bulk.replicas = self.replicas
+        # Catch-up by transfer: this server as a primary sending (transfer.py) and as a
+        # joining copy receiving (joining.py).
+        self.joining = Joining(self.shards, self._node_id)
+        self.servicer.bulk.joining = self.joining
+        self.transfers = TransferSender(self.replicas, self.shards, self._node_id,
+                                        lambda result: self.metrics.transfers.labels(result).inc())
+        self.replicas.on_placement += [self.joining.placement_changed,
+                                       self.transfers.placement_changed]
         self.metrics_endpoint: daemon.MetricsEndpoint | None = None
         self.link: CoordinatorLink | None = None
         self._grpc_workers = grpc_workers
@@ -136,6 +146,7 @@ class ParameterServerDaemon:
                 self.coordinator, advertised, metrics, self._on_views,
                 node_id=self.checkpointer.node_id() if self.checkpointer else "",
                 checkpoints=self.checkpointer, frozen=self.shards.frozen,
+                caught_up=self.joining.caught_up,
                 on_refused=self._refused).start()
         return self
 
@@ -149,6 +160,9 @@ class ParameterServerDaemon:
         if self.checkpointer:  # the job's final weights: durable before anything else
             for shard in settled:
                 self.checkpointer.final_weights(shard)
+
+    def _node_id(self) -> str:
+        return self.link.node_id if self.link else ""
 
     def _refused(self, message: str) -> None:
         if self.checkpointer and self.checkpointer.node_id():
@@ -178,6 +192,7 @@ class ParameterServerDaemon:
                 self.checkpointer.shutdown()
             self.shards.close()
             self.replicas.close()
+            self.transfers.shutdown()
             if self.link:
                 self.link.stop()
             if self.metrics_endpoint:

@@ -31,8 +31,9 @@ class ServerRole:
     with its answers. Runs on the link's thread."""
 
     def __init__(self, address: str, metrics_address: str, on_views: OnViews,
-                 checkpoints: Checkpoints | None, frozen: Frozen):
+                 checkpoints: Checkpoints | None, frozen: Frozen, caught_up: Frozen):
         self.address = address
+        self._caught_up = caught_up
         self.metrics_address = metrics_address
         self._on_views = on_views
         self._checkpoints = checkpoints
@@ -62,7 +63,8 @@ class ServerRole:
 
     def heartbeat(self, lease_ms: int) -> coordinator_pb2.HeartbeatRequest:
         self._sending = time.monotonic()
-        return coordinator_pb2.HeartbeatRequest(restored=self._restored(), frozen=self._frozen())
+        return coordinator_pb2.HeartbeatRequest(restored=self._restored(), frozen=self._frozen(),
+                                                caught_up=self._caught_up())
 
     def answered(self, reply: coordinator_pb2.HeartbeatResponse) -> None:
         if not reply.unknown_node:
@@ -87,15 +89,18 @@ class CoordinatorLink(NodeLink):
 
     def __init__(self, coordinator: str, address: str, metrics_address: str, on_views: OnViews,
                  node_id: str = "", checkpoints: Checkpoints | None = None,
-                 frozen: Frozen | None = None, on_refused: Callable[[str], None] | None = None):
+                 frozen: Frozen | None = None, on_refused: Callable[[str], None] | None = None,
+                 caught_up: Frozen | None = None):
         """`node_id`: the id to register under (a restarted server's, from its data dir).
         `checkpoints`: the server's Checkpointer, if it has a data dir: the link reports its
         restores and stored shards to the coordinator and persists the node id.
         `frozen`: the shards of ended jobs frozen where they are, reported with every call
         until the coordinator names their final version.
-        `on_refused(message)`: the coordinator refused the registration for good (NodeLink)."""
+        `on_refused(message)`: the coordinator refused the registration for good (NodeLink).
+        `caught_up`: joining copies caught up with their primary (joining.py), reported with
+        every heartbeat until the coordinator makes them backups."""
         self._server_role = ServerRole(address, metrics_address, on_views, checkpoints,
-                                       frozen or (lambda: []))
+                                       frozen or (lambda: []), caught_up or (lambda: []))
         super().__init__(coordinator, self._server_role,
                          node_id=node_id, thread_name="ps-heartbeat", on_refused=on_refused)
 

@@ -50,6 +50,11 @@ class PSMetrics:
                                 registry=registry)
         for reason in REJECT_REASONS:  # export every reason at 0, so rates exist before the first rejection
             self.rejected.labels(reason)
+        self.transfers = Counter("shardps_ps_transfers_total",
+                                 "Shard transfers this primary sent to joining copies, by result",
+                                 ["result"], registry=registry)
+        for result in ("done", "failed"):
+            self.transfers.labels(result)
         registry.register(_ShardCollector(shards))
         registry.register(TableCollector(shards))
 

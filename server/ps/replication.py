@@ -31,7 +31,7 @@ from shardps.psclient.rpcpath import RpcTransport
 
 log = logging.getLogger("shardps.ps")
 
-PRIMARY, BACKUP, DROPPED = "primary", "backup", "none"
+PRIMARY, BACKUP, JOINING, DROPPED = "primary", "backup", "joining", "none"
 # The refusal a worker that pushed to a replica which is not the primary gets (UNAVAILABLE,
 # retried after re-reading the shard map).
 NOT_PRIMARY = "not the primary of"
@@ -62,11 +62,19 @@ class Placement:
     epoch: int                               # ShardRange.replica_epoch (> 0)
     primary: str                             # node id
     backups: tuple[tuple[str, str], ...]     # (node id, address), in promotion order
+    # Joining copies (transfer.py): (node id, address, join epoch).
+    joiners: tuple[tuple[str, str, int], ...] = ()
 
     def role(self, me: str) -> str:
         if me == self.primary:
             return PRIMARY
-        return BACKUP if any(b == me for b, _ in self.backups) else DROPPED
+        if any(b == me for b, _ in self.backups):
+            return BACKUP
+        return JOINING if any(j == me for j, _, _ in self.joiners) else DROPPED
+
+    def join_epoch(self, me: str) -> int:
+        """The join epoch of this server's joining copy; 0 if it is not joining."""
+        return next((e for j, _, e in self.joiners if j == me), 0)
 
 
 class _Backup:
@@ -113,6 +121,11 @@ class Replicas:
         # Per shard: pushes (worker, incarnation, step) applied here that a backup has not
         # confirmed; a retry of one is forwarded again before it is answered DUPLICATE.
         self._owed: dict[tuple[str, int], set[tuple[str, int, int]]] = {}
+        # Per shard: joining copies this primary forwards to, (node id, join epoch) ->
+        # address, armed by a transfer under the shard's turn (transfer.py).
+        self._armed: dict[tuple[str, int], dict[tuple[str, int], str]] = {}
+        # Called (job id, shard index, placement) after each newer placement is taken.
+        self.on_placement: list[Callable[[str, int, Placement], None]] = []
 
     # -- the map -----------------------------------------------------------------------
 
@@ -123,13 +136,21 @@ class Replicas:
             if shard.replica_epoch <= 0:
                 continue
             placement = Placement(shard.replica_epoch, shard.server_id, tuple(
-                zip(shard.backup_ids, shard.backup_addresses, strict=True)))
+                zip(shard.backup_ids, shard.backup_addresses, strict=True)), tuple(
+                zip(shard.joining_ids, shard.joining_addresses, shard.joining_epochs,
+                    strict=True)))
             key = (job_id, shard.index)
             with self._lock:
                 known = self._placements.get(key)
                 if known is not None and known.epoch >= placement.epoch:
                     continue
                 self._placements[key] = placement
+                joining = {(j, e) for j, _, e in placement.joiners}
+                armed = self._armed.get(key, {})
+                for gone in [j for j in armed if j not in joining]:
+                    del armed[gone]  # a backup now, or dropped
+            for hook in self.on_placement:
+                hook(job_id, shard.index, placement)
             if known is not None:
                 me = self._self_id()
                 log.info("job %s shard %d: replica epoch %d: %s here (primary %s, backups %s)",
@@ -143,6 +164,7 @@ class Replicas:
                 del self._placements[key]
                 self._turns.pop(key, None)
                 self._owed.pop(key, None)
+                self._armed.pop(key, None)
 
     def describe(self, job_id: str, index: int) -> tuple[int, str]:
         """(replica epoch, role) of a shard here; (0, "") for a shard without replicas."""
@@ -210,6 +232,30 @@ class Replicas:
             finally:
                 self._finish(header, replies)
 
+    @contextlib.contextmanager
+    def shard_turn(self, job_id: str, index: int, timeout: float) -> Iterator[bool]:
+        """Holds the shard's turn (no push of it is between its forward and its apply) for
+        the body; yields False (not held) if it was not free within `timeout` s."""
+        with self._lock:
+            turn = self._turns.setdefault((job_id, index), threading.Lock())
+        if not turn.acquire(timeout=timeout):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            turn.release()
+
+    def arm(self, job_id: str, index: int, joiner: tuple[str, str, int]) -> None:
+        """From now on forwards the shard's pushes to this joining copy too (id, address,
+        join epoch); call under the shard's turn, with the state just captured."""
+        with self._lock:
+            self._armed.setdefault((job_id, index), {})[(joiner[0], joiner[2])] = joiner[1]
+
+    def disarm(self, job_id: str, index: int, joiner_id: str, join_epoch: int) -> None:
+        with self._lock:
+            self._armed.get((job_id, index), {}).pop((joiner_id, join_epoch), None)
+
     def owed(self, header: ps_pb2.PushHeader) -> bool:
         """Whether this push was applied here but not confirmed by every backup."""
         with self._lock:
@@ -226,7 +272,10 @@ class Replicas:
             forwarded.compressed_bytes = 0
             forwarded.dtype = common_pb2.DTYPE_FLOAT32
         started: list[tuple[str, Callable[[], ps_pb2.PushResponse] | Exception]] = []
-        for backup_id, address in placement.backups:
+        with self._lock:  # armed joining copies count as backups (docs: "Catch-up")
+            armed = [(j, a) for (j, _), a in
+                     self._armed.get((header.job_id, header.shard_index), {}).items()]
+        for backup_id, address in [*placement.backups, *armed]:
             try:
                 started.append((backup_id, self._backup(address).start(forwarded, grad)))
             except Exception as exc:  # read in _finish, after the body

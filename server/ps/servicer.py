@@ -27,6 +27,7 @@ from shardps.proto import codec, common_pb2, dataplane, names, ps_pb2, ps_pb2_gr
 from . import compressed, pieces
 from .bulk import BulkOps, DropReplies, Refused, refusal
 from .errors import ShardError
+from .joining import TransferRefused
 from .metrics import PSMetrics
 from .registry import ShardRegistry
 from .rowservice import RowService
@@ -174,6 +175,21 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             info.replica_epoch, info.replica_role = self.bulk.replicas.describe(
                 info.job_id, info.shard_index)
         return ps_pb2.GetShardInfoResponse(shards=infos)
+
+    def TransferShard(self, request_iterator: Iterator[ps_pb2.TransferShardRequest],
+                      context: grpc.ServicerContext) -> ps_pb2.TransferShardResponse:
+        """A joining copy receives its shard's state from the primary (joining.py)."""
+        try:
+            return self.bulk.joining.receive(request_iterator)
+        except TransferRefused as exc:
+            _fail(context, exc.code, str(exc))
+
+    def JoinShard(self, request: ps_pb2.JoinShardRequest,
+                  context: grpc.ServicerContext) -> ps_pb2.JoinShardResponse:
+        try:
+            return self.bulk.joining.begin(request)
+        except TransferRefused as exc:
+            _fail(context, exc.code, str(exc))
 
     def DropJob(self, request: ps_pb2.DropJobRequest,
                 context: grpc.ServicerContext) -> ps_pb2.DropJobResponse:

@@ -185,6 +185,11 @@ class Shard:
         with self._core.cond:
             return capture_locked(self._core)
 
+    def capture_between_rounds(self) -> ShardState | None:
+        """As `capture`, but None while a sync round holds contributions (transfer.py)."""
+        with self._core.cond:
+            return None if self._core.gate.round else capture_locked(self._core)
+
     def capture_locked(self) -> ShardState:
         """As `capture`, for callers that hold the lock (the `on_applied` hook)."""
         return capture_locked(self._core)

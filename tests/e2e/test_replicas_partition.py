@@ -1,6 +1,7 @@
 """A replicated shard's primary partitioned from the coordinator but not from the workers or
-the other servers, on network namespaces (bench/netns.py: the coordinator, three servers and
-the workers each on a host of their own). Needs root and iproute2; skipped otherwise."""
+the other servers, and then healed, on network namespaces (bench/netns.py: the coordinator,
+three servers, of which the job takes two, and the workers each on a host of their own).
+Needs root and iproute2; skipped otherwise."""
 
 from __future__ import annotations
 
@@ -88,10 +89,10 @@ def hosts():
 
 
 @pytest.mark.timeout(400)
-def test_a_primary_cut_off_from_the_coordinator_stops_acknowledging_and_is_replaced(hosts):
+def test_a_primary_cut_off_from_the_coordinator_stops_acknowledging_is_replaced_and_rejoins(hosts):
     spec = ("name: part\nseed: 1\nmodel: {name: mlp, kwargs: {hidden: [32]}}\n"
             "data: {dataset: digits, batch_size: 64}\noptimizer: {lr: 0.002}\n"
-            "consistency: {mode: async}\ncluster: {servers: 3, workers: 2, replicas: 2}\n"
+            "consistency: {mode: async}\ncluster: {servers: 2, workers: 2, replicas: 2}\n"
             "stop: {max_steps: 600, eval_every: 1000}\n")
     path = f"/tmp/part-{time.monotonic_ns()}.yaml"
     with open(path, "w") as f:
@@ -120,13 +121,20 @@ def test_a_primary_cut_off_from_the_coordinator_stops_acknowledging_and_is_repla
     refused = hosts.metric(old, "shardps_ps_rejected_pushes_total", reason="out_of_touch")
     assert refused >= 1, old.output()
 
+    assert int(hosts.shards(old_address, job_id)[0]["version"]) == frozen_at  # still
+    # The job's only other server holds every shard now: no copy can be added until the old
+    # primary is back. Once healed it re-registers and rejoins as a backup of its old shard,
+    # caught up by transfer while the job runs (docs/architecture.md, "Catch-up by transfer").
+    assert all(not sh.get("backup_ids") and not sh.get("joining_ids")
+               for sh in hosts.cli("status", job_id)["shard_map"]["shards"])
     hosts.net.heal_from(old_host, "co")
-    harness.poll(lambda: hosts.shards(old_address, job_id)[0]["replica_role"] == "none", 60,
-                 interval=0.5, what="the old primary learning it was replaced")
+    harness.poll(lambda: hosts.shards(old_address, job_id)[0]["replica_role"] == "backup", 120,
+                 interval=0.5, what="the old primary a backup of its old shard")
+    rejoined = hosts.cli("status", job_id)["shard_map"]["shards"][0]
+    assert rejoined["backup_ids"] == [old_id] and int(rejoined["replica_epoch"]) >= 4
     final = harness.poll(lambda: (j := hosts.cli("status", job_id))["state"] in FINAL and j, 300,
                          interval=0.5, what="job final")
     assert final["state"] == "JOB_STATE_COMPLETED", final
-    assert int(hosts.shards(old_address, job_id)[0]["version"]) == frozen_at
     # Nothing acknowledged was lost: each shard's version is the pushes the workers saw
     # acknowledged (a frozen shard applies nothing more; a reply may still be on its way).
 

@@ -67,9 +67,12 @@ def test_a_dead_primary_is_replaced_by_its_backup_under_a_new_epoch(cluster):
     for node in (S2, S3, "worker-000001"):  # only server-000001 stops heartbeating
         cluster.heartbeat(node, 1, 9.0)
     table.sweep(cluster, 10.5)
-    assert layout_of(job.shard_map) == [(S2, [], 2), (S2, [S3], 1), (S3, [], 2)]
+    # Promoted (epoch 2), then each shard short of a copy gets a joining one on the live
+    # server that holds none of it (epoch 3; rereplication.py).
+    assert layout_of(job.shard_map) == [(S2, [], 3), (S2, [S3], 1), (S3, [], 3)]
+    assert [list(s.joining_ids) for s in job.shard_map.shards] == [[S3], [], [S2]]
     assert job.shard_map.shards[0].address == "h:2"
-    assert job.shard_map.version == version + 1
+    assert job.shard_map.version == version + 3
     assert job.rollback.id == 0 and job.state == RUNNING
     assert not holds(job.shard_map, S1, 0) and holds(job.shard_map, S2, 0)
     # Its restore report (it came back with its data dir) rolls nothing back: it is no
