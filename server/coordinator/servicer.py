@@ -18,7 +18,7 @@ from shardps.proto import coordinator_pb2 as pb
 from shardps.proto.spec import SpecError, normalise
 from shardps.proto.states import FINAL_STATES
 
-from . import callchecks, shardreports, views
+from . import callchecks, resharding, shardreports, views
 from .callchecks import MAX_FAILURE_TEXT, required
 from .history import Evaluation, StepReport
 from .jobs import INIT_TIMEOUT_S, JobTable
@@ -205,6 +205,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         with self._serving(context) as now:
             state = self._jobs.cancel(required(request.job_id, "job_id"), now)
             return pb.CancelJobResponse(state=state)
+
+    def Reshard(self, request: pb.ReshardRequest,
+                context: grpc.ServicerContext) -> pb.ReshardResponse:
+        with self._serving(context) as now:
+            reshard = self._jobs.reshard(required(request.job_id, "job_id"), request.servers,
+                                         self._membership, now)
+            return pb.ReshardResponse(reshard=resharding.progress(reshard, now))
 
     def SetLayout(self, request: pb.SetLayoutRequest,
                   context: grpc.ServicerContext) -> pb.SetLayoutResponse:

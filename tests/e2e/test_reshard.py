@@ -1,0 +1,152 @@
+"""Live resharding end to end, every daemon a real process (docs/architecture.md,
+"Resharding"): a sync job with 4 shards starts on 2 of 4 servers, `shardps reshard` spreads
+it over 4 and back over 2 while it trains; it keeps stepping during each move, and ends bit
+for bit where the same job ends without resharding.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shardps.proto import common_pb2, coordinator_pb2, ps_pb2, ps_pb2_grpc
+from shardps.runtime import rpc
+from tests import harness
+from tests.e2e.test_recovery import Cluster, assert_same_state, checkpointed_state
+
+STEPS = 600
+STEP_DELAY_MS = "20"  # bounds the rate (<= 50 steps/s), so the job outlasts both moves
+DONE = coordinator_pb2.RESHARD_STATE_DONE
+
+
+def spec(name: str) -> str:
+    return f"""
+name: {name}
+seed: 5
+model: {{name: mlp, kwargs: {{hidden: [32]}}}}
+data: {{dataset: digits, batch_size: 64, shuffle: true}}
+optimizer: {{lr: 0.002}}
+consistency: {{mode: sync}}
+cluster: {{servers: 2, workers: 2, shards: 4}}
+stop: {{max_steps: {STEPS}, eval_every: 1000}}
+checkpoint: {{every_steps: 0}}
+"""
+
+
+class Steps:
+    """The job's step as its servers count it, from outside: shard 0's version (sync: rounds
+    applied) on its primary, which no reshard here moves (it stays on the first server)."""
+
+    def __init__(self, cluster: Cluster, job_id: str):
+        self.job_id = job_id
+        self.address = cluster.client.job(job_id).shard_map.shards[0].address
+        self._channel = rpc.make_channel(self.address)
+        self._stub = ps_pb2_grpc.ParameterServerStub(self._channel)
+
+    def now(self) -> tuple[float, int]:
+        reply = self._stub.GetShardInfo(ps_pb2.GetShardInfoRequest(job_id=self.job_id),
+                                        timeout=rpc.CONTROL_DEADLINE_S)
+        return time.monotonic(), next(s.version for s in reply.shards if s.shard_index == 0)
+
+    def rate(self, seconds: float) -> float:
+        """Steps per second over the next `seconds`."""
+        t0, v0 = self.now()
+        time.sleep(seconds)
+        t1, v1 = self.now()
+        return (v1 - v0) / (t1 - t0)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def reshard(cluster: Cluster, job_id: str, servers: int, steps: Steps) -> tuple[float, float]:
+    """`shardps reshard JOB --servers N`, then polls until the reshard is done; returns the
+    steps per second from the call to the end of the moves, and how long they took."""
+    t0, v0 = steps.now()
+    shown = cluster.cli("reshard", job_id, "--servers", str(servers))
+    assert f"-> {servers} servers" in shown, shown
+    info = harness.poll(lambda: (j := cluster.client.job(job_id)).reshard.state == DONE and j,
+                        60, interval=0.05, what=f"the reshard to {servers} servers done")
+    t1, v1 = steps.now()
+    assert info.state == common_pb2.JOB_STATE_RUNNING and v1 < STEPS, "the job outran the move"
+    progress = info.reshard
+    assert progress.moves_done == progress.moves_total == 2  # 4 shards: 2 move each way
+    assert len(progress.servers_after) == servers == len(info.servers)
+    primaries = [s.server_id for s in info.shard_map.shards]
+    assert sorted(set(primaries)) == sorted(info.servers)  # spread evenly: 4 / N each
+    assert all(primaries.count(s) == 4 // servers for s in info.servers)
+    return (v1 - v0) / (t1 - t0), t1 - t0
+
+
+@pytest.mark.timeout(240)
+def test_a_sync_job_resharded_from_2_to_4_servers_and_back_is_bitwise_a_run_that_was_not(
+        tmp_path):
+    cluster = Cluster(tmp_path, servers=4, workers=2,
+                      worker_args=[["--step-delay-ms", STEP_DELAY_MS]] * 2)
+    try:
+        straight = cluster.client.submit(spec("straight"))
+        assert cluster.final(straight).state == common_pb2.JOB_STATE_COMPLETED
+        reference = checkpointed_state(cluster, straight)
+
+        job_id = cluster.client.submit(spec("moved"))
+        cluster.wait_step(job_id, 30)
+        first = list(cluster.client.job(job_id).servers)
+        steps = Steps(cluster, job_id)
+        try:
+            rates = []
+            for servers in (4, 2):
+                before = steps.rate(2.0)
+                during, took = reshard(cluster, job_id, servers, steps)
+                rates.append((servers, before, during, took))
+        finally:
+            steps.close()
+        info = cluster.client.job(job_id)
+        assert list(info.servers) == first  # drained the two it had added
+        final = cluster.final(job_id)
+        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        assert final.rollback_id == 0 and final.step == STEPS
+        moved = checkpointed_state(cluster, job_id)
+        assert len(moved) == len(reference) == 4
+        for a, b in zip(reference, moved, strict=True):
+            assert a.version == STEPS
+            assert_same_state(a, b)
+        shown = cluster.cli("status", job_id)
+        assert "reshard    done: 4 -> 2 servers, 2 of 2 moves done" in shown, shown
+        for servers, before, during, took in rates:
+            print(f"reshard to {servers} servers: {took:.2f} s; {before:.1f} steps/s before, "
+                  f"{during:.1f} during")
+        for servers, before, during, _ in rates:
+            assert during > 0.5 * before, f"to {servers} servers: {during:.1f} <= half of {before:.1f}"
+    finally:
+        cluster.stop()
+
+
+def test_refused_reshards_change_nothing(tmp_path):
+    """N beyond the servers there are, beyond the shards, below 1, and a second reshard
+    while one runs, are refused with a message naming what is wrong."""
+    cluster = Cluster(tmp_path, servers=3, workers=1,
+                      worker_args=[["--step-delay-ms", STEP_DELAY_MS]])
+    try:
+        job_id = cluster.client.submit(spec("refused").replace("workers: 2", "workers: 1"))
+        cluster.wait_step(job_id, 5)
+        before = cluster.client.job(job_id).shard_map
+        for n, message in [(4, "servers: 4 needs 2 more server(s) than the job's 2; only 1"),
+                           (5, "servers: 5 > the job's 4 shards (cluster.shards)"),
+                           (0, "servers: must be >= 1, got 0")]:
+            out = harness.run_cli("reshard", job_id, "--servers", str(n), "--coordinator",
+                                  cluster.coord.address, timeout=60)
+            assert out.returncode != 0 and message in out.stderr, out.stderr
+        out = harness.run_cli("reshard", "nope-000000", "--servers", "2", "--coordinator",
+                              cluster.coord.address, timeout=60)
+        assert out.returncode != 0 and "unknown job" in out.stderr, out.stderr
+        info = cluster.client.job(job_id)
+        assert info.shard_map == before and not info.reshard.moves_total
+        assert info.reshard.state == coordinator_pb2.RESHARD_STATE_UNSPECIFIED
+        cluster.client.cancel(job_id)
+        out = harness.run_cli("reshard", job_id, "--servers", "3", "--coordinator",
+                              cluster.coord.address, timeout=60)
+        assert out.returncode != 0 and "only a running job can be resharded" in out.stderr, \
+            out.stderr
+    finally:
+        cluster.stop()
