@@ -249,9 +249,10 @@ class JobShards:
 
         Transient errors (a server down, restarting, or not yet told of a membership change)
         are retried with backoff for PS_OUTAGE_S; between tries the shard map is re-read, so
-        a server that came back at another address is followed, and (pull/push) a rollback
-        ends the call. A fenced push ends the job here (the daemon registers again); a push
-        ahead of a restored shard's round rewinds to a pull.
+        a server that came back at another address is followed (a try on a map that just
+        changed goes at once, without the pause), and (pull/push) a rollback ends the call.
+        A fenced push ends the job here (the daemon registers again); a push ahead of a
+        restored shard's round rewinds to a pull.
         """
         ctx = self._ctx
         replicated = any(s.replica_epoch for s in self._client.shard_map.shards)
@@ -264,9 +265,9 @@ class JobShards:
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 self._refused(what, code, details)
-                # A replicated shard that moved (failover, reshard) is on the new map at
-                # once: retry there without a pause, once in a row.
-                if replicated and not followed and self._refresh_shard_map():
+                # A shard that moved (a failover, a reshard, a server back elsewhere) is
+                # on the new map at once: retry there without a pause, once in a row.
+                if not followed and self._refresh_shard_map():
                     followed = True
                     ctx.metrics.retries.labels(call=what, code=code.name).inc()
                     continue

@@ -197,8 +197,15 @@ class JobTable:
         too long to initialise and moves running reshards on. Returns the nodes that just
         died."""
         died = failures.sweep(self._store, membership, now, self.init_timeout_s)
-        resharding.advance_all(self._store.all.values(), membership, now)
+        self.advance_reshards(membership, now)
         return died
+
+    def advance_reshards(self, membership: Membership, now: float) -> None:
+        """Moves every running reshard on (resharding.advance): also called right after a
+        server reports a copy caught up, so that its heartbeat's reply already names it the
+        shard's primary (it would learn so a heartbeat later, the shard's pushes stalled
+        meanwhile)."""
+        resharding.advance_all(self._store.all.values(), membership, now)
 
     # -- resharding ------------------------------------------------------------------------
 

@@ -139,6 +139,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 shardreports.apply(self._jobs, self.metrics, node_id, request.restored,
                                    request.frozen)
                 shardreports.caught_up(self._jobs, node_id, request.caught_up)
+                if request.caught_up:  # a move's copy caught up: promoted in this very reply
+                    self._jobs.advance_reshards(self._membership, now)
                 self._jobs.schedule(self._membership, now)
                 if self._membership.get(node_id).role == common_pb2.ROLE_WORKER:
                     self._worker_heartbeat(request, context, wait_ms, reply)

@@ -21,7 +21,7 @@ from .heartbeat import CoordinatorLink
 from .joining import Joining
 from .metrics import PSMetrics
 from .registry import ShardRegistry
-from .replication import LEASE_FRACTION, Replicas
+from .replication import DROPPED, LEASE_FRACTION, Placement, Replicas
 from .servicer import SERVICE_NAME
 from .transfer import TransferSender
 
@@ -83,7 +83,7 @@ class ParameterServerDaemon:
         self.transfers = TransferSender(self.replicas, self.shards, self._node_id,
                                         lambda result: self.metrics.transfers.labels(result).inc())
         self.replicas.on_placement += [self.joining.placement_changed,
-                                       self.transfers.placement_changed]
+                                       self.transfers.placement_changed, self._wake_dropped]
         self.metrics_endpoint: daemon.MetricsEndpoint | None = None
         self.link: CoordinatorLink | None = None
         self._grpc_workers = grpc_workers
@@ -160,6 +160,16 @@ class ParameterServerDaemon:
         if self.checkpointer:  # the job's final weights: durable before anything else
             for shard in settled:
                 self.checkpointer.final_weights(shard)
+
+    def _wake_dropped(self, job_id: str, index: int, placement: Placement) -> None:
+        """A Replicas.on_placement hook: pulls waiting on a copy that the map no longer names
+        are answered (not ready) at once, so their workers re-read the map (bulk.pull)."""
+        if placement.role(self._node_id()) != DROPPED:
+            return
+        try:
+            self.shards.get(job_id, index).wake()
+        except ShardError:
+            pass
 
     def _node_id(self) -> str:
         return self.link.node_id if self.link else ""

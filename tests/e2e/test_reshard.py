@@ -1,7 +1,8 @@
 """Live resharding end to end, every daemon a real process (docs/architecture.md,
 "Resharding"): a sync job with 4 shards starts on 2 of 4 servers, `shardps reshard` spreads
-it over 4 and back over 2 while it trains; it keeps stepping during each move, and ends bit
-for bit where the same job ends without resharding.
+it over 4 and back over 2 while it trains; it keeps stepping during each move (its rate
+measured from outside, on a server), and ends bit for bit where the same job ends without
+resharding.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from shardps.runtime import rpc
 from tests import harness
 from tests.e2e.test_recovery import Cluster, assert_same_state, checkpointed_state
 
-STEPS = 600
-STEP_DELAY_MS = "20"  # bounds the rate (<= 50 steps/s), so the job outlasts both moves
+STEPS = 300
+STEP_DELAY_MS = "30"  # bounds the rate (< 33 steps/s), so the job outlasts both moves
 DONE = coordinator_pb2.RESHARD_STATE_DONE
 
 
@@ -61,11 +62,13 @@ class Steps:
 
 
 def reshard(cluster: Cluster, job_id: str, servers: int, steps: Steps) -> tuple[float, float]:
-    """`shardps reshard JOB --servers N`, then polls until the reshard is done; returns the
-    steps per second from the call to the end of the moves, and how long they took."""
+    """Reshards the job to N servers (the Reshard RPC, as `shardps reshard` sends it), then
+    polls until the reshard is done; returns the steps per second from the call to the end
+    of the moves, and how long they took."""
     t0, v0 = steps.now()
-    shown = cluster.cli("reshard", job_id, "--servers", str(servers))
-    assert f"-> {servers} servers" in shown, shown
+    planned = cluster.client.reshard(job_id, servers)
+    assert planned.state == coordinator_pb2.RESHARD_STATE_RUNNING
+    assert len(planned.servers_after) == servers and planned.moves_total == 2
     info = harness.poll(lambda: (j := cluster.client.job(job_id)).reshard.state == DONE and j,
                         60, interval=0.05, what=f"the reshard to {servers} servers done")
     t1, v1 = steps.now()
@@ -82,16 +85,16 @@ def reshard(cluster: Cluster, job_id: str, servers: int, steps: Steps) -> tuple[
 @pytest.mark.timeout(240)
 def test_a_sync_job_resharded_from_2_to_4_servers_and_back_is_bitwise_a_run_that_was_not(
         tmp_path):
-    cluster = Cluster(tmp_path, servers=4, workers=2,
-                      worker_args=[["--step-delay-ms", STEP_DELAY_MS]] * 2)
+    """The same job twice at once, each on 2 of the 4 servers with 2 workers of its own: one
+    left alone, one resharded to 4 servers (onto the other job's two) and back to 2."""
+    cluster = Cluster(tmp_path, servers=4, workers=4,
+                      worker_args=[["--step-delay-ms", STEP_DELAY_MS]] * 4)
     try:
         straight = cluster.client.submit(spec("straight"))
-        assert cluster.final(straight).state == common_pb2.JOB_STATE_COMPLETED
-        reference = checkpointed_state(cluster, straight)
-
         job_id = cluster.client.submit(spec("moved"))
-        cluster.wait_step(job_id, 30)
         first = list(cluster.client.job(job_id).servers)
+        assert len(first) == 2 and not set(first) & set(cluster.client.job(straight).servers)
+        cluster.wait_step(job_id, 30)
         steps = Steps(cluster, job_id)
         try:
             rates = []
@@ -101,11 +104,12 @@ def test_a_sync_job_resharded_from_2_to_4_servers_and_back_is_bitwise_a_run_that
                 rates.append((servers, before, during, took))
         finally:
             steps.close()
-        info = cluster.client.job(job_id)
-        assert list(info.servers) == first  # drained the two it had added
+        assert list(cluster.client.job(job_id).servers) == first  # drained the two it added
         final = cluster.final(job_id)
         assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
         assert final.rollback_id == 0 and final.step == STEPS
+        assert cluster.final(straight).state == common_pb2.JOB_STATE_COMPLETED
+        reference = checkpointed_state(cluster, straight)
         moved = checkpointed_state(cluster, job_id)
         assert len(moved) == len(reference) == 4
         for a, b in zip(reference, moved, strict=True):
@@ -123,8 +127,9 @@ def test_a_sync_job_resharded_from_2_to_4_servers_and_back_is_bitwise_a_run_that
 
 
 def test_refused_reshards_change_nothing(tmp_path):
-    """N beyond the servers there are, beyond the shards, below 1, and a second reshard
-    while one runs, are refused with a message naming what is wrong."""
+    """`shardps reshard` with N beyond the servers there are, beyond the shards or below 1,
+    of an unknown job or of one that has ended, is refused with a message naming what is
+    wrong, and changes nothing (a reshard while one runs: tests/unit/test_resharding.py)."""
     cluster = Cluster(tmp_path, servers=3, workers=1,
                       worker_args=[["--step-delay-ms", STEP_DELAY_MS]])
     try:
