@@ -294,7 +294,7 @@ class BulkOps:
         def cancelled() -> bool:
             # A copy the map no longer names (its shard moved away or failed over) never
             # reaches a newer version: answer not ready at once, and the worker re-reads
-            # the map (woken when that happens: ParameterServerDaemon._wake_dropped).
+            # the map (the daemon then frees the copy: ParameterServerDaemon._drop_dropped).
             return (self.stopping or not is_active()
                     or self.replicas.describe(shard.job_id, shard.index)[1] == DROPPED)
 

@@ -83,7 +83,7 @@ class ParameterServerDaemon:
         self.transfers = TransferSender(self.replicas, self.shards, self._node_id,
                                         lambda result: self.metrics.transfers.labels(result).inc())
         self.replicas.on_placement += [self.joining.placement_changed,
-                                       self.transfers.placement_changed, self._wake_dropped]
+                                       self.transfers.placement_changed, self._drop_dropped]
         self.metrics_endpoint: daemon.MetricsEndpoint | None = None
         self.link: CoordinatorLink | None = None
         self._grpc_workers = grpc_workers
@@ -161,15 +161,12 @@ class ParameterServerDaemon:
             for shard in settled:
                 self.checkpointer.final_weights(shard)
 
-    def _wake_dropped(self, job_id: str, index: int, placement: Placement) -> None:
-        """A Replicas.on_placement hook: pulls waiting on a copy that the map no longer names
-        are answered (not ready) at once, so their workers re-read the map (bulk.pull)."""
-        if placement.role(self._node_id()) != DROPPED:
-            return
-        try:
-            self.shards.get(job_id, index).wake()
-        except ShardError:
-            pass
+    def _drop_dropped(self, job_id: str, index: int, placement: Placement) -> None:
+        """A Replicas.on_placement hook: a copy that the map no longer names (its shard moved
+        away, or failed over) is freed; calls still on it fail or, for pulls waiting on it,
+        end at once, and their workers re-read the map."""
+        if placement.role(self._node_id()) == DROPPED:
+            self.shards.drop_shard(job_id, index)
 
     def _node_id(self) -> str:
         return self.link.node_id if self.link else ""

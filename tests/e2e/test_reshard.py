@@ -79,7 +79,21 @@ def reshard(cluster: Cluster, job_id: str, servers: int, steps: Steps) -> tuple[
     primaries = [s.server_id for s in info.shard_map.shards]
     assert sorted(set(primaries)) == sorted(info.servers)  # spread evenly: 4 / N each
     assert all(primaries.count(s) == 4 // servers for s in info.servers)
+    # Every server holds what the map gives it, no more: a source frees the copy it gave up.
+    given = {s.address: [] for s in cluster.servers}
+    for shard in info.shard_map.shards:
+        given[shard.address].append(shard.index)
+    harness.poll(lambda: all(held(address, job_id) == want for address, want in given.items()),
+                 30, interval=0.05, what="each server holding exactly its shards")
     return (v1 - v0) / (t1 - t0), t1 - t0
+
+
+def held(address: str, job_id: str) -> list[int]:
+    """The shards of the job a server holds (GetShardInfo)."""
+    with rpc.make_channel(address) as channel:
+        reply = ps_pb2_grpc.ParameterServerStub(channel).GetShardInfo(
+            ps_pb2.GetShardInfoRequest(job_id=job_id), timeout=rpc.CONTROL_DEADLINE_S)
+    return sorted(s.shard_index for s in reply.shards)
 
 
 @pytest.mark.timeout(240)
