@@ -132,7 +132,11 @@ def advance(job: Job, membership: Membership, now: float) -> None:
     if reshard is None or not reshard.running:
         return
     if job.final or job.shard_map is None:
-        _end(job, pb.RESHARD_STATE_FAILED, f"the job ended ({state_name(job.state)})", now)
+        if all(r.phase == DONE for r in reshard.runs):  # only the sources' hearing was left
+            job.servers = list(reshard.after)
+            _end(job, pb.RESHARD_STATE_DONE, f"on {len(reshard.after)} servers", now)
+        else:
+            _end(job, pb.RESHARD_STATE_FAILED, f"the job ended ({state_name(job.state)})", now)
         return
     for run in reshard.runs:
         if run.phase == JOINING:
