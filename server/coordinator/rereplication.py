@@ -149,18 +149,18 @@ class Joins:
 
 def rereplicate(jobs: Iterable[Job], alive: Callable[[str], str | None], joins: Joins,
                 now: float) -> int:
-    """For every RUNNING replicated job: expires stalled joins, then gives each shard with
+    """For every RUNNING job: expires stalled joins; in a replicated one, gives each shard with
     fewer copies than `cluster.replicas` a joining copy on a live server of the job that
     holds none of it (the one holding the fewest of the job's copies first). `alive(id)` is
     a live server's address, None for a dead one. Returns how many copies were added."""
     added = 0
     for job in jobs:
         want = int(job.spec["cluster"].get("replicas", 1))
-        if job.state != RUNNING or job.shard_map is None or want <= 1:
+        if job.state != RUNNING or job.shard_map is None:
             continue
-        if not any(s.replica_epoch for s in job.shard_map.shards):
+        joins.expire(job, now)  # also the joins of a shard being moved (replicas: 1)
+        if want <= 1 or not any(s.replica_epoch for s in job.shard_map.shards):
             continue
-        joins.expire(job, now)
         for shard in job.shard_map.shards:
             if alive(shard.server_id) is None:  # its last copy is dead: wait for it
                 continue

@@ -155,8 +155,7 @@ class BulkOps:
         """Handles one push; `fill` is called at most once, only if the push needs its
         elements. Raises Refused (the rejection counted by reason)."""
         start = time.perf_counter()
-        queued = self._queue_joining(header, fill)
-        if queued is not None:
+        if (queued := self._queue_joining(header, fill)) is not None:
             return queued
         shard, wire = self._push_target(header)
         try:

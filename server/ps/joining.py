@@ -33,7 +33,8 @@ from .shard import Shard
 
 log = logging.getLogger("shardps.ps")
 
-MAX_QUEUED = 4096  # forwarded pushes held per join before its state arrives
+# Forwarded pushes held per join before its state arrives: at most this many, and bytes.
+MAX_QUEUED, MAX_QUEUED_BYTES = 4096, 2 << 30
 # The files a transfer may carry, and a bound on their bytes (4 tensors of 2**32 fp32 each).
 FILES = frozenset({checkpoint.MANIFEST, *(f"{n}.bin" for n in checkpoint.TENSORS)})
 MAX_TRANSFER_BYTES = 4 * 4 * 2**32 + checkpoint.MAX_MANIFEST_BYTES
@@ -108,11 +109,13 @@ class Joining:
         with join.lock:
             if join.installed:
                 return None
-            if len(join.queue) >= MAX_QUEUED:
+            dtype = compressed.staging_dtype(header)
+            held = sum(g.nbytes for _, g in join.queue) + header.length * dtype.itemsize
+            if len(join.queue) >= MAX_QUEUED or held > MAX_QUEUED_BYTES:
                 raise TransferRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, (
-                    f"job {header.job_id} shard {header.shard_index}: {MAX_QUEUED} pushes "
-                    "queued while joining; the state has not arrived"))
-            grad = torch.empty(header.length, dtype=compressed.staging_dtype(header))
+                    f"job {header.job_id} shard {header.shard_index}: {len(join.queue)} pushes "
+                    "queued while joining (the bound); the state has not arrived"))
+            grad = torch.empty(header.length, dtype=dtype)
             fill(grad)
             kept = ps_pb2.PushHeader()
             kept.CopyFrom(header)

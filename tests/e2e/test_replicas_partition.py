@@ -5,6 +5,7 @@ Needs root and iproute2; skipped otherwise."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -78,6 +79,19 @@ class Hosts:
             d.stop()
 
 
+def acked_counts(hosts: Hosts, job_id: str, shards: list[dict]) -> list[tuple[int, float]]:
+    """(version, pushes the workers saw acknowledged) per shard, once every one is final."""
+    out = []
+    for s in shards:
+        info = hosts.shards(s["address"], job_id)[int(s.get("index", 0))]
+        if info["state"] not in FINAL:
+            return []
+        acked = sum(hosts.metric(w, "shardps_worker_pushes_acked_total", job=job_id,
+                                 shard=str(s.get("index", 0))) for w in hosts.workers)
+        out.append((int(info["version"]), acked))
+    return out
+
+
 @pytest.fixture
 def hosts():
     with netns.Network(["co", "s1", "s2", "s3", "wk"]) as net:
@@ -137,18 +151,7 @@ def test_a_primary_cut_off_from_the_coordinator_stops_acknowledging_is_replaced_
     assert final["state"] == "JOB_STATE_COMPLETED", final
     # Nothing acknowledged was lost: each shard's version is the pushes the workers saw
     # acknowledged (a frozen shard applies nothing more; a reply may still be on its way).
-
-    def counts() -> list[tuple[int, float]]:
-        out = []
-        for s in final["shard_map"]["shards"]:
-            info = hosts.shards(s["address"], job_id)[int(s.get("index", 0))]
-            if info["state"] not in FINAL:
-                return []
-            acked = sum(hosts.metric(w, "shardps_worker_pushes_acked_total", job=job_id,
-                                     shard=str(s.get("index", 0))) for w in hosts.workers)
-            out.append((int(info["version"]), acked))
-        return out
-
+    counts = functools.partial(acked_counts, hosts, job_id, final["shard_map"]["shards"])
     harness.poll(lambda: (c := counts()) and all(v == a for v, a in c), 60, interval=0.5,
                  what="every shard's version equal to its acknowledged pushes")
     print(f"cut {old_host} from the coordinator: backup promoted after {promoted_s:.1f} s "

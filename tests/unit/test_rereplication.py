@@ -134,3 +134,17 @@ def test_a_lost_joining_copy_leaves_the_map(cluster):
         cluster.heartbeat(node, 1, 9.0)
     table.sweep(cluster, 10.5)
     assert copies_of(job.shard_map.shards[0])[2] == []
+
+
+def test_a_stalled_move_of_an_unreplicated_job_is_dropped_too(cluster):
+    table, job = running(cluster, replicas=1)
+    rereplication.add_copy(job, 1, S1, "h:1")
+    everyone = (S1, S2, S3, "worker-000001")
+    for node in everyone:
+        cluster.heartbeat(node, 1, 9.0)
+    table.sweep(cluster, 10.0)  # its join's clock starts
+    assert copies_of(job.shard_map.shards[1]) == (S2, [], [S1], 1)
+    for node in everyone:
+        cluster.heartbeat(node, 1, 10.0 + rereplication.JOIN_TIMEOUT_S)
+    table.sweep(cluster, 10.5 + rereplication.JOIN_TIMEOUT_S)
+    assert copies_of(job.shard_map.shards[1]) == (S2, [], [], 2)  # and no new copy: R = 1
