@@ -186,20 +186,6 @@ class CoordinatorClient:
         return self._call("Reshard", coordinator_pb2.ReshardRequest(
             job_id=job_id, servers=servers)).reshard
 
-    def wait_reshard(self, job_id: str, timeout_s: float,
-                     interval_s: float = 0.25) -> coordinator_pb2.ReshardProgress:
-        """Polls the job until its latest reshard is over (done or failed); returns it.
-        Raises TimeoutError after timeout_s."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            reshard = self.job(job_id).reshard
-            if reshard.state != coordinator_pb2.RESHARD_STATE_RUNNING:
-                return reshard
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id}: reshard still running after {timeout_s:g}s "
-                                   f"({reshard.moves_done} of {reshard.moves_total} moves done)")
-            time.sleep(interval_s)
-
     def nodes(self) -> list[coordinator_pb2.NodeInfo]:
         return list(self._call("ListNodes", coordinator_pb2.ListNodesRequest()).nodes)
 

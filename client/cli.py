@@ -7,6 +7,7 @@ import argparse
 import json
 import secrets
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def cmd_reshard(args) -> int:
         reshard = client.reshard(args.job, args.servers)
         if args.wait:
             try:
-                reshard = client.wait_reshard(args.job, args.timeout)
+                reshard = wait_reshard(client, args.job, args.timeout)
             except TimeoutError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return exitcodes.TIMEOUT
@@ -134,6 +135,21 @@ def cmd_reshard(args) -> int:
         print("\n".join(progress.reshard_lines(reshard)))
     failed = reshard.state == coordinator_pb2.RESHARD_STATE_FAILED
     return exitcodes.FAILURE if failed else exitcodes.OK
+
+
+def wait_reshard(client: CoordinatorClient, job_id: str, timeout_s: float,
+                 interval_s: float = 0.25) -> coordinator_pb2.ReshardProgress:
+    """Polls the job until its latest reshard is over (done or failed); returns it.
+    Raises TimeoutError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reshard = client.job(job_id).reshard
+        if reshard.state != coordinator_pb2.RESHARD_STATE_RUNNING:
+            return reshard
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id}: reshard still running after {timeout_s:g}s "
+                               f"({reshard.moves_done} of {reshard.moves_total} moves done)")
+        time.sleep(interval_s)
 
 
 def cmd_nodes(args) -> int:

@@ -264,7 +264,7 @@ class JobShards:
                 return fn()
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
-                self._refused(what, code, details)
+                _refused(ctx, self.wire, what, code, details)
                 # A shard that moved (a failover, a reshard, a server back elsewhere) is
                 # on the new map at once: retry there without a pause, once in a row.
                 if not followed and self._refresh_shard_map():
@@ -286,23 +286,6 @@ class JobShards:
                 self._refresh_shard_map()
                 if what in ("pull", "push"):
                     self.check_rollback()
-
-    def _refused(self, what: str, code: grpc.StatusCode, details: str) -> None:
-        """Raises what a failed call means; returns only for a transient error (retry it)."""
-        ctx = self._ctx
-        action = recovery.classify(code, details)
-        if action == recovery.INVALID:  # we sent something wrong
-            raise ctx.fail(f"server rejected {what}: {details}") from None
-        if action == recovery.FENCED:
-            ctx.metrics.refused.labels(reason="fenced").inc()
-            raise End("fenced", f"{what} refused: {details}") from None
-        if action == recovery.RESYNC:
-            ctx.metrics.refused.labels(reason="step_ahead").inc()
-            logger.info("job %s: %s refused (%s); pulling again", ctx.job_id, what, details)
-            self.wire.reset()  # the residuals belong to a push that was not applied
-            raise Rewind(None) from None
-        if action == recovery.ABANDON:
-            raise End("abandoned", f"{what} failed: {code.name}: {details}") from None
 
     def _refresh_shard_map(self) -> bool:
         """Follows the coordinator's shard map (best effort: it may be down as well);
@@ -334,3 +317,21 @@ class JobShards:
                        assignment.rollback_version, assignment.rollback_version)
         self.wire.reset()  # owed to steps that are replayed from the restored weights
         raise Rewind(assignment.rollback_version)
+
+
+def _refused(ctx: JobContext, wire: WirePush, what: str, code: grpc.StatusCode,
+             details: str) -> None:
+    """Raises what a failed call means; returns only for a transient error (retry it)."""
+    action = recovery.classify(code, details)
+    if action == recovery.INVALID:  # we sent something wrong
+        raise ctx.fail(f"server rejected {what}: {details}") from None
+    if action == recovery.FENCED:
+        ctx.metrics.refused.labels(reason="fenced").inc()
+        raise End("fenced", f"{what} refused: {details}") from None
+    if action == recovery.RESYNC:
+        ctx.metrics.refused.labels(reason="step_ahead").inc()
+        logger.info("job %s: %s refused (%s); pulling again", ctx.job_id, what, details)
+        wire.reset()  # the residuals belong to a push that was not applied
+        raise Rewind(None) from None
+    if action == recovery.ABANDON:
+        raise End("abandoned", f"{what} failed: {code.name}: {details}") from None

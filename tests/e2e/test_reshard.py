@@ -21,7 +21,7 @@ STEP_DELAY_MS = "30"  # bounds the rate (< 33 steps/s), so the job outlasts both
 DONE = coordinator_pb2.RESHARD_STATE_DONE
 
 
-def spec(name: str) -> str:
+def spec(name: str, steps: int = STEPS) -> str:
     return f"""
 name: {name}
 seed: 5
@@ -30,7 +30,7 @@ data: {{dataset: digits, batch_size: 64, shuffle: true}}
 optimizer: {{lr: 0.002}}
 consistency: {{mode: sync}}
 cluster: {{servers: 2, workers: 2, shards: 4}}
-stop: {{max_steps: {STEPS}, eval_every: 1000}}
+stop: {{max_steps: {steps}, eval_every: 1000}}
 checkpoint: {{every_steps: 0}}
 """
 
@@ -143,11 +143,12 @@ def test_a_sync_job_resharded_from_2_to_4_servers_and_back_is_bitwise_a_run_that
 def test_refused_reshards_change_nothing(tmp_path):
     """`shardps reshard` with N beyond the servers there are, beyond the shards or below 1,
     of an unknown job or of one that has ended, is refused with a message naming what is
-    wrong, and changes nothing (a reshard while one runs: tests/unit/test_resharding.py)."""
+    wrong, and changes nothing (a reshard while one runs: tests/unit/test_resharding.py);
+    one that can be done, with --wait, returns once its move is done."""
     cluster = Cluster(tmp_path, servers=3, workers=1,
                       worker_args=[["--step-delay-ms", STEP_DELAY_MS]])
     try:
-        job_id = cluster.client.submit(spec("refused").replace("workers: 2", "workers: 1"))
+        job_id = cluster.client.submit(spec("refused", 5000).replace("workers: 2", "workers: 1"))
         cluster.wait_step(job_id, 5)
         before = cluster.client.job(job_id).shard_map
         for n, message in [(4, "servers: 4 needs 2 more server(s) than the job's 2; only 1"),
@@ -162,6 +163,9 @@ def test_refused_reshards_change_nothing(tmp_path):
         info = cluster.client.job(job_id)
         assert info.shard_map == before and not info.reshard.moves_total
         assert info.reshard.state == coordinator_pb2.RESHARD_STATE_UNSPECIFIED
+        shown = cluster.cli("reshard", job_id, "--servers", "3", "--wait")  # one shard moves
+        assert "done: 2 -> 3 servers, 1 of 1 moves done" in shown, shown
+        assert len({s.server_id for s in cluster.client.job(job_id).shard_map.shards}) == 3
         cluster.client.cancel(job_id)
         out = harness.run_cli("reshard", job_id, "--servers", "3", "--coordinator",
                               cluster.coord.address, timeout=60)
