@@ -70,7 +70,7 @@ class Reshard:
 def start(job: Job, n: int, membership: Membership, hosted: dict[str, int],
           now: float) -> Reshard:
     """Plans a reshard of `job` to `n` servers and starts its first moves. `hosted` is each
-    server's count of non-final jobs (free servers with the fewest are taken first).
+    alive server's count of non-final jobs (free servers with the fewest are taken first).
 
     Raises:
         JobStateError: the job is not running, or a reshard of it is running, or a server
@@ -80,9 +80,9 @@ def start(job: Job, n: int, membership: Membership, hosted: dict[str, int],
     _check_startable(job, membership)
     assert job.shard_map is not None
     shards = job.shard_map.shards
-    free = sorted((s.node_id for s in membership.alive() if s.node_id in hosted
-                   and s.node_id not in job.servers), key=lambda s: (hosted[s], s))
-    after = choose_servers(job.servers, n, free, shards=len(shards),
+    current = [s for s in job.servers if s in hosted]  # alive (a lost one holds no copy)
+    free = sorted((s for s in hosted if s not in job.servers), key=lambda s: (hosted[s], s))
+    after = choose_servers(current, n, free, shards=len(shards),
                            replicas=int(job.spec["cluster"].get("replicas", 1)))
     if int(job.spec["cluster"].get("replicas", 1)) == 1:
         for shard in shards:  # joining copies left by a reshard a coordinator restart ended

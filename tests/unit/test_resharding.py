@@ -165,3 +165,17 @@ def test_a_reshard_of_a_job_that_ends_fails(cluster):
     table.sweep(cluster, 3.0)
     assert job.reshard.state == pb.RESHARD_STATE_FAILED
     assert job.reshard.message == "the job ended (CANCELLED)"
+
+
+def test_a_server_lost_before_the_reshard_is_replaced_by_a_free_one(cluster):
+    """R = 2 on 2 servers; S2 dies (its shards fail over to S1, which holds them all now):
+    a reshard to 2 keeps the live S1 and takes a free server in S2's place."""
+    table, job = running(cluster, replicas=2)
+    for node in (S1, S3, S4, W):
+        cluster.heartbeat(node, 1, 9.0)
+    table.sweep(cluster, 10.5)
+    assert [s.server_id for s in job.shard_map.shards] == [S1] * 4
+    reshard = table.reshard(job.job_id, 2, cluster, 11.0)
+    assert reshard.after == [S1, S3] and reshard.running
+    assert {(r.move.source, r.move.target) for r in reshard.runs} == {(S1, S3)}
+    assert len(reshard.runs) == 2
