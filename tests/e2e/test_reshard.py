@@ -12,6 +12,7 @@ import time
 import pytest
 
 from shardps.proto import common_pb2, coordinator_pb2, ps_pb2, ps_pb2_grpc
+from shardps.proto.states import FINAL_STATES
 from shardps.runtime import rpc
 from tests import harness
 from tests.e2e.test_recovery import Cluster, assert_same_state, checkpointed_state
@@ -21,14 +22,14 @@ STEP_DELAY_MS = "30"  # bounds the rate (< 33 steps/s), so the job outlasts both
 DONE = coordinator_pb2.RESHARD_STATE_DONE
 
 
-def spec(name: str, steps: int = STEPS) -> str:
+def spec(name: str, steps: int = STEPS, mode: str = "sync") -> str:
     return f"""
 name: {name}
 seed: 5
 model: {{name: mlp, kwargs: {{hidden: [32]}}}}
 data: {{dataset: digits, batch_size: 64, shuffle: true}}
 optimizer: {{lr: 0.002}}
-consistency: {{mode: sync}}
+consistency: {{mode: {mode}}}
 cluster: {{servers: 2, workers: 2, shards: 4}}
 stop: {{max_steps: {steps}, eval_every: 1000}}
 checkpoint: {{every_steps: 0}}
@@ -90,10 +91,7 @@ def reshard(cluster: Cluster, job_id: str, servers: int, steps: Steps) -> tuple[
 
 def held(address: str, job_id: str) -> list[int]:
     """The shards of the job a server holds (GetShardInfo)."""
-    with rpc.make_channel(address) as channel:
-        reply = ps_pb2_grpc.ParameterServerStub(channel).GetShardInfo(
-            ps_pb2.GetShardInfoRequest(job_id=job_id), timeout=rpc.CONTROL_DEADLINE_S)
-    return sorted(s.shard_index for s in reply.shards)
+    return sorted(s.shard_index for s in info(address, job_id))
 
 
 @pytest.mark.timeout(240)
@@ -138,6 +136,49 @@ def test_a_sync_job_resharded_from_2_to_4_servers_and_back_is_bitwise_a_run_that
             assert during > 0.5 * before, f"to {servers} servers: {during:.1f} <= half of {before:.1f}"
     finally:
         cluster.stop()
+
+
+@pytest.mark.timeout(240)
+def test_an_async_job_resharded_loses_no_acknowledged_push(tmp_path):
+    """async, 2 workers, 4 shards from 2 servers to 4 and back: every shard's version (async:
+    pushes applied) equals the pushes the workers saw acknowledged."""
+    cluster = Cluster(tmp_path, servers=4, workers=2,
+                      worker_args=[["--step-delay-ms", STEP_DELAY_MS]] * 2)
+    try:
+        job_id = cluster.client.submit(spec("async", mode="async"))
+        cluster.wait_step(job_id, 30)
+        for servers in (4, 2):
+            assert cluster.client.reshard(job_id, servers).moves_total == 2
+            harness.poll(lambda: cluster.client.job(job_id).reshard.state == DONE, 60,
+                         interval=0.05, what=f"the reshard to {servers} servers done")
+        final = cluster.final(job_id)
+        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        shards = final.shard_map.shards
+
+        def counts() -> list[tuple[int, float]]:
+            """(version, pushes acknowledged) per shard, once every primary has frozen."""
+            infos = [next(i for i in info(s.address, job_id) if i.shard_index == s.index)
+                     for s in shards]
+            if not all(i.state in FINAL_STATES for i in infos):
+                return []
+            return [(i.version, sum(w.metric("shardps_worker_pushes_acked_total", job=job_id,
+                                             shard=str(i.shard_index)) for w in cluster.workers))
+                    for i in infos]
+
+        try:
+            harness.poll(lambda: (c := counts()) and all(v == a for v, a in c), 30,
+                         what="every shard's version equal to its acknowledged pushes")
+        finally:
+            print("per shard (version, pushes acknowledged):", counts())
+        assert all(v > 0 for v, _ in counts())
+    finally:
+        cluster.stop()
+
+
+def info(address: str, job_id: str) -> list[ps_pb2.ShardInfo]:
+    with rpc.make_channel(address) as channel:
+        return list(ps_pb2_grpc.ParameterServerStub(channel).GetShardInfo(
+            ps_pb2.GetShardInfoRequest(job_id=job_id), timeout=rpc.CONTROL_DEADLINE_S).shards)
 
 
 def test_refused_reshards_change_nothing(tmp_path):
