@@ -179,6 +179,13 @@ class CoordinatorClient:
         """Cancels a job; returns its state afterwards (a final job keeps its state)."""
         return self._call("CancelJob", coordinator_pb2.CancelJobRequest(job_id=job_id)).state
 
+    def reshard(self, job_id: str, servers: int) -> coordinator_pb2.ReshardProgress:
+        """Starts spreading a running job's shards over `servers` servers; returns the plan
+        (its moves run while the job trains; `job(job_id).reshard` shows how far they got).
+        Raises ClientError for a refusal (nothing changes)."""
+        return self._call("Reshard", coordinator_pb2.ReshardRequest(
+            job_id=job_id, servers=servers)).reshard
+
     def nodes(self) -> list[coordinator_pb2.NodeInfo]:
         return list(self._call("ListNodes", coordinator_pb2.ListNodesRequest()).nodes)
 

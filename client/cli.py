@@ -1,4 +1,5 @@
-"""`shardps`: the command line client (submit, status, watch, cancel, nodes, export, local)."""
+"""`shardps`: the command line client (submit, status, watch, cancel, reshard, nodes, export,
+local)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import argparse
 import json
 import secrets
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from shardps.client import api, progress
 from shardps.client.api import ClientError, CoordinatorClient
 from shardps.client.cliparser import build_parser
-from shardps.proto import exitcodes
+from shardps.proto import coordinator_pb2, exitcodes
 from shardps.proto.states import SUCCESS_STATES, state_name
 from shardps.runtime import daemon
 
@@ -118,6 +120,38 @@ def cmd_cancel(args) -> int:
     return exitcodes.OK
 
 
+def cmd_reshard(args) -> int:
+    with CoordinatorClient(args.coordinator) as client:
+        reshard = client.reshard(args.job, args.servers)
+        if args.wait:
+            try:
+                reshard = wait_reshard(client, args.job, args.timeout)
+            except TimeoutError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return exitcodes.TIMEOUT
+    if args.output == "json":
+        _emit(progress.to_json(reshard))
+    else:
+        print("\n".join(progress.reshard_lines(reshard)))
+    failed = reshard.state == coordinator_pb2.RESHARD_STATE_FAILED
+    return exitcodes.FAILURE if failed else exitcodes.OK
+
+
+def wait_reshard(client: CoordinatorClient, job_id: str, timeout_s: float,
+                 interval_s: float = 0.25) -> coordinator_pb2.ReshardProgress:
+    """Polls the job until its latest reshard is over (done or failed); returns it.
+    Raises TimeoutError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reshard = client.job(job_id).reshard
+        if reshard.state != coordinator_pb2.RESHARD_STATE_RUNNING:
+            return reshard
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id}: reshard still running after {timeout_s:g}s "
+                               f"({reshard.moves_done} of {reshard.moves_total} moves done)")
+        time.sleep(interval_s)
+
+
 def cmd_nodes(args) -> int:
     with CoordinatorClient(args.coordinator) as client:
         nodes = client.nodes()
@@ -187,6 +221,7 @@ def cmd_local(args) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "submit": cmd_submit, "resume": cmd_resume, "checkpoint": cmd_checkpoint,
     "status": cmd_status, "watch": cmd_watch, "cancel": cmd_cancel, "nodes": cmd_nodes,
+    "reshard": cmd_reshard,
     "export": cmd_export, "plot": cmd_plot, "certs": cmd_certs, "local": cmd_local,
     "data": cmd_data,
 }

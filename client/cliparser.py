@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_job_commands(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser,
                      follow: argparse.ArgumentParser) -> None:
-    """submit, resume, checkpoint, status, watch, cancel: a job's life on a cluster."""
+    """submit, resume, checkpoint, status, watch, cancel, reshard: a job's life on a
+    cluster."""
     p = sub.add_parser("submit", parents=[common, follow], help="submit a job spec (YAML)")
     p.add_argument("spec", help="path to the job spec, or - for stdin")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
@@ -59,6 +60,15 @@ def add_job_commands(sub: Subparsers[argparse.ArgumentParser], common: argparse.
 
     p = sub.add_parser("cancel", parents=[common], help="cancel a job")
     p.add_argument("job", help="job id")
+
+    p = sub.add_parser("reshard", parents=[common],
+                       help="spread a running job's shards over N servers while it trains")
+    p.add_argument("job", help="job id")
+    p.add_argument("--servers", type=int, required=True, metavar="N",
+                   help="servers afterwards: the job's first N, or all of them and free ones")
+    p.add_argument("--wait", action="store_true", help="return once every move is done")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="with --wait: seconds to wait for the moves")
 
 
 def add_inspect_commands(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:

@@ -101,6 +101,7 @@ def job_detail(job: coordinator_pb2.JobInfo) -> str:
     if job.rollback_id:
         lines.append(f"rollbacks  {job.rollback_id} (a server restored a checkpoint; last back "
                      f"to version {job.rollback_version}, steps since replayed)")
+    lines += reshard_lines(job.reshard)
     if job.losses:
         curve = [p.loss for p in job.losses]
         lines.append(f"loss curve {sparkline(curve)}  {curve[0]:.3f} -> {curve[-1]:.3f}")
@@ -125,6 +126,21 @@ def job_detail(job: coordinator_pb2.JobInfo) -> str:
                 row += [",".join(copies) or "-", str(s.replica_epoch)]
         lines.append(table(header, rows))
     return "\n".join(lines)
+
+
+def reshard_lines(reshard: coordinator_pb2.ReshardProgress) -> list[str]:
+    """The latest reshard of a job (none if it was never resharded): its state, servers,
+    moves done, and each move not done yet."""
+    if reshard.state == coordinator_pb2.RESHARD_STATE_UNSPECIFIED:
+        return []
+    state = coordinator_pb2.ReshardState.Name(reshard.state).removeprefix("RESHARD_STATE_")
+    lines = [f"reshard    {state.lower()}: {len(reshard.servers_before)} -> "
+             f"{len(reshard.servers_after)} servers, {reshard.moves_done} of "
+             f"{reshard.moves_total} moves done in {reshard.elapsed_ms / 1000:.1f} s"
+             + (f" ({reshard.message})" if reshard.message else "")]
+    lines += [f"           shard {m.shard_index} {m.source} -> {m.target}: {m.phase}"
+              for m in reshard.moves if m.phase != "done"]
+    return lines
 
 
 def nodes_table(nodes: list[coordinator_pb2.NodeInfo]) -> str:

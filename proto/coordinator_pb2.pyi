@@ -14,6 +14,13 @@ class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_STATE_ALIVE: _ClassVar[NodeState]
     NODE_STATE_DEAD: _ClassVar[NodeState]
 
+class ReshardState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESHARD_STATE_UNSPECIFIED: _ClassVar[ReshardState]
+    RESHARD_STATE_RUNNING: _ClassVar[ReshardState]
+    RESHARD_STATE_DONE: _ClassVar[ReshardState]
+    RESHARD_STATE_FAILED: _ClassVar[ReshardState]
+
 class WorkerAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     WORKER_ACTION_UNSPECIFIED: _ClassVar[WorkerAction]
@@ -22,6 +29,10 @@ class WorkerAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 NODE_STATE_UNSPECIFIED: NodeState
 NODE_STATE_ALIVE: NodeState
 NODE_STATE_DEAD: NodeState
+RESHARD_STATE_UNSPECIFIED: ReshardState
+RESHARD_STATE_RUNNING: ReshardState
+RESHARD_STATE_DONE: ReshardState
+RESHARD_STATE_FAILED: ReshardState
 WORKER_ACTION_UNSPECIFIED: WorkerAction
 WORKER_ACTION_CONTINUE: WorkerAction
 WORKER_ACTION_STOP: WorkerAction
@@ -203,7 +214,7 @@ class EvalPoint(_message.Message):
     def __init__(self, step: _Optional[int] = ..., metric: _Optional[str] = ..., value: _Optional[float] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "name", "state", "reason", "spec_yaml", "created_ms", "ended_ms", "step", "max_steps", "loss", "metric", "metric_value", "best_metric", "best_step", "steps_per_s", "samples", "workers", "servers", "shard_map", "layout", "losses", "evals", "has_eval", "epoch", "resume_from", "rollback_id", "rollback_version", "final_version")
+    __slots__ = ("job_id", "name", "state", "reason", "spec_yaml", "created_ms", "ended_ms", "step", "max_steps", "loss", "metric", "metric_value", "best_metric", "best_step", "steps_per_s", "samples", "workers", "servers", "shard_map", "layout", "losses", "evals", "has_eval", "epoch", "resume_from", "rollback_id", "rollback_version", "final_version", "reshard")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +243,7 @@ class JobInfo(_message.Message):
     ROLLBACK_ID_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINAL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESHARD_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: _common_pb2.JobState
@@ -260,7 +272,56 @@ class JobInfo(_message.Message):
     rollback_id: int
     rollback_version: int
     final_version: int
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., reason: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., created_ms: _Optional[int] = ..., ended_ms: _Optional[int] = ..., step: _Optional[int] = ..., max_steps: _Optional[int] = ..., loss: _Optional[float] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ..., best_metric: _Optional[float] = ..., best_step: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., samples: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerProgress, _Mapping]]] = ..., servers: _Optional[_Iterable[str]] = ..., shard_map: _Optional[_Union[_common_pb2.ShardMap, _Mapping]] = ..., layout: _Optional[_Union[_common_pb2.Layout, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., has_eval: _Optional[bool] = ..., epoch: _Optional[int] = ..., resume_from: _Optional[str] = ..., rollback_id: _Optional[int] = ..., rollback_version: _Optional[int] = ..., final_version: _Optional[int] = ...) -> None: ...
+    reshard: ReshardProgress
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., reason: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., created_ms: _Optional[int] = ..., ended_ms: _Optional[int] = ..., step: _Optional[int] = ..., max_steps: _Optional[int] = ..., loss: _Optional[float] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ..., best_metric: _Optional[float] = ..., best_step: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., samples: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerProgress, _Mapping]]] = ..., servers: _Optional[_Iterable[str]] = ..., shard_map: _Optional[_Union[_common_pb2.ShardMap, _Mapping]] = ..., layout: _Optional[_Union[_common_pb2.Layout, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., has_eval: _Optional[bool] = ..., epoch: _Optional[int] = ..., resume_from: _Optional[str] = ..., rollback_id: _Optional[int] = ..., rollback_version: _Optional[int] = ..., final_version: _Optional[int] = ..., reshard: _Optional[_Union[ReshardProgress, _Mapping]] = ...) -> None: ...
+
+class ReshardRequest(_message.Message):
+    __slots__ = ("job_id", "servers")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    servers: int
+    def __init__(self, job_id: _Optional[str] = ..., servers: _Optional[int] = ...) -> None: ...
+
+class ReshardResponse(_message.Message):
+    __slots__ = ("reshard",)
+    RESHARD_FIELD_NUMBER: _ClassVar[int]
+    reshard: ReshardProgress
+    def __init__(self, reshard: _Optional[_Union[ReshardProgress, _Mapping]] = ...) -> None: ...
+
+class ShardMove(_message.Message):
+    __slots__ = ("shard_index", "source", "target", "primary", "phase")
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    shard_index: int
+    source: str
+    target: str
+    primary: bool
+    phase: str
+    def __init__(self, shard_index: _Optional[int] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., primary: _Optional[bool] = ..., phase: _Optional[str] = ...) -> None: ...
+
+class ReshardProgress(_message.Message):
+    __slots__ = ("state", "servers_before", "servers_after", "moves_total", "moves_done", "moves", "message", "elapsed_ms")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    MOVES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MOVES_DONE_FIELD_NUMBER: _ClassVar[int]
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    state: ReshardState
+    servers_before: _containers.RepeatedScalarFieldContainer[str]
+    servers_after: _containers.RepeatedScalarFieldContainer[str]
+    moves_total: int
+    moves_done: int
+    moves: _containers.RepeatedCompositeFieldContainer[ShardMove]
+    message: str
+    elapsed_ms: int
+    def __init__(self, state: _Optional[_Union[ReshardState, str]] = ..., servers_before: _Optional[_Iterable[str]] = ..., servers_after: _Optional[_Iterable[str]] = ..., moves_total: _Optional[int] = ..., moves_done: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[ShardMove, _Mapping]]] = ..., message: _Optional[str] = ..., elapsed_ms: _Optional[int] = ...) -> None: ...
 
 class GetJobResponse(_message.Message):
     __slots__ = ("job",)

@@ -84,6 +84,11 @@ class CoordinatorStub:
                 request_serializer=shardps_dot_v1_dot_coordinator__pb2.ReportProgressRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_coordinator__pb2.ReportProgressResponse.FromString,
                 _registered_method=True)
+        self.Reshard = channel.unary_unary(
+                '/shardps.v1.Coordinator/Reshard',
+                request_serializer=shardps_dot_v1_dot_coordinator__pb2.ReshardRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_coordinator__pb2.ReshardResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -155,6 +160,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reshard(self, request, context):
+        """Spreads a running job's shards over N servers, moving shard copies one or two at a time
+        while the job runs (docs/architecture.md, "Resharding"); returns once the moves are
+        planned and started. GetJob shows the progress (JobInfo.reshard).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +221,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportProgress,
                     request_deserializer=shardps_dot_v1_dot_coordinator__pb2.ReportProgressRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_coordinator__pb2.ReportProgressResponse.SerializeToString,
+            ),
+            'Reshard': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reshard,
+                    request_deserializer=shardps_dot_v1_dot_coordinator__pb2.ReshardRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_coordinator__pb2.ReshardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +498,33 @@ class Coordinator:
             '/shardps.v1.Coordinator/ReportProgress',
             shardps_dot_v1_dot_coordinator__pb2.ReportProgressRequest.SerializeToString,
             shardps_dot_v1_dot_coordinator__pb2.ReportProgressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reshard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.Coordinator/Reshard',
+            shardps_dot_v1_dot_coordinator__pb2.ReshardRequest.SerializeToString,
+            shardps_dot_v1_dot_coordinator__pb2.ReshardResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,7 @@ MAX_STEPS = 2**31 - 1       # any count of steps or evaluations (the wire's int6
 MAX_SEED = 2**63 - 1        # torch generators take < 2**64; seed + epoch stays below
 MAX_EPOCHS = 1e6
 MAX_REPLICAS = 8  # copies of a shard (cluster.replicas)
+MAX_SHARDS = 1024  # shards of a job's dense vector (cluster.shards)
 FP32_MAX = 3.4028234663852886e38  # the largest finite float32: servers apply Adam in fp32
 # The smallest Adam eps: fp32 flushes anything below ~1.2e-38 to 0, and then a weight whose
 # gradient is 0 gets 0/0 = NaN. 1e-30 keeps far from that edge (torch's default is 1e-8).
@@ -309,6 +310,10 @@ SCHEMA: dict[str, Any] = {
         # Copies of each shard: a primary and replicas - 1 backups on other servers
         # (docs/architecture.md, "Replicated shards"); 1 = no backups.
         "replicas": (_int(1, MAX_REPLICAS), 1),
+        # Shards of the dense vector (docs/architecture.md, "Resharding"): shard i lives on
+        # server i mod servers; at least cluster.servers; unset = cluster.servers. A job that
+        # may be resharded to N servers needs shards >= N.
+        "shards": (_int(1, MAX_SHARDS), None),
     },
     "transport": {
         "dtype": (_choice(TRANSPORT_DTYPES), "float32"),
@@ -404,6 +409,7 @@ class ClusterSpec(TypedDict):
     servers: ReadOnly[int]
     workers: ReadOnly[int]
     replicas: ReadOnly[int]
+    shards: ReadOnly[int]  # filled in as cluster.servers when the spec leaves it out
 
 
 class TransportSpec(TypedDict):
@@ -547,6 +553,12 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
         raise SpecError("cluster.replicas", f"each copy of a shard needs a server of its own: "
                                             f"{cluster['replicas']} > cluster.servers "
                                             f"{cluster['servers']}")
+    if cluster["shards"] is None:
+        cluster["shards"] = cluster["servers"]
+    if cluster["shards"] < cluster["servers"]:
+        raise SpecError("cluster.shards", f"each server needs a shard of its own: "
+                                          f"{cluster['shards']} < cluster.servers "
+                                          f"{cluster['servers']}")
     transport = spec["transport"]
     if transport["compress_pull"] != "none" and transport["dtype"] != "float32":
         raise SpecError("transport.compress_pull", f"needs dtype float32, not {transport['dtype']}")

@@ -107,8 +107,13 @@ class RemappableClient:
         self.client = self._connect(shard_map)
 
     def remap(self, shard_map: common_pb2.ShardMap) -> bool:
-        """Switches to `shard_map` if it differs (e.g. a server came back elsewhere)."""
+        """Switches to `shard_map` if it sends a shard elsewhere (a server came back at
+        another address, a primary moved); returns whether it did. A map that changes only
+        backups or epochs is kept without reconnecting."""
         if not shard_map.shards or shard_map == self.shard_map:
+            return False
+        if _routes(shard_map) == _routes(self.shard_map):
+            self.shard_map = shard_map
             return False
         old, self.client = self.client, self._connect(shard_map)
         self.shard_map = shard_map
@@ -155,6 +160,11 @@ class RemappableClient:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _routes(shard_map: common_pb2.ShardMap) -> list[tuple[int, str, int, int]]:
+    """What a client of the map reaches: each shard's index, primary address and range."""
+    return [(s.index, s.address, s.offset, s.length) for s in shard_map.shards]
 
 
 def backup_layers(shard_map: common_pb2.ShardMap) -> list[common_pb2.ShardMap]:

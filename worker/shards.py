@@ -234,6 +234,10 @@ class JobShards:
                                        f"{PULL_PATIENCE_S:.0f} s; versions {result.versions}")
             if ctx.reports.buffer.due(now):  # keep the coordinator informed while we wait
                 ctx.reports.send()
+            if any(s.replica_epoch for s in self._client.shard_map.shards):
+                # A copy that has since given its shard up (a failover, a reshard) keeps
+                # answering pulls but never reaches the version: follow the map.
+                self._refresh_shard_map()
 
     def _start_pull(self, dest: torch.Tensor, kwargs: dict[str, int]) -> PullInFlight:
         """An overlapped pull once its heads are in (its readers stopped if it failed)."""
@@ -246,20 +250,29 @@ class JobShards:
 
         Transient errors (a server down, restarting, or not yet told of a membership change)
         are retried with backoff for PS_OUTAGE_S; between tries the shard map is re-read, so
-        a server that came back at another address is followed, and (pull/push) a rollback
-        ends the call. A fenced push ends the job here (the daemon registers again); a push
-        ahead of a restored shard's round rewinds to a pull.
+        a server that came back at another address is followed (a try on a map that just
+        changed goes at once, without the pause), and (pull/push) a rollback ends the call.
+        A fenced push ends the job here (the daemon registers again); a push ahead of a
+        restored shard's round rewinds to a pull.
         """
         ctx = self._ctx
         replicated = any(s.replica_epoch for s in self._client.shard_map.shards)
         backoff = Backoff(PS_BACKOFF_S, FAILOVER_MAX_BACKOFF_S if replicated else PS_MAX_BACKOFF_S,
                           PS_OUTAGE_S, ctx.clock)
+        followed = False  # the last retry went at once to a new map
         while True:
             try:
                 return fn()
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
-                self._refused(what, code, details)
+                _refused(ctx, self.wire, what, code, details)
+                # A shard that moved (a failover, a reshard, a server back elsewhere) is
+                # on the new map at once: retry there without a pause, once in a row.
+                if not followed and self._refresh_shard_map():
+                    followed = True
+                    ctx.metrics.retries.labels(call=what, code=code.name).inc()
+                    continue
+                followed = False
                 if backoff.expired():
                     raise End("abandoned", f"{what} failed: {code.name}: {details}"
                               + (f" (for {PS_OUTAGE_S:.0f} s)" if backoff.tries else "")) from None
@@ -275,35 +288,21 @@ class JobShards:
                 if what in ("pull", "push"):
                     self.check_rollback()
 
-    def _refused(self, what: str, code: grpc.StatusCode, details: str) -> None:
-        """Raises what a failed call means; returns only for a transient error (retry it)."""
-        ctx = self._ctx
-        action = recovery.classify(code, details)
-        if action == recovery.INVALID:  # we sent something wrong
-            raise ctx.fail(f"server rejected {what}: {details}") from None
-        if action == recovery.FENCED:
-            ctx.metrics.refused.labels(reason="fenced").inc()
-            raise End("fenced", f"{what} refused: {details}") from None
-        if action == recovery.RESYNC:
-            ctx.metrics.refused.labels(reason="step_ahead").inc()
-            logger.info("job %s: %s refused (%s); pulling again", ctx.job_id, what, details)
-            self.wire.reset()  # the residuals belong to a push that was not applied
-            raise Rewind(None) from None
-        if action == recovery.ABANDON:
-            raise End("abandoned", f"{what} failed: {code.name}: {details}") from None
-
-    def _refresh_shard_map(self) -> None:
-        """Follows the coordinator's shard map (best effort: it may be down as well)."""
+    def _refresh_shard_map(self) -> bool:
+        """Follows the coordinator's shard map (best effort: it may be down as well);
+        returns whether it changed."""
         ctx = self._ctx
         try:
             job = ctx.coordinator.call("GetJob", coordinator_pb2.GetJobRequest(
                 job_id=ctx.job_id), attempts=1).job
         except (grpc.RpcError, Unreachable):
-            return
+            return False
         self.rows.remap(job.shard_map)
-        if self._client.remap(job.shard_map):
-            logger.info("job %s: shard map version %d: %s", ctx.job_id, job.shard_map.version,
-                        ", ".join(f"{s.index}@{s.address}" for s in job.shard_map.shards))
+        if not self._client.remap(job.shard_map):
+            return False
+        logger.info("job %s: shard map version %d: %s", ctx.job_id, job.shard_map.version,
+                    ", ".join(f"{s.index}@{s.address}" for s in job.shard_map.shards))
+        return True
 
     def check_rollback(self) -> None:
         """Raises Rewind if the coordinator has announced a rollback we have not taken."""
@@ -319,3 +318,21 @@ class JobShards:
                        assignment.rollback_version, assignment.rollback_version)
         self.wire.reset()  # owed to steps that are replayed from the restored weights
         raise Rewind(assignment.rollback_version)
+
+
+def _refused(ctx: JobContext, wire: WirePush, what: str, code: grpc.StatusCode,
+             details: str) -> None:
+    """Raises what a failed call means; returns only for a transient error (retry it)."""
+    action = recovery.classify(code, details)
+    if action == recovery.INVALID:  # we sent something wrong
+        raise ctx.fail(f"server rejected {what}: {details}") from None
+    if action == recovery.FENCED:
+        ctx.metrics.refused.labels(reason="fenced").inc()
+        raise End("fenced", f"{what} refused: {details}") from None
+    if action == recovery.RESYNC:
+        ctx.metrics.refused.labels(reason="step_ahead").inc()
+        logger.info("job %s: %s refused (%s); pulling again", ctx.job_id, what, details)
+        wire.reset()  # the residuals belong to a push that was not applied
+        raise Rewind(None) from None
+    if action == recovery.ABANDON:
+        raise End("abandoned", f"{what} failed: {code.name}: {details}") from None

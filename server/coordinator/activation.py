@@ -35,13 +35,14 @@ def set_layout(job: Job, node_id: str, incarnation: int, layout: common_pb2.Layo
                             f"({job.layout.total} elements); got {layout.fingerprint} "
                             f"({layout.total} elements)")
     servers = [(s, membership.get(s).address) for s in job.servers]
-    shard_map = build_shard_map(layout.total, servers)
-    place_backups(shard_map, servers, job.spec["cluster"].get("replicas", 1))
+    cluster = job.spec["cluster"]
+    shard_map = build_shard_map(layout.total, servers, cluster.get("shards") or len(servers))
+    place_backups(shard_map, servers, cluster.get("replicas", 1))
     job.layout = common_pb2.Layout()
     job.layout.CopyFrom(layout)
     job.shard_map = shard_map
-    log.info("job %s layout %s: %d elements over %d servers", job.job_id, layout.fingerprint,
-             layout.total, len(job.servers))
+    log.info("job %s layout %s: %d elements in %d shards over %d servers", job.job_id,
+             layout.fingerprint, layout.total, len(shard_map.shards), len(job.servers))
     return shard_map
 
 

@@ -8,6 +8,7 @@ change it, under the lock of the table's owner.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from shardps.proto import common_pb2
 from shardps.proto.spec import JobSpec, dump_spec
@@ -17,6 +18,9 @@ from .convergence import ConvergenceTracker
 from .endings import Ending
 from .history import JobHistory
 from .recovery import Rollback
+
+if TYPE_CHECKING:
+    from .resharding import Reshard
 
 PENDING = common_pb2.JOB_STATE_PENDING
 RUNNING = common_pb2.JOB_STATE_RUNNING
@@ -45,7 +49,9 @@ class Job:
     state: common_pb2.JobState = PENDING
     reason: str = ""
     ended: float | None = None
-    servers: list[str] = field(default_factory=list)  # node ids in shard order
+    # Node ids: shard i starts on server i mod len(servers); during a reshard, the servers
+    # before and after it.
+    servers: list[str] = field(default_factory=list)
     workers: list[str] = field(default_factory=list)  # live workers in rank order
     assigned_workers: list[str] = field(default_factory=list)  # every worker it ever had
     epoch: int = 0  # membership epoch: 1 at assignment, +1 whenever a worker is lost
@@ -56,6 +62,7 @@ class Job:
     rollback: Rollback = field(default_factory=Rollback)  # sync: the last checkpoint rollback
     resume_from: str = ""  # the ended job whose checkpoints this one continues from
     ending: Ending = field(default_factory=Ending)  # final version, late reports
+    reshard: Reshard | None = None  # the latest reshard (resharding.py), None if never
     tracker: ConvergenceTracker = field(init=False)
     spec_yaml: str = ""  # the normalised spec as canonical YAML (dumped from spec if "")
 

@@ -9,6 +9,7 @@ entry point; each concern lives in its own module, over the table's JobStore:
 - reports.py: progress reports and the verdicts they bring
 - settling.py: what still counts after a job's end (endings.py holds the rules)
 - failures.py: lost, re-registered and moved nodes, restored shards, timeouts
+- resharding.py: a running job's shards moved onto N servers (reshardplan.py plans it)
 
 The rules are those of docs/architecture.md, "Job life cycle" and "Failures".
 """
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from shardps.proto import common_pb2
 from shardps.proto.spec import NormalisedSpec
 
-from . import activation, failures, replicas, reports, scheduling, settling
+from . import activation, failures, replicas, reports, resharding, scheduling, settling
 from .convergence import Verdict
 from .history import MAX_POINTS, Evaluation, StepReport
 from .job import (
@@ -192,9 +193,36 @@ class JobTable:
         return job is None or replicas.holds(job.shard_map, node_id, index)
 
     def sweep(self, membership: Membership, now: float) -> list[Node]:
-        """Expires leases (dropping dead workers from their jobs) and fails jobs that took
-        too long to initialise. Returns the nodes that just died."""
-        return failures.sweep(self._store, membership, now, self.init_timeout_s)
+        """Expires leases (dropping dead workers from their jobs), fails jobs that took
+        too long to initialise and moves running reshards on. Returns the nodes that just
+        died."""
+        died = failures.sweep(self._store, membership, now, self.init_timeout_s)
+        self.advance_reshards(membership, now)
+        return died
+
+    def advance_reshards(self, membership: Membership, now: float) -> None:
+        """Moves every running reshard on (resharding.advance): also called right after a
+        server reports a copy caught up, so that its heartbeat's reply already names it the
+        shard's primary (it would learn so a heartbeat later, the shard's pushes stalled
+        meanwhile)."""
+        resharding.advance_all(self._store.all.values(), membership, now)
+
+    # -- resharding ------------------------------------------------------------------------
+
+    def reshard(self, job_id: str, servers: int, membership: Membership,
+                now: float) -> resharding.Reshard:
+        """Starts spreading a running job's shards over `servers` servers
+        (resharding.start); free servers with the fewest jobs are added first.
+
+        Raises:
+            UnknownJobError: an unknown job.
+            JobStateError: the job is not running, is being resharded, or has a dead server.
+            PlanError (a ValueError): `servers` out of range; nothing changes.
+        """
+        job = self.get(job_id)
+        hosted = {n.node_id: self._store.hosted(n.node_id)
+                  for n in membership.alive(common_pb2.ROLE_SERVER)}
+        return resharding.start(job, servers, membership, hosted, now)
 
     def node_registered(self, node: Node, now: float) -> None:
         """Applies a re-registration: the previous incarnation of a worker has left its job,

@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 
 def place_backups(shard_map: common_pb2.ShardMap, servers: Sequence[tuple[str, str]],
                   replicas: int) -> None:
-    """Gives shard i of a fresh map (shard i on server i) the backups i+1, ..., i+replicas-1
-    (mod the server count), so each server holds one primary and replicas - 1 backups.
-    replicas = 1 leaves the map as it is (no backups, epoch 0)."""
+    """Gives shard i of a fresh map (shard i on server i mod n, for n servers) the backups on
+    servers i+1, ..., i+replicas-1 (mod n), so each server holds as many backups of each
+    layer as primaries. replicas = 1 leaves the map as it is (no backups, epoch 0)."""
     if replicas <= 1:
         return
     if replicas > len(servers):

@@ -146,9 +146,13 @@ def _check_resumable(store: JobStore, old_id: str, spec: JobSpec,
                                 "before resuming it")
         if old.layout is None:
             raise JobStateError(f"job {old_id} never had weights: nothing to resume")
-        shards = len(old.servers)
+        shards = len(old.shard_map.shards) if old.shard_map is not None else len(old.servers)
+    # A resumed job puts shard i on a server holding its checkpoints, one shard per server.
     if spec["cluster"]["servers"] != shards:
         raise ValueError(f"cluster.servers: must be {shards}, the shard count of job "
+                         f"{old_id}, to resume it")
+    if spec["cluster"].get("shards", shards) != shards:
+        raise ValueError(f"cluster.shards: must be {shards}, the shard count of job "
                          f"{old_id}, to resume it")
 
 

@@ -18,7 +18,7 @@ from shardps.proto import coordinator_pb2 as pb
 from shardps.proto.spec import SpecError, normalise
 from shardps.proto.states import FINAL_STATES
 
-from . import callchecks, shardreports, views
+from . import callchecks, resharding, shardreports, views
 from .callchecks import MAX_FAILURE_TEXT, required
 from .history import Evaluation, StepReport
 from .jobs import INIT_TIMEOUT_S, JobTable
@@ -139,6 +139,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 shardreports.apply(self._jobs, self.metrics, node_id, request.restored,
                                    request.frozen)
                 shardreports.caught_up(self._jobs, node_id, request.caught_up)
+                if request.caught_up:  # a move's copy caught up: promoted in this very reply
+                    self._jobs.advance_reshards(self._membership, now)
                 self._jobs.schedule(self._membership, now)
                 if self._membership.get(node_id).role == common_pb2.ROLE_WORKER:
                     self._worker_heartbeat(request, context, wait_ms, reply)
@@ -205,6 +207,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         with self._serving(context) as now:
             state = self._jobs.cancel(required(request.job_id, "job_id"), now)
             return pb.CancelJobResponse(state=state)
+
+    def Reshard(self, request: pb.ReshardRequest,
+                context: grpc.ServicerContext) -> pb.ReshardResponse:
+        with self._serving(context) as now:
+            reshard = self._jobs.reshard(required(request.job_id, "job_id"), request.servers,
+                                         self._membership, now)
+            return pb.ReshardResponse(reshard=resharding.progress(reshard, now))
 
     def SetLayout(self, request: pb.SetLayoutRequest,
                   context: grpc.ServicerContext) -> pb.SetLayoutResponse:

@@ -46,10 +46,11 @@ def shards_frozen(store: JobStore, node_id: str,
     named = []
     for job_id, index, version in reports:
         job = store.all.get(job_id)
-        if (job is None or not job.final or not job.sync or not 0 <= index < len(job.servers)
-                or job.servers[index] != node_id):
+        if (job is None or not job.final or not job.sync or job.shard_map is None
+                or not 0 <= index < len(job.shard_map.shards)
+                or job.shard_map.shards[index].server_id != node_id):
             continue
-        if endings.shard_frozen(job.ending, len(job.servers), index, version):
+        if endings.shard_frozen(job.ending, len(job.shard_map.shards), index, version):
             job.history.discard_after(job.ending.final_version - 1)
             log.info("job %s: final version %d (the shards froze at %s)", job_id,
                      job.ending.final_version,

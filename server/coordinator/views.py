@@ -16,6 +16,7 @@ from .job import Job
 from .jobs import JobTable
 from .membership import Membership, Node
 from .replicas import replicated
+from .resharding import progress
 
 INT64_MAX = 2**63 - 1
 
@@ -62,6 +63,8 @@ def job_summary(job: Job, now: float) -> pb.JobInfo:
             steps_per_s=stats.meter.rate(now) if stats else 0.0)
     if job.shard_map is not None:
         info.shard_map.CopyFrom(job.shard_map)
+    if job.reshard is not None:
+        info.reshard.CopyFrom(progress(job.reshard, now))
     return info
 
 

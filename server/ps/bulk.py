@@ -43,7 +43,7 @@ from .metrics import PSMetrics
 from .pull_deltas import PullMirrors
 from .pushes import unpushable
 from .registry import ShardRegistry
-from .replication import OUT_OF_TOUCH, ReplicaRefused, Replicas
+from .replication import DROPPED, OUT_OF_TOUCH, ReplicaRefused, Replicas
 from .shard import Shard
 from .snapshots import Snapshot
 from .tables import RowsAfterStartError, UnknownTableError
@@ -291,7 +291,11 @@ class BulkOps:
         timeout = min(max(request.timeout_ms, 0) / 1000, MAX_PULL_WAIT_S)
 
         def cancelled() -> bool:
-            return self.stopping or not is_active()
+            # A copy the map no longer names (its shard moved away or failed over) never
+            # reaches a newer version: answer not ready at once, and the worker re-reads
+            # the map (the daemon then frees the copy: ParameterServerDaemon._drop_dropped).
+            return (self.stopping or not is_active()
+                    or self.replicas.describe(shard.job_id, shard.index)[1] == DROPPED)
 
         if on_leave is not None:
             on_leave(shard.wake)  # a client that goes away ends the wait at once

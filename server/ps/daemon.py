@@ -21,7 +21,7 @@ from .heartbeat import CoordinatorLink
 from .joining import Joining
 from .metrics import PSMetrics
 from .registry import ShardRegistry
-from .replication import LEASE_FRACTION, Replicas
+from .replication import DROPPED, LEASE_FRACTION, Placement, Replicas
 from .servicer import SERVICE_NAME
 from .transfer import TransferSender
 
@@ -83,7 +83,7 @@ class ParameterServerDaemon:
         self.transfers = TransferSender(self.replicas, self.shards, self._node_id,
                                         lambda result: self.metrics.transfers.labels(result).inc())
         self.replicas.on_placement += [self.joining.placement_changed,
-                                       self.transfers.placement_changed]
+                                       self.transfers.placement_changed, self._drop_dropped]
         self.metrics_endpoint: daemon.MetricsEndpoint | None = None
         self.link: CoordinatorLink | None = None
         self._grpc_workers = grpc_workers
@@ -160,6 +160,13 @@ class ParameterServerDaemon:
         if self.checkpointer:  # the job's final weights: durable before anything else
             for shard in settled:
                 self.checkpointer.final_weights(shard)
+
+    def _drop_dropped(self, job_id: str, index: int, placement: Placement) -> None:
+        """A Replicas.on_placement hook: a copy that the map no longer names (its shard moved
+        away, or failed over) is freed; calls still on it fail or, for pulls waiting on it,
+        end at once, and their workers re-read the map."""
+        if placement.role(self._node_id()) == DROPPED:
+            self.shards.drop_shard(job_id, index)
 
     def _node_id(self) -> str:
         return self.link.node_id if self.link else ""

@@ -72,6 +72,17 @@ class ShardRegistry:
             log.info("job %s: dropped %d shard(s)", job_id, len(dropped))
         return len(dropped)
 
+    def drop_shard(self, job_id: str, index: int) -> bool:
+        """Frees one shard (a copy the shard map no longer names); returns whether it was
+        here. Its checkpoints stay on disk."""
+        with self._lock:
+            shard = self._shards.pop((job_id, index), None)
+        if shard is None:
+            return False
+        shard.close()
+        log.info("job %s shard %d: dropped (no longer a copy here)", job_id, index)
+        return True
+
     def apply_views(self, views: Iterable[coordinator_pb2.ServerJobView]) -> list[Shard]:
         """Applies the coordinator's job states and live worker sets to the matching shards.
 

@@ -92,6 +92,9 @@ class TransferSender:
 
     def _capture_and_arm(self, job_id: str, index: int,
                          joiner: tuple[str, str, int]) -> ShardState:
+        if self._shards.get(job_id, index).config.tables:
+            # Row pushes are not forwarded to copies: a copy would miss those after the capture.
+            raise ShardError("a shard with embedding tables cannot be transferred")
         deadline = time.monotonic() + CAPTURE_TIMEOUT_S
         while time.monotonic() < deadline and not self._stopping.is_set():
             with self._replicas.shard_turn(job_id, index, TURN_TIMEOUT_S) as held:

@@ -406,6 +406,7 @@ def test_coordinator_survives_hostile_input_with_its_job_table_unchanged():
             "ListNodes": coordinator_pb2.ListNodesRequest, "SetLayout": coordinator_pb2.SetLayoutRequest,
             "ActivateJob": coordinator_pb2.ActivateJobRequest,
             "ReportProgress": coordinator_pb2.ReportProgressRequest,
+            "Reshard": coordinator_pb2.ReshardRequest,
         }
         rng = random.Random(SEED + 1)
         codes: dict = {}

@@ -27,7 +27,8 @@ RUNNING = common_pb2.JOB_STATE_RUNNING
 
 
 def spec(mode: str = "sync", steps: int = 120, every: int = 20, workers: int = 2,
-         servers: int = 2, target: str = "", eval_every: int = 50, name: str = "rec") -> str:
+         servers: int = 2, target: str = "", eval_every: int = 50, name: str = "rec",
+         shards: int = 0) -> str:
     stop = f"max_steps: {steps}, eval_every: {eval_every}" + (f", {target}" if target else "")
     return f"""
 name: {name}
@@ -36,7 +37,7 @@ model: {{name: mlp, kwargs: {{hidden: [32]}}}}
 data: {{dataset: digits, batch_size: 64, shuffle: true}}
 optimizer: {{lr: 0.002}}
 consistency: {{mode: {mode}}}
-cluster: {{servers: {servers}, workers: {workers}}}
+cluster: {{servers: {servers}, workers: {workers}, shards: {shards or servers}}}
 stop: {{{stop}}}
 checkpoint: {{every_steps: {every}, keep: 3}}
 """
@@ -123,20 +124,23 @@ def assert_same_state(a: checkpoint.ShardState, b: checkpoint.ShardState) -> Non
 
 
 @pytest.mark.timeout(420)
-def test_sync_restore_after_sigkill_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("shards", [2, 4])
+def test_sync_restore_after_sigkill_is_bitwise_identical(tmp_path, shards):
     """The same sync job twice: straight, and with the server of shard 1 SIGKILLed mid-run and
     restarted on its data dir. Design: the restarted server restores its newest checkpoint c,
     the coordinator rolls every shard back to c and the workers replay steps c.. (lost rounds
-    are replayed, not skipped), so both runs end with the same bits."""
+    are replayed, not skipped), so both runs end with the same bits. With 4 shards on the 2
+    servers (cluster.shards), the victim holds shards 1 and 3 and restores both."""
     steps, every = 120, 20
     cluster = Cluster(tmp_path, servers=2, workers=2,
                       worker_args=[["--step-delay-ms", "15"], []])
     try:
-        straight = cluster.client.submit(spec(steps=steps, every=every))
+        straight = cluster.client.submit(spec(steps=steps, every=every, shards=shards))
         assert cluster.final(straight).state == common_pb2.JOB_STATE_COMPLETED
         reference = checkpointed_state(cluster, straight)
+        assert len(reference) == shards
 
-        job_id = cluster.client.submit(spec(steps=steps, every=every))
+        job_id = cluster.client.submit(spec(steps=steps, every=every, shards=shards))
         at = cluster.wait_step(job_id, 50)
         victim = cluster.server_of_shard(job_id, 1)
         cluster.servers[victim].kill()  # SIGKILL

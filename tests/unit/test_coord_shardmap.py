@@ -34,3 +34,13 @@ def test_shard_map_puts_shard_i_on_server_i():
     assert shard_map.version == 1
     got = [(s.index, s.server_id, s.address, s.offset, s.length) for s in shard_map.shards]
     assert got == [(0, "server-b", "h:2", 0, 6), (1, "server-a", "h:1", 6, 5)]
+
+
+def test_more_shards_than_servers_go_round_robin():
+    servers = [("server-b", "h:2"), ("server-a", "h:1")]
+    shard_map = build_shard_map(11, servers, shards=5)
+    got = [(s.index, s.server_id, s.offset, s.length) for s in shard_map.shards]
+    assert got == [(0, "server-b", 0, 3), (1, "server-a", 3, 2), (2, "server-b", 5, 2),
+                   (3, "server-a", 7, 2), (4, "server-b", 9, 2)]
+    with pytest.raises(ValueError, match="1 shards cannot cover 2 servers"):
+        build_shard_map(11, servers, shards=1)

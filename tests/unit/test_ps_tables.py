@@ -20,9 +20,13 @@ from shardps.server.ps.errors import (
     StepAheadError,
     UnknownWorkerError,
 )
+from shardps.server.ps.registry import ShardRegistry
+from shardps.server.ps.replication import Placement, Replicas
 from shardps.server.ps.shard import Shard
 from shardps.server.ps.table_optim import LazyAdam, RowGrads, combine
 from shardps.server.ps.tables import UnknownTableError
+from shardps.server.ps.transfer import TransferSender
+from tests.harness import poll
 
 SYNC, ASYNC = common_pb2.CONSISTENCY_SYNC, common_pb2.CONSISTENCY_ASYNC
 DIM, ROWS, N = 3, 20, 4
@@ -241,3 +245,15 @@ def test_export_pages_through_a_dynamic_table_in_id_order_without_touching_it():
         make_shard().rows.export("t", None, 4, 0, 1.0)
     with pytest.raises(TableRowsError, match="max_rows must be >= 1"):
         shard.rows.export("d", None, 0, 0, 1.0)
+
+
+def test_a_shard_with_tables_is_never_transferred_to_a_joining_copy(caplog):
+    """Row pushes are not forwarded to copies, so a copy (a reshard's move, re-replication)
+    would miss those after its capture: the transfer fails before anything is sent."""
+    registry, results = ShardRegistry(), []
+    registry.put(make_shard())
+    sender = TransferSender(Replicas(lambda: "me"), registry, lambda: "me", results.append)
+    sender.placement_changed("j", 0, Placement(2, "me", (), (("joiner", "127.0.0.1:1", 2),)))
+    poll(lambda: "failed: a shard with embedding tables cannot be transferred" in caplog.text,
+         10, interval=0.01, what="the transfer's failure logged")
+    assert results == ["failed"]

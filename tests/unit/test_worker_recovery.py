@@ -56,3 +56,26 @@ def test_remappable_client_follows_a_new_shard_map():
     moved.shards.add(index=0, address="h:2", length=3)
     assert client.remap(moved)
     assert pull(None) == "h:2" and closed == [made[0]]
+
+
+def test_a_map_that_changes_only_copies_keeps_the_connections():
+    made = []
+
+    class Fake:
+        def __init__(self, job_id, shard_map, **kw):
+            made.append(shard_map)
+
+        def close(self):
+            pass
+
+    old = common_pb2.ShardMap(version=1)
+    old.shards.add(index=0, server_id="a", address="h:1", length=3, replica_epoch=1,
+                   backup_ids=["b"], backup_addresses=["h:2"])
+    client = recovery.RemappableClient(Fake, "job", old, worker_id="w")
+    dropped = common_pb2.ShardMap(version=2)
+    dropped.shards.add(index=0, server_id="a", address="h:1", length=3, replica_epoch=2)
+    assert not client.remap(dropped)
+    assert client.shard_map == dropped and len(made) == 1
+    promoted = common_pb2.ShardMap(version=3)
+    promoted.shards.add(index=0, server_id="b", address="h:2", length=3, replica_epoch=3)
+    assert client.remap(promoted) and len(made) == 2
