@@ -272,14 +272,11 @@ def test_a_full_stop_ends_the_same_way_whatever_the_shutdown_order(tmp_path, ord
     before the stop, shrinks, or stays RUNNING), then restart each with its dirs and new
     workers. Always: the old job takes none of the new workers and ends FAILED (all workers
     lost), and `shardps resume` continues it from its checkpoints to the end."""
-    # Stopped at step 30: 90 steps of >= 40 ms (3.6 s) before it could end, longer than the
-    # 170 x 15 ms it had at 200 steps (with one worker left training while the coordinator
-    # stops, it must not finish first); resumed from the checkpoint at 20 or later.
-    steps = 120
+    steps = 200
     cluster = Cluster(tmp_path, servers=2, workers=2, state_dir=True,
-                      worker_args=[["--step-delay-ms", "40"], ["--step-delay-ms", "40"]])
+                      worker_args=[["--step-delay-ms", "15"], ["--step-delay-ms", "15"]])
     try:
-        job_id = cluster.client.submit(spec(steps=steps, every=20, name="stopped"))
+        job_id = cluster.client.submit(spec(steps=steps, every=50, name="stopped"))
         cluster.wait_step(job_id, 30)
         for group in SHUTDOWN_ORDERS[order](cluster):
             _stop_all(group)
