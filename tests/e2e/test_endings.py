@@ -58,12 +58,13 @@ def checkpoint_versions(cluster: Cluster, server: int, job_id: str, index: int) 
 
 @pytest.mark.timeout(420)
 def test_a_server_killed_after_the_end_restores_the_final_version_and_export_finds_it(tmp_path):
-    """130 steps, checkpoints every 50: the final version is not a periodic one. The servers
+    """13 steps, checkpoints every 5: the final version is not a periodic one. The servers
     checkpoint it when the job ends; the server of shard 1, SIGKILLed afterwards and
     restarted on another port, restores it, and export reads the same weights from its new
-    address. With that checkpoint gone, the restart restores version 100 and export refuses
+    address. With that checkpoint gone, the restart restores version 10 and export refuses
     the mixed model, naming the shards and their versions."""
-    steps, every = 130, 50
+    steps, every = 13, 5
+    last_periodic = steps // every * every  # 10
     cluster = Cluster(tmp_path, servers=2, workers=2)
     try:
         job_id = cluster.client.submit(spec(steps=steps, every=every, eval_every=1000))
@@ -90,14 +91,14 @@ def test_a_server_killed_after_the_end_restores_the_final_version_and_export_fin
         cluster.servers[victim].kill()
         shard_dir = checkpoint.shard_dir(cluster.data_dirs[victim], job_id, 1)
         for version, path in checkpoint.committed(shard_dir):
-            if version > 100:
-                shutil.rmtree(path)  # the final checkpoint lost: the newest left is 100
+            if version > last_periodic:
+                shutil.rmtree(path)  # the final checkpoint lost: the newest left is the last periodic one
         cluster.restart_server(victim)
         out = harness.run_cli("export", job_id, "-o", str(tmp_path / "mixed.pt"),
                               "--coordinator", cluster.coord.address, timeout=120)
         assert out.returncode == 1, out.stdout + out.stderr
         assert f"the job's final version is {steps}" in out.stderr, out.stderr
-        assert f"shard 1 on {final.servers[1]} at version 100" in out.stderr, out.stderr
+        assert f"shard 1 on {final.servers[1]} at version {last_periodic}" in out.stderr, out.stderr
         assert f"shard 0 on {final.servers[0]} at version {steps}" in out.stderr, out.stderr
         assert "refusing to export a mixed model" in out.stderr
         assert not (tmp_path / "mixed.pt").exists()

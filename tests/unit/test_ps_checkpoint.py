@@ -2,9 +2,6 @@
 torn or corrupt checkpoints, pruning, and a crash at every point of a write (subprocesses)."""
 
 import os
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 
@@ -17,7 +14,7 @@ from shardps.server.ps.checkpointer import Checkpointer
 from shardps.server.ps.errors import FencedError, InvalidConfigError, UnknownWorkerError
 from shardps.server.ps.registry import ShardRegistry
 from shardps.server.ps.shard import Shard
-from tests import tamper
+from tests import crashfork, tamper
 from tests.harness import poll
 
 
@@ -283,39 +280,34 @@ def test_a_restored_shard_keeps_its_checkpoints_and_a_new_one_starts_afresh(tmp_
     again.shutdown()
 
 
-CRASHER = textwrap.dedent("""
-    import sys, torch
-    from shardps.proto import common_pb2, ps_pb2
-    from shardps.server.ps import checkpoint
-    from shardps.server.ps.shard import Shard
+def crash_writes(directory):
+    """Three checkpoint writes of a 1000-element async shard (run in a forked child by
+    tests/crashfork.py, whose crash hook ends the third one)."""
     cfg = ps_pb2.ShardConfig(job_id="job", shard_index=0, offset=0, length=1000, total=1000,
-        optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.999,
-                                             eps=1e-8, schedule="constant"),
-        mode=common_pb2.CONSISTENCY_ASYNC, workers=["w0"], epoch=1)
+                             optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.999,
+                                                                  eps=1e-8, schedule="constant"),
+                             mode=common_pb2.CONSISTENCY_ASYNC, workers=["w0"], epoch=1)
     shard = Shard(cfg, torch.zeros(1000))
     for step in range(3):
         shard.push(torch.full((1000,), 0.1 * (step + 1)), worker_id="w0", incarnation=1, step=step)
-        checkpoint.write(sys.argv[1], shard.capture(), keep=2)
-    print("finished")
-""")
+        checkpoint.write(directory, shard.capture(), keep=2)
 
 
-@pytest.mark.parametrize("point", checkpoint.CRASH_POINTS)
-def test_a_crash_at_any_point_of_a_write_leaves_a_complete_checkpoint(tmp_path, point):
-    """The third write (version 3) dies at `point`; the newest loadable checkpoint is then
-    version 2 (crash before the rename) or 3 (after it), never a torn one."""
-    env = {**os.environ, checkpoint.CRASH_ENV: f"{point}@3"}
-    done = subprocess.run([sys.executable, "-c", CRASHER, str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == checkpoint.CRASH_EXIT, done.stderr
-    committed_now = point in ("renamed", "parent_synced", "pruned")
-    loaded = checkpoint.load(tmp_path)
-    assert loaded.skipped == []  # every committed directory verifies: nothing torn
-    assert loaded.state.version == (3 if committed_now else 2)
-    assert torch.equal(loaded.state.tensors["weights"],
-                       checkpoint.read(loaded.path).tensors["weights"])
-    checkpoint.prune(tmp_path, keep=2)
-    assert not list(tmp_path.glob(".tmp-*"))
+def test_a_crash_at_any_point_of_a_write_leaves_a_complete_checkpoint(tmp_path):
+    """At every point in turn, the third write (version 3) dies (a forked process exits there);
+    the newest loadable checkpoint is then version 2 (crash before the rename) or 3 (after
+    it), never a torn one."""
+    crashed = crashfork.crash_each(checkpoint.CRASH_POINTS, f"{__name__}:crash_writes", tmp_path)
+    for point, (exit_code, directory) in crashed.items():
+        assert exit_code == checkpoint.CRASH_EXIT, point
+        committed_now = point in ("renamed", "parent_synced", "pruned")
+        loaded = checkpoint.load(directory)
+        assert loaded.skipped == [], point  # every committed directory verifies: nothing torn
+        assert loaded.state.version == (3 if committed_now else 2), point
+        assert torch.equal(loaded.state.tensors["weights"],
+                           checkpoint.read(loaded.path).tensors["weights"]), point
+        checkpoint.prune(directory, keep=2)
+        assert not list(directory.glob(".tmp-*")), point
 
 
 # -- hostile data dirs: tampered manifests, paths, the base checkpoint --------------------------

@@ -6,11 +6,7 @@ torn or tampered table part is refused like a dense one, and the previous checkp
 a dynamic table's part (ids, last-touched steps, sketch) restores exactly and is validated."""
 
 import hashlib
-import os
-import pathlib
 import struct
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -26,7 +22,7 @@ from shardps.server.ps.table_config import TableConfig
 from shardps.server.ps.table_optim import RowwiseAdagrad
 from shardps.server.ps.table_shard import TableShard
 from shardps.server.ps.tables import RowsAfterStartError
-from tests import tamper
+from tests import crashfork, tamper
 
 ROWS, DIM, WORKERS = 50, 4, ("w0", "w1")
 
@@ -394,33 +390,27 @@ def test_rows_pushed_after_the_job_ended_count_if_the_final_version_closes_their
     assert_same(ended, straight)
 
 
-TABLE_CRASHER = """
-import sys
-sys.path.insert(0, sys.argv[2])
-from shardps.server.ps import checkpoint
-from tests.unit.test_ps_checkpoint_tables import push_step, seeded
-shard = seeded()
-for step in range(3):
-    push_step(shard, step)
-    checkpoint.write(sys.argv[1], shard.capture(), keep=2)
-print("finished")
-"""
+def table_crash_writes(directory):
+    """Three checkpoint writes of the seeded table shard (run in a forked child by
+    tests/crashfork.py, whose crash hook ends the third one)."""
+    shard = seeded()
+    for step in range(3):
+        push_step(shard, step)
+        checkpoint.write(directory, shard.capture(), keep=2)
 
 
-@pytest.mark.parametrize("point", ["partial:table-0.weights", "file:table-0.state.exp_avg",
-                                   "partial:table-1.state.sum", "manifest"])
-def test_a_crash_inside_a_table_part_leaves_the_previous_complete_checkpoint(tmp_path, point):
-    """The third write (version 3) exits while writing a table file (as a SIGKILL would):
-    the newest loadable checkpoint is version 2, tables and all, and nothing is skipped."""
-    root = str(pathlib.Path(__file__).resolve().parents[2])
-    env = {**os.environ, checkpoint.CRASH_ENV: f"{point}@3"}
-    done = subprocess.run([sys.executable, "-c", TABLE_CRASHER, str(tmp_path), root], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == checkpoint.CRASH_EXIT, done.stderr
-    loaded = checkpoint.load(tmp_path)
-    assert loaded.skipped == [] and loaded.state.version == 2
-    assert {n: t.optimizer["steps"] for n, t in loaded.state.tables.items()} == {"emb": 2, "acc": 2}
-    assert list(tmp_path.glob(".tmp-*"))  # the torn write is left in its temp dir
+def test_a_crash_inside_a_table_part_leaves_the_previous_complete_checkpoint(tmp_path):
+    """At each point in turn, the third write (version 3) exits while writing a table file (as
+    a SIGKILL would): the newest loadable checkpoint is version 2, tables and all, and nothing
+    is skipped."""
+    points = ["partial:table-0.weights", "file:table-0.state.exp_avg", "partial:table-1.state.sum", "manifest"]
+    crashed = crashfork.crash_each(points, f"{__name__}:table_crash_writes", tmp_path)
+    for point, (exit_code, directory) in crashed.items():
+        assert exit_code == checkpoint.CRASH_EXIT, point
+        loaded = checkpoint.load(directory)
+        assert loaded.skipped == [] and loaded.state.version == 2, point
+        assert {n: t.optimizer["steps"] for n, t in loaded.state.tables.items()} == {"emb": 2, "acc": 2}, point
+        assert list(directory.glob(".tmp-*")), point  # the torn write is left in its temp dir
 
 
 def test_an_empty_dynamic_table_round_trips(tmp_path):
