@@ -203,4 +203,4 @@ def test_daemons_shut_down_cleanly_on_sigterm():
 
 def test_the_spec_local_runs_by_default_is_valid():
     assert specs.parse_spec(DIGITS.read_text())["cluster"] == {"servers": 2, "workers": 2,
-                                                              "replicas": 1}
+                                                              "replicas": 1, "shards": 2}
