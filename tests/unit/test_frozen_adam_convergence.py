@@ -75,23 +75,31 @@ def _gradient(setup: Setup, model: torch.nn.Module, params: list[torch.Tensor],
 
 
 def run(setup: Setup, comp: compress.Compressor | None, error_feedback: bool = True,
-        warmup: int = WARMUP, workers: int = 2, max_steps: int | None = None) -> Outcome:
-    """Trains until the target is met or max_steps (default: the setup's) have run."""
+        warmup: int = WARMUP, workers: int = 2, max_steps: int | None = None,
+        precondition: bool = False, order: int = 0) -> Outcome:
+    """Trains until the target is met or max_steps (default: the setup's) have run.
+    `precondition`: after the warm-up the workers push g / D (optimizer.precondition_pushes),
+    D each shard's own frozen denominator as GetPreconditioner reads it. `order` seeds the
+    minibatches."""
     max_steps = max_steps or setup.max_steps
     model = _model(setup)
     params = list(model.parameters())
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     shards = [(0, flat.numel() // 2), (flat.numel() // 2, flat.numel() - flat.numel() // 2)]
     config = common_pb2.OptimizerConfig(name="adam", lr=setup.lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                                        freeze_variance_after=warmup if comp else 0)
+                                        freeze_variance_after=warmup if comp else 0,
+                                        precondition_pushes=precondition)
     servers = [Updater(config, flat[o : o + n].clone()) for o, n in shards]
     feedback = [ErrorFeedback(comp, error_feedback) if comp else None for _ in range(workers)]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(order)
+    scales = [torch.ones(n) for _, n in shards]  # what each worker divides a shard's slice by
     sent = 0
     for step in range(max_steps + 1):
         torch.nn.utils.vector_to_parameters(torch.cat([s.weights for s in servers]), params)
         if step and _met(setup, model):
             return Outcome(step, sent / step / (4 * flat.numel() * workers))
+        if precondition and step == warmup:
+            scales = [server.preconditioner() for server in servers]
         pushes = []
         for ef in feedback:
             grad = _gradient(setup, model, params, gen)
@@ -99,7 +107,8 @@ def run(setup: Setup, comp: compress.Compressor | None, error_feedback: bool = T
                 sent += 4 * grad.numel()
                 pushes.append([grad[o : o + n] for o, n in shards])
                 continue
-            encoded = [ef.compress(f"shard{i}", grad[o : o + n]) for i, (o, n) in enumerate(shards)]
+            encoded = [ef.compress(f"shard{i}", grad[o : o + n] / scales[i])
+                       for i, (o, n) in enumerate(shards)]
             sent += sum(map(len, encoded))
             pushes.append([compress.decode(e) for e in encoded])
         for i, server in enumerate(servers):
