@@ -35,6 +35,11 @@ def step(config: common_pb2.OptimizerConfig, state: dict, weights: torch.Tensor,
     """One step of weights (flat fp32) on the round's preconditioned push u (fp32, consumed).
     Weight decay as Adam's: decoupled (adamw), or L2 added as weight_decay * w / D (adam),
     which is the L2 term preconditioned as the worker preconditions the gradient."""
+    exp_avg: torch.Tensor = state["exp_avg"]
+    if int(state["step"].item()) == config.freeze_variance_after:
+        # The first frozen step: the warm-up's momentum is in the gradient's units; from here
+        # on it sums pushes, so it goes into theirs (m / D), where the plain step left it.
+        exp_avg.div_(denominator(config, state))
     state["step"].add_(1)
     t = int(state["step"].item())
     if config.weight_decay:
@@ -42,6 +47,5 @@ def step(config: common_pb2.OptimizerConfig, state: dict, weights: torch.Tensor,
             weights.mul_(1 - lr * config.weight_decay)
         else:
             pushed.addcdiv_(weights, denominator(config, state), value=config.weight_decay)
-    exp_avg: torch.Tensor = state["exp_avg"]
     exp_avg.mul_(config.beta1).add_(pushed, alpha=1 - config.beta1)
     weights.add_(exp_avg, alpha=-lr / (1 - config.beta1 ** t))
