@@ -118,7 +118,7 @@ class TensorChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class OptimizerConfig(_message.Message):
-    __slots__ = ("name", "lr", "beta1", "beta2", "eps", "weight_decay", "schedule", "warmup_steps", "total_steps", "min_lr", "freeze_variance_after")
+    __slots__ = ("name", "lr", "beta1", "beta2", "eps", "weight_decay", "schedule", "warmup_steps", "total_steps", "min_lr", "freeze_variance_after", "precondition_pushes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BETA1_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class OptimizerConfig(_message.Message):
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     MIN_LR_FIELD_NUMBER: _ClassVar[int]
     FREEZE_VARIANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    PRECONDITION_PUSHES_FIELD_NUMBER: _ClassVar[int]
     name: str
     lr: float
     beta1: float
@@ -141,4 +142,5 @@ class OptimizerConfig(_message.Message):
     total_steps: int
     min_lr: float
     freeze_variance_after: int
-    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ..., freeze_variance_after: _Optional[int] = ...) -> None: ...
+    precondition_pushes: bool
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ..., freeze_variance_after: _Optional[int] = ..., precondition_pushes: _Optional[bool] = ...) -> None: ...

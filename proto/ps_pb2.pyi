@@ -299,6 +299,20 @@ class GetShardInfoResponse(_message.Message):
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ...) -> None: ...
 
+class GetPreconditionerRequest(_message.Message):
+    __slots__ = ("job_id", "shard_index")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    shard_index: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ...) -> None: ...
+
+class GetPreconditionerResponse(_message.Message):
+    __slots__ = ("denominator",)
+    DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
+    denominator: bytes
+    def __init__(self, denominator: _Optional[bytes] = ...) -> None: ...
+
 class DropJobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class ParameterServerStub:
                 request_serializer=shardps_dot_v1_dot_ps__pb2.GetShardInfoRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_ps__pb2.GetShardInfoResponse.FromString,
                 _registered_method=True)
+        self.GetPreconditioner = channel.unary_unary(
+                '/shardps.v1.ParameterServer/GetPreconditioner',
+                request_serializer=shardps_dot_v1_dot_ps__pb2.GetPreconditionerRequest.SerializeToString,
+                response_deserializer=shardps_dot_v1_dot_ps__pb2.GetPreconditionerResponse.FromString,
+                _registered_method=True)
         self.DropJob = channel.unary_unary(
                 '/shardps.v1.ParameterServer/DropJob',
                 request_serializer=shardps_dot_v1_dot_ps__pb2.DropJobRequest.SerializeToString,
@@ -141,6 +146,15 @@ class ParameterServerServicer:
 
     def GetShardInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPreconditioner(self, request, context):
+        """A frozen shard's Adam denominator D, which a job with optimizer.precondition_pushes
+        divides its gradient by before compressing it (docs/network.md). FAILED_PRECONDITION
+        while the shard is not frozen or the job does not precondition.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -249,6 +263,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.GetShardInfo,
                     request_deserializer=shardps_dot_v1_dot_ps__pb2.GetShardInfoRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_ps__pb2.GetShardInfoResponse.SerializeToString,
+            ),
+            'GetPreconditioner': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPreconditioner,
+                    request_deserializer=shardps_dot_v1_dot_ps__pb2.GetPreconditionerRequest.FromString,
+                    response_serializer=shardps_dot_v1_dot_ps__pb2.GetPreconditionerResponse.SerializeToString,
             ),
             'DropJob': grpc.unary_unary_rpc_method_handler(
                     servicer.DropJob,
@@ -409,6 +428,33 @@ class ParameterServer:
             '/shardps.v1.ParameterServer/GetShardInfo',
             shardps_dot_v1_dot_ps__pb2.GetShardInfoRequest.SerializeToString,
             shardps_dot_v1_dot_ps__pb2.GetShardInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPreconditioner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.v1.ParameterServer/GetPreconditioner',
+            shardps_dot_v1_dot_ps__pb2.GetPreconditionerRequest.SerializeToString,
+            shardps_dot_v1_dot_ps__pb2.GetPreconditionerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -293,6 +293,9 @@ SCHEMA: dict[str, Any] = {
         # Frozen-variance Adam after this many steps (0: never); with compress_warmup_steps,
         # what top-k and sign pushes need under Adam (docs/network.md).
         "freeze_variance_after": (_int(0, MAX_STEPS), 0),
+        # Once frozen, workers push g / D (D: the frozen denominator) and the servers do not
+        # divide again: what sign pushes need (docs/network.md, "Preconditioned pushes").
+        "precondition_pushes": (_bool, False),
         "schedule": {
             "name": (_choice(SCHEDULES), "constant"),
             "warmup_steps": (_int(0, MAX_STEPS), 0),
@@ -397,6 +400,7 @@ class OptimizerSpec(TypedDict):
     weight_decay: ReadOnly[float]
     clip_grad_norm: ReadOnly[float]  # 0: no clipping
     freeze_variance_after: ReadOnly[int]  # 0: plain Adam throughout
+    precondition_pushes: ReadOnly[bool]  # after the freeze, pushes are g / D
     schedule: ReadOnly[ScheduleSpec]
 
 
@@ -564,7 +568,23 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
         raise SpecError("transport.compress_pull", f"needs dtype float32, not {transport['dtype']}")
     if transport["compress_warmup_steps"] and transport["compress"] == "none":
         raise SpecError("transport.compress_warmup_steps", "needs transport.compress, not none")
+    _check_preconditioned(spec["optimizer"], transport)
     return cast(JobSpec, spec)  # built by the SCHEMA, which JobSpec mirrors
+
+
+def _check_preconditioned(opt: dict[str, Any], transport: dict[str, Any]) -> None:
+    """optimizer.precondition_pushes needs compressed pushes whose warm-up ends where the
+    variance freezes: a preconditioned push must never reach a shard that is not frozen."""
+    if not opt["precondition_pushes"]:
+        return
+    if transport["compress"] == "none":
+        raise SpecError("optimizer.precondition_pushes", "needs transport.compress, not none")
+    if not opt["freeze_variance_after"]:
+        raise SpecError("optimizer.precondition_pushes", "needs optimizer.freeze_variance_after > 0")
+    if transport["compress_warmup_steps"] != opt["freeze_variance_after"]:
+        raise SpecError("optimizer.precondition_pushes",
+                        f"needs transport.compress_warmup_steps ({transport['compress_warmup_steps']}) "
+                        f"equal to optimizer.freeze_variance_after ({opt['freeze_variance_after']})")
 
 
 def _per_table(tables: dict[str, Any]) -> dict[str, Any]:

@@ -370,6 +370,11 @@ class PSClient:
             raise error
         return [*results, *last]
 
+    def preconditioners(self) -> list[torch.Tensor]:
+        """Each shard's frozen denominator, in shard order (optimizer.precondition_pushes)."""
+        return self._each(lambda i: self._servers[i].rpc.preconditioner(
+            self.job_id, self.shards[i].index, self.shards[i].length))
+
     # -- init ---------------------------------------------------------------------------
 
     def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None:

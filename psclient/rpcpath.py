@@ -51,6 +51,16 @@ class RpcTransport:
         reply = self._stub.InitShard(messages, timeout=rpc.TRANSFER_DEADLINE_S)
         return cast(ps_pb2.InitShardResponse, reply)
 
+    def preconditioner(self, job_id: str, shard_index: int, length: int) -> torch.Tensor:
+        """A frozen shard's denominator D (fp32[length]) for preconditioned pushes."""
+        reply = self._stub.GetPreconditioner(
+            ps_pb2.GetPreconditionerRequest(job_id=job_id, shard_index=shard_index),
+            timeout=rpc.TRANSFER_DEADLINE_S)
+        if len(reply.denominator) != 4 * length:
+            raise ValueError(f"shard {shard_index}: preconditioner of {len(reply.denominator)} "
+                             f"bytes, expected {4 * length}")
+        return torch.frombuffer(bytearray(reply.denominator), dtype=torch.float32)
+
     def data_port(self) -> int:
         """The server's data port; 0 if it has none, speaks another protocol, or predates it."""
         try:

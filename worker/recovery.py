@@ -78,6 +78,8 @@ class ShardClient(Protocol):
 
     def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None: ...
 
+    def preconditioners(self) -> list[torch.Tensor]: ...
+
     def close(self) -> None: ...
 
 
@@ -142,6 +144,9 @@ class RemappableClient:
                    clock: int = 0) -> PullInFlight:
         return self.client.start_pull(dest, min_version=min_version, timeout_s=timeout_s,
                                       clock=clock)
+
+    def preconditioners(self) -> list[torch.Tensor]:
+        return self.client.preconditioners()
 
     def init(self, weights: torch.Tensor, config: ps_pb2.ShardConfig) -> None:
         """InitShard on every replica of every shard: the primaries through the current

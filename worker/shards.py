@@ -78,10 +78,11 @@ class JobShards:
 
     def __init__(self, ctx: JobContext, factory: recovery.ShardClientFactory,
                  shard_map: ShardMap, *, dtype: DType, chunk_bytes: int, compress: str = "none",
-                 compress_pull: str = "none", compress_warmup_steps: int = 0):
+                 compress_pull: str = "none", compress_warmup_steps: int = 0,
+                 precondition_pushes: bool = False):
         """`compress`, `compress_pull`, `compress_warmup_steps`: the spec's transport settings
         ("none", or a compressed push with error feedback from that step on, wirepush.py;
-        compressed pulls, psclient/deltas.py)."""
+        compressed pulls, psclient/deltas.py); `precondition_pushes`: the optimizer's."""
         self._ctx = ctx
         self._client = recovery.RemappableClient(
             factory, ctx.job_id, shard_map, dtype=dtype, chunk_bytes=chunk_bytes,
@@ -90,7 +91,8 @@ class JobShards:
         # The embedding tables' row calls (worker/tablesync.py), following the same map.
         self.rows = RowClient(ctx.job_id, shard_map, worker_id=ctx.node_id,
                               incarnation=ctx.incarnation)
-        self.wire = WirePush(compress, dtype, ctx.job_id, ctx.metrics, compress_warmup_steps)
+        self.wire = WirePush(compress, dtype, ctx.job_id, ctx.metrics, compress_warmup_steps,
+                             precondition_pushes)
         self._push_wait_max = 0.0  # seconds: the longest push so far, retries included
 
     def close(self) -> None:
@@ -135,7 +137,8 @@ class JobShards:
             else:
                 self.wire.pushed(grad.numel(), None)
                 return replies
-        encoded = self.wire.encode(grad, self._client.shard_map.shards, step)
+        encoded = self.wire.encode(grad, self._client.shard_map.shards, step, functools.partial(
+            self.call, "GetPreconditioner", self._client.preconditioners))
         begun = self._ctx.clock()
         replies = self.call("push", functools.partial(
             self._client.push, grad, step=step, base_version=versions, batch_size=batch_size,

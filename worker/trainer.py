@@ -116,5 +116,6 @@ class Trainer:
                                  chunk_bytes=transport["chunk_bytes"],
                                  compress=transport["compress"],
                                  compress_pull=transport["compress_pull"],
-                                 compress_warmup_steps=transport["compress_warmup_steps"])
+                                 compress_warmup_steps=transport["compress_warmup_steps"],
+                                 precondition_pushes=prepared.spec["optimizer"]["precondition_pushes"])
         return self._shards

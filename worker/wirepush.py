@@ -7,7 +7,7 @@ Owned by the job's training thread (as JobShards is); not thread-safe.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -25,29 +25,50 @@ class WirePush:
     and the residuals untouched), and `reset`
     drops the residuals when the job's weights are replaced (a rollback or a rewind), since
     they are owed to steps that will be replayed.
+
+    `precondition` (optimizer.precondition_pushes): after the warm-up each shard's slice is
+    divided by the shard's frozen denominator D before it is compressed; `encode`'s `fetch`
+    reads every shard's D (GetPreconditioner), once, and again after a `reset` or when the
+    shards' lengths change (server/ps/preconditioned.py is the servers' side).
     """
 
     def __init__(self, setting: str, dtype: common_pb2.DType, job_id: str,
-                 metrics: WorkerMetrics, warmup_steps: int = 0):
+                 metrics: WorkerMetrics, warmup_steps: int = 0, precondition: bool = False):
         self.warmup_steps = warmup_steps  # steps 0..warmup_steps-1 push in `dtype`
+        self.precondition = precondition
+        self._denominators: list[torch.Tensor] | None = None  # per shard, in shard order
         self.feedback = None if setting == "none" else ErrorFeedback(compress.parse(setting))
         self._itemsize = codec.element_size(dtype)
         self._bytes = metrics.wire_bytes
         self._ratio = metrics.compression_ratio.labels(job=job_id)
         self._job = job_id
 
-    def encode(self, grad: torch.Tensor, shards: Sequence[common_pb2.ShardRange],
-               step: int) -> list[bytes] | None:
+    def encode(self, grad: torch.Tensor, shards: Sequence[common_pb2.ShardRange], step: int,
+               fetch: Callable[[], list[torch.Tensor]] | None = None) -> list[bytes] | None:
         """Each shard's slice of grad (flat fp32) in the compressed wire form, the residual
         carried in and the new one kept; None when pushes are not compressed (or `step` is in
         the warm-up). Called once a step: retries of that push resend the same bytes (so a
-        DUPLICATE costs nothing)."""
+        DUPLICATE costs nothing). `fetch`: the shards' denominators, when preconditioning."""
         if self.feedback is None or step < self.warmup_steps:
             return None
-        return [self.feedback.compress(f"shard{s.index}", grad[s.offset : s.offset + s.length])
-                for s in shards]
+        slices = [grad[s.offset : s.offset + s.length] for s in shards]
+        if self.precondition:
+            slices = [g / d for g, d in zip(slices, self._denominators_for(shards, fetch),
+                                             strict=True)]
+        return [self.feedback.compress(f"shard{s.index}", g) for s, g in zip(shards, slices, strict=True)]
+
+    def _denominators_for(self, shards: Sequence[common_pb2.ShardRange],
+                          fetch: Callable[[], list[torch.Tensor]] | None) -> list[torch.Tensor]:
+        lengths = [s.length for s in shards]
+        if self._denominators is None or [d.numel() for d in self._denominators] != lengths:
+            if fetch is None:
+                raise ValueError("preconditioned pushes need the shards' denominators")
+            self._denominators = fetch()
+        return self._denominators
 
     def reset(self) -> None:
+        """Drops the residuals and the denominators (a restored shard may hold another D)."""
+        self._denominators = None
         if self.feedback is not None:
             self.feedback.reset()
 

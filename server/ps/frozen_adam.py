@@ -38,12 +38,14 @@ def frozen(config: common_pb2.OptimizerConfig, state: dict) -> bool:
     return bool(after and state) and int(state["step"].item()) >= after
 
 
-def denominator(config: common_pb2.OptimizerConfig, exp_avg_sq: torch.Tensor) -> torch.Tensor:
-    """sqrt of v bias-corrected at the freeze, floored at FLOOR x its mean, plus eps."""
+def denominator(config: common_pb2.OptimizerConfig, exp_avg_sq: torch.Tensor,
+                floor: float | None = None) -> torch.Tensor:
+    """sqrt of v bias-corrected at the freeze, floored at `floor` (default FLOOR) x its mean,
+    plus eps."""
     correction = 1 - config.beta2 ** config.freeze_variance_after
     denom = exp_avg_sq.sqrt().div_(math.sqrt(correction))
     if denom.numel():
-        denom.clamp_(min=FLOOR * float(denom.mean()))
+        denom.clamp_(min=(FLOOR if floor is None else floor) * float(denom.mean()))
     return denom.add_(config.eps)
 
 

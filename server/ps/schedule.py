@@ -38,6 +38,8 @@ def validate(config: common_pb2.OptimizerConfig) -> None:
     if config.freeze_variance_after < 0:
         raise InvalidConfigError(f"optimizer.freeze_variance_after must be >= 0, got "
                                  f"{config.freeze_variance_after}")
+    if config.precondition_pushes and not config.freeze_variance_after:
+        raise InvalidConfigError("optimizer.precondition_pushes needs freeze_variance_after > 0")
     schedule = schedule_name(config)
     if schedule not in SCHEDULES:
         raise InvalidConfigError(f"optimizer.schedule must be one of {SCHEDULES}, got {names.shown(schedule)}")

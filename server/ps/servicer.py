@@ -26,7 +26,7 @@ from shardps.proto import codec, common_pb2, dataplane, names, ps_pb2, ps_pb2_gr
 
 from . import compressed, pieces
 from .bulk import BulkOps, DropReplies, Refused, refusal
-from .errors import ShardError
+from .errors import InvalidConfigError, ShardError
 from .joining import TransferRefused
 from .metrics import PSMetrics
 from .registry import ShardRegistry
@@ -175,6 +175,18 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             info.replica_epoch, info.replica_role = self.bulk.replicas.describe(
                 info.job_id, info.shard_index)
         return ps_pb2.GetShardInfoResponse(shards=infos)
+
+    def GetPreconditioner(self, request: ps_pb2.GetPreconditionerRequest,
+                          context: grpc.ServicerContext) -> ps_pb2.GetPreconditionerResponse:
+        """The frozen denominator of a shard whose job preconditions its pushes."""
+        check_job_id(context, request.job_id)
+        try:
+            denominator = self.shards.get(request.job_id, request.shard_index).preconditioner()
+        except InvalidConfigError as exc:
+            _fail(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ShardError as exc:
+            _refuse(context, refusal(exc))
+        return ps_pb2.GetPreconditionerResponse(denominator=denominator.numpy().tobytes())
 
     def TransferShard(self, request_iterator: Iterator[ps_pb2.TransferShardRequest],
                       context: grpc.ServicerContext) -> ps_pb2.TransferShardResponse:

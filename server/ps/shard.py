@@ -21,6 +21,7 @@ from . import ending, pulls, pushes, rows
 from .capture import capture_at, capture_locked, load_state
 from .checkpoint import ShardState
 from .core import ShardCore
+from .errors import ShardClosedError
 from .pushes import PushResult
 from .shard_config import check_initial_weights, validate_config
 from .snapshots import Snapshot
@@ -143,6 +144,15 @@ class Shard:
                 worker_clocks=dict(core.gate.clocks), max_clock_spread=core.gate.max_clock_spread,
                 short_rounds=core.gate.short_rounds, live_workers=core.workers, epoch=core.epoch,
                 tables=self.config.tables)
+
+    def preconditioner(self) -> torch.Tensor:
+        """A copy of the frozen denominator preconditioned pushes are divided by
+        (Updater.preconditioner; raises InvalidConfigError while there is none)."""
+        core = self._core
+        with core.cond:
+            if core.closed:
+                raise ShardClosedError("shard was dropped or replaced")
+            return core.updater.preconditioner()
 
     def resident_bytes(self) -> int:
         """Bytes of fp32 weights plus Adam's m and v (once the first step created them)."""

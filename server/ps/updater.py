@@ -15,7 +15,7 @@ import torch
 from shardps.proto import common_pb2
 
 from . import adam as adam_lib
-from . import frozen_adam
+from . import frozen_adam, preconditioned
 from .errors import InvalidConfigError
 
 # One step's gradient: sum(grad * weight) over the terms in order, or the one grad as is when
@@ -65,7 +65,8 @@ class Updater:
         self._group["lr"] = lr
         state = self._optimizer.state.get(self.weights)
         if state is not None and frozen_adam.frozen(self._config, state):
-            frozen_adam.step(self._config, state, self.weights, _formed(terms), lr)
+            frozen = preconditioned if self._config.precondition_pushes else frozen_adam
+            frozen.step(self._config, state, self.weights, _formed(terms), lr)
             return
         first, weight = terms[0]
         if isinstance(self._optimizer, adam_lib.FusedAdam) and (
@@ -97,6 +98,17 @@ class Updater:
             for grad, w in rest:
                 block.add_(grad[lo:hi], alpha=w)
             optimizer.apply(state, lo, block)
+
+    def preconditioner(self) -> torch.Tensor:
+        """The frozen denominator pushes are divided by (optimizer.precondition_pushes);
+        raises InvalidConfigError unless the config preconditions and the shard is frozen."""
+        state = self._optimizer.state.get(self.weights)
+        if not self._config.precondition_pushes:
+            raise InvalidConfigError("the job does not set optimizer.precondition_pushes")
+        if state is None or not frozen_adam.frozen(self._config, state):
+            raise InvalidConfigError(f"the shard is not frozen yet (freezes after "
+                                     f"{self._config.freeze_variance_after} steps)")
+        return preconditioned.denominator(self._config, state)
 
     def copy_tensors(self) -> dict[str, torch.Tensor]:
         """Copies of the weights ("weights") and Adam's state tensors (once a step made them)."""

@@ -21,7 +21,7 @@ def test_minimal_spec_gets_every_default():
     s = spec.parse_spec(MINIMAL)
     assert s["optimizer"] == {"name": "adam", "lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-8,
                               "weight_decay": 0.0, "clip_grad_norm": 0.0, "freeze_variance_after": 0,
-                              "schedule": {"name": "constant", "warmup_steps": 0,
+                              "precondition_pushes": False, "schedule": {"name": "constant", "warmup_steps": 0,
                                            "total_steps": 0, "min_lr": 0.0}}
     assert s["consistency"] == {"mode": "sync", "staleness": 0}
     assert s["stop"]["target"] is None
@@ -66,6 +66,16 @@ def test_normalised_spec_round_trips_through_its_yaml():
      "transport.compress_warmup_steps: must be >= 0"),
     (MINIMAL + "optimizer: {freeze_variance_after: 1.5}\n",
      "optimizer.freeze_variance_after: must be an integer"),
+    (MINIMAL + "optimizer: {precondition_pushes: 1}\n",
+     "optimizer.precondition_pushes: must be true or false"),
+    (MINIMAL + "optimizer: {precondition_pushes: true, freeze_variance_after: 5}\n",
+     "optimizer.precondition_pushes: needs transport.compress, not none"),
+    (MINIMAL + "optimizer: {precondition_pushes: true}\ntransport: {compress: sign}\n",
+     "optimizer.precondition_pushes: needs optimizer.freeze_variance_after > 0"),
+    (MINIMAL + "optimizer: {precondition_pushes: true, freeze_variance_after: 5}\n"
+     "transport: {compress: sign, compress_warmup_steps: 4}\n",
+     "optimizer.precondition_pushes: needs transport.compress_warmup_steps (4) equal to "
+     "optimizer.freeze_variance_after (5)"),
     (MINIMAL + "data: {dataset: digits, shuffle: 'yes'}\n", "data.shuffle: must be true or false"),
     ("model: {name: mlp}\ndata: {dataset: digits}\n", "stop: needs at least one of"),
     ("model: {name: mlp}\ndata: {dataset: digits}\nstop: {target: {metric: accuracy, value: 97}}\n",

@@ -61,3 +61,27 @@ def test_the_warm_up_steps_push_uncompressed_and_leave_no_residual():
     assert wire.feedback is not None and wire.feedback.residual("shard0") is None
     encoded = wire.encode(grad, SHARDS, 3)
     assert encoded is not None and [compress.codec_of(e) for e in encoded] == [compress.CODEC_SIGN] * 2
+
+
+def test_preconditioned_pushes_divide_by_each_shards_denominator_read_once_per_reset():
+    wire = WirePush("int8", common_pb2.DTYPE_FLOAT32, "job", WorkerMetrics(), warmup_steps=2,
+                    precondition=True)
+    denominators = [torch.full((600,), 2.0), torch.full((400,), 0.5)]
+    reads = []
+
+    def fetch() -> list[torch.Tensor]:
+        reads.append(1)
+        return denominators
+
+    grad = torch.randn(1000)
+    assert wire.encode(grad, SHARDS, 1, fetch) is None and not reads  # the warm-up: no D yet
+    encoded = wire.encode(grad, SHARDS, 2, fetch)
+    assert encoded is not None and len(reads) == 1
+    expected = [grad[:600] / 2.0, grad[600:] / 0.5]
+    for data, want in zip(encoded, expected, strict=True):
+        torch.testing.assert_close(compress.decode(data), want, atol=0.05, rtol=0.02)
+    wire.encode(grad, SHARDS, 3, fetch)
+    assert len(reads) == 1  # read once
+    wire.reset()  # a rollback: a restored shard may hold another D
+    wire.encode(grad, SHARDS, 4, fetch)
+    assert len(reads) == 2
