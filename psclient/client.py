@@ -343,12 +343,9 @@ class PSClient:
         return results
 
     def _each(self, fn: Callable[[int], _T]) -> list[_T]:
-        """fn(i) for every shard, concurrently; the results in shard order.
-
-        Every shard but the last runs on this client's pool, the last on the calling thread;
-        every call is waited for before the first error is raised, so no transfer of this
-        operation is still running when the caller retries it.
-        """
+        """fn(i) for every shard, concurrently (all but the last on this client's pool); the
+        results in shard order. Every call ends before the first error is raised, so no
+        transfer of this operation still runs when the caller retries it."""
         n = len(self.shards)
         if n <= 1:
             return [fn(i) for i in range(n)]
@@ -370,10 +367,8 @@ class PSClient:
             raise error
         return [*results, *last]
 
-    def preconditioners(self) -> list[torch.Tensor]:
-        """Each shard's frozen denominator, in shard order (optimizer.precondition_pushes)."""
-        return self._each(lambda i: self._servers[i].rpc.preconditioner(
-            self.job_id, self.shards[i].index, self.shards[i].length))
+    def preconditioners(self) -> list[torch.Tensor]:  # each shard's (optimizer.precondition_pushes)
+        return self._each(lambda i: self._servers[i].rpc.preconditioner(self.job_id, self.shards[i]))
 
     # -- init ---------------------------------------------------------------------------
 

@@ -51,14 +51,14 @@ class RpcTransport:
         reply = self._stub.InitShard(messages, timeout=rpc.TRANSFER_DEADLINE_S)
         return cast(ps_pb2.InitShardResponse, reply)
 
-    def preconditioner(self, job_id: str, shard_index: int, length: int) -> torch.Tensor:
-        """A frozen shard's denominator D (fp32[length]) for preconditioned pushes."""
+    def preconditioner(self, job_id: str, shard: common_pb2.ShardRange) -> torch.Tensor:
+        """A frozen shard's denominator D (fp32[shard.length]) for preconditioned pushes."""
         reply = self._stub.GetPreconditioner(
-            ps_pb2.GetPreconditionerRequest(job_id=job_id, shard_index=shard_index),
+            ps_pb2.GetPreconditionerRequest(job_id=job_id, shard_index=shard.index),
             timeout=rpc.TRANSFER_DEADLINE_S)
-        if len(reply.denominator) != 4 * length:
-            raise ValueError(f"shard {shard_index}: preconditioner of {len(reply.denominator)} "
-                             f"bytes, expected {4 * length}")
+        if len(reply.denominator) != 4 * shard.length:
+            raise ValueError(f"shard {shard.index}: preconditioner of {len(reply.denominator)} "
+                             f"bytes, expected {4 * shard.length}")
         return torch.frombuffer(bytearray(reply.denominator), dtype=torch.float32)
 
     def data_port(self) -> int:

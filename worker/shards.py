@@ -80,9 +80,8 @@ class JobShards:
                  shard_map: ShardMap, *, dtype: DType, chunk_bytes: int, compress: str = "none",
                  compress_pull: str = "none", compress_warmup_steps: int = 0,
                  precondition_pushes: bool = False):
-        """`compress`, `compress_pull`, `compress_warmup_steps`: the spec's transport settings
-        ("none", or a compressed push with error feedback from that step on, wirepush.py;
-        compressed pulls, psclient/deltas.py); `precondition_pushes`: the optimizer's."""
+        """`compress`, `compress_pull`, `compress_warmup_steps`, `precondition_pushes`: the spec's
+        settings (pushes with error feedback: wirepush.py; compressed pulls: psclient/deltas.py)."""
         self._ctx = ctx
         self._client = recovery.RemappableClient(
             factory, ctx.job_id, shard_map, dtype=dtype, chunk_bytes=chunk_bytes,
@@ -91,8 +90,7 @@ class JobShards:
         # The embedding tables' row calls (worker/tablesync.py), following the same map.
         self.rows = RowClient(ctx.job_id, shard_map, worker_id=ctx.node_id,
                               incarnation=ctx.incarnation)
-        self.wire = WirePush(compress, dtype, ctx.job_id, ctx.metrics, compress_warmup_steps,
-                             precondition_pushes)
+        self.wire = WirePush(compress, dtype, ctx.job_id, ctx.metrics, compress_warmup_steps, precondition_pushes)
         self._push_wait_max = 0.0  # seconds: the longest push so far, retries included
 
     def close(self) -> None:

@@ -16,11 +16,17 @@ Pure and deterministic; the caller's lock guards the tensors. No state of its ow
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from shardps.proto import common_pb2
 
 from . import frozen_adam
+from .errors import ShardClosedError
+
+if TYPE_CHECKING:
+    from .core import ShardCore
 
 FLOOR = 0.1
 
@@ -50,3 +56,12 @@ def step(config: common_pb2.OptimizerConfig, state: dict, weights: torch.Tensor,
             pushed.addcdiv_(weights, denominator(config, state), value=config.weight_decay)
     exp_avg.mul_(config.beta1).add_(pushed, alpha=1 - config.beta1)
     weights.add_(exp_avg, alpha=-lr / (1 - config.beta1 ** t))
+
+
+def of_core(core: ShardCore) -> torch.Tensor:
+    """A copy of a shard's frozen denominator, under its lock (Updater.preconditioner; raises
+    InvalidConfigError while there is none, ShardClosedError once the shard is dropped)."""
+    with core.cond:
+        if core.closed:
+            raise ShardClosedError("shard was dropped or replaced")
+        return core.updater.preconditioner()

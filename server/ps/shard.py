@@ -17,11 +17,10 @@ import torch
 
 from shardps.proto import common_pb2, ps_pb2
 
-from . import ending, pulls, pushes, rows
+from . import ending, preconditioned, pulls, pushes, rows
 from .capture import capture_at, capture_locked, load_state
 from .checkpoint import ShardState
 from .core import ShardCore
-from .errors import ShardClosedError
 from .pushes import PushResult
 from .shard_config import check_initial_weights, validate_config
 from .snapshots import Snapshot
@@ -146,13 +145,8 @@ class Shard:
                 tables=self.config.tables)
 
     def preconditioner(self) -> torch.Tensor:
-        """A copy of the frozen denominator preconditioned pushes are divided by
-        (Updater.preconditioner; raises InvalidConfigError while there is none)."""
-        core = self._core
-        with core.cond:
-            if core.closed:
-                raise ShardClosedError("shard was dropped or replaced")
-            return core.updater.preconditioner()
+        """A copy of the frozen denominator of preconditioned pushes (preconditioned.of_core)."""
+        return preconditioned.of_core(self._core)
 
     def resident_bytes(self) -> int:
         """Bytes of fp32 weights plus Adam's m and v (once the first step created them)."""
@@ -170,11 +164,8 @@ class Shard:
         return ending.update_workers(self._core, workers, epoch)
 
     def fence(self, live: dict[str, int]) -> None:
-        """Adopts the live workers' incarnations from the coordinator (worker -> incarnation).
-
-        A worker that left the live set, or is live under a newer incarnation, has its old
-        incarnation fenced: its pushes are refused from now on.
-        """
+        """Adopts the live workers' incarnations (worker -> incarnation): one that left the live
+        set, or is live under a newer incarnation, has its old one fenced (pushes refused)."""
         with self._core.cond:
             self._core.fencing.adopt(live)
 
