@@ -12,10 +12,10 @@ import time
 import pytest
 
 from shardps.proto import common_pb2, coordinator_pb2, ps_pb2, ps_pb2_grpc
-from shardps.proto.states import FINAL_STATES
 from shardps.runtime import rpc
 from tests import harness
 from tests.e2e.test_recovery import Cluster, assert_same_state, checkpointed_state
+from tests.e2e.test_replicas import assert_nothing_acknowledged_lost
 
 STEPS = 300
 STEP_DELAY_MS = "30"  # bounds the rate (< 33 steps/s), so the job outlasts both moves
@@ -153,24 +153,7 @@ def test_an_async_job_resharded_loses_no_acknowledged_push(tmp_path):
                          interval=0.05, what=f"the reshard to {servers} servers done")
         final = cluster.final(job_id)
         assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
-        shards = final.shard_map.shards
-
-        def counts() -> list[tuple[int, float]]:
-            """(version, pushes acknowledged) per shard, once every primary has frozen."""
-            infos = [next(i for i in info(s.address, job_id) if i.shard_index == s.index)
-                     for s in shards]
-            if not all(i.state in FINAL_STATES for i in infos):
-                return []
-            return [(i.version, sum(w.metric("shardps_worker_pushes_acked_total", job=job_id,
-                                             shard=str(i.shard_index)) for w in cluster.workers))
-                    for i in infos]
-
-        try:
-            harness.poll(lambda: (c := counts()) and all(v == a for v, a in c), 30,
-                         what="every shard's version equal to its acknowledged pushes")
-        finally:
-            print("per shard (version, pushes acknowledged):", counts())
-        assert all(v > 0 for v, _ in counts())
+        assert_nothing_acknowledged_lost(cluster, job_id, final.shard_map.shards)
     finally:
         cluster.stop()
 
