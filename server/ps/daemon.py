@@ -164,8 +164,10 @@ class ParameterServerDaemon:
     def _drop_dropped(self, job_id: str, index: int, placement: Placement) -> None:
         """A Replicas.on_placement hook: a copy that the map no longer names (its shard moved
         away, or failed over) is freed; calls still on it fail or, for pulls waiting on it,
-        end at once, and their workers re-read the map."""
-        if placement.role(self._node_id()) == DROPPED:
+        end at once, and their workers re-read the map. A server without a node id (no
+        coordinator, or not registered yet) cannot tell which copies are its own: it keeps them."""
+        node_id = self._node_id()
+        if node_id and placement.role(node_id) == DROPPED:
             self.shards.drop_shard(job_id, index)
 
     def _node_id(self) -> str:
