@@ -67,10 +67,7 @@ class Joining:
 
     def begin(self, request: ps_pb2.JoinShardRequest) -> ps_pb2.JoinShardResponse:
         """JoinShard: a fresh queue for the join (an older join of the shard ends)."""
-        try:
-            names.check(request.job_id, "job_id")
-        except names.InvalidName as exc:
-            raise TransferRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        _check_job_id(request.job_id)
         key = (request.job_id, request.shard_index)
         with self._lock:
             join = self._joins.get(key)
@@ -135,10 +132,7 @@ class Joining:
         first = next(it, None)
         if first is None:
             raise TransferRefused(grpc.StatusCode.INVALID_ARGUMENT, "empty transfer")
-        try:
-            names.check(first.job_id, "job_id")
-        except names.InvalidName as exc:
-            raise TransferRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        _check_job_id(first.job_id)
         key = (first.job_id, first.shard_index)
         with self._lock:
             join = self._joins.get(key)
@@ -210,3 +204,11 @@ def _write_files(directory: Path, requests: Iterable[ps_pb2.TransferShardRequest
         with open(directory / request.file, "ab") as f:
             f.write(request.data)
         sizes[request.file] = request.offset + len(request.data)
+
+
+def _check_job_id(job_id: str) -> None:
+    """Raises TransferRefused INVALID_ARGUMENT for a job id that is not a valid name."""
+    try:
+        names.check(job_id, "job_id")
+    except names.InvalidName as exc:
+        raise TransferRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
