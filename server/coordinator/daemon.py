@@ -52,7 +52,8 @@ class CoordinatorDaemon:
         self.registry = daemon.new_registry()
         # Raises StateError if state_dir holds a state that cannot be loaded.
         self.servicer = CoordinatorServicer(lease_ms, registry=self.registry,
-                                            state_dir=state_dir, max_held_calls=max_held_calls)
+                                            state_dir=state_dir, max_held_calls=max_held_calls,
+                                            sweep_period_s=lease_ms / 4000.0)
         self._threads = RPC_THREADS + max_held_calls
         self.metrics: daemon.MetricsEndpoint | None = None
         self._metrics_port = metrics_port
@@ -126,7 +127,7 @@ class CoordinatorDaemon:
         return not self._server.wait_for_termination(timeout)
 
     def _sweep_loop(self) -> None:
-        period = self.servicer.lease_ms / 4000.0
+        period = self.servicer.lease_ms / 4000.0  # the servicer's sweep_period_s
         while not self._stopping.wait(period):
             try:
                 self.servicer.sweep()

@@ -58,14 +58,21 @@ class Membership:
 
     Args:
         lease_ms: a node whose last heartbeat is older than this is dead.
+        check_period_s: how often the owner checks leases (the daemon's sweeper); with it, a
+            longer gap between two checks is a stall of the coordinator itself (its process
+            starved of CPU or paused, its lock held), during which heartbeats could not reach
+            it, and leases do not count the stall. None: every second counts (tests that
+            drive the clock themselves).
     """
 
-    def __init__(self, lease_ms: int):
+    def __init__(self, lease_ms: int, check_period_s: float | None = None):
         if lease_ms <= 0:
             raise ValueError(f"lease_ms must be > 0, got {lease_ms}")
         self.lease_ms = int(lease_ms)
         self._nodes: dict[str, Node] = {}
         self._hold_until = float("-inf")  # no lease expires before this (after a restart)
+        self._check_period_s = check_period_s
+        self._last_check: float | None = None
 
     def register(self, role: common_pb2.Role, address: str, now: float, node_id: str = "",
                  metrics_address: str = "", device: str = "", hostname: str = "",
@@ -134,6 +141,7 @@ class Membership:
     def expire(self, now: float) -> list[Node]:
         """Declares dead every alive node whose lease ran out; returns those, each once."""
         lease_s = self.lease_ms / 1000.0
+        self._credit_stall(now)
         if now < self._hold_until:
             return []
         dead = [n for n in self._nodes.values() if n.alive and now - n.last_seen > lease_s]
@@ -142,6 +150,22 @@ class Membership:
             log.info("node %s expired (no heartbeat for %.1f s)", node.node_id,
                      now - node.last_seen)
         return dead
+
+    def _credit_stall(self, now: float) -> None:
+        """Moves every alive node's last heartbeat on by the time no check ran beyond one
+        period, when that was more than a period: a lease then expires later than it would
+        have, never sooner (a primary fences itself on its own clock either way)."""
+        last, self._last_check = self._last_check, now
+        if self._check_period_s is None or last is None:
+            return
+        stalled = now - last - self._check_period_s
+        if stalled <= self._check_period_s:
+            return
+        for node in self._nodes.values():
+            if node.alive:
+                node.last_seen = min(now, node.last_seen + stalled)
+        log.warning("no lease was checked for %.1f s (this coordinator stalled): the leases "
+                    "do not count %.1f s of it", now - last, stalled)
 
     def require(self, node_id: str, incarnation: int) -> Node:
         """The node, if it is alive at this incarnation.

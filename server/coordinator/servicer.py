@@ -58,6 +58,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         init_timeout_s: how long a job may take from assignment to ActivateJob.
         state_dir: where the state is kept; None keeps it in memory only.
         max_held_calls: long-polls held at once; the server's pool needs threads beyond them.
+        sweep_period_s: how often `sweep()` is called (the daemon's timer); a coordinator
+            that checked no lease for longer was stalled, and leases do not count the stall
+            (Membership). None: no timer, every second counts.
 
     Raises:
         StateError: the state dir holds a state that cannot be loaded.
@@ -65,9 +68,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     def __init__(self, lease_ms: int = 5000, registry: CollectorRegistry | None = None,
                  init_timeout_s: float = INIT_TIMEOUT_S, state_dir: str | None = None,
-                 max_held_calls: int = MAX_HELD_CALLS):
+                 max_held_calls: int = MAX_HELD_CALLS, sweep_period_s: float | None = None):
         self._lock = threading.Lock()
-        self._membership = Membership(lease_ms)
+        self._membership = Membership(lease_ms, sweep_period_s)
         self._jobs = JobTable(init_timeout_s)
         self.metrics = CoordinatorMetrics(registry or CollectorRegistry(), self._snapshot)
         self._held = HeldCalls(self._lock, max_held_calls, self.metrics)

@@ -102,3 +102,27 @@ def test_alive_and_nodes_are_ordered_by_id_and_keep_the_dead():
     m.expire(now=1.2)
     assert [n.node_id for n in m.alive()] == ["server-cccccc"]
     assert [n.node_id for n in m.nodes()] == ["server-cccccc", "worker-aaaaaa", "worker-bbbbbb"]
+
+
+def test_a_stall_of_the_coordinator_itself_does_not_count_against_leases():
+    """Checks every 0.25 s; none ran from 1.0 to 4.0 (the coordinator starved or its lock
+    held): heartbeats queued behind it could not land, so 2.75 s of the gap are not counted.
+    The node's late heartbeat then renews it; a node that stays silent still expires, later."""
+    m = Membership(lease_ms=1000, check_period_s=0.25)
+    alive = m.register(WORKER, "", now=0.0)
+    silent = m.register(WORKER, "", now=0.5)
+    for t in (0.25, 0.5, 0.75):
+        assert m.heartbeat(alive.node_id, 1, now=t) and m.expire(now=t) == []
+    assert m.expire(now=1.0) == []
+    assert m.expire(now=4.0) == []  # without the credit both would be dead here
+    assert m.heartbeat(alive.node_id, 1, now=4.01)
+    assert m.expire(now=4.25) == []
+    assert [n.node_id for n in m.expire(now=4.5)] == [silent.node_id]  # 0.5 + 2.75 + lease, and past it
+    assert [n.node_id for n in m.alive()] == [alive.node_id]
+
+
+def test_regular_checks_credit_nothing():
+    m = Membership(lease_ms=1000, check_period_s=0.25)
+    node = m.register(WORKER, "", now=0.0)
+    assert all(m.expire(now=0.25 * i) == [] for i in range(1, 5))  # 0.25 .. 1.0
+    assert [n.node_id for n in m.expire(now=1.25)] == [node.node_id]
