@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_MS = 5000    # until the coordinator tells us its lease
 FIRST_BACKOFF_S = 0.25     # pauses while the coordinator is unreachable double from this ...
-MAX_BACKOFF_S = 5.0        # ... up to this (a restarted coordinator is found within it)
+MAX_BACKOFF_S = 5.0        # ... up to this (a restarted coordinator is found within it);
+                           # a registered node's pauses stay within lease/4
 MIN_DEADLINE_S = 0.5       # a heartbeat's deadline is half the lease, but at least this
 GOODBYE_DEADLINE_S = 2.0   # deadline of the last heartbeat (shutting_down)
 
@@ -272,4 +273,7 @@ class NodeLink:
             log.warning("coordinator %s unreachable (%s: %s); retrying every <= %.0f s",
                         self.coordinator, exc.code().name, exc.details(), MAX_BACKOFF_S)
             self._failing = True
-        return self._backoff.next()
+        pause = self._backoff.next()
+        if self.registered:  # the lease runs on: a slow coordinator must hear from us in time
+            pause = min(pause, self.lease_ms / 4000)
+        return pause
