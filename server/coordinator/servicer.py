@@ -44,7 +44,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     With a `state_dir`, the node and job tables persist there (docs/architecture.md,
     "Failures"): a change to membership, a job's state, nodes, layout or shard map is
     written before the RPC that made it replies; loss histories at the latest on the next
-    `persist()` (the daemon's timer). A restarted coordinator loads them and carries on.
+    `sweep()` (the daemon's timer). A restarted coordinator loads them and carries on.
 
     Long-polls (an idle worker's heartbeat waiting for an assignment, a GetJob waiting for a
     state change) wait on a condition of that lock (HeldCalls), so they hold no lock while
@@ -58,9 +58,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         init_timeout_s: how long a job may take from assignment to ActivateJob.
         state_dir: where the state is kept; None keeps it in memory only.
         max_held_calls: long-polls held at once; the server's pool needs threads beyond them.
-        sweep_period_s: how often `sweep()` is called (the daemon's timer); a coordinator
-            that checked no lease for longer was stalled, and leases do not count the stall
-            (Membership). None: no timer, every second counts.
+        sweep_period_s: how often `sweep()` is called (the daemon's timer); leases do not
+            count a longer gap between checks (a stall: Membership). None: every second counts.
 
     Raises:
         StateError: the state dir holds a state that cannot be loaded.
@@ -88,9 +87,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         and writes the state if anything is unsaved."""
         with self._lock:
             self._sweep(time.monotonic())
-            if self._keeper is not None:
-                self._keeper.persist(lazy=True)
+            upto = self._keeper.capture(lazy=True) if self._keeper is not None else 0
             self._held.wake()
+        if self._keeper is not None:
+            self._keeper.flush(upto)
 
     def shutdown(self) -> None:
         """Answers every held long-poll now and holds no more (the daemon is stopping)."""
@@ -255,16 +255,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     @contextlib.contextmanager
     def _serving(self, context: grpc.ServicerContext) -> Iterator[float]:
-        """Holds the lock, sweeps, yields `now`, turns core exceptions into aborts, then
-        writes what changed and wakes held long-polls."""
+        """Holds the lock, sweeps, yields `now`, turns core exceptions into aborts, captures
+        what changed, wakes long-polls; then, unlocked, flushes it (StateKeeper.flush)."""
         with self._lock:
             now = time.monotonic()
             self._sweep(now)
             with callchecks.refusals(context, self.metrics.rejected_specs.inc):
                 yield now
-            if self._keeper is not None:
-                self._keeper.persist()
+            upto = self._keeper.capture() if self._keeper is not None else 0
             self._held.wake()
+        if self._keeper is not None:
+            self._keeper.flush(upto)
 
     def _hold(self, call: str, context: grpc.ServicerContext, wait_ms: int,
               done: Callable[[], bool]) -> None:

@@ -1,9 +1,11 @@
 """Keeps the coordinator's state dir in step with its tables: loads it at start, writes it
-when the tables' structure changed (or, lazily, when progress is unsaved)."""
+when the tables' structure changed (or, lazily, when progress is unsaved), outside the lock
+the tables are used under."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from .jobs import JobTable
@@ -17,8 +19,10 @@ log = logging.getLogger(__name__)
 class StateKeeper:
     """The state dir of one coordinator (docs/architecture.md, "Failures").
 
-    Not thread-safe: every call is made under the servicer's lock, the lock its Membership
-    and JobTable are used under.
+    `load` and `capture` are called under the servicer's lock, the lock its Membership and
+    JobTable are used under; `flush` without it (it has a lock of its own), so that a slow
+    write (fsync) never holds up heartbeats. An RPC captures under the servicer's lock and
+    flushes before it replies: what it changed, and everything it saw, is then on disk.
 
     Args:
         directory: the state dir.
@@ -32,9 +36,12 @@ class StateKeeper:
         self._membership = membership
         self._jobs = jobs
         self._metrics = metrics
-        self._saved: tuple | None = None  # structure() of what is on disk
+        self._saved: tuple | None = None  # structure() of the latest capture
         self._dump_cache: dict[str, tuple[tuple, dict]] = {}
-        self.dirty = False  # progress recorded since the last write
+        self.dirty = False  # progress recorded since the last capture
+        self._pending: tuple[int, dict] = (0, {})  # the latest capture: (sequence, document)
+        self._written = 0  # sequence of the capture on disk
+        self._write_lock = threading.Lock()
 
     def load(self) -> None:
         """Loads a saved state into the (empty) tables, if there is one.
@@ -55,19 +62,33 @@ class StateKeeper:
                     time.time() - doc.get("saved_unix", time.time()),
                     len(self._membership.nodes()), len(self._jobs.jobs()), len(active))
 
-    def persist(self, lazy: bool = False) -> None:
-        """Writes the state if its structure changed, or (lazy) if progress is unsaved. A
-        failed write is logged and counted, never raised."""
+    def capture(self, lazy: bool = False) -> int:
+        """Snapshots the tables if their structure changed, or (lazy) if progress is
+        unsaved; returns the sequence `flush` must reach (the latest capture's)."""
         now_structure = structure(self._membership, self._jobs)
-        if now_structure == self._saved and not (lazy and self.dirty):
+        if now_structure != self._saved or (lazy and self.dirty):
+            doc = dump(self._membership, self._jobs, time.monotonic(), time.time(),
+                       self._dump_cache)
+            self._pending = (self._pending[0] + 1, doc)
+            self._saved, self.dirty = now_structure, False
+        return self._pending[0]
+
+    def flush(self, upto: int) -> None:
+        """Returns once capture `upto` (or a later one) is on disk, writing the latest if
+        needed. A failed write is logged and counted, never raised; the next flush tries
+        again."""
+        if self._written >= upto:
             return
-        try:
-            size = self._file.save(dump(self._membership, self._jobs, time.monotonic(),
-                                        time.time(), self._dump_cache))
-        except OSError as exc:
-            self._metrics.state_writes.labels("failed").inc()
-            log.error("writing the state to %s failed: %s", self._file.path, exc)
-            return
-        self._metrics.state_writes.labels("written").inc()
-        self._metrics.state_bytes.set(size)
-        self._saved, self.dirty = now_structure, False
+        with self._write_lock:
+            seq, doc = self._pending
+            if self._written >= upto:
+                return
+            try:
+                size = self._file.save(doc)
+            except OSError as exc:
+                self._metrics.state_writes.labels("failed").inc()
+                log.error("writing the state to %s failed: %s", self._file.path, exc)
+                return
+            self._written = seq
+            self._metrics.state_writes.labels("written").inc()
+            self._metrics.state_bytes.set(size)

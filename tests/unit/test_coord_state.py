@@ -136,6 +136,25 @@ def test_a_restarted_servicer_carries_on_with_the_same_nodes_and_jobs(tmp_path):
     assert (again.node_id, again.incarnation) == (ids[0].node_id, 2)
 
 
+def test_the_state_is_written_outside_the_lock_and_before_the_reply(tmp_path, monkeypatch):
+    """A slow write (fsync) must not hold up heartbeats: the servicer's lock is free while
+    the state is written, and the RPC that changed it replies only once it is on disk."""
+    servicer = CoordinatorServicer(lease_ms=10_000, state_dir=str(tmp_path))
+    locked = []
+    real = StateFile.save
+
+    def save(self, doc):
+        locked.append(servicer._lock.locked())
+        return real(self, doc)
+
+    monkeypatch.setattr(StateFile, "save", save)
+    node = servicer.RegisterNode(pb.RegisterNodeRequest(role=SERVER, address="h:1"), Ctx())
+    assert locked == [False]
+    assert [n["node_id"] for n in StateFile(tmp_path).load()["nodes"]] == [node.node_id]
+    servicer.Heartbeat(pb.HeartbeatRequest(node_id=node.node_id, incarnation=1), Ctx())
+    assert locked == [False]  # a heartbeat changes no structure: nothing to write
+
+
 # -- rollbacks ------------------------------------------------------------------------------
 
 def test_rollback_rules():
