@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bench import netns
+from bench import linkrate, netns
 from tests import harness
 
 _why = netns.why_unavailable()
@@ -303,3 +303,16 @@ def test_bench_net_runs_in_its_small_configuration(tmp_path):
     # Its own namespaces, by their names' prefix (netns.Network): other tests running at the
     # same time make and remove theirs.
     assert not [ns for ns in netns.namespaces() if ns.startswith(f"{netns.PREFIX}{bench.pid}x")]
+
+
+def test_bench_linkrate_runs_in_its_small_configuration(tmp_path):
+    """bench.linkrate --small end to end (no rate asserted): every row, the relay's frames are
+    offloaded segments (far fewer than 1500-byte packets would be), and no namespace left."""
+    done = subprocess.run([sys.executable, "-m", "bench.linkrate", "--small", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = next(iter(json.loads((tmp_path / "linkrate.json").read_text())["tables"].values()))
+    assert [r["link"] for r in rows] == list(linkrate.ROWS)
+    assert all(r["a_to_b_Mbit"] > 0 and r["b_to_a_Mbit"] > 0 for r in rows)
+    relayed = [r for r in rows if r["link"].startswith("userspace")]
+    assert len(relayed) == 4 and all(r["frames_per_MB"] < 350 for r in relayed)  # 1500-byte: 700 per MB
