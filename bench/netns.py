@@ -249,8 +249,12 @@ class Network:
         self.unshape(host)
         if emulated:
             _in(ns, "ip", "link", "del", "eth0")  # its peer, the bridge port, goes with it
-            self._links[host] = tunlink.Link((ns, "eth0"), (self.hub, self._port(host)), ab=out,
-                                             ba=tunlink.Spec(rate_bits=bits), seed=seed)
+            try:
+                self._links[host] = tunlink.Link((ns, "eth0"), (self.hub, self._port(host)), ab=out,
+                                                 ba=tunlink.Spec(rate_bits=bits), seed=seed)
+            except tunlink.TunlinkError:
+                self._add_veth(host)  # the host keeps a link, unshaped
+                raise
             self._attach(host)
         elif bits:
             tbf = ["tbf", "rate", f"{bits}bit", "burst", str(_burst_bytes(bits)), "latency", "100ms"]

@@ -76,8 +76,8 @@ class Relay:
     def run(self, deadline: float) -> None:
         """Relays until deadline, end of stdin, or a `quit` command."""
         while (now := time.monotonic()) < deadline:
-            dues = [d for d, _ in self.routes.values() if d.next_due() is not None]
-            wait = min([IDLE_S, deadline - now, *(d.next_due() - now for d in dues)])  # type: ignore[operator]
+            dues = [due for d, _ in self.routes.values() if (due := d.next_due()) is not None]
+            wait = min([IDLE_S, deadline - now, *(due - now for due in dues)])
             readable, _, _ = select.select([*self.routes, 0], [], [], max(0.0, wait))
             now = time.monotonic()
             for fd in readable:
@@ -93,7 +93,7 @@ class Relay:
         for _ in range(BATCH):
             try:
                 frame = os.read(fd, READ_BYTES)
-            except BlockingIOError:
+            except OSError:  # EAGAIN: nothing more for now (anything else: try again next turn)
                 return
             direction.offer(frame, now)
 
@@ -111,7 +111,9 @@ class Relay:
         if not data:
             return False
         self._commands += data
-        while b"\n" in self._commands and len(self._commands) < 1 << 16:
+        if b"\n" not in self._commands and len(self._commands) > 1 << 16:
+            self._commands = b""  # no command is that long
+        while b"\n" in self._commands:
             line, self._commands = self._commands.split(b"\n", 1)
             word = line.decode(errors="replace").strip()
             if word == "quit":

@@ -4,12 +4,13 @@ hosts. Needs root and iproute2; skipped otherwise."""
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
-from bench import linkrate, netns
+from bench import linkrate, netns, tunlink
 from tests import harness
 
 _why = netns.why_unavailable()
@@ -213,6 +214,39 @@ def test_a_cut_host_reaches_no_one_and_heals(net):
     net.heal("b")
     net.wait_reachable("a", "b")
     assert net.reaches("b", "c")
+
+
+def test_a_killed_relay_takes_its_devices_with_it_and_bad_endpoints_are_refused(net):
+    net.shape("c", delay="1ms")
+    link = net.link("c")
+    assert link is not None
+    with pytest.raises(tunlink.TunlinkError, match="unknown command 'reboot'"):
+        link._ask("reboot")
+    assert "eth0" in _devices(net.run("c", "ip", "-o", "link", "show").stdout)
+    assert "p2" in _devices(_in_hub(net, "ip", "-o", "link", "show"))
+    link.proc.kill()
+    link.proc.wait(10)
+    # Not persistent: both TAP devices went with the process that held them.
+    harness.poll(lambda: "eth0" not in _devices(net.run("c", "ip", "-o", "link", "show").stdout), 10,
+                 what="c's eth0 gone")
+    assert "p2" not in _devices(_in_hub(net, "ip", "-o", "link", "show"))  # nor its bridge port
+    with pytest.raises(tunlink.TunlinkError, match="relay exited"):
+        link.stats()
+    with pytest.raises(tunlink.TunlinkError, match="no-such-namespace"):
+        tunlink.Link(("no-such-namespace", "eth0"), (net.ns("a"), "x0"))
+    assert "x0" not in _devices(net.run("a", "ip", "-o", "link", "show").stdout)
+    net.unshape("c")  # back to a veth pair
+    net.wait_reachable("a", "c")
+
+
+def _devices(ip_o_link: str) -> list[str]:
+    """Device names in `ip -o link show` output ("3: eth0@if4: <...>" -> "eth0")."""
+    return [re.split(r"[:@]", line.split(": ", 1)[1])[0] for line in ip_o_link.splitlines() if ": " in line]
+
+
+def _in_hub(net, *args: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", net.hub, *args], capture_output=True, text=True,
+                          timeout=20, check=True).stdout
 
 
 def test_close_kills_what_runs_inside_and_removes_every_namespace():
