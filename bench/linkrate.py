@@ -8,11 +8,14 @@ shaped; a sends to b and b to a. Needs root.
 
 Mbit/s counts the payload from the first byte sent to the receiver's acknowledgement of the
 last. The relay columns say how many frames b's link carried per MB (at most 64 KiB each:
-the TAP devices take TCP segmentation offload).
+the TAP devices take TCP segmentation offload), and relay_cpu_Mbit what it moved per second
+of its own CPU time (user + system): its ceiling on a core of its own, however loaded the
+machine is when measured.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -70,6 +73,13 @@ def mbits(net: netns.Network, src: str, dst: str, nbytes: int) -> float:
             sink.wait(10)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process pid so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = report.parser(__doc__, "8 MB each way per row")
     parser.add_argument("--mbytes", type=int, default=200, help="MB sent each way per row (default 200)")
@@ -80,18 +90,21 @@ def main() -> None:
         parser.error(f"network namespaces unavailable: {why}")
     nbytes = args.mbytes << 20
     table = report.Table(f"linkrate: one TCP stream across b's link, {args.mbytes} MB each way (Mbit/s)",
-                         ["link", "a_to_b_Mbit", "b_to_a_Mbit", "frames_per_MB", "lost"])
+                         ["link", "a_to_b_Mbit", "b_to_a_Mbit", "frames_per_MB", "lost", "relay_cpu_Mbit"])
     with netns.Network(["a", "b"]) as net:
         for name, shaping in ROWS.items():
             net.shape("b", **shaping)
             net.wait_reachable("a", "b")
+            link = net.link("b")
+            cpu = cpu_seconds(link.proc.pid) if link is not None else 0.0
             row = {"link": name, "a_to_b_Mbit": mbits(net, "a", "b", nbytes),
                    "b_to_a_Mbit": mbits(net, "b", "a", nbytes)}
-            if (link := net.link("b")) is not None:
+            if link is not None:
                 counters = link.stats()
                 frames = counters["ab"]["offered"] + counters["ba"]["offered"]
                 row["frames_per_MB"] = frames / (2 * args.mbytes)
                 row["lost"] = counters["ab"]["lost"]
+                row["relay_cpu_Mbit"] = 2 * nbytes * 8 / max(1e-3, cpu_seconds(link.proc.pid) - cpu) / 1e6
             table.add(**row)
             print(table.rows[-1], flush=True)
             net.unshape("b")

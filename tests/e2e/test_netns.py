@@ -350,3 +350,4 @@ def test_bench_linkrate_runs_in_its_small_configuration(tmp_path):
     assert all(r["a_to_b_Mbit"] > 0 and r["b_to_a_Mbit"] > 0 for r in rows)
     relayed = [r for r in rows if r["link"].startswith("userspace")]
     assert len(relayed) == 4 and all(r["frames_per_MB"] < 350 for r in relayed)  # 1500-byte: 700 per MB
+    assert all(r["relay_cpu_Mbit"] > 0 for r in relayed)
