@@ -1,9 +1,8 @@
 """net: steady-state step time on emulated links: 2 workers (and, for shardps, 2 servers), each
-on its own network-namespace host, every host's link shaped to --rate (and --delay where the
-kernel has netem). DDP over gloo in fp32, with fp16_compress_hook and with powerSGD_hook,
-against shardps (sync; fp32, fp32 with transport.overlap, and int8 with error feedback both
-ways); ratios against DDP fp32
-of the same run. Needs root.
+on its own network-namespace host, every host's link shaped to --rate (and --delay: each link
+is then bench/tunlink.py's userspace link). DDP over gloo in fp32, with fp16_compress_hook and
+with powerSGD_hook, against shardps (sync; fp32, fp32 with transport.overlap, and int8 with
+error feedback both ways); ratios against DDP fp32 of the same run. Needs root.
 
   python -m bench.net                          # ~10M-parameter MLP, 1gbit links
   python -m bench.net --params 100M --rate 10gbit
@@ -98,7 +97,7 @@ def main() -> None:
     parser = report.parser(__doc__, "~80K parameters, 3 timed steps")
     parser.add_argument("--params", default="10M", help="MLP size (default 10M)")
     parser.add_argument("--rate", default="1gbit", help="each host's link rate, tc syntax (default 1gbit)")
-    parser.add_argument("--delay", default="", help="one-way delay added to what each host sends (netem)")
+    parser.add_argument("--delay", default="", help="one-way delay added to what each host sends, tc syntax (e.g. 5ms)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any one wait may take")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="which rows, comma-separated")
@@ -108,8 +107,6 @@ def main() -> None:
     args.params = report.parse_count(args.params)
     if why := netns.why_unavailable():
         parser.error(f"network namespaces unavailable: {why}")
-    if args.delay and not netns.netem_available():
-        parser.error("--delay needs the netem qdisc, which this kernel lacks")
     title = f"net: 2 workers on {args.rate} links{' +' + args.delay if args.delay else ''}, " \
             f"{report.human(args.params)}-parameter MLP (step ms, median of {args.steps})"
     table = report.Table(title, ["system", "step_ms", "wire_MB_per_step", "vs_ddp_fp32"])

@@ -1,16 +1,19 @@
 """Emulated hosts on one machine: network namespaces joined to a bridge by veth pairs, each
-host's link shaped with `tc`, cut and healed at will. Used by bench/net.py and tests/e2e.
+host's link shaped (rate, delay, jitter, loss), cut and healed at will. Used by bench/net.py
+and tests/e2e.
 
   with Network(["a", "b", "c"]) as net:
-      net.shape("b", rate="100mbit", delay="5ms")
+      net.shape("b", rate="100mbit", delay="5ms", loss="1%")
       net.run("a", "ping", "-c", "1", net.address("b"))
 
 Topology: a hub namespace holds a bridge; each host is a namespace whose `eth0` is one end of
 a veth pair, the other end a port of that bridge. Hosts get 10.199.0.1, .2, ... (/24), an
 address range that only ever exists inside these namespaces, so it cannot clash with the
-machine's own networks. The rate limits both directions of a host's link (tbf on eth0 and on
-its bridge port); delay and loss (netem, which some kernels lack: `netem_available()`) apply
-to what the host sends, so a round trip between two hosts sees both of their delays.
+machine's own networks. A rate alone is a tbf on both ends of the veth pair. Delay, jitter or
+loss replace the host's veth pair by a userspace link (bench/tunlink.py: a TAP device at each
+end and a relay process between them; kernels here lack netem), whose rate limits both
+directions and whose delay, jitter and loss apply to what the host sends, so a round trip
+between two hosts sees both of their delays.
 
 Everything made is removed by `close()` (also on `with` exit and at interpreter exit), and
 `sweep()` removes namespaces that an earlier process of ours left behind (name prefix
@@ -29,6 +32,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+
+from bench import tunlink
 
 PREFIX = "sps"
 SUBNET = "10.199.0"
@@ -79,22 +84,6 @@ def why_unavailable() -> str | None:
     except (NetnsError, OSError) as exc:
         return f"`ip netns` does not work here: {exc}"
     return None
-
-
-_netem: bool | None = None
-
-
-def netem_available() -> bool:
-    """Whether the kernel has the netem qdisc (delay, loss); probed once in a scratch namespace."""
-    global _netem
-    if _netem is None:
-        with Network(["probe"]) as net:
-            try:
-                _in(net.ns("probe"), "tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", "1ms")
-                _netem = True
-            except NetnsError:
-                _netem = False
-    return _netem
 
 
 def namespaces() -> list[str]:
@@ -152,6 +141,28 @@ def parse_rate(rate: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def parse_delay_ms(delay: str, what: str = "delay") -> float:
+    """tc's time syntax in milliseconds: '20ms' -> 20.0, '500us' -> 0.5, '1s' -> 1000.0."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(us|ms|s)", delay.strip().lower())
+    if not m:
+        raise ValueError(f"{what} {delay!r}: expected e.g. 20ms, 500us or 1s")
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
+
+def parse_loss(loss: str) -> float:
+    """tc's loss syntax as a probability: '2%' -> 0.02."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)%", loss.strip())
+    if not m or float(m.group(1)) >= 100:
+        raise ValueError(f"loss {loss!r}: expected a percentage under 100%, e.g. 2% or 0.1%")
+    return float(m.group(1)) / 100
+
+
+def _mac(index: int) -> str:
+    """Host index's fixed MAC address: a host keeps it when its veth is swapped for a TAP, so
+    its neighbours' ARP entries stay right."""
+    return f"02:53:00:00:{index >> 8:02x}:{index & 0xff:02x}"
+
+
 class Network:
     """Hosts (namespaces) on one emulated switch. Not thread-safe; the creating thread owns it.
 
@@ -168,6 +179,7 @@ class Network:
         self._prefix = f"{PREFIX}{os.getpid()}x{next(_count)}-"
         self.hub = self._prefix + "hub"
         self._made: list[str] = []
+        self._links: dict[str, tunlink.Link] = {}  # host: the userspace link replacing its veth
         self._closed = False
         atexit.register(self.close)
         try:
@@ -181,15 +193,24 @@ class Network:
         self._add_namespace(self.hub)
         _in(self.hub, "ip", "link", "add", "br0", "type", "bridge")
         _in(self.hub, "ip", "link", "set", "br0", "up")
-        for i, host in enumerate(self.hosts):
-            ns = self.ns(host)
-            self._add_namespace(ns)
-            _ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", self._port(host),
-                "netns", self.hub)
-            _in(self.hub, "ip", "link", "set", self._port(host), "master", "br0")
-            _in(self.hub, "ip", "link", "set", self._port(host), "up")
-            _in(ns, "ip", "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", "eth0")
-            _in(ns, "ip", "link", "set", "eth0", "up")
+        for host in self.hosts:
+            self._add_namespace(self.ns(host))
+            self._add_veth(host)
+
+    def _add_veth(self, host: str) -> None:
+        _ip("link", "add", "eth0", "netns", self.ns(host), "type", "veth", "peer", "name", self._port(host),
+            "netns", self.hub)
+        self._attach(host)
+
+    def _attach(self, host: str) -> None:
+        """Puts host's link (a veth pair or a TAP pair, both ends just made) on the switch: the
+        hub's end a bridge port, the host's end eth0 with the host's address and MAC."""
+        ns, i = self.ns(host), self.hosts.index(host)
+        _in(self.hub, "ip", "link", "set", self._port(host), "master", "br0")
+        _in(self.hub, "ip", "link", "set", self._port(host), "up")
+        _in(ns, "ip", "link", "set", "eth0", "address", _mac(i + 1))
+        _in(ns, "ip", "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", "eth0")
+        _in(ns, "ip", "link", "set", "eth0", "up")
 
     def _add_namespace(self, ns: str) -> None:
         _ip("netns", "add", ns)
@@ -213,31 +234,49 @@ class Network:
     # -- links --
 
     def shape(self, host: str, rate: str | None = None, delay: str | None = None,
-              loss: str | None = None) -> None:
-        """Limits host's link to rate in each direction (tbf), and delays or drops what it sends
-        (netem: delay like '5ms', loss like '1%'). Replaces earlier shaping of that host."""
+              loss: str | None = None, jitter: str | None = None, seed: int = 0) -> None:
+        """Limits host's link to rate in each direction; delays (delay like '5ms', give or take
+        jitter) or drops (loss like '1%', seeded) what it sends. A rate alone is a tbf; any of
+        delay, jitter or loss puts a userspace link (bench/tunlink.py) in place of host's veth
+        pair, which then also keeps the rate. Replaces earlier shaping of that host and brings
+        its link up."""
         ns = self.ns(host)
         bits = parse_rate(rate) if rate else 0  # bad input is refused before anything changes
-        if (delay or loss) and not netem_available():
-            raise NetnsError("this kernel has no netem qdisc (sch_netem): delay and loss cannot be emulated")
+        emulated = delay is not None or loss is not None or jitter is not None
+        out = tunlink.Spec(delay_ms=parse_delay_ms(delay) if delay else 0.0,
+                           jitter_ms=parse_delay_ms(jitter, "jitter") if jitter else 0.0,
+                           loss=parse_loss(loss) if loss else 0.0, rate_bits=bits)
         self.unshape(host)
-        parent = ["root"]
-        if delay or loss:
-            args = ["delay", delay] if delay else []
-            args += ["loss", loss] if loss else []
-            _in(ns, "tc", "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "netem", *args)
-            parent = ["parent", "1:"]
-        if bits:
+        if emulated:
+            _in(ns, "ip", "link", "del", "eth0")  # its peer, the bridge port, goes with it
+            try:
+                self._links[host] = tunlink.Link((ns, "eth0"), (self.hub, self._port(host)), ab=out,
+                                                 ba=tunlink.Spec(rate_bits=bits), seed=seed)
+            except tunlink.TunlinkError:
+                self._add_veth(host)  # the host keeps a link, unshaped
+                raise
+            self._attach(host)
+        elif bits:
             tbf = ["tbf", "rate", f"{bits}bit", "burst", str(_burst_bytes(bits)), "latency", "100ms"]
-            _in(ns, "tc", "qdisc", "add", "dev", "eth0", *parent, "handle", "2:", *tbf)
+            _in(ns, "tc", "qdisc", "add", "dev", "eth0", "root", *tbf)
             _in(self.hub, "tc", "qdisc", "add", "dev", self._port(host), "root", *tbf)
 
     def unshape(self, host: str) -> None:
-        """Removes host's shaping (both directions); a no-op when it has none."""
+        """Removes host's shaping (both directions; a userspace link goes back to a veth pair);
+        a no-op when it has none."""
+        if (link := self._links.pop(host, None)) is not None:
+            link.close()  # its TAP devices go with the relay
+            self._add_veth(host)
+            return
         for ns, dev in ((self.ns(host), "eth0"), (self.hub, self._port(host))):
-            shown = self.qdiscs(ns, dev)
-            if "qdisc tbf" in shown or "qdisc netem" in shown:
+            if "qdisc tbf" in self.qdiscs(ns, dev):
                 _in(ns, "tc", "qdisc", "del", "dev", dev, "root")
+
+    def link(self, host: str) -> tunlink.Link | None:
+        """The userspace link in place of host's veth pair (its counters, its own cut switch),
+        or None when host has none."""
+        self.ns(host)
+        return self._links.get(host)
 
     def qdiscs(self, ns: str, dev: str = "eth0") -> str:
         """`tc qdisc show dev DEV` inside ns."""
@@ -301,6 +340,9 @@ class Network:
             return
         self._closed = True
         errors = []
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
         for ns in reversed(self._made):
             try:
                 _delete_namespace(ns)

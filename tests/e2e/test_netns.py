@@ -1,13 +1,16 @@
-"""The network harness (bench/netns.py) on real namespaces, veth pairs and tc, and a shardps
-cluster spread over three emulated hosts. Needs root and iproute2; skipped otherwise."""
+"""The network harness (bench/netns.py) on real namespaces, veth pairs and tc, its userspace
+links (bench/tunlink.py: delay, loss, cut), and a shardps cluster spread over three emulated
+hosts. Needs root and iproute2; skipped otherwise."""
 
+import contextlib
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
-from bench import netns
+from bench import linkrate, netns, tunlink
 from tests import harness
 
 _why = netns.why_unavailable()
@@ -30,15 +33,52 @@ with socket.create_connection((host, port), timeout=30) as s:
 """
 # Listens on HOST:0, prints its port, receives until EOF and acknowledges with one byte.
 SINK = """
+import hashlib, socket, sys
+listener = socket.create_server((sys.argv[1], 0))
+print(listener.getsockname()[1], flush=True)
+listener.settimeout(60)
+conn, _ = listener.accept()
+conn.settimeout(60)
+digest = hashlib.sha256()
+while data := conn.recv(1 << 20):
+    digest.update(data)
+conn.sendall(b"k")
+print(digest.hexdigest())
+"""
+# Sends N seeded random bytes to HOST:PORT and prints their sha256 once the receiver has
+# acknowledged all of them.
+SEND_RANDOM = """
+import hashlib, random, socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+data = random.Random(7).randbytes(n)
+with socket.create_connection((host, port), timeout=30) as s:
+    s.settimeout(60)
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    assert s.recv(1) == b"k"
+print(hashlib.sha256(data).hexdigest())
+"""
+# Echoes one connection's bytes back (prints its port first).
+ECHO = """
 import socket, sys
 listener = socket.create_server((sys.argv[1], 0))
 print(listener.getsockname()[1], flush=True)
 listener.settimeout(60)
 conn, _ = listener.accept()
 conn.settimeout(60)
-while conn.recv(1 << 20):
-    pass
-conn.sendall(b"k")
+while data := conn.recv(1 << 16):
+    conn.sendall(data)
+"""
+# Prints the seconds a TCP connect to HOST:PORT took, then the seconds one byte took to come
+# back from an echo.
+ROUND_TRIPS = """
+import socket, sys, time
+start = time.monotonic()
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30) as s:
+    connected = time.monotonic()
+    s.sendall(b"x")
+    assert s.recv(1) == b"x"
+    print(connected - start, time.monotonic() - connected)
 """
 
 
@@ -66,53 +106,103 @@ def test_namespaces_do_not_see_the_machines_loopback_services(net):
         assert net.run("a", sys.executable, "-c", probe, check=False).returncode != 0
 
 
-def _transfer_seconds(net, src: str, dst: str, nbytes: int) -> float:
-    sink = net.popen(dst, sys.executable, "-c", SINK, net.address(dst), stdout=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def _serving(net, host: str, script: str):
+    """Runs a server script (SINK, ECHO) on host; yields it and the port it printed."""
+    server = net.popen(host, sys.executable, "-c", script, net.address(host), stdout=subprocess.PIPE, text=True)
     try:
-        assert sink.stdout is not None
-        port = sink.stdout.readline().strip()
-        sent = net.run(src, sys.executable, "-c", SEND, net.address(dst), port, str(nbytes), timeout=120)
-        assert sink.wait(30) == 0
-        return float(sent.stdout)
+        assert server.stdout is not None
+        yield server, server.stdout.readline().strip()
     finally:
-        if sink.poll() is None:
-            sink.kill()
-            sink.wait(10)
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
 
 
-def test_a_shaped_link_moves_data_no_faster_than_its_rate(net):
-    net.shape("b", rate="100mbit")
-    for ns, dev in ((net.ns("b"), "eth0"), (net.hub, "p1")):
-        assert "tbf" in net.qdiscs(ns, dev) and "rate 100Mbit" in net.qdiscs(ns, dev)
+def _send(net, src: str, dst: str, sender: str, nbytes: int) -> tuple[str, str]:
+    """Runs sender (SEND, SEND_RANDOM) on src into a SINK on dst; returns what each printed."""
+    with _serving(net, dst, SINK) as (sink, port):
+        sent = net.run(src, sys.executable, "-c", sender, net.address(dst), port, str(nbytes), timeout=120)
+        received, _ = sink.communicate(timeout=30)
+        assert sink.returncode == 0
+        return sent.stdout.strip(), received.strip()
+
+
+@pytest.mark.parametrize("emulated", [False, True], ids=["tbf", "userspace link"])
+def test_a_shaped_link_moves_data_no_faster_than_its_rate(net, emulated):
+    net.shape("b", rate="100mbit", delay="0ms" if emulated else None)
+    if not emulated:
+        for ns, dev in ((net.ns("b"), "eth0"), (net.hub, "p1")):
+            assert "tbf" in net.qdiscs(ns, dev) and "rate 100Mbit" in net.qdiscs(ns, dev)
+    else:
+        assert net.link("b") is not None and "tun type tap" in net.run("b", "ip", "-d", "link", "show", "eth0").stdout
     nbytes = 8 << 20  # 0.67 s at 100 Mbit/s
     for src, dst in (("a", "b"), ("b", "a")):  # both directions are limited
-        seconds = _transfer_seconds(net, src, dst, nbytes)
+        seconds = float(_send(net, src, dst, SEND, nbytes)[0])
         # A generous bound: the bucket's burst (64 KiB) is under 1% of the transfer.
         assert nbytes * 8 / seconds < 1.3 * 100e6, f"{src}->{dst}: {nbytes * 8 / seconds / 1e6:.0f} Mbit/s"
     net.unshape("b")
     assert "tbf" not in net.qdiscs(net.ns("b")) and "tbf" not in net.qdiscs(net.hub, "p1")
+    assert net.link("b") is None and "veth" in net.run("b", "ip", "-d", "link", "show", "eth0").stdout
+    assert net.reaches("a", "b")
 
 
-def test_delay_and_loss_need_netem_and_say_so_when_the_kernel_lacks_it(net):
-    if netns.netem_available():
-        net.shape("c", rate="1gbit", delay="20ms", loss="0%")
-        assert "netem" in net.qdiscs(net.ns("c")) and "delay 20ms" in net.qdiscs(net.ns("c"))
-        # c's reply to a's connect (a refusal) leaves c's link 20 ms late: a lower bound only.
-        timed = ("import socket, sys, time\nstart = time.monotonic()\ntry:\n"
-                 "    socket.create_connection((sys.argv[1], 9), timeout=5)\nexcept ConnectionRefusedError:\n"
-                 "    print(time.monotonic() - start)\n")
-        assert float(net.run("a", sys.executable, "-c", timed, net.address("c")).stdout) >= 0.02
-    else:
-        with pytest.raises(netns.NetnsError, match="no netem"):
-            net.shape("c", delay="20ms")
-        assert "netem" not in net.qdiscs(net.ns("c")) and "tbf" not in net.qdiscs(net.ns("c"))
+def test_delayed_links_add_both_delays_to_every_round_trip(net):
+    net.shape("a", delay="20ms")
+    net.shape("c", delay="20ms", jitter="5ms")
+    with _serving(net, "c", ECHO) as (_, port):
+        out = net.run("a", sys.executable, "-c", ROUND_TRIPS, net.address("c"), port).stdout.split()
+    connect_s, echo_s = map(float, out)
+    # The SYN leaves a 20 ms late (and its ARP before it), the SYN-ACK leaves c 15-25 ms late.
+    assert connect_s >= 0.035 and echo_s >= 0.035, out
+    assert net.link("a").stats()["ab"]["delivered"] >= 3  # type: ignore[union-attr]
+    assert net.reaches("b", "a") and net.reaches("c", "b")  # b's own link is untouched
+
+
+def test_a_lossy_link_delivers_a_megabyte_intact_with_retransmits(net):
+    net.shape("b", loss="5%", seed=1)  # seed 1 drops the 10th, 14th, 20th and 21st frame b sends
+    link = net.link("b")
+    assert link is not None
+
+    def retransmits() -> int:  # b's kernel TCP counter (RetransSegs), in b's namespace
+        lines = [line.split() for line in net.run("b", "cat", "/proc/net/snmp").stdout.splitlines()
+                 if line.startswith("Tcp:")]
+        return int(lines[1][lines[0].index("RetransSegs")])
+
+    before, retransmitted = link.stats()["ab"], retransmits()
+    sent, received = _send(net, "b", "a", SEND_RANDOM, 1 << 20)
+    assert sent == received and len(sent) == 64  # the same sha256 on both sides
+    after = link.stats()["ab"]
+    assert after["lost"] > before["lost"], after
+    assert after["delivered"] + after["lost"] + after["write_errors"] + after["queued"] == after["offered"]
+    assert retransmits() > retransmitted
+
+
+def test_a_userspace_links_cut_stops_traffic_and_heal_restores_it(net):
+    net.shape("b", delay="1ms")
+    link = net.link("b")
+    assert link is not None and net.reaches("a", "b")
+    link.cut()
+    assert not net.reaches("a", "b") and not net.reaches("b", "c")
+    assert net.reaches("a", "c")
+    stats = link.stats()
+    assert stats["ab"]["cut_now"] and stats["ab"]["cut"] >= 1 and stats["ba"]["cut"] >= 1
+    link.heal()
+    net.wait_reachable("a", "b")
+    net.cut("b")  # the link-down cut works on the TAP device too
+    assert not net.reaches("c", "b")
+    net.heal("b")
+    net.wait_reachable("c", "b")
 
 
 def test_bad_shaping_arguments_are_refused_before_touching_the_link(net):
     net.shape("a", rate="200mbit")
-    with pytest.raises(ValueError, match="rate '100mbps'"):
-        net.shape("a", rate="100mbps")
-    assert "rate 200Mbit" in net.qdiscs(net.ns("a"))  # the earlier shaping still holds
+    for bad, message in ((dict(rate="100mbps"), "rate '100mbps'"), (dict(delay="20"), "delay '20'"),
+                         (dict(jitter="1min"), "jitter '1min'"), (dict(loss="100%"), "loss '100%'"),
+                         (dict(loss="0.02"), "loss '0.02'"), (dict(delay="61s"), "delay_ms 61000")):
+        with pytest.raises(ValueError, match=message):
+            net.shape("a", **bad)
+        assert "rate 200Mbit" in net.qdiscs(net.ns("a")) and net.link("a") is None  # still as before
     with pytest.raises(KeyError, match="no host 'z'"):
         net.shape("z", rate="1gbit")
 
@@ -126,13 +216,49 @@ def test_a_cut_host_reaches_no_one_and_heals(net):
     assert net.reaches("b", "c")
 
 
+def test_a_killed_relay_takes_its_devices_with_it_and_bad_endpoints_are_refused(net):
+    net.shape("c", delay="1ms")
+    link = net.link("c")
+    assert link is not None
+    with pytest.raises(tunlink.TunlinkError, match="unknown command 'reboot'"):
+        link._ask("reboot")
+    assert "eth0" in _devices(net.run("c", "ip", "-o", "link", "show").stdout)
+    assert "p2" in _devices(_in_hub(net, "ip", "-o", "link", "show"))
+    link.proc.kill()
+    link.proc.wait(10)
+    # Not persistent: both TAP devices went with the process that held them.
+    harness.poll(lambda: "eth0" not in _devices(net.run("c", "ip", "-o", "link", "show").stdout), 10,
+                 what="c's eth0 gone")
+    assert "p2" not in _devices(_in_hub(net, "ip", "-o", "link", "show"))  # nor its bridge port
+    with pytest.raises(tunlink.TunlinkError, match="relay exited"):
+        link.stats()
+    with pytest.raises(tunlink.TunlinkError, match="no-such-namespace"):
+        tunlink.Link(("no-such-namespace", "eth0"), (net.ns("a"), "x0"))
+    assert "x0" not in _devices(net.run("a", "ip", "-o", "link", "show").stdout)
+    net.unshape("c")  # back to a veth pair
+    net.wait_reachable("a", "c")
+
+
+def _devices(ip_o_link: str) -> list[str]:
+    """Device names in `ip -o link show` output ("3: eth0@if4: <...>" -> "eth0")."""
+    return [re.split(r"[:@]", line.split(": ", 1)[1])[0] for line in ip_o_link.splitlines() if ": " in line]
+
+
+def _in_hub(net, *args: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", net.hub, *args], capture_output=True, text=True,
+                          timeout=20, check=True).stdout
+
+
 def test_close_kills_what_runs_inside_and_removes_every_namespace():
     net = netns.Network(["x", "y"])
     made = [net.hub, net.ns("x"), net.ns("y")]
     sleeper = net.popen("x", "sleep", "600")
+    net.shape("y", delay="5ms")
+    relay = net.link("y").proc  # type: ignore[union-attr]
     assert set(made) <= set(netns.namespaces())
     net.close()
     assert sleeper.wait(10) != 0
+    assert relay.returncode == 0  # stopped and reaped
     assert not set(made) & set(netns.namespaces())
     net.close()  # twice is fine
 
@@ -211,3 +337,17 @@ def test_bench_net_runs_in_its_small_configuration(tmp_path):
     # Its own namespaces, by their names' prefix (netns.Network): other tests running at the
     # same time make and remove theirs.
     assert not [ns for ns in netns.namespaces() if ns.startswith(f"{netns.PREFIX}{bench.pid}x")]
+
+
+def test_bench_linkrate_runs_in_its_small_configuration(tmp_path):
+    """bench.linkrate --small end to end (no rate asserted): every row, the relay's frames are
+    offloaded segments (far fewer than 1500-byte packets would be), and no namespace left."""
+    done = subprocess.run([sys.executable, "-m", "bench.linkrate", "--small", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = next(iter(json.loads((tmp_path / "linkrate.json").read_text())["tables"].values()))
+    assert [r["link"] for r in rows] == list(linkrate.ROWS)
+    assert all(r["a_to_b_Mbit"] > 0 and r["b_to_a_Mbit"] > 0 for r in rows)
+    relayed = [r for r in rows if r["link"].startswith("userspace")]
+    assert len(relayed) == 4 and all(r["frames_per_MB"] < 350 for r in relayed)  # 1500-byte: 700 per MB
+    assert all(r["relay_cpu_Mbit"] > 0 for r in relayed)
