@@ -196,7 +196,8 @@ def _sigkill_server_of_shard_1(cluster: Cluster, job_spec: str
     assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
     lost = restarted.metric("shardps_ps_lost_updates_total", job=job_id)
     print(f"SIGKILL at step ~{at.step}: rollback {final.rollback_id} to version "
-          f"{final.rollback_version}, {lost:.0f} update(s) replayed on the restarted server; "
+          f"{final.rollback_version}; the restarted server's checkpoints were {lost:.0f} "
+          f"update(s) behind (R = 1: replayed; R = 2: its restore ignored); "
           f"serving again after {serving_s:.1f} s, past the old step after {recovery_s:.1f} s")
     return final, restarted
 
