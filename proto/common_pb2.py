@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17shardps/v1/common.proto\x12\nshardps.v1\"9\n\nParamEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"T\n\x06Layout\x12&\n\x06params\x18\x01 \x03(\x0b\x32\x16.shardps.v1.ParamEntry\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\"\xec\x01\n\nShardRange\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06length\x18\x05 \x01(\x03\x12\x12\n\nbackup_ids\x18\x14 \x03(\t\x12\x18\n\x10\x62\x61\x63kup_addresses\x18\x15 \x03(\t\x12\x15\n\rreplica_epoch\x18\x16 \x01(\x03\x12\x13\n\x0bjoining_ids\x18\x17 \x03(\t\x12\x19\n\x11joining_addresses\x18\x18 \x03(\t\x12\x16\n\x0ejoining_epochs\x18\x19 \x03(\x03\"C\n\x08ShardMap\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12&\n\x06shards\x18\x02 \x03(\x0b\x32\x16.shardps.v1.ShardRange\"+\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xf5\x01\n\x0fOptimizerConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x10\n\x08schedule\x18\x07 \x01(\t\x12\x14\n\x0cwarmup_steps\x18\x08 \x01(\x03\x12\x13\n\x0btotal_steps\x18\t \x01(\x03\x12\x0e\n\x06min_lr\x18\n \x01(\x01\x12\x1d\n\x15\x66reeze_variance_after\x18( \x01(\x03\x12\x1b\n\x13precondition_pushes\x18) \x01(\x08*>\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SERVER\x10\x01\x12\x0f\n\x0bROLE_WORKER\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03*\xb4\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x03\x12\x17\n\x13JOB_STATE_CONVERGED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*p\n\x0f\x43onsistencyMode\x12\x1b\n\x17\x43ONSISTENCY_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43ONSISTENCY_SYNC\x10\x01\x12\x13\n\x0f\x43ONSISTENCY_SSP\x10\x02\x12\x15\n\x11\x43ONSISTENCY_ASYNC\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17shardps/v1/common.proto\x12\nshardps.v1\"9\n\nParamEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"d\n\x06Layout\x12&\n\x06params\x18\x01 \x03(\x0b\x32\x16.shardps.v1.ParamEntry\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0e\n\x06tables\x18\x32 \x03(\t\"\xec\x01\n\nShardRange\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06length\x18\x05 \x01(\x03\x12\x12\n\nbackup_ids\x18\x14 \x03(\t\x12\x18\n\x10\x62\x61\x63kup_addresses\x18\x15 \x03(\t\x12\x15\n\rreplica_epoch\x18\x16 \x01(\x03\x12\x13\n\x0bjoining_ids\x18\x17 \x03(\t\x12\x19\n\x11joining_addresses\x18\x18 \x03(\t\x12\x16\n\x0ejoining_epochs\x18\x19 \x03(\x03\"C\n\x08ShardMap\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12&\n\x06shards\x18\x02 \x03(\x0b\x32\x16.shardps.v1.ShardRange\"+\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xf5\x01\n\x0fOptimizerConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x10\n\x08schedule\x18\x07 \x01(\t\x12\x14\n\x0cwarmup_steps\x18\x08 \x01(\x03\x12\x13\n\x0btotal_steps\x18\t \x01(\x03\x12\x0e\n\x06min_lr\x18\n \x01(\x01\x12\x1d\n\x15\x66reeze_variance_after\x18( \x01(\x03\x12\x1b\n\x13precondition_pushes\x18) \x01(\x08*>\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SERVER\x10\x01\x12\x0f\n\x0bROLE_WORKER\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03*\xb4\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x03\x12\x17\n\x13JOB_STATE_CONVERGED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*p\n\x0f\x43onsistencyMode\x12\x1b\n\x17\x43ONSISTENCY_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43ONSISTENCY_SYNC\x10\x01\x12\x13\n\x0f\x43ONSISTENCY_SSP\x10\x02\x12\x15\n\x11\x43ONSISTENCY_ASYNC\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardps.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=785
-  _globals['_ROLE']._serialized_end=847
-  _globals['_DTYPE']._serialized_start=849
-  _globals['_DTYPE']._serialized_end=937
-  _globals['_JOBSTATE']._serialized_start=940
-  _globals['_JOBSTATE']._serialized_end=1120
-  _globals['_CONSISTENCYMODE']._serialized_start=1122
-  _globals['_CONSISTENCYMODE']._serialized_end=1234
+  _globals['_ROLE']._serialized_start=801
+  _globals['_ROLE']._serialized_end=863
+  _globals['_DTYPE']._serialized_start=865
+  _globals['_DTYPE']._serialized_end=953
+  _globals['_JOBSTATE']._serialized_start=956
+  _globals['_JOBSTATE']._serialized_end=1136
+  _globals['_CONSISTENCYMODE']._serialized_start=1138
+  _globals['_CONSISTENCYMODE']._serialized_end=1250
   _globals['_PARAMENTRY']._serialized_start=39
   _globals['_PARAMENTRY']._serialized_end=96
   _globals['_LAYOUT']._serialized_start=98
-  _globals['_LAYOUT']._serialized_end=182
-  _globals['_SHARDRANGE']._serialized_start=185
-  _globals['_SHARDRANGE']._serialized_end=421
-  _globals['_SHARDMAP']._serialized_start=423
-  _globals['_SHARDMAP']._serialized_end=490
-  _globals['_TENSORCHUNK']._serialized_start=492
-  _globals['_TENSORCHUNK']._serialized_end=535
-  _globals['_OPTIMIZERCONFIG']._serialized_start=538
-  _globals['_OPTIMIZERCONFIG']._serialized_end=783
+  _globals['_LAYOUT']._serialized_end=198
+  _globals['_SHARDRANGE']._serialized_start=201
+  _globals['_SHARDRANGE']._serialized_end=437
+  _globals['_SHARDMAP']._serialized_start=439
+  _globals['_SHARDMAP']._serialized_end=506
+  _globals['_TENSORCHUNK']._serialized_start=508
+  _globals['_TENSORCHUNK']._serialized_end=551
+  _globals['_OPTIMIZERCONFIG']._serialized_start=554
+  _globals['_OPTIMIZERCONFIG']._serialized_end=799
 # @@protoc_insertion_point(module_scope)

@@ -66,14 +66,16 @@ class ParamEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class Layout(_message.Message):
-    __slots__ = ("params", "total", "fingerprint")
+    __slots__ = ("params", "total", "fingerprint", "tables")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     params: _containers.RepeatedCompositeFieldContainer[ParamEntry]
     total: int
     fingerprint: str
-    def __init__(self, params: _Optional[_Iterable[_Union[ParamEntry, _Mapping]]] = ..., total: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, params: _Optional[_Iterable[_Union[ParamEntry, _Mapping]]] = ..., total: _Optional[int] = ..., fingerprint: _Optional[str] = ..., tables: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ShardRange(_message.Message):
     __slots__ = ("index", "server_id", "address", "offset", "length", "backup_ids", "backup_addresses", "replica_epoch", "joining_ids", "joining_addresses", "joining_epochs")

@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from shardps.proto import common_pb2
+from shardps.proto import common_pb2, names
 
 # torch only in annotations: the coordinator imports this module and never needs torch, which
 # would cost it about 1 s of CPU at start (bench/RESULTS.md, tta).
@@ -43,11 +43,11 @@ def check_layout(layout: common_pb2.Layout) -> None:
     if not layout.params:
         raise ValueError("layout has no parameters")
     offset = 0
-    names = set()
+    seen = set()
     for p in layout.params:
-        if p.name in names:
+        if p.name in seen:
             raise ValueError(f"layout names {p.name!r} twice")
-        names.add(p.name)
+        seen.add(p.name)
         if any(d < 0 for d in p.shape):
             raise ValueError(f"layout parameter {p.name!r} has a negative dimension")
         if p.offset != offset:
@@ -58,6 +58,14 @@ def check_layout(layout: common_pb2.Layout) -> None:
     expected = make_layout((p.name, tuple(p.shape)) for p in layout.params).fingerprint
     if layout.fingerprint != expected:
         raise ValueError("layout fingerprint does not match its parameters")
+    tables: set[str] = set()
+    for i, table in enumerate(layout.tables):
+        if not names.is_valid(table):
+            raise ValueError(f"layout.tables[{i}]: a table is named by its module path: "
+                             f"{names.RULE.format(n=names.MAX_LEN)}")
+        if table in tables:
+            raise ValueError(f"layout.tables names {table!r} twice")
+        tables.add(table)
 
 
 def unflatten(flat: torch.Tensor, layout: common_pb2.Layout) -> dict[str, torch.Tensor]:

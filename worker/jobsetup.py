@@ -103,10 +103,14 @@ def initialise(ctx: JobContext, job: coordinator_pb2.JobInfo, prepared: Prepared
     workers = ctx.guard("job workers", lambda: worker_ids(job))
     if ctx.node_id not in workers:
         raise End("abandoned", f"GetJob does not list this worker among {workers}")
+    layout = common_pb2.Layout()
+    layout.CopyFrom(flat.layout)
+    if prepared.tables:  # the coordinator refuses replicas and reshards for a job with tables
+        layout.tables.extend(name for name, _ in prepared.tables.modules)
     try:
         shard_map = ctx.coordinator.call("SetLayout", coordinator_pb2.SetLayoutRequest(
             job_id=ctx.job_id, node_id=ctx.node_id, incarnation=ctx.incarnation,
-            layout=flat.layout)).shard_map
+            layout=layout)).shard_map
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # the model's layout is unusable
             raise ctx.fail(f"SetLayout rejected the layout: {exc.details()}") from None

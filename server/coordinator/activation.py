@@ -19,6 +19,7 @@ from .replicas import place_backups
 from .shardmap import build_shard_map
 
 log = logging.getLogger(__name__)
+SHOWN_TABLES = 4  # table names a refusal lists (a layout may name many)
 
 
 def set_layout(job: Job, node_id: str, incarnation: int, layout: common_pb2.Layout,
@@ -27,6 +28,7 @@ def set_layout(job: Job, node_id: str, incarnation: int, layout: common_pb2.Layo
     (JobTable.set_layout says the rules and what it raises)."""
     require_rank0(job, node_id, incarnation, membership, "set the layout of")
     check_layout(layout)
+    check_tables_allowed(job, layout)
     if job.layout is not None:
         if layout == job.layout:
             assert job.shard_map is not None
@@ -44,6 +46,23 @@ def set_layout(job: Job, node_id: str, incarnation: int, layout: common_pb2.Layo
     log.info("job %s layout %s: %d elements in %d shards over %d servers", job.job_id,
              layout.fingerprint, layout.total, len(shard_map.shards), len(job.servers))
     return shard_map
+
+
+def check_tables_allowed(job: Job, layout: common_pb2.Layout) -> None:
+    """Raises ValueError naming `cluster.replicas` for a model with embedding tables in a job
+    with replicas: table rows are neither forwarded to backups nor transferred."""
+    replicas = int(job.spec["cluster"].get("replicas", 1))
+    if layout.tables and replicas > 1:
+        raise ValueError(f"cluster.replicas: a model with embedding tables "
+                         f"({shown_tables(layout)}) cannot have replicas yet: {replicas} > 1; "
+                         f"use cluster.replicas: 1")
+
+
+def shown_tables(layout: common_pb2.Layout) -> str:
+    """The layout's table names for a message: the first few."""
+    names = list(layout.tables[:SHOWN_TABLES])
+    return ", ".join(names) + (f" and {len(layout.tables) - len(names)} more"
+                               if len(layout.tables) > len(names) else "")
 
 
 def activate(job: Job, node_id: str, incarnation: int, membership: Membership) -> common_pb2.JobState:

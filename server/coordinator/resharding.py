@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from shardps.proto import coordinator_pb2 as pb
 from shardps.proto.states import state_name
 
+from .activation import shown_tables
 from .job import RUNNING, Job, JobStateError
 from .membership import Membership
 from .rereplication import add_copy, copies, drop_copy, promote
@@ -103,6 +104,10 @@ def _check_startable(job: Job, membership: Membership) -> None:
     if job.state != RUNNING or job.shard_map is None:
         raise JobStateError(f"job {job.job_id} is {state_name(job.state)}; only a running job "
                             "can be resharded")
+    if job.layout is not None and job.layout.tables:
+        raise JobStateError(f"job {job.job_id} has embedding tables ({shown_tables(job.layout)}); "
+                            "a job with tables cannot be resharded yet (their rows are not "
+                            "transferred)")
     if job.reshard is not None and job.reshard.running:
         done = sum(r.phase == DONE for r in job.reshard.runs)
         raise JobStateError(f"job {job.job_id} is already being resharded to "

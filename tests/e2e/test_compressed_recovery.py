@@ -2,7 +2,8 @@
 server: the restarted server restores a checkpoint, every shard rolls back, the workers drop
 their residuals and replay, and the job completes at its step budget. Not bitwise equal to a
 straight run, unlike an uncompressed job: the residuals are not checkpointed, so the replay
-starts from none (docs/network.md)."""
+starts from none (docs/network.md). With `cluster.replicas: 2` the same SIGKILL rolls
+nothing back: the primary forwards each compressed push to its backup decoded, as fp32."""
 
 from __future__ import annotations
 
@@ -14,22 +15,33 @@ from tests.e2e.test_recovery import Cluster, checkpointed_state, spec
 COMPRESSED = "transport: {compress: int8, compress_pull: int8}\n"
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(480)
 def test_a_compressed_sync_job_rolls_back_after_a_sigkill_and_completes(tmp_path):
+    """Twice on one cluster: R = 1 as above; then R = 2, where the primary forwards each int8
+    push to its backup decoded (fp32): the backup of the victim's shard is promoted, nothing
+    rolls back, no worker drops its residuals, and the job completes at its step budget."""
     steps, every = 120, 20
     cluster = Cluster(tmp_path, servers=2, workers=2, worker_args=[["--step-delay-ms", "15"], []])
     try:
-        job_id = cluster.client.submit(spec(steps=steps, every=every) + COMPRESSED)
-        cluster.wait_step(job_id, 50)
-        victim = cluster.server_of_shard(job_id, 1)
-        cluster.servers[victim].kill()  # SIGKILL
-        cluster.restart_server(victim)
-        final = cluster.final(job_id)
-        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
-        assert final.rollback_id == 1 and final.rollback_version % every == 0
-        for worker in cluster.workers:  # each took the rollback (and dropped its residuals)
-            assert worker.has_line(rf"job {job_id}: rollback 1: a server restored version"), \
-                worker.output()
-        assert [s.version for s in checkpointed_state(cluster, job_id)] == [steps, steps]
+        for replicas in (1, 2):
+            job_id = cluster.client.submit(spec(steps=steps, every=every, replicas=replicas)
+                                           + COMPRESSED)
+            cluster.wait_step(job_id, 50)
+            victim = cluster.server_of_shard(job_id, 1)
+            cluster.servers[victim].kill()  # SIGKILL
+            cluster.restart_server(victim)
+            final = cluster.final(job_id)
+            assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+            rolled = [w.has_line(rf"job {job_id}: rollback 1: a server restored version")
+                      for w in cluster.workers]  # each took the rollback, dropping residuals
+            if replicas == 1:
+                assert final.rollback_id == 1 and final.rollback_version % every == 0
+                assert all(rolled), [w.output() for w in cluster.workers]
+            else:
+                assert final.rollback_id == 0 and not any(rolled)
+                assert cluster.coord.has_line(rf"job {job_id} shard 1: primary server-\w+ "
+                                              r"lost; backup server-\w+ promoted"), \
+                    cluster.coord.output()
+            assert [s.version for s in checkpointed_state(cluster, job_id)] == [steps, steps]
     finally:
         cluster.stop()

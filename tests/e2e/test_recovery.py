@@ -19,6 +19,7 @@ import torch
 from shardps.client.api import CoordinatorClient
 from shardps.client.scrape import scrape, total
 from shardps.proto import common_pb2, coordinator_pb2
+from shardps.proto.states import FINAL_STATES
 from shardps.server.ps import checkpoint
 from tests import harness
 
@@ -28,7 +29,7 @@ RUNNING = common_pb2.JOB_STATE_RUNNING
 
 def spec(mode: str = "sync", steps: int = 120, every: int = 20, workers: int = 2,
          servers: int = 2, target: str = "", eval_every: int = 50, name: str = "rec",
-         shards: int = 0) -> str:
+         shards: int = 0, replicas: int = 1) -> str:
     stop = f"max_steps: {steps}, eval_every: {eval_every}" + (f", {target}" if target else "")
     return f"""
 name: {name}
@@ -37,7 +38,7 @@ model: {{name: mlp, kwargs: {{hidden: [32]}}}}
 data: {{dataset: digits, batch_size: 64, shuffle: true}}
 optimizer: {{lr: 0.002}}
 consistency: {{mode: {mode}}}
-cluster: {{servers: {servers}, workers: {workers}, shards: {shards or servers}}}
+cluster: {{servers: {servers}, workers: {workers}, shards: {shards or servers}, replicas: {replicas}}}
 stop: {{{stop}}}
 checkpoint: {{every_steps: {every}, keep: 3}}
 """
@@ -49,7 +50,9 @@ class Cluster:
 
     def __init__(self, tmp: Path, servers: int, workers: int, lease_ms: int = 2000,
                  worker_args: list[list[str]] | None = None, state_dir: bool = False,
-                 server_env: dict[str, str] | None = None, wait_alive: bool = True):
+                 server_env: dict[str, str] | None = None, wait_alive: bool = True,
+                 first_server_env: dict[str, str] | None = None):
+        """`server_env` goes to every server, `first_server_env` to server 0 only."""
         self.tmp = tmp
         self.lease_ms = lease_ms
         self.coord_args = ["--lease-ms", str(lease_ms), "--metrics-port", "0"]
@@ -57,7 +60,9 @@ class Cluster:
             self.coord_args += ["--state-dir", str(tmp / "coordinator")]
         self.coord = harness.start("shardps-coordinator", "--port", "0", *self.coord_args)
         self.data_dirs = [tmp / f"server-{i}" for i in range(servers)]
-        self.servers = [self._server(d, server_env) for d in self.data_dirs]
+        self.servers = [self._server(d, {**(server_env or {}), **(first_server_env or {})}
+                                     if i == 0 else server_env)
+                        for i, d in enumerate(self.data_dirs)]
         worker_args = worker_args or [[] for _ in range(workers)]
         self.workers = [harness.Daemon(
             "shardps-worker", "--port", "0", "--metrics-port", "0", "--device", "cpu",
@@ -123,15 +128,20 @@ def assert_same_state(a: checkpoint.ShardState, b: checkpoint.ShardState) -> Non
         assert torch.equal(a.tensors[name], b.tensors[name]), name
 
 
-@pytest.mark.timeout(420)
-@pytest.mark.parametrize("shards", [2, 4])
-def test_sync_restore_after_sigkill_is_bitwise_identical(tmp_path, shards):
-    """The same sync job twice: straight, and with the server of shard 1 SIGKILLed mid-run and
-    restarted on its data dir. Design: the restarted server restores its newest checkpoint c,
-    the coordinator rolls every shard back to c and the workers replay steps c.. (lost rounds
-    are replayed, not skipped), so both runs end with the same bits. With 4 shards on the 2
-    servers (cluster.shards), the victim holds shards 1 and 3 and restores both."""
-    steps, every = 120, 20
+@pytest.mark.timeout(600)
+def test_sync_server_sigkill_ends_bitwise_by_rollback_with_one_replica_and_without_with_two(
+        tmp_path):
+    """The same sync job of 4 shards on 2 servers three times on one cluster: straight, then
+    with R = 1 and with R = 2, the server of shard 1 (and 3) SIGKILLed mid-run and restarted
+    on its data dir. R = 1: the restarted server restores its newest checkpoint c of both its
+    shards, the coordinator rolls every shard back to c and the workers replay (lost rounds
+    are replayed, not skipped). R = 2: the victim was primary of shards 1 and 3 and backup of
+    0 and 2; both backups are promoted at once, nothing rolls back, and the restarted server
+    rejoins by transfer. Either way every shard ends bitwise equal to the straight run.
+    (One cluster and one straight run for both: the suite's cost of the R = 2 case is one
+    job; the 2-shard case this replaced is the one-shard-per-server case of
+    test_compressed_recovery and test_table_recovery.)"""
+    steps, every, shards = 120, 20, 4
     cluster = Cluster(tmp_path, servers=2, workers=2,
                       worker_args=[["--step-delay-ms", "15"], []])
     try:
@@ -139,34 +149,57 @@ def test_sync_restore_after_sigkill_is_bitwise_identical(tmp_path, shards):
         assert cluster.final(straight).state == common_pb2.JOB_STATE_COMPLETED
         reference = checkpointed_state(cluster, straight)
         assert len(reference) == shards
-
-        job_id = cluster.client.submit(spec(steps=steps, every=every, shards=shards))
-        at = cluster.wait_step(job_id, 50)
-        victim = cluster.server_of_shard(job_id, 1)
-        cluster.servers[victim].kill()  # SIGKILL
-        killed_at = time.monotonic()
-        restarted = cluster.restart_server(victim)
-        serving_s = time.monotonic() - killed_at
-        before = cluster.client.job(job_id).step
-        cluster.wait_step(job_id, before + 1)
-        recovery_s = time.monotonic() - killed_at  # restored, rolled back, replayed, past it
-        final = cluster.final(job_id)
-        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
-        resumed = checkpointed_state(cluster, job_id)
-        for a, b in zip(reference, resumed, strict=True):
-            assert a.version == steps
-            assert_same_state(a, b)
-        assert final.rollback_id == 1 and final.rollback_version % every == 0
-        assert restarted.has_line(rf"job {job_id} shard 1 restored from ckpt-"), restarted.output()
-        other = cluster.servers[1 - victim]
-        assert other.has_line(rf"rollback 1: version \d+ -> {final.rollback_version}"), \
-            other.output()
-        lost = restarted.metric("shardps_ps_lost_updates_total", job=job_id)
-        print(f"SIGKILL at step ~{at.step}: restored version {final.rollback_version}, "
-              f"{lost:.0f} update(s) replayed on the restarted shard; serving again after "
-              f"{serving_s:.1f} s, past the old step after {recovery_s:.1f} s")
+        for replicas in (1, 2):
+            lost = cluster.coord.metric("shardps_coordinator_lost_updates_total")
+            final, restarted = _sigkill_server_of_shard_1(
+                cluster, spec(steps=steps, every=every, shards=shards, replicas=replicas))
+            for a, b in zip(reference, checkpointed_state(cluster, final.job_id), strict=True):
+                assert a.version == steps
+                assert_same_state(a, b)
+            if replicas == 1:
+                assert final.rollback_id == 1 and final.rollback_version % every == 0
+                assert restarted.has_line(rf"job {final.job_id} shard 1 restored from ckpt-"), \
+                    restarted.output()
+                other = next(d for d in cluster.servers if d is not restarted)
+                assert other.has_line(rf"rollback 1: version \d+ -> {final.rollback_version}"), \
+                    other.output()
+            else:  # (the restarted server's restore was of copies no longer its own)
+                assert final.rollback_id == 0
+                assert cluster.coord.metric("shardps_coordinator_lost_updates_total") == lost
+                for index in (1, 3):
+                    assert cluster.coord.has_line(rf"job {final.job_id} shard {index}: primary "
+                                                  r"server-\w+ lost; backup server-\w+ "
+                                                  r"promoted"), cluster.coord.output()
+                assert all(not w.has_line(rf"job {final.job_id}: rollback")
+                           for w in cluster.workers)
+        assert cluster.coord.metric("shardps_coordinator_rollbacks_total") == 1  # R = 1's
     finally:
         cluster.stop()
+
+
+def _sigkill_server_of_shard_1(cluster: Cluster, job_spec: str
+                               ) -> tuple[coordinator_pb2.JobInfo, harness.Daemon]:
+    """Runs the job to step 50, SIGKILLs the server of shard 1, restarts it on its data dir
+    and waits for the job to complete. Returns the final JobInfo and the restarted server."""
+    job_id = cluster.client.submit(job_spec)
+    at = cluster.wait_step(job_id, 50)
+    victim = cluster.server_of_shard(job_id, 1)
+    cluster.servers[victim].kill()  # SIGKILL
+    killed_at = time.monotonic()
+    restarted = cluster.restart_server(victim)
+    serving_s = time.monotonic() - killed_at
+    before = cluster.client.job(job_id).step
+    harness.poll(lambda: (j := cluster.client.job(job_id)).step > before
+                 or j.state in FINAL_STATES, 120, interval=0.05, what=f"past step {before}")
+    recovery_s = time.monotonic() - killed_at  # (R = 1: restored, rolled back, replayed)
+    final = cluster.final(job_id)
+    assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+    lost = restarted.metric("shardps_ps_lost_updates_total", job=job_id)
+    print(f"SIGKILL at step ~{at.step}: rollback {final.rollback_id} to version "
+          f"{final.rollback_version}; the restarted server's checkpoints were {lost:.0f} "
+          f"update(s) behind (R = 1: replayed; R = 2: its restore ignored); "
+          f"serving again after {serving_s:.1f} s, past the old step after {recovery_s:.1f} s")
+    return final, restarted
 
 
 @pytest.mark.timeout(420)
@@ -291,37 +324,58 @@ def test_a_push_whose_reply_is_lost_is_applied_once(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_a_server_dying_inside_a_checkpoint_write_restarts_from_a_complete_one(tmp_path):
-    """The server's third checkpoint write of the job (version 40) exits the process halfway
-    through writing exp_avg (a torn file in a temp dir); restarted, it restores version 20."""
-    every = 20
-    crash = {checkpoint.CRASH_ENV: "partial:exp_avg@3"}
-    cluster = Cluster(tmp_path, servers=1, workers=1, server_env=crash,
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_server_dying_inside_a_checkpoint_write_restarts_from_a_complete_one(tmp_path,
+                                                                                 replicas):
+    """Server 0 exits halfway through writing exp_avg of a version-40 checkpoint (a torn file
+    in a temp dir); restarted, it reads the complete version-20 one. R = 1 (one server, one
+    shard: its third write): the job rolls back to 20 and replays. R = 2 (two servers, each
+    primary of one shard and backup of the other: server 0's fifth write, after the version-0
+    and version-20 ones of both shards): its backup is promoted, nothing rolls back, and the
+    restarted server's restore is ignored (no longer a copy) before it rejoins by transfer."""
+    every, servers = 20, replicas
+    crash = {checkpoint.CRASH_ENV: f"partial:exp_avg@{2 * servers + 1}"}
+    cluster = Cluster(tmp_path, servers=servers, workers=1, first_server_env=crash,
                       worker_args=[["--step-delay-ms", "10"]])
     try:
-        job_id = cluster.client.submit(spec(steps=120, every=every, servers=1, workers=1))
+        job_id = cluster.client.submit(spec(steps=120, every=every, servers=servers, workers=1,
+                                            replicas=replicas))
         server = cluster.servers[0]
         assert server.proc.wait(120) == checkpoint.CRASH_EXIT
-        shard_dir = checkpoint.shard_dir(cluster.data_dirs[0], job_id, 0)
-        assert list(shard_dir.glob(".tmp-40-*")), "the torn write is in a temp dir"
-        assert [v for v, _ in checkpoint.committed(shard_dir)] == [20, 0]
+        torn = [checkpoint.shard_dir(cluster.data_dirs[0], job_id, i) for i in range(servers)]
+        torn = [d for d in torn if list(d.glob(".tmp-40-*"))]
+        assert len(torn) == 1, "one torn write, in a temp dir"
+        assert [v for v, _ in checkpoint.committed(torn[0])] == [20, 0]
         restarted = cluster.restart_server(0)
         final = cluster.final(job_id)
         assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
-        assert restarted.has_line(rf"job {job_id} shard 0 restored from ckpt-000000000020"), \
+        assert restarted.has_line(rf"job {job_id} shard \d restored from ckpt-000000000020"), \
             restarted.output()
-        assert final.rollback_version == 20
+        assert [s.version for s in checkpointed_state(cluster, job_id)] == [120] * servers
+        if replicas == 1:
+            assert final.rollback_version == 20
+        else:
+            assert final.rollback_id == 0
+            # (Server 0 is primary of whichever shard the coordinator gave it.)
+            assert cluster.coord.has_line(rf"job {job_id} shard \d: primary server-\w+ lost; "
+                                          r"backup server-\w+ promoted"), cluster.coord.output()
     finally:
         cluster.stop()
 
 
 @pytest.mark.timeout(420)
-def test_a_restarted_coordinator_carries_on_with_its_jobs(tmp_path):
-    cluster = Cluster(tmp_path, servers=1, workers=2, state_dir=True,
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_restarted_coordinator_carries_on_with_its_jobs(tmp_path, replicas):
+    """The coordinator SIGKILLed mid-job and restarted on its state dir: the job completes
+    and nobody was lost on the way. R = 2 (two servers): the primaries stop acknowledging
+    while the coordinator is down (3/4 of a lease unanswered) and the workers retry; once it
+    is back they go on, no shard fails over and nothing rolls back."""
+    servers = replicas
+    cluster = Cluster(tmp_path, servers=servers, workers=2, state_dir=True,
                       worker_args=[["--step-delay-ms", "15"], ["--step-delay-ms", "15"]])
     try:
         steps = 300
-        job_id = cluster.client.submit(spec(steps=steps, servers=1))
+        job_id = cluster.client.submit(spec(steps=steps, servers=servers, replicas=replicas))
         cluster.wait_step(job_id, 40)
         port = cluster.coord.address.rsplit(":", 1)[1]
         cluster.coord.kill()
@@ -333,11 +387,16 @@ def test_a_restarted_coordinator_carries_on_with_its_jobs(tmp_path):
         final = cluster.final(job_id)
         assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
         assert final.step == steps and final.epoch == 1  # nobody was lost on the way
+        assert final.rollback_id == 0
+        assert [s.replica_epoch for s in final.shard_map.shards] == [replicas - 1] * servers
         table = cluster.cli("status")
         assert job_id in table and "COMPLETED" in table
         info = json.loads(cluster.cli("status", job_id, "--output", "json"))
         assert info["state"] == "JOB_STATE_COMPLETED" and info["losses"]
-        print(f"coordinator down {back_s:.1f} s; job {job_id} completed {steps} steps")
+        refused = sum(s.metric("shardps_ps_rejected_pushes_total", reason="out_of_touch")
+                      for s in cluster.servers)
+        print(f"coordinator down {back_s:.1f} s; job {job_id} completed {steps} steps; "
+              f"{refused:.0f} push(es) refused meanwhile (primary out of touch)")
     finally:
         cluster.stop()
 

@@ -2,11 +2,15 @@
 
 The coordinator's lease expires the dead worker, the servers complete the open round with the
 workers that are left (and say so in their log and metrics), the survivors re-rank and take
-over the dead worker's part of each global batch, and the job finishes.
+over the dead worker's part of each global batch, and the job finishes. With
+`cluster.replicas: 2` the same holds on every copy: each server is primary of one shard and
+backup of the other, and the backups close the short rounds the primaries close.
 """
 
 import signal
 import time
+
+import pytest
 
 from shardps.client.api import CoordinatorClient
 from shardps.client.scrape import scrape, total
@@ -20,18 +24,22 @@ STEP_DELAY_MS = 20  # every step takes at least this long, so the job is still r
 # From the kill to the verdict: the lease (1 s), a server heartbeat (0.25 s) and the remaining
 # steps (~0.1 s each at most on a loaded 2-core machine) fit many times over.
 FINISH_WITHIN_S = 60.0
-SPEC = f"""
+
+
+def spec(replicas: int) -> str:
+    return f"""
 name: kill-a-worker
 model: {{name: mlp, kwargs: {{hidden: [32]}}}}
 data: {{dataset: digits, batch_size: {BATCH}, shuffle: false}}
 consistency: {{mode: sync}}
-cluster: {{servers: 2, workers: 3}}
+cluster: {{servers: 2, workers: 3, replicas: {replicas}}}
 stop: {{max_steps: {STEPS}, eval_every: 50}}
 """
 
 
 
-def test_sync_job_finishes_with_the_others_after_a_worker_is_killed():
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_sync_job_finishes_with_the_others_after_a_worker_is_killed(replicas):
     coord = harness.start("shardps-coordinator", "--port", "0", "--lease-ms", str(LEASE_MS))
     servers = [harness.Daemon("shardps-server", "--port", "0", "--metrics-port", "0",
                               "--coordinator", coord.address) for _ in range(2)]
@@ -45,7 +53,7 @@ def test_sync_job_finishes_with_the_others_after_a_worker_is_killed():
     with CoordinatorClient(coord.address) as client:
         harness.poll(lambda: sum(n.state == coordinator_pb2.NODE_STATE_ALIVE
                                  for n in client.nodes()) == 5, 30, what="5 nodes alive")
-        job_id = client.submit(SPEC)
+        job_id = client.submit(spec(replicas))
         running = harness.poll(lambda: (j := client.job(job_id)).step >= 20 and j, 120,
                                interval=0.05, what="step 20")
         assert running.state == common_pb2.JOB_STATE_RUNNING
@@ -64,13 +72,13 @@ def test_sync_job_finishes_with_the_others_after_a_worker_is_killed():
     ranks = {w.node_id: (w.rank, w.alive) for w in final.workers}
     assert ranks == {by_rank[0]: (0, True), by_rank[1]: (-1, False), by_rank[2]: (1, True)}
 
-    _check_servers_completed_short_rounds(servers, job_id)
+    _check_servers_completed_short_rounds(servers, job_id, copies=replicas)
     _check_survivors_took_half_batches(workers, victim, address, by_rank, running.step, job_id)
     print(f"daemons ready to job end {time.monotonic() - started:.1f} s")
     _stop_survivors((*workers, *servers, coord), victim)
 
 
-def _check_servers_completed_short_rounds(servers, job_id):
+def _check_servers_completed_short_rounds(servers, job_id, copies):
     """Every server dropped the dead worker; those holding a round it never pushed completed
     that round with the two left and said so in their log and metrics. (A worker killed
     mid-push may have reached some shards: their round was complete.)"""
@@ -82,8 +90,12 @@ def _check_servers_completed_short_rounds(servers, job_id):
         said = server.has_line(r"round \d+ completed with 2 of the 3 workers it opened with")
         assert said == (short >= 1), server.output()
         short_rounds += short
-        assert total(text, "shardps_ps_live_workers", job=job_id) == 2
-        assert total(text, "shardps_ps_version", job=job_id) == STEPS
+        assert total(text, "shardps_ps_live_workers", job=job_id) == 2 * copies
+        # Every copy at the last step once it has frozen (a backup closes the last round
+        # when the primary forwards it the last push, a moment after the first reports).
+        harness.poll(lambda s=server: total(scrape(s.metrics_address), "shardps_ps_version",
+                                            job=job_id) == STEPS * copies, 30,
+                     what=f"every copy on {server.address} at version {STEPS}")
     assert short_rounds >= 1
 
 

@@ -39,6 +39,8 @@ def test_unflatten_gives_independent_tensors_of_the_right_shapes():
     (lambda lay: setattr(lay.params[1], "name", "w"), "twice"),
     (lambda lay: setattr(lay, "fingerprint", "0" * 16), "fingerprint"),
     (lambda lay: lay.ClearField("params"), "no parameters"),
+    (lambda lay: lay.tables.extend(["emb", "x" * 200]), r"layout.tables\[1\]: a table is named"),
+    (lambda lay: lay.tables.extend(["emb", "bag", "emb"]), "names 'emb' twice"),
 ])
 def test_inconsistent_layouts_are_refused(mutate, message):
     lay = layout.make_layout([("w", (2, 3)), ("b", (3,))])

@@ -5,6 +5,7 @@ source), retry or fail, and refusals change nothing."""
 
 import pytest
 
+from shardps.proto import common_pb2
 from shardps.proto import coordinator_pb2 as pb
 from shardps.proto.layout import make_layout
 from shardps.server.coordinator import rereplication, resharding
@@ -136,6 +137,30 @@ def test_refusals_without_servers_or_of_an_ended_job_change_nothing(cluster):
     with pytest.raises(JobStateError, match="only a running job can be resharded"):
         table.reshard(job.job_id, 2, cluster, 11.0)
     assert job.shard_map.SerializeToString() == before and job.reshard is None
+
+
+def test_a_job_with_embedding_tables_is_refused_replicas_and_reshards(cluster):
+    """SetLayout refuses tables with replicas (naming cluster.replicas, nothing stored);
+    a reshard of a job with tables is refused and changes nothing."""
+    tabled = common_pb2.Layout()
+    tabled.CopyFrom(LAYOUT)
+    tabled.tables.extend(["emb", "bag", "a", "b", "c", "d"])
+    table = JobTable()
+    job = table.submit(spec(replicas=2), cluster, 0.0)
+    with pytest.raises(ValueError, match=r"^cluster.replicas: a model with embedding tables "
+                                         r"\(emb, bag, a, b and 2 more\) cannot have replicas "
+                                         r"yet: 2 > 1"):
+        table.set_layout(job.job_id, W, 1, tabled, cluster, 1.0)
+    assert job.layout is None and job.shard_map is None
+    table.cancel(job.job_id, 1.0)  # (its worker fails it)
+    job = table.submit(spec(), cluster, 1.0)
+    table.set_layout(job.job_id, W, 1, tabled, cluster, 1.0)
+    table.activate(job.job_id, W, 1, cluster, 1.0)
+    before = job.shard_map.SerializeToString()
+    with pytest.raises(JobStateError, match="has embedding tables .* cannot be resharded yet"):
+        table.reshard(job.job_id, 4, cluster, 2.0)
+    assert job.shard_map.SerializeToString() == before and job.reshard is None
+    assert job.servers == [S1, S2]
 
 
 def test_a_copy_that_never_catches_up_is_retried_then_the_reshard_fails(cluster):
