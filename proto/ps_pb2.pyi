@@ -300,18 +300,24 @@ class GetShardInfoResponse(_message.Message):
     def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ...) -> None: ...
 
 class GetPreconditionerRequest(_message.Message):
-    __slots__ = ("job_id", "shard_index")
+    __slots__ = ("job_id", "shard_index", "chunk_bytes")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ...) -> None: ...
+    chunk_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class GetPreconditionerResponse(_message.Message):
-    __slots__ = ("denominator",)
+    __slots__ = ("denominator", "offset_elements", "length_elements")
     DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     denominator: bytes
-    def __init__(self, denominator: _Optional[bytes] = ...) -> None: ...
+    offset_elements: int
+    length_elements: int
+    def __init__(self, denominator: _Optional[bytes] = ..., offset_elements: _Optional[int] = ..., length_elements: _Optional[int] = ...) -> None: ...
 
 class DropJobRequest(_message.Message):
     __slots__ = ("job_id",)

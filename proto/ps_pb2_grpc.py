@@ -54,7 +54,7 @@ class ParameterServerStub:
                 request_serializer=shardps_dot_v1_dot_ps__pb2.GetShardInfoRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_ps__pb2.GetShardInfoResponse.FromString,
                 _registered_method=True)
-        self.GetPreconditioner = channel.unary_unary(
+        self.GetPreconditioner = channel.unary_stream(
                 '/shardps.v1.ParameterServer/GetPreconditioner',
                 request_serializer=shardps_dot_v1_dot_ps__pb2.GetPreconditionerRequest.SerializeToString,
                 response_deserializer=shardps_dot_v1_dot_ps__pb2.GetPreconditionerResponse.FromString,
@@ -153,7 +153,8 @@ class ParameterServerServicer:
     def GetPreconditioner(self, request, context):
         """A frozen shard's Adam denominator D, which a job with optimizer.precondition_pushes
         divides its gradient by before compressing it (docs/network.md). FAILED_PRECONDITION
-        while the shard is not frozen or the job does not precondition.
+        while the shard is not frozen or the job does not precondition. Streamed: D in chunks
+        of at most chunk_bytes, in offset order, covering the shard (no message-size limit).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -264,7 +265,7 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     request_deserializer=shardps_dot_v1_dot_ps__pb2.GetShardInfoRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_ps__pb2.GetShardInfoResponse.SerializeToString,
             ),
-            'GetPreconditioner': grpc.unary_unary_rpc_method_handler(
+            'GetPreconditioner': grpc.unary_stream_rpc_method_handler(
                     servicer.GetPreconditioner,
                     request_deserializer=shardps_dot_v1_dot_ps__pb2.GetPreconditionerRequest.FromString,
                     response_serializer=shardps_dot_v1_dot_ps__pb2.GetPreconditionerResponse.SerializeToString,
@@ -449,7 +450,7 @@ class ParameterServer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/shardps.v1.ParameterServer/GetPreconditioner',

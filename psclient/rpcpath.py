@@ -52,14 +52,29 @@ class RpcTransport:
         return cast(ps_pb2.InitShardResponse, reply)
 
     def preconditioner(self, job_id: str, shard: common_pb2.ShardRange) -> torch.Tensor:
-        """A frozen shard's denominator D (fp32[shard.length]) for preconditioned pushes."""
-        reply = self._stub.GetPreconditioner(
-            ps_pb2.GetPreconditionerRequest(job_id=job_id, shard_index=shard.index),
+        """A frozen shard's denominator D (fp32[shard.length]) for preconditioned pushes, read
+        in chunks in offset order. Raises ValueError if the chunks do not cover the shard."""
+        replies = self._stub.GetPreconditioner(
+            ps_pb2.GetPreconditionerRequest(job_id=job_id, shard_index=shard.index,
+                                            chunk_bytes=self._chunk_bytes),
             timeout=rpc.TRANSFER_DEADLINE_S)
-        if len(reply.denominator) != 4 * shard.length:
-            raise ValueError(f"shard {shard.index}: preconditioner of {len(reply.denominator)} "
-                             f"bytes, expected {4 * shard.length}")
-        return torch.frombuffer(bytearray(reply.denominator), dtype=torch.float32)
+        out = torch.empty(shard.length, dtype=torch.float32)
+        filled = 0
+        for reply in replies:
+            n = len(reply.denominator) // 4
+            if (reply.length_elements != shard.length or reply.offset_elements != filled
+                    or len(reply.denominator) % 4 or filled + n > shard.length):
+                raise ValueError(f"shard {shard.index}: preconditioner chunk of "
+                                 f"{len(reply.denominator)} bytes at element "
+                                 f"{reply.offset_elements} of {reply.length_elements}, expected "
+                                 f"element {filled} of {shard.length}")
+            out[filled : filled + n] = torch.frombuffer(bytearray(reply.denominator),
+                                                        dtype=torch.float32)
+            filled += n
+        if filled != shard.length:
+            raise ValueError(f"shard {shard.index}: preconditioner of {filled} elements, "
+                             f"expected {shard.length}")
+        return out
 
     def data_port(self) -> int:
         """The server's data port; 0 if it has none, speaks another protocol, or predates it."""

@@ -14,7 +14,10 @@ time a sign block's scale lands on it.
 
 Nothing here is state of its own: the step counter, m and v are Adam's state tensors
 ({step, exp_avg, exp_avg_sq}), so checkpoints carry them and a restore resumes frozen where
-it left off. Pure and deterministic; the caller's lock guards the tensors.
+it left off. The denominator is a function of v, which no longer changes, so the caller
+computes it once at the freeze and passes it to every step (Updater caches it, and drops it
+when a restore replaces v: computed again from the restored v, it is the same bits). Pure and
+deterministic; the caller's lock guards the tensors.
 """
 
 from __future__ import annotations
@@ -50,10 +53,11 @@ def denominator(config: common_pb2.OptimizerConfig, exp_avg_sq: torch.Tensor,
 
 
 def step(config: common_pb2.OptimizerConfig, state: dict, weights: torch.Tensor,
-         grad: torch.Tensor, lr: float) -> None:
+         grad: torch.Tensor, lr: float, denom: torch.Tensor) -> None:
     """One frozen step of weights (flat fp32) with grad (fp32, consumed: it may be changed):
-    m = beta1 m + (1 - beta1) g; w -= lr m / (1 - beta1^t) / denominator; v unchanged.
-    Weight decay as Adam's: L2 added to the gradient (adam), or decoupled (adamw)."""
+    m = beta1 m + (1 - beta1) g; w -= lr m / (1 - beta1^t) / denom; v unchanged. `denom`:
+    `denominator(config, state["exp_avg_sq"])`, read only. Weight decay as Adam's: L2 added
+    to the gradient (adam), or decoupled (adamw)."""
     state["step"].add_(1)
     t = int(state["step"].item())
     if config.weight_decay:
@@ -63,5 +67,4 @@ def step(config: common_pb2.OptimizerConfig, state: dict, weights: torch.Tensor,
             grad.add_(weights, alpha=config.weight_decay)
     exp_avg: torch.Tensor = state["exp_avg"]
     exp_avg.mul_(config.beta1).add_(grad, alpha=1 - config.beta1)
-    weights.addcdiv_(exp_avg, denominator(config, state["exp_avg_sq"]),
-                     value=-lr / (1 - config.beta1 ** t))
+    weights.addcdiv_(exp_avg, denom, value=-lr / (1 - config.beta1 ** t))

@@ -11,7 +11,8 @@ w -= lr m / (1 - beta1^t). Both are linear in what error feedback delivers.
 D is floored at FLOOR x its mean (frozen_adam's floor is for plain gradients; measured here
 on digits minibatches, three batch orders, sign with EF: 55, 63, 45 steps at 0.1; 63, 55, 48
 at 0.5; never at 0; fp32 63, 71, 59).
-Pure and deterministic; the caller's lock guards the tensors. No state of its own.
+Pure and deterministic; the caller's lock guards the tensors. No state of its own: D is the
+caller's (Updater computes it once at the freeze, as for frozen_adam).
 """
 
 from __future__ import annotations
@@ -38,22 +39,23 @@ def denominator(config: common_pb2.OptimizerConfig, state: dict) -> torch.Tensor
 
 
 def step(config: common_pb2.OptimizerConfig, state: dict, weights: torch.Tensor,
-         pushed: torch.Tensor, lr: float) -> None:
+         pushed: torch.Tensor, lr: float, denom: torch.Tensor) -> None:
     """One step of weights (flat fp32) on the round's preconditioned push u (fp32, consumed).
-    Weight decay as Adam's: decoupled (adamw), or L2 added as weight_decay * w / D (adam),
-    which is the L2 term preconditioned as the worker preconditions the gradient."""
+    `denom`: `denominator(config, state)`, read only. Weight decay as Adam's: decoupled
+    (adamw), or L2 added as weight_decay * w / D (adam), which is the L2 term preconditioned
+    as the worker preconditions the gradient."""
     exp_avg: torch.Tensor = state["exp_avg"]
     if int(state["step"].item()) == config.freeze_variance_after:
         # The first frozen step: the warm-up's momentum is in the gradient's units; from here
         # on it sums pushes, so it goes into theirs (m / D), where the plain step left it.
-        exp_avg.div_(denominator(config, state))
+        exp_avg.div_(denom)
     state["step"].add_(1)
     t = int(state["step"].item())
     if config.weight_decay:
         if config.name == "adamw":
             weights.mul_(1 - lr * config.weight_decay)
         else:
-            pushed.addcdiv_(weights, denominator(config, state), value=config.weight_decay)
+            pushed.addcdiv_(weights, denom, value=config.weight_decay)
     exp_avg.mul_(config.beta1).add_(pushed, alpha=1 - config.beta1)
     weights.add_(exp_avg, alpha=-lr / (1 - config.beta1 ** t))
 

@@ -177,8 +177,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return ps_pb2.GetShardInfoResponse(shards=infos)
 
     def GetPreconditioner(self, request: ps_pb2.GetPreconditionerRequest,
-                          context: grpc.ServicerContext) -> ps_pb2.GetPreconditionerResponse:
-        """The frozen denominator of a shard whose job preconditions its pushes."""
+                          context: grpc.ServicerContext) -> Iterator[ps_pb2.GetPreconditionerResponse]:
+        """The frozen denominator of a shard whose job preconditions its pushes, in chunks
+        (a copy taken under the shard's lock, so no chunk waits on it)."""
         check_job_id(context, request.job_id)
         try:
             denominator = self.shards.get(request.job_id, request.shard_index).preconditioner()
@@ -186,7 +187,12 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             _fail(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ShardError as exc:
             _refuse(context, refusal(exc))
-        return ps_pb2.GetPreconditionerResponse(denominator=denominator.numpy().tobytes())
+        n = denominator.numel()
+        step = codec.chunk_elements(common_pb2.DTYPE_FLOAT32, request.chunk_bytes)
+        for lo in range(0, max(n, 1), step):
+            yield ps_pb2.GetPreconditionerResponse(
+                denominator=denominator[lo : lo + step].numpy().tobytes(), offset_elements=lo,
+                length_elements=n)
 
     def TransferShard(self, request_iterator: Iterator[ps_pb2.TransferShardRequest],
                       context: grpc.ServicerContext) -> ps_pb2.TransferShardResponse:

@@ -49,6 +49,9 @@ class Updater:
                                    eps=opt.eps, weight_decay=opt.weight_decay)
         self._group = self._optimizer.param_groups[0]
         self._block: torch.Tensor | None = None  # fp32 scratch of a blockwise step
+        # The frozen denominator, computed at the first frozen step or preconditioner read
+        # (v no longer changes after it); None before, and again after `load` replaces v.
+        self._denom: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -66,7 +69,8 @@ class Updater:
         state = self._optimizer.state.get(self.weights)
         if state is not None and frozen_adam.frozen(self._config, state):
             frozen = preconditioned if self._config.precondition_pushes else frozen_adam
-            frozen.step(self._config, state, self.weights, _formed(terms), lr)
+            frozen.step(self._config, state, self.weights, _formed(terms), lr,
+                        self._denominator(state))
             return
         first, weight = terms[0]
         if isinstance(self._optimizer, adam_lib.FusedAdam) and (
@@ -108,7 +112,16 @@ class Updater:
         if state is None or not frozen_adam.frozen(self._config, state):
             raise InvalidConfigError(f"the shard is not frozen yet (freezes after "
                                      f"{self._config.freeze_variance_after} steps)")
-        return preconditioned.denominator(self._config, state)
+        return self._denominator(state).clone()
+
+    def _denominator(self, state: dict) -> torch.Tensor:
+        """The frozen denominator of a frozen shard (preconditioned's or frozen_adam's floor),
+        computed once: a sqrt and a mean over the shard that every frozen step would repeat."""
+        if self._denom is None:
+            self._denom = (preconditioned.denominator(self._config, state)
+                           if self._config.precondition_pushes else
+                           frozen_adam.denominator(self._config, state["exp_avg_sq"]))
+        return self._denom
 
     def copy_tensors(self) -> dict[str, torch.Tensor]:
         """Copies of the weights ("weights") and Adam's state tensors (once a step made them)."""
@@ -129,6 +142,7 @@ class Updater:
         """Takes a checkpoint's weights and Adam state (none there: Adam starts afresh);
         `check` them first."""
         self.weights.copy_(tensors["weights"])
+        self._denom = None  # of the v being replaced
         adam = {k: tensors[k].clone() for k in ADAM_STATE if k in tensors}
         if adam:
             self._optimizer.state[self.weights] = adam
@@ -136,10 +150,13 @@ class Updater:
             self._optimizer.state.pop(self.weights, None)
 
     def resident_bytes(self) -> int:
-        """Bytes of fp32 weights plus Adam's m and v (once the first step created them)."""
+        """Bytes of fp32 weights plus Adam's m and v (once the first step created them) and
+        the frozen denominator (once frozen)."""
         state = self._optimizer.state.get(self.weights, {})
         extra = sum(t.numel() * t.element_size() for k, t in state.items()
                     if k in ("exp_avg", "exp_avg_sq"))
+        if self._denom is not None:
+            extra += self._denom.numel() * self._denom.element_size()
         return self.length * 4 + extra
 
 

@@ -7,8 +7,15 @@ with its pushes preconditioned by the servers' frozen denominator."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from shardps.proto import common_pb2, compress
+from shardps.server.ps.updater import Updater
+from shardps.worker import tasks
+from shardps.worker.batches import BatchOrder
+from shardps.worker.datasets import load_dataset
+from shardps.worker.feedback import ErrorFeedback
+from shardps.worker.models import build_model
 from tests.cluster import Cluster
 from tests.integration.test_semantics import job_spec
 
@@ -94,11 +101,19 @@ def _steps(c: Cluster, job_id: str) -> float:
 
 
 # Sign under frozen-variance Adam alone never reached 0.93 in 400 steps; with preconditioned
-# pushes it still does not on this model (two runs; the loss ended at 1.2, fp32 reaches it at
-# step 90). In one process on the same 128-64 MLP (tests/unit/test_frozen_adam_convergence.py's
-# harness, 2 workers) sign with preconditioned pushes took 91 and 77 steps against fp32's 59
-# and 55 (batch 64 per worker), 105 against 54 (batch 32); the 64-64 MLP there meets 1.1x. Why
-# the daemons do worse than that harness is not yet found.
+# pushes it still does not on this model (fp32 reaches it at step 90). The daemons are not at
+# fault: they are bitwise the one-process job (the last test here), and that job, run on to
+# the target, does not reach it in 400 steps either. The one-process harness that meets 1.1x
+# (tests/unit/test_frozen_adam_convergence.py) trains a 64-64 MLP on random minibatches; this
+# is the 128-64 MLP on the data in order. Here g / D is heavy-tailed and grows after the
+# freeze (mean |g / D| 1.0 at step 10, 3-18 by step 30; max 19, then 10^2-10^3), so a sign
+# block's one scale fits few of its elements (cos(decode, input) 0.58 falling to 0.2) and the
+# residuals grow to 5-16x the push. Measured on the one-process job (steps to 0.93, 400 max):
+# block 4096: never; 2048: 400+; 512: 320; 128: never; 32: 145; floor 0.5 or 1.0: never,
+# 0.05: 145, 0.02: 115, 0.01: 65 (but 115 against fp32's 80 on shuffled data); g / D clipped
+# at 31.6 or 10: never, at 3: 110; W = 20: 135, W = 30: 100. int8 with the same scheme: 50.
+# What meets it in one process: workers compress their own momentum of g / D instead of g
+# (1-bit Adam's choice), the servers step without momentum: 80 (fp32 90). Not wired yet.
 @pytest.mark.parametrize("setting, codec, precondition", [
     ("topk:0.1", compress.TopK(0.1), False),
     pytest.param("sign", compress.Sign(4096), True, marks=pytest.mark.xfail(
@@ -121,3 +136,65 @@ def test_a_compressor_under_frozen_variance_reaches_the_target_within_1_1x_the_s
     assert steps <= 1.1 * fp32_steps + EVERY
     assert abs(push / expected - 1) < 0.02
     assert push < 0.5 * fp32_push
+
+
+def one_process(spec: dict, shards: list[tuple[int, int]], steps: int) -> dict[str, torch.Tensor]:
+    """A sync job with preconditioned compressed pushes, trained in this process as the daemons
+    train it: each worker's slice of the global batch, its own error feedback per shard on
+    g / D (D read from the servers' Updater once frozen), the round's batch-weighted mean
+    stepped by the servers' own Updater per shard."""
+    data = load_dataset(spec["data"]["dataset"], {}, spec["seed"])
+    torch.manual_seed(spec["seed"])
+    model = build_model(spec["model"]["name"], spec["model"]["kwargs"], data.info)
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    opt, transport = spec["optimizer"], spec["transport"]
+    config = common_pb2.OptimizerConfig(
+        name="adam", lr=opt["lr"], beta1=0.9, beta2=0.999, eps=1e-8,
+        freeze_variance_after=opt["freeze_variance_after"], precondition_pushes=True)
+    servers = [Updater(config, flat[o : o + n].clone()) for o, n in shards]
+    workers = spec["cluster"]["workers"]
+    feedback = [ErrorFeedback(compress.parse(transport["compress"])) for _ in range(workers)]
+    order = BatchOrder(data.num_train, spec["data"]["batch_size"], False, spec["seed"])
+    denominators: list[torch.Tensor] = []
+    for step in range(steps):
+        torch.nn.utils.vector_to_parameters(torch.cat([s.weights for s in servers]), params)
+        if step == transport["compress_warmup_steps"]:
+            denominators = [s.preconditioner() for s in servers]
+        pushes = []
+        for rank, ef in enumerate(feedback):
+            index = order.slice(step, rank, workers)
+            model.zero_grad()
+            tasks.loss(data.task, model(data.train_x[index]), data.train_y[index]).backward()
+            grad = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+            parts = [grad[o : o + n] for o, n in shards]
+            if denominators:
+                parts = [compress.decode(ef.compress(f"shard{i}", g / d))
+                         for i, (g, d) in enumerate(zip(parts, denominators, strict=True))]
+            pushes.append(parts)
+        for i, server in enumerate(servers):
+            server.step([(push[i], 1 / workers) for push in pushes], opt["lr"])
+    torch.nn.utils.vector_to_parameters(torch.cat([s.weights for s in servers]), params)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def test_sign_with_preconditioned_pushes_on_daemons_is_the_one_process_job_bitwise(cluster):
+    """The daemons compute exactly what one process computes (the xfail above is the scheme's,
+    not the wiring's): each worker's D, read once at step WARMUP, its own residuals, the
+    servers' mean of two workers' decoded pushes and the frozen step, bit for bit."""
+    steps = WARMUP + 15
+    spec = job_spec("sync", workers=2, servers=2,
+                    optimizer={"lr": 0.003, "freeze_variance_after": WARMUP,
+                               "precondition_pushes": True},
+                    transport={"compress": "sign", "compress_warmup_steps": WARMUP},
+                    stop={"max_steps": steps, "eval_every": 1000})
+    job = cluster.wait(cluster.submit(spec), timeout=120)
+    assert job.state == common_pb2.JOB_STATE_COMPLETED, job.reason
+    weights, versions = cluster.client.export(job.job_id)
+    assert versions == [steps, steps]
+    shards = [(s.offset, s.length) for s in job.shard_map.shards]
+    expected = one_process(spec, shards, steps)
+    untouched = one_process(spec, shards, WARMUP)  # so the comparison can fail
+    assert any(not torch.equal(weights[k], untouched[k]) for k in weights)
+    assert all(torch.equal(weights[k], expected[k]) for k in expected), \
+        max(float((weights[k] - expected[k]).abs().max()) for k in expected)

@@ -1,6 +1,7 @@
 """GetPreconditioner against real servers: refused (FAILED_PRECONDITION) until the shard is
 frozen and to jobs that do not precondition, NOT_FOUND for an unknown shard, and once frozen
-every shard's D, which a push of g / D turns into the frozen step on g."""
+every shard's D, which a push of g / D turns into the frozen step on g; D streams in chunks
+of the size asked for, in offset order."""
 
 from __future__ import annotations
 
@@ -61,8 +62,31 @@ def _refusal(server, job_id: str, index: int) -> grpc.StatusCode:
     with rpc.make_channel(server.address) as channel:
         stub = ps_pb2_grpc.ParameterServerStub(channel)
         try:
-            stub.GetPreconditioner(ps_pb2.GetPreconditionerRequest(job_id=job_id, shard_index=index),
-                                   timeout=rpc.CONTROL_DEADLINE_S)
+            list(stub.GetPreconditioner(  # a stream: the status comes as it is read
+                ps_pb2.GetPreconditionerRequest(job_id=job_id, shard_index=index),
+                timeout=rpc.CONTROL_DEADLINE_S))
         except grpc.RpcError as exc:
             return exc.code()
     raise AssertionError("an unknown shard was answered")
+
+
+def test_the_denominator_streams_in_chunks_in_offset_order(two_servers):  # noqa: F811
+    smap = shard_map(two_servers, TOTAL)
+    config = shard_config(ASYNC, freeze_variance_after=W, precondition_pushes=True)
+    with PSClient("chunked", smap, worker_id="w0") as client:
+        client.init(torch.randn(TOTAL), config)
+        for step in range(W):
+            client.push(torch.randn(TOTAL), step=step, base_version=step, batch_size=1)
+        whole = client.preconditioners()
+    with PSClient("chunked", smap, worker_id="w1", chunk_bytes=4096) as small:
+        assert all(torch.equal(a, b) for a, b in zip(small.preconditioners(), whole, strict=True))
+    shard = smap.shards[0]  # 3,000 elements: 1,024 per 4 KiB chunk
+    with rpc.make_channel(shard.address) as channel:
+        replies = list(ps_pb2_grpc.ParameterServerStub(channel).GetPreconditioner(
+            ps_pb2.GetPreconditionerRequest(job_id="chunked", shard_index=shard.index,
+                                            chunk_bytes=4096), timeout=rpc.TRANSFER_DEADLINE_S))
+    assert [(r.offset_elements, len(r.denominator) // 4) for r in replies] == [
+        (0, 1024), (1024, 1024), (2048, shard.length - 2048)]
+    assert {r.length_elements for r in replies} == {shard.length}
+    assert torch.equal(torch.frombuffer(bytearray(b"".join(r.denominator for r in replies)),
+                                        dtype=torch.float32), whole[0])

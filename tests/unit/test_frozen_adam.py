@@ -93,6 +93,36 @@ def test_a_restored_shard_resumes_frozen_exactly():
     assert torch.equal(restored.weights, whole.weights)
 
 
+@pytest.mark.parametrize("precondition", [False, True])
+@pytest.mark.parametrize("saved_at", [W - 1, W + 1])
+def test_a_frozen_shard_restored_over_its_own_frozen_state_continues_as_the_straight_run(
+        precondition, saved_at):
+    """The frozen denominator is computed once and kept (the Updater's cache): a restore must
+    drop it. The shard restored here had frozen on other gradients, so it held another D; the
+    checkpoint is from before the freeze (W - 1: it freezes again on the replayed steps) or
+    after it (W + 1: D comes from the restored v)."""
+    opt = config(precondition_pushes=precondition)
+    gs = grads(W + 5, seed=7)
+    straight, first = Updater(opt, torch.zeros(N)), Updater(opt, torch.zeros(N))
+    for g in gs:
+        straight.step([(g.clone(), None)], 0.01)
+    for g in gs[:saved_at]:
+        first.step([(g.clone(), None)], 0.01)
+    saved = first.copy_tensors()
+    restored = Updater(opt, torch.zeros(N))
+    for g in grads(W + 2, seed=8):  # frozen on other gradients: a D of its own, cached
+        restored.step([(g.clone(), None)], 0.01)
+    restored.check(saved)
+    restored.load(saved)
+    for g in gs[saved_at:]:
+        restored.step([(g.clone(), None)], 0.01)
+    assert torch.equal(restored.weights, straight.weights)
+    assert all(torch.equal(restored.copy_tensors()[k], straight.copy_tensors()[k])
+               for k in ("exp_avg", "exp_avg_sq", "step"))
+    if precondition:
+        assert torch.equal(restored.preconditioner(), straight.preconditioner())
+
+
 def test_without_the_setting_nothing_freezes():
     ours = Updater(config(freeze_variance_after=0), torch.zeros(N))
     for g in grads(W + 2, seed=4):
