@@ -413,7 +413,13 @@ def test_resume_after_a_full_cluster_stop(tmp_path):
         version = int(forced[0]["version"])  # int64 is a string in protobuf JSON
         assert [int(c["version"]) for c in forced] == [version, version] and version > 40
     finally:
-        cluster.stop()  # workers, servers (final checkpoints), coordinator: all SIGTERM
+        # Both workers at once: one stopped alone first leaves the job to the other, which
+        # (on a slow machine) trained it to the end while the first was still stopping.
+        for worker in cluster.workers:
+            worker.terminate()
+        for worker in cluster.workers:
+            worker.reap(20)
+        cluster.stop()  # servers (final checkpoints), coordinator: all SIGTERM
     cluster = Cluster(tmp_path, servers=2, workers=2, state_dir=True)
     try:
         stopped = cluster.client.job(job_id)
