@@ -233,10 +233,14 @@ class Forks:
 
     def start(self, name: str, module: str, args: Sequence[str],
               env: dict[str, str] | None = None) -> tuple[Forked, IO[str]]:
-        """Forks a daemon running `module.main(args)`; returns it and its output stream."""
+        """Forks a daemon running `module.main(args)`; returns it and its output stream.
+
+        Its environment is this process's with `env` over it, as a subprocess's would be (the
+        forkserver's own is the one it started with); its working directory is this process's
+        (multiprocessing sets it)."""
         ours, theirs = socket.socketpair()
         process = self._context.Process(target=run_forked, name=name,
-                                        args=(module, list(args), env or {}, theirs))
+                                        args=(module, list(args), {**os.environ, **(env or {})}, theirs))
         try:
             process.start()
         finally:
@@ -298,7 +302,8 @@ def _end_with_forkserver(parent: int) -> None:
 
 def run_forked(module: str, argv: list[str], env: dict[str, str], out: socket.socket) -> None:
     """The forked daemon: what `python -c "import sys; from MODULE import main; sys.exit(main())"
-    ARGV` does, in a session of its own, with stdout and stderr unbuffered on `out`.
+    ARGV` does, in a session of its own, with stdout and stderr unbuffered on `out`, and `env`
+    as its whole environment (PYTHONPATH's entries go first on sys.path, as at a start).
 
     multiprocessing has already put /dev/null on stdin; it turns sys.exit's code (or an
     exception's traceback and 1) into the exit code, joins the daemon's threads and flushes
@@ -316,7 +321,10 @@ def run_forked(module: str, argv: list[str], env: dict[str, str], out: socket.so
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), errors="backslashreplace",
                                   write_through=True)
+    os.environ.clear()
     os.environ.update(env)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    sys.path[:0] = paths
     sys.argv = ["-c", *argv]
     module_main = __import__(module, fromlist=["main"]).main
     sys.exit(module_main(argv))

@@ -10,6 +10,8 @@ import pytest
 from shardps.proto import spec as specs
 from tests import harness
 
+# As a user starts them: every daemon here is a console script run by a fresh python.
+pytestmark = pytest.mark.console_scripts
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "examples" / "digits.yaml"
 

@@ -18,7 +18,10 @@ from shardps.proto import coordinator_pb2, exitcodes
 from tests import harness
 
 SERVER, WORKER = launcher.SCRIPTS["shardps-server"], launcher.SCRIPTS["shardps-worker"]
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="forkserver: Unix only")
+# The tests' own daemons (a coordinator) start as console scripts, outside the forkserver
+# these tests fork from and kill.
+pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="forkserver: Unix only"),
+              pytest.mark.console_scripts]
 
 
 @pytest.fixture
