@@ -124,10 +124,10 @@ class RegisteredWorker:
     `assignment` (the latest one a heartbeat returned).
     """
 
-    def __init__(self, stub: coordinator_pb2_grpc.CoordinatorStub):
+    def __init__(self, stub: coordinator_pb2_grpc.CoordinatorStub, node_id: str = ""):
         self._stub = stub
         reply = stub.RegisterNode(coordinator_pb2.RegisterNodeRequest(
-            role=common_pb2.ROLE_WORKER, device="cpu", hostname="test"),
+            role=common_pb2.ROLE_WORKER, device="cpu", hostname="test", node_id=node_id),
             timeout=rpc.CONTROL_DEADLINE_S)
         self.node_id, self.incarnation = reply.node_id, reply.incarnation
         self._period = reply.lease_ms / 4000

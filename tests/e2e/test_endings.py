@@ -217,15 +217,12 @@ def test_step_reports_arriving_after_the_end_still_count(tmp_path):
 
 def _register_after_the_real_worker(stub, client):
     """Registers this test as a worker whose node id sorts after the real worker's (ranks
-    follow node ids), so that it is rank 1."""
+    follow node ids), so that it is rank 1: generated ids are hex, and "z" sorts after every
+    hex digit."""
     real = harness.poll(lambda: next((n.node_id for n in client.nodes()
                                       if n.role == common_pb2.ROLE_WORKER), None), 60,
                         what="the worker registered")
-    for _ in range(50):
-        me = RegisteredWorker(stub)
-        if me.node_id > real:
-            break
-        me.stop()
+    me = RegisteredWorker(stub, node_id="worker-zzzzzzzz")
     assert me.node_id > real
     return me
 

@@ -70,12 +70,18 @@ def job_count(coord, certs):
     return len(json.loads(out.stdout))
 
 
-def test_a_secured_cluster_trains_digits(secured, certs):
+@pytest.fixture(scope="module")
+def trained(secured, certs):
+    """The digits job, trained once on the module's cluster (in each test process that
+    runs a test needing it: under xdist the tests of a module may land in different ones)."""
     coord, _ = secured
-    done = harness.run_cli("submit", "-", "--wait", "--coordinator", coord.address,
+    return harness.run_cli("submit", "-", "--wait", "--coordinator", coord.address,
                            *flags(certs, "client"), input=JOB, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "CONVERGED" in done.stdout
+
+
+def test_a_secured_cluster_trains_digits(trained):
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert "CONVERGED" in trained.stdout
 
 
 def test_a_client_without_the_token_is_unauthenticated_and_changes_nothing(secured, certs):
@@ -107,8 +113,9 @@ def test_a_client_without_a_trusted_certificate_cannot_connect(secured, certs, a
     assert job_count(coord, certs) == before
 
 
-def test_an_unauthenticated_push_leaves_the_weights_alone(secured, certs):
+def test_an_unauthenticated_push_leaves_the_weights_alone(secured, certs, trained):
     coord, server = secured
+    assert trained.returncode == 0, trained.stdout + trained.stderr
     jobs = json.loads(cli(coord, certs, "status", "--output", "json").stdout)
     job_id = jobs[0]["job_id"]
     ca, cert, key = ((certs / n).read_bytes() for n in ("ca.pem", "client.pem", "client-key.pem"))
