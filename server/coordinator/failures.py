@@ -69,13 +69,16 @@ def node_lost(store: JobStore, node_id: str, now: float, why: str) -> None:
 
 
 def node_registered(store: JobStore, node: Node, now: float) -> None:
-    """Applies a re-registration: the previous incarnation of a worker has left its job, and
-    a server that moved gets its new address into its jobs' shard maps."""
+    """Applies a re-registration: the previous incarnation of a worker has left its job; the
+    previous incarnation of a server is lost to its replicated shards (replicas.server_lost:
+    a restart faster than the lease must not bring back its restored, older copy as a
+    primary; it rejoins by transfer), and its shard maps get its new address."""
     if node.incarnation == 1:
         return
     if node.role == common_pb2.ROLE_WORKER:
         node_lost(store, node.node_id, now, "re-registered")
         return
+    replicas.server_lost(list(store.active.values()), node.node_id)
     for job in store.all.values():  # ended ones too: their weights are exported from there
         if job.shard_map is None:
             continue

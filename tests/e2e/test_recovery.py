@@ -290,20 +290,27 @@ def test_a_worker_stopped_past_its_lease_is_fenced_and_rejoins_and_one_killed_is
                 break
         assert fenced >= 1, victim.output() + "\n---\n" + server.output()
 
-        other = next(d for d in cluster.workers if d is not victim)
-        epoch = cluster.client.job(job_id).epoch
-        other.kill()  # SIGKILL: no goodbye; its lease runs out
-        alone = harness.poll(lambda: (j := cluster.client.job(job_id)).epoch > epoch and j, 30,
-                             what="the killed worker's lease expired")
-        assert [(w.node_id, w.rank) for w in alone.workers if w.alive] == [(node, 0)]
-        went_on = harness.poll(lambda: (j := cluster.client.job(job_id)).step >= alone.step + 50
-                               and j, 120, what="50 rounds with the rejoined worker alone")
-        assert went_on.state == common_pb2.JOB_STATE_RUNNING, went_on.reason
-        assert cluster.client.cancel(job_id) == common_pb2.JOB_STATE_CANCELLED
-        print(f"rank 0 SIGKILLed: the rejoined worker went on alone from step {alone.step} "
-              f"to {went_on.step}")
+        _kill_the_other_and_go_on(cluster, job_id, victim, node)
     finally:
         cluster.stop()
+
+
+def _kill_the_other_and_go_on(cluster: Cluster, job_id: str, rejoined: harness.Daemon,
+                              node: str) -> None:
+    """SIGKILLs the worker that is not `rejoined`; the job goes on 50 rounds with `node`
+    alone as rank 0, and is then cancelled."""
+    other = next(d for d in cluster.workers if d is not rejoined)
+    epoch = cluster.client.job(job_id).epoch
+    other.kill()  # SIGKILL: no goodbye; its lease runs out
+    alone = harness.poll(lambda: (j := cluster.client.job(job_id)).epoch > epoch and j, 30,
+                         what="the killed worker's lease expired")
+    assert [(w.node_id, w.rank) for w in alone.workers if w.alive] == [(node, 0)]
+    went_on = harness.poll(lambda: (j := cluster.client.job(job_id)).step >= alone.step + 50
+                           and j, 120, what="50 rounds with the rejoined worker alone")
+    assert went_on.state == common_pb2.JOB_STATE_RUNNING, went_on.reason
+    assert cluster.client.cancel(job_id) == common_pb2.JOB_STATE_CANCELLED
+    print(f"rank 0 SIGKILLed: the rejoined worker went on alone from step {alone.step} "
+          f"to {went_on.step}")
 
 
 @pytest.mark.timeout(300)

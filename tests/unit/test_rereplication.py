@@ -148,3 +148,23 @@ def test_a_stalled_move_of_an_unreplicated_job_is_dropped_too(cluster):
         cluster.heartbeat(node, 1, 10.0 + rereplication.JOIN_TIMEOUT_S)
     table.sweep(cluster, 10.5 + rereplication.JOIN_TIMEOUT_S)
     assert copies_of(job.shard_map.shards[1]) == (S2, [], [], 2)  # and no new copy: R = 1
+
+
+def test_a_server_restarted_within_its_lease_is_failed_over_not_restored(cluster):
+    """2 servers, R = 2: S1 restarts faster than the lease and registers again before it
+    expired, reporting shard 0 (it was primary) restored at an older version. Its old
+    incarnation is lost as at an expiry: S2 is promoted, the restore is ignored (no rollback,
+    nothing counted lost) and S1 joins back by transfer."""
+    table, job = running(cluster, replicas=2, servers=2)
+    shards = job.shard_map.shards
+    assert [copies_of(s)[:2] for s in shards] == [(S1, [S2]), (S2, [S1])]
+    back = cluster.register(SERVER, "h:1b", now=5.0, node_id=S1)  # incarnation 2, no expiry
+    table.node_registered(back, 5.0)
+    assert [copies_of(s) for s in shards] == [(S2, [], [], 2), (S2, [], [], 2)]
+    assert not table.replica_holds(job.job_id, S1, 0)  # its restore report is ignored
+    assert job.rollback.id == 0
+    for node in (S1, S2, "worker-000001"):
+        cluster.heartbeat(node, 2 if node == S1 else 1, 5.5)
+    table.sweep(cluster, 5.5)
+    assert [copies_of(s) for s in shards] == [(S2, [], [S1], 3), (S2, [], [S1], 3)]
+    assert list(shards[0].joining_addresses) == ["h:1b"]
