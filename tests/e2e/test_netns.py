@@ -11,26 +11,12 @@ import sys
 import pytest
 
 from bench import linkrate, netns, tunlink
+from bench.linkrate import SEND  # N bytes to HOST:PORT; prints the seconds to the sink's ack
 from tests import harness
 
 _why = netns.why_unavailable()
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"network namespaces unavailable: {_why}")
 
-# Sends N bytes to HOST:PORT and prints the seconds it took, from the first byte to the
-# receiver's one-byte acknowledgement that all arrived.
-SEND = """
-import socket, sys, time
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-with socket.create_connection((host, port), timeout=30) as s:
-    s.settimeout(60)
-    block = bytes(1 << 16)
-    start = time.monotonic()
-    for _ in range(n // len(block)):
-        s.sendall(block)
-    s.shutdown(socket.SHUT_WR)
-    assert s.recv(1) == b"k"
-    print(time.monotonic() - start)
-"""
 # Listens on HOST:0, prints its port, receives until EOF and acknowledges with one byte.
 SINK = """
 import hashlib, socket, sys
