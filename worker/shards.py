@@ -212,6 +212,8 @@ class JobShards:
                 # Some shard has not rolled back yet: its weights belong to another step.
                 if landing is not None:
                     landing.inflight.cancel()
+                if result.job_done:  # frozen shards apply no rollback
+                    raise End("stopped", "the servers say the job has ended")
                 if ctx.clock() - since > PULL_PATIENCE_S:
                     raise End("abandoned", f"the shards did not come back to version "
                                            f"{self._resync_to} within {PULL_PATIENCE_S:.0f} s; "
@@ -243,27 +245,27 @@ class JobShards:
 
     def _resynced(self, versions: list[int]) -> bool:
         """While a rollback is taken: whether the pulled `versions` show every shard back
-        (worker/resync.py); if so, the rollback is done and training goes on from them."""
+        from it (worker/resync.py); if so, the rollback is done and training goes on from
+        them."""
         ctx, target = self._ctx, self._resync_to
         assert target is not None
-        if resync.back_at(target, versions):
+        if not resync.together(target, versions):
+            return False
+        try:
+            infos = self.rows.shard_infos()
+        except grpc.RpcError as exc:
+            logger.debug("job %s: GetShardInfo failed (%s)", ctx.job_id, exc)
+            return False
+        indices = [s.index for s in self._client.shard_map.shards]
+        if not resync.settled(target, ctx.reports.rollback_id, indices, versions, infos):
+            return False
+        if versions[0] == target:
             logger.info("job %s: every shard is back at version %d", ctx.job_id, target)
-        elif resync.together_past(target, versions):
-            try:
-                infos = self.rows.shard_infos()
-            except grpc.RpcError as exc:
-                logger.debug("job %s: GetShardInfo failed (%s)", ctx.job_id, exc)
-                return False
-            indices = [s.index for s in self._client.shard_map.shards]
-            if not resync.settled_past(target, ctx.reports.rollback_id, indices, versions,
-                                       infos):
-                return False
+        else:
             logger.warning("job %s: every shard applied rollback %d and is at version %d, past "
                            "%d: pushes this worker sent before it took the rollback closed "
                            "rounds there; going on from version %d", ctx.job_id,
                            ctx.reports.rollback_id, versions[0], target, versions[0])
-        else:
-            return False
         self._resync_to = None
         return True
 

@@ -21,6 +21,7 @@ from shardps.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc, ps_
 from shardps.proto.tables import dynamic_server_of
 from shardps.psclient.client import PSClient
 from shardps.psclient.rows import RowClient
+from shardps.server.ps import checkpoint
 from shardps.server.ps.daemon import ParameterServerDaemon
 from shardps.worker.flat import FlatParams
 from shardps.worker.jobcontext import JobContext
@@ -36,7 +37,8 @@ FAILURE_S = 60.0  # a pull that has not returned by then has hung: the test fail
 
 
 def config() -> ps_pb2.ShardConfig:
-    """A sync job of one worker with a dynamic table "d", checkpointed at every version."""
+    """A sync job of one worker with a dynamic table "d" (admitted at the second sighting),
+    checkpointed at every version."""
     return ps_pb2.ShardConfig(
         optimizer=common_pb2.OptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.999,
                                              eps=1e-8),
@@ -44,7 +46,7 @@ def config() -> ps_pb2.ShardConfig:
         checkpoint_every_steps=1, checkpoint_keep=5,
         tables=[ps_pb2.TableSpec(name="d", dim=DIM, num_embeddings=0, num_shards=2,
                                  optimizer="lazy_adam", lr=0.01, beta1=0.9, beta2=0.999,
-                                 eps=1e-8, seed=1)])
+                                 eps=1e-8, seed=1, admit_after=2, sketch_width=1 << 10)])
 
 
 class Flat(nn.Module):
@@ -187,3 +189,24 @@ def _pull_or_end(shards: JobShards, flat: FlatParams):
         return shards.pull("sync", 1, flat)
     except End as end:
         return end
+
+
+def test_a_shard_already_at_the_rollbacks_version_takes_its_checkpoint_again(at_version_2):
+    """A dynamic table changes on reads: the pull of the step the failure interrupted counted
+    a sighting of its ids on a shard that stays at version 2. Rolled back to 2, the shard
+    takes its checkpoint of 2 again, so the replayed pull's sighting is the only one, as in a
+    run without the failure."""
+    server, _, rows, _, _ = at_version_2
+    ids = torch.arange(100, 140)
+    mine = ids[dynamic_server_of("d", ids, 2) == 0]
+    rows.pull_rows("d", 0, mine, DIM)  # round 2's pull, before the failure
+    shard = server.shards.get(JOB, 0)
+    saved = checkpoint.load(server.checkpointer.data_dir.shard_dir(JOB, 0), version=2).state
+    assert not torch.equal(shard.capture().tables["d"].tensors["sketch"],
+                           saved.tables["d"].tensors["sketch"])
+    roll_back(server, 1, 2)
+    assert (shard.version, shard.rollback_id) == (2, 1)
+    restored = shard.capture().tables["d"]
+    assert restored.counters == saved.tables["d"].counters
+    for key, tensor in saved.tables["d"].tensors.items():
+        assert torch.equal(restored.tensors[key], tensor), key
