@@ -251,7 +251,7 @@ class GetShardInfoRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("job_id", "shard_index", "offset", "length", "version", "adam_step", "state", "pushes_applied", "worker_clocks", "max_clock_spread", "short_rounds", "live_workers", "epoch", "tables", "replica_epoch", "replica_role")
+    __slots__ = ("job_id", "shard_index", "offset", "length", "version", "adam_step", "state", "pushes_applied", "worker_clocks", "max_clock_spread", "short_rounds", "live_workers", "epoch", "tables", "replica_epoch", "replica_role", "rollback_id")
     class WorkerClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +275,7 @@ class ShardInfo(_message.Message):
     TABLES_FIELD_NUMBER: _ClassVar[int]
     REPLICA_EPOCH_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ROLE_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     offset: int
@@ -291,7 +292,8 @@ class ShardInfo(_message.Message):
     tables: _containers.RepeatedCompositeFieldContainer[TableSpec]
     replica_epoch: int
     replica_role: str
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., version: _Optional[int] = ..., adam_step: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., pushes_applied: _Optional[int] = ..., worker_clocks: _Optional[_Mapping[str, int]] = ..., max_clock_spread: _Optional[int] = ..., short_rounds: _Optional[int] = ..., live_workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replica_epoch: _Optional[int] = ..., replica_role: _Optional[str] = ...) -> None: ...
+    rollback_id: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., version: _Optional[int] = ..., adam_step: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., pushes_applied: _Optional[int] = ..., worker_clocks: _Optional[_Mapping[str, int]] = ..., max_clock_spread: _Optional[int] = ..., short_rounds: _Optional[int] = ..., live_workers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ..., replica_epoch: _Optional[int] = ..., replica_role: _Optional[str] = ..., rollback_id: _Optional[int] = ...) -> None: ...
 
 class GetShardInfoResponse(_message.Message):
     __slots__ = ("shards",)

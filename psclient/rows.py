@@ -133,6 +133,17 @@ class RowClient:
             for p in pushes])
 
 
+    def shard_infos(self, timeout_s: float = rpc.CONTROL_DEADLINE_S) -> dict[int, ps_pb2.ShardInfo]:
+        """This job's ShardInfo of every shard of the map, by shard index (GetShardInfo on
+        each server, every request sent before any reply is read); a shard its server does
+        not list is absent. Raises grpc.RpcError."""
+        futures = {address: server.stub.GetShardInfo.future(
+            ps_pb2.GetShardInfoRequest(job_id=self.job_id), timeout=timeout_s)
+            for address, server in self._by_address.items()}
+        wanted = {(s.index, s.address) for s in self.shard_map.shards}
+        return {info.shard_index: info for address, future in futures.items()
+                for info in future.result().shards if (info.shard_index, address) in wanted}
+
     def export_rows(self, table: str, shard: int, dim: int, after: int | None, max_rows: int, *,
                     min_version: int = 0, timeout_s: float = 30.0,
                     ) -> tuple[ps_pb2.ExportRowsResponse, torch.Tensor | None, torch.Tensor | None]:

@@ -20,7 +20,7 @@ from shardps.psclient.inflight import PullInFlight
 from shardps.psclient.overlapped import OverlappedPush
 from shardps.psclient.rows import RowClient
 from shardps.runtime.backoff import Backoff
-from shardps.worker import recovery
+from shardps.worker import recovery, resync
 from shardps.worker.coordclient import Unreachable
 from shardps.worker.decisions import pull_args
 from shardps.worker.flat import FlatParams
@@ -207,16 +207,19 @@ class JobShards:
             else:
                 result = self.call("pull", functools.partial(
                     self._client.pull, dest, timeout_s=PULL_SLICE_S, **kwargs))
-            if result.ready and self._resync_to is not None:
-                if any(v != self._resync_to for v in result.versions):
-                    # Some shard has not rolled back yet: its weights belong to another step.
-                    if landing is not None:
-                        landing.inflight.cancel()
-                    ctx.pause(RESYNC_POLL_S)
-                    continue
-                logger.info("job %s: every shard is back at version %d", ctx.job_id,
-                            self._resync_to)
-                self._resync_to = None
+            if result.ready and self._resync_to is not None and not self._resynced(
+                    list(result.versions)):
+                # Some shard has not rolled back yet: its weights belong to another step.
+                if landing is not None:
+                    landing.inflight.cancel()
+                if result.job_done:  # frozen shards apply no rollback
+                    raise End("stopped", "the servers say the job has ended")
+                if ctx.clock() - since > PULL_PATIENCE_S:
+                    raise End("abandoned", f"the shards did not come back to version "
+                                           f"{self._resync_to} within {PULL_PATIENCE_S:.0f} s; "
+                                           f"versions {list(result.versions)}")
+                ctx.pause(RESYNC_POLL_S)
+                continue
             if result.ready and landing is not None:
                 return list(result.versions), landing
             if result.ready:
@@ -239,6 +242,32 @@ class JobShards:
                 # A copy that has since given its shard up (a failover, a reshard) keeps
                 # answering pulls but never reaches the version: follow the map.
                 self._refresh_shard_map()
+
+    def _resynced(self, versions: list[int]) -> bool:
+        """While a rollback is taken: whether the pulled `versions` show every shard back
+        from it (worker/resync.py); if so, the rollback is done and training goes on from
+        them."""
+        ctx, target = self._ctx, self._resync_to
+        assert target is not None
+        if not resync.together(target, versions):
+            return False
+        try:
+            infos = self.rows.shard_infos()
+        except grpc.RpcError as exc:
+            logger.debug("job %s: GetShardInfo failed (%s)", ctx.job_id, exc)
+            return False
+        indices = [s.index for s in self._client.shard_map.shards]
+        if not resync.settled(target, ctx.reports.rollback_id, indices, versions, infos):
+            return False
+        if versions[0] == target:
+            logger.info("job %s: every shard is back at version %d", ctx.job_id, target)
+        else:
+            logger.warning("job %s: every shard applied rollback %d and is at version %d, past "
+                           "%d: pushes this worker sent before it took the rollback closed "
+                           "rounds there; going on from version %d", ctx.job_id,
+                           ctx.reports.rollback_id, versions[0], target, versions[0])
+        self._resync_to = None
+        return True
 
     def _start_pull(self, dest: torch.Tensor, kwargs: dict[str, int]) -> PullInFlight:
         """An overlapped pull once its heads are in (its readers stopped if it failed)."""

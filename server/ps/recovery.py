@@ -99,16 +99,27 @@ class Recovery:
 
     def rollback(self, shard: Shard, rollback_id: int, version: int) -> None:
         """Loads the shard's checkpoint of `version` (or the newest older one, reported back to
-        the coordinator), drops its newer checkpoints and marks the rollback applied."""
-        if shard.version == version:
-            shard.rollback_id = rollback_id
-            log.info("job %s shard %d: rollback %d to version %d: already there", shard.job_id,
-                     shard.index, rollback_id, version)
-            return
+        the coordinator), drops its newer checkpoints and marks the rollback applied.
+
+        A shard already at `version` is left as it is, unless it has a dynamic table: reads
+        change those (sightings counted, rows created or evicted by a pull of the open round),
+        and the workers' replayed pulls would count their sightings again, so it takes its
+        checkpoint of exactly `version` when it has one."""
         directory = self._data_dir.shard_dir(shard.job_id, shard.index)
-        self._writer.flush()
-        loaded = checkpoint.load(directory, at_most=version,
-                                 expect=Expect(shard.job_id, shard.index, shard.config))
+        expect = Expect(shard.job_id, shard.index, shard.config)
+        if shard.version == version:
+            loaded = None
+            if any(t.num_embeddings == 0 for t in shard.config.tables):
+                self._writer.flush()
+                loaded = checkpoint.load(directory, version=version, expect=expect)
+            if loaded is None:
+                shard.rollback_id = rollback_id
+                log.info("job %s shard %d: rollback %d to version %d: already there",
+                         shard.job_id, shard.index, rollback_id, version)
+                return
+        else:
+            self._writer.flush()
+            loaded = checkpoint.load(directory, at_most=version, expect=expect)
         if loaded is None:
             log.error("job %s shard %d: rollback %d to version %d impossible: no checkpoint at "
                       "or before it", shard.job_id, shard.index, rollback_id, version)

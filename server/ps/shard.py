@@ -142,7 +142,7 @@ class Shard:
                 state=core.job_state, pushes_applied=core.pushes_applied,
                 worker_clocks=dict(core.gate.clocks), max_clock_spread=core.gate.max_clock_spread,
                 short_rounds=core.gate.short_rounds, live_workers=core.workers, epoch=core.epoch,
-                tables=self.config.tables)
+                tables=self.config.tables, rollback_id=core.rollback_id)
 
     def preconditioner(self) -> torch.Tensor:
         """A copy of the frozen denominator of preconditioned pushes (preconditioned.of_core)."""
