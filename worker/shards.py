@@ -14,7 +14,7 @@ import grpc
 import torch
 
 from shardps.proto import codec, coordinator_pb2, ps_pb2
-from shardps.proto.common_pb2 import DType, ShardMap
+from shardps.proto.common_pb2 import DType, ShardMap, ShardRange
 from shardps.psclient import PullResult
 from shardps.psclient.inflight import PullInFlight
 from shardps.psclient.overlapped import OverlappedPush
@@ -80,8 +80,7 @@ class JobShards:
                  shard_map: ShardMap, *, dtype: DType, chunk_bytes: int, compress: str = "none",
                  compress_pull: str = "none", compress_warmup_steps: int = 0,
                  precondition_pushes: bool = False):
-        """`compress`, `compress_pull`, `compress_warmup_steps`, `precondition_pushes`: the spec's
-        settings (pushes with error feedback: wirepush.py; compressed pulls: psclient/deltas.py)."""
+        """The spec's transport settings (pushes: wirepush.py; pulls: psclient/deltas.py)."""
         self._ctx = ctx
         self._client = recovery.RemappableClient(
             factory, ctx.job_id, shard_map, dtype=dtype, chunk_bytes=chunk_bytes,
@@ -104,9 +103,8 @@ class JobShards:
     def begin_push(self, grad: torch.Tensor, step: int, versions: list[int], batch_size: int,
                    then_pull: dict[str, Any] | None,
                    buckets: Sequence[tuple[int, int]]) -> OverlappedPush | None:
-        """Opens an overlapped push of `grad` (worker/overlap.py fills it in), or None where
-        it cannot be (a compressed push comes whole; a server not reachable now: `push`
-        then sends it whole, with its retries)."""
+        """Opens an overlapped push of `grad` (worker/overlap.py fills it in), or None where it
+        cannot be (compressed; a server not reachable now): `push` then sends it whole."""
         if self.wire.feedback is not None:
             return None
         wait = self._ctx.metrics.bucket_wait.labels(direction="push").observe
@@ -142,17 +140,9 @@ class JobShards:
             self._client.push, grad, step=step, base_version=versions, batch_size=batch_size,
             then_pull=then_pull, encoded=encoded))
         self.wire.pushed(grad.numel(), encoded)
-        self._count_acked(replies, self._ctx.clock() - begun)
+        self._push_wait_max = _count_acked(self._ctx, self._client.shard_map.shards, replies,
+                                           self._ctx.clock() - begun, self._push_wait_max)
         return replies
-
-    def _count_acked(self, replies: list[ps_pb2.PushResponse], seconds: float) -> None:
-        metrics, job = self._ctx.metrics, self._ctx.job_id
-        for shard, reply in zip(self._client.shard_map.shards, replies, strict=True):
-            if reply.status in _ACKED:
-                metrics.pushes_acked.labels(job=job, shard=str(shard.index)).inc()
-        if seconds > self._push_wait_max:
-            self._push_wait_max = seconds
-            metrics.push_wait_max.labels(job=job).set(seconds)
 
     def pull(self, mode: str, step: int, flat: FlatParams) -> list[int]:
         """Pulls the weights for `step` into the model, waiting in slices; returns the versions."""
@@ -162,16 +152,14 @@ class JobShards:
 
     def pull_landing(self, mode: str, step: int,
                      flat: FlatParams) -> tuple[list[int], Landing]:
-        """`pull`, returning once every shard's reply head is in (the versions) while the
-        weights are still landing (worker/overlap.py lets the forward wait for them module
-        by module); call `land` once the forward is done. CPU, dense pulls only."""
+        """`pull`, returning once every shard's reply head is in, weights still landing
+        (worker/overlap.py); call `land` after the forward. CPU, dense pulls only."""
         versions, landing = self._pull(mode, step, flat, overlap=True)
         assert landing is not None
         return versions, landing
 
     def land(self, landing: Landing, flat: FlatParams) -> None:
-        """Waits until the rest of a `pull_landing` pull has landed. Raises Rewind (pull the
-        step again) if the transfer broke off."""
+        """Waits for the rest of a `pull_landing` pull; Rewind if the transfer broke off."""
         try:
             received = landing.inflight.finish()
         except (grpc.RpcError, TimeoutError, codec.CodecError) as exc:
@@ -182,8 +170,7 @@ class JobShards:
             self._ctx.clock() - landing.begun)
 
     def broken(self, exc: BaseException) -> Rewind:
-        """A pull whose weights broke off while landing: pull the step again (the next pull
-        goes through `call`, which rides out an outage)."""
+        """A pull broke off while landing: pull the step again (through `call`'s retries)."""
         logger.info("job %s: a pull broke off while landing (%s); pulling again",
                     self._ctx.job_id, exc)
         return Rewind(None)
@@ -244,28 +231,12 @@ class JobShards:
                 self._refresh_shard_map()
 
     def _resynced(self, versions: list[int]) -> bool:
-        """While a rollback is taken: whether the pulled `versions` show every shard back
-        from it (worker/resync.py); if so, the rollback is done and training goes on from
-        them."""
-        ctx, target = self._ctx, self._resync_to
-        assert target is not None
-        if not resync.together(target, versions):
+        """While a rollback is taken: whether `versions` show every shard back (resync.back)."""
+        assert self._resync_to is not None
+        if not resync.back(self._ctx.job_id, self._resync_to, self._ctx.reports.rollback_id,
+                           [s.index for s in self._client.shard_map.shards], versions,
+                           self.rows.shard_infos):
             return False
-        try:
-            infos = self.rows.shard_infos()
-        except grpc.RpcError as exc:
-            logger.debug("job %s: GetShardInfo failed (%s)", ctx.job_id, exc)
-            return False
-        indices = [s.index for s in self._client.shard_map.shards]
-        if not resync.settled(target, ctx.reports.rollback_id, indices, versions, infos):
-            return False
-        if versions[0] == target:
-            logger.info("job %s: every shard is back at version %d", ctx.job_id, target)
-        else:
-            logger.warning("job %s: every shard applied rollback %d and is at version %d, past "
-                           "%d: pushes this worker sent before it took the rollback closed "
-                           "rounds there; going on from version %d", ctx.job_id,
-                           ctx.reports.rollback_id, versions[0], target, versions[0])
         self._resync_to = None
         return True
 
@@ -348,6 +319,17 @@ class JobShards:
                        assignment.rollback_version, assignment.rollback_version)
         self.wire.reset()  # owed to steps that are replayed from the restored weights
         raise Rewind(assignment.rollback_version)
+
+
+def _count_acked(ctx: JobContext, shards: Sequence[ShardRange],
+                 replies: list[ps_pb2.PushResponse], seconds: float, longest: float) -> float:
+    """Counts the pushes each shard acknowledged and the longest push so far; returns it."""
+    for shard, reply in zip(shards, replies, strict=True):
+        if reply.status in _ACKED:
+            ctx.metrics.pushes_acked.labels(job=ctx.job_id, shard=str(shard.index)).inc()
+    if seconds > longest:
+        ctx.metrics.push_wait_max.labels(job=ctx.job_id).set(seconds)
+    return max(seconds, longest)
 
 
 def _refused(ctx: JobContext, wire: WirePush, what: str, code: grpc.StatusCode,
