@@ -244,7 +244,9 @@ def test_a_worker_stopped_past_its_lease_is_fenced_and_rejoins_and_one_killed_is
     """SIGSTOP a worker past its lease, SIGCONT: its old incarnation is refused and it rejoins
     as the next one. The old incarnation's first call after SIGCONT is usually its push, which
     the server fences; if the stop caught it between a push and a progress report, the report
-    goes first and the coordinator refuses it (no push follows). The cycle is repeated until
+    goes first and the coordinator refuses it (no push follows); or its heartbeat goes first,
+    the coordinator does not know that incarnation, and the job is stopped on the worker before
+    it pushes. Either way it rejoins. The cycle is repeated until
     the server has refused a push (at most 3 times). Then the other worker is SIGKILLed: the
     job goes on with the one left (it trains 50 more sync rounds alone, which it could not if
     the dead one were still awaited), and is then cancelled: its step budget is only there to
@@ -276,8 +278,9 @@ def test_a_worker_stopped_past_its_lease_is_fenced_and_rejoins_and_one_killed_is
                     w.node_id == node and w.alive for w in j.workers) and j, 60, what="rejoin")
             nodes = {n.node_id: n for n in cluster.client.nodes()}
             assert nodes[node].incarnation == cycle + 1 and nodes[node].job_id == job_id
-            assert victim.has_line(f"incarnation {cycle} fenced; rejoining as a new "
-                                   "incarnation"), victim.output()
+            assert len(victim.matches(r"incarnation \d+ fenced; rejoining as a new incarnation"
+                                      r"|stopped: the coordinator no longer knows this worker")
+                       ) >= cycle, victim.output()  # a rejoin each cycle, by either path
             # It trains again: its new incarnation's steps reach the coordinator.
             start = rejoined.step
             harness.poll(lambda s=start: next(w for w in cluster.client.job(job_id).workers
