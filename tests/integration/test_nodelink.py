@@ -84,7 +84,8 @@ def test_an_outage_is_logged_once_and_the_node_registers_again_under_its_id(coor
         _, client = coordinators(port=port, lease_ms=1000)
         again = poll(lambda: node_at(client, ADDRESS), 30, what="re-registration")
         assert again.node_id == node_id and again.state == ALIVE
-        assert role.counts()[0] == 2
+        # The link tells the role once the reply is in, just after the coordinator listed it.
+        poll(lambda: role.counts()[0] == 2, 10, interval=0.02, what="the role told of it")
         poll(lambda: not role.pending, 30, what="the restore report delivered")
         assert link.incarnation == 1  # a new coordinator's first incarnation of the id
     finally:
