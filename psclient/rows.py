@@ -132,7 +132,6 @@ class RowClient:
                 dtype=common_pb2.DTYPE_FLOAT32), ps_pb2.PushRowsResponse, rpc.TRANSFER_DEADLINE_S)
             for p in pushes])
 
-
     def shard_infos(self, timeout_s: float = rpc.CONTROL_DEADLINE_S) -> dict[int, ps_pb2.ShardInfo]:
         """This job's ShardInfo of every shard of the map, by shard index (GetShardInfo on
         each server, every request sent before any reply is read); a shard its server does
