@@ -38,6 +38,7 @@ from .errors import (
     UnknownShardError,
     UnknownWorkerError,
 )
+from .forwarding import OnPiece
 from .joining import Joining, TransferRefused
 from .metrics import PSMetrics
 from .pull_deltas import PullMirrors
@@ -79,7 +80,9 @@ _STATUS_NAMES = {
 # decoded by compressed.decode_into) and returns (bytes received, whether every value is
 # codec.pushable: finite and within codec.MAX_GRADIENT); it raises codec.CodecError on bad
 # bytes, InvalidPushError on a compressed body that does not decode.
-Fill = Callable[[torch.Tensor], tuple[int, bool]]
+# `on_piece`, where not None, is told of each piece of the elements as it lands
+# (forwarding.OnPiece; a data-plane push that is not compressed tells it of every piece).
+Fill = Callable[[torch.Tensor, OnPiece | None], tuple[int, bool]]
 
 
 class Refused(Exception):
@@ -175,29 +178,17 @@ class BulkOps:
             return self._pushed(shard, early, shard.version, start)
 
         grad = shard.staging(wire)  # kept in the wire dtype
+        applying, handed = 0.0, False
         try:
-            received, finite = fill(grad)
-        except codec.CodecError as exc:
-            shard.release_staging(grad)
-            raise self._reject(exc, "bad_chunks") from None
-        except InvalidPushError as exc:  # a compressed body that does not decode
-            shard.release_staging(grad)
-            raise self._reject(exc, exc.reason) from None
-        except BaseException:
-            shard.release_staging(grad)
-            raise
-        if not finite:
-            why = unpushable(grad)  # a second look only for a push being refused
-            shard.release_staging(grad)
-            raise self._reject(why, why.reason) from None
-        self.metrics.push_bytes.labels(shard.job_id).inc(received)
-        applying = time.perf_counter()
-        handed = False
-        try:
-            # A replicated shard's primary sends the push to its backups, applies it, and
-            # raises ReplicaRefused (after the apply) unless every backup took it.
-            with self.replicas.turn(header, grad):
-                handed = True  # push takes `grad` over, also when it raises.
+            # A replicated shard's primary sends the push to its backups as it arrives (or
+            # once it is in), applies it, and raises ReplicaRefused (after the apply) unless
+            # every backup took it.
+            with self.replicas.turn(header, grad) as turn:
+                received = self._receive(fill, grad, turn.on_piece)
+                self.metrics.push_bytes.labels(shard.job_id).inc(received)
+                if (way := turn.forward()) is not None:
+                    self.metrics.forwards.labels(way).inc()
+                applying, handed = time.perf_counter(), True  # push takes `grad` over
                 result = shard.push(grad, base_version=header.base_version, checked=True,
                                     worker_id=header.worker_id, incarnation=header.incarnation,
                                     step=header.step, batch_size=header.batch_size)
@@ -207,11 +198,30 @@ class BulkOps:
             if not handed:
                 shard.release_staging(grad)
             raise self._replica_refused(exc) from None
+        except BaseException:
+            if not handed:
+                shard.release_staging(grad)
+            raise
         if result.apply_seconds is not None:  # this push ran a step: time all of its apply
             self.metrics.apply_seconds.observe(time.perf_counter() - applying)
         if result.staleness is not None:
             self.metrics.staleness.labels(shard.job_id).observe(result.staleness)
         return self._pushed(shard, result.status, result.version, start)
+
+    def _receive(self, fill: Fill, grad: torch.Tensor, on_piece: OnPiece | None) -> int:
+        """Fills `grad` with the push's elements; the bytes received. Raises Refused (counted)
+        for bad bytes, a compressed body that does not decode, or values not pushable; the
+        caller releases `grad` then."""
+        try:
+            received, finite = fill(grad, on_piece)
+        except codec.CodecError as exc:
+            raise self._reject(exc, "bad_chunks") from None
+        except InvalidPushError as exc:  # a compressed body that does not decode
+            raise self._reject(exc, exc.reason) from None
+        if not finite:
+            why = unpushable(grad)  # a second look only for a push being refused
+            raise self._reject(why, why.reason) from None
+        return received
 
     def _queue_joining(self, header: ps_pb2.PushHeader, fill: Fill) -> ps_pb2.PushResponse | None:
         """A forwarded push to a shard joining here, queued until its state arrives."""

@@ -38,8 +38,9 @@ from google.protobuf.message import DecodeError
 from shardps.proto import codec, dataplane, ps_pb2
 from shardps.runtime import callguard, gate, rpc, sslcontext
 
-from . import compressed, pieces, rowframes
+from . import compressed, forwarding, pieces, rowframes
 from .bulk import BulkOps, Refused
+from .forwarding import OnPiece
 from .rowservice import RowService
 
 log = logging.getLogger("shardps.ps")
@@ -216,7 +217,7 @@ class DataServer:
         declared = compressed.body_bytes(header)
         consumed = False
 
-        def fill(grad: torch.Tensor) -> tuple[int, bool]:
+        def fill(grad: torch.Tensor, on_piece: OnPiece | None) -> tuple[int, bool]:
             nonlocal consumed
             consumed = True
             if compressed.is_compressed(header):  # bytes bounded by bulk.push's check_header
@@ -224,15 +225,18 @@ class DataServer:
                 dataplane.recv_exact(conn, memoryview(body), deadline)
                 return compressed.decode_into(header, body, grad)
             if header.pieces:  # an overlapped push: pieces in any order
-                return pieces.fill(conn, header, grad, deadline)
+                return pieces.fill(conn, header, grad, deadline, on_piece)
             data = dataplane.as_bytes(grad)
-            finite, step = True, dataplane.IO_BYTES
+            finite = True
+            step = dataplane.IO_BYTES if on_piece is None else forwarding.PIECE_BYTES
             per_piece = step // grad.element_size()
             for lo in range(0, len(data), step):
                 dataplane.recv_exact(conn, data[lo : lo + step], deadline)
+                first = lo // grad.element_size()
                 if finite:  # each piece while it is in cache
-                    first = lo // grad.element_size()
                     finite = codec.pushable(grad[first : first + per_piece])
+                if on_piece is not None and finite:  # on to the backups (cut-through)
+                    on_piece(first, min(first + per_piece, grad.numel()))
             return len(data), finite
 
         try:

@@ -94,7 +94,7 @@ class Joining:
                 del self._joins[(job_id, index)]
 
     def queue(self, header: ps_pb2.PushHeader,
-              fill: Callable[[torch.Tensor], tuple[int, bool]]) -> ps_pb2.PushResponse | None:
+              fill: Callable[[torch.Tensor, None], tuple[int, bool]]) -> ps_pb2.PushResponse | None:
         """A forwarded push to a shard joining here whose state has not arrived: reads and
         queues it (ACCEPTED). None: not such a push, take it the usual way."""
         if header.replica_epoch == 0:
@@ -113,7 +113,7 @@ class Joining:
                     f"job {header.job_id} shard {header.shard_index}: {len(join.queue)} pushes "
                     "queued while joining (the bound); the state has not arrived"))
             grad = torch.empty(header.length, dtype=dtype)
-            fill(grad)
+            fill(grad, None)
             kept = ps_pb2.PushHeader()
             kept.CopyFrom(header)
             join.queue.append((kept, grad))

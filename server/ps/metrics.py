@@ -55,6 +55,12 @@ class PSMetrics:
                                  ["result"], registry=registry)
         for result in ("done", "failed"):
             self.transfers.labels(result)
+        self.forwards = Counter("shardps_ps_forwarded_pushes_total",
+                                "Pushes this primary forwarded to its backups, by way: cut_through "
+                                "(on as each piece arrived) or whole (once all of it was in)",
+                                ["way"], registry=registry)
+        for way in ("cut_through", "whole"):
+            self.forwards.labels(way)
         registry.register(_ShardCollector(shards))
         registry.register(TableCollector(shards))
 

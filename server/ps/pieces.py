@@ -15,6 +15,7 @@ import torch
 from shardps.proto import codec, dataplane, ps_pb2
 
 from .errors import InvalidPushError
+from .forwarding import OnPiece
 
 REASON = "bad_pieces"
 
@@ -33,9 +34,10 @@ def check_header(header: ps_pb2.PushHeader, compressed: bool) -> None:
 
 
 def fill(conn: socket.socket, header: ps_pb2.PushHeader, grad: torch.Tensor,
-         deadline: dataplane.Deadline) -> tuple[int, bool]:
+         deadline: dataplane.Deadline, on_piece: OnPiece | None = None) -> tuple[int, bool]:
     """Receives every piece into `grad` (the staging buffer, header.length elements of the
     wire dtype); returns (element bytes received, whether all are codec.pushable).
+    `on_piece`, if given, hears of each piece once it is in and pushable.
 
     Reads exactly the bytes the header declares, also when a piece head is bad (the rest
     is drained, so the connection stays in step), then raises codec.CodecError for heads
@@ -66,6 +68,8 @@ def fill(conn: socket.socket, header: ps_pb2.PushHeader, grad: torch.Tensor,
                 finite = codec.pushable(grad[lo:hi])
         spans.append((offset, count))
         received += count
+        if on_piece is not None and finite:
+            on_piece(offset, offset + count)
     if error is None:
         error = _coverage_error(spans, grad.numel())
     if error is not None:

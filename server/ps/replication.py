@@ -1,18 +1,19 @@
 """Replicated shards on one server (docs/architecture.md, "Replicated shards"): which replica
 of each shard of a replicated job this server is, from the replica map InitShard brings and
 the coordinator's views update, and the primary's half of the protocol: a worker's push is
-forwarded whole to every backup, and applied here only once every backup has it.
+forwarded to every backup (cut-through as it arrives where it can be, forwarding.py) and
+acknowledged only once every backup has applied it too.
 
-Pushes of one shard take turns on the primary (one lock per shard, held from the forward to
-the apply), so every backup receives them in the order the primary applies them: in async and
-ssp a backup applies the same pushes in the same order, in sync it closes the same rounds
-with the same contributions, so its weights and Adam state are the primary's, bit for bit.
+Pushes of one shard take turns on the primary (one lock per shard, held from the forward, or
+from the push's first byte when it is forwarded cut-through, to its backups' replies), so
+every backup receives them in the order the primary applies them: in async and ssp a backup
+applies the same pushes in the same order, in sync it closes the same rounds with the same
+contributions, so its weights and Adam state are the primary's, bit for bit.
 
 Forwarding uses the worker's own transports (the backup's data plane, else its Push RPC); a
-backup that does not take a push makes the primary refuse it UNAVAILABLE, applying nothing,
-and the worker retries it (a retry that reaches a replica which already has it is answered
-DUPLICATE). Thread-safe.
-"""
+backup that does not take a push makes the primary refuse it UNAVAILABLE after applying it
+here (the push is then owed to the backups), and the worker retries it (a retry that reaches
+a replica which already has it is answered DUPLICATE). Thread-safe."""
 
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from shardps.proto import codec, common_pb2, ps_pb2
-from shardps.psclient.plane import DataPlaneTransport
-from shardps.psclient.rpcpath import RpcTransport
+from shardps.proto import common_pb2, ps_pb2
+from shardps.runtime import rpc
+
+from .forwarding import Backup, Forward, OnPiece
 
 log = logging.getLogger("shardps.ps")
 
@@ -41,6 +43,9 @@ LEASE_FRACTION = 0.75
 # Owed pushes remembered per shard (a backup that stays unreachable is dropped from the map
 # within a lease, and then nothing is owed to it).
 MAX_OWED = 4096
+# The longest a push waits for its shard's turn: each holder is bounded by its transfers'
+# deadlines (its receipt, its forward, its backups' replies).
+TURN_WAIT_S = 2 * rpc.TRANSFER_DEADLINE_S
 
 
 def _push_id(header: ps_pb2.PushHeader) -> tuple[str, int, int]:
@@ -77,30 +82,6 @@ class Placement:
         return next((e for j, _, e in self.joiners if j == me), 0)
 
 
-class _Backup:
-    """One backup server as the primary reaches it: its data plane where it has one, else
-    its Push RPC (as psclient's per-server transport). Thread-safe, as both transports are."""
-
-    def __init__(self, address: str):
-        self.rpc = RpcTransport(address, codec.DEFAULT_CHUNK_BYTES)
-        self.plane = DataPlaneTransport(address, self.rpc.data_port)
-
-    def start(self, header: ps_pb2.PushHeader,
-              grad: torch.Tensor) -> Callable[[], ps_pb2.PushResponse]:
-        """Sends the push; returns what reads its reply. Over the data plane every byte of
-        `grad` is on its way when this returns, so the caller may hand `grad` on; over the
-        RPCs (whose threads read `grad` while they send it) the reply is read here."""
-        if self.plane.available():
-            pending = self.plane.start_push(header, grad)
-            return lambda: pending.finish()[0]
-        reply, _ = self.rpc.start_push(header, grad).finish()
-        return lambda: reply
-
-    def close(self) -> None:
-        self.plane.close()
-        self.rpc.close()
-
-
 class Replicas:
     """The placements of this server's replicated shards and their backups' links.
 
@@ -117,7 +98,7 @@ class Replicas:
         self._lock = threading.Lock()
         self._placements: dict[tuple[str, int], Placement] = {}
         self._turns: dict[tuple[str, int], threading.Lock] = {}
-        self._backups: dict[str, _Backup] = {}
+        self._backups: dict[str, Backup] = {}
         # Per shard: pushes (worker, incarnation, step) applied here that a backup has not
         # confirmed; a retry of one is forwarded again before it is answered DUPLICATE.
         self._owed: dict[tuple[str, int], set[tuple[str, int, int]]] = {}
@@ -202,35 +183,33 @@ class Replicas:
                 f"{where}, which is at epoch {placement.epoch} here ({role})"))
 
     @contextlib.contextmanager
-    def turn(self, header: ps_pb2.PushHeader, grad: torch.Tensor) -> Iterator[None]:
-        """Around the apply of a checked push whose elements are in `grad` (the wire dtype,
-        fp32 for a compressed push). On the shard's primary: takes the shard's turn, sends
-        the push to every backup, runs the body (the apply here, while the backups apply
-        theirs), then reads every backup's reply. If one did not take the push, raises
-        ReplicaRefused UNAVAILABLE after the body: the push was applied here but is not
+    def turn(self, header: ps_pb2.PushHeader, grad: torch.Tensor) -> Iterator[Turn]:
+        """Around the receipt and apply of a checked push whose elements go into `grad` (the
+        wire dtype, fp32 for a compressed push); the body fills `grad` (giving the fill
+        `Turn.on_piece`), then calls `Turn.forward`, then applies.
+
+        On the shard's primary the push takes the shard's turn: before its first byte if the
+        turn is free (then it is forwarded cut-through as it arrives, forwarding.py), else at
+        `forward`. `forward` sends the rest to every backup; the body applies here while the
+        backups apply theirs; then every reply is read. If a backup did not take the push,
+        raises ReplicaRefused UNAVAILABLE after the body: the push was applied here but is not
         acknowledged, and it is *owed* to the backups (`owed`): the worker's retry, which
-        this copy then answers DUPLICATE, is forwarded again before that answer. Elsewhere
-        (no replicas, a forwarded push) it just runs the body."""
+        this copy then answers DUPLICATE, is forwarded again before that answer. A body that
+        raises before `forward` abandons what was streamed. Elsewhere (no replicas, a
+        forwarded push) the Turn does nothing."""
         key = (header.job_id, header.shard_index)
-        if header.replica_epoch != 0:
-            yield
-            return
         with self._lock:
             placement = self._placements.get(key)
-            turn = self._turns.setdefault(key, threading.Lock()) if placement else None
-        if placement is None or turn is None:
-            yield
+            lock = self._turns.setdefault(key, threading.Lock()) if placement else None
+        if header.replica_epoch != 0 or lock is None:
+            yield Turn(None, header, grad)
             return
-        with turn:
-            with self._lock:  # the map may have changed while we waited for the turn
-                placement = self._placements[key] if key in self._placements else placement
-            self.check(header)
-            replies = self._start(header, grad, placement)
-            self.check(header)  # still the primary, and in touch, now that backups have it
-            try:
-                yield
-            finally:
-                self._finish(header, replies)
+        turn = Turn(self, header, grad, lock)
+        try:
+            turn.take(wait=False)
+            yield turn
+        finally:
+            turn.end()
 
     @contextlib.contextmanager
     def shard_turn(self, job_id: str, index: int, timeout: float) -> Iterator[bool]:
@@ -261,41 +240,23 @@ class Replicas:
         with self._lock:
             return _push_id(header) in self._owed.get((header.job_id, header.shard_index), ())
 
-    def _start(self, header: ps_pb2.PushHeader, grad: torch.Tensor,
-               placement: Placement) -> list[tuple[str, Callable[[], ps_pb2.PushResponse] | Exception]]:
-        forwarded = ps_pb2.PushHeader()
-        forwarded.CopyFrom(header)
-        forwarded.replica_epoch = placement.epoch
-        forwarded.pieces = 0  # an overlapped push's pieces are whole in `grad` by now
-        if forwarded.compression != ps_pb2.PUSH_COMPRESSION_NONE:  # decoded here: send fp32
-            forwarded.compression = ps_pb2.PUSH_COMPRESSION_NONE
-            forwarded.compressed_bytes = 0
-            forwarded.dtype = common_pb2.DTYPE_FLOAT32
-        started: list[tuple[str, Callable[[], ps_pb2.PushResponse] | Exception]] = []
+    def _forward(self, header: ps_pb2.PushHeader, grad: torch.Tensor, cut_through: bool) -> Forward:
+        """A forward of a push to the shard's backups and armed joining copies, as the map
+        has them now (call under the shard's turn)."""
+        key = (header.job_id, header.shard_index)
         with self._lock:  # armed joining copies count as backups (docs: "Catch-up")
-            armed = [(j, a) for (j, _), a in
-                     self._armed.get((header.job_id, header.shard_index), {}).items()]
-        for backup_id, address in [*placement.backups, *armed]:
-            try:
-                started.append((backup_id, self._backup(address).start(forwarded, grad)))
-            except Exception as exc:  # read in _finish, after the body
-                started.append((backup_id, exc))
-        return started
+            placement = self._placements.get(key)
+            armed = [(j, a) for (j, _), a in self._armed.get(key, {}).items()]
+        if placement is None:
+            raise ReplicaRefused(grpc.StatusCode.UNAVAILABLE, (
+                f"job {header.job_id} shard {header.shard_index} was dropped here; retry"))
+        self.check(header)
+        targets = [(b, self._backup(a), True) for b, a in placement.backups]
+        targets += [(j, self._backup(a), False) for j, a in armed]
+        return Forward(header, placement.epoch, grad, targets, cut_through)
 
-    def _finish(self, header: ps_pb2.PushHeader,
-                started: list[tuple[str, Callable[[], ps_pb2.PushResponse] | Exception]]) -> None:
-        failure = None
-        for backup_id, pending in started:
-            try:
-                if isinstance(pending, Exception):
-                    raise pending
-                pending()
-            except Exception as exc:  # any failure: the worker retries
-                code = exc.code().name if isinstance(exc, grpc.RpcError) else type(exc).__name__
-                details = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-                failure = failure or (
-                    f"backup {backup_id} of job {header.job_id} shard {header.shard_index} "
-                    f"did not take the push ({code}: {details}); retry")
+    def _settle(self, header: ps_pb2.PushHeader, failure: str | None) -> None:
+        """Remembers whether every backup took the push; raises ReplicaRefused if not."""
         key, push = (header.job_id, header.shard_index), _push_id(header)
         with self._lock:
             owed = self._owed.setdefault(key, set())
@@ -306,11 +267,11 @@ class Replicas:
         if failure is not None:
             raise ReplicaRefused(grpc.StatusCode.UNAVAILABLE, failure)
 
-    def _backup(self, address: str) -> _Backup:
+    def _backup(self, address: str) -> Backup:
         with self._lock:
             backup = self._backups.get(address)
             if backup is None:
-                backup = self._backups[address] = _Backup(address)
+                backup = self._backups[address] = Backup(address)
             return backup
 
     def close(self) -> None:
@@ -318,3 +279,63 @@ class Replicas:
             backups, self._backups = list(self._backups.values()), {}
         for backup in backups:
             backup.close()
+
+
+class Turn:
+    """One push's hold of its shard's turn on the primary (Replicas.turn); with `replicas`
+    None, a push that needs none (unreplicated shard, or forwarded to this copy). Used by the
+    push's thread only."""
+
+    def __init__(self, replicas: Replicas | None, header: ps_pb2.PushHeader, grad: torch.Tensor,
+                 lock: threading.Lock | None = None):
+        self._replicas, self._header, self._grad, self._lock = replicas, header, grad, lock
+        self._held = False
+        self._forward: Forward | None = None
+        self._sent = False
+
+    @property
+    def on_piece(self) -> OnPiece | None:
+        """For the fill: told of each piece as it arrives (None: nothing to stream)."""
+        return self._forward.on_piece if self._forward is not None else None
+
+    def take(self, wait: bool) -> None:
+        """Takes the shard's turn (only if it is free, unless `wait`), then plans the
+        forward: cut-through when the turn was free before the push's first byte."""
+        assert self._replicas is not None and self._lock is not None
+        self._held = self._lock.acquire(timeout=TURN_WAIT_S) if wait else self._lock.acquire(False)
+        if wait and not self._held:
+            raise ReplicaRefused(grpc.StatusCode.UNAVAILABLE, (
+                f"job {self._header.job_id} shard {self._header.shard_index}: its turn was "
+                f"not free within {TURN_WAIT_S:.0f} s; retry"))
+        if self._held:
+            self._forward = self._replicas._forward(self._header, self._grad, not wait)
+
+    def forward(self) -> str | None:
+        """The push is in: takes the turn if it was busy at the start, sends the push on to
+        every backup (the rest of it, where it was streamed), and checks again that this
+        server is still the primary and in touch, now that the backups have it. Returns the
+        way it went (forwarding.Forward.send); None: there was nothing to forward."""
+        if self._replicas is None:
+            return None
+        if not self._held:
+            self.take(wait=True)
+        assert self._forward is not None
+        way = self._forward.send()
+        self._sent = True
+        self._replicas.check(self._header)
+        return way
+
+    def end(self) -> None:
+        """After the body: reads the replies of a forwarded push (ReplicaRefused if one did
+        not take it), else abandons what was streamed; gives the turn back."""
+        try:
+            if self._forward is not None and self._sent:
+                assert self._replicas is not None
+                self._replicas._settle(self._header, self._forward.replies())
+            elif self._forward is not None:
+                self._forward.cancel()
+        finally:
+            if self._held:
+                assert self._lock is not None
+                self._lock.release()
+                self._held = False

@@ -27,6 +27,7 @@ from shardps.proto import codec, common_pb2, dataplane, names, ps_pb2, ps_pb2_gr
 from . import compressed, pieces
 from .bulk import BulkOps, DropReplies, Refused, refusal
 from .errors import InvalidConfigError, ShardError
+from .forwarding import OnPiece
 from .joining import TransferRefused
 from .metrics import PSMetrics
 from .registry import ShardRegistry
@@ -110,7 +111,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             _fail(context, grpc.StatusCode.INVALID_ARGUMENT,
                   "pieces: a data-plane push field; over the Push RPC send chunks")
 
-        def fill(grad: torch.Tensor) -> tuple[int, bool]:
+        def fill(grad: torch.Tensor, on_piece: OnPiece | None) -> tuple[int, bool]:
+            del on_piece  # chunks come in any order here: the push is forwarded whole
             if compressed.is_compressed(header):  # size bounded by bulk.push's check_header
                 body = compressed.BodyAssembler(header.compressed_bytes)
                 _assemble(body, first, request_iterator)

@@ -147,14 +147,15 @@ def test_a_push_a_backup_did_not_take_is_not_acknowledged_and_is_owed_to_it():
     primary.adopt("job", m)
     ran = []
     with pytest.raises(ReplicaRefused) as info:
-        with primary.turn(header(), torch.zeros(4)):
+        with primary.turn(header(), torch.zeros(4)) as turn:
+            turn.forward()
             ran.append(True)  # the primary applies while its backups apply theirs
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
     assert f"backup {S2} of job job shard 0 did not take the push" in str(info.value)
     assert ran == [True] and primary.owed(header())  # its retry is forwarded again
     primary.adopt("job", replica_map(2, S1, []))  # the coordinator dropped the backup
-    with primary.turn(header(), torch.zeros(4)):
-        pass
+    with primary.turn(header(), torch.zeros(4)) as turn:
+        turn.forward()
     assert not primary.owed(header())
     primary.close()
 
@@ -168,5 +169,6 @@ def test_a_primary_out_of_touch_with_the_coordinator_stops_acknowledging():
     exc = refused(primary, header())
     assert exc.code == grpc.StatusCode.UNAVAILABLE
     assert "not acknowledging pushes to job job shard 0 as its primary" in str(exc)
-    with pytest.raises(ReplicaRefused), primary.turn(header(), torch.zeros(4)):
+    with pytest.raises(ReplicaRefused), primary.turn(header(), torch.zeros(4)) as turn:
+        turn.forward()
         pytest.fail("applied while out of touch")
