@@ -40,7 +40,8 @@ class Backup:
         self.rpc = RpcTransport(address, codec.DEFAULT_CHUNK_BYTES)
         self.plane = DataPlaneTransport(address, self.rpc.data_port)
 
-    def start(self, header: ps_pb2.PushHeader, grad: torch.Tensor) -> Callable[[], ps_pb2.PushResponse]:
+    def start(self, header: ps_pb2.PushHeader,
+              grad: torch.Tensor) -> Callable[[], ps_pb2.PushResponse]:
         """Sends the push whole; returns what reads its reply. Over the data plane every byte
         of `grad` is on its way when this returns, so the caller may hand `grad` on; over the
         RPCs (whose threads read `grad` while they send it) the reply is read here."""
@@ -72,14 +73,8 @@ class Forward:
     the push whole where it was not streamed; `replies` after the apply reads the replies;
     `cancel` instead, if the push was refused while it arrived. Used by the push's thread."""
 
-    def __init__(
-        self,
-        header: ps_pb2.PushHeader,
-        epoch: int,
-        grad: torch.Tensor,
-        targets: list[tuple[str, Backup, bool]],
-        cut_through: bool,
-    ):
+    def __init__(self, header: ps_pb2.PushHeader, epoch: int, grad: torch.Tensor,
+                 targets: list[tuple[str, Backup, bool]], cut_through: bool):
         self._header = ps_pb2.PushHeader()
         self._header.CopyFrom(header)
         self._header.replica_epoch = epoch
@@ -137,7 +132,8 @@ class Forward:
                 self._pending.append((target, stream))
             elif stream is not None and self._sent != self._count:
                 stream.cancel()
-                self._pending.append((target, RuntimeError(f"{self._sent} of {self._count} pieces forwarded")))
+                self._pending.append((target, RuntimeError(
+                    f"{self._sent} of {self._count} pieces forwarded")))
             elif stream is not None:
                 self._pending.append((target, _reply(stream)))
                 way = "cut_through"
