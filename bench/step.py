@@ -68,12 +68,14 @@ class Shardps:
     """A worker's step against real servers: pull -> forward/backward -> push; `overlapped`
     as a worker with transport.overlap does it (worker/overlap.py)."""
 
-    def __init__(self, model: nn.Module, servers: list[procs.Child], chunk_bytes: int):
+    def __init__(self, model: nn.Module, servers: list[procs.Child], chunk_bytes: int,
+                 shards_per_server: int = 1):
         self.flat = FlatParams(model)
         self.model = model
         self.hooks = Overlap(model, self.flat.layout)
         self.servers = servers
-        smap = procs.shard_map([s.address for s in servers], self.flat.numel)
+        smap = procs.shard_map([s.address for s in servers for _ in range(shards_per_server)],
+                               self.flat.numel)
         self.ps = PSClient(JOB, smap, worker_id="w0", chunk_bytes=chunk_bytes)
         self.ps.init(self.flat.weights_cpu(), ps_pb2.ShardConfig(
             optimizer=common_pb2.OptimizerConfig(name="adam", lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8),
@@ -149,6 +151,7 @@ def main() -> None:
     parser = report.parser(__doc__, "1M, 2 steps")
     parser.add_argument("--params", default="10M,100M", help="sizes, or 'digits' for the tta model")
     parser.add_argument("--servers", type=int, default=1)
+    parser.add_argument("--shards", type=int, default=1, help="shards per server")
     parser.add_argument("--steps", type=int, default=5, help="timed steps each (after a warm-up)")
     parser.add_argument("--chunk-bytes", default="1M")
     parser.add_argument("--overlap", default="off,on",
@@ -192,7 +195,7 @@ def _measure(model: nn.Module, servers: list[procs.Child], x: torch.Tensor, y: t
              modes: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
     """Steps of every mode and of the local baseline, interleaved: each phase's samples."""
     local = Baseline(copy.deepcopy(model))
-    remote = Shardps(model, servers, report.parse_bytes(args.chunk_bytes))
+    remote = Shardps(model, servers, report.parse_bytes(args.chunk_bytes), args.shards)
     steps = {"off": remote.step, "on": remote.overlapped}
     try:
         local.step(x, y)
