@@ -155,7 +155,7 @@ class InitShardResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "shard_index", "worker_id", "incarnation", "step", "base_version", "dtype", "batch_size", "length", "compression", "compressed_bytes", "replica_epoch", "pieces")
+    __slots__ = ("job_id", "shard_index", "worker_id", "incarnation", "step", "base_version", "dtype", "batch_size", "length", "compression", "compressed_bytes", "replica_epoch", "pieces", "rollback_id")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,7 @@ class PushHeader(_message.Message):
     COMPRESSED_BYTES_FIELD_NUMBER: _ClassVar[int]
     REPLICA_EPOCH_FIELD_NUMBER: _ClassVar[int]
     PIECES_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     shard_index: int
     worker_id: str
@@ -182,7 +183,8 @@ class PushHeader(_message.Message):
     compressed_bytes: int
     replica_epoch: int
     pieces: int
-    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., worker_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., batch_size: _Optional[int] = ..., length: _Optional[int] = ..., compression: _Optional[_Union[PushCompression, str]] = ..., compressed_bytes: _Optional[int] = ..., replica_epoch: _Optional[int] = ..., pieces: _Optional[int] = ...) -> None: ...
+    rollback_id: int
+    def __init__(self, job_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., worker_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., batch_size: _Optional[int] = ..., length: _Optional[int] = ..., compression: _Optional[_Union[PushCompression, str]] = ..., compressed_bytes: _Optional[int] = ..., replica_epoch: _Optional[int] = ..., pieces: _Optional[int] = ..., rollback_id: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")

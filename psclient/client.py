@@ -126,7 +126,8 @@ def _push_headers(client: PSClient, step: int, base_version: int | list[int],
     return [ps_pb2.PushHeader(
         job_id=client.job_id, shard_index=shard.index, worker_id=client.worker_id,
         incarnation=client.incarnation, step=step, base_version=bases[i],
-        dtype=client.dtype, batch_size=batch_size, length=shard.length)
+        dtype=client.dtype, batch_size=batch_size, length=shard.length,
+        rollback_id=client.rollback_id)
         for i, shard in enumerate(shards)]
 
 
@@ -153,6 +154,9 @@ class PSClient:
         self.chunk_bytes = chunk_bytes
         self.worker_id = worker_id
         self.incarnation = incarnation
+        # sync: the last rollback this worker has taken, sent with every push (a shard that
+        # applied a later one refuses it); None: not sent (a client outside a worker).
+        self.rollback_id: int | None = None
         by_address: dict[str, _Server] = {}
         for shard in self.shards:
             if shard.address not in by_address:

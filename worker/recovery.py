@@ -61,6 +61,8 @@ def stale_incarnation(code: grpc.StatusCode, details: str | None) -> bool:
 class ShardClient(Protocol):
     """What the training loop calls on a job's parameter servers (psclient.PSClient)."""
 
+    rollback_id: int | None  # sent with every push (PSClient.rollback_id)
+
     def pull(self, dest: torch.Tensor, *, min_version: int = 0, timeout_s: float = 30.0,
              clock: int = 0) -> PullResult: ...
 
@@ -107,6 +109,7 @@ class RemappableClient:
                                           compress_pull=compress_pull)
         self.shard_map = shard_map
         self.client = self._connect(shard_map)
+        self.rollback_id: int | None = None  # PSClient.rollback_id, kept across remaps
 
     def remap(self, shard_map: common_pb2.ShardMap) -> bool:
         """Switches to `shard_map` if it sends a shard elsewhere (a server came back at
@@ -129,6 +132,7 @@ class RemappableClient:
     def push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
              batch_size: int, then_pull: dict[str, Any] | None = None,
              encoded: Sequence[bytes] | None = None) -> list[ps_pb2.PushResponse]:
+        self.client.rollback_id = self.rollback_id
         return self.client.push(grad, step=step, base_version=base_version,
                                 batch_size=batch_size, then_pull=then_pull, encoded=encoded)
 
@@ -136,6 +140,7 @@ class RemappableClient:
                    batch_size: int, buckets: Sequence[tuple[int, int]],
                    then_pull: dict[str, Any] | None = None,
                    on_wait: Callable[[float], None] | None = None) -> OverlappedPush:
+        self.client.rollback_id = self.rollback_id
         return self.client.begin_push(grad, step=step, base_version=base_version,
                                       batch_size=batch_size, buckets=buckets,
                                       then_pull=then_pull, on_wait=on_wait)

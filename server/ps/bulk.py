@@ -165,6 +165,7 @@ class BulkOps:
             self.replicas.check(header)
         except ReplicaRefused as exc:
             raise self._replica_refused(exc) from None
+        self._check_rollback(shard, header)
         try:
             early = shard.check_push(length=header.length, worker_id=header.worker_id,
                                      incarnation=header.incarnation, step=header.step,
@@ -222,6 +223,19 @@ class BulkOps:
             why = unpushable(grad)  # a second look only for a push being refused
             raise self._reject(why, why.reason) from None
         return received
+
+    def _check_rollback(self, shard: Shard, header: ps_pb2.PushHeader) -> None:
+        """Refuses (UNAVAILABLE) a push computed before a rollback this shard has applied: it
+        would close a round of the replayed steps with a gradient the worker then sends
+        again, leaving this shard a round ahead of those that had not rolled back yet. The
+        worker retries, and takes the rollback before its next try (its heartbeat brings it)."""
+        if header.HasField("rollback_id") and header.rollback_id < shard.rollback_id:
+            self.metrics.rejected.labels("before_rollback").inc()
+            raise Refused(grpc.StatusCode.UNAVAILABLE, (
+                f"push of step {header.step} to job {header.job_id} shard {header.shard_index} "
+                f"was computed before rollback {shard.rollback_id}, which the shard has "
+                f"applied (the worker has taken rollback {header.rollback_id}); take the "
+                "rollback, then push again"))
 
     def _queue_joining(self, header: ps_pb2.PushHeader, fill: Fill) -> ps_pb2.PushResponse | None:
         """A forwarded push to a shard joining here, queued until its state arrives."""

@@ -66,7 +66,9 @@ REJECT_REASONS = ("invalid", "bad_header", "bad_dtype", "bad_chunks", "bad_lengt
                   # not the primary, a forwarded push of an older replica epoch, a backup
                   # that did not take the primary's forward, a primary out of touch with
                   # the coordinator
-                  "not_primary", "stale_replica", "backup_failed", "out_of_touch")
+                  "not_primary", "stale_replica", "backup_failed", "out_of_touch",
+                  # sync: a push computed before a rollback the shard has applied
+                  "before_rollback")
 
 
 class FencedError(ShardError):

@@ -156,6 +156,35 @@ def test_a_worker_whose_own_push_moved_the_rolled_back_shards_on_goes_on_from_th
         shards.close()
 
 
+def test_a_push_computed_before_a_rollback_the_shards_applied_is_refused(at_version_2):
+    """The same race with the push as a worker sends it, saying it has taken no rollback:
+    both shards, having applied rollback 1, refuse it UNAVAILABLE and stay at version 1, so
+    the worker, once it takes the rollback, goes on from version 1 and replays step 1 (no
+    shard can close the round with a gradient of before the rollback and get a round
+    ahead). A push that does not say (a client outside a worker) is not checked."""
+    server, ps, _, shard_map, stub = at_version_2
+    roll_back(server, 1, 1)
+    ps.rollback_id = 0
+    with pytest.raises(grpc.RpcError) as info:
+        ps.push(torch.full((N,), 0.1), step=1, base_version=[1, 1], batch_size=1)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "was computed before rollback 1, which the shard has applied" in info.value.details()
+    assert versions(ps) == [1, 1]
+    refused = server.metrics_registry.get_sample_value("shardps_ps_rejected_pushes_total",
+                                                       {"reason": "before_rollback"})
+    assert refused == 2  # one per shard
+    ctx, shards, flat = worker_after_rollback(stub, shard_map)
+    try:
+        take_rollback(shards, flat)
+        assert shards.pull("sync", 1, flat) == [1, 1]
+        replies = shards.push(torch.full((N,), 0.1), 1, [1, 1], 1, None)
+        assert all(r.status == ps_pb2.PUSH_STATUS_APPLIED for r in replies), replies
+        assert versions(ps) == [2, 2]
+    finally:
+        ctx.stop("done")
+        shards.close()
+
+
 def _weights(ps: PSClient) -> torch.Tensor:
     dest = torch.empty(N)
     assert ps.pull(dest, timeout_s=10).ready
