@@ -154,9 +154,7 @@ class PSClient:
         self.chunk_bytes = chunk_bytes
         self.worker_id = worker_id
         self.incarnation = incarnation
-        # sync: the last rollback this worker has taken, sent with every push (a shard that
-        # applied a later one refuses it); None: not sent (a client outside a worker).
-        self.rollback_id: int | None = None
+        self.rollback_id: int | None = None  # PushHeader.rollback_id; None: not sent
         by_address: dict[str, _Server] = {}
         for shard in self.shards:
             if shard.address not in by_address:

@@ -103,13 +103,13 @@ class RemappableClient:
     def __init__(self, factory: ShardClientFactory, job_id: str,
                  shard_map: common_pb2.ShardMap, *, dtype: common_pb2.DType = common_pb2.DTYPE_FLOAT32,
                  chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, worker_id: str = "",
-                 incarnation: int = 0, compress_pull: str = "none"):
+                 incarnation: int = 0, compress_pull: str = "none", rollback_id: int | None = None):
         self._connect = functools.partial(factory, job_id, dtype=dtype, chunk_bytes=chunk_bytes,
                                           worker_id=worker_id, incarnation=incarnation,
                                           compress_pull=compress_pull)
         self.shard_map = shard_map
         self.client = self._connect(shard_map)
-        self.rollback_id: int | None = None  # PSClient.rollback_id, kept across remaps
+        self.rollback_id = rollback_id  # PSClient.rollback_id, kept across remaps
 
     def remap(self, shard_map: common_pb2.ShardMap) -> bool:
         """Switches to `shard_map` if it sends a shard elsewhere (a server came back at

@@ -84,12 +84,11 @@ class JobShards:
         self._ctx = ctx
         self._client = recovery.RemappableClient(
             factory, ctx.job_id, shard_map, dtype=dtype, chunk_bytes=chunk_bytes,
-            worker_id=ctx.node_id, incarnation=ctx.incarnation, compress_pull=compress_pull)
-        self._client.rollback_id = ctx.reports.rollback_id  # pushes say which rollback we took
+            worker_id=ctx.node_id, incarnation=ctx.incarnation, compress_pull=compress_pull,
+            rollback_id=ctx.reports.rollback_id)  # pushes say which rollback we took
         self._resync_to: int | None = None  # while a rollback is taken: the version to reach
         # The embedding tables' row calls (worker/tablesync.py), following the same map.
-        self.rows = RowClient(ctx.job_id, shard_map, worker_id=ctx.node_id,
-                              incarnation=ctx.incarnation)
+        self.rows = RowClient(ctx.job_id, shard_map, worker_id=ctx.node_id, incarnation=ctx.incarnation)
         self.wire = WirePush(compress, dtype, ctx.job_id, ctx.metrics, compress_warmup_steps, precondition_pushes)
         self._push_wait_max = 0.0  # seconds: the longest push so far, retries included
 
