@@ -76,11 +76,10 @@ class JobShards:
     is back at that version before training goes on.
     """
 
-    def __init__(self, ctx: JobContext, factory: recovery.ShardClientFactory,
-                 shard_map: ShardMap, *, dtype: DType, chunk_bytes: int, compress: str = "none",
-                 compress_pull: str = "none", compress_warmup_steps: int = 0,
-                 precondition_pushes: bool = False):
-        """The spec's transport settings (pushes: wirepush.py; pulls: psclient/deltas.py)."""
+    def __init__(self, ctx: JobContext, factory: recovery.ShardClientFactory, shard_map: ShardMap, *, dtype: DType,
+                 chunk_bytes: int, compress: str = "none", compress_pull: str = "none", compress_warmup_steps: int = 0,
+                 precondition_pushes: bool = False, momentum_beta1: float | None = None):
+        """The spec's transport settings (pushes, momentum_beta1 too: wirepush.py; pulls: psclient/deltas.py)."""
         self._ctx = ctx
         self._client = recovery.RemappableClient(
             factory, ctx.job_id, shard_map, dtype=dtype, chunk_bytes=chunk_bytes,
@@ -89,7 +88,8 @@ class JobShards:
         # The embedding tables' row calls (worker/tablesync.py), following the same map.
         self.rows = RowClient(ctx.job_id, shard_map, worker_id=ctx.node_id,
                               incarnation=ctx.incarnation)
-        self.wire = WirePush(compress, dtype, ctx.job_id, ctx.metrics, compress_warmup_steps, precondition_pushes)
+        self.wire = WirePush(compress, dtype, ctx.job_id, ctx.metrics, compress_warmup_steps,
+                             precondition_pushes, momentum_beta1)
         self._push_wait_max = 0.0  # seconds: the longest push so far, retries included
 
     def close(self) -> None:
