@@ -2,7 +2,8 @@
 feedback reaches the same accuracy target as fp32 in about the same steps, with about a
 quarter of fp32's push bytes, as the workers' wire metrics count them;
 top-k does too with an uncompressed warm-up and frozen-variance Adam on the servers, and sign
-with its pushes preconditioned by the servers' frozen denominator."""
+when each worker compresses its own momentum of the gradient preconditioned by the servers'
+frozen denominator (optimizer.worker_momentum); the daemons are bitwise the one-process job."""
 
 from __future__ import annotations
 
