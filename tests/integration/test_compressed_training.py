@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import grpc
 import pytest
 import torch
 
+from shardps.client.api import ClientError
 from shardps.proto import common_pb2, compress
 from shardps.server.ps.updater import Updater
 from shardps.worker import tasks
@@ -219,3 +221,17 @@ def test_sign_with_preconditioned_pushes_on_daemons_is_the_one_process_job_bitwi
     assert any(not torch.equal(weights[k], other[k]) for k in weights)
     assert all(torch.equal(weights[k], expected[k]) for k in expected), \
         max(float((weights[k] - expected[k]).abs().max()) for k in expected)
+
+
+def test_worker_momentum_without_preconditioned_pushes_is_refused_at_submit(cluster):
+    """A bad combination is refused by the coordinator, naming the field, and makes no job."""
+    before = len(cluster.client.jobs())
+    spec = job_spec("sync", workers=2, servers=2,
+                    optimizer={"freeze_variance_after": WARMUP, "worker_momentum": True},
+                    transport={"compress": "sign", "compress_warmup_steps": WARMUP},
+                    stop={"max_steps": 20})
+    with pytest.raises(ClientError) as info:
+        cluster.submit(spec)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "optimizer.worker_momentum: needs optimizer.precondition_pushes: true" in str(info.value)
+    assert len(cluster.client.jobs()) == before
