@@ -120,7 +120,7 @@ class TensorChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class OptimizerConfig(_message.Message):
-    __slots__ = ("name", "lr", "beta1", "beta2", "eps", "weight_decay", "schedule", "warmup_steps", "total_steps", "min_lr", "freeze_variance_after", "precondition_pushes")
+    __slots__ = ("name", "lr", "beta1", "beta2", "eps", "weight_decay", "schedule", "warmup_steps", "total_steps", "min_lr", "freeze_variance_after", "precondition_pushes", "worker_momentum")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BETA1_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,7 @@ class OptimizerConfig(_message.Message):
     MIN_LR_FIELD_NUMBER: _ClassVar[int]
     FREEZE_VARIANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
     PRECONDITION_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    WORKER_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     name: str
     lr: float
     beta1: float
@@ -145,4 +146,5 @@ class OptimizerConfig(_message.Message):
     min_lr: float
     freeze_variance_after: int
     precondition_pushes: bool
-    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ..., freeze_variance_after: _Optional[int] = ..., precondition_pushes: _Optional[bool] = ...) -> None: ...
+    worker_momentum: bool
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ..., freeze_variance_after: _Optional[int] = ..., precondition_pushes: _Optional[bool] = ..., worker_momentum: _Optional[bool] = ...) -> None: ...

@@ -296,6 +296,9 @@ SCHEMA: dict[str, Any] = {
         # Once frozen, workers push g / D (D: the frozen denominator) and the servers do not
         # divide again: what sign pushes need (docs/network.md, "Preconditioned pushes").
         "precondition_pushes": (_bool, False),
+        # With precondition_pushes: each worker pushes its own momentum of g / D and the
+        # servers keep none (1-bit Adam; docs/network.md, "Worker momentum").
+        "worker_momentum": (_bool, False),
         "schedule": {
             "name": (_choice(SCHEDULES), "constant"),
             "warmup_steps": (_int(0, MAX_STEPS), 0),
@@ -401,6 +404,7 @@ class OptimizerSpec(TypedDict):
     clip_grad_norm: ReadOnly[float]  # 0: no clipping
     freeze_variance_after: ReadOnly[int]  # 0: plain Adam throughout
     precondition_pushes: ReadOnly[bool]  # after the freeze, pushes are g / D
+    worker_momentum: ReadOnly[bool]  # with precondition_pushes: the workers' momenta of g / D
     schedule: ReadOnly[ScheduleSpec]
 
 
@@ -574,7 +578,10 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
 
 def _check_preconditioned(opt: dict[str, Any], transport: dict[str, Any]) -> None:
     """optimizer.precondition_pushes needs compressed pushes whose warm-up ends where the
-    variance freezes: a preconditioned push must never reach a shard that is not frozen."""
+    variance freezes: a preconditioned push must never reach a shard that is not frozen.
+    optimizer.worker_momentum needs precondition_pushes (so all of that too)."""
+    if opt["worker_momentum"] and not opt["precondition_pushes"]:
+        raise SpecError("optimizer.worker_momentum", "needs optimizer.precondition_pushes: true")
     if not opt["precondition_pushes"]:
         return
     if transport["compress"] == "none":

@@ -110,12 +110,13 @@ class Trainer:
         loop.run()
 
     def _connect(self, prepared: Prepared, shard_map: common_pb2.ShardMap) -> JobShards:
-        transport = prepared.spec["transport"]
+        transport, opt = prepared.spec["transport"], prepared.spec["optimizer"]
         self._shards = JobShards(self._ctx, self._ps_factory, shard_map,
                                  dtype=codec.DTYPE_NAMES[transport["dtype"]],
                                  chunk_bytes=transport["chunk_bytes"],
                                  compress=transport["compress"],
                                  compress_pull=transport["compress_pull"],
                                  compress_warmup_steps=transport["compress_warmup_steps"],
-                                 precondition_pushes=prepared.spec["optimizer"]["precondition_pushes"])
+                                 precondition_pushes=opt["precondition_pushes"],
+                                 momentum_beta1=opt["betas"][0] if opt["worker_momentum"] else None)
         return self._shards

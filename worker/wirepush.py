@@ -14,6 +14,7 @@ import torch
 from shardps.proto import codec, common_pb2, compress
 from shardps.worker.feedback import ErrorFeedback
 from shardps.worker.metrics import WorkerMetrics
+from shardps.worker.momentum import WorkerMomentum
 
 
 class WirePush:
@@ -30,12 +31,21 @@ class WirePush:
     divided by the shard's frozen denominator D before it is compressed; `encode`'s `fetch`
     reads every shard's D (GetPreconditioner), once, and again after a `reset` or when the
     shards' lengths change (server/ps/preconditioned.py is the servers' side).
+
+    `momentum_beta1` (optimizer.worker_momentum, with `precondition`): Adam's beta1; the
+    worker then keeps its own momentum per shard (worker/momentum.py), through the warm-up
+    too, and after it compresses that momentum, bias-corrected, instead of g / D. `reset`
+    drops it with the residuals: it starts again at 0.
     """
 
     def __init__(self, setting: str, dtype: common_pb2.DType, job_id: str,
-                 metrics: WorkerMetrics, warmup_steps: int = 0, precondition: bool = False):
+                 metrics: WorkerMetrics, warmup_steps: int = 0, precondition: bool = False,
+                 momentum_beta1: float | None = None):
         self.warmup_steps = warmup_steps  # steps 0..warmup_steps-1 push in `dtype`
         self.precondition = precondition
+        if momentum_beta1 is not None and not precondition:
+            raise ValueError("worker momentum needs preconditioned pushes")
+        self.momentum = None if momentum_beta1 is None else WorkerMomentum(momentum_beta1)
         self._denominators: list[torch.Tensor] | None = None  # per shard, in shard order
         self.feedback = None if setting == "none" else ErrorFeedback(compress.parse(setting))
         self._itemsize = codec.element_size(dtype)
@@ -49,12 +59,21 @@ class WirePush:
         carried in and the new one kept; None when pushes are not compressed (or `step` is in
         the warm-up). Called once a step: retries of that push resend the same bytes (so a
         DUPLICATE costs nothing). `fetch`: the shards' denominators, when preconditioning."""
-        if self.feedback is None or step < self.warmup_steps:
+        if self.feedback is None:
             return None
         slices = [grad[s.offset : s.offset + s.length] for s in shards]
+        if step < self.warmup_steps:
+            if self.momentum is not None:
+                for s, g in zip(shards, slices, strict=True):
+                    self.momentum.warm(f"shard{s.index}", g)
+            return None
         if self.precondition:
-            slices = [g / d for g, d in zip(slices, self._denominators_for(shards, fetch),
-                                             strict=True)]
+            denoms = self._denominators_for(shards, fetch)
+            if self.momentum is not None:
+                slices = [self.momentum.step(f"shard{s.index}", g, d)
+                          for s, g, d in zip(shards, slices, denoms, strict=True)]
+            else:
+                slices = [g / d for g, d in zip(slices, denoms, strict=True)]
         return [self.feedback.compress(f"shard{s.index}", g) for s, g in zip(shards, slices, strict=True)]
 
     def _denominators_for(self, shards: Sequence[common_pb2.ShardRange],
@@ -67,8 +86,11 @@ class WirePush:
         return self._denominators
 
     def reset(self) -> None:
-        """Drops the residuals and the denominators (a restored shard may hold another D)."""
+        """Drops the residuals, the denominators (a restored shard may hold another D) and
+        the worker's momentum."""
         self._denominators = None
+        if self.momentum is not None:
+            self.momentum.reset()
         if self.feedback is not None:
             self.feedback.reset()
 

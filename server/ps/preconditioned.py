@@ -11,6 +11,8 @@ w -= lr m / (1 - beta1^t). Both are linear in what error feedback delivers.
 D is floored at FLOOR x its mean (frozen_adam's floor is for plain gradients; measured here
 on digits minibatches, three batch orders, sign with EF: 55, 63, 45 steps at 0.1; 63, 55, 48
 at 0.5; never at 0; fp32 63, 71, 59).
+With optimizer.worker_momentum the workers keep the momentum instead (worker/momentum.py)
+and the shard steps w -= lr u on their mean (`on_momentum`).
 Pure and deterministic; the caller's lock guards the tensors. No state of its own: D is the
 caller's (Updater computes it once at the freeze, as for frozen_adam).
 """
@@ -44,6 +46,9 @@ def step(config: common_pb2.OptimizerConfig, state: dict, weights: torch.Tensor,
     `denom`: `denominator(config, state)`, read only. Weight decay as Adam's: decoupled
     (adamw), or L2 added as weight_decay * w / D (adam), which is the L2 term preconditioned
     as the worker preconditions the gradient."""
+    if config.worker_momentum:
+        on_momentum(config, state, weights, pushed, lr, denom)
+        return
     exp_avg: torch.Tensor = state["exp_avg"]
     if int(state["step"].item()) == config.freeze_variance_after:
         # The first frozen step: the warm-up's momentum is in the gradient's units; from here
@@ -58,6 +63,21 @@ def step(config: common_pb2.OptimizerConfig, state: dict, weights: torch.Tensor,
             pushed.addcdiv_(weights, denom, value=config.weight_decay)
     exp_avg.mul_(config.beta1).add_(pushed, alpha=1 - config.beta1)
     weights.add_(exp_avg, alpha=-lr / (1 - config.beta1 ** t))
+
+
+def on_momentum(config: common_pb2.OptimizerConfig, state: dict, weights: torch.Tensor,
+                pushed: torch.Tensor, lr: float, denom: torch.Tensor) -> None:
+    """One step on the round's mean of the workers' bias-corrected momenta
+    (optimizer.worker_momentum): w -= lr u. The shard keeps no momentum of its own: Adam's m
+    stays as the warm-up left it (in checkpoints, unused). Weight decay: decoupled (adamw), or
+    L2 as weight_decay * w / D added to u (adam), outside the workers' momentum."""
+    state["step"].add_(1)
+    if config.weight_decay:
+        if config.name == "adamw":
+            weights.mul_(1 - lr * config.weight_decay)
+        else:
+            pushed.addcdiv_(weights, denom, value=config.weight_decay)
+    weights.add_(pushed, alpha=-lr)
 
 
 def of_core(core: ShardCore) -> torch.Tensor:

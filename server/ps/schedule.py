@@ -40,6 +40,8 @@ def validate(config: common_pb2.OptimizerConfig) -> None:
                                  f"{config.freeze_variance_after}")
     if config.precondition_pushes and not config.freeze_variance_after:
         raise InvalidConfigError("optimizer.precondition_pushes needs freeze_variance_after > 0")
+    if config.worker_momentum and not config.precondition_pushes:
+        raise InvalidConfigError("optimizer.worker_momentum needs precondition_pushes")
     schedule = schedule_name(config)
     if schedule not in SCHEDULES:
         raise InvalidConfigError(f"optimizer.schedule must be one of {SCHEDULES}, got {names.shown(schedule)}")

@@ -45,3 +45,35 @@ def test_a_compressed_sync_job_rolls_back_after_a_sigkill_and_completes(tmp_path
             assert [s.version for s in checkpointed_state(cluster, job_id)] == [steps, steps]
     finally:
         cluster.stop()
+
+
+MOMENTUM = ("optimizer: {lr: 0.002, freeze_variance_after: 10, precondition_pushes: true, "
+            "worker_momentum: true}\ntransport: {compress: sign, compress_warmup_steps: 10}\n")
+
+
+@pytest.mark.timeout(300)
+def test_sign_pushes_of_the_workers_momentum_roll_back_after_a_sigkill_and_complete(tmp_path):
+    """optimizer.worker_momentum through a SIGKILLed server: the shard restores a checkpoint
+    taken after the freeze, every worker drops its momentum with its residuals and starts it
+    again at 0 (bias-corrected from there), reads D again, and the job completes at its
+    budget and still learns (its last evaluation beats the first, at step 40)."""
+    steps, every = 120, 20
+    cluster = Cluster(tmp_path, servers=2, workers=2, worker_args=[["--step-delay-ms", "15"], []])
+    try:
+        job_id = cluster.client.submit(spec(steps=steps, every=every, eval_every=40) + MOMENTUM)
+        cluster.wait_step(job_id, 50)
+        victim = cluster.server_of_shard(job_id, 1)
+        cluster.servers[victim].kill()  # SIGKILL
+        cluster.restart_server(victim)
+        final = cluster.final(job_id)
+        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        assert final.rollback_id == 1 and final.rollback_version >= 20, final
+        for w in cluster.workers:
+            assert w.has_line(rf"job {job_id}: rollback 1: a server restored version"), w.output()
+        assert [s.version for s in checkpointed_state(cluster, job_id)] == [steps, steps]
+        accuracy = [(e.step, e.value) for e in final.evals if e.metric == "accuracy"]
+        print(f"rolled back to {final.rollback_version}; accuracy (step, value): {accuracy}")
+        assert accuracy[0][0] == 40 and accuracy[-1][0] == steps, accuracy
+        assert accuracy[-1][1] > accuracy[0][1], accuracy
+    finally:
+        cluster.stop()

@@ -2,13 +2,18 @@
 feedback reaches the same accuracy target as fp32 in about the same steps, with about a
 quarter of fp32's push bytes, as the workers' wire metrics count them;
 top-k does too with an uncompressed warm-up and frozen-variance Adam on the servers, and sign
-with its pushes preconditioned by the servers' frozen denominator."""
+when each worker compresses its own momentum of the gradient preconditioned by the servers'
+frozen denominator (optimizer.worker_momentum); the daemons are bitwise the one-process job."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import grpc
 import pytest
 import torch
 
+from shardps.client.api import ClientError
 from shardps.proto import common_pb2, compress
 from shardps.server.ps.updater import Updater
 from shardps.worker import tasks
@@ -16,6 +21,7 @@ from shardps.worker.batches import BatchOrder
 from shardps.worker.datasets import load_dataset
 from shardps.worker.feedback import ErrorFeedback
 from shardps.worker.models import build_model
+from shardps.worker.momentum import WorkerMomentum
 from tests.cluster import Cluster
 from tests.integration.test_semantics import job_spec
 
@@ -33,10 +39,10 @@ def _per_step(c: Cluster, job_id: str, direction: str) -> float:
 
 
 def _run(c: Cluster, compress: str, compress_pull: str = "none", warmup: int = 0,
-         precondition: bool = False) -> tuple[common_pb2.JobState, int, str]:
+         precondition: bool = False, momentum: bool = False) -> tuple[common_pb2.JobState, int, str]:
     spec = job_spec("sync", workers=2, servers=2,
                     optimizer={"lr": 0.003, "freeze_variance_after": warmup,
-                               "precondition_pushes": precondition},
+                               "precondition_pushes": precondition, "worker_momentum": momentum},
                     transport={"compress": compress, "compress_pull": compress_pull,
                                "compress_warmup_steps": warmup},
                     stop={"max_steps": 400, "eval_every": EVERY,
@@ -101,76 +107,87 @@ def _steps(c: Cluster, job_id: str) -> float:
 
 
 # Sign under frozen-variance Adam alone never reached 0.93 in 400 steps; with preconditioned
-# pushes it still does not on this model (fp32 reaches it at step 90). The daemons are not at
-# fault: they are bitwise the one-process job (the last test here), and that job, run on to
-# the target, does not reach it in 400 steps either. The one-process harness that meets 1.1x
-# (tests/unit/test_frozen_adam_convergence.py) trains a 64-64 MLP on random minibatches; this
-# is the 128-64 MLP on the data in order. Here g / D is heavy-tailed and grows after the
-# freeze (mean |g / D| 1.0 at step 10, 3-18 by step 30; max 19, then 10^2-10^3), so a sign
-# block's one scale fits few of its elements (cos(decode, input) 0.58 falling to 0.2) and the
-# residuals grow to 5-16x the push. Measured on the one-process job (steps to 0.93, 400 max):
-# block 4096: never; 2048: 400+; 512: 320; 128: never; 32: 145; floor 0.5 or 1.0: never,
-# 0.05: 145, 0.02: 115, 0.01: 65 (but 115 against fp32's 80 on shuffled data); g / D clipped
-# at 31.6 or 10: never, at 3: 110; W = 20: 135, W = 30: 100. int8 with the same scheme: 50.
-# What meets it in one process: workers compress their own momentum of g / D instead of g
-# (1-bit Adam's choice), the servers step without momentum: 80 (fp32 90). Not wired yet.
-@pytest.mark.parametrize("setting, codec, precondition", [
-    ("topk:0.1", compress.TopK(0.1), False),
-    pytest.param("sign", compress.Sign(4096), True, marks=pytest.mark.xfail(
-        strict=True, reason="sign with preconditioned pushes does not reach the target on real "
-                            "daemons (see comment)")),
+# pushes of g / D it still does not on this model (fp32 reaches it at step 90), and the daemons
+# are not at fault: they are bitwise the one-process job (the last tests here), which does not
+# reach it in 400 steps either. Here g / D is heavy-tailed and grows after the freeze (mean
+# |g / D| 1.0 at step 10, 3-18 by step 30; max 19, then 10^2-10^3), so a sign block's one
+# scale fits few of its elements (cos(decode, input) 0.58 falling to 0.2) and the residuals
+# grow to 5-16x the push; smaller blocks, other floors, clipping and longer warm-ups did not
+# fix it (docs/network.md, "Preconditioned pushes"). What does: each worker compresses its own
+# momentum of g / D (optimizer.worker_momentum, 1-bit Adam's choice) and the servers step
+# without momentum: 80 steps (fp32 90). The preconditioned case stays as the contrast.
+@pytest.mark.parametrize("setting, codec, scheme", [
+    ("topk:0.1", compress.TopK(0.1), "frozen"),
+    ("sign", compress.Sign(4096), "worker_momentum"),
+    pytest.param("sign", compress.Sign(4096), "preconditioned", marks=pytest.mark.xfail(
+        strict=True, reason="sign pushes of g / D do not reach the target on this model "
+                            "(see comment); the worker's momentum does")),
 ])
 def test_a_compressor_under_frozen_variance_reaches_the_target_within_1_1x_the_steps_of_fp32(
-        cluster, fp32, setting, codec, precondition):
+        cluster, fp32, setting, codec, scheme):
     c, (fp32_steps, fp32_job) = cluster, fp32
-    _, steps, job = _run(c, setting, warmup=WARMUP, precondition=precondition)
+    _, steps, job = _run(c, setting, warmup=WARMUP, precondition=scheme != "frozen",
+                         momentum=scheme == "worker_momentum")
     fp32_push, push = _per_step(c, fp32_job, "push"), _per_step(c, job, "push")
     # What the encodings weigh: each shard's part encoded, after WARMUP dense steps.
     encoded = sum(codec.size(s.length) for s in c.job(job).shard_map.shards)
     pushed = _steps(c, job)
     expected = (WARMUP * fp32_push + (pushed - WARMUP) * encoded) / pushed
-    print(f"sync digits, {setting} with EF after {WARMUP} dense steps, frozen variance"
-          f"{', preconditioned pushes' if precondition else ''}: accuracy {TARGET} at step {steps} "
-          f"(fp32 {fp32_steps}); push bytes per step {push:.0f} vs {fp32_push:.0f} "
-          f"({push / fp32_push:.4f}; {encoded} once warm)")
+    print(f"sync digits, {setting} with EF after {WARMUP} dense steps, frozen variance, "
+          f"{scheme}: accuracy {TARGET} at step {steps} (fp32 {fp32_steps}); push bytes per "
+          f"step {push:.0f} vs {fp32_push:.0f} ({push / fp32_push:.4f}; {encoded} once warm)")
     assert steps <= 1.1 * fp32_steps + EVERY
     assert abs(push / expected - 1) < 0.02
     assert push < 0.5 * fp32_push
 
 
-def one_process(spec: dict, shards: list[tuple[int, int]], steps: int) -> dict[str, torch.Tensor]:
+def one_process(spec: dict, shards: list[tuple[int, int]], steps: int,
+                each: Callable[[int, torch.nn.Module], bool] | None = None,
+                ) -> dict[str, torch.Tensor]:
     """A sync job with preconditioned compressed pushes, trained in this process as the daemons
     train it: each worker's slice of the global batch, its own error feedback per shard on
     g / D (D read from the servers' Updater once frozen), the round's batch-weighted mean
-    stepped by the servers' own Updater per shard."""
+    stepped by the servers' own Updater per shard. With optimizer.worker_momentum each worker
+    compresses its own momentum (worker/momentum.py) instead of g / D. `each(step, model)`,
+    called with the weights pulled for every step: True stops there."""
     data = load_dataset(spec["data"]["dataset"], {}, spec["seed"])
     torch.manual_seed(spec["seed"])
     model = build_model(spec["model"]["name"], spec["model"]["kwargs"], data.info)
     params = list(model.parameters())
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     opt, transport = spec["optimizer"], spec["transport"]
+    on_momentum = opt.get("worker_momentum", False)
     config = common_pb2.OptimizerConfig(
         name="adam", lr=opt["lr"], beta1=0.9, beta2=0.999, eps=1e-8,
-        freeze_variance_after=opt["freeze_variance_after"], precondition_pushes=True)
+        freeze_variance_after=opt["freeze_variance_after"], precondition_pushes=True,
+        worker_momentum=on_momentum)
     servers = [Updater(config, flat[o : o + n].clone()) for o, n in shards]
-    workers = spec["cluster"]["workers"]
+    workers, warmup = spec["cluster"]["workers"], transport["compress_warmup_steps"]
     feedback = [ErrorFeedback(compress.parse(transport["compress"])) for _ in range(workers)]
-    order = BatchOrder(data.num_train, spec["data"]["batch_size"], False, spec["seed"])
+    momenta = [WorkerMomentum(config.beta1) for _ in range(workers)]
+    order = BatchOrder(data.num_train, spec["data"]["batch_size"], spec["data"]["shuffle"],
+                       spec["seed"])
     denominators: list[torch.Tensor] = []
     for step in range(steps):
         torch.nn.utils.vector_to_parameters(torch.cat([s.weights for s in servers]), params)
-        if step == transport["compress_warmup_steps"]:
+        if each is not None and each(step, model):
+            break
+        if step == warmup:
             denominators = [s.preconditioner() for s in servers]
         pushes = []
-        for rank, ef in enumerate(feedback):
+        for rank, (ef, mw) in enumerate(zip(feedback, momenta, strict=True)):
             index = order.slice(step, rank, workers)
             model.zero_grad()
             tasks.loss(data.task, model(data.train_x[index]), data.train_y[index]).backward()
             grad = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
             parts = [grad[o : o + n] for o, n in shards]
+            if step < warmup and on_momentum:
+                for i, g in enumerate(parts):
+                    mw.warm(f"shard{i}", g)
             if denominators:
-                parts = [compress.decode(ef.compress(f"shard{i}", g / d))
+                parts = [mw.step(f"shard{i}", g, d) if on_momentum else g / d
                          for i, (g, d) in enumerate(zip(parts, denominators, strict=True))]
+                parts = [compress.decode(ef.compress(f"shard{i}", u)) for i, u in enumerate(parts)]
             pushes.append(parts)
         for i, server in enumerate(servers):
             server.step([(push[i], 1 / workers) for push in pushes], opt["lr"])
@@ -178,14 +195,16 @@ def one_process(spec: dict, shards: list[tuple[int, int]], steps: int) -> dict[s
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def test_sign_with_preconditioned_pushes_on_daemons_is_the_one_process_job_bitwise(cluster):
+@pytest.mark.parametrize("momentum", [False, True], ids=["g_over_D", "worker_momentum"])
+def test_sign_with_preconditioned_pushes_on_daemons_is_the_one_process_job_bitwise(cluster, momentum):
     """The daemons compute exactly what one process computes (the xfail above is the scheme's,
-    not the wiring's): each worker's D, read once at step WARMUP, its own residuals, the
-    servers' mean of two workers' decoded pushes and the frozen step, bit for bit."""
+    not the wiring's): each worker's D, read once at step WARMUP, its own residuals (and with
+    optimizer.worker_momentum its own momentum, from step 0), the servers' mean of two
+    workers' decoded pushes and the frozen step, bit for bit."""
     steps = WARMUP + 15
     spec = job_spec("sync", workers=2, servers=2,
                     optimizer={"lr": 0.003, "freeze_variance_after": WARMUP,
-                               "precondition_pushes": True},
+                               "precondition_pushes": True, "worker_momentum": momentum},
                     transport={"compress": "sign", "compress_warmup_steps": WARMUP},
                     stop={"max_steps": steps, "eval_every": 1000})
     job = cluster.wait(cluster.submit(spec), timeout=120)
@@ -196,5 +215,23 @@ def test_sign_with_preconditioned_pushes_on_daemons_is_the_one_process_job_bitwi
     expected = one_process(spec, shards, steps)
     untouched = one_process(spec, shards, WARMUP)  # so the comparison can fail
     assert any(not torch.equal(weights[k], untouched[k]) for k in weights)
+    # ... and the two schemes differ, so it fails if the setting did not reach the daemons.
+    other = one_process({**spec, "optimizer": {**spec["optimizer"], "worker_momentum": not momentum}},
+                        shards, steps)
+    assert any(not torch.equal(weights[k], other[k]) for k in weights)
     assert all(torch.equal(weights[k], expected[k]) for k in expected), \
         max(float((weights[k] - expected[k]).abs().max()) for k in expected)
+
+
+def test_worker_momentum_without_preconditioned_pushes_is_refused_at_submit(cluster):
+    """A bad combination is refused by the coordinator, naming the field, and makes no job."""
+    before = len(cluster.client.jobs())
+    spec = job_spec("sync", workers=2, servers=2,
+                    optimizer={"freeze_variance_after": WARMUP, "worker_momentum": True},
+                    transport={"compress": "sign", "compress_warmup_steps": WARMUP},
+                    stop={"max_steps": 20})
+    with pytest.raises(ClientError) as info:
+        cluster.submit(spec)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "optimizer.worker_momentum: needs optimizer.precondition_pushes: true" in str(info.value)
+    assert len(cluster.client.jobs()) == before

@@ -23,6 +23,7 @@ from shardps.worker import tasks
 from shardps.worker.datasets import Dataset, digits, text
 from shardps.worker.feedback import ErrorFeedback
 from shardps.worker.models import transformer
+from shardps.worker.momentum import WorkerMomentum
 
 WARMUP = 10  # uncompressed steps; the servers freeze Adam's variance after as many
 
@@ -76,11 +77,12 @@ def _gradient(setup: Setup, model: torch.nn.Module, params: list[torch.Tensor],
 
 def run(setup: Setup, comp: compress.Compressor | None, error_feedback: bool = True,
         warmup: int = WARMUP, workers: int = 2, max_steps: int | None = None,
-        precondition: bool = False, order: int = 0) -> Outcome:
+        precondition: bool = False, order: int = 0, momentum: bool = False) -> Outcome:
     """Trains until the target is met or max_steps (default: the setup's) have run.
     `precondition`: after the warm-up the workers push g / D (optimizer.precondition_pushes),
-    D each shard's own frozen denominator as GetPreconditioner reads it. `order` seeds the
-    minibatches."""
+    D each shard's own frozen denominator as GetPreconditioner reads it. `momentum` (with
+    `precondition`): each worker pushes its own momentum of g / D instead
+    (optimizer.worker_momentum, worker/momentum.py). `order` seeds the minibatches."""
     max_steps = max_steps or setup.max_steps
     model = _model(setup)
     params = list(model.parameters())
@@ -88,9 +90,10 @@ def run(setup: Setup, comp: compress.Compressor | None, error_feedback: bool = T
     shards = [(0, flat.numel() // 2), (flat.numel() // 2, flat.numel() - flat.numel() // 2)]
     config = common_pb2.OptimizerConfig(name="adam", lr=setup.lr, beta1=0.9, beta2=0.999, eps=1e-8,
                                         freeze_variance_after=warmup if comp else 0,
-                                        precondition_pushes=precondition)
+                                        precondition_pushes=precondition, worker_momentum=momentum)
     servers = [Updater(config, flat[o : o + n].clone()) for o, n in shards]
     feedback = [ErrorFeedback(comp, error_feedback) if comp else None for _ in range(workers)]
+    momenta = [WorkerMomentum(config.beta1) if momentum else None for _ in range(workers)]
     gen = torch.Generator().manual_seed(order)
     scales = [torch.ones(n) for _, n in shards]  # what each worker divides a shard's slice by
     sent = 0
@@ -101,14 +104,18 @@ def run(setup: Setup, comp: compress.Compressor | None, error_feedback: bool = T
         if precondition and step == warmup:
             scales = [server.preconditioner() for server in servers]
         pushes = []
-        for ef in feedback:
+        for ef, mw in zip(feedback, momenta, strict=True):
             grad = _gradient(setup, model, params, gen)
+            parts = [grad[o : o + n] for o, n in shards]
             if ef is None or step < warmup:
+                for i, g in enumerate(parts if mw is not None else []):
+                    mw.warm(f"shard{i}", g)  # type: ignore[union-attr]
                 sent += 4 * grad.numel()
-                pushes.append([grad[o : o + n] for o, n in shards])
+                pushes.append(parts)
                 continue
-            encoded = [ef.compress(f"shard{i}", grad[o : o + n] / scales[i])
-                       for i, (o, n) in enumerate(shards)]
+            parts = [mw.step(f"shard{i}", g, scales[i]) if mw is not None else g / scales[i]
+                     for i, g in enumerate(parts)]
+            encoded = [ef.compress(f"shard{i}", u) for i, u in enumerate(parts)]
             sent += sum(map(len, encoded))
             pushes.append([compress.decode(e) for e in encoded])
         for i, server in enumerate(servers):
@@ -165,6 +172,27 @@ def test_preconditioned_pushes_with_error_feedback_within_1_1x_on_minibatches(co
     assert with_ef.steps <= 1.1 * fp32.steps
     if comp.name == "sign":  # contrast: without error feedback sign is slower
         assert run(setup, comp, error_feedback=False, precondition=True, order=order).steps > with_ef.steps
+
+
+# Each worker compressing its own momentum of g / D (optimizer.worker_momentum, 1-bit Adam's
+# scheme) is what brings sign within 1.1x on the daemons' 128-64 MLP, where g / D alone never
+# reaches the target (tests/integration/test_compressed_training.py). Here, measured: full
+# batch 28 (fp32 28; without EF 47); minibatches on three orders 59, 57, 50 (fp32 63, 71, 59;
+# without EF 65, 78, 69). Top-k 10% the same way: 32 full batch, 56, 55, 54.
+@pytest.mark.parametrize("setup_name, order", [("digits-full-batch", 0), ("digits-minibatch", 0),
+                                               ("digits-minibatch", 1), ("digits-minibatch", 2)])
+def test_sign_pushes_of_the_workers_momentum_within_1_1x(setup_name, order):
+    setup = SETUPS[setup_name]
+    fp32 = run(setup, None, order=order)
+    limit = int(1.1 * fp32.steps)
+    with_ef = run(setup, compress.Sign(4096), precondition=True, momentum=True, order=order,
+                  max_steps=limit)
+    print(f"{setup_name}, order {order}: fp32 {fp32.steps}, sign + EF on the workers' momentum "
+          f"{with_ef.steps} ({with_ef.bytes_ratio:.3f} of the bytes)")
+    assert with_ef.steps <= limit
+    without = run(setup, compress.Sign(4096), error_feedback=False, precondition=True,
+                  momentum=True, order=order)
+    assert without.steps > with_ef.steps  # contrast: error feedback is what makes it
 
 
 def test_preconditioned_pushes_within_1_1x_on_full_batches():

@@ -21,7 +21,8 @@ def test_minimal_spec_gets_every_default():
     s = spec.parse_spec(MINIMAL)
     assert s["optimizer"] == {"name": "adam", "lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-8,
                               "weight_decay": 0.0, "clip_grad_norm": 0.0, "freeze_variance_after": 0,
-                              "precondition_pushes": False, "schedule": {"name": "constant", "warmup_steps": 0,
+                              "precondition_pushes": False, "worker_momentum": False,
+                              "schedule": {"name": "constant", "warmup_steps": 0,
                                            "total_steps": 0, "min_lr": 0.0}}
     assert s["consistency"] == {"mode": "sync", "staleness": 0}
     assert s["stop"]["target"] is None
@@ -76,6 +77,12 @@ def test_normalised_spec_round_trips_through_its_yaml():
      "transport: {compress: sign, compress_warmup_steps: 4}\n",
      "optimizer.precondition_pushes: needs transport.compress_warmup_steps (4) equal to "
      "optimizer.freeze_variance_after (5)"),
+    (MINIMAL + "optimizer: {worker_momentum: 1}\n", "optimizer.worker_momentum: must be true or false"),
+    (MINIMAL + "optimizer: {worker_momentum: true, freeze_variance_after: 5}\n"
+     "transport: {compress: sign, compress_warmup_steps: 5}\n",
+     "optimizer.worker_momentum: needs optimizer.precondition_pushes: true"),
+    (MINIMAL + "optimizer: {worker_momentum: true, precondition_pushes: true}\n",
+     "optimizer.precondition_pushes: needs transport.compress, not none"),
     (MINIMAL + "data: {dataset: digits, shuffle: 'yes'}\n", "data.shuffle: must be true or false"),
     ("model: {name: mlp}\ndata: {dataset: digits}\n", "stop: needs at least one of"),
     ("model: {name: mlp}\ndata: {dataset: digits}\nstop: {target: {metric: accuracy, value: 97}}\n",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shardps.proto import common_pb2, compress
@@ -85,3 +86,25 @@ def test_preconditioned_pushes_divide_by_each_shards_denominator_read_once_per_r
     wire.reset()  # a rollback: a restored shard may hold another D
     wire.encode(grad, SHARDS, 4, fetch)
     assert len(reads) == 2
+
+
+def test_worker_momentum_runs_through_the_warm_up_and_a_reset_drops_it():
+    wire = WirePush("int8", common_pb2.DTYPE_FLOAT32, "job", WorkerMetrics(), warmup_steps=1,
+                    precondition=True, momentum_beta1=0.9)
+    assert wire.momentum is not None
+    denominators = [torch.full((600,), 2.0), torch.full((400,), 0.5)]
+    g0, g1 = torch.randn(1000), torch.randn(1000)
+    assert wire.encode(g0, SHARDS, 0, lambda: denominators) is None  # warm-up: uncompressed ...
+    torch.testing.assert_close(wire.momentum.momentum("shard1"), 0.1 * g0[600:])  # ... but summed
+    encoded = wire.encode(g1, SHARDS, 1, lambda: denominators)
+    assert encoded is not None
+    # The first compressed push: the warm-up's momentum in g / D's units, corrected for 2 steps.
+    want = (0.09 * g0[600:] / 0.5 + 0.1 * g1[600:] / 0.5) / 0.19
+    torch.testing.assert_close(compress.decode(encoded[1]), want, atol=0.05, rtol=0.02)
+    wire.reset()
+    assert wire.momentum.momentum("shard0") is None
+    again = wire.encode(g1, SHARDS, 2, lambda: denominators)
+    assert again is not None  # a fresh momentum: its first push is g / D
+    torch.testing.assert_close(compress.decode(again[0]), g1[:600] / 2.0, atol=0.05, rtol=0.02)
+    with pytest.raises(ValueError, match="preconditioned"):
+        WirePush("sign", common_pb2.DTYPE_FLOAT32, "job", WorkerMetrics(), momentum_beta1=0.9)

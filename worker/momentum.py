@@ -1,0 +1,76 @@
+"""A worker's own momentum of its pushes (optimizer.worker_momentum, 1-bit Adam's scheme):
+what a worker compresses, instead of g / D, once the servers' variance is frozen.
+
+Why: on the daemons' 128-64 MLP g / D is heavy-tailed and grows after the freeze, so one sign
+scale per block fits few of its elements and sign pushes of g / D never reach the target; the
+momentum is a smoother signal, which sign with error feedback carries well (docs/network.md,
+"Worker momentum", has the measurements).
+
+Per shard (named as the residuals are): during the warm-up m = beta1 m + (1 - beta1) g, in
+the gradient's units, so that the workers' momenta average to the servers' Adam momentum; at
+the worker's first frozen step m is divided by D once, and from then on
+m = beta1 m + (1 - beta1) g / D. Each push is m / (1 - beta1^k), k the steps this momentum has
+summed: corrected for its start at 0 on this worker, which need not be the job's step 0 (a
+worker that restarts, or a rollback, starts its momentum again at 0). Pure and deterministic;
+not thread-safe (owned by the job's training thread, as WirePush is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class _Momentum:
+    value: torch.Tensor  # fp32, the shard's length
+    count: int  # steps summed since it started at 0
+    preconditioned: bool  # in g / D's units (else the gradient's: warm-up steps only so far)
+
+
+class WorkerMomentum:
+    """One worker's momentum per shard, for one job. `beta1`: Adam's, from the job spec."""
+
+    def __init__(self, beta1: float):
+        if not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"beta1 must be in [0, 1), got {beta1}")
+        self.beta1 = beta1
+        self._shards: dict[str, _Momentum] = {}
+
+    def warm(self, name: str, grad: torch.Tensor) -> None:
+        """A warm-up step (the push itself goes uncompressed): m = beta1 m + (1 - beta1) g."""
+        self._add(self._of(name, grad, preconditioned=False), grad)
+
+    def step(self, name: str, grad: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+        """A frozen step on shard `name`: its bias-corrected momentum of g / denom (a new fp32
+        tensor, what the worker compresses). A momentum still in the gradient's units (the
+        warm-up's) is divided by denom first."""
+        m = self._of(name, grad, preconditioned=True)
+        if not m.preconditioned:
+            m.value.div_(denom)
+            m.preconditioned = True
+        self._add(m, grad / denom)
+        return m.value / (1 - self.beta1 ** m.count)
+
+    def momentum(self, name: str) -> torch.Tensor | None:
+        """Shard `name`'s momentum, uncorrected (None before its first step)."""
+        m = self._shards.get(name)
+        return None if m is None else m.value
+
+    def reset(self) -> None:
+        """Drops every shard's momentum (the job's weights were replaced): each starts again
+        at 0, and its correction with it."""
+        self._shards.clear()
+
+    def _of(self, name: str, grad: torch.Tensor, preconditioned: bool) -> _Momentum:
+        m = self._shards.get(name)
+        if (m is None or m.value.numel() != grad.numel()  # new, or the shard was remapped
+                or (m.preconditioned and not preconditioned)):  # a warm-up step replayed
+            m = _Momentum(torch.zeros(grad.numel()), 0, preconditioned)
+            self._shards[name] = m
+        return m
+
+    def _add(self, m: _Momentum, u: torch.Tensor) -> None:
+        m.value.mul_(self.beta1).add_(u.reshape(-1).to(torch.float32), alpha=1 - self.beta1)
+        m.count += 1
