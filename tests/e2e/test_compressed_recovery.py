@@ -26,12 +26,7 @@ def test_a_compressed_sync_job_rolls_back_after_a_sigkill_and_completes(tmp_path
         for replicas in (1, 2):
             job_id = cluster.client.submit(spec(steps=steps, every=every, replicas=replicas)
                                            + COMPRESSED)
-            cluster.wait_step(job_id, 50)
-            victim = cluster.server_of_shard(job_id, 1)
-            cluster.servers[victim].kill()  # SIGKILL
-            cluster.restart_server(victim)
-            final = cluster.final(job_id)
-            assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+            final = killed_at_step_50(cluster, job_id)
             rolled = [w.has_line(rf"job {job_id}: rollback 1: a server restored version")
                       for w in cluster.workers]  # each took the rollback, dropping residuals
             if replicas == 1:
@@ -45,6 +40,18 @@ def test_a_compressed_sync_job_rolls_back_after_a_sigkill_and_completes(tmp_path
             assert [s.version for s in checkpointed_state(cluster, job_id)] == [steps, steps]
     finally:
         cluster.stop()
+
+
+def killed_at_step_50(cluster: Cluster, job_id: str):
+    """SIGKILLs the server of the job's shard 1 at step 50 and restarts it; the job's end,
+    which must be COMPLETED."""
+    cluster.wait_step(job_id, 50)
+    victim = cluster.server_of_shard(job_id, 1)
+    cluster.servers[victim].kill()  # SIGKILL
+    cluster.restart_server(victim)
+    final = cluster.final(job_id)
+    assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+    return final
 
 
 MOMENTUM = ("optimizer: {lr: 0.002, freeze_variance_after: 10, precondition_pushes: true, "
@@ -61,12 +68,7 @@ def test_sign_pushes_of_the_workers_momentum_roll_back_after_a_sigkill_and_compl
     cluster = Cluster(tmp_path, servers=2, workers=2, worker_args=[["--step-delay-ms", "15"], []])
     try:
         job_id = cluster.client.submit(spec(steps=steps, every=every, eval_every=40) + MOMENTUM)
-        cluster.wait_step(job_id, 50)
-        victim = cluster.server_of_shard(job_id, 1)
-        cluster.servers[victim].kill()  # SIGKILL
-        cluster.restart_server(victim)
-        final = cluster.final(job_id)
-        assert final.state == common_pb2.JOB_STATE_COMPLETED, final.reason
+        final = killed_at_step_50(cluster, job_id)
         assert final.rollback_id == 1 and final.rollback_version >= 20, final
         for w in cluster.workers:
             assert w.has_line(rf"job {job_id}: rollback 1: a server restored version"), w.output()
