@@ -78,12 +78,15 @@ def _gradient(setup: Setup, model: torch.nn.Module, params: list[torch.Tensor],
 
 def run(setup: Setup, comp: compress.Compressor | None, error_feedback: bool = True,
         warmup: int = WARMUP, workers: int = 2, max_steps: int | None = None,
-        precondition: bool = False, order: int = 0, momentum: bool = False) -> Outcome:
+        precondition: bool = False, order: int = 0, momentum: bool = False,
+        warmup_comp: compress.Compressor | None = None) -> Outcome:
     """Trains until the target is met or max_steps (default: the setup's) have run.
     `precondition`: after the warm-up the workers push g / D (optimizer.precondition_pushes),
     D each shard's own frozen denominator as GetPreconditioner reads it. `momentum` (with
     `precondition`): each worker pushes its own momentum of g / D instead
-    (optimizer.worker_momentum, worker/momentum.py). `order` seeds the minibatches."""
+    (optimizer.worker_momentum, worker/momentum.py). `order` seeds the minibatches.
+    `warmup_comp`: the warm-up's pushes go through this compressor with their own error
+    feedback instead of dense (not a job setting yet: docs/network.md, "The text target")."""
     max_steps = max_steps or setup.max_steps
     model = _model(setup)
     params = list(model.parameters())
@@ -94,6 +97,7 @@ def run(setup: Setup, comp: compress.Compressor | None, error_feedback: bool = T
                                         precondition_pushes=precondition, worker_momentum=momentum)
     servers = [Updater(config, flat[o : o + n].clone()) for o, n in shards]
     feedback = [ErrorFeedback(comp, error_feedback) if comp else None for _ in range(workers)]
+    warm_feedback = [ErrorFeedback(warmup_comp) if warmup_comp else None for _ in range(workers)]
     momenta = [WorkerMomentum(config.beta1) if momentum else None for _ in range(workers)]
     gen = torch.Generator().manual_seed(order)
     scales = [torch.ones(n) for _, n in shards]  # what each worker divides a shard's slice by
@@ -105,17 +109,20 @@ def run(setup: Setup, comp: compress.Compressor | None, error_feedback: bool = T
         if precondition and step == warmup:
             scales = [server.preconditioner() for server in servers]
         pushes = []
-        for ef, mw in zip(feedback, momenta, strict=True):
+        for ef, mw, wf in zip(feedback, momenta, warm_feedback, strict=True):
             grad = _gradient(setup, model, params, gen)
             parts = [grad[o : o + n] for o, n in shards]
             if ef is None or step < warmup:
                 for i, g in enumerate(parts if mw is not None else []):
                     mw.warm(f"shard{i}", g)  # type: ignore[union-attr]
-                sent += 4 * grad.numel()
-                pushes.append(parts)
-                continue
-            parts = [mw.step(f"shard{i}", g, scales[i]) if mw is not None else g / scales[i]
-                     for i, g in enumerate(parts)]
+                if wf is None:
+                    sent += 4 * grad.numel()
+                    pushes.append(parts)
+                    continue
+                ef = wf
+            else:
+                parts = [mw.step(f"shard{i}", g, scales[i]) if mw is not None else g / scales[i]
+                         for i, g in enumerate(parts)]
             encoded = [ef.compress(f"shard{i}", u) for i, u in enumerate(parts)]
             sent += sum(map(len, encoded))
             pushes.append([compress.decode(e) for e in encoded])
@@ -261,6 +268,30 @@ def test_the_workers_momentum_after_a_warmup_of_50_reaches_the_text_target_withi
           f"({with_ef.bytes_ratio:.3f} of the bytes)")
     assert with_ef.steps <= limit
     assert with_ef.bytes_ratio < 0.85  # the compressed tail is paid for, warm-up included
+
+
+# Warm-up pushes in int8 (with their own error feedback) instead of dense: the servers run
+# plain Adam on them as on dense ones (int8 alone meets the target), so the warm-up costs a
+# quarter of the bytes and sign then meets the target at W = 40 at 0.14-0.16x fp32's push bytes
+# over the run. Not a job setting yet (compress_warmup_steps pushes in transport.dtype): the
+# servers already accept any codec a push header names, so only the worker needs it. Measured
+# (fp32 80, 68, 74): sign W = 40 85, 73, 70, without EF after the warm-up 87, 76, 75; W = 50
+# 86, 71, 69 (without 84, 73, 71); W = 30 89, 87, 76; top-k 20% W = 40 87, 73, 69 (0.32-0.33x);
+# top-k 10% W = 50 99, 73, 71.
+@pytest.mark.parametrize("order", TEXT_ORDERS)
+def test_sign_after_an_int8_warmup_reaches_the_text_target_within_1_1x(order):
+    fp32 = _text_fp32(order)
+    limit = int(1.1 * fp32)
+    sign = compress.Sign(4096)
+    with_ef = run(TEXT, sign, warmup=40, precondition=True, momentum=True, order=order,
+                  warmup_comp=compress.Int8(256))
+    print(f"order {order}: fp32 {fp32}, sign + EF after 40 int8 steps {with_ef.steps} "
+          f"({with_ef.bytes_ratio:.3f} of the bytes)")
+    assert with_ef.steps <= limit
+    assert with_ef.bytes_ratio < 0.2
+    without = run(TEXT, sign, error_feedback=False, warmup=40, precondition=True, momentum=True,
+                  order=order, warmup_comp=compress.Int8(256))
+    assert without.steps > with_ef.steps  # contrast: error feedback after the warm-up helps
 
 
 # Top-k at 10% is not met on text by any setting measured (fp32 80, 68, 74). Frozen variance
