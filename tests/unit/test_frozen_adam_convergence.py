@@ -11,6 +11,7 @@ whole run, warm-up included, against fp32's.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -77,12 +78,15 @@ def _gradient(setup: Setup, model: torch.nn.Module, params: list[torch.Tensor],
 
 def run(setup: Setup, comp: compress.Compressor | None, error_feedback: bool = True,
         warmup: int = WARMUP, workers: int = 2, max_steps: int | None = None,
-        precondition: bool = False, order: int = 0, momentum: bool = False) -> Outcome:
+        precondition: bool = False, order: int = 0, momentum: bool = False,
+        warmup_comp: compress.Compressor | None = None) -> Outcome:
     """Trains until the target is met or max_steps (default: the setup's) have run.
     `precondition`: after the warm-up the workers push g / D (optimizer.precondition_pushes),
     D each shard's own frozen denominator as GetPreconditioner reads it. `momentum` (with
     `precondition`): each worker pushes its own momentum of g / D instead
-    (optimizer.worker_momentum, worker/momentum.py). `order` seeds the minibatches."""
+    (optimizer.worker_momentum, worker/momentum.py). `order` seeds the minibatches.
+    `warmup_comp`: the warm-up's pushes go through this compressor with their own error
+    feedback instead of dense (not a job setting yet: docs/network.md, "The text target")."""
     max_steps = max_steps or setup.max_steps
     model = _model(setup)
     params = list(model.parameters())
@@ -93,6 +97,7 @@ def run(setup: Setup, comp: compress.Compressor | None, error_feedback: bool = T
                                         precondition_pushes=precondition, worker_momentum=momentum)
     servers = [Updater(config, flat[o : o + n].clone()) for o, n in shards]
     feedback = [ErrorFeedback(comp, error_feedback) if comp else None for _ in range(workers)]
+    warm_feedback = [ErrorFeedback(warmup_comp) if warmup_comp else None for _ in range(workers)]
     momenta = [WorkerMomentum(config.beta1) if momentum else None for _ in range(workers)]
     gen = torch.Generator().manual_seed(order)
     scales = [torch.ones(n) for _, n in shards]  # what each worker divides a shard's slice by
@@ -104,17 +109,20 @@ def run(setup: Setup, comp: compress.Compressor | None, error_feedback: bool = T
         if precondition and step == warmup:
             scales = [server.preconditioner() for server in servers]
         pushes = []
-        for ef, mw in zip(feedback, momenta, strict=True):
+        for ef, mw, wf in zip(feedback, momenta, warm_feedback, strict=True):
             grad = _gradient(setup, model, params, gen)
             parts = [grad[o : o + n] for o, n in shards]
             if ef is None or step < warmup:
                 for i, g in enumerate(parts if mw is not None else []):
                     mw.warm(f"shard{i}", g)  # type: ignore[union-attr]
-                sent += 4 * grad.numel()
-                pushes.append(parts)
-                continue
-            parts = [mw.step(f"shard{i}", g, scales[i]) if mw is not None else g / scales[i]
-                     for i, g in enumerate(parts)]
+                if wf is None:
+                    sent += 4 * grad.numel()
+                    pushes.append(parts)
+                    continue
+                ef = wf
+            else:
+                parts = [mw.step(f"shard{i}", g, scales[i]) if mw is not None else g / scales[i]
+                         for i, g in enumerate(parts)]
             encoded = [ef.compress(f"shard{i}", u) for i, u in enumerate(parts)]
             sent += sum(map(len, encoded))
             pushes.append([compress.decode(e) for e in encoded])
@@ -204,19 +212,101 @@ def test_preconditioned_pushes_within_1_1x_on_full_batches():
 
 
 TEXT = Setup(text(0, max_chars=60_000, seq_len=32), "transformer", 32, 0.01, 10.0, 200)
+TEXT_ORDERS = [0, 1, 2, 3, 4]  # fp32: 80, 68, 74, 82, 57 steps to perplexity 10
+# Batch order 4 is the odd one out: fp32 gets there early (57) and int8 on plain Adam's
+# variance lags it, 86 with EF (without EF 67), and an int8 warm-up with it.
+_ORDER_4_LAGS = pytest.mark.xfail(strict=True, reason="on batch order 4 int8 on plain Adam takes "
+                                                      "86 steps against fp32's 57 (see comment)")
+TEXT_ORDERS_BUT_4 = [*TEXT_ORDERS[:4], pytest.param(4, marks=_ORDER_4_LAGS)]
 
 
-# The text target is not met. Measured (perplexity 10; fp32 80 and 68 steps on two batch
-# orders): top-k 10% with EF and warm-up 10: 121, 301+; 20: 107, 109; 30: 111, 102; 40: 112,
-# 100; 50: 108, 101; sign worse (138-222). Preconditioned pushes do not help here: top-k 101
-# and 201+ with W = 10, 117 and 103 with W = 20; sign 147-201+. Frozen variance alone costs
-# text 1.1x (int8, nearly lossless, with v frozen after 20 steps: 88 against 80), and a
-# dense step every 5 steps to refresh v brings top-k only to 96. A transformer's gradient
-# scales keep moving after the first steps, so a variance frozen early misscales later steps.
-@pytest.mark.xfail(strict=True, reason="top-k under frozen-variance Adam takes 1.3-1.6x fp32's "
-                                       "steps to the text target (see comment)")
-def test_topk_with_frozen_variance_reaches_the_text_target_within_1_1x():
-    fp32 = run(TEXT, None)
-    assert fp32.steps <= TEXT.max_steps // 2
-    limit = int(1.1 * fp32.steps)
-    assert run(TEXT, compress.TopK(0.1), warmup=20, max_steps=limit).steps <= limit
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These models are tiny (the transformer has ~20K parameters): on a loaded 2-core machine
+    torch's second thread only waits for the first, and a text run took 40-80 s instead of 2-8."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _text_fp32(order: int) -> int:
+    steps = run(TEXT, None, order=order).steps
+    assert steps <= TEXT.max_steps // 2, "the baseline itself no longer reaches the target quickly"
+    return steps
+
+
+# The text target, each compressor with error feedback within 1.1x fp32's steps on four or
+# five batch orders (docs/network.md, "The text target", has the table with and without EF).
+# int8 needs no warm-up and no frozen variance: it is nearly lossless, so the servers run
+# plain Adam on its decode (transport.compress: int8, nothing else set). Measured: 80, 69, 68,
+# 82, 86 (fp32 80, 68, 74, 82, 57); without EF 81, 71, 69, 75, 67.
+@pytest.mark.parametrize("order", TEXT_ORDERS_BUT_4)
+def test_int8_with_error_feedback_reaches_the_text_target_within_1_1x(order):
+    fp32 = _text_fp32(order)
+    limit = int(1.1 * fp32)
+    with_ef = run(TEXT, compress.Int8(256), warmup=0, order=order, max_steps=limit)
+    print(f"order {order}: fp32 {fp32}, int8 + EF {with_ef.steps} ({with_ef.bytes_ratio:.3f} of the bytes)")
+    assert with_ef.steps <= limit
+    assert with_ef.bytes_ratio < 0.26  # every push compressed: 4 + 4/256 bytes per 4 of fp32
+
+
+# Sign and top-k under frozen variance need the variance frozen late on text: a transformer's
+# gradient scales keep moving after the first steps (int8 pushing g / D after W = 20: 86 and
+# 70 against 80 and 68). With the workers' momentum (optimizer.worker_momentum) and W = 50,
+# measured: sign 87, 69, 77, 90, 58; top-k 20% 82, 70, 77, 85, 59. Shorter warm-ups miss on
+# at least one order (sign W = 40: 91, 72, 81; W = 45: 91, 70, 77; top-k 20% W = 30: 85, 80,
+# 75; W = 40: 91, 84, 77; top-k 30% meets it at W = 40: 83, 69, 75). This is the warm-up's
+# doing more than the compressor's: without error feedback the same runs take sign 84, 71,
+# 77, 83, 59 and top-k 20% 84, 69, 75, 94, 58, about as good, because only the last 8-40
+# steps are compressed. The price is the dense warm-up: 0.57-0.87x fp32's push bytes over the
+# run for sign, 0.75-0.91x for top-k 20% (once warm, 0.032x and 0.4x).
+@pytest.mark.parametrize("order", TEXT_ORDERS)
+@pytest.mark.parametrize("comp", [compress.Sign(4096), compress.TopK(0.2)], ids=["sign", "topk20"])
+def test_the_workers_momentum_after_a_warmup_of_50_reaches_the_text_target_within_1_1x(comp, order):
+    fp32 = _text_fp32(order)
+    limit = int(1.1 * fp32)
+    with_ef = run(TEXT, comp, warmup=50, precondition=True, momentum=True, order=order,
+                  max_steps=limit)
+    print(f"order {order}: fp32 {fp32}, {comp.name} + EF, worker momentum, W = 50 {with_ef.steps} "
+          f"({with_ef.bytes_ratio:.3f} of the bytes)")
+    assert with_ef.steps <= limit
+    assert with_ef.bytes_ratio < 0.95  # some compressed steps were counted, warm-up included
+
+
+# Warm-up pushes in int8 (with their own error feedback) instead of dense: the servers run
+# plain Adam on them as on dense ones (int8 alone meets the target), so the warm-up costs a
+# quarter of the bytes and sign then meets the target at W = 40 at 0.14-0.16x fp32's push bytes
+# over the run. Not a job setting yet (compress_warmup_steps pushes in transport.dtype): the
+# servers already accept any codec a push header names, so only the worker needs it. Measured
+# (fp32 80, 68, 74, 82, 57): sign W = 40 85, 73, 70, 85, 99, without EF after the warm-up 87,
+# 76, 75, 84, 81 (and with the int8 warm-up's EF off too: 88, 75, 77, 93, 75); W = 50 86, 71,
+# 69, 85, 91; W = 30 89, 87, 76; top-k 20% W = 40 87, 73, 69, 84, 94 (0.32-0.34x); top-k 10%
+# W = 50 99, 73, 71. Order 4 lags as int8 alone does.
+@pytest.mark.parametrize("order", TEXT_ORDERS_BUT_4)
+def test_sign_after_an_int8_warmup_reaches_the_text_target_within_1_1x(order):
+    fp32 = _text_fp32(order)
+    limit = int(1.1 * fp32)
+    sign = compress.Sign(4096)
+    with_ef = run(TEXT, sign, warmup=40, precondition=True, momentum=True, order=order,
+                  max_steps=limit, warmup_comp=compress.Int8(256))
+    print(f"order {order}: fp32 {fp32}, sign + EF after 40 int8 steps {with_ef.steps} "
+          f"({with_ef.bytes_ratio:.3f} of the bytes)")
+    assert with_ef.steps <= limit
+    assert with_ef.bytes_ratio < 0.2
+
+
+# Top-k at 10% is not met on text by any setting measured (fp32 80, 68, 74). Frozen variance
+# alone: W = 10: 121, 301+; 20: 107, 109; 30: 111, 102; 40: 106, 87, 93; 50: 110, 111, 82.
+# Preconditioned g / D: W = 40: 119, 103, 95; W = 50: 105, 104, 98. On the workers' momentum:
+# W = 20: 95, 91; 30: 95, 75; 40: 102, 84; 50: 94, 68, 78. Each worker's own Adam direction
+# (its own v as well as m, tried in this harness only): 106 and 131 at W = 10. A dense step
+# every 5 steps to refresh v: 96. Top-k needs 20% (0.4x fp32's bytes once warm), above.
+@pytest.mark.xfail(strict=True, reason="top-k 10% takes 1.17x fp32's steps or more to the text "
+                                       "target on batch order 0 in every setting measured")
+def test_topk_10_percent_on_the_workers_momentum_reaches_the_text_target_within_1_1x():
+    fp32 = _text_fp32(0)
+    limit = int(1.1 * fp32)
+    assert run(TEXT, compress.TopK(0.1), warmup=50, precondition=True, momentum=True,
+               max_steps=limit).steps <= limit
