@@ -23,6 +23,7 @@ BENCHES = {
     "sparse_huge": ["params", "init_s", "step_s", "worker_peak_MB", "servers_within"],
     "sparse": ["rows", "pull", "compute", "push", "step", "ratio"],
     "replicas": ["R", "push_ms", "vs_R1", "rss_MiB_server_A", "rss_MiB_server_B"],
+    "reshard": ["to_servers", "before", "during", "ratio", "move_s"],
 }
 
 
