@@ -103,13 +103,16 @@ class RemappableClient:
     def __init__(self, factory: ShardClientFactory, job_id: str,
                  shard_map: common_pb2.ShardMap, *, dtype: common_pb2.DType = common_pb2.DTYPE_FLOAT32,
                  chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, worker_id: str = "",
-                 incarnation: int = 0, compress_pull: str = "none", rollback_id: int | None = None):
+                 incarnation: int = 0, compress_pull: str = "none",
+                 rollback_id: Callable[[], int] | None = None):
+        """`rollback_id`: reads the rollback the worker has taken, which every push carries
+        (PSClient.rollback_id); None: pushes carry none."""
         self._connect = functools.partial(factory, job_id, dtype=dtype, chunk_bytes=chunk_bytes,
                                           worker_id=worker_id, incarnation=incarnation,
                                           compress_pull=compress_pull)
         self.shard_map = shard_map
         self.client = self._connect(shard_map)
-        self.rollback_id = rollback_id  # PSClient.rollback_id, kept across remaps
+        self._rollback_id = rollback_id
 
     def remap(self, shard_map: common_pb2.ShardMap) -> bool:
         """Switches to `shard_map` if it sends a shard elsewhere (a server came back at
@@ -132,18 +135,21 @@ class RemappableClient:
     def push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
              batch_size: int, then_pull: dict[str, Any] | None = None,
              encoded: Sequence[bytes] | None = None) -> list[ps_pb2.PushResponse]:
-        self.client.rollback_id = self.rollback_id
-        return self.client.push(grad, step=step, base_version=base_version,
+        return self._stamped().push(grad, step=step, base_version=base_version,
                                 batch_size=batch_size, then_pull=then_pull, encoded=encoded)
 
     def begin_push(self, grad: torch.Tensor, *, step: int, base_version: int | list[int],
                    batch_size: int, buckets: Sequence[tuple[int, int]],
                    then_pull: dict[str, Any] | None = None,
                    on_wait: Callable[[float], None] | None = None) -> OverlappedPush:
-        self.client.rollback_id = self.rollback_id
-        return self.client.begin_push(grad, step=step, base_version=base_version,
-                                      batch_size=batch_size, buckets=buckets,
-                                      then_pull=then_pull, on_wait=on_wait)
+        return self._stamped().begin_push(grad, step=step, base_version=base_version,
+                                          batch_size=batch_size, buckets=buckets,
+                                          then_pull=then_pull, on_wait=on_wait)
+
+    def _stamped(self) -> ShardClient:
+        """The current client, its pushes stamped with the worker's rollback as of now."""
+        self.client.rollback_id = self._rollback_id() if self._rollback_id else None
+        return self.client
 
     def start_pull(self, dest: torch.Tensor, *, min_version: int = 0, timeout_s: float = 30.0,
                    clock: int = 0) -> PullInFlight:

@@ -84,7 +84,7 @@ class JobShards:
         self._ctx = ctx
         self._client = recovery.RemappableClient(  # pushes say which rollback we took, too
             factory, ctx.job_id, shard_map, dtype=dtype, chunk_bytes=chunk_bytes, worker_id=ctx.node_id,
-            incarnation=ctx.incarnation, compress_pull=compress_pull, rollback_id=ctx.reports.rollback_id)
+            incarnation=ctx.incarnation, compress_pull=compress_pull, rollback_id=lambda: ctx.reports.rollback_id)
         self._resync_to: int | None = None  # while a rollback is taken: the version to reach
         # The embedding tables' row calls (worker/tablesync.py), following the same map.
         self.rows = RowClient(ctx.job_id, shard_map, worker_id=ctx.node_id, incarnation=ctx.incarnation)
@@ -311,7 +311,7 @@ class JobShards:
         assignment = ctx.assignment()
         if assignment.rollback_id <= ctx.reports.rollback_id:
             return
-        ctx.reports.rollback_id = self._client.rollback_id = assignment.rollback_id
+        ctx.reports.rollback_id = assignment.rollback_id
         self._resync_to = assignment.rollback_version
         ctx.metrics.rollbacks.labels(job=ctx.job_id).inc()
         logger.warning("job %s: rollback %d: a server restored version %d; resuming at step %d "
