@@ -24,13 +24,9 @@ def delta_bytes(head: ps_pb2.PullResponse) -> int:
 def apply_delta(copy: torch.Tensor, data: bytes | memoryview) -> None:
     """copy += decode(data): copy is the flat fp32 slice the delta was computed against."""
     try:
-        values = compress.decode(data)
+        compress.decode_into(data, copy, add=True)  # checks it all (element count too) first
     except compress.CompressError as exc:
         raise codec.CodecError(f"pull delta: {exc}") from None
-    if values.numel() != copy.numel() or copy.dtype != torch.float32:
-        raise codec.CodecError(f"pull delta of {values.numel()} elements for a copy of "
-                               f"{copy.numel()} {copy.dtype}")
-    copy.add_(values)
 
 
 class PulledCopy:

@@ -31,10 +31,13 @@ class ErrorFeedback:
         residual = self._residuals.get(name)
         if residual is not None and residual.numel() != flat.numel():
             raise ValueError(f"tensor {name!r} has {flat.numel()} elements, its residual {residual.numel()}")
-        corrected = flat + residual if residual is not None else flat.clone()
-        data = self.compressor.encode(corrected)
-        if self.enabled:
-            self._residuals[name] = corrected.sub_(self.compressor.decode(data))
+        if not self.enabled:
+            return self.compressor.encode(flat)
+        # residual + grad, in the residual's own memory (addition commutes bitwise), which
+        # encode_feedback then leaves holding corrected - decode(wire): the next residual.
+        corrected = residual.add_(flat) if residual is not None else flat.clone(memory_format=torch.contiguous_format)
+        data = self.compressor.encode_feedback(corrected)
+        self._residuals[name] = corrected
         return data
 
     def residual(self, name: str) -> torch.Tensor | None:

@@ -74,10 +74,9 @@ def decode_into(header: ps_pb2.PushHeader, data: bytes | bytearray,
         numel = compress.numel_of(view)
         if numel != grad.numel():
             raise _refuse(f"the encoding holds {numel} elements, the shard {grad.numel()}")
-        values = compress.decode(view)
+        compress.decode_into(view, grad)
     except compress.CompressError as exc:
         raise _refuse(str(exc)) from None
-    grad.copy_(values)
     return len(data), codec.pushable(grad)
 
 

@@ -51,8 +51,7 @@ class HeldCopies:
             self._held[worker] = (version, weights.detach().clone())
             return PullReply(version, dense=weights.detach().clone())
         held = mirror[1]
-        data = self.compressor.encode(weights.detach() - held)
-        held.add_(self.compressor.decode(data))
+        data = self.compressor.encode_delta(weights.detach(), held)
         self._held[worker] = (version, held)
         return PullReply(version, delta=data)
 
@@ -77,7 +76,8 @@ def apply_reply(copy: torch.Tensor | None, reply: PullReply, compressor: Compres
         return reply.dense.clone()
     if copy is None or reply.delta is None:
         raise ValueError("a delta reply needs the copy it was computed against")
-    return copy.add_(compressor.decode(reply.delta))
+    compressor.decode_into(reply.delta, copy, add=True)
+    return copy
 
 
 class PullMirrors:

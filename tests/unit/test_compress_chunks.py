@@ -1,0 +1,116 @@
+"""The codecs' chunked passes (proto/compress.py) against the formats' definitions written
+out whole-tensor: the same bytes, the same decode, and encode_feedback / encode_delta /
+decode_into bitwise what encode and decode imply, across chunk boundaries, short last
+blocks, zeros of both signs, and blocks larger than a chunk."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from shardps.proto import compress
+
+
+def _reference(comp, x: torch.Tensor) -> bytes:
+    """The encoding as the format defines it, whole tensor at once."""
+    n, block = x.numel(), comp.block
+    pad = torch.nn.functional.pad(x, (0, -n % block)).view(-1, block)
+    if isinstance(comp, compress.Int8):
+        scales = pad.abs().amax(dim=1) / 127.0
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        body = (pad / safe[:, None]).round().clamp(-127, 127).to(torch.int8).view(-1)[:n].numpy().tobytes()
+    else:
+        counts = torch.tensor([min(block, n - b * block) for b in range(pad.shape[0])], dtype=torch.float32)
+        scales = pad.abs().sum(dim=1) / counts
+        body = np.packbits(x.numpy() >= 0, bitorder="little").tobytes()
+    return compress.HEADER.pack(comp.codec, 0, 0, block, n) + scales.numpy().tobytes() + body
+
+
+def _reference_decode(data: bytes) -> torch.Tensor:
+    _, _, _, block, n = compress.HEADER.unpack_from(data)
+    nblocks = math.ceil(n / block)
+    scales = torch.from_numpy(np.frombuffer(data, np.float32, count=nblocks, offset=16).copy())
+    per_element = scales.repeat_interleave(block)[:n]
+    payload = np.frombuffer(data, np.uint8, offset=16 + 4 * nblocks)
+    if data[0] == compress.CODEC_INT8:
+        return torch.from_numpy(payload.view(np.int8).astype(np.float32)) * per_element
+    signs = torch.from_numpy(np.unpackbits(payload, count=n, bitorder="little").astype(np.float32)) * 2 - 1
+    return signs * per_element
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32)
+
+
+SIZES = [0, 1, 7, 9, 255, 257, compress.CHUNK - 1, compress.CHUNK + 3, 3 * compress.CHUNK + 4097]
+CODECS = [compress.Int8(256), compress.Int8(3), compress.Sign(4096), compress.Sign(100), compress.Sign(3),
+          compress.Int8(compress.CHUNK * 2), compress.Sign(compress.CHUNK + 8)]
+
+
+def _input(n: int) -> torch.Tensor:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3
+    x[::5] = 0.0
+    x[1::11] = -0.0
+    return x
+
+
+@pytest.fixture
+def one_thread():
+    """A reduction over a single long block may split across threads (then its float sum
+    differs in the last bits from a serial one's): these compare bits, so one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("comp", CODECS, ids=lambda c: f"{c.name}{c.block}")
+@pytest.mark.parametrize("n", SIZES)
+def test_chunked_passes_are_the_whole_tensor_definition_bitwise(comp, n, one_thread):
+    x = _input(n)
+    data = comp.encode(x)
+    assert data == _reference(comp, x)
+    decoded = comp.decode(data)
+    assert torch.equal(_bits(decoded), _bits(_reference_decode(data)))
+    owed = x.clone()
+    assert comp.encode_feedback(owed) == data
+    assert torch.equal(_bits(owed), _bits(x - decoded))
+    base = torch.randn(n)
+    added = base.clone()
+    compress.decode_into(data, added, add=True)
+    assert torch.equal(_bits(added), _bits(base + decoded))
+    held = torch.randn(n)
+    mirror = held.clone()
+    assert comp.encode_delta(x, mirror) == comp.encode(x - held)
+    assert torch.equal(_bits(mirror), _bits(held + comp.decode(comp.encode(x - held))))
+
+
+def test_topk_feedback_and_delta_zero_what_was_sent_and_keep_ties_to_the_lower_index():
+    x = torch.tensor([0.5, -2.0, 2.0, 0.1, -2.0, 0.0, 1.0])
+    comp = compress.TopK(3 / 7)
+    data = comp.encode(x)
+    assert torch.equal(comp.decode(data), torch.tensor([0.0, -2.0, 2.0, 0.0, -2.0, 0.0, 0.0]))
+    owed = x.clone()
+    assert comp.encode_feedback(owed) == data
+    assert torch.equal(owed, torch.tensor([0.5, 0.0, 0.0, 0.1, 0.0, 0.0, 1.0]))
+    held = torch.ones(7)
+    assert comp.encode_delta(x, held) == comp.encode(x - 1)
+    assert torch.equal(held, 1 + comp.decode(comp.encode(x - 1)))
+    ties = compress.TopK(0.5).decode(compress.TopK(0.5).encode(torch.ones(6)))
+    assert torch.equal(ties, torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("comp", [compress.Int8(64), compress.Sign(64), compress.TopK(0.5)], ids=lambda c: c.name)
+def test_decode_into_checks_everything_before_it_writes(comp):
+    data = comp.encode(torch.randn(100))
+    out = torch.full((100,), 7.0)
+    for bad, match in ((data[:-1], "the header says"), (data, "into a torch.float32 tensor of shape \\(99,\\)")):
+        target = out if bad is not data else out[:99]
+        with pytest.raises(compress.CompressError, match=match):
+            compress.decode_into(bad, target, add=True)
+    with pytest.raises(compress.CompressError, match="into a torch.float64 tensor"):
+        comp.decode_into(data, torch.zeros(100, dtype=torch.float64))
+    assert torch.equal(out, torch.full((100,), 7.0))
+    with pytest.raises(compress.CompressError, match="contiguous 1-D float32"):
+        comp.encode_feedback(torch.randn(200)[::2])
