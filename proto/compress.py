@@ -15,8 +15,9 @@ returns a fresh dense fp32 tensor, `decode_into` writes or adds into one. Encodi
 deterministic (no randomness, ties in top-k broken towards the lower index), so a sender and
 a receiver that both decode agree bitwise. `encode_feedback(x)` is `encode(x)` that also
 leaves `x - decode(encoding)` in x, bitwise, without a second pass (error feedback's
-residual), and `encode_delta(target, held)` is `encode(target - held)` that also adds its
-decode to held (a pull delta against the copy a worker holds). The quantizers work a chunk
+residual), and `encode_delta(target, held, out=None)` is `encode(target - held)` that also
+writes held plus its decode into out, or adds it to held (a pull delta against the copy a
+worker holds). The quantizers work a chunk
 of CHUNK elements at a time, so each pass over it runs in cache: on 50M elements and one
 core, error feedback with int8 took 0.32 s against 1.27 s for whole-tensor passes, with sign
 0.19 s against 1.85 s. Top-k selects in linear time (kthvalue) instead of sorting.
@@ -67,7 +68,7 @@ class Compressor(Protocol):
 
     def encode_feedback(self, flat: torch.Tensor) -> bytes: ...
 
-    def encode_delta(self, target: torch.Tensor, held: torch.Tensor) -> bytes: ...
+    def encode_delta(self, target: torch.Tensor, held: torch.Tensor, out: torch.Tensor | None = None) -> bytes: ...
 
     def decode(self, data: bytes | memoryview) -> torch.Tensor: ...
 
@@ -182,9 +183,12 @@ class TopK:
         flat[indices] = 0.0  # x - x: what was sent is owed no more; the rest is owed whole
         return data
 
-    def encode_delta(self, target: torch.Tensor, held: torch.Tensor) -> bytes:
+    def encode_delta(self, target: torch.Tensor, held: torch.Tensor, out: torch.Tensor | None = None) -> bytes:
         diff = _check_flat(target) - _check_held(held, target.numel())
         data, indices = self._encode(diff)
+        if out is not None:
+            _check_held(out, target.numel()).copy_(held)
+            held = out
         held.index_add_(0, indices, diff[indices])  # what decode_into(data, held, add=True) does
         return data
 
@@ -257,15 +261,16 @@ class _Blockwise:
         """One chunk's values as (blocks, block), from its scales and the whole payload."""
         raise NotImplementedError
 
-    def _encode(self, flat: torch.Tensor, feedback: bool = False, held: torch.Tensor | None = None) -> bytes:
+    def _encode(self, flat: torch.Tensor, feedback: bool = False, held: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> bytes:
         """Encodes flat (flat - held when held is given); with feedback, leaves flat minus
-        the decode in flat; with held, adds the decode to held."""
+        the decode in flat; with held, writes held plus the decode into out (may be held)."""
         n, block = flat.numel(), self.block
         nblocks = math.ceil(n / block)
-        out = bytearray(self.size(n))
-        HEADER.pack_into(out, 0, self.codec, 0, 0, block, n)
-        scales = _frombuffer(out, torch.float32, nblocks, HEADER.size, copy=False)
-        payload = np.frombuffer(out, np.uint8, offset=HEADER.size + 4 * nblocks)
+        data = bytearray(self.size(n))
+        HEADER.pack_into(data, 0, self.codec, 0, 0, block, n)
+        scales = _frombuffer(data, torch.float32, nblocks, HEADER.size, copy=False)
+        payload = np.frombuffer(data, np.uint8, offset=HEADER.size + 4 * nblocks)
         step = _chunk_step(block)
         for start in range(0, n, step):
             x = flat[start : start + step]
@@ -277,11 +282,11 @@ class _Blockwise:
                                          decoded=feedback or held is not None)
             if decoded is None:
                 continue
-            if held is not None:
-                held[start : start + step].add_(decoded.view(-1)[: x.numel()])
+            if held is not None and out is not None:
+                torch.add(held[start : start + step], decoded.view(-1)[: x.numel()], out=out[start : start + step])
             else:
                 x.sub_(decoded.view(-1)[: x.numel()])
-        return bytes(out)
+        return bytes(data)
 
     def encode(self, flat: torch.Tensor) -> bytes:
         return self._encode(_check_flat(flat), feedback=False)
@@ -289,8 +294,10 @@ class _Blockwise:
     def encode_feedback(self, flat: torch.Tensor) -> bytes:
         return self._encode(_check_inplace(flat), feedback=True)
 
-    def encode_delta(self, target: torch.Tensor, held: torch.Tensor) -> bytes:
-        return self._encode(_check_flat(target), held=_check_held(held, target.numel()))
+    def encode_delta(self, target: torch.Tensor, held: torch.Tensor, out: torch.Tensor | None = None) -> bytes:
+        held = _check_held(held, target.numel())
+        return self._encode(_check_flat(target), held=held,
+                            out=held if out is None else _check_held(out, target.numel()))
 
     def _parts(self, data: bytes | memoryview) -> tuple[int, int, torch.Tensor, np.ndarray]:
         """(numel, block, scales, payload) of a checked encoding, viewing data."""

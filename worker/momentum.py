@@ -21,12 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
+from shardps.proto.compress import CHUNK
+
 
 @dataclass
 class _Momentum:
     value: torch.Tensor  # fp32, the shard's length
     count: int  # steps summed since it started at 0
     preconditioned: bool  # in g / D's units (else the gradient's: warm-up steps only so far)
+    corrected: torch.Tensor | None = None  # what step() returns, kept to spare a fresh buffer a step
 
 
 class WorkerMomentum:
@@ -43,15 +46,24 @@ class WorkerMomentum:
         self._add(self._of(name, grad, preconditioned=False), grad)
 
     def step(self, name: str, grad: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
-        """A frozen step on shard `name`: its bias-corrected momentum of g / denom (a new fp32
-        tensor, what the worker compresses). A momentum still in the gradient's units (the
-        warm-up's) is divided by denom first."""
+        """A frozen step on shard `name`: its bias-corrected momentum of g / denom (fp32, what
+        the worker compresses; this shard's buffer, valid until its next step). A momentum
+        still in the gradient's units (the warm-up's) is divided by denom first."""
         m = self._of(name, grad, preconditioned=True)
         if not m.preconditioned:
             m.value.div_(denom)
             m.preconditioned = True
-        self._add(m, grad / denom)
-        return m.value / (1 - self.beta1 ** m.count)
+        m.count += 1
+        scale = 1 / (1 - self.beta1 ** m.count)
+        if m.corrected is None:
+            m.corrected = torch.empty_like(m.value)
+        grad = grad.reshape(-1).to(torch.float32)
+        # Chunk by chunk, in cache, without g / D as a temporary of the shard's size.
+        for lo in range(0, grad.numel(), CHUNK):
+            hi = lo + CHUNK
+            value = m.value[lo:hi].mul_(self.beta1).add_(grad[lo:hi] / denom[lo:hi], alpha=1 - self.beta1)
+            torch.mul(value, scale, out=m.corrected[lo:hi])
+        return m.corrected
 
     def momentum(self, name: str) -> torch.Tensor | None:
         """Shard `name`'s momentum, uncorrected (None before its first step)."""

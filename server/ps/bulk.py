@@ -350,11 +350,11 @@ class BulkOps:
         it names) dense weights, with the worker's mirror brought to what it will hold."""
         assert plan.snapshot is not None
         held = self.mirrors.copies(plan.shard, request.compress)
-        live = plan.shard.workers
+        live, version = plan.shard.workers, plan.snapshot.version
 
         def reply(view: torch.Tensor) -> pull_deltas.PullReply:
             held.forget_except([*live, request.worker_id])
-            return held.reply(request.worker_id, request.held_tag, view, request.reply_tag)
+            return held.reply(request.worker_id, request.held_tag, view, request.reply_tag, version=version)
 
         answer = plan.shard.read(plan.snapshot, 0, plan.shard.length, reply)
         if answer.delta is not None:

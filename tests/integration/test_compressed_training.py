@@ -141,6 +141,21 @@ def test_a_compressor_under_frozen_variance_reaches_the_target_within_1_1x_the_s
     assert push < 0.5 * fp32_push
 
 
+# Sign pull deltas need small blocks here: sign:4096 took 110 steps, sign:512 155, sign:128
+# 100, sign:32 75 (docs/network.md, "Compressed pulls").
+@pytest.mark.parametrize("pull", ["int8", "sign:32"])
+def test_sign_pushes_of_the_workers_momentum_with_compressed_pulls_reach_the_target(cluster, fp32, pull):
+    """bench.net's fastest settings: sign pushes (worker momentum) with int8 or sign pull
+    deltas reach the target within 1.1x fp32's steps, at a fraction of its bytes both ways."""
+    c, (fp32_steps, fp32_job) = cluster, fp32
+    _, steps, job = _run(c, "sign", pull, warmup=WARMUP, precondition=True, momentum=True)
+    ratios = {d: _per_step(c, job, d) / _per_step(c, fp32_job, d) for d in ("push", "pull")}
+    print(f"sync digits, sign pushes (worker momentum, W = {WARMUP}) and {pull} pull deltas: "
+          f"accuracy {TARGET} at step {steps} (fp32 {fp32_steps}); bytes vs fp32 {ratios}")
+    assert steps <= 1.1 * fp32_steps + EVERY
+    assert ratios["push"] < 0.2 and ratios["pull"] < (0.3 if pull == "int8" else 0.1)
+
+
 def one_process(spec: dict, shards: list[tuple[int, int]], steps: int,
                 each: Callable[[int, torch.nn.Module], bool] | None = None,
                 ) -> dict[str, torch.Tensor]:

@@ -84,6 +84,9 @@ def test_chunked_passes_are_the_whole_tensor_definition_bitwise(comp, n, one_thr
     mirror = held.clone()
     assert comp.encode_delta(x, mirror) == comp.encode(x - held)
     assert torch.equal(_bits(mirror), _bits(held + comp.decode(comp.encode(x - held))))
+    fresh = torch.empty(n)
+    assert comp.encode_delta(x, held, out=fresh) == comp.encode(x - held)
+    assert torch.equal(_bits(fresh), _bits(mirror))
 
 
 def test_topk_feedback_and_delta_zero_what_was_sent_and_keep_ties_to_the_lower_index():
@@ -94,7 +97,9 @@ def test_topk_feedback_and_delta_zero_what_was_sent_and_keep_ties_to_the_lower_i
     owed = x.clone()
     assert comp.encode_feedback(owed) == data
     assert torch.equal(owed, torch.tensor([0.5, 0.0, 0.0, 0.1, 0.0, 0.0, 1.0]))
-    held = torch.ones(7)
+    fresh, held = torch.empty(7), torch.ones(7)
+    assert comp.encode_delta(x, held, out=fresh) == comp.encode(x - 1)
+    assert torch.equal(held, torch.ones(7)) and torch.equal(fresh, 1 + comp.decode(comp.encode(x - 1)))
     assert comp.encode_delta(x, held) == comp.encode(x - 1)
     assert torch.equal(held, 1 + comp.decode(comp.encode(x - 1)))
     ties = compress.TopK(0.5).decode(compress.TopK(0.5).encode(torch.ones(6)))

@@ -27,7 +27,7 @@ def test_worker_copy_equals_the_servers_mirror_and_tracks_the_weights(comp):
         reply = copies.reply("w0", version - 1, w, version)
         assert (reply.dense is not None) == (version == 1)  # the first pull is dense, then deltas
         copy = apply_reply(copy, reply, comp)
-        assert torch.equal(copy, copies._held["w0"][1])
+        assert torch.equal(copy, copies.held("w0"))
         worst.append(float((w - copy).abs().max()))
     # What a delta dropped is sent later: the error does not grow with the number of steps.
     assert max(worst[-10:]) <= 2 * max(worst[1:11]) + 1e-6
@@ -79,3 +79,45 @@ def test_mirrors_of_workers_that_left_are_dropped():
     assert copies.held_bytes() == 512 * 4
     assert copies.reply("w0", 1, w, 3).dense is not None  # w0 comes back: dense again
     assert copies.reply("w1", 2, w, 4).delta is not None
+
+
+def test_workers_at_the_same_state_share_one_mirror_and_one_encode():
+    comp = compress.Int8(256)
+    copies = HeldCopies(comp)
+    weights = _trajectory(6, 1024)
+    held = {w: (0, None) for w in ("w0", "w1", "w2")}
+    encoded = []
+    for version, w in enumerate(weights, start=1):
+        replies = {}
+        for worker, (tag, copy) in held.items():
+            reply = copies.reply(worker, tag, w, 10 * version + int(worker[1]), version=version)
+            replies[worker] = reply
+            held[worker] = (reply.version, apply_reply(copy, reply, comp))
+            assert torch.equal(held[worker][1], copies.held(worker))
+        if version > 1:  # one encode served all three
+            assert replies["w0"].delta is replies["w1"].delta is replies["w2"].delta
+            encoded.append(replies["w0"].delta)
+        assert copies.held("w0") is copies.held("w1") is copies.held("w2")
+        assert copies.held_bytes() == 1024 * 4
+    # The same bytes as one worker's own mirror would have been sent
+    alone, copy = HeldCopies(comp), None
+    for version, w in enumerate(weights, start=1):
+        reply = alone.reply("w0", version - 1, w, version)
+        copy = apply_reply(copy, reply, comp)
+        if version > 1:
+            assert reply.delta == encoded[version - 2]
+    assert torch.equal(copy, held["w2"][1])
+
+
+def test_a_worker_that_falls_behind_gets_its_own_delta_and_the_others_are_unchanged():
+    comp = compress.Sign(64)
+    copies = HeldCopies(comp)
+    w1, w2, w3 = _trajectory(3, 256)
+    a = apply_reply(None, copies.reply("a", 0, w1, 1, version=1), comp)
+    b = apply_reply(None, copies.reply("b", 0, w1, 2, version=1), comp)
+    a = apply_reply(a, copies.reply("a", 1, w2, 3, version=2), comp)
+    b = apply_reply(b, copies.reply("b", 2, w3, 4, version=3), comp)  # b skipped version 2
+    assert copies.held("a") is not copies.held("b")
+    assert torch.equal(a, copies.held("a")) and torch.equal(b, copies.held("b"))
+    a = apply_reply(a, copies.reply("a", 3, w3, 5, version=3), comp)
+    assert torch.equal(a, copies.held("a"))
