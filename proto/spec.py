@@ -332,6 +332,9 @@ SCHEMA: dict[str, Any] = {
         "compress_pull": (_compress, "none"),
         # The job's first steps push uncompressed (pushes only; pulls follow compress_pull).
         "compress_warmup_steps": (_int(0, MAX_STEPS), 0),
+        # ... or in this encoding, with error feedback of their own: "none" (the dtype above),
+        # or topk[:RATIO], int8[:BLOCK], sign[:BLOCK] (docs/network.md, "The text target").
+        "compress_warmup": (_compress, "none"),
         # Overlap the wire with compute (docs/network.md, "Overlap"): buckets of the gradient
         # pushed while backward runs, the forward started on weights as they land. Off by
         # default: on loopback with torch on every core it slowed 10M steps (bench.step).
@@ -425,7 +428,8 @@ class TransportSpec(TypedDict):
     chunk_bytes: ReadOnly[int]
     compress: ReadOnly[str]  # "none" or a proto/compress.py setting (`compress.parse`)
     compress_pull: ReadOnly[str]  # the same, for pulls (deltas against the worker's copy)
-    compress_warmup_steps: ReadOnly[int]  # steps 0..N-1 push uncompressed
+    compress_warmup_steps: ReadOnly[int]  # steps 0..N-1 push uncompressed (or compress_warmup)
+    compress_warmup: ReadOnly[str]  # those steps' encoding: none, topk[:R], int8[:B], sign[:B]
     overlap: ReadOnly[bool]  # buckets pushed during backward, pulls landing during forward
     bucket_bytes: ReadOnly[int]  # the overlapped push's buckets close at this size
 
@@ -567,13 +571,19 @@ def validate(raw: Any, clamped: list[str] | None = None) -> JobSpec:
         raise SpecError("cluster.shards", f"each server needs a shard of its own: "
                                           f"{cluster['shards']} < cluster.servers "
                                           f"{cluster['servers']}")
-    transport = spec["transport"]
+    _check_transport(spec["transport"])
+    _check_preconditioned(spec["optimizer"], spec["transport"])
+    return cast(JobSpec, spec)  # built by the SCHEMA, which JobSpec mirrors
+
+
+def _check_transport(transport: dict[str, Any]) -> None:
+    """The transport settings that depend on one another."""
     if transport["compress_pull"] != "none" and transport["dtype"] != "float32":
         raise SpecError("transport.compress_pull", f"needs dtype float32, not {transport['dtype']}")
     if transport["compress_warmup_steps"] and transport["compress"] == "none":
         raise SpecError("transport.compress_warmup_steps", "needs transport.compress, not none")
-    _check_preconditioned(spec["optimizer"], transport)
-    return cast(JobSpec, spec)  # built by the SCHEMA, which JobSpec mirrors
+    if transport["compress_warmup"] != "none" and not transport["compress_warmup_steps"]:
+        raise SpecError("transport.compress_warmup", "needs transport.compress_warmup_steps > 0")
 
 
 def _check_preconditioned(opt: dict[str, Any], transport: dict[str, Any]) -> None:

@@ -77,10 +77,10 @@ class JobShards:
     """
 
     def __init__(self, ctx: JobContext, factory: recovery.ShardClientFactory,
-                 shard_map: ShardMap, *, dtype: DType, chunk_bytes: int, compress: str = "none",
-                 compress_pull: str = "none", compress_warmup_steps: int = 0,
-                 precondition_pushes: bool = False, momentum_beta1: float | None = None):
-        """The spec's transport settings (pushes and momentum: wirepush.py; pulls: deltas)."""
+                 shard_map: ShardMap, *, dtype: DType, chunk_bytes: int, compress_pull: str = "none",
+                 wire: WirePush | None = None):
+        """The spec's transport settings: `wire` what pushes carry (wirepush.py; default
+        uncompressed `dtype`), `compress_pull` the pulls' deltas."""
         self._ctx = ctx
         self._client = recovery.RemappableClient(  # pushes say which rollback we took, too
             factory, ctx.job_id, shard_map, dtype=dtype, chunk_bytes=chunk_bytes, worker_id=ctx.node_id,
@@ -88,8 +88,7 @@ class JobShards:
         self._resync_to: int | None = None  # while a rollback is taken: the version to reach
         # The embedding tables' row calls (worker/tablesync.py), following the same map.
         self.rows = RowClient(ctx.job_id, shard_map, worker_id=ctx.node_id, incarnation=ctx.incarnation)
-        self.wire = WirePush(compress, dtype, ctx.job_id, ctx.metrics, compress_warmup_steps,
-                             precondition_pushes, momentum_beta1)
+        self.wire = wire if wire is not None else WirePush("none", dtype, ctx.job_id, ctx.metrics)
         self._push_wait_max = 0.0  # seconds: the longest push so far, retries included
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from shardps.proto import codec, common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from shardps.psclient import PSClient
-from shardps.worker import jobsetup, recovery
+from shardps.worker import jobsetup, recovery, wirepush
 from shardps.worker.batchsource import BatchSource
 from shardps.worker.coordclient import Unreachable
 from shardps.worker.flat import FlatParams
@@ -110,13 +110,10 @@ class Trainer:
         loop.run()
 
     def _connect(self, prepared: Prepared, shard_map: common_pb2.ShardMap) -> JobShards:
-        transport, opt = prepared.spec["transport"], prepared.spec["optimizer"]
+        transport = prepared.spec["transport"]
         self._shards = JobShards(self._ctx, self._ps_factory, shard_map,
                                  dtype=codec.DTYPE_NAMES[transport["dtype"]],
                                  chunk_bytes=transport["chunk_bytes"],
-                                 compress=transport["compress"],
                                  compress_pull=transport["compress_pull"],
-                                 compress_warmup_steps=transport["compress_warmup_steps"],
-                                 precondition_pushes=opt["precondition_pushes"],
-                                 momentum_beta1=opt["betas"][0] if opt["worker_momentum"] else None)
+                                 wire=wirepush.for_spec(prepared.spec, self._ctx.job_id, self._ctx.metrics))
         return self._shards

@@ -12,9 +12,18 @@ from collections.abc import Callable, Sequence
 import torch
 
 from shardps.proto import codec, common_pb2, compress
+from shardps.proto.spec import JobSpec
 from shardps.worker.feedback import ErrorFeedback
 from shardps.worker.metrics import WorkerMetrics
 from shardps.worker.momentum import WorkerMomentum
+
+
+def for_spec(spec: JobSpec, job_id: str, metrics: WorkerMetrics) -> WirePush:
+    """The WirePush of a job's transport and optimizer settings."""
+    transport, opt = spec["transport"], spec["optimizer"]
+    return WirePush(transport["compress"], codec.DTYPE_NAMES[transport["dtype"]], job_id, metrics,
+                    transport["compress_warmup_steps"], opt["precondition_pushes"],
+                    opt["betas"][0] if opt["worker_momentum"] else None, transport["compress_warmup"])
 
 
 class WirePush:
@@ -22,8 +31,9 @@ class WirePush:
 
     `setting` is the spec's transport.compress: "none" pushes the gradient in `dtype`;
     anything else encodes each shard's slice with error feedback (`encode`) from step
-    `warmup_steps` on (transport.compress_warmup_steps; before it, pushes are uncompressed
-    and the residuals untouched), and `reset`
+    `warmup_steps` on (transport.compress_warmup_steps; before it, pushes are uncompressed,
+    or in `warmup_setting`'s encoding with error feedback of their own
+    (transport.compress_warmup), and the residuals untouched), and `reset`
     drops the residuals when the job's weights are replaced (a rollback or a rewind), since
     they are owed to steps that will be replayed.
 
@@ -40,14 +50,17 @@ class WirePush:
 
     def __init__(self, setting: str, dtype: common_pb2.DType, job_id: str,
                  metrics: WorkerMetrics, warmup_steps: int = 0, precondition: bool = False,
-                 momentum_beta1: float | None = None):
-        self.warmup_steps = warmup_steps  # steps 0..warmup_steps-1 push in `dtype`
+                 momentum_beta1: float | None = None, warmup_setting: str = "none"):
+        self.warmup_steps = warmup_steps  # steps 0..warmup_steps-1 push in `dtype` or warmup_setting
         self.precondition = precondition
         if momentum_beta1 is not None and not precondition:
             raise ValueError("worker momentum needs preconditioned pushes")
         self.momentum = None if momentum_beta1 is None else WorkerMomentum(momentum_beta1)
         self._denominators: list[torch.Tensor] | None = None  # per shard, in shard order
         self.feedback = None if setting == "none" else ErrorFeedback(compress.parse(setting))
+        # The warm-up's own encoding and residuals (transport.compress_warmup), left behind
+        # at its end: what it still owes is owed to Adam's variance, which then freezes.
+        self.warmup_feedback = None if warmup_setting == "none" else ErrorFeedback(compress.parse(warmup_setting))
         self._itemsize = codec.element_size(dtype)
         self._bytes = metrics.wire_bytes
         self._ratio = metrics.compression_ratio.labels(job=job_id)
@@ -66,7 +79,9 @@ class WirePush:
             if self.momentum is not None:
                 for s, g in zip(shards, slices, strict=True):
                     self.momentum.warm(f"shard{s.index}", g)
-            return None
+            if self.warmup_feedback is None:
+                return None
+            return [self.warmup_feedback.compress(f"shard{s.index}", g) for s, g in zip(shards, slices, strict=True)]
         if self.precondition:
             denoms = self._denominators_for(shards, fetch)
             if self.momentum is not None:
@@ -91,8 +106,9 @@ class WirePush:
         self._denominators = None
         if self.momentum is not None:
             self.momentum.reset()
-        if self.feedback is not None:
-            self.feedback.reset()
+        for feedback in (self.feedback, self.warmup_feedback):
+            if feedback is not None:
+                feedback.reset()
 
     def pushed(self, numel: int, encoded: Sequence[bytes] | None) -> None:
         """Counts one push's payload (elements or encodings; frame headers not included)."""

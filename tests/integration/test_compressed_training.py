@@ -179,6 +179,8 @@ def one_process(spec: dict, shards: list[tuple[int, int]], steps: int,
     servers = [Updater(config, flat[o : o + n].clone()) for o, n in shards]
     workers, warmup = spec["cluster"]["workers"], transport["compress_warmup_steps"]
     feedback = [ErrorFeedback(compress.parse(transport["compress"])) for _ in range(workers)]
+    warm_codec = transport.get("compress_warmup", "none")  # the warm-up's own encoding and residuals
+    warm = [ErrorFeedback(compress.parse(warm_codec)) if warm_codec != "none" else None for _ in range(workers)]
     momenta = [WorkerMomentum(config.beta1) for _ in range(workers)]
     order = BatchOrder(data.num_train, spec["data"]["batch_size"], spec["data"]["shuffle"],
                        spec["seed"])
@@ -203,6 +205,8 @@ def one_process(spec: dict, shards: list[tuple[int, int]], steps: int,
                 parts = [mw.step(f"shard{i}", g, d) if on_momentum else g / d
                          for i, (g, d) in enumerate(zip(parts, denominators, strict=True))]
                 parts = [compress.decode(ef.compress(f"shard{i}", u)) for i, u in enumerate(parts)]
+            elif warm[rank] is not None:
+                parts = [compress.decode(warm[rank].compress(f"shard{i}", g)) for i, g in enumerate(parts)]
             pushes.append(parts)
         for i, server in enumerate(servers):
             server.step([(push[i], 1 / workers) for push in pushes], opt["lr"])
@@ -210,17 +214,21 @@ def one_process(spec: dict, shards: list[tuple[int, int]], steps: int,
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("momentum", [False, True], ids=["g_over_D", "worker_momentum"])
-def test_sign_with_preconditioned_pushes_on_daemons_is_the_one_process_job_bitwise(cluster, momentum):
+@pytest.mark.parametrize("momentum, warmup_codec", [(False, "none"), (True, "none"), (True, "int8")],
+                         ids=["g_over_D", "worker_momentum", "worker_momentum_int8_warmup"])
+def test_sign_with_preconditioned_pushes_on_daemons_is_the_one_process_job_bitwise(cluster, momentum,
+                                                                                   warmup_codec):
     """The daemons compute exactly what one process computes (the xfail above is the scheme's,
     not the wiring's): each worker's D, read once at step WARMUP, its own residuals (and with
-    optimizer.worker_momentum its own momentum, from step 0), the servers' mean of two
-    workers' decoded pushes and the frozen step, bit for bit."""
+    optimizer.worker_momentum its own momentum, from step 0; with transport.compress_warmup
+    the warm-up's encoding and residuals), the servers' mean of two workers' decoded pushes
+    and the frozen step, bit for bit."""
     steps = WARMUP + 15
     spec = job_spec("sync", workers=2, servers=2,
                     optimizer={"lr": 0.003, "freeze_variance_after": WARMUP,
                                "precondition_pushes": True, "worker_momentum": momentum},
-                    transport={"compress": "sign", "compress_warmup_steps": WARMUP},
+                    transport={"compress": "sign", "compress_warmup_steps": WARMUP,
+                               "compress_warmup": warmup_codec},
                     stop={"max_steps": steps, "eval_every": 1000})
     job = cluster.wait(cluster.submit(spec), timeout=120)
     assert job.state == common_pb2.JOB_STATE_COMPLETED, job.reason
@@ -231,8 +239,9 @@ def test_sign_with_preconditioned_pushes_on_daemons_is_the_one_process_job_bitwi
     untouched = one_process(spec, shards, WARMUP)  # so the comparison can fail
     assert any(not torch.equal(weights[k], untouched[k]) for k in weights)
     # ... and the two schemes differ, so it fails if the setting did not reach the daemons.
-    other = one_process({**spec, "optimizer": {**spec["optimizer"], "worker_momentum": not momentum}},
-                        shards, steps)
+    other = one_process({**spec, "optimizer": {**spec["optimizer"], "worker_momentum": not momentum}}
+                        if warmup_codec == "none" else
+                        {**spec, "transport": {**spec["transport"], "compress_warmup": "none"}}, shards, steps)
     assert any(not torch.equal(weights[k], other[k]) for k in weights)
     assert all(torch.equal(weights[k], expected[k]) for k in expected), \
         max(float((weights[k] - expected[k]).abs().max()) for k in expected)

@@ -86,7 +86,7 @@ def run(setup: Setup, comp: compress.Compressor | None, error_feedback: bool = T
     `precondition`): each worker pushes its own momentum of g / D instead
     (optimizer.worker_momentum, worker/momentum.py). `order` seeds the minibatches.
     `warmup_comp`: the warm-up's pushes go through this compressor with their own error
-    feedback instead of dense (not a job setting yet: docs/network.md, "The text target")."""
+    feedback instead of dense (transport.compress_warmup)."""
     max_steps = max_steps or setup.max_steps
     model = _model(setup)
     params = list(model.parameters())
@@ -278,8 +278,8 @@ def test_the_workers_momentum_after_a_warmup_of_50_reaches_the_text_target_withi
 # Warm-up pushes in int8 (with their own error feedback) instead of dense: the servers run
 # plain Adam on them as on dense ones (int8 alone meets the target), so the warm-up costs a
 # quarter of the bytes and sign then meets the target at W = 40 at 0.14-0.16x fp32's push bytes
-# over the run. Not a job setting yet (compress_warmup_steps pushes in transport.dtype): the
-# servers already accept any codec a push header names, so only the worker needs it. Measured
+# over the run. The job setting is transport.compress_warmup (worker/wirepush.py; the daemons
+# are bitwise this scheme: test_compressed_training.py, worker_momentum_int8_warmup). Measured
 # (fp32 80, 68, 74, 82, 57): sign W = 40 85, 73, 70, 85, 99, without EF after the warm-up 87,
 # 76, 75, 84, 81 (and with the int8 warm-up's EF off too: 88, 75, 77, 93, 75); W = 50 86, 71,
 # 69, 85, 91; W = 30 89, 87, 76; top-k 20% W = 40 87, 73, 69, 84, 94 (0.32-0.34x); top-k 10%
