@@ -9,7 +9,9 @@ error feedback both ways); ratios against DDP fp32 of the same run. Needs root.
   python -m bench.net --small                  # ~80K parameters, 3 timed steps
 
 Step time is rank 0's median; wire MB is what rank 0's link carried per step, both
-directions (DDP's ring: about 2x the gradient per worker; shardps: one push and one pull).
+directions (DDP's ring: about 2x the gradient per worker; shardps: one push and one pull);
+worker CPU is rank 0's process CPU time per step (all its threads), which says how much of
+the step the worker computed and how much it waited.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ SYSTEMS = {  # name: (role, hook)
     "shardps fp32 (2 servers)": ("ps", "none"),
     "shardps fp32 overlap (2 servers)": ("ps", "overlap"),  # transport.overlap: true
     "shardps int8+EF both ways (2 servers)": ("ps", "int8"),  # transport.compress(_pull): int8
+    # sign pushes of the workers' momentum (optimizer.worker_momentum), int8 pull deltas
+    "shardps sign+momentum push; int8 pull (2 servers)": ("ps", "sign/int8"),
+    "shardps sign+momentum push; sign:32 pull (2 servers)": ("ps", "sign/sign:32"),
 }
 
 
@@ -79,9 +84,11 @@ def run_shardps(net: netns.Network, args, codec: str = "none") -> dict:
                for h in ("s0", "s1")]
     try:
         addresses = ",".join(s.address for s in servers)
-        net.run("w0", *_rank_command(args, "ps-init", 0, ["--servers", addresses]), timeout=args.timeout)
+        push, _, pull = codec.partition("/")
         extra = (["--servers", addresses, "--overlap"] if codec == "overlap" else
-                 ["--servers", addresses, "--compress", codec, "--compress-pull", codec])
+                 ["--servers", addresses, "--compress", push, "--compress-pull", pull or push,
+                  *(["--worker-momentum"] if pull else [])])
+        net.run("w0", *_rank_command(args, "ps-init", 0, ["--servers", addresses, *extra[2:]]), timeout=args.timeout)
         ranks = [net.popen(h, *_rank_command(args, "ps", r, extra), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=_env()) for r, h in enumerate(("w0", "w1"))]
         return [_result(p, args.timeout * 3) for p in ranks][0]
@@ -109,7 +116,7 @@ def main() -> None:
         parser.error(f"network namespaces unavailable: {why}")
     title = f"net: 2 workers on {args.rate} links{' +' + args.delay if args.delay else ''}, " \
             f"{report.human(args.params)}-parameter MLP (step ms, median of {args.steps})"
-    table = report.Table(title, ["system", "step_ms", "wire_MB_per_step", "vs_ddp_fp32"])
+    table = report.Table(title, ["system", "step_ms", "wire_MB_per_step", "worker_cpu_ms", "vs_ddp_fp32"])
     with netns.Network(HOSTS) as net:
         for host in HOSTS:
             net.shape(host, rate=args.rate, delay=args.delay or None)
@@ -117,7 +124,7 @@ def main() -> None:
             role, hook = SYSTEMS[name]
             result = run_ddp(net, args, hook) if role == "ddp" else run_shardps(net, args, hook)
             table.add(system=name, step_ms=result["step_s"] * 1e3,
-                      wire_MB_per_step=result["bytes_per_step"] / 1e6)
+                      wire_MB_per_step=result["bytes_per_step"] / 1e6, worker_cpu_ms=result["cpu_s_per_step"] * 1e3)
             print(table.rows[-1], flush=True)
     base = next((r["step_ms"] for r in table.rows if r["system"] == "DDP gloo fp32"), float("nan"))
     for row in table.rows:

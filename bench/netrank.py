@@ -61,14 +61,16 @@ def timed(step: Callable[[], None], warmup: int, steps: int,
     that last reply before the window closes (the next step would have read it first)."""
     for _ in range(warmup):
         step()
-    before, seconds = quiescent_link_bytes(), []
+    before, seconds, cpu = quiescent_link_bytes(), [], time.process_time()
     for _ in range(steps):
         start = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - start)
+    cpu = time.process_time() - cpu
     if drain is not None:
         drain()
-    return {"step_s": statistics.median(seconds), "bytes_per_step": (quiescent_link_bytes() - before) / steps}
+    return {"step_s": statistics.median(seconds), "bytes_per_step": (quiescent_link_bytes() - before) / steps,
+            "cpu_s_per_step": cpu / steps}
 
 
 def model_and_batch(params: int, rank: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -137,23 +139,38 @@ def run_ps_init(args: argparse.Namespace) -> dict[str, float]:
 
     model, _, _ = model_and_batch(args.params, 0)
     flat = FlatParams(model)
+    momentum = {"freeze_variance_after": _freeze(args), "precondition_pushes": True, "worker_momentum": True} \
+        if args.worker_momentum else {}
     with _ps_client(args, flat.numel, "init") as ps:
         ps.init(flat.weights_cpu(), ps_pb2.ShardConfig(
-            optimizer=common_pb2.OptimizerConfig(name="adam", lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8),
+            optimizer=common_pb2.OptimizerConfig(name="adam", lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8,
+                                                 **momentum),
             mode=common_pb2.CONSISTENCY_SYNC, workers=[f"w{r}" for r in range(args.world)], epoch=1,
             layout_fingerprint="bench-net"))
     return {"params": float(flat.numel)}
 
 
+def _freeze(args: argparse.Namespace) -> int:
+    """optimizer.freeze_variance_after with --worker-momentum: the last warm-up step is the
+    first frozen one, so the one-off read of the servers' denominators (GetPreconditioner,
+    4 bytes a parameter) stays out of the timed window."""
+    return max(1, args.warmup - 1)
+
+
 def run_ps(args: argparse.Namespace) -> dict[str, float]:
-    from shardps.proto import compress, ps_pb2
-    from shardps.worker.feedback import ErrorFeedback
+    from shardps.proto import common_pb2, ps_pb2
     from shardps.worker.flat import FlatParams
+    from shardps.worker.metrics import WorkerMetrics
+    from shardps.worker.wirepush import WirePush
 
     model, x, y = model_and_batch(args.params, args.rank)
     flat = FlatParams(model)
     ps = _ps_client(args, flat.numel, f"w{args.rank}")
-    feedback = ErrorFeedback(compress.parse(args.compress)) if args.compress != "none" else None
+    # As a worker with transport.compress does (worker/shards.py); with --worker-momentum the
+    # warm-up steps push dense and the timed ones the workers' momentum of g / D.
+    wire = WirePush(args.compress, common_pb2.DTYPE_FLOAT32, JOB, WorkerMetrics(),
+                    warmup_steps=_freeze(args) if args.worker_momentum else 0,
+                    precondition=args.worker_momentum, momentum_beta1=0.9 if args.worker_momentum else None)
     version = 0
 
     def step() -> None:  # as a sync worker does: pull, compute, push with the next pull behind it
@@ -165,8 +182,7 @@ def run_ps(args: argparse.Namespace) -> dict[str, float]:
         flat.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         grad = flat.host_grad()
-        encoded = None if feedback is None else [  # as a worker with transport.compress does
-            feedback.compress(f"shard{s.index}", grad[s.offset : s.offset + s.length]) for s in ps.shards]
+        encoded = wire.encode(grad, ps.shards, version, ps.preconditioners)
         replies = ps.push(grad, step=version, base_version=version, batch_size=BATCH,
                           then_pull={"min_version": version + 1, "timeout_s": args.timeout},
                           encoded=encoded)
@@ -246,6 +262,9 @@ def main() -> None:
     parser.add_argument("--compress", default="none", help="ps: transport.compress (pushes)")
     parser.add_argument("--compress-pull", default="none", help="ps: transport.compress_pull")
     parser.add_argument("--overlap", action="store_true", help="ps: transport.overlap (fp32)")
+    parser.add_argument("--worker-momentum", action="store_true",
+                        help="ps: optimizer.worker_momentum (and precondition_pushes, freeze_variance_after "
+                             "= --warmup - 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = {"ddp": run_ddp, "ps-init": run_ps_init, "ps": run_ps}[args.role]
