@@ -17,10 +17,11 @@ a receiver that both decode agree bitwise. `encode_feedback(x)` is `encode(x)` t
 leaves `x - decode(encoding)` in x, bitwise, without a second pass (error feedback's
 residual), and `encode_delta(target, held, out=None)` is `encode(target - held)` that also
 writes held plus its decode into out, or adds it to held (a pull delta against the copy a
-worker holds). The quantizers work a chunk
-of CHUNK elements at a time, so each pass over it runs in cache: on 50M elements and one
-core, error feedback with int8 took 0.32 s against 1.27 s for whole-tensor passes, with sign
-0.19 s against 1.85 s. Top-k selects in linear time (kthvalue) instead of sorting.
+worker holds). The quantizers work a chunk of CHUNK elements at a time, so each pass over
+it runs in cache: on 50M elements and one core, error feedback with int8 took 0.32 s against
+1.27 s for whole-tensor passes, with sign 0.19 s against 1.85 s. Top-k selects in linear
+time (kthvalue) instead of sorting. A block larger than the tensor is one block of the
+tensor's size (the same scale), so no block is ever padded beyond the data.
 """
 
 from __future__ import annotations
@@ -247,13 +248,16 @@ class _Blockwise:
     bits: int
     block: int
 
+    def __post_init__(self) -> None:  # the dataclasses' __init__ calls it
+        _check_block(self.block)
+
     def size(self, numel: int) -> int:
         return HEADER.size + 4 * math.ceil(numel / self.block) + math.ceil(numel * self.bits / 8)
 
     def _encode_chunk(self, blocks: torch.Tensor, count: int, scales: torch.Tensor,
                       payload: np.ndarray, start: int, decoded: bool) -> torch.Tensor | None:
-        """Writes one chunk's scales and payload; returns its decode as (blocks, block) if
-        `decoded`."""
+        """Writes one chunk's scales and payload (blocks: the chunk as (blocks, block), the
+        last padded); returns its decode in that shape if `decoded`."""
         raise NotImplementedError
 
     def _decode_chunk(self, block: int, scales: torch.Tensor, payload: np.ndarray, start: int,
@@ -265,10 +269,11 @@ class _Blockwise:
                 out: torch.Tensor | None = None) -> bytes:
         """Encodes flat (flat - held when held is given); with feedback, leaves flat minus
         the decode in flat; with held, writes held plus the decode into out (may be held)."""
-        n, block = flat.numel(), self.block
+        n = flat.numel()
+        block = _effective(self.block, n)
         nblocks = math.ceil(n / block)
         data = bytearray(self.size(n))
-        HEADER.pack_into(data, 0, self.codec, 0, 0, block, n)
+        HEADER.pack_into(data, 0, self.codec, 0, 0, self.block, n)
         scales = _frombuffer(data, torch.float32, nblocks, HEADER.size, copy=False)
         payload = np.frombuffer(data, np.uint8, offset=HEADER.size + 4 * nblocks)
         step = _chunk_step(block)
@@ -303,6 +308,7 @@ class _Blockwise:
         """(numel, block, scales, payload) of a checked encoding, viewing data."""
         _, block, n = _header(data, self.codec)
         _check_header_block(block)
+        block = _effective(block, n)
         nblocks = math.ceil(n / block)
         body = _body(data, HEADER.size + 4 * nblocks + math.ceil(n * self.bits / 8))
         scales = _frombuffer(body, torch.float32, nblocks, 0, copy=False)
@@ -334,6 +340,12 @@ class _Blockwise:
                 target.copy_(values)
 
 
+def _effective(block: int, numel: int) -> int:
+    """The block a tensor of numel elements is worked in: a block at least as large as the
+    tensor is the tensor (one scale either way), never a padded giant."""
+    return min(block, numel) if numel else block
+
+
 def _chunk_step(block: int) -> int:
     """A quantizer's chunk: whole blocks and whole payload bytes, about CHUNK elements."""
     unit = math.lcm(block, 8)
@@ -348,9 +360,6 @@ class Int8(_Blockwise):
     name: str = "int8"
     codec = CODEC_INT8
     bits = 8
-
-    def __post_init__(self) -> None:
-        _check_block(self.block)
 
     def _encode_chunk(self, blocks: torch.Tensor, count: int, scales: torch.Tensor,
                       payload: np.ndarray, start: int, decoded: bool) -> torch.Tensor | None:
@@ -378,23 +387,21 @@ class Sign(_Blockwise):
     codec = CODEC_SIGN
     bits = 1
 
-    def __post_init__(self) -> None:
-        _check_block(self.block)
-
     def _encode_chunk(self, blocks: torch.Tensor, count: int, scales: torch.Tensor,
                       payload: np.ndarray, start: int, decoded: bool) -> torch.Tensor | None:
+        block = blocks.shape[1]
         chunk_scales = blocks.abs().sum(dim=1)
-        if count % self.block:  # the tensor's last block is short: its mean over what it holds
-            chunk_scales[:-1].div_(float(self.block))
-            chunk_scales[-1:].div_(float(count % self.block))
+        if count % block:  # the tensor's last block is short: its mean over what it holds
+            chunk_scales[:-1].div_(float(block))
+            chunk_scales[-1:].div_(float(count % block))
         else:
-            chunk_scales.div_(float(self.block))
+            chunk_scales.div_(float(block))
         scales.copy_(chunk_scales)
         # numpy's comparison and bit packing: torch's comparisons run ~15x slower here
         positive = np.greater_equal(blocks.view(-1)[:count].numpy(), 0)
         bits = np.packbits(positive, bitorder="little")
         payload[start // 8 : start // 8 + bits.size] = bits
-        return _signs(positive.view(np.uint8), self.block, chunk_scales) if decoded else None
+        return _signs(positive.view(np.uint8), block, chunk_scales) if decoded else None
 
     def _decode_chunk(self, block: int, scales: torch.Tensor, payload: np.ndarray, start: int,
                       count: int) -> torch.Tensor:

@@ -13,8 +13,9 @@ from shardps.proto import compress
 
 
 def _reference(comp, x: torch.Tensor) -> bytes:
-    """The encoding as the format defines it, whole tensor at once."""
-    n, block = x.numel(), comp.block
+    """The encoding as the format defines it, whole tensor at once (a block larger than the
+    tensor is the tensor: summed over its own elements, not over padding)."""
+    n, block = x.numel(), min(comp.block, x.numel()) or comp.block
     pad = torch.nn.functional.pad(x, (0, -n % block)).view(-1, block)
     if isinstance(comp, compress.Int8):
         scales = pad.abs().amax(dim=1) / 127.0
@@ -24,11 +25,12 @@ def _reference(comp, x: torch.Tensor) -> bytes:
         counts = torch.tensor([min(block, n - b * block) for b in range(pad.shape[0])], dtype=torch.float32)
         scales = pad.abs().sum(dim=1) / counts
         body = np.packbits(x.numpy() >= 0, bitorder="little").tobytes()
-    return compress.HEADER.pack(comp.codec, 0, 0, block, n) + scales.numpy().tobytes() + body
+    return compress.HEADER.pack(comp.codec, 0, 0, comp.block, n) + scales.numpy().tobytes() + body
 
 
 def _reference_decode(data: bytes) -> torch.Tensor:
     _, _, _, block, n = compress.HEADER.unpack_from(data)
+    block = min(block, n) or block
     nblocks = math.ceil(n / block)
     scales = torch.from_numpy(np.frombuffer(data, np.float32, count=nblocks, offset=16).copy())
     per_element = scales.repeat_interleave(block)[:n]
@@ -119,3 +121,17 @@ def test_decode_into_checks_everything_before_it_writes(comp):
     assert torch.equal(out, torch.full((100,), 7.0))
     with pytest.raises(compress.CompressError, match="contiguous 1-D float32"):
         comp.encode_feedback(torch.randn(200)[::2])
+
+
+@pytest.mark.parametrize("codec", [compress.Int8, compress.Sign], ids=lambda c: c.__name__)
+def test_a_block_larger_than_the_tensor_is_one_block_and_never_padded(codec):
+    """A header (a stranger's push) or a setting naming a 4-billion-element block for 1000
+    elements decodes as one block of 1000, without a 16 GB padded temporary."""
+    x = _input(1000)
+    huge = codec(compress.MAX_BLOCK)
+    data = huge.encode(x)
+    assert compress.HEADER.unpack_from(data)[3] == compress.MAX_BLOCK  # the setting, as sent
+    assert torch.equal(compress.decode(data), codec(1000).decode(codec(1000).encode(x)))
+    owed = x.clone()
+    huge.encode_feedback(owed)
+    assert torch.equal(owed, x - compress.decode(data))
