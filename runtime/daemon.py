@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -239,7 +240,8 @@ def start_metrics(registry: CollectorRegistry, host: str, port: int,
     if port < 0:
         return None
     endpoint = MetricsEndpoint(registry, host, port, routes)
-    print(f"metrics on {endpoint.address}", flush=True)
+    sys.stdout.write(f"metrics on {endpoint.address}\n")  # one write, as rpc.announce does
+    sys.stdout.flush()
     return endpoint
 
 

@@ -7,6 +7,7 @@ import argparse
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -323,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         rpc.fail(str(exc), exitcodes.BIND_FAILED)
     if worker.metrics_address:
-        print(f"metrics on {worker.metrics_address}", flush=True)
+        # One write: print() writes the line and its newline apart, and a log line from
+        # another thread on the same pipe can land between them (launchers read this line).
+        sys.stdout.write(f"metrics on {worker.metrics_address}\n")
+        sys.stdout.flush()
     daemon_lib.run_until_signal(worker.stop, worker.wait,
                           ready=lambda: rpc.announce(args.host, worker.port))
     if worker.refusal:

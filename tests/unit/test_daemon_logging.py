@@ -7,6 +7,7 @@ import sys
 import threading
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from shardps.runtime import daemon, rpc
 
@@ -68,3 +69,16 @@ def test_the_readiness_line_is_one_write_even_on_unbuffered_stdout(monkeypatch):
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, write_through=True))
     rpc.announce("127.0.0.1", 4242)
     assert raw.writes == [b"listening on 127.0.0.1:4242\n"]
+
+
+def test_the_metrics_line_is_one_write_too(monkeypatch):
+    # Launchers read `metrics on HOST:PORT` the same way (tests scrape workers by it; one run
+    # found a worker's metrics address empty, most likely a log line landing inside it).
+    raw = _Writes()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, write_through=True))
+    endpoint = daemon.start_metrics(CollectorRegistry(), "127.0.0.1", 0)
+    assert endpoint is not None
+    try:
+        assert raw.writes == [f"metrics on {endpoint.address}\n".encode()]
+    finally:
+        endpoint.shutdown()
