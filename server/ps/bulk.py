@@ -146,6 +146,7 @@ class BulkOps:
         self.joining = Joining(shards, lambda: "")
         self.stopping = False
         self.mirrors = PullMirrors()
+        metrics.count_mirrors(self.mirrors)
 
     def _reject(self, exc: Exception, reason: str) -> Refused:
         self.metrics.rejected.labels(reason).inc()

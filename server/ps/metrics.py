@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .errors import REJECT_REASONS
+from .pull_deltas import PullMirrors
 from .registry import ShardRegistry
 from .table_metrics import TableCollector
 
@@ -61,8 +62,13 @@ class PSMetrics:
                                 ["way"], registry=registry)
         for way in ("cut_through", "whole"):
             self.forwards.labels(way)
-        registry.register(_ShardCollector(shards))
+        self._shard_collector = _ShardCollector(shards)
+        registry.register(self._shard_collector)
         registry.register(TableCollector(shards))
+
+    def count_mirrors(self, mirrors: PullMirrors) -> None:
+        """Reports the memory of these pull mirrors per shard (shardps_ps_pull_mirror_bytes)."""
+        self._shard_collector.mirrors = mirrors
 
 
 class _ShardCollector(Collector):
@@ -70,6 +76,7 @@ class _ShardCollector(Collector):
 
     def __init__(self, shards: ShardRegistry):
         self._shards = shards
+        self.mirrors: PullMirrors | None = None
 
     def collect(self) -> Iterator[Metric]:
         version = GaugeMetricFamily("shardps_ps_version", "Shard version (Adam steps applied)",
@@ -89,16 +96,20 @@ class _ShardCollector(Collector):
         spread = GaugeMetricFamily("shardps_ps_max_clock_spread",
                                    "ssp: largest clock spread (puller minus slowest live worker) "
                                    "a pull was granted at", labels=["job", "shard"])
+        mirrors = GaugeMetricFamily("shardps_ps_pull_mirror_bytes",
+                                    "Bytes of a shard's mirrors of the workers' copies, for compressed "
+                                    "pulls (workers at the same state share one)", labels=["job", "shard"])
         for shard in self._shards.shards():
             labels = [shard.job_id, str(shard.index)]
             info = shard.info()
+            mirrors.add_metric(labels, self.mirrors.held_bytes(shard) if self.mirrors is not None else 0)
             version.add_metric(labels, info.version)
             size.add_metric(labels, shard.resident_bytes())
             waiting.add_metric(labels, shard.waiting_pulls)
             live.add_metric(labels, len(info.live_workers))
             short.add_metric(labels, info.short_rounds)
             spread.add_metric(labels, info.max_clock_spread)
-        yield from (version, size, waiting, live, short, spread)
+        yield from (version, size, waiting, live, short, spread, mirrors)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -117,8 +117,9 @@ class HeldCopies:
         return None if mirror is None else mirror[1].tensor
 
     def held_bytes(self) -> int:
-        """Memory the mirrors take (a state shared by several workers counted once)."""
-        states = {id(state): state.tensor for _, state in self._held.values()}
+        """Memory the mirrors take (a state shared by several workers counted once). Safe to
+        call without the shard's lock (a metrics scrape): it reads a copy of the table."""
+        states = {id(state): state.tensor for _, state in list(self._held.values())}
         return sum(t.numel() * t.element_size() for t in states.values())
 
 
@@ -142,6 +143,12 @@ class PullMirrors:
         self._lock = threading.Lock()
         self._by_shard: weakref.WeakKeyDictionary[object, dict[str, HeldCopies]] = \
             weakref.WeakKeyDictionary()
+
+    def held_bytes(self, shard: object) -> int:
+        """Bytes of a shard's mirrors, every setting's (0 for none)."""
+        with self._lock:
+            held = list(self._by_shard.get(shard, {}).values())
+        return sum(h.held_bytes() for h in held)
 
     def copies(self, shard: object, setting: str) -> HeldCopies:
         """The shard's mirrors for `setting` (compress.parse's; raises ValueError if bad)."""

@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from shardps.proto import common_pb2, ps_pb2, ps_pb2_grpc
+from shardps.proto import common_pb2, compress, ps_pb2, ps_pb2_grpc
 from shardps.psclient import PSClient
 from shardps.runtime import rpc
 from tests.integration.test_compressed_push import two_servers  # noqa: F401 (a fixture)
@@ -105,3 +105,25 @@ def test_compressed_pulls_that_cannot_be_served_are_refused(two_servers, fields,
             list(ps_pb2_grpc.ParameterServerStub(channel).Pull(request, timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert words in err.value.details()
+
+
+def test_workers_pulling_the_same_versions_share_one_mirror_and_the_metric_counts_it(two_servers):  # noqa: F811
+    """Two sync-like workers pulling every version get the same deltas (one encode), and each
+    server's shardps_ps_pull_mirror_bytes counts one fp32 copy of its shard, not two."""
+    smap = shard_map(two_servers, TOTAL)
+    with PSClient("job", smap, worker_id="w0") as dense, \
+            PSClient("job", smap, worker_id="a", compress_pull="sign:32") as a, \
+            PSClient("job", smap, worker_id="b", compress_pull="sign:32") as b:
+        dense.init(torch.randn(TOTAL), shard_config(ASYNC, workers=("w0", "a", "b")))
+        dest_a, dest_b = torch.empty(TOTAL), torch.empty(TOTAL)
+        for step in range(4):
+            got_a, got_b = a.pull(dest_a, min_version=step), b.pull(dest_b, min_version=step)
+            assert got_a.ready and got_b.ready and got_a.wire_bytes == got_b.wire_bytes
+            assert got_a.wire_bytes == (TOTAL * 4 if step == 0 else  # dense, then sign:32 deltas
+                                        sum(compress.Sign(32).size(s.length) for s in smap.shards))
+            assert torch.equal(dest_a, dest_b)  # the same state: the same bytes were sent to both
+            dense.push(torch.randn(TOTAL), step=step, base_version=step, batch_size=1)
+        for server, shard in zip(two_servers, smap.shards, strict=True):
+            held = server.metrics_registry.get_sample_value(
+                "shardps_ps_pull_mirror_bytes", {"job": "job", "shard": str(shard.index)})
+            assert held == shard.length * 4
