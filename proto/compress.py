@@ -20,7 +20,7 @@ writes held plus its decode into out, or adds it to held (a pull delta against t
 worker holds). The quantizers work a chunk of CHUNK elements at a time, so each pass over
 it runs in cache: on 50M elements and one core, error feedback with int8 took 0.32 s against
 1.27 s for whole-tensor passes, with sign 0.19 s against 1.85 s. Top-k selects in linear
-time (kthvalue) instead of sorting. A block larger than the tensor is one block of the
+time (a partition) instead of sorting. A block larger than the tensor is one block of the
 tensor's size (the same scale), so no block is ever padded beyond the data.
 """
 
@@ -137,15 +137,20 @@ def _check_out(out: torch.Tensor, numel: int) -> None:
 def _select(flat: torch.Tensor, k: int) -> torch.Tensor:
     """The indices, ascending, of flat's k largest magnitudes, ties broken towards the lower
     index (what a stable descending sort would keep), in linear time: every element above
-    the k-th largest magnitude, then the lowest-indexed of those equal to it."""
+    the k-th largest magnitude, then the lowest-indexed of those equal to it. numpy's
+    partition and flatnonzero: 6x and 1.3x torch's kthvalue and nonzero here."""
     n = flat.numel()
     if k >= n:
         return torch.arange(n)
-    magnitude = flat.abs()
-    kth = torch.kthvalue(magnitude, n - k + 1).values
-    above = (magnitude > kth).nonzero().view(-1)
-    ties = (magnitude == kth).nonzero().view(-1)[: k - above.numel()]
-    return torch.cat((above, ties)).sort().values
+    magnitude = flat.abs().numpy()
+    kth = np.partition(magnitude, n - k)[n - k]
+    keep = magnitude > kth
+    ties = np.flatnonzero(magnitude == kth)[: k - int(np.count_nonzero(keep))]
+    keep[ties] = True
+    indices = np.flatnonzero(keep)
+    if indices.size != k:  # a NaN among the magnitudes (the server refuses such a push anyway)
+        return torch.sort(torch.sort(flat.abs(), descending=True, stable=True).indices[:k]).values
+    return torch.from_numpy(indices)
 
 
 @dataclass(frozen=True)

@@ -135,3 +135,14 @@ def test_a_block_larger_than_the_tensor_is_one_block_and_never_padded(codec):
     owed = x.clone()
     huge.encode_feedback(owed)
     assert torch.equal(owed, x - compress.decode(data))
+
+
+def test_topk_of_a_tensor_with_nan_is_still_a_well_formed_encoding():
+    """The server refuses a push whose decode is not finite; the encoding must still hold
+    exactly k entries, so that refusal is about the values, not a malformed body."""
+    x = _input(1000)
+    x[[3, 500]] = float("nan")
+    comp = compress.TopK(0.1)
+    data = comp.encode(x)
+    assert len(data) == comp.size(1000)
+    assert int(comp.decode(data).isnan().sum()) == 2
