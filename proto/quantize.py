@@ -1,0 +1,203 @@
+"""The block quantizers of proto/compress.py, `int8` and `sign`: a scale per block, then a
+payload of 8 or 1 bits an element, worked a chunk of CHUNK elements at a time."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shardps.proto.codecbase import (
+    CHUNK,
+    CODEC_INT8,
+    CODEC_SIGN,
+    HEADER,
+    as_blocks,
+    body_of,
+    check_block,
+    check_flat,
+    check_header_block,
+    check_held,
+    check_inplace,
+    check_out,
+    frombuffer,
+    read_header,
+)
+
+
+class _Blockwise:
+    """The quantizers' common shape: a scale per block of `block` elements, then a payload
+    of `bits` per element, worked through CHUNK elements at a time (whole blocks, whole
+    payload bytes), so each pass over a chunk runs in cache and no temporary is as large as
+    the tensor. Subclasses give the codec number and a chunk's encode and decode."""
+
+    codec: int
+    bits: int
+    block: int
+
+    def __post_init__(self) -> None:  # the dataclasses' __init__ calls it
+        check_block(self.block)
+
+    def size(self, numel: int) -> int:
+        return HEADER.size + 4 * math.ceil(numel / self.block) + math.ceil(numel * self.bits / 8)
+
+    def _encode_chunk(self, blocks: torch.Tensor, count: int, scales: torch.Tensor,
+                      payload: np.ndarray, start: int, decoded: bool) -> torch.Tensor | None:
+        """Writes one chunk's scales and payload (blocks: the chunk as (blocks, block), the
+        last padded); returns its decode in that shape if `decoded`."""
+        raise NotImplementedError
+
+    def _decode_chunk(self, block: int, scales: torch.Tensor, payload: np.ndarray, start: int,
+                      count: int) -> torch.Tensor:
+        """One chunk's values as (blocks, block), from its scales and the whole payload."""
+        raise NotImplementedError
+
+    def _encode(self, flat: torch.Tensor, feedback: bool = False, held: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> bytes:
+        """Encodes flat (flat - held when held is given); with feedback, leaves flat minus
+        the decode in flat; with held, writes held plus the decode into out (may be held)."""
+        n = flat.numel()
+        block = _effective(self.block, n)
+        nblocks = math.ceil(n / block)
+        data = bytearray(self.size(n))
+        HEADER.pack_into(data, 0, self.codec, 0, 0, self.block, n)
+        scales = frombuffer(data, torch.float32, nblocks, HEADER.size, copy=False)
+        payload = np.frombuffer(data, np.uint8, offset=HEADER.size + 4 * nblocks)
+        step = _chunk_step(block)
+        for start in range(0, n, step):
+            x = flat[start : start + step]
+            if held is not None:
+                x = x - held[start : start + step]
+            first = start // block
+            decoded = self._encode_chunk(as_blocks(x, block), x.numel(),
+                                         scales[first : first + math.ceil(x.numel() / block)], payload, start,
+                                         decoded=feedback or held is not None)
+            if decoded is None:
+                continue
+            if held is not None and out is not None:
+                torch.add(held[start : start + step], decoded.view(-1)[: x.numel()], out=out[start : start + step])
+            else:
+                x.sub_(decoded.view(-1)[: x.numel()])
+        return bytes(data)
+
+    def encode(self, flat: torch.Tensor) -> bytes:
+        return self._encode(check_flat(flat), feedback=False)
+
+    def encode_feedback(self, flat: torch.Tensor) -> bytes:
+        return self._encode(check_inplace(flat), feedback=True)
+
+    def encode_delta(self, target: torch.Tensor, held: torch.Tensor, out: torch.Tensor | None = None) -> bytes:
+        held = check_held(held, target.numel())
+        return self._encode(check_flat(target), held=held,
+                            out=held if out is None else check_held(out, target.numel()))
+
+    def _parts(self, data: bytes | memoryview) -> tuple[int, int, torch.Tensor, np.ndarray]:
+        """(numel, block, scales, payload) of a checked encoding, viewing data."""
+        _, block, n = read_header(data, self.codec)
+        check_header_block(block)
+        block = _effective(block, n)
+        nblocks = math.ceil(n / block)
+        body = body_of(data, HEADER.size + 4 * nblocks + math.ceil(n * self.bits / 8))
+        scales = frombuffer(body, torch.float32, nblocks, 0, copy=False)
+        return n, block, scales, np.frombuffer(body, np.uint8, offset=4 * nblocks)
+
+    def decode(self, data: bytes | memoryview) -> torch.Tensor:
+        parts = self._parts(data)
+        out = torch.empty(parts[0], dtype=torch.float32)
+        self._decode(*parts, out, add=False)
+        return out
+
+    def decode_into(self, data: bytes | memoryview, out: torch.Tensor, add: bool = False) -> None:
+        parts = self._parts(data)
+        check_out(out, parts[0])
+        self._decode(*parts, out, add=add)
+
+    def _decode(self, n: int, block: int, scales: torch.Tensor, payload: np.ndarray,
+                out: torch.Tensor, add: bool) -> None:
+        step = _chunk_step(block)
+        for start in range(0, n, step):
+            count = min(step, n - start)
+            first = start // block
+            values = self._decode_chunk(block, scales[first : first + math.ceil(count / block)], payload,
+                                        start, count).view(-1)[:count]
+            target = out[start : start + count]
+            if add:
+                target.add_(values)
+            else:
+                target.copy_(values)
+
+
+def _effective(block: int, numel: int) -> int:
+    """The block a tensor of numel elements is worked in: a block at least as large as the
+    tensor is the tensor (one scale either way), never a padded giant."""
+    return min(block, numel) if numel else block
+
+
+def _chunk_step(block: int) -> int:
+    """A quantizer's chunk: whole blocks and whole payload bytes, about CHUNK elements."""
+    unit = math.lcm(block, 8)
+    return unit * max(1, CHUNK // unit)
+
+
+@dataclass(frozen=True)
+class Int8(_Blockwise):
+    """Symmetric int8 per block of `block` elements: code = round(x / scale), |code| <= 127."""
+
+    block: int = 256
+    name: str = "int8"
+    codec = CODEC_INT8
+    bits = 8
+
+    def _encode_chunk(self, blocks: torch.Tensor, count: int, scales: torch.Tensor,
+                      payload: np.ndarray, start: int, decoded: bool) -> torch.Tensor | None:
+        chunk_scales = blocks.abs().amax(dim=1).div_(127.0)
+        scales.copy_(chunk_scales)
+        safe = torch.where(chunk_scales > 0, chunk_scales, 1.0)
+        codes = blocks.div(safe[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        payload[start : start + count] = codes.view(-1)[:count].view(torch.uint8).numpy()
+        if not decoded:
+            return None
+        return codes.float().mul_(chunk_scales[:, None])  # what decoding gives (-0.0 codes are 0)
+
+    def _decode_chunk(self, block: int, scales: torch.Tensor, payload: np.ndarray, start: int,
+                      count: int) -> torch.Tensor:
+        codes = torch.frombuffer(payload, dtype=torch.int8, count=count, offset=start).float()
+        return as_blocks(codes, block).mul_(scales[:, None])
+
+
+@dataclass(frozen=True)
+class Sign(_Blockwise):
+    """One bit per element (its sign) and, per block, the mean magnitude as the scale."""
+
+    block: int = 4096
+    name: str = "sign"
+    codec = CODEC_SIGN
+    bits = 1
+
+    def _encode_chunk(self, blocks: torch.Tensor, count: int, scales: torch.Tensor,
+                      payload: np.ndarray, start: int, decoded: bool) -> torch.Tensor | None:
+        block = blocks.shape[1]
+        chunk_scales = blocks.abs().sum(dim=1)
+        if count % block:  # the tensor's last block is short: its mean over what it holds
+            chunk_scales[:-1].div_(float(block))
+            chunk_scales[-1:].div_(float(count % block))
+        else:
+            chunk_scales.div_(float(block))
+        scales.copy_(chunk_scales)
+        # numpy's comparison and bit packing: torch's comparisons run ~15x slower here
+        positive = np.greater_equal(blocks.view(-1)[:count].numpy(), 0)
+        bits = np.packbits(positive, bitorder="little")
+        payload[start // 8 : start // 8 + bits.size] = bits
+        return _signs(positive.view(np.uint8), block, chunk_scales) if decoded else None
+
+    def _decode_chunk(self, block: int, scales: torch.Tensor, payload: np.ndarray, start: int,
+                      count: int) -> torch.Tensor:
+        bits = np.unpackbits(payload[start // 8 : (start + count + 7) // 8], count=count, bitorder="little")
+        return _signs(bits, block, scales)
+
+
+def _signs(bits: np.ndarray, block: int, scales: torch.Tensor) -> torch.Tensor:
+    """+scale where a bit is 1, -scale where 0, as (blocks, block): (2 bit - 1) * scale, exact."""
+    return as_blocks(torch.from_numpy(bits).float(), block).mul_(2.0).sub_(1.0).mul_(scales[:, None])
