@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -33,7 +34,7 @@ class Compressor(Protocol):
 
     def encode(self, flat: torch.Tensor) -> bytes: ...
 
-    def encode_feedback(self, flat: torch.Tensor) -> bytes: ...
+    def encode_feedback(self, flat: torch.Tensor, fill: Callable[[int, int], None] | None = None) -> bytes: ...
 
     def encode_delta(self, target: torch.Tensor, held: torch.Tensor, out: torch.Tensor | None = None) -> bytes: ...
 

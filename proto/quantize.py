@@ -4,6 +4,7 @@ payload of 8 or 1 bits an element, worked a chunk of CHUNK elements at a time.""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,9 +56,10 @@ class _Blockwise:
         raise NotImplementedError
 
     def _encode(self, flat: torch.Tensor, feedback: bool = False, held: torch.Tensor | None = None,
-                out: torch.Tensor | None = None) -> bytes:
+                out: torch.Tensor | None = None, fill: Callable[[int, int], None] | None = None) -> bytes:
         """Encodes flat (flat - held when held is given); with feedback, leaves flat minus
-        the decode in flat; with held, writes held plus the decode into out (may be held)."""
+        the decode in flat; with held, writes held plus the decode into out (may be held).
+        fill(start, stop), if given, prepares flat[start:stop] just before its chunk."""
         n = flat.numel()
         block = _effective(self.block, n)
         nblocks = math.ceil(n / block)
@@ -67,6 +69,8 @@ class _Blockwise:
         payload = np.frombuffer(data, np.uint8, offset=HEADER.size + 4 * nblocks)
         step = _chunk_step(block)
         for start in range(0, n, step):
+            if fill is not None:
+                fill(start, min(n, start + step))
             x = flat[start : start + step]
             if held is not None:
                 x = x - held[start : start + step]
@@ -85,8 +89,8 @@ class _Blockwise:
     def encode(self, flat: torch.Tensor) -> bytes:
         return self._encode(check_flat(flat), feedback=False)
 
-    def encode_feedback(self, flat: torch.Tensor) -> bytes:
-        return self._encode(check_inplace(flat), feedback=True)
+    def encode_feedback(self, flat: torch.Tensor, fill: Callable[[int, int], None] | None = None) -> bytes:
+        return self._encode(check_inplace(flat), feedback=True, fill=fill)
 
     def encode_delta(self, target: torch.Tensor, held: torch.Tensor, out: torch.Tensor | None = None) -> bytes:
         held = check_held(held, target.numel())

@@ -4,12 +4,14 @@ int32 (or int64) indices, then their fp32 values."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from shardps.proto.codecbase import (
+    CHUNK,
     CODEC_TOPK,
     HEADER,
     INT32_LIMIT,
@@ -75,8 +77,12 @@ class TopK:
     def encode(self, flat: torch.Tensor) -> bytes:
         return self._encode(check_flat(flat))[0]
 
-    def encode_feedback(self, flat: torch.Tensor) -> bytes:
-        data, indices = self._encode(check_inplace(flat))
+    def encode_feedback(self, flat: torch.Tensor, fill: Callable[[int, int], None] | None = None) -> bytes:
+        check_inplace(flat)
+        if fill is not None:  # top-k needs all of it before it selects
+            for lo in range(0, flat.numel(), CHUNK):
+                fill(lo, min(flat.numel(), lo + CHUNK))
+        data, indices = self._encode(flat)
         flat[indices] = 0.0  # x - x: what was sent is owed no more; the rest is owed whole
         return data
 

@@ -8,9 +8,11 @@ sum of the true gradients minus the final residual (tests/unit/test_feedback.py)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from shardps.proto.compress import Compressor
+from shardps.proto.compress import CHUNK, Compressor
 
 
 class ErrorFeedback:
@@ -40,6 +42,27 @@ class ErrorFeedback:
         self._residuals[name] = corrected
         return data
 
+    def compress_with(self, name: str, numel: int,
+                      fill: Callable[[int, int, torch.Tensor, bool], None]) -> bytes:
+        """`compress(name, g)` for a g of numel elements that fill(lo, hi, out, add) writes into
+        out[lo:hi] (or adds there) range by range, called as the codec reaches each chunk: the
+        residual, the sum and the encoding in one pass over memory instead of three
+        (WorkerMomentum.frozen). The same bits as compress(name, g)."""
+        residual = self._residuals.get(name)
+        if residual is not None and residual.numel() != numel:
+            raise ValueError(f"tensor {name!r} has {numel} elements, its residual {residual.numel()}")
+        add = residual is not None and self.enabled
+        corrected = residual if residual is not None and add else torch.empty(numel)
+
+        def prepare(lo: int, hi: int) -> None:
+            fill(lo, hi, corrected, add)
+
+        if not self.enabled:
+            return self.compressor.encode(_filled(corrected, prepare))
+        data = self.compressor.encode_feedback(corrected, fill=prepare)
+        self._residuals[name] = corrected
+        return data
+
     def residual(self, name: str) -> torch.Tensor | None:
         """What is still owed on tensor `name` (None before its first step or with EF off)."""
         return self._residuals.get(name)
@@ -47,3 +70,9 @@ class ErrorFeedback:
     def reset(self) -> None:
         """Drops every residual (a new job, or weights replaced by a checkpoint)."""
         self._residuals.clear()
+
+
+def _filled(out: torch.Tensor, prepare: Callable[[int, int], None]) -> torch.Tensor:
+    for lo in range(0, out.numel(), CHUNK):
+        prepare(lo, min(out.numel(), lo + CHUNK))
+    return out

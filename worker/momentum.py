@@ -17,11 +17,14 @@ not thread-safe (owned by the job's training thread, as WirePush is).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from shardps.proto.compress import CHUNK
+
+Fill = Callable[[int, int, torch.Tensor, bool], None]  # fill(lo, hi, out, add): WorkerMomentum.frozen
 
 
 @dataclass
@@ -49,21 +52,36 @@ class WorkerMomentum:
         """A frozen step on shard `name`: its bias-corrected momentum of g / denom (fp32, what
         the worker compresses; this shard's buffer, valid until its next step). A momentum
         still in the gradient's units (the warm-up's) is divided by denom first."""
+        fill = self.frozen(name, grad, denom)
+        m = self._shards[name]
+        if m.corrected is None:
+            m.corrected = torch.empty_like(m.value)
+        for lo in range(0, m.value.numel(), CHUNK):
+            fill(lo, lo + CHUNK, m.corrected, False)
+        return m.corrected
+
+    def frozen(self, name: str, grad: torch.Tensor, denom: torch.Tensor) -> Fill:
+        """`step` by ranges, for a caller that consumes its result range by range (error
+        feedback as the codec reaches each chunk: worker/feedback.py's `compress_with`).
+        Counts the step now; the returned fill(lo, hi, out, add) steps the momentum over
+        [lo, hi) and writes its bias-corrected value into out[lo:hi], or adds it there. Call
+        it once for every range of the shard, each element once."""
         m = self._of(name, grad, preconditioned=True)
         if not m.preconditioned:
             m.value.div_(denom)
             m.preconditioned = True
         m.count += 1
-        scale = 1 / (1 - self.beta1 ** m.count)
-        if m.corrected is None:
-            m.corrected = torch.empty_like(m.value)
+        scale, beta1 = 1 / (1 - self.beta1 ** m.count), self.beta1
         grad = grad.reshape(-1).to(torch.float32)
-        # Chunk by chunk, in cache, without g / D as a temporary of the shard's size.
-        for lo in range(0, grad.numel(), CHUNK):
-            hi = lo + CHUNK
-            value = m.value[lo:hi].mul_(self.beta1).add_(grad[lo:hi] / denom[lo:hi], alpha=1 - self.beta1)
-            torch.mul(value, scale, out=m.corrected[lo:hi])
-        return m.corrected
+
+        def fill(lo: int, hi: int, out: torch.Tensor, add: bool) -> None:
+            value = m.value[lo:hi].mul_(beta1).add_(grad[lo:hi] / denom[lo:hi], alpha=1 - beta1)
+            if add:
+                out[lo:hi].add_(value * scale)  # as adding step()'s result: the same two roundings
+            else:
+                torch.mul(value, scale, out=out[lo:hi])
+
+        return fill
 
     def momentum(self, name: str) -> torch.Tensor | None:
         """Shard `name`'s momentum, uncorrected (None before its first step)."""

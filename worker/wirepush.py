@@ -84,11 +84,11 @@ class WirePush:
             return [self.warmup_feedback.compress(f"shard{s.index}", g) for s, g in zip(shards, slices, strict=True)]
         if self.precondition:
             denoms = self._denominators_for(shards, fetch)
-            if self.momentum is not None:
-                slices = [self.momentum.step(f"shard{s.index}", g, d)
-                          for s, g, d in zip(shards, slices, denoms, strict=True)]
-            else:
-                slices = [g / d for g, d in zip(slices, denoms, strict=True)]
+            if self.momentum is not None:  # the momentum stepped chunk by chunk as it is encoded
+                return [self.feedback.compress_with(f"shard{s.index}", s.length,
+                                                    self.momentum.frozen(f"shard{s.index}", g, d))
+                        for s, g, d in zip(shards, slices, denoms, strict=True)]
+            slices = [g / d for g, d in zip(slices, denoms, strict=True)]
         return [self.feedback.compress(f"shard{s.index}", g) for s, g in zip(shards, slices, strict=True)]
 
     def _denominators_for(self, shards: Sequence[common_pb2.ShardRange],

@@ -84,3 +84,27 @@ def test_the_callers_gradient_is_not_modified():
     feedback.compress("w", g)
     feedback.compress("w", g)
     assert torch.equal(g, keep)
+
+
+@pytest.mark.parametrize("comp", [compress.Int8(256), compress.Sign(4096), compress.Sign(100), compress.TopK(0.05)],
+                         ids=lambda c: f"{c.name}{getattr(c, 'block', '')}")
+@pytest.mark.parametrize("enabled", [True, False])
+def test_compress_with_a_momentum_fill_is_compress_of_the_momentum_bitwise(comp, enabled):
+    """The worker's fused pass (WorkerMomentum.frozen filling the residual as the codec goes)
+    sends the same bytes and keeps the same residual as stepping the momentum whole and
+    compressing that, step after step, from the first (no residual yet) on."""
+    from shardps.worker.momentum import WorkerMomentum
+
+    n = 3 * compress.CHUNK + 777
+    denom = torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.5
+    fused, plain = ErrorFeedback(comp, enabled), ErrorFeedback(comp, enabled)
+    fused_m, plain_m = WorkerMomentum(0.9), WorkerMomentum(0.9)
+    for g in _grads(4, n, integer=False):
+        fused_m.warm("w", g)
+        plain_m.warm("w", g)
+    for g in _grads(3, n, integer=False):
+        assert fused.compress_with("w", n, fused_m.frozen("w", g, denom)) == \
+            plain.compress("w", plain_m.step("w", g, denom))
+        assert torch.equal(fused_m.momentum("w"), plain_m.momentum("w"))
+        if enabled:
+            assert torch.equal(fused.residual("w").view(torch.int32), plain.residual("w").view(torch.int32))
