@@ -96,7 +96,11 @@ def test_three_sync_workers_on_two_servers_equal_one_process_reading_the_files(l
     cluster = Cluster(servers=2, lease_ms=5000)  # leases that a loaded machine keeps
     try:
         job_id, trainers, outcomes = run_job(cluster, spec_text(log, workers=3), workers=3)
-        assert [o.kind for o in outcomes] == ["finished"] * 3, outcomes
+        # A worker whose last report reaches the coordinator after another's completed the job is
+        # told so ("stopped", the job COMPLETED) rather than finding the budget itself (seen once
+        # in a loaded suite); either way it pushed every step, which the weights check.
+        assert all(o.kind == "finished" or (o.kind == "stopped" and "JOB_STATE_COMPLETED" in o.reason)
+                   for o in outcomes), outcomes
         torch.testing.assert_close(cluster.weights(job_id), reference_weights(log, 18), atol=1e-5, rtol=0)
         job = cluster.job(job_id, history=True)
         assert job.state == common_pb2.JOB_STATE_COMPLETED
