@@ -279,8 +279,7 @@ def test_metrics_endpoint_serves_the_documented_names(servers):
         pulled(client, total)
         with pytest.raises(grpc.RpcError):
             push_raw(stub(servers[0]), ps_pb2.PushHeader(job_id="nope", worker_id="w0", length=1), [])
-    text = scrape(servers[0].metrics_address)
-    for line in [
+    expected = [
         'shardps_ps_pushes_total{job="job",status="applied"} 1.0',
         'shardps_ps_pulls_total{job="job"} 1.0',
         f'shardps_ps_push_bytes_total{{job="job"}} {4 * total}.0',
@@ -296,8 +295,15 @@ def test_metrics_endpoint_serves_the_documented_names(servers):
         "shardps_ps_push_seconds_count 1.0",
         "shardps_ps_pull_seconds_count 1.0",
         "shardps_ps_apply_seconds_count 1.0",
-    ]:
-        assert line in text.splitlines(), line
+    ]
+    # A pull is counted once its last byte is sent, which the client can have read first: the
+    # counters are read again until they are all in, for at most 10 s.
+    deadline, missing = time.monotonic() + 10, expected
+    while missing and time.monotonic() < deadline:
+        lines = scrape(servers[0].metrics_address).splitlines()
+        missing = [line for line in expected if line not in lines]
+        time.sleep(0.05 if missing else 0)
+    assert not missing, missing
 
 
 def server_node(client, node_id=None):
