@@ -4,6 +4,7 @@ payload of 8 or 1 bits an element, worked a chunk of CHUNK elements at a time.""
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from shardps.proto.codecbase import (
 )
 
 
-class _Blockwise:
+class _Blockwise(ABC):
     """The quantizers' common shape: a scale per block of `block` elements, then a payload
     of `bits` per element, worked through CHUNK elements at a time (whole blocks, whole
     payload bytes), so each pass over a chunk runs in cache and no temporary is as large as
@@ -44,22 +45,23 @@ class _Blockwise:
     def size(self, numel: int) -> int:
         return HEADER.size + 4 * math.ceil(numel / self.block) + math.ceil(numel * self.bits / 8)
 
+    @abstractmethod
     def _encode_chunk(self, blocks: torch.Tensor, count: int, scales: torch.Tensor,
                       payload: np.ndarray, start: int, decoded: bool) -> torch.Tensor | None:
         """Writes one chunk's scales and payload (blocks: the chunk as (blocks, block), the
         last padded); returns its decode in that shape if `decoded`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _decode_chunk(self, block: int, scales: torch.Tensor, payload: np.ndarray, start: int,
                       count: int) -> torch.Tensor:
         """One chunk's values as (blocks, block), from its scales and the whole payload."""
-        raise NotImplementedError
 
-    def _encode(self, flat: torch.Tensor, feedback: bool = False, held: torch.Tensor | None = None,
-                out: torch.Tensor | None = None, fill: Callable[[int, int], None] | None = None) -> bytes:
-        """Encodes flat (flat - held when held is given); with feedback, leaves flat minus
-        the decode in flat; with held, writes held plus the decode into out (may be held).
-        fill(start, stop), if given, prepares flat[start:stop] just before its chunk."""
+    def _encode(self, flat: torch.Tensor, feedback: bool = False,
+                mirror: tuple[torch.Tensor, torch.Tensor] | None = None,
+                fill: Callable[[int, int], None] | None = None) -> bytes:
+        """Encodes flat; with feedback, leaves flat minus the decode in flat; with a mirror
+        (held, out), encodes flat - held and writes held plus the decode into out (which may
+        be held). fill(start, stop), if given, prepares flat[start:stop] just before its chunk."""
         n = flat.numel()
         block = _effective(self.block, n)
         nblocks = math.ceil(n / block)
@@ -72,18 +74,19 @@ class _Blockwise:
             if fill is not None:
                 fill(start, min(n, start + step))
             x = flat[start : start + step]
-            if held is not None:
-                x = x - held[start : start + step]
+            if mirror is not None:
+                x = x - mirror[0][start : start + step]
             first = start // block
             decoded = self._encode_chunk(as_blocks(x, block), x.numel(),
                                          scales[first : first + math.ceil(x.numel() / block)], payload, start,
-                                         decoded=feedback or held is not None)
+                                         decoded=feedback or mirror is not None)
             if decoded is None:
                 continue
-            if held is not None and out is not None:
-                torch.add(held[start : start + step], decoded.view(-1)[: x.numel()], out=out[start : start + step])
+            values = decoded.view(-1)[: x.numel()]
+            if mirror is not None:
+                torch.add(mirror[0][start : start + step], values, out=mirror[1][start : start + step])
             else:
-                x.sub_(decoded.view(-1)[: x.numel()])
+                x.sub_(values)
         return bytes(data)
 
     def encode(self, flat: torch.Tensor) -> bytes:
@@ -94,8 +97,8 @@ class _Blockwise:
 
     def encode_delta(self, target: torch.Tensor, held: torch.Tensor, out: torch.Tensor | None = None) -> bytes:
         held = check_held(held, target.numel())
-        return self._encode(check_flat(target), held=held,
-                            out=held if out is None else check_held(out, target.numel()))
+        return self._encode(check_flat(target),
+                            mirror=(held, held if out is None else check_held(out, target.numel())))
 
     def _parts(self, data: bytes | memoryview) -> tuple[int, int, torch.Tensor, np.ndarray]:
         """(numel, block, scales, payload) of a checked encoding, viewing data."""
