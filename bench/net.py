@@ -35,6 +35,7 @@ SYSTEMS = {  # name: (role, hook)
     # sign pushes of the workers' momentum (optimizer.worker_momentum), int8 pull deltas
     "shardps sign+momentum push; int8 pull (2 servers)": ("ps", "sign/int8"),
     "shardps sign+momentum push; sign:32 pull (2 servers)": ("ps", "sign/sign:32"),
+    "shardps sign+momentum push; fp32 pull (2 servers)": ("ps", "sign/none"),
 }
 
 
