@@ -106,8 +106,17 @@ class Cluster:
                             interval=0.05, what=f"step {step}")
 
     def final(self, job_id: str, timeout: float = 180) -> coordinator_pb2.JobInfo:
+        """The job once it has ended, or as it is after `timeout` s; a job still running then
+        prints every daemon's last log lines (shown with the failed test's output)."""
         self.client.wait(job_id, timeout_s=timeout, interval_s=0.1)
-        return self.client.job(job_id, history=True)
+        job = self.client.job(job_id, history=True)
+        if job.state == common_pb2.JOB_STATE_RUNNING:
+            for name, daemon in (("coordinator", self.coord),
+                                 *((f"server {i}", d) for i, d in enumerate(self.servers)),
+                                 *((f"worker {i}", d) for i, d in enumerate(self.workers))):
+                print(f"--- {name} ({daemon.address}), still running after {timeout} s:\n"
+                      f"{daemon.output(80)}")
+        return job
 
     def stop(self) -> None:
         self.client.close()
