@@ -318,7 +318,8 @@ def test_bench_net_runs_in_its_small_configuration(tmp_path):
                                            "shardps fp32 (2 servers)", "shardps fp32 overlap (2 servers)",
                                            "shardps int8+EF both ways (2 servers)",
                                            "shardps sign+momentum push; int8 pull (2 servers)",
-                                           "shardps sign+momentum push; sign:32 pull (2 servers)"]
+                                           "shardps sign+momentum push; sign:32 pull (2 servers)",
+                                           "shardps sign+momentum push; fp32 pull (2 servers)"]
     assert rows[0]["vs_ddp_fp32"] == 1.0
     fp32, fp16 = rows[0]["wire_MB_per_step"], rows[1]["wire_MB_per_step"]
     assert 0.4 * fp32 < fp16 < 0.7 * fp32  # half the bytes, give or take headers
@@ -327,6 +328,7 @@ def test_bench_net_runs_in_its_small_configuration(tmp_path):
     assert 0.2 * ps32 < ps8 < 0.4 * ps32  # a quarter of the bytes, give or take headers
     sign8, sign32 = rows[6]["wire_MB_per_step"], rows[7]["wire_MB_per_step"]
     assert sign32 < sign8 < ps8  # 80K parameters: 0.033 and 0.097 MB against int8's 0.172
+    assert sign8 < rows[8]["wire_MB_per_step"] < ps32  # fp32 pulls: about half of fp32's bytes
     # Its own namespaces, by their names' prefix (netns.Network): other tests running at the
     # same time make and remove theirs.
     assert not [ns for ns in netns.namespaces() if ns.startswith(f"{netns.PREFIX}{bench.pid}x")]
