@@ -729,11 +729,22 @@ def load_yaml(text: str, loader: type | None = None) -> Any:
     except _Refused as exc:
         raise SpecError("", str(exc)) from None
     except yaml.YAMLError as exc:
-        raise SpecError("", f"not valid YAML: {exc}") from None
+        raise SpecError("", _depth_refusal(exc) or f"not valid YAML: {exc}") from None
     except (ValueError, OverflowError, RecursionError) as exc:  # e.g. an int of 5000 digits
         raise SpecError("", f"not valid YAML: {exc}") from None
     finally:
         reader.dispose()
+
+
+def _depth_refusal(exc: yaml.YAMLError) -> str | None:
+    """The spec's own depth message for libyaml's nesting limit (the C scanner of PyYAML
+    6.0.4 stops at 1000 flow levels while reading ahead, before the composer counts 33),
+    so the refusal reads the same whichever PyYAML is installed; None for any other error."""
+    if getattr(exc, "problem", None) != "exceeded maximum nesting depth":
+        return None
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+    return f"a job spec may nest at most {MAX_DEPTH} levels ({where})"
 
 
 def parse_spec(text: str, clamped: list[str] | None = None) -> JobSpec:
