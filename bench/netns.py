@@ -34,6 +34,7 @@ import time
 from collections.abc import Sequence
 
 from bench import tunlink
+from shardps.runtime.daemon import pid_alive
 
 PREFIX = "sps"
 SUBNET = "10.199.0"
@@ -91,16 +92,6 @@ def namespaces() -> list[str]:
     return [line.split()[0] for line in _ip("netns", "list").splitlines() if line.strip()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _delete_namespace(ns: str) -> None:
     """Kills what still runs inside ns (only our own children are ever there), then deletes it."""
     try:
@@ -121,7 +112,7 @@ def _delete_namespace(ns: str) -> None:
 
 def sweep() -> list[str]:
     """Deletes namespaces named by a process of ours that is gone; returns their names."""
-    stale = [ns for ns in namespaces() if (m := _OURS.match(ns)) and not _alive(int(m.group(1)))]
+    stale = [ns for ns in namespaces() if (m := _OURS.match(ns)) and not pid_alive(int(m.group(1)))]
     for ns in stale:
         _delete_namespace(ns)
     return stale

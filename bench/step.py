@@ -10,6 +10,7 @@ the two; medians.
   python -m bench.step                  # 10M and 100M, overlap off and on
   python -m bench.step --overlap on     # only the overlapped worker step
   python -m bench.step --params digits --servers 2 --steps 200   # the tta job's model
+  python -m bench.step --overlap on --shared-memory on,off   # the same-host path against the socket
   python -m bench.step --small
 """
 
@@ -157,6 +158,9 @@ def main() -> None:
     parser.add_argument("--overlap", default="off,on",
                         help="worker steps to time, interleaved: off (pull, compute, push in "
                              "turn), on (transport.overlap)")
+    parser.add_argument("--shared-memory", default="on",
+                        help="the servers' --shared-memory: on (the same-host path), off (the "
+                             "loopback socket), or on,off (a set of servers each, interleaved)")
     parser.add_argument("--worker-threads", type=int, default=0,
                         help="torch threads of this (worker) process; 0 = every core")
     args = parser.parse_args()
@@ -164,54 +168,63 @@ def main() -> None:
         args.params, args.steps = "1M", 2
     if args.worker_threads:
         torch.set_num_threads(args.worker_threads)
-    modes = args.overlap.split(",")
+    modes, shared = args.overlap.split(","), args.shared_memory.split(",")
     if not modes or not set(modes) <= {"off", "on"}:
         parser.error(f"--overlap takes off and/or on, got {args.overlap!r}")
+    if not shared or not set(shared) <= {"off", "on"}:
+        parser.error(f"--shared-memory takes on and/or off, got {args.shared_memory!r}")
     table = report.Table(f"step: one training step, 1 worker + {args.servers} server(s) vs no server (ms, median)",
-                         ["params", "overlap", "pull", "compute", "push", "apply", "shardps_step",
-                          "local_compute", "local_adam", "local_step", "ratio"])
+                         ["params", "overlap", "shm", "pull", "compute", "push", "apply",
+                          "shardps_step", "local_compute", "local_adam", "local_step", "ratio"])
     for size in args.params.split(","):
         torch.manual_seed(0)
         model, width = digits_mlp() if size == "digits" else mlp(report.parse_count(size))
         params = sum(p.numel() for p in model.parameters())
         x, y = torch.randn(BATCH, width), torch.randint(0, 10, (BATCH,))
-        servers = procs.start_servers(args.servers, threads=1, metrics=True)
+        sets = {shm: procs.start_servers(args.servers, threads=1, metrics=True,
+                                         extra=["--shared-memory", shm]) for shm in shared}
         try:
-            phases = _measure(model, servers, x, y, modes, args)
+            phases = _measure(model, sets, x, y, modes, args)
         finally:
-            procs.stop_all(servers)
+            procs.stop_all([s for servers in sets.values() for s in servers])
         ms = {k: report.median(v) * 1e3 for k, v in phases.items()}
-        for mode in modes:
-            table.add(params=report.human(params), overlap=mode, pull=ms[f"{mode}.pull"],
-                      compute=ms[f"{mode}.compute"], push=ms[f"{mode}.push"],
-                      apply=ms[f"{mode}.apply"], shardps_step=ms[f"{mode}.total"],
-                      local_compute=ms["local_compute"], local_adam=ms["local_adam"],
-                      local_step=ms["local_step"], ratio=ms[f"{mode}.total"] / ms["local_step"])
-            print(table.rows[-1], flush=True)
+        for shm in shared:
+            for mode in modes:
+                key = f"{mode}/{shm}"
+                table.add(params=report.human(params), overlap=mode, shm=shm, pull=ms[f"{key}.pull"],
+                          compute=ms[f"{key}.compute"], push=ms[f"{key}.push"],
+                          apply=ms[f"{key}.apply"], shardps_step=ms[f"{key}.total"],
+                          local_compute=ms["local_compute"], local_adam=ms["local_adam"],
+                          local_step=ms["local_step"], ratio=ms[f"{key}.total"] / ms["local_step"])
+                print(table.rows[-1], flush=True)
     report.write("step", [table], vars(args), out_dir=args.out_dir)
 
 
-def _measure(model: nn.Module, servers: list[procs.Child], x: torch.Tensor, y: torch.Tensor,
-             modes: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
-    """Steps of every mode and of the local baseline, interleaved: each phase's samples."""
+def _measure(model: nn.Module, sets: dict[str, list[procs.Child]], x: torch.Tensor,
+             y: torch.Tensor, modes: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Steps of every mode on every set of servers and of the local baseline, interleaved:
+    each phase's samples, keyed "overlap/shared-memory.phase"."""
     local = Baseline(copy.deepcopy(model))
-    remote = Shardps(model, servers, report.parse_bytes(args.chunk_bytes), args.shards)
-    steps = {"off": remote.step, "on": remote.overlapped}
+    remotes = [Shardps(copy.deepcopy(model), servers, report.parse_bytes(args.chunk_bytes),
+                       args.shards) for servers in sets.values()]
+    steps = {f"{mode}/{shm}": remote.step if mode == "off" else remote.overlapped
+             for shm, remote in zip(sets, remotes, strict=True) for mode in modes}
     try:
         local.step(x, y)
-        for mode in modes:  # warm-up: Adam state, buffers, connections
-            steps[mode](x, y)
+        for step in steps.values():  # warm-up: Adam state, buffers, connections
+            step(x, y)
         phases: dict[str, list[float]] = {}
         for _ in range(args.steps):
-            for mode in modes:
-                for key, value in steps[mode](x, y).items():
+            for mode, step in steps.items():
+                for key, value in step(x, y).items():
                     phases.setdefault(f"{mode}.{key}", []).append(value)
             compute, adam = local.step(x, y)
             phases.setdefault("local_compute", []).append(compute)
             phases.setdefault("local_adam", []).append(adam)
             phases.setdefault("local_step", []).append(compute + adam)
     finally:
-        remote.close()
+        for remote in remotes:
+            remote.close()
     return phases
 
 

@@ -33,6 +33,28 @@ Wire format (little-endian); one request at a time per connection:
            little-endian). Either body may be up to MAX_ROWS_BODY_BYTES, gRPC's message limit,
            so a call that fits one path fits the other.
 
+  shared memory (the same-host path, runtime/shm.py): a server offers it only on a
+           connection between two loopback addresses (`--shared-memory off`: never). Requests:
+           SHM_OPEN     u64 capacity in bytes; reply body: 16 bytes of nonce and the
+                        segment's path (UTF-8), or empty: declined (not offered on this
+                        connection, larger than any shard, no space in /dev/shm)
+           SHM_CONFIRM  u8 1 if the client mapped the segment and found the nonce, else 0;
+                        reply empty. The server unlinks the file at this request (or when
+                        the connection ends) and keeps the segment only on a 1
+           PUSH_SHM     as PUSH, uncompressed only, but the elements are in the segment at
+                        their offsets ([0, length) in the wire dtype) before the frame is
+                        sent; with header.pieces the PIECE heads still come on the socket,
+                        each sent once its elements are in the segment
+           PULL_SHM     as PULL, uncompressed only; a ready reply's head is followed by
+                        LANDED frames (u64 elements written so far, rising to `length`),
+                        each sent once those elements are in the segment; or, where the
+                        connection has no segment that holds them, by one LANDED frame of
+                        ON_SOCKET and then the elements on the socket as for PULL
+           A newer SHM_OPEN replaces the connection's segment. The segment belongs to the
+           one request in flight on its connection: the client does not touch it between
+           sending a request and reading its reply, except to write a push's pieces ahead
+           of their heads.
+
 With TLS configured (the process's Security) the socket is TLS with the process's certificates and CA,
 as its gRPC channels and servers are; the token is checked at hello. Every blocking socket
 call has a timeout; a connection that fails mid-frame is closed, never reused.
@@ -52,6 +74,10 @@ MAGIC = b"SPSDATA1"
 PUSH, PULL = 1, 2
 INIT_ROWS, PULL_ROWS, PUSH_ROWS = 3, 4, 5  # the row calls: a request message per frame
 ROW_KINDS = frozenset({INIT_ROWS, PULL_ROWS, PUSH_ROWS})
+SHM_OPEN, SHM_CONFIRM, PUSH_SHM, PULL_SHM = 6, 7, 8, 9  # the same-host path
+CAPACITY = struct.Struct("<Q")   # SHM_OPEN's body
+LANDED = struct.Struct("<Q")     # PULL_SHM's progress: elements in the segment so far
+ON_SOCKET = (1 << 64) - 1        # a LANDED value: the elements come on the socket instead
 FRAME = struct.Struct("<BI")  # kind or code, body length
 PIECE = struct.Struct("<QQ")  # an overlapped push's piece: offset, count (elements)
 MAX_PIECES = 1 << 16          # pieces one push may come in

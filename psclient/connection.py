@@ -20,7 +20,9 @@ from shardps.proto.dataplane import (
     MAX_BODY_BYTES,
     PIECE,
     PULL,
+    PULL_SHM,
     PUSH,
+    PUSH_SHM,
     TOKEN_LEN,
     DataPlaneError,
     as_bytes,
@@ -31,7 +33,9 @@ from shardps.proto.dataplane import (
     tune,
 )
 from shardps.psclient import deltas
+from shardps.psclient.shmlink import ClientShm, Lengths, land, loopback
 from shardps.psclient.transport import PullWatch
+from shardps.runtime import shm
 
 _T = TypeVar("_T")
 
@@ -42,11 +46,21 @@ class Connection:
     Every call sends one request and reads its reply. Any failure closes the connection
     (`closed` turns true) and raises DataPlaneError: UNAVAILABLE or DEADLINE_EXCEEDED for
     transport trouble, the server's code for a refusal.
+
+    Where the server offers shared memory (on loopback, psclient/shmlink.py),
+    dense pushes and pulls move their elements through the connection's segment; `lengths`
+    (shared by a server's connections) remembers each shard's length, to size the segment
+    before a pull's reply says it.
     """
 
-    def __init__(self, host: str, port: int, context: ssl.SSLContext | None, token: str | None):
+    def __init__(self, host: str, port: int, context: ssl.SSLContext | None, token: str | None,
+                 lengths: Lengths | None = None):
         self.address = f"{host}:{port}"
         self._sock: socket.socket | None = None
+        self._shm: ClientShm | None = None
+        self._lengths: Lengths = {} if lengths is None else lengths
+        self._pieces: shm.Segment | None = None  # the segment of the push whose pieces go out
+        self._pulling: shm.Segment | None = None  # the segment of the pull sent last
         try:
             sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
         except OSError as exc:
@@ -60,6 +74,8 @@ class Connection:
             hello = (token or "").encode()
             sock.sendall(MAGIC + TOKEN_LEN.pack(len(hello)) + hello)
             self._reply(CONNECT_TIMEOUT_S)
+            if loopback(sock):  # the server may offer shared memory: asked when first needed
+                self._shm = ClientShm(self._exchange)
         except (OSError, ssl.SSLError) as exc:
             sock.close()
             self._sock = None
@@ -88,6 +104,9 @@ class Connection:
         return not readable
 
     def close(self) -> None:
+        self._pieces = self._pulling = None
+        if self._shm is not None:
+            self._shm.close()
         if self._sock is not None:
             try:
                 self._sock.close()
@@ -108,12 +127,21 @@ class Connection:
                    timeout: float) -> None:
         """Sends the header and then `part`: elements in the wire dtype, or a compressed
         push's encoding (bytes, header.compressed_bytes long) as it is."""
+        self._lengths[header.job_id, header.shard_index] = header.length
+        dtype = codec.torch_dtype(wire_dtype)
+        segment = None if isinstance(part, bytes) else self._segment(part.numel(), dtype, timeout)
+        if segment is not None and not isinstance(part, bytes):  # elements in, header on the socket
+            segment.tensor(dtype, part.numel()).copy_(part.detach())
+            self._send(lambda sock: sock.sendall(frame(PUSH_SHM, header.SerializeToString())),
+                       timeout)
+            return
+
         def send(sock: socket.socket) -> None:
             sock.sendall(frame(PUSH, header.SerializeToString()))
             if isinstance(part, bytes):
                 sock.sendall(part)
                 return
-            for piece in _wire_pieces(part, codec.torch_dtype(wire_dtype)):
+            for piece in _wire_pieces(part, dtype):
                 sock.sendall(piece)
 
         self._send(send, timeout)
@@ -121,15 +149,24 @@ class Connection:
     def start_pieces(self, header: ps_pb2.PushHeader, timeout: float) -> None:
         """Sends an overlapped push's header (header.pieces > 0); its pieces follow, one
         `send_piece` each, then `finish_push`."""
-        self._send(lambda sock: sock.sendall(frame(PUSH, header.SerializeToString())), timeout)
+        self._lengths[header.job_id, header.shard_index] = header.length
+        self._pieces = self._segment(header.length, codec.torch_dtype(header.dtype), timeout)
+        kind = PUSH if self._pieces is None else PUSH_SHM
+        self._send(lambda sock: sock.sendall(frame(kind, header.SerializeToString())), timeout)
 
     def send_piece(self, offset: int, part: torch.Tensor, wire_dtype: int,
                    timeout: float) -> None:
         """Sends one piece of an overlapped push: its head, then `part`'s elements in the wire
         dtype (`offset`: where `part` starts in the shard, in elements)."""
+        segment, dtype = self._pieces, codec.torch_dtype(wire_dtype)
+        # Its elements in place first, then its head (one past the end: the head alone, for
+        # the server to refuse as on the socket).
+        if segment is not None and shm.fits(segment.capacity, part.numel(), dtype, offset):
+            segment.tensor(dtype, part.numel(), offset).copy_(part.detach())
+
         def send(sock: socket.socket) -> None:
             sock.sendall(PIECE.pack(offset, part.numel()))
-            for piece in _wire_pieces(part, codec.torch_dtype(wire_dtype)):
+            for piece in [] if segment is not None else _wire_pieces(part, dtype):
                 sock.sendall(piece)
 
         self._send(send, timeout)
@@ -137,15 +174,25 @@ class Connection:
     def finish_push(self, timeout: float) -> ps_pb2.PushResponse:
         return ps_pb2.PushResponse.FromString(self._reply(timeout))
 
-    def start_pull(self, request: ps_pb2.PullRequest, timeout: float) -> None:
-        self._send(lambda sock: sock.sendall(frame(PULL, request.SerializeToString())), timeout)
+    def start_pull(self, request: ps_pb2.PullRequest, timeout: float, behind: bool = False) -> None:
+        """Sends a pull; `behind` a push whose reply is still to come (the segment is then
+        used as it is, never grown: that would take an exchange of its own)."""
+        self._pulling = None
+        if not request.compress and self._shm is not None:  # a segment that holds it, if any
+            length = self._lengths.get((request.job_id, request.shard_index), 0)
+            self._pulling = (self._segment(length, codec.torch_dtype(request.dtype), timeout)
+                             if length and not behind else self._shm.segment)
+        kind = PULL if self._pulling is None else PULL_SHM
+        self._send(lambda sock: sock.sendall(frame(kind, request.SerializeToString())), timeout)
 
     def finish_pull(self, request: ps_pb2.PullRequest, dest: torch.Tensor,
                     timeout: float, watch: PullWatch | None = None) -> ps_pb2.PullResponse:
         """Reads a pull's reply into `dest`; `watch` hears of the head and of every few MiB of
         a dense reply's elements as they land (a compressed one's all at once, at the end)."""
         head = ps_pb2.PullResponse.FromString(self._reply(timeout))
+        segment, self._pulling = self._pulling, None
         if head.ready:
+            self._lengths[request.job_id, request.shard_index] = head.length
             if head.length != dest.numel():
                 self.close()  # its elements are on the way: this connection is out of step
                 raise DataPlaneError(grpc.StatusCode.INTERNAL, f"data plane {self.address}: "
@@ -162,9 +209,30 @@ class Connection:
                 return head
             if watch is not None:
                 watch.head(head)
-            self._guard(lambda sock: _recv_into(sock, dest, codec.torch_dtype(request.dtype),
-                                                watch))
+            dtype = codec.torch_dtype(request.dtype)
+            if segment is not None and self._landed(segment, dest, dtype, watch):
+                return head
+            self._guard(lambda sock: _recv_into(sock, dest, dtype, watch))
         return head
+
+    def _landed(self, segment: shm.Segment, dest: torch.Tensor, dtype: torch.dtype,
+                watch: PullWatch | None) -> bool:
+        """A PULL_SHM's elements from the segment; False if they come on the socket."""
+        try:
+            return self._guard(lambda sock: land(sock, segment, dest, dtype, self.address, watch))
+        except DataPlaneError:
+            self.close()  # out of step
+            raise
+
+    def _segment(self, count: int, dtype: torch.dtype, timeout: float) -> shm.Segment | None:
+        """This connection's segment grown to hold `count` elements of `dtype`, or None."""
+        if self._shm is None:
+            return None
+        return self._shm.ensure(count * dtype.itemsize, timeout)
+
+    def _exchange(self, kind: int, body: bytes, timeout: float) -> bytes:
+        self._send(lambda sock: sock.sendall(frame(kind, body)), timeout)
+        return self._reply(timeout)
 
     def start_request(self, kind: int, body: bytes, timeout: float) -> None:
         """Sends one request frame whose body is all of it (the row calls: a message)."""

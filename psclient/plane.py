@@ -11,6 +11,7 @@ import torch
 
 from shardps.proto import dataplane, ps_pb2
 from shardps.psclient.connection import Connection
+from shardps.psclient.shmlink import Lengths
 from shardps.psclient.transport import PullWatch
 from shardps.runtime import rpc, sslcontext
 
@@ -30,6 +31,7 @@ class DataPlaneTransport:
         self._ask_port = ask_port
         self._port: int | None = None
         self._idle: list[Connection] = []
+        self._lengths: Lengths = {}  # its connections' shard lengths (psclient/shmlink.py)
         self._lock = threading.Lock()
         security = rpc.current_security()
         self._tls = sslcontext.client_context(security)
@@ -53,7 +55,7 @@ class DataPlaneTransport:
         try:
             conn.start_push(header, part, header.dtype, rpc.TRANSFER_DEADLINE_S)
             if then_pull is not None:
-                conn.start_pull(then_pull, rpc.TRANSFER_DEADLINE_S)
+                conn.start_pull(then_pull, rpc.TRANSFER_DEADLINE_S, behind=True)
         except BaseException:
             self.failed(conn)
             raise
@@ -105,7 +107,7 @@ class DataPlaneTransport:
             raise dataplane.DataPlaneError(grpc.StatusCode.UNAVAILABLE,
                                            f"data plane {self._host}: no data port any more")
         try:
-            return Connection(self._host, port, self._tls, self._token)
+            return Connection(self._host, port, self._tls, self._token, self._lengths)
         except dataplane.DataPlaneError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._forget_port()
@@ -198,7 +200,7 @@ class PlanePieces:
     def finish(self) -> tuple[ps_pb2.PushResponse, _PlanePull | None]:
         if self._then_pull is not None:
             try:
-                self._conn.start_pull(self._then_pull, rpc.TRANSFER_DEADLINE_S)
+                self._conn.start_pull(self._then_pull, rpc.TRANSFER_DEADLINE_S, behind=True)
             except BaseException:
                 self._plane.failed(self._conn)
                 raise

@@ -267,3 +267,14 @@ def run_until_signal(stop: Callable[[], None], wait: Callable[[float], bool],
         if wait(0.5):
             break
     stop()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

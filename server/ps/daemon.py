@@ -45,7 +45,7 @@ class ParameterServerDaemon:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, coordinator: str | None = None,
                  metrics_port: int = -1, advertise: str | None = None,
                  threads: int | None = None, grpc_workers: int = GRPC_WORKERS,
-                 data_dir: str | None = None, data_port: int = 0):
+                 data_dir: str | None = None, data_port: int = 0, shared_memory: bool = True):
         """
         Args:
             host, port: address to bind; port 0 picks a free one.
@@ -59,6 +59,8 @@ class ParameterServerDaemon:
                 checkpoint and the server registers under its old node id.
             data_port: the data plane's TCP port on `host` (push and pull without gRPC's
                 copies, proto/dataplane.py); 0 picks a free one, negative disables it.
+            shared_memory: offer the data plane's same-host path (a segment in /dev/shm per
+                connection) to clients that connect between loopback addresses.
         """
         self.host = host
         self.port = port
@@ -67,6 +69,7 @@ class ParameterServerDaemon:
         self.advertise = advertise
         self.threads = threads
         self.data_port = data_port
+        self.shared_memory = shared_memory
         self.metrics_registry = daemon.new_registry()
         self.checkpointer = (Checkpointer(data_dir, self.metrics_registry)
                              if data_dir else None)
@@ -123,7 +126,8 @@ class ParameterServerDaemon:
                 # As many connections as the gRPC server takes concurrent calls.
                 self.data_server = DataServer(self.servicer.bulk, rpc.current_security(),
                                               max_connections=self._grpc_workers * 4,
-                                              rows=self.servicer.rows)
+                                              rows=self.servicer.rows,
+                                              shared_memory=self.shared_memory)
                 self.data_port = self.data_server.start(self.host, self.data_port)
                 self.servicer.data_port = self.data_port
             self.metrics_endpoint = daemon.start_metrics(self.metrics_registry, self.host,
@@ -247,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                              "gRPC, on --host, with the same TLS and token); 0 picks a free "
                              "one (default), -1 turns it off (workers then push and pull over "
                              "gRPC)")
+    parser.add_argument("--shared-memory", choices=("on", "off"), default="on",
+                        help="offer data-plane clients on loopback the same-host path: pushed "
+                             "and pulled elements go through a segment in /dev/shm instead "
+                             "of the socket (default on)")
     parser.add_argument("--threads", type=_positive, default=1,
                         help="torch intra-op threads for Adam (default 1)")
     args = parser.parse_args(argv)
@@ -259,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         server = ParameterServerDaemon(args.host, args.port, args.coordinator or None,
                                        args.metrics_port, advertise=args.advertise,
                                        threads=args.threads, data_dir=args.data_dir,
-                                       data_port=args.data_port)
+                                       data_port=args.data_port,
+                                       shared_memory=args.shared_memory == "on")
     except OSError as exc:
         rpc.fail(f"cannot use --data-dir {args.data_dir}: {exc}", exitcodes.STATE_ERROR)
     try:

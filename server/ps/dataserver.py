@@ -1,6 +1,6 @@
 """The data plane's server side: a TCP listener beside the gRPC service, serving the Push and
-Pull frames of proto/dataplane.py through BulkOps (and the row calls' frames through
-rowframes.py), one thread per authenticated connection.
+Pull frames of proto/dataplane.py (bulkframes.py, also on the same-host path of shmserve.py)
+and the row calls' frames (rowframes.py), one thread per authenticated connection.
 
 A connection gets its thread only after a valid hello: until then it is one of a bounded
 number of sockets that a single thread (runtime/gate.py) takes through the TLS handshake and
@@ -9,12 +9,7 @@ source's oldest pushed out by newer ones beyond MAX_PENDING. So a client without
 client certificate, under mutual TLS) costs at most a socket for a few seconds, never a
 thread, and never one of the `max_connections` slots of authenticated connections.
 
-A pushed gradient is received straight into the shard's staging buffer (checked for NaN/inf
-a few MiB at a time, while in cache); a pulled snapshot is copied a few MiB at a time under
-the shard's lock into a buffer that is sent outside it, so a slow reader never holds the
-shard. Refusals answer with the gRPC status code the RPC would give. A push refused before
-its elements were read has them drained when its header declares a sane size (the connection
-stays in step), else the connection is closed after the reply.
+Refusals answer with the gRPC status code the RPC would give.
 
 Waits, all with server-side limits: the hello as above; a request, from its first byte to
 its reply's last, within rpc.TRANSFER_DEADLINE_S with no wait on the client longer than
@@ -33,15 +28,15 @@ import time
 
 import grpc
 import torch
-from google.protobuf.message import DecodeError
 
-from shardps.proto import codec, dataplane, ps_pb2
-from shardps.runtime import callguard, gate, rpc, sslcontext
+from shardps.proto import dataplane
+from shardps.runtime import callguard, gate, rpc, shm, sslcontext
 
-from . import compressed, forwarding, pieces, rowframes
-from .bulk import BulkOps, Refused
-from .forwarding import OnPiece
+from . import rowframes, shmserve
+from .bulk import BulkOps
+from .bulkframes import BulkFrames, CloseConnection, reply_error
 from .rowservice import RowService
+from .shmserve import ShmError, ShmLink
 
 log = logging.getLogger("shardps.ps")
 
@@ -49,13 +44,8 @@ HELLO_DEADLINE_S = 5.0   # TLS handshake and hello, from the accept
 MAX_PENDING = 128        # connections in their handshake or hello (see runtime/gate.py)
 MAX_CONNECTIONS = 256    # authenticated connections, a thread each
 IDLE_S = 600.0           # an authenticated connection's wait for its next request
-MAX_DRAIN_BYTES = 1 << 36  # a push header declaring more is not read on; the connection closes
 _KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
 _HELLO_HEAD = len(dataplane.MAGIC) + dataplane.TOKEN_LEN.size
-
-
-class _Close(Exception):
-    """Ends a connection (after whatever reply was due has been sent)."""
 
 
 class DataServer:
@@ -67,10 +57,14 @@ class DataServer:
 
     def __init__(self, bulk: BulkOps, security: rpc.Security,
                  max_connections: int = MAX_CONNECTIONS, max_pending: int = MAX_PENDING,
-                 hello_deadline_s: float = HELLO_DEADLINE_S, rows: RowService | None = None):
-        """`rows`: the row calls' service (rowframes.py), None to serve Push and Pull only."""
+                 hello_deadline_s: float = HELLO_DEADLINE_S, rows: RowService | None = None,
+                 shared_memory: bool = True):
+        """`rows`: the row calls' service (rowframes.py), None to serve Push and Pull only;
+        `shared_memory`: offer loopback clients the same-host path (shmserve.py)."""
         self.bulk = bulk
+        self.frames = BulkFrames(bulk, lambda: not self._stopping.is_set())
         self.rows = rows
+        self.shared_memory = shared_memory
         self.token = security.token.encode() if security.token else None
         self.context = sslcontext.server_context(security)
         self.max_connections = max_connections
@@ -88,6 +82,8 @@ class DataServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.create_server((host.strip("[]"), port), family=family, backlog=128)
         self.port = listener.getsockname()[1]
+        if self.shared_memory and shm.sweep():
+            log.info("data plane: removed shared-memory segments of processes that are gone")
         self.gate = gate.Gate(listener, self._hello, name="data-accept", context=self.context,
                               deadline_s=self.hello_deadline_s, max_pending=self.max_pending)
         self.gate.start()
@@ -151,6 +147,9 @@ class DataServer:
 
     def _serve(self, conn: socket.socket) -> None:
         peer = _peer(conn)
+        metrics = self.bulk.metrics
+        link = (ShmLink(self._shm_limit, metrics.shm_segments, metrics.shm_segment_bytes)
+                if self.shared_memory and shmserve.offered(conn) else None)
         try:
             dataplane.tune(conn)
             for name, value in _KEEPALIVE:
@@ -166,7 +165,7 @@ class DataServer:
                 try:
                     first = conn.recv_into(view)
                 except TimeoutError:
-                    raise _Close(f"idle for {IDLE_S:g} s") from None
+                    raise CloseConnection(f"idle for {IDLE_S:g} s") from None
                 if first == 0:
                     return  # the client closed the connection between requests
                 deadline = dataplane.Deadline(rpc.TRANSFER_DEADLINE_S, callguard.CLIENT_WAIT_S)
@@ -176,23 +175,21 @@ class DataServer:
                 limit = dataplane.MAX_ROWS_BODY_BYTES if rows else dataplane.MAX_BODY_BYTES
                 if size > limit:
                     if rows:  # as gRPC refuses a message over its limit
-                        _reply_error(conn, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        reply_error(conn, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                      f"a request of {size} bytes (at most {limit})", deadline)
-                    raise _Close(f"a request body of {size} bytes")
+                    raise CloseConnection(f"a request body of {size} bytes")
                 body = bytearray(size)
                 dataplane.recv_exact(conn, memoryview(body), deadline)
                 if rows and self.rows is not None:
                     reply = rowframes.answer(self.rows, kind, bytes(body),
                                              lambda: not self._stopping.is_set())
                     dataplane.send_all(conn, reply, deadline)
-                elif kind == dataplane.PUSH:
-                    self._push(conn, bytes(body), deadline)
-                elif kind == dataplane.PULL:
-                    self._pull(conn, bytes(body), scratch, deadline)
+                elif kind in (dataplane.PUSH, dataplane.PULL) or (
+                        link is None and kind != dataplane.SHM_OPEN):
+                    self._plain(conn, kind, bytes(body), scratch, deadline)
                 else:
-                    _reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, f"unknown request kind {kind}", deadline)
-                    raise _Close(f"unknown request kind {kind}")
-        except _Close as exc:
+                    self._shm(conn, link, kind, bytes(body), deadline)
+        except CloseConnection as exc:
             log.debug("data connection closed: %s", exc)
         except TimeoutError as exc:  # a request that waited on its client past a limit
             if not self._stopping.is_set():
@@ -202,116 +199,53 @@ class DataServer:
             if not self._stopping.is_set():
                 log.debug("data connection ended: %s", exc)
         finally:
+            if link is not None:
+                link.close()
             with self._lock:
                 self._connections.discard(conn)
                 self._threads.discard(threading.current_thread())
             conn.close()
 
-    def _push(self, conn: socket.socket, body: bytes, deadline: dataplane.Deadline) -> None:
-        try:
-            header = ps_pb2.PushHeader.FromString(body)
-        except DecodeError:
-            self.bulk.metrics.rejected.labels("bad_header").inc()
-            _reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, "push header does not parse", deadline)
-            raise _Close("bad push header") from None
-        declared = compressed.body_bytes(header)
-        consumed = False
-
-        def fill(grad: torch.Tensor, on_piece: OnPiece | None) -> tuple[int, bool]:
-            nonlocal consumed
-            consumed = True
-            if compressed.is_compressed(header):  # bytes bounded by bulk.push's check_header
-                body = bytearray(header.compressed_bytes)
-                dataplane.recv_exact(conn, memoryview(body), deadline)
-                return compressed.decode_into(header, body, grad)
-            if header.pieces:  # an overlapped push: pieces in any order
-                return pieces.fill(conn, header, grad, deadline, on_piece)
-            data = dataplane.as_bytes(grad)
-            finite = True
-            step = dataplane.IO_BYTES if on_piece is None else forwarding.PIECE_BYTES
-            per_piece = step // grad.element_size()
-            for lo in range(0, len(data), step):
-                dataplane.recv_exact(conn, data[lo : lo + step], deadline)
-                first = lo // grad.element_size()
-                if finite:  # each piece while it is in cache
-                    finite = codec.pushable(grad[first : first + per_piece])
-                if on_piece is not None and finite:  # on to the backups (cut-through)
-                    on_piece(first, min(first + per_piece, grad.numel()))
-            return len(data), finite
-
-        try:
-            reply: ps_pb2.PushResponse | Refused = self.bulk.push(header, fill)
-        except Refused as exc:
-            reply = exc
-        # The elements not read yet are drained, so the connection stays in step; a size
-        # that cannot be trusted closes it after the reply instead.
-        in_step = consumed or self._drain(conn, declared, deadline)
-        if isinstance(reply, Refused):
-            _reply_error(conn, reply.code, str(reply), deadline)
-        elif self.bulk.faults.drop(reply):
-            raise _Close("fault injected: push reply dropped")
+    def _plain(self, conn: socket.socket, kind: int, body: bytes,
+               scratch: dict[torch.dtype, torch.Tensor], deadline: dataplane.Deadline) -> None:
+        """PUSH, PULL, or a kind this connection does not take."""
+        if kind == dataplane.PUSH:
+            self.frames.push(conn, body, deadline)
+        elif kind == dataplane.PULL:
+            self.frames.pull(conn, body, scratch, deadline)
         else:
-            dataplane.send_all(conn, dataplane.frame(0, reply.SerializeToString()), deadline)
-        if not in_step:
-            raise _Close(f"push declares {declared} bytes")
+            reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, f"unknown request kind {kind}", deadline)
+            raise CloseConnection(f"unknown request kind {kind}")
 
-    def _drain(self, conn: socket.socket, declared: int, deadline: dataplane.Deadline) -> bool:
-        """Reads and discards a push's elements that were not wanted; False (nothing read)
-        when the declared size is not one to read on."""
-        if not 0 <= declared <= MAX_DRAIN_BYTES:
-            return False
-        sink = bytearray(min(declared, dataplane.IO_BYTES))
-        view = memoryview(sink)
-        left = declared
-        while left:
-            n = min(left, len(sink))
-            dataplane.recv_exact(conn, view[:n], deadline)
-            left -= n
-        return True
-
-    def _pull(self, conn: socket.socket, body: bytes, scratch: dict[torch.dtype, torch.Tensor],
-              deadline: dataplane.Deadline) -> None:
+    def _shm(self, conn: socket.socket, link: ShmLink | None, kind: int, body: bytes,
+             deadline: dataplane.Deadline) -> None:
+        """The same-host path's requests (shmserve.py); a bad one is answered, then closes.
+        Without `link` (not offered here) an SHM_OPEN is declined."""
         try:
-            request = ps_pb2.PullRequest.FromString(body)
-        except DecodeError:
-            _reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, "pull request does not parse", deadline)
-            raise _Close("bad pull request") from None
-        try:
-            plan = self.bulk.pull(request, lambda: not self._stopping.is_set())
-        except Refused as exc:
-            _reply_error(conn, exc.code, str(exc), deadline)
-            return
-        sent = 0
-        try:
-            dataplane.send_all(conn, dataplane.frame(0, plan.head.SerializeToString()), deadline)
-            if plan.snapshot is None:
-                return
-            if plan.delta is not None:  # a compressed pull: the encoding instead of elements
-                dataplane.send_all(conn, plan.delta, deadline)
-                sent = len(plan.delta)
-                return
-            step = max(1, dataplane.IO_BYTES // plan.dtype.itemsize)
-            buf = scratch.get(plan.dtype)
-            if buf is None or buf.numel() < min(step, plan.shard.length):
-                buf = scratch[plan.dtype] = torch.empty(min(step, plan.shard.length), dtype=plan.dtype)
+            if kind == dataplane.SHM_OPEN:
+                reply = link.open(body) if link is not None else b""
+                dataplane.send_all(conn, dataplane.frame(0, reply), deadline)
+            elif link is None:
+                raise ShmError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown request kind {kind}")
+            elif kind == dataplane.SHM_CONFIRM:
+                link.confirm(body)
+                dataplane.send_all(conn, dataplane.frame(0, b""), deadline)
+            elif kind == dataplane.PUSH_SHM:
+                self.frames.push(conn, body, deadline, link)
+            elif kind == dataplane.PULL_SHM:
+                self.frames.pull(conn, body, {}, deadline, link)
+            else:
+                raise ShmError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown request kind {kind}")
+        except ShmError as exc:
+            reply_error(conn, exc.code, str(exc), deadline)
+            raise CloseConnection(str(exc)) from None
 
-            def copy(lo: int, view: torch.Tensor) -> memoryview:
-                # The one copy (and cast), under the lock; sent after it is released.
-                return dataplane.as_bytes(buf[: view.numel()].copy_(view))
-
-            for piece in self.bulk.pieces(plan, step, copy):
-                dataplane.send_all(conn, piece, deadline)
-                sent += len(piece)
-        finally:
-            self.bulk.pulled(plan, sent)
+    def _shm_limit(self) -> int:
+        """The largest segment to make: the largest shard this server holds, in fp32."""
+        return 4 * max((s.length for s in self.bulk.shards.shards()), default=0)
 
 
 _error = rowframes.error_frame
-
-
-def _reply_error(conn: socket.socket, code: grpc.StatusCode, message: str,
-                 deadline: dataplane.Deadline) -> None:
-    dataplane.send_all(conn, _error(code, message), deadline)
 
 
 def _peer(sock: socket.socket) -> str:

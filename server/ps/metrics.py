@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -62,6 +62,17 @@ class PSMetrics:
                                 ["way"], registry=registry)
         for way in ("cut_through", "whole"):
             self.forwards.labels(way)
+        self.shm_bytes = Counter("shardps_ps_shared_memory_bytes_total",
+                                 "Element bytes of pushes and pulls that went through shared-memory "
+                                 "segments (the data plane's same-host path; also counted in "
+                                 "push and pull bytes), by direction", ["direction"], registry=registry)
+        for direction in ("push", "pull"):
+            self.shm_bytes.labels(direction)
+        self.shm_segments = Gauge("shardps_ps_shared_memory_segments",
+                                  "Shared-memory segments mapped now (one per data-plane "
+                                  "connection on the same-host path)", registry=registry)
+        self.shm_segment_bytes = Gauge("shardps_ps_shared_memory_segment_bytes",
+                                       "Bytes of /dev/shm those segments hold", registry=registry)
         self._shard_collector = _ShardCollector(shards)
         registry.register(self._shard_collector)
         registry.register(TableCollector(shards))

@@ -3,12 +3,14 @@ gradient that arrives as pieces in any order, each a PIECE head and its elements
 straight into the shard's staging buffer. The push is handled only once every piece is in,
 so the shard sees exactly what an in-order push would have given it.
 
-The data plane's only: the Push RPC's chunks carry offsets of their own.
+The data plane's only: the Push RPC's chunks carry offsets of their own. On the same-host path
+(PUSH_SHM) the heads come on the socket and each piece's elements are in the shared segment.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import torch
 
@@ -33,17 +35,32 @@ def check_header(header: ps_pb2.PushHeader, compressed: bool) -> None:
                                f"{header.length} elements", REASON)
 
 
+Take = Callable[[int, int], None]  # take(lo, hi): elements [lo, hi) of the push into grad
+
+
+def receiver(conn: socket.socket, grad: torch.Tensor, deadline: dataplane.Deadline) -> Take:
+    """take(lo, hi) reading the elements from the socket (they come in the order taken)."""
+    data, size = dataplane.as_bytes(grad), grad.element_size()
+
+    def take(lo: int, hi: int) -> None:
+        dataplane.recv_exact(conn, data[lo * size : hi * size], deadline)
+    return take
+
+
 def fill(conn: socket.socket, header: ps_pb2.PushHeader, grad: torch.Tensor,
-         deadline: dataplane.Deadline, on_piece: OnPiece | None = None) -> tuple[int, bool]:
+         deadline: dataplane.Deadline, on_piece: OnPiece | None = None,
+         take: Take | None = None, on_socket: bool = True) -> tuple[int, bool]:
     """Receives every piece into `grad` (the staging buffer, header.length elements of the
     wire dtype); returns (element bytes received, whether all are codec.pushable).
-    `on_piece`, if given, hears of each piece once it is in and pushable.
+    `on_piece`, if given, hears of each piece once it is in and pushable. `take` moves a
+    piece's elements in (default: `receiver`); `on_socket` says whether they come on the
+    socket, to be drained there after a bad head.
 
     Reads exactly the bytes the header declares, also when a piece head is bad (the rest
     is drained, so the connection stays in step), then raises codec.CodecError for heads
     that run past the end or do not cover [0, length) exactly once.
     """
-    data = dataplane.as_bytes(grad)
+    take = take or receiver(conn, grad, deadline)
     size = grad.element_size()
     head = bytearray(dataplane.PIECE.size)
     spans: list[tuple[int, int]] = []
@@ -57,13 +74,13 @@ def fill(conn: socket.socket, header: ps_pb2.PushHeader, grad: torch.Tensor,
         # length (what is left of it is drained).
         if count == 0 or offset + count > grad.numel() or received + count > grad.numel():
             error = f"piece [{offset}, {offset + count}) of {grad.numel()} elements"
-            _drain(conn, (grad.numel() - received) * size
+            _drain(conn, (grad.numel() - received) * size * on_socket
                    + (left - 1) * dataplane.PIECE.size, deadline)
             break
         per_io = max(1, dataplane.IO_BYTES // size)
         for lo in range(offset, offset + count, per_io):
             hi = min(lo + per_io, offset + count)
-            dataplane.recv_exact(conn, data[lo * size : hi * size], deadline)
+            take(lo, hi)
             if finite:  # each few MiB while it is in cache, as an in-order push is checked
                 finite = codec.pushable(grad[lo:hi])
         spans.append((offset, count))
@@ -74,7 +91,7 @@ def fill(conn: socket.socket, header: ps_pb2.PushHeader, grad: torch.Tensor,
         error = _coverage_error(spans, grad.numel())
     if error is not None:
         raise codec.CodecError(f"pushed pieces: {error}")
-    return len(data), finite
+    return grad.numel() * size, finite
 
 
 def _drain(conn: socket.socket, nbytes: int, deadline: dataplane.Deadline) -> None:

@@ -54,8 +54,9 @@ def test_the_server_names_its_data_port_and_without_one_clients_use_grpc():
         off.stop(0)
 
 
-def test_refusals_come_back_as_grpc_codes_and_change_nothing():
-    server = started()
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "socket"])
+def test_refusals_come_back_as_grpc_codes_and_change_nothing(shared_memory):
+    server = started(shared_memory=shared_memory)
     try:
         smap = shard_map([server], TOTAL)
         init = torch.randn(TOTAL)

@@ -28,8 +28,13 @@ APPLIED = ps_pb2.PUSH_STATUS_APPLIED
 BUCKETS = [(0, 7_000), (7_000, 20_000), (20_000, 31_000), (31_000, TOTAL)]
 
 
-def test_a_push_in_pieces_sent_out_of_order_is_applied_as_the_whole_push():
-    on, off = started(), started(data_port=-1)  # the second gets a whole push at finish
+SHARED_MEMORY = pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "socket"])
+
+
+@SHARED_MEMORY
+def test_a_push_in_pieces_sent_out_of_order_is_applied_as_the_whole_push(shared_memory):
+    # The second server has no data plane: it gets a whole push at finish.
+    on, off = started(shared_memory=shared_memory), started(data_port=-1)
     try:
         init, grad = torch.randn(TOTAL), torch.randn(TOTAL)
         with PSClient("job", shard_map([on, off], TOTAL), worker_id="w0") as client:
@@ -98,8 +103,9 @@ def _pieces_push(port: int, pieces: list[tuple[int, int]], length: int,
         conn.close()
 
 
-def test_pieces_that_do_not_cover_the_shard_once_are_refused_and_change_nothing():
-    server = started()
+@SHARED_MEMORY
+def test_pieces_that_do_not_cover_the_shard_once_are_refused_and_change_nothing(shared_memory):
+    server = started(shared_memory=shared_memory)
     try:
         init = torch.randn(TOTAL)
         smap = shard_map([server], TOTAL)
