@@ -38,6 +38,7 @@ class Segment:
 
     def __init__(self, fd: int, capacity: int, path: str, nonce: bytes):
         self.path, self.nonce, self.capacity = path, nonce, capacity
+        self._linked = True
         try:
             self._map: mmap.mmap | None = mmap.mmap(fd, HEADER_BYTES + capacity)
         finally:
@@ -75,8 +76,10 @@ class Segment:
 
     def unlink(self) -> None:
         """Removes the file (the mappings stay); idempotent."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self._linked:
+            self._linked = False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
     def tensor(self, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Tensor:
         """`count` elements of `dtype` starting `offset` elements into the data (in bounds:

@@ -65,6 +65,7 @@ class DataServer:
         self.frames = BulkFrames(bulk, lambda: not self._stopping.is_set())
         self.rows = rows
         self.shared_memory = shared_memory
+        self._shm_budget = shmserve.Budget(self._shm_total, bulk.metrics.shm_segment_bytes)
         self.token = security.token.encode() if security.token else None
         self.context = sslcontext.server_context(security)
         self.max_connections = max_connections
@@ -147,8 +148,7 @@ class DataServer:
 
     def _serve(self, conn: socket.socket) -> None:
         peer = _peer(conn)
-        metrics = self.bulk.metrics
-        link = (ShmLink(self._shm_limit, metrics.shm_segments, metrics.shm_segment_bytes)
+        link = (ShmLink(self._shm_limit, self._shm_budget, self.bulk.metrics.shm_segments)
                 if self.shared_memory and shmserve.offered(conn) else None)
         try:
             dataplane.tune(conn)
@@ -243,6 +243,10 @@ class DataServer:
     def _shm_limit(self) -> int:
         """The largest segment to make: the largest shard this server holds, in fp32."""
         return 4 * max((s.length for s in self.bulk.shards.shards()), default=0)
+
+    def _shm_total(self) -> int:
+        """What all its segments may hold: BUDGET_SHARDS x its shards' fp32 bytes."""
+        return shmserve.BUDGET_SHARDS * 4 * sum(s.length for s in self.bulk.shards.shards())
 
 
 _error = rowframes.error_frame

@@ -72,7 +72,9 @@ class PSMetrics:
                                   "Shared-memory segments mapped now (one per data-plane "
                                   "connection on the same-host path)", registry=registry)
         self.shm_segment_bytes = Gauge("shardps_ps_shared_memory_segment_bytes",
-                                       "Bytes of /dev/shm those segments hold", registry=registry)
+                                       "Bytes of /dev/shm this server's segments hold, offered or "
+                                       "mapped (at most 4 x its shards' fp32 bytes)",
+                                       registry=registry)
         self._shard_collector = _ShardCollector(shards)
         registry.register(self._shard_collector)
         registry.register(TableCollector(shards))

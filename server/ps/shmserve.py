@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import threading
 from collections.abc import Callable
 
 import grpc
@@ -18,6 +19,8 @@ from shardps.proto import dataplane
 from shardps.runtime import shm
 
 log = logging.getLogger("shardps.ps")
+
+BUDGET_SHARDS = 4  # a server's segments may hold this many times its shards' fp32 bytes
 
 
 class ShmError(Exception):
@@ -39,13 +42,37 @@ def offered(conn: socket.socket) -> bool:
         return False
 
 
-class ShmLink:
-    """One connection's segment. `limit()` is the largest capacity to make (bytes); the
-    gauges count the segments mapped and their bytes."""
+class Budget:
+    """The bytes of /dev/shm a server's segments may hold at once, offered or mapped:
+    `total()` read at each take (BUDGET_SHARDS x the fp32 bytes of the shards it holds), so
+    connections that ask for segment after segment are declined once it is spent, and never
+    fill the host's memory. `held` mirrors what is taken. Thread-safe."""
 
-    def __init__(self, limit: Callable[[], int], segments: Gauge, held: Gauge):
-        self._limit = limit
-        self._segments, self._held = segments, held
+    def __init__(self, total: Callable[[], int], held: Gauge):
+        self._total, self._gauge = total, held
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> bool:
+        with self._lock:
+            if self._held + nbytes > self._total():
+                return False
+            self._held += nbytes
+        self._gauge.inc(nbytes)
+        return True
+
+    def give(self, nbytes: int) -> None:
+        with self._lock:
+            self._held -= nbytes
+        self._gauge.dec(nbytes)
+
+
+class ShmLink:
+    """One connection's segment. `limit()` is the largest capacity to make (bytes), within
+    the server's `budget`; the `mapped` gauge counts the segments in use."""
+
+    def __init__(self, limit: Callable[[], int], budget: Budget, mapped: Gauge):
+        self._limit, self._budget, self._mapped = limit, budget, mapped
         self._offered: shm.Segment | None = None
         self.segment: shm.Segment | None = None
 
@@ -54,14 +81,17 @@ class ShmLink:
         if len(body) != dataplane.CAPACITY.size:
             raise ShmError(grpc.StatusCode.INVALID_ARGUMENT, "SHM_OPEN takes a u64 capacity")
         (capacity,) = dataplane.CAPACITY.unpack(body)
-        self._drop_offered()
+        self._free(self._offered)
+        self._offered = None
         limit = self._limit()
-        if not 0 < capacity <= limit:
-            log.info("data plane: shared memory of %d bytes declined (at most %d)", capacity, limit)
+        if not 0 < capacity <= limit or not self._budget.take(capacity):
+            log.info("data plane: shared memory of %d bytes declined (at most %d, within the "
+                     "server's budget)", capacity, limit)
             return b""
         try:
             self._offered = shm.Segment.create(capacity)
         except OSError as exc:
+            self._budget.give(capacity)
             log.warning("data plane: no shared-memory segment of %d bytes: %s", capacity, exc)
             return b""
         return self._offered.nonce + self._offered.path.encode()
@@ -70,19 +100,16 @@ class ShmLink:
         """SHM_CONFIRM: the offered segment becomes the connection's (on a 1) or is dropped."""
         offered, self._offered = self._offered, None
         if offered is None or body not in (b"\0", b"\1"):
-            if offered is not None:
-                offered.unlink()
-                offered.close()
+            self._free(offered)
             raise ShmError(grpc.StatusCode.FAILED_PRECONDITION,
                            "SHM_CONFIRM takes one byte, 0 or 1, after an SHM_OPEN that made a segment")
         offered.unlink()
         if body == b"\1":
             self._release()
             self.segment = offered
-            self._segments.inc()
-            self._held.inc(offered.capacity)
+            self._mapped.inc()
         else:
-            offered.close()
+            self._free(offered)
 
     def fitting(self, count: int, dtype: torch.dtype) -> shm.Segment | None:
         """The segment, if there is one and it holds `count` elements of `dtype`."""
@@ -101,21 +128,22 @@ class ShmLink:
         return self.segment
 
     def close(self) -> None:
-        self._drop_offered()
+        self._free(self._offered)
+        self._offered = None
         self._release()
 
     def _release(self) -> None:
         if self.segment is not None:
-            self._segments.dec()
-            self._held.dec(self.segment.capacity)
-            self.segment.close()
+            self._mapped.dec()
+            self._free(self.segment)
             self.segment = None
 
-    def _drop_offered(self) -> None:
-        if self._offered is not None:
-            self._offered.unlink()
-            self._offered.close()
-            self._offered = None
+    def _free(self, segment: shm.Segment | None) -> None:
+        """Unlinks (if not yet), unmaps and gives its bytes back to the budget."""
+        if segment is not None:
+            segment.unlink()
+            segment.close()
+            self._budget.give(segment.capacity)
 
 
 def reader(segment: shm.Segment, grad: torch.Tensor) -> Callable[[int, int], None]:

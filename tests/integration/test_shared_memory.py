@@ -226,3 +226,36 @@ def test_a_connection_between_addresses_that_are_not_loopback_is_not_offered_it(
         sock.close()
     finally:
         server.stop(0)
+
+
+def test_a_servers_segments_stay_within_four_times_its_shards_and_the_rest_use_the_socket():
+    server = started()
+    socks: list[socket.socket] = []
+    try:
+        with PSClient("job", shard_map([server], 1000), worker_id="w0") as client:
+            client.init(torch.zeros(1000), shard_config(SYNC))
+        ask = dataplane.CAPACITY.pack(4000)  # the shard's 1000 fp32 elements: a budget of 4
+        for _ in range(4):
+            socks.append(_hello(server.data_port))
+            code, body = _ask(socks[-1], dataplane.SHM_OPEN, ask)
+            assert code == 0 and len(body) > shm.NONCE_BYTES
+            assert _ask(socks[-1], dataplane.SHM_CONFIRM, b"\1") == (0, b"")
+        assert _sample(server, "shardps_ps_shared_memory_segment_bytes") == 16_000
+        fifth = _hello(server.data_port)
+        assert _ask(fifth, dataplane.SHM_OPEN, ask) == (0, b"")  # declined; the socket still serves
+        request = ps_pb2.PullRequest(job_id="job", shard_index=0, dtype=F32, timeout_ms=1000)
+        fifth.sendall(dataplane.frame(dataplane.PULL, request.SerializeToString()))
+        code, head = dataplane.recv_frame(fifth)
+        assert code == 0 and ps_pb2.PullResponse.FromString(head).length == 1000
+        dataplane.recv_exact(fifth, memoryview(bytearray(4000)))
+        socks.pop().close()  # one connection goes: its segment's bytes come back
+        poll(lambda: _sample(server, "shardps_ps_shared_memory_segment_bytes") == 12_000, 10,
+             what="the closed connection's segment given back")
+        code, body = _ask(fifth, dataplane.SHM_OPEN, ask)
+        assert code == 0 and len(body) > shm.NONCE_BYTES
+        socks.append(fifth)
+    finally:
+        for sock in socks:
+            sock.close()
+        server.stop(0)
+    poll(lambda: _segment_files() == [], 10, what="the offered segment's file removed")
