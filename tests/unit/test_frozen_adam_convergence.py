@@ -148,15 +148,20 @@ def setup_and_fp32(request) -> tuple[Setup, Outcome]:
     return setup, fp32
 
 
-def test_topk_with_error_feedback_and_frozen_variance_reaches_the_target_within_1_1x(setup_and_fp32):
+# Top-k 20% as well: the ratio that meets the text target below. Measured: full batch 27
+# (fp32 28), minibatches 50 (fp32 63); without EF slower in each.
+@pytest.mark.parametrize("ratio", [0.1, 0.2])
+def test_topk_with_error_feedback_and_frozen_variance_reaches_the_target_within_1_1x(
+        setup_and_fp32, ratio):
     setup, fp32 = setup_and_fp32
-    with_ef = run(setup, compress.TopK(0.1))
-    print(f"fp32 {fp32.steps}, top-k 10% + EF {with_ef.steps} ({with_ef.bytes_ratio:.3f} of the bytes)")
+    with_ef = run(setup, compress.TopK(ratio))
+    print(f"fp32 {fp32.steps}, top-k {ratio:.0%} + EF {with_ef.steps} "
+          f"({with_ef.bytes_ratio:.3f} of the bytes)")
     assert with_ef.steps <= 1.1 * fp32.steps
     # Honest bytes: the warm-up is dense, the rest 8 bytes (index, value) per kept element.
-    assert with_ef.bytes_ratio < 0.5
+    assert with_ef.bytes_ratio < 0.3 + 2 * ratio
     # Contrast: the same scheme without error feedback is slower.
-    assert run(setup, compress.TopK(0.1), error_feedback=False).steps > with_ef.steps
+    assert run(setup, compress.TopK(ratio), error_feedback=False).steps > with_ef.steps
 
 
 def test_sign_with_error_feedback_and_frozen_variance_within_1_1x_on_full_batches():
@@ -273,6 +278,26 @@ def test_the_workers_momentum_after_a_warmup_of_50_reaches_the_text_target_withi
           f"({with_ef.bytes_ratio:.3f} of the bytes)")
     assert with_ef.steps <= limit
     assert with_ef.bytes_ratio < 0.95  # some compressed steps were counted, warm-up included
+
+
+# int8 on the text target's batch order 4 lags on plain Adam (above); on the workers' momentum
+# of g / D after a dense warm-up, as sign and top-k 20% are sent, it meets the target on all
+# five orders. Measured: W = 40 80, 69, 73, 84, 58; W = 50 84, 69, 73, 82, 58; W = 20 86, 70,
+# 76, 86, 62 (fp32 80, 68, 74, 82, 57; limits 88, 74, 81, 90, 62); W = 10 misses (88, 151+).
+@pytest.mark.parametrize("order", TEXT_ORDERS)
+def test_int8_on_the_workers_momentum_after_a_warmup_of_40_reaches_the_text_target_within_1_1x(order):
+    fp32 = _text_fp32(order)
+    limit = int(1.1 * fp32)
+    with_ef = run(TEXT, compress.Int8(256), warmup=40, precondition=True, momentum=True,
+                  order=order, max_steps=limit)
+    without = run(TEXT, compress.Int8(256), error_feedback=False, warmup=40, precondition=True,
+                  momentum=True, order=order, max_steps=2 * fp32)
+    print(f"order {order}: fp32 {fp32}, int8 + EF on the workers' momentum, W = 40 "
+          f"{with_ef.steps} (without EF {without.steps}; {with_ef.bytes_ratio:.3f} of the bytes)")
+    assert with_ef.steps <= limit
+    # 40 dense steps, then 1 + 4/256 bytes an element (4 in fp32), each shard encoded alone.
+    steps = with_ef.steps
+    assert (40 + (steps - 40) * 0.25) / steps < with_ef.bytes_ratio < (40 + (steps - 40) * 0.26) / steps
 
 
 # Warm-up pushes in int8 (with their own error feedback) instead of dense: the servers run
