@@ -675,16 +675,15 @@ class _Bounded(Composer):
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
         mark = event.start_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         if isinstance(event, AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _Refused(f"YAML anchors and aliases are not allowed in a job spec ({where})")
+            raise _Refused(f"YAML anchors and aliases are not allowed in a job spec ({_where(mark)})")
         self._spec_nodes += 1
         if self._spec_nodes > MAX_NODES:
-            raise _Refused(f"a job spec may hold at most {MAX_NODES} values ({where})")
+            raise _Refused(f"a job spec may hold at most {MAX_NODES} values ({_where(mark)})")
         if not isinstance(event, CollectionStartEvent):
             return super().compose_node(parent, index)
         if self._spec_depth >= MAX_DEPTH:
-            raise _Refused(f"a job spec may nest at most {MAX_DEPTH} levels ({where})")
+            raise _Refused(_too_deep(mark))
         self._spec_depth += 1
         try:
             return super().compose_node(parent, index)
@@ -742,9 +741,16 @@ def _depth_refusal(exc: yaml.YAMLError) -> str | None:
     so the refusal reads the same whichever PyYAML is installed; None for any other error."""
     if getattr(exc, "problem", None) != "exceeded maximum nesting depth":
         return None
-    mark = getattr(exc, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-    return f"a job spec may nest at most {MAX_DEPTH} levels ({where})"
+    return _too_deep(getattr(exc, "problem_mark", None))
+
+
+def _where(mark: Any) -> str:
+    """A YAML mark as the spec's messages give it (computed only for a refusal)."""
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+
+
+def _too_deep(mark: Any) -> str:
+    return f"a job spec may nest at most {MAX_DEPTH} levels ({_where(mark)})"
 
 
 def parse_spec(text: str, clamped: list[str] | None = None) -> JobSpec:

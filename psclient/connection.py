@@ -129,12 +129,13 @@ class Connection:
         push's encoding (bytes, header.compressed_bytes long) as it is."""
         self._lengths[header.job_id, header.shard_index] = header.length
         dtype = codec.torch_dtype(wire_dtype)
-        segment = None if isinstance(part, bytes) else self._segment(part.numel(), dtype, timeout)
-        if segment is not None and not isinstance(part, bytes):  # elements in, header on the socket
-            segment.tensor(dtype, part.numel()).copy_(part.detach())
-            self._send(lambda sock: sock.sendall(frame(PUSH_SHM, header.SerializeToString())),
-                       timeout)
-            return
+        if not isinstance(part, bytes):  # elements into the segment, the header on the socket
+            segment = self._segment(part.numel(), dtype, timeout)
+            if segment is not None:
+                segment.tensor(dtype, part.numel()).copy_(part.detach())
+                self._send(lambda sock: sock.sendall(frame(PUSH_SHM, header.SerializeToString())),
+                           timeout)
+                return
 
         def send(sock: socket.socket) -> None:
             sock.sendall(frame(PUSH, header.SerializeToString()))

@@ -184,11 +184,12 @@ class DataServer:
                     reply = rowframes.answer(self.rows, kind, bytes(body),
                                              lambda: not self._stopping.is_set())
                     dataplane.send_all(conn, reply, deadline)
-                elif kind in (dataplane.PUSH, dataplane.PULL) or (
-                        link is None and kind != dataplane.SHM_OPEN):
-                    self._plain(conn, kind, bytes(body), scratch, deadline)
+                elif kind == dataplane.PUSH:
+                    self.frames.push(conn, bytes(body), deadline)
+                elif kind == dataplane.PULL:
+                    self.frames.pull(conn, bytes(body), scratch, deadline)
                 else:
-                    self._shm(conn, link, kind, bytes(body), deadline)
+                    self._other(conn, link, kind, bytes(body), scratch, deadline)
         except CloseConnection as exc:
             log.debug("data connection closed: %s", exc)
         except TimeoutError as exc:  # a request that waited on its client past a limit
@@ -206,34 +207,22 @@ class DataServer:
                 self._threads.discard(threading.current_thread())
             conn.close()
 
-    def _plain(self, conn: socket.socket, kind: int, body: bytes,
+    def _other(self, conn: socket.socket, link: ShmLink | None, kind: int, body: bytes,
                scratch: dict[torch.dtype, torch.Tensor], deadline: dataplane.Deadline) -> None:
-        """PUSH, PULL, or a kind this connection does not take."""
-        if kind == dataplane.PUSH:
-            self.frames.push(conn, body, deadline)
-        elif kind == dataplane.PULL:
-            self.frames.pull(conn, body, scratch, deadline)
-        else:
-            reply_error(conn, grpc.StatusCode.INVALID_ARGUMENT, f"unknown request kind {kind}", deadline)
-            raise CloseConnection(f"unknown request kind {kind}")
-
-    def _shm(self, conn: socket.socket, link: ShmLink | None, kind: int, body: bytes,
-             deadline: dataplane.Deadline) -> None:
-        """The same-host path's requests (shmserve.py); a bad one is answered, then closes.
-        Without `link` (not offered here) an SHM_OPEN is declined."""
+        """The same-host path's requests (shmserve.py), or a kind this connection does not
+        take; a bad one is answered, then closes. Without `link` (not offered here) an
+        SHM_OPEN is declined and the other kinds of the path are unknown."""
         try:
             if kind == dataplane.SHM_OPEN:
                 reply = link.open(body) if link is not None else b""
                 dataplane.send_all(conn, dataplane.frame(0, reply), deadline)
-            elif link is None:
-                raise ShmError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown request kind {kind}")
-            elif kind == dataplane.SHM_CONFIRM:
+            elif link is not None and kind == dataplane.SHM_CONFIRM:
                 link.confirm(body)
                 dataplane.send_all(conn, dataplane.frame(0, b""), deadline)
-            elif kind == dataplane.PUSH_SHM:
+            elif link is not None and kind == dataplane.PUSH_SHM:
                 self.frames.push(conn, body, deadline, link)
-            elif kind == dataplane.PULL_SHM:
-                self.frames.pull(conn, body, {}, deadline, link)
+            elif link is not None and kind == dataplane.PULL_SHM:
+                self.frames.pull(conn, body, scratch, deadline, link)
             else:
                 raise ShmError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown request kind {kind}")
         except ShmError as exc:

@@ -121,11 +121,12 @@ class ShmLink:
         """The segment, if it holds `count` elements of `dtype`; else ShmError."""
         if self.segment is None:
             raise ShmError(grpc.StatusCode.FAILED_PRECONDITION, "no shared-memory segment attached")
-        if not shm.fits(self.segment.capacity, count, dtype):
+        segment = self.fitting(count, dtype)
+        if segment is None:
             raise ShmError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{count} elements of {dtype} do not fit the segment's "
                            f"{self.segment.capacity} bytes")
-        return self.segment
+        return segment
 
     def close(self) -> None:
         self._free(self._offered)
