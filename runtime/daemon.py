@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -262,6 +263,10 @@ def run_until_signal(stop: Callable[[], None], wait: Callable[[float], bool],
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    # What imports and start-up made lives as long as the process: torch alone is some
+    # hundreds of thousands of objects. Frozen, the cycle collector no longer walks them in
+    # each full collection, nor in the one at exit (about a second of CPU per process).
+    gc.freeze()
     ready()
     while not stopping.is_set():
         if wait(0.5):
