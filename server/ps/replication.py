@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -98,6 +99,10 @@ class Replicas:
         self._lock = threading.Lock()
         self._placements: dict[tuple[str, int], Placement] = {}
         self._turns: dict[tuple[str, int], threading.Lock] = {}
+        # Per shard: workers' pushes in flight that began while it had no placement (no
+        # replicas): they hold no turn, so a capture waits until they are applied (shard_turn).
+        self._unplaced: dict[tuple[str, int], int] = {}
+        self._drained = threading.Condition(self._lock)
         self._backups: dict[str, Backup] = {}
         # Per shard: pushes (worker, incarnation, step) applied here that a backup has not
         # confirmed; a retry of one is forwarded again before it is answered DUPLICATE.
@@ -201,7 +206,16 @@ class Replicas:
         with self._lock:
             placement = self._placements.get(key)
             lock = self._turns.setdefault(key, threading.Lock()) if placement else None
-        if header.replica_epoch != 0 or lock is None:
+            unplaced = lock is None and header.replica_epoch == 0
+            if unplaced:
+                self._unplaced[key] = self._unplaced.get(key, 0) + 1
+        if unplaced:
+            try:
+                yield Turn(None, header, grad)
+            finally:
+                self._landed(key)
+            return
+        if header.replica_epoch != 0:
             yield Turn(None, header, grad)
             return
         turn = Turn(self, header, grad, lock)
@@ -211,13 +225,29 @@ class Replicas:
         finally:
             turn.end()
 
+    def _landed(self, key: tuple[str, int]) -> None:
+        """An unplaced push (turn) is applied, or failed."""
+        with self._drained:
+            left = self._unplaced[key] - 1
+            if left:
+                self._unplaced[key] = left
+            else:
+                del self._unplaced[key]
+                self._drained.notify_all()
+
     @contextlib.contextmanager
     def shard_turn(self, job_id: str, index: int, timeout: float) -> Iterator[bool]:
         """Holds the shard's turn (no push of it is between its forward and its apply) for
-        the body; yields False (not held) if it was not free within `timeout` s."""
-        with self._lock:
-            turn = self._turns.setdefault((job_id, index), threading.Lock())
-        if not turn.acquire(timeout=timeout):
+        the body; yields False (not held) if it was not free within `timeout` s. Call once
+        the shard has a placement: the workers' pushes that began before it (a shard that
+        just got its first copy) hold no turn, so this first waits until they are applied,
+        and none begins after."""
+        deadline = time.monotonic() + timeout
+        key = (job_id, index)
+        with self._drained:
+            drained = self._drained.wait_for(lambda: key not in self._unplaced, timeout)
+            turn = self._turns.setdefault(key, threading.Lock())
+        if not drained or not turn.acquire(timeout=max(0.0, deadline - time.monotonic())):
             yield False
             return
         try:

@@ -2,6 +2,8 @@
 over (server/coordinator/replicas.py, through the JobTable with an injected clock), and how a
 server decides what a push to a replica may do (server/ps/replication.py)."""
 
+import threading
+
 import grpc
 import pytest
 import torch
@@ -157,6 +159,39 @@ def test_a_push_a_backup_did_not_take_is_not_acknowledged_and_is_owed_to_it():
     with primary.turn(header(), torch.zeros(4)) as turn:
         turn.forward()
     assert not primary.owed(header())
+    primary.close()
+
+
+def test_a_capture_waits_for_the_pushes_that_began_before_the_shard_had_copies():
+    """A shard without copies gets its first (a reshard moving a `replicas: 1` job's shard): a
+    push that began before holds no turn and is not forwarded, so the capture for the joining
+    copy (transfer.py, under shard_turn) must come after its apply, or the copy would lack an
+    acknowledged push (seen: a moved async shard one version short of its acknowledgements)."""
+    primary = Replicas(lambda: S1)
+    events, captured = [], threading.Event()
+
+    def capture():
+        with primary.shard_turn("job", 0, timeout=10) as held:
+            events.append(("capture", held))
+        captured.set()
+
+    with primary.turn(header(), torch.zeros(4)) as turn:  # no placement: no turn to take
+        assert turn.forward() is None
+        primary.adopt("job", replica_map(1, S1, []))
+        capturing = threading.Thread(target=capture)
+        capturing.start()
+        assert not captured.wait(0.3)  # waits for this push
+        events.append(("applied", None))
+    capturing.join(10)
+    assert events == [("applied", None), ("capture", True)]
+    with primary.turn(header(), torch.zeros(4)) as turn:  # a push after the placement takes the turn
+        assert turn.forward() is not None
+        with primary.shard_turn("job", 0, timeout=0.1) as held:
+            assert not held
+    with primary.turn(header(), torch.zeros(4)):  # one that never forwards still lets a capture go
+        pass
+    with primary.shard_turn("job", 0, timeout=0.1) as held:
+        assert held
     primary.close()
 
 
