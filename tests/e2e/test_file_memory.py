@@ -16,8 +16,11 @@ from tests import harness
 FILES, ROWS = 8, 600_000  # 8 files of 75,000 rows: 149 MiB, 7 of them trained on
 BATCH = 4096  # 129 steps an epoch
 WARM_STEPS = 20  # the base is taken after these (the allocator's working set settles in ~30)
-GROWTH_LIMIT = 32 * 2**20  # what the worker's peak RSS may grow by after the warm-up, while it
-                           # reads at least 4 of the 7 files (~75 MiB)
+# What the worker's peak RSS may grow by after the warm-up, while it reads at least 4 of the 7
+# files (~75 MiB after the base): a reader that held the rest of the log would pass it. Alone
+# the growth is 0-11 MiB; in a full suite on a 2-vCPU VM it reached 34 MiB once (the
+# allocator's per-thread arenas under contention), over the 32 MiB this limit was.
+GROWTH_LIMIT = 48 * 2**20
 # The base is taken when the coordinator first shows step WARM_STEPS, from a progress report
 # the worker sends at most every 0.5 s, so the worker may be up to 0.5 s of steps past it. The
 # step delay holds that to 20 steps (a fast CPU ran 25 ahead and had opened a third file),
@@ -42,7 +45,7 @@ def test_a_worker_reads_a_log_much_larger_than_its_memory_growth(tmp_path):
     log = tmp_path / "log"
     written = ctrdata.write_ctr(log, rows=ROWS, files=FILES, seed=2)
     train_rows = ROWS * (FILES - 1) // FILES
-    assert written.nbytes >= 3.5 * GROWTH_LIMIT and ROWS * records.CTR_RECORD.itemsize <= written.nbytes
+    assert written.nbytes >= 3 * GROWTH_LIMIT and ROWS * records.CTR_RECORD.itemsize <= written.nbytes
     coord = harness.start("shardps-coordinator", "--port", "0")
     server = harness.Daemon("shardps-server", "--port", "0", "--coordinator", coord.address)
     worker = harness.Daemon("shardps-worker", "--port", "0", "--device", "cpu", "--threads", "1",
