@@ -253,7 +253,8 @@ def run_until_signal(stop: Callable[[], None], wait: Callable[[float], bool],
 
     Announcing only after the handlers are in place means a supervisor that signals as soon
     as it reads `listening on` always gets a clean shutdown. `wait(timeout)` should return
-    True when the daemon has ended on its own.
+    True when the daemon has ended on its own. Before announcing, it freezes the objects
+    start-up made (gc.freeze), so that no collection walks them again.
     """
     stopping = threading.Event()
 
@@ -265,7 +266,8 @@ def run_until_signal(stop: Callable[[], None], wait: Callable[[float], bool],
     signal.signal(signal.SIGINT, handler)
     # What imports and start-up made lives as long as the process: torch alone is some
     # hundreds of thousands of objects. Frozen, the cycle collector no longer walks them in
-    # each full collection, nor in the one at exit (about a second of CPU per process).
+    # each full collection, nor in the interpreter's at exit (about a second of CPU for a
+    # daemon started as a console script; a forked one ends with os._exit and skips it).
     gc.freeze()
     ready()
     while not stopping.is_set():

@@ -54,8 +54,9 @@ class Budget:
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> bool:
+        total = self._total()  # reads the shard registry: outside this lock
         with self._lock:
-            if self._held + nbytes > self._total():
+            if self._held + nbytes > total:
                 return False
             self._held += nbytes
         self._gauge.inc(nbytes)
@@ -81,8 +82,7 @@ class ShmLink:
         if len(body) != dataplane.CAPACITY.size:
             raise ShmError(grpc.StatusCode.INVALID_ARGUMENT, "SHM_OPEN takes a u64 capacity")
         (capacity,) = dataplane.CAPACITY.unpack(body)
-        self._free(self._offered)
-        self._offered = None
+        self._drop_offered()
         limit = self._limit()
         if not 0 < capacity <= limit or not self._budget.take(capacity):
             log.info("data plane: shared memory of %d bytes declined (at most %d, within the "
@@ -129,8 +129,7 @@ class ShmLink:
         return segment
 
     def close(self) -> None:
-        self._free(self._offered)
-        self._offered = None
+        self._drop_offered()
         self._release()
 
     def _release(self) -> None:
@@ -138,6 +137,10 @@ class ShmLink:
             self._mapped.dec()
             self._free(self.segment)
             self.segment = None
+
+    def _drop_offered(self) -> None:
+        self._free(self._offered)
+        self._offered = None
 
     def _free(self, segment: shm.Segment | None) -> None:
         """Unlinks (if not yet), unmaps and gives its bytes back to the budget."""
