@@ -71,6 +71,14 @@ class ErrorFeedback:
         """Drops every residual (a new job, or weights replaced by a checkpoint)."""
         self._residuals.clear()
 
+    def saved(self) -> dict[str, torch.Tensor]:
+        """A copy of every residual (WirePush's snapshot at a checkpoint version)."""
+        return {name: r.clone() for name, r in self._residuals.items()}
+
+    def restore(self, residuals: dict[str, torch.Tensor]) -> None:
+        """Replaces every residual with a copy of `residuals` (a `saved()`, kept intact)."""
+        self._residuals = {name: r.clone() for name, r in residuals.items()}
+
 
 def _filled(out: torch.Tensor, prepare: Callable[[int, int], None]) -> torch.Tensor:
     for lo in range(0, out.numel(), CHUNK):

@@ -88,6 +88,16 @@ class WorkerMomentum:
         m = self._shards.get(name)
         return None if m is None else m.value
 
+    def saved(self) -> dict[str, _Momentum]:
+        """A copy of every shard's momentum and count (WirePush's snapshot)."""
+        return {name: _Momentum(m.value.clone(), m.count, m.preconditioned)
+                for name, m in self._shards.items()}
+
+    def restore(self, saved: dict[str, _Momentum]) -> None:
+        """Replaces every shard's momentum with a copy of `saved` (kept intact)."""
+        self._shards = {name: _Momentum(m.value.clone(), m.count, m.preconditioned)
+                        for name, m in saved.items()}
+
     def reset(self) -> None:
         """Drops every shard's momentum (the job's weights were replaced): each starts again
         at 0, and its correction with it."""

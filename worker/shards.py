@@ -316,7 +316,7 @@ class JobShards:
         logger.warning("job %s: rollback %d: a server restored version %d; resuming at step %d "
                        "(the steps after it are replayed)", ctx.job_id, assignment.rollback_id,
                        assignment.rollback_version, assignment.rollback_version)
-        self.wire.reset()  # owed to steps that are replayed from the restored weights
+        self.wire.rewind(assignment.rollback_version)  # as it was there, if it was saved
         raise Rewind(assignment.rollback_version)
 
 

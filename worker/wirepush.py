@@ -8,6 +8,8 @@ Owned by the job's training thread (as JobShards is); not thread-safe.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,9 +23,23 @@ from shardps.worker.momentum import WorkerMomentum
 def for_spec(spec: JobSpec, job_id: str, metrics: WorkerMetrics) -> WirePush:
     """The WirePush of a job's transport and optimizer settings."""
     transport, opt = spec["transport"], spec["optimizer"]
+    sync = spec["consistency"]["mode"] == "sync"  # only sync jobs roll back
     return WirePush(transport["compress"], codec.DTYPE_NAMES[transport["dtype"]], job_id, metrics,
                     transport["compress_warmup_steps"], opt["precondition_pushes"],
-                    opt["betas"][0] if opt["worker_momentum"] else None, transport["compress_warmup"])
+                    opt["betas"][0] if opt["worker_momentum"] else None, transport["compress_warmup"],
+                    save_every=spec["checkpoint"]["every_steps"] if sync else 0)
+
+
+SAVED_KEPT = 2  # states kept for rollbacks: the newest checkpoint's, and the one before it
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """What a worker's pushes carry from step to step, as it was before one step's push."""
+
+    feedback: dict[str, torch.Tensor]
+    warmup: dict[str, torch.Tensor]
+    momentum: dict[str, Any]
 
 
 class WirePush:
@@ -46,11 +62,19 @@ class WirePush:
     worker then keeps its own momentum per shard (worker/momentum.py), through the warm-up
     too, and after it compresses that momentum, bias-corrected, instead of g / D. `reset`
     drops it with the residuals: it starts again at 0.
+
+    `save_every` (a sync job's checkpoint.every_steps; 0: never): before the push of each
+    step that is a multiple of it, a copy of the residuals and momenta is kept (the newest
+    SAVED_KEPT), the state the worker had at the version the servers checkpoint there. A
+    rollback to such a version (`rewind`) takes it back, so the replayed pushes are bitwise
+    those of a run without the failure; a rollback to any other version starts from none.
+    It costs SAVED_KEPT copies of that state (one or two fp32 copies of the model each).
     """
 
     def __init__(self, setting: str, dtype: common_pb2.DType, job_id: str,
                  metrics: WorkerMetrics, warmup_steps: int = 0, precondition: bool = False,
-                 momentum_beta1: float | None = None, warmup_setting: str = "none"):
+                 momentum_beta1: float | None = None, warmup_setting: str = "none",
+                 save_every: int = 0):
         self.warmup_steps = warmup_steps  # steps 0..warmup_steps-1 push in `dtype` or warmup_setting
         self.precondition = precondition
         if momentum_beta1 is not None and not precondition:
@@ -65,6 +89,8 @@ class WirePush:
         self._bytes = metrics.wire_bytes
         self._ratio = metrics.compression_ratio.labels(job=job_id)
         self._job = job_id
+        self._save_every = save_every
+        self._saved: dict[int, _Saved] = {}  # step -> the state before its push
 
     def encode(self, grad: torch.Tensor, shards: Sequence[common_pb2.ShardRange], step: int,
                fetch: Callable[[], list[torch.Tensor]] | None = None) -> list[bytes] | None:
@@ -74,6 +100,7 @@ class WirePush:
         DUPLICATE costs nothing). `fetch`: the shards' denominators, when preconditioning."""
         if self.feedback is None:
             return None
+        self._save(step)
         slices = [grad[s.offset : s.offset + s.length] for s in shards]
         if step < self.warmup_steps:
             if self.momentum is not None:
@@ -109,6 +136,31 @@ class WirePush:
         for feedback in (self.feedback, self.warmup_feedback):
             if feedback is not None:
                 feedback.reset()
+
+    def rewind(self, version: int) -> None:
+        """A rollback to `version`: the state saved before that step's push, if there is one,
+        else none (`reset`); the states saved at later steps are dropped with the steps they
+        belonged to."""
+        saved = self._saved.get(version)
+        self.reset()
+        self._saved = {step: s for step, s in self._saved.items() if step <= version}
+        if saved is None:
+            return
+        for feedback, residuals in ((self.feedback, saved.feedback), (self.warmup_feedback, saved.warmup)):
+            if feedback is not None:
+                feedback.restore(residuals)
+        if self.momentum is not None:
+            self.momentum.restore(saved.momentum)
+
+    def _save(self, step: int) -> None:
+        """Keeps the state before `step`'s push, once, if the servers checkpoint there."""
+        if not self._save_every or step % self._save_every or step in self._saved:
+            return
+        self._saved[step] = _Saved(self.feedback.saved() if self.feedback is not None else {},
+                                   self.warmup_feedback.saved() if self.warmup_feedback is not None else {},
+                                   self.momentum.saved() if self.momentum is not None else {})
+        for old in sorted(self._saved)[:-SAVED_KEPT]:
+            del self._saved[old]
 
     def pushed(self, numel: int, encoded: Sequence[bytes] | None) -> None:
         """Counts one push's payload (elements or encodings; frame headers not included)."""

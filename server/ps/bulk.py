@@ -41,7 +41,6 @@ from .errors import (
 from .forwarding import OnPiece
 from .joining import Joining, TransferRefused
 from .metrics import PSMetrics
-from .pull_deltas import PullMirrors
 from .pushes import unpushable
 from .registry import ShardRegistry
 from .replication import DROPPED, OUT_OF_TOUCH, ReplicaRefused, Replicas
@@ -130,6 +129,10 @@ class PullPlan:
     dtype: torch.dtype
     started: float
     delta: bytes | None = None  # a compressed pull's delta, sent instead of the elements
+    # A compressed pull's dense reset: the worker's new mirror (pull_deltas.py; never changed
+    # in place), whose elements are sent instead of the snapshot's. It is the weights' copy,
+    # or, after a restore, the copy the workers held (which the weights are not).
+    dense: torch.Tensor | None = None
 
 
 class BulkOps:
@@ -145,8 +148,6 @@ class BulkOps:
         # Joining copies (joining.py): forwarded pushes queued until the state arrives.
         self.joining = Joining(shards, lambda: "")
         self.stopping = False
-        self.mirrors = PullMirrors()
-        metrics.count_mirrors(self.mirrors)
 
     def _reject(self, exc: Exception, reason: str) -> Refused:
         self.metrics.rejected.labels(reason).inc()
@@ -350,7 +351,7 @@ class BulkOps:
         """A compressed pull: the delta against the worker's copy, or (no copy at the version
         it names) dense weights, with the worker's mirror brought to what it will hold."""
         assert plan.snapshot is not None
-        held = self.mirrors.copies(plan.shard, request.compress)
+        held = plan.shard.mirrors.copies(request.compress)
         live, version = plan.shard.workers, plan.snapshot.version
 
         def reply(view: torch.Tensor) -> pull_deltas.PullReply:
@@ -358,6 +359,7 @@ class BulkOps:
             return held.reply(request.worker_id, request.held_tag, view, request.reply_tag, version=version)
 
         answer = plan.shard.read(plan.snapshot, 0, plan.shard.length, reply)
+        plan.dense = answer.dense
         if answer.delta is not None:
             plan.delta = answer.delta
             plan.head.delta_compression = compress.PUSH_COMPRESSIONS[compress.codec_of(answer.delta)]
@@ -366,12 +368,14 @@ class BulkOps:
     def pieces(self, plan: PullPlan, step: int,
                fn: Callable[[int, torch.Tensor], _T]) -> Iterator[_T]:
         """fn(offset, view) for consecutive ranges of `step` elements of a ready pull's
-        snapshot, under the shard's lock (fn copies out of the view, which it must not keep)."""
+        snapshot, under the shard's lock, or of its dense reset, never changed in place, without
+        it (fn copies out of the view, which it must not keep)."""
         assert plan.snapshot is not None
-        length = plan.shard.length
+        dense, length = plan.dense, plan.shard.length
         for lo in range(0, length, step):
             hi = min(lo + step, length)
-            yield plan.shard.read(plan.snapshot, lo, hi, functools.partial(fn, lo))
+            yield (fn(lo, dense[lo:hi]) if dense is not None
+                   else plan.shard.read(plan.snapshot, lo, hi, functools.partial(fn, lo)))
 
     def pulled(self, plan: PullPlan, sent_bytes: int) -> None:
         """Ends a pull (sent or abandoned): hands the snapshot back and counts it."""

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from shardps.proto import common_pb2
+
 from .checkpoint import ShardState
 
 if TYPE_CHECKING:
@@ -108,7 +110,8 @@ class ForcedCaptures:
 def capture_locked(core: ShardCore) -> ShardState:
     """A consistent copy of everything a checkpoint holds; the caller holds `core.cond`.
 
-    A sync round still open is not part of the state (see without_open_round).
+    A sync round still open is not part of the state (see without_open_round). A sync
+    shard's state has the pull mirror its workers hold, if they pull compressed.
     """
     fencing, gate = core.fencing, core.gate
     applied, clocks = without_open_round(fencing.applied, gate.clocks, gate.round, core.version)
@@ -119,7 +122,8 @@ def capture_locked(core: ShardCore) -> ShardState:
         workers=list(core.workers), tensors=core.updater.copy_tensors(),
         incarnations=dict(fencing.incarnations), departed=dict(fencing.departed),
         clocks=clocks, applied=applied, rollback_id=core.rollback_id, tables=tables,
-        table_applied=table_applied)
+        table_applied=table_applied, mirror=core.mirrors.saved_locked(core.workers, core.version)
+        if core.config.mode == common_pb2.CONSISTENCY_SYNC else None)
 
 
 def capture_at(core: ShardCore, at_version: int, timeout: float) -> tuple[ShardState, float]:
@@ -142,7 +146,9 @@ def load_state(core: ShardCore, state: ShardState, membership: bool = True) -> N
     `membership` also takes its workers, epoch, clocks and applied-push and fencing tables,
     the rows' applied-push table included (False for a resumed job, which starts them
     afresh). An open sync round is dropped, its buffered row gradients with it; waiting
-    pulls re-check. The job state stays the coordinator's.
+    pulls re-check. The pull mirrors are dropped, and the checkpoint's seeded (with
+    `membership`: a resumed job's workers start from the weights). The job state stays the
+    coordinator's.
 
     Raises:
         InvalidConfigError: the checkpoint is of a different length, or its tables are not
@@ -164,4 +170,5 @@ def load_state(core: ShardCore, state: ShardState, membership: bool = True) -> N
             core.gate.clocks = dict(state.clocks)
         core.gate.drop_round()
         core.snapshots.clear_locked()
+        core.mirrors.restore_locked(state.mirror if membership else None)
         core.cond.notify_all()

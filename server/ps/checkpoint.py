@@ -3,7 +3,8 @@
 Pure: no gRPC, no threads. One checkpoint is a directory
 `<data_dir>/jobs/<job>/shard-<i>/ckpt-<version>-<seq>/` holding each tensor as raw
 little-endian bytes (`<name>.bin`, never pickle), each embedding table's tensors
-(`table-<i>.<key>.bin`, ckpt_tables.py) and `manifest.msgpack` (counters, tables, config
+(`table-<i>.<key>.bin`, ckpt_tables.py), a sync shard's pull mirror (`mirror.bin`, with its
+setting and version in the manifest; pull_deltas.py) and `manifest.msgpack` (counters, tables, config
 and a size + sha256 per file; the manifest carries its own sha256). It is written
 into a `.tmp-*` directory (each file fsynced, then the directory), renamed into place (the
 commit point) and the parent directory fsynced. Loading walks the committed directories
@@ -45,10 +46,11 @@ import msgpack
 import torch
 from google.protobuf.message import DecodeError
 
-from shardps.proto import common_pb2, names, ps_pb2
+from shardps.proto import common_pb2, compress, names, ps_pb2
 
 from . import ckpt_tables, paths
 from .errors import ShardError
+from .pull_deltas import SavedMirror
 from .shard_config import validate_config
 from .table_config import TableState
 
@@ -86,6 +88,9 @@ _MANIFEST_KEYS = frozenset({
     "rollback_id", "config", "files"})
 # Present exactly when the config has embedding tables (ckpt_tables.py).
 _TABLE_KEYS = frozenset({"tables", "table_applied"})
+# Present when the state has a pull mirror: {"setting": str, "version": int}, its tensor
+# the file "mirror".
+_MIRROR = "mirror"
 _FILE_KEYS = frozenset({"file", "size", "sha256", "dtype", "shape"})
 _JOB_STATES = frozenset(common_pb2.JobState.values())
 _warned: set[str] = set()  # directory entries already logged as ignored
@@ -120,6 +125,8 @@ class ShardState:
     # of rows ((worker, table) -> step; ShardTables.applied).
     tables: dict[str, TableState] = field(default_factory=dict)
     table_applied: dict[tuple[str, str], int] = field(default_factory=dict)
+    # A sync shard's compressed pulls: the mirror of the copy its workers hold (pull_deltas.py).
+    mirror: SavedMirror | None = None
 
     @property
     def job_id(self) -> str:
@@ -252,6 +259,8 @@ def write(directory: Path | str, state: ShardState, keep: int) -> Path:
             continue
         files[name] = _write_tensor(tmp / f"{name}.bin", tensor, crash, name)
         crash.at(f"file:{name}")
+    if state.mirror is not None:
+        files[_MIRROR] = _write_tensor(tmp / f"{_MIRROR}.bin", state.mirror.tensor, crash, _MIRROR)
     tables = _write_tables(tmp, state, crash)
     body = msgpack.packb(_manifest(state, files, tables), use_bin_type=True)
     _write_file(tmp / MANIFEST, msgpack.packb(
@@ -327,8 +336,10 @@ def fsync_dir(path: Path) -> None:
 
 def _manifest(state: ShardState, files: dict, tables: list[dict]) -> dict:
     extra = {"tables": tables, "table_applied": ckpt_tables.applied_entry(state.table_applied)}
+    mirror = state.mirror
     return {
         **(extra if state.config.tables else {}),
+        **({_MIRROR: {"setting": mirror.setting, "version": mirror.version}} if mirror else {}),
         "format": FORMAT,
         "byteorder": "little",
         "job_id": state.job_id,
@@ -400,7 +411,7 @@ def read(path: Path, expect: Expect | None = None) -> ShardState:
     missing = sorted(_MANIFEST_KEYS - m.keys())
     if missing:
         raise CheckpointError(f"manifest lacks {', '.join(missing)}")
-    extra = [k for k in m if k not in _MANIFEST_KEYS | _TABLE_KEYS]
+    extra = [k for k in m if k not in _MANIFEST_KEYS | _TABLE_KEYS | {_MIRROR}]
     if extra:
         raise CheckpointError(f"manifest has unknown field {_show(extra[0])}")
     config = _config(m)
@@ -433,6 +444,7 @@ def read(path: Path, expect: Expect | None = None) -> ShardState:
     job_state = m["job_state"]
     if type(job_state) is not int or job_state not in _JOB_STATES:
         raise CheckpointError(f"job_state {_show(job_state)} is not a job state")
+    mirror = _mirror(path, m, config.length, version)
     tensors = _tensors(path, m["files"], config.length)
     tables, table_applied = _tables(path, m, config)
     return ShardState(
@@ -441,7 +453,8 @@ def read(path: Path, expect: Expect | None = None) -> ShardState:
         epoch=_int(m, "epoch", *_INT64), workers=_workers(m["workers"]), tensors=tensors,
         incarnations=_table(m, "incarnations", *_INT64), departed=_table(m, "departed", *_INT64),
         clocks=_table(m, "clocks", 0, 2**64 - 1), applied=_applied(m["applied"]),
-        rollback_id=_int(m, "rollback_id", *_COUNT), tables=tables, table_applied=table_applied)
+        rollback_id=_int(m, "rollback_id", *_COUNT), tables=tables, table_applied=table_applied,
+        mirror=mirror)
 
 
 def _read_manifest(path: Path) -> bytes:
@@ -509,10 +522,33 @@ def _config(m: dict) -> ps_pb2.ShardConfig:
     return config
 
 
+def _mirror(path: Path, m: dict, length: int, version: int) -> SavedMirror | None:
+    """The manifest's pull mirror and its file, both or neither."""
+    entry, files = m.get(_MIRROR), m["files"]
+    in_files = isinstance(files, dict) and _MIRROR in files
+    if entry is None and not in_files:
+        return None
+    if entry is None or not in_files:
+        raise CheckpointError(f"{_MIRROR}: its manifest entry and its file go together")
+    if not isinstance(entry, dict) or set(entry) != {"setting", "version"}:
+        raise CheckpointError(f"{_MIRROR}: entry must have exactly setting, version")
+    setting, at = entry["setting"], entry["version"]
+    try:
+        compress.parse(setting if isinstance(setting, str) else "")
+    except ValueError:
+        raise CheckpointError(f"{_MIRROR}: setting {_show(setting)} is not a compress setting") from None
+    if type(at) is not int or at not in (version - 1, version):
+        raise CheckpointError(f"{_MIRROR}: version {_show(at)}, expected {version - 1} or {version}")
+    tensor = _read_tensor(path, _MIRROR, files[_MIRROR], [length])
+    if not _finite(tensor):
+        raise CheckpointError(f"{_MIRROR}: non-finite values")
+    return SavedMirror(setting, at, tensor)
+
+
 def _tensors(path: Path, files: Any, length: int) -> dict[str, torch.Tensor]:
     if not isinstance(files, dict):
         raise CheckpointError("files is not a map")
-    unknown = [k for k in files if k not in TENSORS]
+    unknown = [k for k in files if k not in TENSORS and k != _MIRROR]
     if unknown:
         raise CheckpointError(f"files has unknown tensor {_show(unknown[0])}")
     if "weights" not in files:

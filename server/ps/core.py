@@ -25,6 +25,7 @@ from .capture import ForcedCaptures, capture_locked
 from .errors import ShardClosedError
 from .fencing import Fencing
 from .gate import Gate, round_terms
+from .pull_deltas import ShardMirrors
 from .snapshots import SnapshotCache
 from .tables import Member, ShardTables
 from .updater import Terms, Updater
@@ -79,6 +80,8 @@ class ShardCore:
         self.on_applied: Callable[[bool], None] | None = None
         self.on_rows_set: Callable[[], None] | None = None
         self.tables = ShardTables(config)  # the job's embedding tables (tables.py)
+        # Compressed pulls' mirrors of the workers' copies.
+        self.mirrors = ShardMirrors(config.mode == common_pb2.CONSISTENCY_SYNC)
 
     @property
     def frozen(self) -> bool:

@@ -9,7 +9,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .errors import REJECT_REASONS
-from .pull_deltas import PullMirrors
 from .registry import ShardRegistry
 from .table_metrics import TableCollector
 
@@ -79,17 +78,12 @@ class PSMetrics:
         registry.register(self._shard_collector)
         registry.register(TableCollector(shards))
 
-    def count_mirrors(self, mirrors: PullMirrors) -> None:
-        """Reports the memory of these pull mirrors per shard (shardps_ps_pull_mirror_bytes)."""
-        self._shard_collector.mirrors = mirrors
-
 
 class _ShardCollector(Collector):
     """Reports each shard's version, size, waiting pulls and consistency records at scrape time."""
 
     def __init__(self, shards: ShardRegistry):
         self._shards = shards
-        self.mirrors: PullMirrors | None = None
 
     def collect(self) -> Iterator[Metric]:
         version = GaugeMetricFamily("shardps_ps_version", "Shard version (Adam steps applied)",
@@ -115,7 +109,7 @@ class _ShardCollector(Collector):
         for shard in self._shards.shards():
             labels = [shard.job_id, str(shard.index)]
             info = shard.info()
-            mirrors.add_metric(labels, self.mirrors.held_bytes(shard) if self.mirrors is not None else 0)
+            mirrors.add_metric(labels, shard.mirrors.held_bytes())
             version.add_metric(labels, info.version)
             size.add_metric(labels, shard.resident_bytes())
             waiting.add_metric(labels, shard.waiting_pulls)

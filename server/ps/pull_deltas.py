@@ -8,9 +8,16 @@ no residual to keep beyond the mirror itself. Cost: one fp32 copy of the shard p
 
 A mirror is tied to a tag the worker chose for the reply that made it (PullRequest.reply_tag,
 fresh for every request); the worker names the tag of the copy it holds (held_tag), and one
-that lost or dropped a reply (or is new, or restarted) names another and gets the dense
-weights again. Versions would not do: two replies of the same version can differ (one a
-delta, one dense, when two pulls of a worker were in flight).
+that lost or dropped a reply (or is new, or restarted) names another and gets a dense copy
+again: the weights, or in a sync job the copy its peers hold (`HeldCopies._reset`). Versions
+would not do: two replies of the same version can differ (one a delta, one dense, when two
+pulls of a worker were in flight).
+
+Checkpoints carry the mirror the workers of a sync job hold (`ShardMirrors.saved_locked`),
+so that after a rollback or a restart their dense reset is that copy, brought to the
+restored version as the straight run's delta brought it, instead of the weights: the
+replayed steps are then computed on bitwise the weights the workers had (docs/network.md,
+"Compressed pulls").
 """
 
 from __future__ import annotations
@@ -39,10 +46,11 @@ class _State:
     are in the same state share it (in sync every worker pulls the same versions), and the
     delta that took one worker from it to a version serves the others."""
 
-    __slots__ = ("tensor", "_next", "__weakref__")
+    __slots__ = ("tensor", "version", "_next", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, version: int | None):
         self.tensor = tensor
+        self.version = version  # of the weights it mirrors (None: not a sync pull's)
         # (version, delta, the state it leads to): weak, so a state no worker holds goes
         self._next: tuple[int, bytes, weakref.ref[_State]] | None = None
 
@@ -64,12 +72,20 @@ class HeldCopies:
 
     Given the weights' version, workers at the same state share its mirror and its delta to
     that version: a sync job's N workers cost one encode and one or two mirrors per round,
-    not N. Without one (version None) each worker's mirror is its own."""
+    not N. Without one (version None) each worker's mirror is its own.
 
-    def __init__(self, compressor: Compressor):
+    `sync` (a sync shard's): every worker is to hold one copy per version, the one the
+    workers that pulled each version once hold. So a worker without a copy is sent that copy
+    (`_reset`), and one that asks again for the version its copy has gets it again. Else a
+    reset sends the weights, and a repeated pull the delta still owed (the copy converges
+    to the weights)."""
+
+    def __init__(self, compressor: Compressor, sync: bool = False):
         self.compressor = compressor
+        self.sync = sync
         self._held: dict[str, tuple[int, _State]] = {}
         self._dense: tuple[int, weakref.ref[_State]] | None = None  # the last dense reply's state
+        self._restored: _State | None = None  # a checkpoint's mirror (`seed`), until used
 
     def reply(self, worker: str, held_tag: int, weights: torch.Tensor, reply_tag: int,
               version: int | None = None) -> PullReply:
@@ -78,28 +94,75 @@ class HeldCopies:
         (PullReply.version)."""
         mirror = self._held.get(worker)
         if mirror is None or mirror[0] != held_tag or mirror[1].tensor.numel() != weights.numel():
-            state = self._dense_state(weights, version)
+            state = self._reset(weights, version)
             self._held[worker] = (reply_tag, state)
             return PullReply(reply_tag, dense=state.tensor)
-        taken = None if version is None else mirror[1].step(version)
-        if taken is None:
-            after = _State(torch.empty_like(mirror[1].tensor))
-            data = self.compressor.encode_delta(weights.detach(), mirror[1].tensor, out=after.tensor)
-            if version is not None:
-                mirror[1].took(version, data, after)
-            taken = (data, after)
-        self._held[worker] = (reply_tag, taken[1])
-        return PullReply(reply_tag, delta=taken[0])
+        if self.sync and version is not None and mirror[1].version == version:
+            # Its copy is of this version already (a retried or repeated pull, a resync after
+            # a rollback): that copy again, not a delta towards the weights, which would take
+            # it off the course a worker pulling each version once follows.
+            self._held[worker] = (reply_tag, mirror[1])
+            return PullReply(reply_tag, dense=mirror[1].tensor)
+        data, after = self._advance(mirror[1], weights, version)
+        self._held[worker] = (reply_tag, after)
+        return PullReply(reply_tag, delta=data)
 
-    def _dense_state(self, weights: torch.Tensor, version: int | None) -> _State:
+    def _advance(self, state: _State, weights: torch.Tensor, version: int | None) -> tuple[bytes, _State]:
+        """The delta from `state` to weights (of `version`) and the state it leads to: the
+        one another worker took from the same state, if it is still held."""
+        taken = None if version is None else state.step(version)
+        if taken is None:
+            after = _State(torch.empty_like(state.tensor), version)
+            data = self.compressor.encode_delta(weights.detach(), state.tensor, out=after.tensor)
+            if version is not None:
+                state.took(version, data, after)
+            taken = (data, after)
+        return taken
+
+    def _reset(self, weights: torch.Tensor, version: int | None) -> _State:
+        """What a worker without a copy is sent (sync): at a version, the copy the other workers
+        hold there (or a checkpoint's, `seed`), or the one they hold a version behind,
+        brought to it by the delta they take; so a sync round's workers all compute on one
+        copy, and a worker that lost its own (a new client) or a restored shard's workers
+        go on as the run would have without it. Else (the first pull, or none at that
+        version) the weights, one copy for the workers that reset at that version."""
+        n = weights.numel()
+        if self.sync and version is not None:
+            held = [s for _, s in self._held.values() if s.tensor.numel() == n]
+            seed = self._restored if self._restored is not None and self._restored.tensor.numel() == n else None
+            for at in (version, version - 1):
+                states = [s for s in [*held, seed] if s is not None and s.version == at]
+                if states:
+                    best = max(states, key=lambda s: sum(h is s for h in held))
+                    if best is seed:
+                        self._restored = None  # the workers' mirrors carry it on from here
+                    return best if at == version else self._advance(best, weights, version)[1]
         if version is not None and self._dense is not None and self._dense[0] == version:
             state = self._dense[1]()
-            if state is not None and state.tensor.numel() == weights.numel():
+            if state is not None and state.tensor.numel() == n:
                 return state
-        state = _State(weights.detach().clone())
+        state = _State(weights.detach().clone(), version)
         if version is not None:
             self._dense = (version, weakref.ref(state))
         return state
+
+    def seed(self, version: int, tensor: torch.Tensor) -> None:
+        """Takes a checkpoint's mirror (of `version`): what workers without a copy are sent
+        at that version, or advanced to at the next, instead of the weights."""
+        self._restored = _State(tensor, version)
+
+    def saved(self, workers: list[str], version: int) -> tuple[int, torch.Tensor] | None:
+        """A copy of the mirror that `workers` hold at `version` or one before it (the
+        newest; of those, the one most hold), or None: what a checkpoint of a shard at
+        `version` keeps."""
+        held = [state for worker, (_, state) in self._held.items() if worker in workers]
+        states = [s for s in [*held, self._restored]
+                  if s is not None and s.version in (version - 1, version)]
+        if not states:
+            return None
+        best = max(states, key=lambda s: (s.version, sum(h is s for h in held)))
+        assert best.version is not None
+        return best.version, best.tensor.clone()
 
     def forget(self, worker: str) -> None:
         """Drops a worker's mirror (it left the job); its next pull is dense."""
@@ -133,31 +196,57 @@ def apply_reply(copy: torch.Tensor | None, reply: PullReply, compressor: Compres
     return copy
 
 
-class PullMirrors:
-    """Every shard's HeldCopies on one server, per compress setting. A shard's mirrors go
-    with the shard object (weak keys): a dropped, replaced or restored shard starts over,
-    and its workers' next pulls are dense. Thread-safe to look up; each HeldCopies is used
-    under its shard's lock."""
+@dataclass(frozen=True)
+class SavedMirror:
+    """A checkpoint's mirror: the copy of a sync shard its workers held, at `version` (the
+    shard's, or one before it), for pulls compressed with `setting`."""
 
-    def __init__(self) -> None:
+    setting: str
+    version: int
+    tensor: torch.Tensor
+
+
+class ShardMirrors:
+    """One shard's HeldCopies, per compress setting (the shard's core holds it; `sync`: the
+    shard's mode is). Thread-safe to look up; each HeldCopies, `saved_locked` and
+    `restore_locked` under the shard's lock."""
+
+    def __init__(self, sync: bool = False) -> None:
+        self.sync = sync
         self._lock = threading.Lock()
-        self._by_shard: weakref.WeakKeyDictionary[object, dict[str, HeldCopies]] = \
-            weakref.WeakKeyDictionary()
+        self._by_setting: dict[str, HeldCopies] = {}
 
-    def held_bytes(self, shard: object) -> int:
-        """Bytes of a shard's mirrors, every setting's (0 for none)."""
+    def held_bytes(self) -> int:
+        """Bytes of the mirrors, every setting's (0 for none)."""
         with self._lock:
-            held = list(self._by_shard.get(shard, {}).values())
+            held = list(self._by_setting.values())
         return sum(h.held_bytes() for h in held)
 
-    def copies(self, shard: object, setting: str) -> HeldCopies:
-        """The shard's mirrors for `setting` (compress.parse's; raises ValueError if bad)."""
+    def copies(self, setting: str) -> HeldCopies:
+        """The mirrors for `setting` (compress.parse's; raises ValueError if bad)."""
         with self._lock:
-            per_setting = self._by_shard.setdefault(shard, {})
-            held = per_setting.get(setting)
+            held = self._by_setting.get(setting)
             if held is None:
-                held = per_setting[setting] = HeldCopies(compress.parse(setting))
+                held = self._by_setting[setting] = HeldCopies(compress.parse(setting), self.sync)
             return held
+
+    def saved_locked(self, workers: list[str], version: int) -> SavedMirror | None:
+        """The mirror a checkpoint at `version` keeps (HeldCopies.saved; the first setting
+        that has one: a job pulls with one)."""
+        with self._lock:
+            held = list(self._by_setting.items())
+        for setting, copies in held:
+            saved = copies.saved(workers, version)
+            if saved is not None:
+                return SavedMirror(setting, *saved)
+        return None
+
+    def restore_locked(self, saved: SavedMirror | None) -> None:
+        """Drops every mirror (the weights were replaced) and seeds `saved`'s, if any."""
+        with self._lock:
+            self._by_setting.clear()
+        if saved is not None:
+            self.copies(saved.setting).seed(saved.version, saved.tensor)
 
 
 def check_request(setting: str, dtype: int, worker_id: str, reply_tag: int) -> None:

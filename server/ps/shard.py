@@ -57,6 +57,7 @@ class Shard:
         self.restored = False
         self._core = ShardCore(self.config, weights)
         self.rows = rows.ShardRows(self._core)  # the embedding tables' row calls
+        self.mirrors = self._core.mirrors  # compressed pulls' mirrors (pull_deltas.ShardMirrors)
         self._on_applied: OnApplied | None = None
 
     # -- state (read without the lock: each is one attribute, always consistent) ----------
@@ -123,8 +124,7 @@ class Shard:
 
     @property
     def on_applied(self) -> OnApplied | None:
-        """Called under the lock after every version change with the shard and whether a
-        forced capture was just taken there (checkpoints hook here); it must not block."""
+        """hook(shard, forced capture taken) after each version change, under the lock; no blocking."""
         return self._on_applied
 
     @on_applied.setter

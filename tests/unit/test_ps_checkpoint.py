@@ -65,6 +65,40 @@ def test_round_trip_is_exact_and_training_continues_bitwise(tmp_path):
     same_state(restored, straight)
 
 
+def test_a_sync_shards_pull_mirror_is_checkpointed_and_seeds_the_restored_shards_pulls(tmp_path):
+    """Both workers pulled version 3 compressed; the round to 4 closes and the shard is
+    checkpointed: the checkpoint keeps their mirror (version 3), and the restored shard
+    sends a worker without a copy, at version 4, what the workers hold there in the straight
+    run. A manifest whose mirror names another version is refused."""
+    shard = new_shard()
+    run_steps(shard, range(2))
+    held = shard.mirrors.copies("int8:4")
+
+    def pull_all(copies, tag):
+        weights, version = shard.capture().tensors["weights"], shard.version
+        return [copies.reply(w, tag, weights, tag + 1, version=version) for w in ("w0", "w1")]
+
+    pull_all(held, 0)  # version 2: dense
+    run_steps(shard, [2])
+    pull_all(held, 1)  # version 3: a delta
+    run_steps(shard, [3])
+    path = checkpoint.write(tmp_path, shard.capture(), keep=3)
+    assert "mirror.bin" in {p.name for p in path.iterdir()}
+    state = checkpoint.read(path)
+    assert state.mirror is not None and (state.mirror.setting, state.mirror.version) == ("int8:4", 3)
+    assert torch.equal(state.mirror.tensor, held.held("w0"))
+    straight = pull_all(held, 2)  # version 4: what the straight run's workers hold
+    restored = Shard.from_state(state)
+    weights = restored.capture().tensors["weights"]
+    reset = restored.mirrors.copies("int8:4").reply("w0", 2, weights, 3, version=4)
+    assert straight[0].delta is not None and reset.dense is not None
+    assert torch.equal(reset.dense, held.held("w0"))
+    assert not torch.equal(reset.dense, weights)  # not the weights: the workers' copy
+    tamper.edit(lambda body: body["mirror"].update(version=1))(path, tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="mirror: version 1, expected 3 or 4"):
+        checkpoint.read(path)
+
+
 def test_applied_push_table_survives_so_a_retried_push_is_a_duplicate(tmp_path):
     shard = new_shard(mode=common_pb2.CONSISTENCY_ASYNC)
     shard.push(grad(1), worker_id="w0", incarnation=1, step=0)

@@ -121,3 +121,66 @@ def test_a_worker_that_falls_behind_gets_its_own_delta_and_the_others_are_unchan
     assert torch.equal(a, copies.held("a")) and torch.equal(b, copies.held("b"))
     a = apply_reply(a, copies.reply("a", 3, w3, 5, version=3), comp)
     assert torch.equal(a, copies.held("a"))
+
+
+@pytest.mark.parametrize("behind", [0, 1], ids=["saved-at-the-version", "saved-one-behind"])
+def test_a_seeded_mirror_gives_workers_without_a_copy_what_the_straight_runs_workers_held(behind):
+    """A checkpoint of a shard at version 4 keeps the mirror its workers hold (version 3 right
+    after the round closed, or 4 once they pulled it). Seeded into new mirrors (a restore),
+    the workers' dense resets at version 4 are the straight run's copies, bitwise, and so
+    are the deltas after; a copy of another version is not kept."""
+    comp = compress.Sign(64)
+    weights = _trajectory(7, 1000)
+    straight, held = HeldCopies(comp, sync=True), {}
+    copies: dict[str, list[torch.Tensor]] = {"w0": [], "w1": []}
+    saved = None
+    for version, w in enumerate(weights, start=1):
+        if version == 4 + 1 - behind:
+            saved = straight.saved(["w0", "w1"], 4)
+        for worker in copies:
+            tag, copy = held.get(worker, (0, None))
+            reply = straight.reply(worker, tag, w, 10 * version + int(worker[1]), version=version)
+            held[worker] = (reply.version, apply_reply(copy, reply, comp))
+            copies[worker].append(held[worker][1].clone())
+    assert saved is not None and saved[0] == 4 - behind
+    assert straight.saved(["w0", "w1"], 9) is None and straight.saved(["w2"], 7) is None
+    restored = HeldCopies(comp, sync=True)
+    restored.seed(*saved)
+    now: dict[str, tuple[int, torch.Tensor | None]] = {w: (1, None) for w in copies}  # tags unknown
+    for version in range(4, 8):
+        for worker, (tag, copy) in now.items():
+            reply = restored.reply(worker, tag, weights[version - 1], 100 * version + int(worker[1]),
+                                   version=version)
+            assert (reply.dense is not None) == (version == 4)
+            now[worker] = (reply.version, apply_reply(copy, reply, comp))
+            assert torch.equal(now[worker][1], copies[worker][version - 1]), (worker, version)
+
+
+def test_a_worker_that_lost_its_copy_gets_the_one_its_peers_hold_not_the_weights():
+    """Sync: w1 lost its copy (a new client: an unknown tag) while w0 holds version 3's: at
+    version 3 it gets w0's copy; at version 4, before w0 has pulled it, w0's copy brought
+    to 4 by the delta w0 then takes (one encode for both); asked again at 4, the same copy.
+    Alone, a worker gets the weights; and not in sync, a reset is the weights."""
+    comp = compress.Int8(64)
+    copies = HeldCopies(comp, sync=True)
+    weights = _trajectory(4, 512)
+    tags = {"w0": 0, "w1": 0}
+    for version in (1, 2, 3):
+        for worker in tags:
+            tags[worker] = copies.reply(worker, tags[worker], weights[version - 1], 10 * version + int(worker[1]),
+                                        version=version).version
+    lost = copies.reply("w1", 999, weights[2], 100, version=3)
+    assert lost.dense is not None and torch.equal(lost.dense, copies.held("w0"))
+    assert not torch.equal(lost.dense, weights[2])
+    ahead = copies.reply("w1", 999, weights[3], 101, version=4)
+    behind = copies.reply("w0", tags["w0"], weights[3], 41, version=4)
+    assert ahead.dense is not None and behind.delta is not None
+    assert torch.equal(ahead.dense, copies.held("w0")) and copies.held("w0") is copies.held("w1")
+    again = copies.reply("w1", 101, weights[3], 102, version=4)
+    assert again.dense is not None and torch.equal(again.dense, copies.held("w0"))
+    alone = HeldCopies(comp, sync=True)
+    assert torch.equal(alone.reply("w0", 0, weights[0], 1, version=1).dense, weights[0])
+    unsynced = HeldCopies(comp)
+    unsynced.reply("w0", 0, weights[0], 1, version=1)
+    assert unsynced.reply("w0", 1, weights[1], 2, version=2).delta is not None
+    assert torch.equal(unsynced.reply("w1", 0, weights[1], 3, version=2).dense, weights[1])

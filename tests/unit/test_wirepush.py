@@ -108,3 +108,34 @@ def test_worker_momentum_runs_through_the_warm_up_and_a_reset_drops_it():
     torch.testing.assert_close(compress.decode(again[0]), g1[:600] / 2.0, atol=0.05, rtol=0.02)
     with pytest.raises(ValueError, match="preconditioned"):
         WirePush("sign", common_pb2.DTYPE_FLOAT32, "job", WorkerMetrics(), momentum_beta1=0.9)
+
+
+def test_a_rewind_to_a_saved_step_replays_the_same_bytes_and_to_another_starts_from_none():
+    """save_every = 2: the state before the pushes of steps 2 and 4 is kept (the newest two);
+    a rollback to 4 replays steps 4-5 bitwise (residuals, warm-up residuals and momenta taken
+    back), one to 3 starts from none, and one to 2 after it still finds step 2's state."""
+    def make() -> WirePush:
+        return WirePush("sign", common_pb2.DTYPE_FLOAT32, "job", WorkerMetrics(), warmup_steps=2,
+                        precondition=True, momentum_beta1=0.9, warmup_setting="int8", save_every=2)
+
+    def fetch() -> list[torch.Tensor]:
+        return [torch.full((600,), 2.0), torch.full((400,), 0.5)]
+
+    grads = [torch.randn(1000, generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    straight = make()
+    pushed = [straight.encode(g, SHARDS, s, fetch) for s, g in enumerate(grads)]
+    wire = make()
+    for s in range(6):
+        wire.encode(grads[s], SHARDS, s, fetch)
+    wire.rewind(4)
+    assert [wire.encode(grads[s], SHARDS, s, fetch) for s in (4, 5)] == pushed[4:]
+    wire.rewind(3)  # not saved: from none, unlike the straight run
+    assert wire.encode(grads[3], SHARDS, 3, fetch) != pushed[3]
+    wire.rewind(2)  # saved before the rewind to 3, which dropped step 4's only
+    assert [wire.encode(grads[s], SHARDS, s, fetch) for s in range(2, 6)] == pushed[2:]
+    assert sorted(wire._saved) == [2, 4]
+    unsaved = WirePush("sign", common_pb2.DTYPE_FLOAT32, "job", WorkerMetrics())
+    for s in range(3):
+        unsaved.encode(grads[s], SHARDS, s)
+    unsaved.rewind(2)
+    assert unsaved.feedback is not None and unsaved.feedback.residual("shard0") is None
