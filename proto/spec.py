@@ -356,6 +356,9 @@ SCHEMA: dict[str, Any] = {
     "checkpoint": {
         "every_steps": (_int(0, MAX_STEPS), 0),
         "keep": (_int(1, 1000), 3),
+        # Compressed sync jobs: the newest checkpoint versions whose residuals and momenta
+        # each worker keeps in memory, so that a rollback to one replays bitwise.
+        "worker_copies": (_int(0, 8), 2),
     },
     # The model's embedding tables (docs/tables.md): these settings for every table, and
     # per_table: {module path: {some of them}} overriding them for one table.
@@ -451,6 +454,7 @@ class StopSpec(TypedDict):
 class CheckpointSpec(TypedDict):
     every_steps: ReadOnly[int]  # 0: never
     keep: ReadOnly[int]
+    worker_copies: ReadOnly[int]  # 0: none
 
 
 class TableSettings(TypedDict):

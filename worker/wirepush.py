@@ -24,13 +24,11 @@ def for_spec(spec: JobSpec, job_id: str, metrics: WorkerMetrics) -> WirePush:
     """The WirePush of a job's transport and optimizer settings."""
     transport, opt = spec["transport"], spec["optimizer"]
     sync = spec["consistency"]["mode"] == "sync"  # only sync jobs roll back
+    checkpoint = spec["checkpoint"]
     return WirePush(transport["compress"], codec.DTYPE_NAMES[transport["dtype"]], job_id, metrics,
                     transport["compress_warmup_steps"], opt["precondition_pushes"],
                     opt["betas"][0] if opt["worker_momentum"] else None, transport["compress_warmup"],
-                    save_every=spec["checkpoint"]["every_steps"] if sync else 0)
-
-
-SAVED_KEPT = 2  # states kept for rollbacks: the newest checkpoint's, and the one before it
+                    save_every=checkpoint["every_steps"] if sync else 0, saved_kept=checkpoint["worker_copies"])
 
 
 @dataclass(frozen=True)
@@ -65,16 +63,17 @@ class WirePush:
 
     `save_every` (a sync job's checkpoint.every_steps; 0: never): before the push of each
     step that is a multiple of it, a copy of the residuals and momenta is kept (the newest
-    SAVED_KEPT), the state the worker had at the version the servers checkpoint there. A
+    `saved_kept`, checkpoint.worker_copies: by default the newest checkpoint's and the one
+    before it), the state the worker had at the version the servers checkpoint there. A
     rollback to such a version (`rewind`) takes it back, so the replayed pushes are bitwise
     those of a run without the failure; a rollback to any other version starts from none.
-    It costs SAVED_KEPT copies of that state (one or two fp32 copies of the model each).
+    It costs `saved_kept` copies of that state (one or two fp32 copies of the model each).
     """
 
     def __init__(self, setting: str, dtype: common_pb2.DType, job_id: str,
                  metrics: WorkerMetrics, warmup_steps: int = 0, precondition: bool = False,
                  momentum_beta1: float | None = None, warmup_setting: str = "none",
-                 save_every: int = 0):
+                 save_every: int = 0, saved_kept: int = 2):
         self.warmup_steps = warmup_steps  # steps 0..warmup_steps-1 push in `dtype` or warmup_setting
         self.precondition = precondition
         if momentum_beta1 is not None and not precondition:
@@ -89,7 +88,8 @@ class WirePush:
         self._bytes = metrics.wire_bytes
         self._ratio = metrics.compression_ratio.labels(job=job_id)
         self._job = job_id
-        self._save_every = save_every
+        self._save_every = save_every if saved_kept > 0 else 0
+        self._saved_kept = saved_kept
         self._saved: dict[int, _Saved] = {}  # step -> the state before its push
 
     def encode(self, grad: torch.Tensor, shards: Sequence[common_pb2.ShardRange], step: int,
@@ -159,7 +159,7 @@ class WirePush:
         self._saved[step] = _Saved(self.feedback.saved() if self.feedback is not None else {},
                                    self.warmup_feedback.saved() if self.warmup_feedback is not None else {},
                                    self.momentum.saved() if self.momentum is not None else {})
-        for old in sorted(self._saved)[:-SAVED_KEPT]:
+        for old in sorted(self._saved)[:-self._saved_kept]:
             del self._saved[old]
 
     def pushed(self, numel: int, encoded: Sequence[bytes] | None) -> None:

@@ -253,6 +253,7 @@ RANGES = [
     ("stop.eval_every", str(2**31 - 1), str(2**31)), ("stop.eval_every", "1", "0"),
     ("checkpoint.every_steps", str(2**31 - 1), str(2**63)),
     ("checkpoint.keep", "1000", "1001"),
+    ("checkpoint.worker_copies", "0", "-1"), ("checkpoint.worker_copies", "8", "9"),
     ("optimizer.freeze_variance_after", str(2**31 - 1), "-1"),
     ("transport.compress_warmup_steps", str(2**31 - 1), "-1"),
     ("data.files.holdout", "0", "-1"), ("data.files.holdout", str(1 << 20), str((1 << 20) + 1)),

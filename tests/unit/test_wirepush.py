@@ -134,8 +134,9 @@ def test_a_rewind_to_a_saved_step_replays_the_same_bytes_and_to_another_starts_f
     wire.rewind(2)  # saved before the rewind to 3, which dropped step 4's only
     assert [wire.encode(grads[s], SHARDS, s, fetch) for s in range(2, 6)] == pushed[2:]
     assert sorted(wire._saved) == [2, 4]
-    unsaved = WirePush("sign", common_pb2.DTYPE_FLOAT32, "job", WorkerMetrics())
-    for s in range(3):
-        unsaved.encode(grads[s], SHARDS, s)
-    unsaved.rewind(2)
-    assert unsaved.feedback is not None and unsaved.feedback.residual("shard0") is None
+    for unsaved in (WirePush("sign", common_pb2.DTYPE_FLOAT32, "job", WorkerMetrics()),
+                    WirePush("sign", common_pb2.DTYPE_FLOAT32, "job", WorkerMetrics(), save_every=2, saved_kept=0)):
+        for s in range(3):
+            unsaved.encode(grads[s], SHARDS, s)
+        unsaved.rewind(2)  # checkpoint.worker_copies 0, or no periodic checkpoints: from none
+        assert unsaved.feedback is not None and unsaved.feedback.residual("shard0") is None
