@@ -167,7 +167,8 @@ class PSClient:
                            max(s.length for s in self.shards) * itemsize <= PIPELINE_BYTES)
         self._pool: futures.ThreadPoolExecutor | None = None
         self._ahead = PullsAhead()
-        self._copy = PulledCopy(compress_pull, self.total, dtype) if compress_pull != "none" else None
+        # Compressed pulls' copy (deltas.py); a new map's client may take it over (`carries`).
+        self.pulled = PulledCopy(compress_pull, self.total, dtype) if compress_pull != "none" else None
 
     @property
     def total(self) -> int:
@@ -207,9 +208,7 @@ class PSClient:
         def finish(i: int, pending: PendingPull) -> ps_pb2.PullResponse:
             shard = self.shards[i]
             part = dest[shard.offset : shard.offset + shard.length]
-            if self._copy is None:
-                return pending.finish(part)
-            return self._copy.finish(shard, pending, part)
+            return pending.finish(part) if self.pulled is None else self.pulled.finish(shard, pending, part)
 
         try:
             heads = self._transfer(start, finish)
@@ -226,7 +225,7 @@ class PSClient:
         """`pull`, read on background threads (psclient/inflight.py): its heads, then dest
         range by range as the elements land. Dense pulls only."""
         _check_flat(dest, self.total)
-        if self._copy is not None:  # a compressed pull's deltas land whole
+        if self.pulled is not None:  # a compressed pull's deltas land whole
             raise ValueError("an overlapped pull is dense: this client compresses pulls")
         requests = [self._pull_request(s, min_version, timeout_s, clock) for s in self.shards]
         ahead, self._ahead = self._ahead, PullsAhead()
@@ -245,8 +244,8 @@ class PSClient:
             job_id=self.job_id, shard_index=shard.index, dtype=self.dtype,
             min_version=min_version, timeout_ms=int(timeout_s * 1000),
             worker_id=self.worker_id, clock=clock, chunk_bytes=self.chunk_bytes)
-        if self._copy is not None:
-            self._copy.tag(request)
+        if self.pulled is not None:
+            self.pulled.tag(request)
         return request
 
     # -- push ---------------------------------------------------------------------------

@@ -46,6 +46,13 @@ class PulledCopy:
         # Fresh per client, so a late reply meant for an earlier client never matches.
         self._next = secrets.randbits(62) | 1
 
+    def carries(self, other: PulledCopy | None) -> bool:
+        """Whether this copy can stand in for `other` (a new client's, for the same job's
+        new shard map: the same setting and length); its tags go with it, so the shards still
+        on their servers go on with deltas and only the moved ones (unknown tags there) pull
+        dense."""
+        return other is not None and (other.setting, other.copy.numel()) == (self.setting, self.copy.numel())
+
     def tag(self, request: ps_pb2.PullRequest) -> None:
         """Makes `request` a compressed pull: the setting, the tag of this shard's part, a
         fresh reply tag."""

@@ -14,6 +14,7 @@ import torch
 
 from shardps.proto import codec, common_pb2, ps_pb2, ps_pb2_grpc, refusals
 from shardps.psclient import PullResult
+from shardps.psclient.deltas import PulledCopy
 from shardps.psclient.inflight import PullInFlight
 from shardps.psclient.overlapped import OverlappedPush
 from shardps.runtime import rpc
@@ -62,6 +63,7 @@ class ShardClient(Protocol):
     """What the training loop calls on a job's parameter servers (psclient.PSClient)."""
 
     rollback_id: int | None  # sent with every push (PSClient.rollback_id)
+    pulled: PulledCopy | None  # compressed pulls' copy (PSClient.pulled)
 
     def pull(self, dest: torch.Tensor, *, min_version: int = 0, timeout_s: float = 30.0,
              clock: int = 0) -> PullResult: ...
@@ -117,13 +119,15 @@ class RemappableClient:
     def remap(self, shard_map: common_pb2.ShardMap) -> bool:
         """Switches to `shard_map` if it sends a shard elsewhere (a server came back at
         another address, a primary moved); returns whether it did. A map that changes only
-        backups or epochs is kept without reconnecting."""
+        backups or epochs is kept without reconnecting. Compressed pulls keep their copy."""
         if not shard_map.shards or shard_map == self.shard_map:
             return False
         if _routes(shard_map) == _routes(self.shard_map):
             self.shard_map = shard_map
             return False
         old, self.client = self.client, self._connect(shard_map)
+        if old.pulled is not None and old.pulled.carries(self.client.pulled):
+            self.client.pulled = old.pulled  # only the moved shards pull dense again
         self.shard_map = shard_map
         old.close()
         return True

@@ -12,6 +12,7 @@ import torch
 from shardps.proto import common_pb2, compress, ps_pb2, ps_pb2_grpc
 from shardps.psclient import PSClient
 from shardps.runtime import rpc
+from shardps.worker import recovery
 from tests.integration.test_compressed_push import two_servers  # noqa: F401 (a fixture)
 from tests.integration.test_ps import ASYNC, shard_config, shard_map
 
@@ -127,3 +128,26 @@ def test_workers_pulling_the_same_versions_share_one_mirror_and_the_metric_count
             held = server.metrics_registry.get_sample_value(
                 "shardps_ps_pull_mirror_bytes", {"job": "job", "shard": str(shard.index)})
             assert held == shard.length * 4
+
+
+def test_a_remapped_client_keeps_its_copy_so_shards_that_stayed_pull_deltas(two_servers):  # noqa: F811
+    """The worker's RemappableClient on a new shard map (here shard 1's address spelled
+    another way: the same server, so a new connection): the new PSClient takes the old copy
+    and tags over, and the next pull is two deltas, not the dense weights."""
+    smap = shard_map(two_servers, TOTAL)
+    with PSClient("job", smap, worker_id="w0") as dense:
+        dense.init(torch.randn(TOTAL), shard_config(ASYNC))
+        client = recovery.RemappableClient(PSClient, "job", smap, worker_id="w0", compress_pull="int8")
+        dest = torch.empty(TOTAL)
+        assert client.pull(dest).wire_bytes == TOTAL * 4  # the first pull: dense
+        moved = common_pb2.ShardMap()
+        moved.CopyFrom(smap)
+        moved.version = 2
+        moved.shards[1].address = moved.shards[1].address.replace("127.0.0.1", "localhost")
+        assert client.remap(moved)
+        dense.push(torch.randn(TOTAL), step=0, base_version=0, batch_size=1)
+        result = client.pull(dest, min_version=1)
+        assert result.ready and result.wire_bytes == sum(16 + 4 * -(-s.length // 256) + s.length
+                                                         for s in smap.shards)  # two int8 deltas
+        _converges(client.client, dense, dest, 1)
+        client.client.close()

@@ -36,6 +36,8 @@ def test_remappable_client_follows_a_new_shard_map():
     made, closed = [], []
 
     class Fake:
+        pulled = None
+
         def __init__(self, job_id, shard_map, **kw):
             self.shard_map = shard_map
             made.append(self)
@@ -62,6 +64,8 @@ def test_a_map_that_changes_only_copies_keeps_the_connections():
     made = []
 
     class Fake:
+        pulled = None
+
         def __init__(self, job_id, shard_map, **kw):
             made.append(shard_map)
 
