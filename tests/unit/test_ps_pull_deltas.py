@@ -1,6 +1,8 @@
 """Compressed pull deltas (server/ps/pull_deltas.py): the worker's copy and the server's
 mirror stay bitwise equal, and the copy tracks the weights with bounded error."""
 
+import resource
+
 import pytest
 import torch
 
@@ -184,3 +186,19 @@ def test_a_worker_that_lost_its_copy_gets_the_one_its_peers_hold_not_the_weights
     unsynced.reply("w0", 0, weights[0], 1, version=1)
     assert unsynced.reply("w0", 1, weights[1], 2, version=2).delta is not None
     assert torch.equal(unsynced.reply("w1", 0, weights[1], 3, version=2).dense, weights[1])
+
+
+def test_a_state_nobody_holds_lends_its_memory_to_the_next():
+    """Each round makes a new state of the copy; the one before is freed once no worker holds
+    it. A new 36 MB tensor (mmap'd) takes a page fault per 4 KiB page as it is first written
+    (~30 ms per 12.5M elements, as much as the encode); a recycled one takes none."""
+    n = 9_000_000
+    copies = HeldCopies(compress.Sign(), sync=True)
+    weights, tag, faults = torch.zeros(n), 0, []
+    for version in range(1, 5):
+        weights.add_(1e-3)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        tag = copies.reply("w0", tag, weights, version, version=version).version
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    pages = n * 4 // 4096
+    assert faults[0] > pages // 2 and faults[3] < pages // 4, (faults, pages)
