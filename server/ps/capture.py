@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from shardps.proto import common_pb2
-
 from .checkpoint import ShardState
 
 if TYPE_CHECKING:
@@ -122,8 +120,8 @@ def capture_locked(core: ShardCore) -> ShardState:
         workers=list(core.workers), tensors=core.updater.copy_tensors(),
         incarnations=dict(fencing.incarnations), departed=dict(fencing.departed),
         clocks=clocks, applied=applied, rollback_id=core.rollback_id, tables=tables,
-        table_applied=table_applied, mirror=core.mirrors.saved_locked(core.workers, core.version)
-        if core.config.mode == common_pb2.CONSISTENCY_SYNC else None)
+        table_applied=table_applied,
+        mirror=core.mirrors.saved_locked(core.workers, core.version, core.config.length))
 
 
 def capture_at(core: ShardCore, at_version: int, timeout: float) -> tuple[ShardState, float]:

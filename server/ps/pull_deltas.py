@@ -52,7 +52,7 @@ class _State:
 
     def __init__(self, tensor: torch.Tensor, version: int | None):
         self.tensor = tensor
-        self.version = version  # of the weights it mirrors (None: not a sync pull's)
+        self.version = version  # of the weights it mirrors (None: the caller named none)
         # (version, delta, the state it leads to): weak, so a state no worker holds goes
         self._next: tuple[int, bytes, weakref.ref[_State]] | None = None
 
@@ -131,15 +131,11 @@ class HeldCopies:
         version) the weights, one copy for the workers that reset at that version."""
         n = weights.numel()
         if self.sync and version is not None:
-            held = [s for _, s in self._held.values() if s.tensor.numel() == n]
-            seed = self._restored if self._restored is not None and self._restored.tensor.numel() == n else None
-            for at in (version, version - 1):
-                states = [s for s in [*held, seed] if s is not None and s.version == at]
-                if states:
-                    best = max(states, key=lambda s: sum(h is s for h in held))
-                    if best is seed:
-                        self._restored = None  # the workers' mirrors carry it on from here
-                    return best if at == version else self._advance(best, weights, version)[1]
+            best = self._newest([s for _, s in self._held.values()], version, n)
+            if best is not None:
+                if best is self._restored:
+                    self._restored = None  # the workers' mirrors carry it on from here
+                return best if best.version == version else self._advance(best, weights, version)[1]
         if version is not None and self._dense is not None and self._dense[0] == version:
             state = self._dense[1]()
             if state is not None and state.tensor.numel() == n:
@@ -175,18 +171,22 @@ class HeldCopies:
         at that version, or advanced to at the next, instead of the weights."""
         self._restored = _State(tensor, version)
 
-    def saved(self, workers: list[str], version: int) -> tuple[int, torch.Tensor] | None:
-        """A copy of the mirror that `workers` hold at `version` or one before it (the
-        newest; of those, the one most hold), or None: what a checkpoint of a shard at
-        `version` keeps."""
-        held = [state for worker, (_, state) in self._held.items() if worker in workers]
-        states = [s for s in [*held, self._restored]
-                  if s is not None and s.version in (version - 1, version)]
-        if not states:
+    def saved(self, workers: list[str], version: int, n: int) -> tuple[int, torch.Tensor] | None:
+        """A copy of the mirror that `workers` hold at `version` or one before it (`_newest`),
+        or None: what a checkpoint of a shard of n elements at `version` keeps."""
+        best = self._newest([state for worker, (_, state) in self._held.items() if worker in workers],
+                            version, n)
+        if best is None:
             return None
-        best = max(states, key=lambda s: (s.version, sum(h is s for h in held)))
         assert best.version is not None
         return best.version, best.tensor.clone()
+
+    def _newest(self, held: list[_State], version: int, n: int) -> _State | None:
+        """Of the states in `held` and the seed, of n elements, the one at `version` or else
+        at the version before it; of several, the one that most of `held` are."""
+        states = [s for s in [*held, self._restored]
+                  if s is not None and s.tensor.numel() == n and s.version in (version - 1, version)]
+        return max(states, key=lambda s: (s.version, sum(h is s for h in held)), default=None)
 
     def forget(self, worker: str) -> None:
         """Drops a worker's mirror (it left the job); its next pull is dense."""
@@ -254,13 +254,16 @@ class ShardMirrors:
                 held = self._by_setting[setting] = HeldCopies(compress.parse(setting), self.sync)
             return held
 
-    def saved_locked(self, workers: list[str], version: int) -> SavedMirror | None:
-        """The mirror a checkpoint at `version` keeps (HeldCopies.saved; the first setting
-        that has one: a job pulls with one)."""
+    def saved_locked(self, workers: list[str], version: int, n: int) -> SavedMirror | None:
+        """The mirror a checkpoint of a sync shard (n elements) at `version` keeps
+        (HeldCopies.saved; the first setting that has one: a job pulls with one); None for
+        other modes, which never roll back."""
+        if not self.sync:
+            return None
         with self._lock:
             held = list(self._by_setting.items())
         for setting, copies in held:
-            saved = copies.saved(workers, version)
+            saved = copies.saved(workers, version, n)
             if saved is not None:
                 return SavedMirror(setting, *saved)
         return None

@@ -138,14 +138,14 @@ def test_a_seeded_mirror_gives_workers_without_a_copy_what_the_straight_runs_wor
     saved = None
     for version, w in enumerate(weights, start=1):
         if version == 4 + 1 - behind:
-            saved = straight.saved(["w0", "w1"], 4)
+            saved = straight.saved(["w0", "w1"], 4, 1000)
         for worker in copies:
             tag, copy = held.get(worker, (0, None))
             reply = straight.reply(worker, tag, w, 10 * version + int(worker[1]), version=version)
             held[worker] = (reply.version, apply_reply(copy, reply, comp))
             copies[worker].append(held[worker][1].clone())
     assert saved is not None and saved[0] == 4 - behind
-    assert straight.saved(["w0", "w1"], 9) is None and straight.saved(["w2"], 7) is None
+    assert straight.saved(["w0", "w1"], 9, 1000) is None and straight.saved(["w2"], 7, 1000) is None
     restored = HeldCopies(comp, sync=True)
     restored.seed(*saved)
     now: dict[str, tuple[int, torch.Tensor | None]] = {w: (1, None) for w in copies}  # tags unknown
