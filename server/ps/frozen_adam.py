@@ -52,19 +52,27 @@ def denominator(config: common_pb2.OptimizerConfig, exp_avg_sq: torch.Tensor,
     return denom.add_(config.eps)
 
 
-def step(config: common_pb2.OptimizerConfig, state: dict, weights: torch.Tensor,
-         grad: torch.Tensor, lr: float, denom: torch.Tensor) -> None:
-    """One frozen step of weights (flat fp32) with grad (fp32, consumed: it may be changed):
-    m = beta1 m + (1 - beta1) g; w -= lr m / (1 - beta1^t) / denom; v unchanged. `denom`:
-    `denominator(config, state["exp_avg_sq"])`, read only. Weight decay as Adam's: L2 added
-    to the gradient (adam), or decoupled (adamw)."""
+def begin(config: common_pb2.OptimizerConfig, state: dict, denom: torch.Tensor) -> int:
+    """Counts a frozen step; returns its number t. Then `apply` steps the shard block by
+    block (each element once): the step is elementwise, so its gradient is never formed whole."""
     state["step"].add_(1)
-    t = int(state["step"].item())
+    return int(state["step"].item())
+
+
+def apply(config: common_pb2.OptimizerConfig, state: dict, t: int, lr: float, lo: int,
+          weights: torch.Tensor, grad: torch.Tensor, denom: torch.Tensor) -> None:
+    """Step t on the shard's elements [lo, lo + len(grad)) with grad (fp32, those elements,
+    consumed: it may be changed): m = beta1 m + (1 - beta1) g; w -= lr m / (1 - beta1^t) /
+    denom; v unchanged. weights, denom (`denominator(config, state["exp_avg_sq"])`, read only)
+    and Adam's state are the whole shard's. Weight decay as Adam's: L2 added to the gradient
+    (adam), or decoupled (adamw)."""
+    span = slice(lo, lo + grad.numel())
+    weights = weights[span]
     if config.weight_decay:
         if config.name == "adamw":
             weights.mul_(1 - lr * config.weight_decay)
         else:
             grad.add_(weights, alpha=config.weight_decay)
-    exp_avg: torch.Tensor = state["exp_avg"]
+    exp_avg: torch.Tensor = state["exp_avg"][span]
     exp_avg.mul_(config.beta1).add_(grad, alpha=1 - config.beta1)
-    weights.addcdiv_(exp_avg, denom, value=-lr / (1 - config.beta1 ** t))
+    weights.addcdiv_(exp_avg, denom[span], value=-lr / (1 - config.beta1 ** t))

@@ -12,7 +12,7 @@ D is floored at FLOOR x its mean (frozen_adam's floor is for plain gradients; me
 on digits minibatches, three batch orders, sign with EF: 55, 63, 45 steps at 0.1; 63, 55, 48
 at 0.5; never at 0; fp32 63, 71, 59).
 With optimizer.worker_momentum the workers keep the momentum instead (worker/momentum.py)
-and the shard steps w -= lr u on their mean (`on_momentum`).
+and the shard steps w -= lr u on their mean (`apply`).
 Pure and deterministic; the caller's lock guards the tensors. No state of its own: D is the
 caller's (Updater computes it once at the freeze, as for frozen_adam).
 """
@@ -40,44 +40,40 @@ def denominator(config: common_pb2.OptimizerConfig, state: dict) -> torch.Tensor
     return frozen_adam.denominator(config, state["exp_avg_sq"], FLOOR)
 
 
-def step(config: common_pb2.OptimizerConfig, state: dict, weights: torch.Tensor,
-         pushed: torch.Tensor, lr: float, denom: torch.Tensor) -> None:
-    """One step of weights (flat fp32) on the round's preconditioned push u (fp32, consumed).
-    `denom`: `denominator(config, state)`, read only. Weight decay as Adam's: decoupled
-    (adamw), or L2 added as weight_decay * w / D (adam), which is the L2 term preconditioned
-    as the worker preconditions the gradient."""
-    if config.worker_momentum:
-        on_momentum(config, state, weights, pushed, lr, denom)
-        return
-    exp_avg: torch.Tensor = state["exp_avg"]
-    if int(state["step"].item()) == config.freeze_variance_after:
-        # The first frozen step: the warm-up's momentum is in the gradient's units; from here
-        # on it sums pushes, so it goes into theirs (m / D), where the plain step left it.
-        exp_avg.div_(denom)
+def begin(config: common_pb2.OptimizerConfig, state: dict, denom: torch.Tensor) -> int:
+    """Counts a step; returns its number t. Then `apply` steps the shard block by block, as
+    frozen_adam's. At the first frozen step (without worker momentum) the warm-up's momentum,
+    in the gradient's units, goes into the pushes' (m / D), where the plain step left it:
+    from here on it sums pushes."""
+    if not config.worker_momentum and int(state["step"].item()) == config.freeze_variance_after:
+        state["exp_avg"].div_(denom)
     state["step"].add_(1)
-    t = int(state["step"].item())
+    return int(state["step"].item())
+
+
+def apply(config: common_pb2.OptimizerConfig, state: dict, t: int, lr: float, lo: int,
+          weights: torch.Tensor, pushed: torch.Tensor, denom: torch.Tensor) -> None:
+    """Step t on the shard's elements [lo, lo + len(pushed)) with the round's preconditioned
+    push u there (fp32, consumed): m = beta1 m + (1 - beta1) u; w -= lr m / (1 - beta1^t).
+    With optimizer.worker_momentum u is the mean of the workers' bias-corrected momenta and
+    the step is w -= lr u: the shard keeps no momentum of its own (Adam's m stays as the
+    warm-up left it, in checkpoints, unused). weights, denom (`denominator(config, state)`,
+    read only) and Adam's state are the whole shard's. Weight decay as Adam's: decoupled
+    (adamw), or L2 added as weight_decay * w / D (adam), which is the L2 term preconditioned
+    as the worker preconditions the gradient (outside the workers' momentum)."""
+    span = slice(lo, lo + pushed.numel())
+    weights = weights[span]
     if config.weight_decay:
         if config.name == "adamw":
             weights.mul_(1 - lr * config.weight_decay)
         else:
-            pushed.addcdiv_(weights, denom, value=config.weight_decay)
+            pushed.addcdiv_(weights, denom[span], value=config.weight_decay)
+    if config.worker_momentum:
+        weights.add_(pushed, alpha=-lr)
+        return
+    exp_avg: torch.Tensor = state["exp_avg"][span]
     exp_avg.mul_(config.beta1).add_(pushed, alpha=1 - config.beta1)
     weights.add_(exp_avg, alpha=-lr / (1 - config.beta1 ** t))
-
-
-def on_momentum(config: common_pb2.OptimizerConfig, state: dict, weights: torch.Tensor,
-                pushed: torch.Tensor, lr: float, denom: torch.Tensor) -> None:
-    """One step on the round's mean of the workers' bias-corrected momenta
-    (optimizer.worker_momentum): w -= lr u. The shard keeps no momentum of its own: Adam's m
-    stays as the warm-up left it (in checkpoints, unused). Weight decay: decoupled (adamw), or
-    L2 as weight_decay * w / D added to u (adam), outside the workers' momentum."""
-    state["step"].add_(1)
-    if config.weight_decay:
-        if config.name == "adamw":
-            weights.mul_(1 - lr * config.weight_decay)
-        else:
-            pushed.addcdiv_(weights, denom, value=config.weight_decay)
-    weights.add_(pushed, alpha=-lr)
 
 
 def of_core(core: ShardCore) -> torch.Tensor:

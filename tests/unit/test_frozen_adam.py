@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from shardps.proto import common_pb2
+from shardps.server.ps import adam as adam_lib
 from shardps.server.ps import frozen_adam, schedule
 from shardps.server.ps.errors import InvalidConfigError
 from shardps.server.ps.updater import Updater
@@ -121,6 +122,32 @@ def test_a_frozen_shard_restored_over_its_own_frozen_state_continues_as_the_stra
                for k in ("exp_avg", "exp_avg_sq", "step"))
     if precondition:
         assert torch.equal(restored.preconditioner(), straight.preconditioner())
+
+
+@pytest.mark.parametrize("kind", [{}, {"precondition_pushes": True},
+                                  {"precondition_pushes": True, "worker_momentum": True}],
+                         ids=["frozen", "preconditioned", "worker_momentum"])
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_a_frozen_step_taken_block_by_block_is_bitwise_the_whole_vector_step(kind, name, monkeypatch):
+    """The Updater steps a frozen shard block by block (no whole gradient formed): with blocks
+    of 1024 (the last one short) it must give the bits of one block over the whole shard, as
+    whole-vector ops do; through the freeze, on a round's mean (two terms, weighted) and on a
+    bf16 push, with weight decay."""
+    opt = config(name=name, weight_decay=0.1, **kind)
+
+    def run(block: int) -> Updater:
+        monkeypatch.setattr(adam_lib, "BLOCK_ELEMENTS", block)
+        ours = Updater(opt, torch.randn(N, generator=torch.Generator().manual_seed(11)))
+        for i, g in enumerate(grads(W + 4, seed=12)):
+            if i < W + 2:
+                ours.step([(g.clone(), 0.5), ((g * 0.3).clone(), 0.5)], 0.01)
+            else:
+                ours.step([(g.to(torch.bfloat16), None)], 0.01)
+        return ours
+
+    assert N % 1024
+    blocks, whole = run(1024).copy_tensors(), run(N).copy_tensors()
+    assert blocks.keys() == whole.keys() and all(torch.equal(blocks[k], whole[k]) for k in whole)
 
 
 def test_without_the_setting_nothing_freezes():
