@@ -194,17 +194,23 @@ class Sign(_Blockwise):
             chunk_scales.div_(float(block))
         scales.copy_(chunk_scales)
         # numpy's comparison and bit packing: torch's comparisons run ~15x slower here
-        positive = np.greater_equal(blocks.view(-1)[:count].numpy(), 0)
-        bits = np.packbits(positive, bitorder="little")
+        bits = np.packbits(np.greater_equal(blocks.view(-1)[:count].numpy(), 0), bitorder="little")
         payload[start // 8 : start // 8 + bits.size] = bits
-        return _signs(positive.view(np.uint8), block, chunk_scales) if decoded else None
+        return _signs(bits, count, block, chunk_scales) if decoded else None
 
     def _decode_chunk(self, block: int, scales: torch.Tensor, payload: np.ndarray, start: int,
                       count: int) -> torch.Tensor:
-        bits = np.unpackbits(payload[start // 8 : (start + count + 7) // 8], count=count, bitorder="little")
-        return _signs(bits, block, scales)
+        return _signs(payload[start // 8 : (start + count + 7) // 8], count, block, scales)
 
 
-def _signs(bits: np.ndarray, block: int, scales: torch.Tensor) -> torch.Tensor:
-    """+scale where a bit is 1, -scale where 0, as (blocks, block): (2 bit - 1) * scale, exact."""
-    return as_blocks(torch.from_numpy(bits).float(), block).mul_(2.0).sub_(1.0).mul_(scales[:, None])
+# Row b: the signs (+1.0 for a 1 bit, -1.0 for a 0) of the 8 elements byte b packs, bit 0 first.
+_PLUS_MINUS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1,
+                            bitorder="little").astype(np.float32) * 2 - 1
+
+
+def _signs(packed: np.ndarray, count: int, block: int, scales: torch.Tensor) -> torch.Tensor:
+    """+scale where a bit of `packed` is 1, -scale where 0, for its first count bits, as
+    (blocks, block): +-1 * scale, exact. The +-1 come a byte at a time from _PLUS_MINUS (on 12.5M
+    elements a decode-add 13.3 -> 10.0 ms against unpacking the bits and computing 2 bit - 1)."""
+    signs = torch.from_numpy(np.take(_PLUS_MINUS, packed, axis=0).reshape(-1)[:count])
+    return as_blocks(signs, block).mul_(scales[:, None])
