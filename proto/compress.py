@@ -45,7 +45,7 @@ from shardps.proto.topk import TopK
 
 __all__ = ["CHUNK", "CODEC_INT8", "CODEC_SIGN", "CODEC_TOPK", "HEADER", "INT32_LIMIT", "MAX_BLOCK",
            "PUSH_COMPRESSIONS", "CompressError", "Compressor", "Int8", "Sign", "TopK", "codec_of", "decode",
-           "decode_into", "max_size", "numel_of", "parse"]
+           "decode_into", "decode_landed", "max_size", "numel_of", "parse"]
 
 # A compressed push's header names its codec (PushHeader.compression, ps.proto): the same numbers.
 PUSH_COMPRESSIONS: dict[int, ps_pb2.PushCompression] = {
@@ -97,6 +97,23 @@ def decode_into(data: bytes | memoryview, out: torch.Tensor, add: bool = False) 
     """Decodes any encoding of this module into out (1-D fp32 of its numel), or adds it to
     out; checks everything before it writes, so a CompressError leaves out as it was."""
     _reader(data).decode_into(data, out, add=add)
+
+
+def decode_landed(data: bytes | memoryview, landed: int, out: torch.Tensor, done: int,
+                  add: bool = False) -> int:
+    """`decode_into` as an encoding arrives: `data` is a buffer of its full size whose first
+    `landed` bytes are in, `done` elements of it are in out already; decodes what more it can
+    (int8 and sign: whole chunks whose bytes are in; top-k: all of it once every byte is in)
+    and returns the elements decoded in all. Call it once the header's 16 bytes are in: it
+    checks the header and size at every call, so a CompressError comes before any write."""
+    reader = _reader(data)
+    if isinstance(reader, Int8 | Sign):
+        return reader.decode_landed(data, landed, out, done, add=add)
+    if landed < len(data):
+        numel_of(data)  # the header, checked as early as the quantizers check theirs
+        return done
+    reader.decode_into(data, out, add=add)
+    return out.numel()
 
 
 def parse(text: str) -> Compressor:

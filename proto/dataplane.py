@@ -65,6 +65,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 import grpc
 import torch
@@ -86,6 +87,9 @@ MAX_BODY_BYTES = 64 * 1024       # headers, replies and error messages are small
 MAX_ROWS_BODY_BYTES = 32 * 1024 * 1024  # a row call's request or reply (runtime/rpc.py's limit)
 MAX_TOKEN_BYTES = 4096
 IO_BYTES = 4 * 1024 * 1024       # bytes per recv_into / per cast slice
+# A compressed body (a push's, a pull delta's) is received this many bytes at a time, what
+# has landed decoded between receives (1 MiB: 8M elements of sign, ~7 ms to decode a core).
+LANDING_BYTES = 1024 * 1024
 CONNECT_TIMEOUT_S = 5.0
 BUFFER_BYTES = 4 * 1024 * 1024   # socket send and receive buffers
 
@@ -129,6 +133,28 @@ class Deadline:
         if left <= 0:
             raise TimeoutError("deadline passed")
         return min(left, self.wait_s) if self.wait_s is not None else left
+
+
+def recv_decoding(read: Callable[[memoryview], None], size: int,
+                  decode: Callable[[memoryview, int, int], int]) -> None:
+    """Reads a body of `size` bytes with read(view) (fills view or raises) LANDING_BYTES at a
+    time; after each piece, done = decode(body, landed, done) decodes what has landed, so the
+    decode hides behind the receipt. An exception from decode stops the decoding, not the
+    reading (the connection stays in step), and is raised once the whole body is in."""
+    body = memoryview(bytearray(size))
+    landed = done = 0
+    error: Exception | None = None
+    while landed < size:
+        n = min(LANDING_BYTES, size - landed)
+        read(body[landed : landed + n])
+        landed += n
+        if error is None:
+            try:
+                done = decode(body, landed, done)
+            except Exception as exc:  # raised below, once the whole body is read
+                error = exc
+    if error is not None:
+        raise error
 
 
 def recv_exact(sock: socket.socket, view: memoryview, deadline: Deadline | None = None) -> None:

@@ -121,10 +121,30 @@ class _Blockwise(ABC):
         check_out(out, parts[0])
         self._decode(*parts, out, add=add)
 
+    def decode_landed(self, data: bytes | memoryview, landed: int, out: torch.Tensor, done: int,
+                      add: bool = False) -> int:
+        """`decode_into` of an encoding still arriving into `data` (a buffer of its full
+        size), of which the first `landed` bytes are in and the first `done` elements decoded
+        already: decodes the whole chunks after those whose bytes are in (the scales all come
+        first, then the payload in element order) and returns the elements decoded now. The
+        header and size are checked at every call, so the first (once the header is in)
+        raises before anything is written."""
+        n, block, scales, payload = self._parts(data)
+        check_out(out, n)
+        if landed >= len(data):
+            ready = n
+        else:  # elements whose payload bytes are all in, in whole chunks
+            arrived = max(0, landed - (len(data) - payload.size)) * 8 // self.bits
+            ready = min(n, arrived - arrived % _chunk_step(block))
+        if ready > done:
+            self._decode(n, block, scales, payload, out, add, done, ready)
+        return max(done, ready)
+
     def _decode(self, n: int, block: int, scales: torch.Tensor, payload: np.ndarray,
-                out: torch.Tensor, add: bool) -> None:
+                out: torch.Tensor, add: bool, lo: int = 0, hi: int | None = None) -> None:
+        """Elements [lo, hi) (default all; lo on a chunk's start) into out, or added there."""
         step = _chunk_step(block)
-        for start in range(0, n, step):
+        for start in range(lo, n if hi is None else hi, step):
             count = min(step, n - start)
             first = start // block
             values = self._decode_chunk(block, scales[first : first + math.ceil(count / block)], payload,

@@ -204,9 +204,7 @@ class Connection:
                 except codec.CodecError:
                     self.close()  # a body of a size not to read on: out of step
                     raise
-                body = bytearray(size)
-                self._guard(lambda sock: recv_exact(sock, memoryview(body)))
-                deltas.apply_delta(dest, memoryview(body))
+                self._guard(lambda sock: deltas.receive_delta(lambda view: recv_exact(sock, view), size, dest))
                 return head
             if watch is not None:
                 watch.head(head)

@@ -5,10 +5,11 @@ and added to the copy it was computed against, exactly as the server added it to
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 
 import torch
 
-from shardps.proto import codec, common_pb2, compress, ps_pb2
+from shardps.proto import codec, common_pb2, compress, dataplane, ps_pb2
 from shardps.psclient.transport import PendingPull
 
 
@@ -27,6 +28,21 @@ def apply_delta(copy: torch.Tensor, data: bytes | memoryview) -> None:
         compress.decode_into(data, copy, add=True)  # checks it all (element count too) first
     except compress.CompressError as exc:
         raise codec.CodecError(f"pull delta: {exc}") from None
+
+
+def receive_delta(read: Callable[[memoryview], None], size: int, copy: torch.Tensor) -> None:
+    """`apply_delta` of a delta of `size` bytes read with read(view), added piece by piece as
+    it lands (dataplane.recv_decoding). A bad header is found in the first piece, before
+    anything is added; a reply that breaks off later leaves part of it added, which is why
+    PulledCopy forgets a shard's tag while its reply is read."""
+
+    def add(body: memoryview, landed: int, done: int) -> int:
+        try:
+            return compress.decode_landed(body, landed, copy, done, add=True)
+        except compress.CompressError as exc:
+            raise codec.CodecError(f"pull delta: {exc}") from None
+
+    dataplane.recv_decoding(read, size, add)
 
 
 class PulledCopy:

@@ -59,9 +59,8 @@ class BulkFrames:
             nonlocal consumed
             consumed = True
             if compressed.is_compressed(header):  # bytes bounded by bulk.push's check_header
-                body = bytearray(header.compressed_bytes)
-                dataplane.recv_exact(conn, memoryview(body), deadline)
-                return compressed.decode_into(header, body, grad)
+                return compressed.receive_into(header, lambda view: dataplane.recv_exact(conn, view, deadline),
+                                               grad)
             take = (pieces.receiver(conn, grad, deadline) if segment is None
                     else shmserve.reader(segment, grad))
             if header.pieces:  # an overlapped push: pieces in any order

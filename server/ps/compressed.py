@@ -3,13 +3,15 @@ and the decode of the body into the shard's fp32 staging buffer. The decoding is
 proto/compress.py's, the same the worker's error feedback subtracts, so the server applies
 exactly what the worker accounted as sent.
 
-Pure: no gRPC, no sockets. Both transports read the body's bytes their own way (the data
-plane from its socket, the Push RPC from its chunks, `BodyAssembler`) and hand them to
-`decode_into`. Every error is an InvalidPushError (reason "bad_encoding"), raised before the
-shard changes.
+No gRPC, no sockets. Both transports read the body's bytes their own way: the data plane
+from its socket through `receive_into`, which decodes each piece as it lands; the Push RPC
+from its chunks (`BodyAssembler`), then `decode_into`. Every error is an InvalidPushError
+(reason "bad_encoding"), raised before the shard changes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -65,8 +67,24 @@ def decode_into(header: ps_pb2.PushHeader, data: bytes | bytearray,
                 grad: torch.Tensor) -> tuple[int, bool]:
     """Decodes the body into grad (fp32, the shard's length): (bytes received, whether every
     value is codec.pushable). Raises InvalidPushError, grad then undefined (staging)."""
-    codec_number = _CODECS.get(header.compression)
     view = memoryview(data)
+    _decode_landed(header, view, len(view), grad, 0)
+    return len(data), codec.pushable(grad)
+
+
+def receive_into(header: ps_pb2.PushHeader, read: Callable[[memoryview], None],
+                 grad: torch.Tensor) -> tuple[int, bool]:
+    """`decode_into` of a body read with read(view) (fills view or raises), decoded piece by
+    piece as it lands (dataplane.recv_decoding: the whole body is read even after a refusal,
+    which is raised then)."""
+    size = header.compressed_bytes  # at least the 16-byte header: check_header
+    dataplane.recv_decoding(read, size, lambda body, landed, done: _decode_landed(header, body, landed, grad, done))
+    return size, codec.pushable(grad)
+
+
+def _decode_landed(header: ps_pb2.PushHeader, view: memoryview, landed: int,
+                   grad: torch.Tensor, done: int) -> int:
+    codec_number = _CODECS.get(header.compression)
     try:
         got = compress.codec_of(view)
         if got != codec_number:
@@ -74,10 +92,9 @@ def decode_into(header: ps_pb2.PushHeader, data: bytes | bytearray,
         numel = compress.numel_of(view)
         if numel != grad.numel():
             raise _refuse(f"the encoding holds {numel} elements, the shard {grad.numel()}")
-        compress.decode_into(view, grad)
+        return compress.decode_landed(view, landed, grad, done)
     except compress.CompressError as exc:
         raise _refuse(str(exc)) from None
-    return len(data), codec.pushable(grad)
 
 
 class BodyAssembler(codec.ByteAssembler):

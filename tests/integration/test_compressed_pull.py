@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from shardps.proto import common_pb2, compress, ps_pb2, ps_pb2_grpc
+from shardps.proto import common_pb2, compress, dataplane, ps_pb2, ps_pb2_grpc
 from shardps.psclient import PSClient
 from shardps.runtime import rpc
 from shardps.worker import recovery
@@ -19,8 +19,8 @@ from tests.integration.test_ps import ASYNC, shard_config, shard_map
 TOTAL = 20_000
 
 
-def _truth(client: PSClient) -> torch.Tensor:
-    dense = torch.empty(TOTAL)
+def _truth(client: PSClient, total: int = TOTAL) -> torch.Tensor:
+    dense = torch.empty(total)
     assert client.pull(dense).ready
     return dense
 
@@ -55,6 +55,28 @@ def test_pulls_are_deltas_against_the_workers_copy_and_catch_up(two_servers):  #
         assert again.pull(dest2).wire_bytes == TOTAL * 4
         with PSClient("job", smap) as dense:
             assert torch.equal(dest2, _truth(dense))
+
+
+@pytest.mark.parametrize("setting", ["int8", "sign:32"])
+def test_a_delta_added_chunk_by_chunk_as_it_lands_keeps_the_copy_in_step(two_servers, setting,  # noqa: F811
+                                                                         monkeypatch):
+    """A shard of several codec chunks, its deltas landing in 4 KiB pieces that the client
+    adds to its copy as they come: the copy is bitwise the server's mirror of it."""
+    monkeypatch.setattr(dataplane, "LANDING_BYTES", 4096)
+    total = 3 * compress.CHUNK + 77
+    smap = shard_map(two_servers[:1], total)
+    with PSClient("job", smap, worker_id="w0") as dense, \
+            PSClient("job", smap, worker_id="w0", compress_pull=setting) as client:
+        dense.init(torch.randn(total), shard_config(ASYNC))
+        dest = torch.empty(total)
+        assert client.pull(dest).wire_bytes == total * 4
+        for step in range(2):
+            dense.push(torch.randn(total), step=step, base_version=step, batch_size=1)
+            result = client.pull(dest, min_version=step + 1)
+            assert result.ready and result.wire_bytes < total * 2  # a delta
+            mirror = two_servers[0].shards.shards("job")[0].mirrors.copies(setting).held("w0")
+            assert mirror is not None and torch.equal(dest, mirror)
+            assert not torch.equal(dest, _truth(dense, total))  # lossy: the check means something
 
 
 def _converges(client: PSClient, dense: PSClient, dest: torch.Tensor, version: int) -> None:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from shardps.proto import compress, ps_pb2, ps_pb2_grpc
+from shardps.proto import compress, dataplane, ps_pb2, ps_pb2_grpc
 from shardps.psclient import PSClient
 from shardps.runtime import rpc
 from tests.integration.test_dataplane import started
@@ -33,8 +33,16 @@ def _encode(smap, grad: torch.Tensor, compressor) -> list[bytes]:
     return [compressor.encode(grad[s.offset : s.offset + s.length]) for s in smap.shards]
 
 
+@pytest.fixture(params=["whole", "pieces"])
+def landing(request, monkeypatch):
+    """The data plane's body in one piece (20,000 elements are less than LANDING_BYTES), or
+    in 1000-byte pieces, each decoded as it lands (the servers here run in this process)."""
+    if request.param == "pieces":
+        monkeypatch.setattr(dataplane, "LANDING_BYTES", 1000)
+
+
 @pytest.mark.parametrize("setting", ["int8", "topk:0.05", "sign:512"])
-def test_the_server_applies_exactly_the_workers_decode(two_servers, setting):
+def test_the_server_applies_exactly_the_workers_decode(two_servers, setting, landing):
     smap = shard_map(two_servers, TOTAL)
     compressor = compress.parse(setting)
     init, grad = torch.randn(TOTAL), torch.randn(TOTAL)
@@ -52,6 +60,25 @@ def test_the_server_applies_exactly_the_workers_decode(two_servers, setting):
         assert server.shards.shards("job")[0].pushes_applied == 1
         pushed = server.metrics.push_bytes.labels("job")._value.get()
         assert pushed == len(data)  # the server counts the bytes that came, not fp32's
+
+
+@pytest.mark.parametrize("setting", ["int8", "sign:32"])
+def test_a_push_decoded_chunk_by_chunk_as_it_lands_is_the_workers_decode(two_servers, setting,
+                                                                          monkeypatch):
+    """A shard of several codec chunks, its body landing in 4 KiB pieces: the server decodes
+    each chunk as soon as its bytes are in, and applies exactly the whole decode."""
+    monkeypatch.setattr(dataplane, "LANDING_BYTES", 4096)
+    total = 3 * compress.CHUNK + 77
+    smap = shard_map(two_servers[:1], total)
+    compressor = compress.parse(setting)
+    init, grad = torch.randn(total), torch.randn(total)
+    encoded = _encode(smap, grad, compressor)
+    with PSClient("job", smap, worker_id="w0") as client:
+        client.init(init, shard_config(ASYNC))
+        assert client.push(grad, step=0, base_version=0, batch_size=1, encoded=encoded)[0].status == APPLIED
+        dest = torch.empty(total)
+        assert client.pull(dest, min_version=1).ready
+    assert torch.equal(dest, reference_adam(init, [compressor.decode(encoded[0])]))
 
 
 def _nan_scale(data: bytes) -> bytes:
@@ -76,7 +103,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_compressed_bodies_are_refused_and_change_nothing(two_servers, case):
+def test_bad_compressed_bodies_are_refused_and_change_nothing(two_servers, case, landing):
     make, words = BAD[case]
     for server in two_servers:  # the data plane, then the Push RPC
         smap = shard_map([server], TOTAL)

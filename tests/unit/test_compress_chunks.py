@@ -146,3 +146,41 @@ def test_topk_of_a_tensor_with_nan_is_still_a_well_formed_encoding():
     data = comp.encode(x)
     assert len(data) == comp.size(1000)
     assert int(comp.decode(data).isnan().sum()) == 2
+
+
+@pytest.mark.parametrize("setting", ["int8", "int8:3", "sign", "sign:32", "sign:1", "topk:0.1"])
+@pytest.mark.parametrize("n", [1, 1000, 3 * compress.CHUNK + 5])
+@pytest.mark.parametrize("add", [False, True])
+def test_decoding_as_the_bytes_land_gives_the_bits_of_decoding_them_whole(setting, n, add):
+    """decode_landed, fed a buffer that fills up in uneven steps (as a socket fills it),
+    decodes a growing prefix and ends with decode_into's bits; it never reports elements
+    whose bytes are not in (each prefix it reports is already final)."""
+    comp = compress.parse(setting)
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=gen)
+    data = comp.encode(x)
+    start = torch.randn(n, generator=gen)
+    whole = start.clone()
+    compress.decode_into(data, whole, add=add)
+    out, buf, done, landed = start.clone(), bytearray(len(data)), 0, 0
+    rng = np.random.default_rng(n)
+    while landed < len(data):
+        step = max(compress.HEADER.size, int(rng.integers(1, max(2, len(data) // 5))))
+        buf[landed : landed + step] = data[landed : landed + step]
+        landed = min(len(data), landed + step)
+        now = compress.decode_landed(memoryview(buf), landed, out, done, add=add)
+        assert done <= now <= n
+        assert torch.equal(out[:now], whole[:now]) and torch.equal(out[now:], start[now:])
+        done = now
+    assert done == n and torch.equal(out, whole)
+
+
+def test_decoding_as_the_bytes_land_refuses_a_bad_header_before_writing():
+    data = bytearray(compress.parse("sign").encode(torch.randn(5000)))
+    out = torch.zeros(5000)
+    with pytest.raises(compress.CompressError, match="elements"):
+        compress.decode_landed(memoryview(data), len(data), torch.zeros(4999), 0)
+    data[0] = 9
+    with pytest.raises(compress.CompressError, match="unknown codec"):
+        compress.decode_landed(memoryview(data), 16, out, 0)
+    assert not out.any()
