@@ -88,7 +88,7 @@ MAX_ROWS_BODY_BYTES = 32 * 1024 * 1024  # a row call's request or reply (runtime
 MAX_TOKEN_BYTES = 4096
 IO_BYTES = 4 * 1024 * 1024       # bytes per recv_into / per cast slice
 # A compressed body (a push's, a pull delta's) is received this many bytes at a time, what
-# has landed decoded between receives (1 MiB: 8M elements of sign, ~7 ms to decode a core).
+# has landed decoded between receives (1 MiB: 8M elements of sign, ~7 ms of decoding).
 LANDING_BYTES = 1024 * 1024
 CONNECT_TIMEOUT_S = 5.0
 BUFFER_BYTES = 4 * 1024 * 1024   # socket send and receive buffers

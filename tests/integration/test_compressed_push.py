@@ -35,8 +35,9 @@ def _encode(smap, grad: torch.Tensor, compressor) -> list[bytes]:
 
 @pytest.fixture(params=["whole", "pieces"])
 def landing(request, monkeypatch):
-    """The data plane's body in one piece (20,000 elements are less than LANDING_BYTES), or
-    in 1000-byte pieces, each decoded as it lands (the servers here run in this process)."""
+    """The data plane's body read in one piece (20,000 elements are less than LANDING_BYTES),
+    or in 1000-byte pieces: a refusal found in the first is raised only after the last, so the
+    connection stays in step (the servers here run in this process)."""
     if request.param == "pieces":
         monkeypatch.setattr(dataplane, "LANDING_BYTES", 1000)
 
