@@ -1,10 +1,12 @@
 """frozen_apply: one shard's frozen-variance Adam step (optimizer.freeze_variance_after), with
-and without preconditioned pushes, against plain Adam on the same shard.
+and without preconditioned pushes and with the workers' momentum (optimizer.worker_momentum:
+the shard steps w -= lr u), against plain Adam on the same shard.
 
 Times the server's Updater.step in this process on 1 torch thread (as the server runs it): a
 sync round's two workers' gradients, their weighted mean and the step, after the freeze.
-What a frozen step costs beyond plain Adam is forming the round's gradient whole and, before
-the denominator was cached, a sqrt and a mean over the shard every step.
+What a frozen step costs beyond plain Adam is its unfused passes; before the denominator was
+cached, also a sqrt and a mean over the shard every step, and before 24fed1d the round's
+gradient formed whole in a fresh tensor.
 
   python -m bench.frozen_apply                 # 10M elements, 10 timed steps per kind
   python -m bench.frozen_apply --small
@@ -21,12 +23,14 @@ from shardps.proto import common_pb2
 from shardps.server.ps.updater import Updater
 
 WARMUP = 2  # plain steps before the freeze
-KINDS = {"plain adam": (0, False), "frozen": (WARMUP, False), "frozen, preconditioned": (WARMUP, True)}
+KINDS = {"plain adam": (0, False, False), "frozen": (WARMUP, False, False),
+         "frozen, preconditioned": (WARMUP, True, False), "frozen, worker momentum": (WARMUP, True, True)}
 
 
-def _updater(params: int, after: int, precondition: bool) -> Updater:
+def _updater(params: int, after: int, precondition: bool, momentum: bool) -> Updater:
     config = common_pb2.OptimizerConfig(name="adam", lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8,
-                                        freeze_variance_after=after, precondition_pushes=precondition)
+                                        freeze_variance_after=after, precondition_pushes=precondition,
+                                        worker_momentum=momentum)
     return Updater(config, torch.zeros(params))
 
 
