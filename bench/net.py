@@ -7,6 +7,7 @@ error feedback both ways); ratios against DDP fp32 of the same run. Needs root.
   python -m bench.net                          # ~10M-parameter MLP, 1gbit links
   python -m bench.net --params 100M --rate 10gbit
   python -m bench.net --small                  # ~80K parameters, 3 timed steps
+  python -m bench.net --params 100M --warmup 8 --steps 10   # steadier medians
 
 Step time is rank 0's median; wire MB is what rank 0's link carried per step, both
 directions (DDP's ring: about 2x the gradient per worker; shardps: one push and one pull);
@@ -45,7 +46,7 @@ RANK_MODULE = "bench.netrank"
 def _rank_args(args, role: str, rank: int, extra: Sequence[str] = ()) -> list[str]:
     """bench.netrank's arguments for one rank."""
     return [role, "--rank", str(rank), "--world", "2", "--params", str(args.params),
-            "--steps", str(args.steps), "--timeout", str(args.timeout), *extra]
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--timeout", str(args.timeout), *extra]
 
 
 def _rank_command(args, role: str, rank: int, extra: Sequence[str] = ()) -> list[str]:
@@ -107,6 +108,9 @@ def main() -> None:
     parser.add_argument("--rate", default="1gbit", help="each host's link rate, tc syntax (default 1gbit)")
     parser.add_argument("--delay", default="", help="one-way delay added to what each host sends, tc syntax (e.g. 5ms)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps first (the momentum rows freeze the variance after warmup - 1; "
+                             "at 100M a freeze after 1 diverges within about 8 steps, after 7 it ran 10)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any one wait may take")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="which rows, comma-separated")
     args = parser.parse_args()
