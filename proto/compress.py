@@ -104,14 +104,13 @@ def decode_landed(data: bytes | memoryview, landed: int, out: torch.Tensor, done
     """`decode_into` as an encoding arrives: `data` is a buffer of its full size whose first
     `landed` bytes are in, `done` elements of it are in out already; decodes what more it can
     (int8 and sign: whole chunks whose bytes are in; top-k: all of it once every byte is in)
-    and returns the elements decoded in all. Call it once the header's 16 bytes are in: int8
-    and sign check the header and size at every call, top-k its header then and the rest once
-    all is in, so a CompressError comes before any write."""
+    and returns the elements decoded in all. Call it once the header's 16 bytes are in: every
+    call checks the codec, int8 and sign their header and size too, top-k the rest once all is
+    in, so a CompressError comes before any write."""
     reader = _reader(data)
     if isinstance(reader, Int8 | Sign):
         return reader.decode_landed(data, landed, out, done, add=add)
     if landed < len(data):
-        numel_of(data)  # the header, checked as early as the quantizers check theirs
         return done
     reader.decode_into(data, out, add=add)
     return out.numel()
